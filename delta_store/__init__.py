@@ -1,0 +1,11 @@
+"""Durable delta storage: canonical Delta, importers, validation, catalogue, blobs, host cache.
+
+Knows nothing of accelerators: everything here is CPU tensors, files and SQLite.
+"""
+from .base_spec import BaseSpec, ModuleInfo, layer_index
+from .delta import ACTIVATIONS, ADAPTER_SOURCES, KINDS, AdapterTerm, Delta, LoraTerm, ModuleDelta
+from .errors import (BaseMismatch, DeltaError, DeltaServeError, InvalidArgument, NotFound, UnsupportedDelta)
+
+__all__ = ["ACTIVATIONS", "ADAPTER_SOURCES", "KINDS", "AdapterTerm", "BaseMismatch", "BaseSpec", "Delta",
+           "DeltaError", "DeltaServeError", "InvalidArgument", "LoraTerm", "ModuleDelta", "ModuleInfo",
+           "NotFound", "UnsupportedDelta", "layer_index"]

@@ -1,0 +1,115 @@
+"""ServerConfig: the one place where serving defaults live, checked in __post_init__.
+
+Loose settings (a TOML/JSON config file, CLI flags) are filtered through ``dataclasses.fields()``
+so an unknown key is an error that names it, not a silently ignored typo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "c_attn", "c_proj", "c_fc")
+"""Leaf names of the modules wrapped by default: every linear of the decoder layers of the Llama
+family and GPT-2. Wrapping happens once at start-up, so any later delta can target any of them."""
+
+
+class ConfigError(ValueError):
+    """A configuration value out of range; the message names the key and the value."""
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    # model
+    model_path: str | None = None  # None -> the built-in demo model under data_dir
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    device: str = "auto"  # auto -> cuda if available else cpu
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    # delta pools (D2): device slots and per-slot maxima
+    max_slots: int = 32  # distinct deltas resident on the device at once
+    max_rank: int = 64  # LoRA rank ceiling (storage padded to it; compute is not, D3)
+    max_bottleneck: int = 256  # bottleneck adapter width ceiling
+    # engine budgets (D6)
+    max_batch_tokens: int = 512  # token budget per step (prefill chunks + decode tokens)
+    max_running: int = 64  # sequences in the running batch
+    max_waiting: int = 1024  # bounded waiting queue; past it, RESOURCE_EXHAUSTED
+    max_model_len: int = 2048  # prompt + generated tokens per sequence
+    kv_block_size: int = 16  # tokens per KV block
+    kv_blocks: int = 0  # 0 -> derived from kv_memory_fraction / a CPU default
+    # storage (D7)
+    data_dir: str = "./.deltaserve"
+    host_cache_bytes: int = 2 << 30  # host-memory tier budget (LRU by bytes)
+    max_upload_bytes: int = 512 << 20  # one upload
+    # network
+    listen: str = "127.0.0.1:50051"
+    metrics_listen: str = "127.0.0.1:9464"
+    grace_seconds: float = 10.0  # SIGTERM: in-flight requests get this long to finish
+    # tenancy defaults (D10), per tenant unless set on the tenant
+    default_max_deltas: int = 100
+    default_max_delta_bytes: int = 4 << 30
+    default_requests_per_minute: int = 600
+    default_tokens_per_minute: int = 600_000
+    default_max_concurrent: int = 32
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (list, str)):
+            self.target_modules = tuple([self.target_modules] if isinstance(self.target_modules, str)
+                                        else self.target_modules)
+        checks = {
+            "max_slots": (1, 4096), "max_rank": (1, 1024), "max_bottleneck": (1, 16384),
+            "max_batch_tokens": (1, 1 << 20), "max_running": (1, 1 << 16), "max_waiting": (1, 1 << 20),
+            "max_model_len": (8, 1 << 20), "kv_block_size": (1, 1024), "kv_blocks": (0, 1 << 24),
+            "max_upload_bytes": (1, 1 << 40), "default_max_deltas": (0, 1 << 30),
+        }
+        for key, (lo, hi) in checks.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or not (lo <= value <= hi):
+                raise ConfigError(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.max_batch_tokens < self.max_running:
+            raise ConfigError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_running "
+                              f"({self.max_running}): every running sequence needs a decode token per step")
+        for key in ("listen", "metrics_listen"):
+            value = getattr(self, key)
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not (0 <= int(port) <= 65535):
+                raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
+        if self.grace_seconds < 0:
+            raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ServerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides) -> "ServerConfig":
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+        try:
+            if p.suffix == ".toml":
+                import tomllib
+
+                values = tomllib.loads(text)
+            else:
+                values = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {p} must hold a table/object at the top level")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)

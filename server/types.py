@@ -1,0 +1,83 @@
+"""The nouns the engine, the gRPC edge and the CLI share. Plain dataclasses: no torch, no protobuf."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class FinishReason:
+    LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"  # a stop token id or stop string
+    EOS = "eos"  # the model's end-of-sequence token
+    ABORTED = "aborted"  # cancelled by the client or the server
+    ERROR = "error"
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 -> greedy
+    top_k: int = 0  # 0 -> off
+    top_p: float = 1.0  # 1 -> off
+    repetition_penalty: float = 1.0  # 1 -> off (HF semantics: divide positive logits, multiply negative)
+    seed: int | None = None  # same seed, same output, whatever else is in the batch
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False  # per-token logprob of the sampled token
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.max_new_tokens <= 1 << 16):
+            raise ValueError(f"max_new_tokens must be in [1, 65536], got {self.max_new_tokens}")
+        if not (self.temperature >= 0.0 and self.temperature <= 100.0):
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.repetition_penalty > 0.0):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaKey:
+    """Identifies one immutable delta version. The digest makes a replaced version a new key,
+    so a stale device slot can never serve it (vLLM's same-name reload bug)."""
+
+    tenant: str
+    name: str
+    version: int
+    digest: str
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    request_id: str
+    tenant: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    delta: DeltaKey | None = None  # None = the base model alone
+    arrival_time: float = 0.0  # time.monotonic() at submission; filled by the engine if 0
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    """One streamed chunk for one request: the tokens produced by one engine step."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str = ""  # incremental detokenised text; never splits a multi-byte character
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None  # set on the last chunk
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+    error: str | None = None  # set with finish_reason == "error"
+    # timings (seconds), set on the last chunk
+    queue_time: float | None = None
+    ttft: float | None = None
+    total_time: float | None = None

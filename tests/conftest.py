@@ -1,0 +1,38 @@
+"""Root test configuration.
+
+TRITON_INTERPRET must be decided before anything imports triton (transformers imports it
+indirectly, and the interpreter switch is read when ``@triton.jit`` decorates a function), so
+this runs at collection start, before any test module is imported.
+"""
+import os
+
+
+def _cuda_present() -> bool:
+    # Probe the driver without importing torch.cuda machinery that might import triton first.
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+if not _cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# 2 cores: more threads than cores only adds contention in small matmuls.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

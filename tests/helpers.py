@@ -1,0 +1,88 @@
+"""Shared test fixtures: tiny models built from configs (never downloaded), popularity patterns,
+tolerances and a verbose assert_close. Benchmarks import from here too rather than copying."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# fp32 compares against fp32 references; fp16 tolerances cover one rounding of the output.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-2, rtol=2e-2),
+    torch.bfloat16: dict(atol=8e-2, rtol=5e-2),
+}
+
+
+def tiny_llama(seed: int = 0, *, hidden: int = 64, layers: int = 2, vocab: int = 256, model_type: str = "llama",
+               intermediate: int = 128, heads: int = 4, kv_heads: int = 2) -> torch.nn.Module:
+    """A random Llama-family model (llama / mistral / qwen2) small enough for CPU tests."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
+    cfg = cls(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+              max_position_embeddings=512, initializer_range=0.1, bos_token_id=1, eos_token_id=2,
+              pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return model.eval()
+
+
+def tiny_gpt2(seed: int = 0, *, hidden: int = 64, layers: int = 2, vocab: int = 256) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, vocab_size=vocab, n_positions=512,
+                     initializer_range=0.1, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # non-zero biases make "absolute vs delta" bias mistakes visible
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def popularity(num_tokens: int, num_deltas: int, kind: str, *, seed: int = 0, none_fraction: float = 0.0) -> list[int]:
+    """Per-token delta index in [0, num_deltas) (or -1 for "no delta") following a popularity pattern.
+
+    identical: every token uses delta 0; distinct: token i uses delta i % num_deltas (each delta
+    once when num_tokens == num_deltas); uniform: i.i.d. uniform; zipf: P(k) ~ 1/(k+1)^1.2;
+    skewed: 90% of tokens on delta 0, the rest uniform.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if kind == "identical":
+        ids = torch.zeros(num_tokens, dtype=torch.long)
+    elif kind == "distinct":
+        ids = torch.arange(num_tokens) % num_deltas
+    elif kind == "uniform":
+        ids = torch.randint(0, num_deltas, (num_tokens,), generator=g)
+    elif kind == "zipf":
+        w = torch.tensor([1.0 / math.pow(k + 1, 1.2) for k in range(num_deltas)])
+        ids = torch.multinomial(w, num_tokens, replacement=True, generator=g)
+    elif kind == "skewed":
+        ids = torch.where(torch.rand(num_tokens, generator=g) < 0.9, torch.zeros(num_tokens, dtype=torch.long),
+                          torch.randint(0, num_deltas, (num_tokens,), generator=g))
+    else:
+        raise ValueError(f"unknown popularity pattern {kind!r}")
+    if none_fraction > 0:
+        ids = torch.where(torch.rand(num_tokens, generator=g) < none_fraction, torch.full_like(ids, -1), ids)
+    return ids.tolist()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float = 0.0, what: str = "") -> None:
+    """torch.testing.assert_close with the worst element spelled out."""
+    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    bad = diff > bound
+    if bad.any():
+        idx = tuple(int(i) for i in torch.unravel_index((diff - bound).flatten().argmax(), diff.shape))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{diff.numel()} elements differ; max |diff| {diff.max().item():.3e} "
+            f"(atol {atol:g}, rtol {rtol:g}); worst at {idx}: actual {actual[idx].item():.6g} "
+            f"expected {expected[idx].item():.6g}")
