@@ -16,6 +16,10 @@ def _cuda_present() -> bool:
 
 if not _cuda_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Under the interpreter one kernel launch costs tens of ms; model, engine and server tests make
+    # thousands, so they serve through the torch reference (the CPU serving path). Kernel tests call
+    # the Triton launchers directly, and model tests opt in with `kernels.backend("triton")`.
+    os.environ.setdefault("DELTASERVE_KERNELS", "reference")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
