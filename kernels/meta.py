@@ -1,0 +1,128 @@
+"""Per-step delta metadata, computed once from the per-token slot ids and shared by every layer
+and every delta kind of the step (vLLM ``lora_kernel_metadata.py``, SGLang's chunked backend).
+
+Running example: token_slots = [2, 2, -1, 0, 2, 0]  (T = 6, slot -1 = no delta)
+
+    active_slots_host  = [0, 2]                 sorted; A = 2
+    sorted_token_ids   = [3, 5, 0, 1, 4, 2]     tokens of slot 0, then slot 2, then the -1 tokens
+    seg_start          = [0, 2, 5]              segment k = sorted_token_ids[seg_start[k]:seg_start[k+1]]
+    seg_len            = [2, 3]
+    runs_host          = [(0, 2, 2), (3, 4, 0), (4, 5, 2), (5, 6, 0)]   maximal same-slot runs in token order
+
+Triton kernels walk the segments (grid = max segment length x active slots); the torch reference
+picks, per call, between contiguous runs (prefill: one run per sequence, no gather at all),
+sorted segments and a gathered batched matmul (decode: one token per slot).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(eq=False)
+class DeltaKernelMeta:
+    num_tokens: int
+    no_delta: bool  # host flag: every token has slot -1, launchers return at once
+    active_slots_host: list[int]  # sorted distinct slots >= 0
+    seg_start_host: list[int]  # [A + 1]
+    num_active_tokens: int  # tokens with a slot; == seg_start_host[-1]
+    max_seg_len: int  # longest segment; sizes the kernels' M grid
+    runs_host: list[tuple[int, int, int]]  # (start, end, slot) maximal runs of one slot in token order
+    token_slots: torch.Tensor  # int32 [T] on the compute device
+    sorted_token_ids: torch.Tensor  # int32 [T]
+    active_slots: torch.Tensor  # int32 [A]
+    seg_start: torch.Tensor  # int32 [A + 1]
+    seg_len: torch.Tensor  # int32 [A]
+
+    @classmethod
+    def build(cls, token_slots: torch.Tensor, token_slots_host: list[int] | None = None) -> "DeltaKernelMeta":
+        """``token_slots``: int32 [T] on the compute device; ``token_slots_host``: the same values as a
+        list, which saves a device->host sync when the caller already has them (the engine does)."""
+        if not isinstance(token_slots, torch.Tensor) or token_slots.dim() != 1:
+            raise ValueError(f"token_slots: expected a 1-D int32 tensor, got "
+                             f"{getattr(token_slots, 'shape', type(token_slots).__name__)}")
+        if token_slots.dtype != torch.int32:
+            raise ValueError(f"token_slots: expected int32, got {token_slots.dtype} (shape {tuple(token_slots.shape)})")
+        if token_slots_host is None:
+            token_slots_host = token_slots.tolist()
+        elif len(token_slots_host) != token_slots.numel():
+            raise ValueError(f"token_slots_host: {len(token_slots_host)} entries for token_slots of shape "
+                             f"{tuple(token_slots.shape)}")
+        num_tokens = len(token_slots_host)
+        if token_slots_host and min(token_slots_host) < -1:
+            raise ValueError(f"token_slots: slot ids must be >= -1, got {min(token_slots_host)}")
+
+        runs: list[tuple[int, int, int]] = []
+        counts: dict[int, int] = {}
+        start, prev = 0, None
+        for i, s in enumerate(token_slots_host):  # one pass: runs and per-slot counts (T <= a few thousand)
+            if s != prev:
+                if prev is not None and prev >= 0:
+                    runs.append((start, i, prev))
+                start, prev = i, s
+            if s >= 0:
+                counts[s] = counts.get(s, 0) + 1
+        if prev is not None and prev >= 0:
+            runs.append((start, num_tokens, prev))
+
+        active = sorted(counts)
+        seg_start = [0]
+        for s in active:
+            seg_start.append(seg_start[-1] + counts[s])
+        num_active_tokens = seg_start[-1]
+
+        host = torch.tensor(token_slots_host, dtype=torch.int32)  # [T]
+        if len(runs) == len(active):  # every slot is one run (prefill, or identical): order is a concatenation
+            order = [i for a, b, _ in sorted(runs, key=lambda r: r[2]) for i in range(a, b)]
+            order += [i for i, s in enumerate(token_slots_host) if s < 0]
+            sorted_ids = torch.tensor(order, dtype=torch.int32)
+        else:  # stable sort with the -1 tokens last
+            key = torch.where(host < 0, torch.iinfo(torch.int32).max, host)
+            sorted_ids = torch.argsort(key, stable=True).to(torch.int32)
+        seg_len = [seg_start[k + 1] - seg_start[k] for k in range(len(active))]
+        # One host->device copy for all index tensors: [T | A | A+1 | A]
+        packed = torch.cat([sorted_ids, torch.tensor(active + seg_start + seg_len, dtype=torch.int32)])
+        packed = packed.to(token_slots.device, non_blocking=True)
+        n_act = len(active)
+        return cls(
+            num_tokens=num_tokens,
+            no_delta=num_active_tokens == 0,
+            active_slots_host=active,
+            seg_start_host=seg_start,
+            num_active_tokens=num_active_tokens,
+            max_seg_len=max(seg_len, default=0),
+            runs_host=runs,
+            token_slots=token_slots,
+            sorted_token_ids=packed[:num_tokens],
+            active_slots=packed[num_tokens:num_tokens + n_act],
+            seg_start=packed[num_tokens + n_act:num_tokens + 2 * n_act + 1],
+            seg_len=packed[num_tokens + 2 * n_act + 1:],
+        )
+
+    @property
+    def num_active(self) -> int:
+        return len(self.active_slots_host)
+
+    @property
+    def all_tokens_active(self) -> bool:
+        return self.num_active_tokens == self.num_tokens
+
+    # Index tensors the torch reference needs, built on first use and shared by every layer of the step.
+    @cached_property
+    def active_token_ids(self) -> torch.Tensor:
+        """int64 [N]: tokens that have a slot, in token order (N = num_active_tokens)."""
+        return torch.nonzero(self.token_slots >= 0).flatten()
+
+    @cached_property
+    def active_token_slots(self) -> torch.Tensor:
+        """int64 [N]: the slot of each token of :attr:`active_token_ids`."""
+        if self.all_tokens_active:
+            return self.token_slots.long()
+        return self.token_slots.long().index_select(0, self.active_token_ids)
+
+    @cached_property
+    def sorted_active_ids(self) -> torch.Tensor:
+        """int64 [N]: tokens that have a slot, grouped by slot (the first N of sorted_token_ids)."""
+        return self.sorted_token_ids[:self.num_active_tokens].long()

@@ -1,0 +1,270 @@
+"""Pure-torch delta ops: the CPU serving path and the oracle of every kernel test (D5).
+
+Same signatures and semantics as the Triton launchers; intermediates stay in fp32 like the kernels
+(vLLM ``punica_cpu.py`` keeps an fp32 shrink buffer for the same reason). No argument checks here:
+the public ops in ``kernels/__init__.py`` check before dispatching.
+
+Three execution plans, chosen per call from the step metadata (numbers: q_proj 1024x1024, r=16,
+32 distinct deltas, 2 cores; ``../shared/BASELINES-CPU.md`` §3 and ``benchmarks/bench_kernels.py``):
+
+* runs: each maximal run of tokens sharing a slot is a contiguous row range, so two matmuls on
+  views add into ``y`` with no gather or scatter (prefill: one run per sequence, ~0.05x base).
+* segments: tokens gathered grouped by slot, one matmul pair per slot, scattered back (many tokens
+  per slot but interleaved).
+* gather: each token's A/B rows gathered into preallocated buffers and two batched matmuls
+  (decode: one token per slot; ~0.25x base at T=32, vs 1.5x for a PEFT-style loop over deltas).
+  Only up to the largest *active* rank is gathered, and ranks beyond a slot's own are masked.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .meta import DeltaKernelMeta
+
+RUN_MIN_TOKENS = 4
+"""Average run (or segment) length from which per-run matmuls beat the gathered bmm: one run costs
+~15 us of launches on 2 cores, one gathered token ~5 us at in=out=1024, r=16."""
+
+ROWS_MAX_RUNS = 8
+"""add_bias / mul_rows: up to this many runs, slice per run; beyond, one gather does it."""
+
+_ACT_FNS = {
+    0: torch.relu,
+    1: lambda h: F.gelu(h, approximate="none"),
+    2: lambda h: F.gelu(h, approximate="tanh"),
+    3: F.silu,
+}
+
+
+class _Workspace(threading.local):
+    """Grow-only scratch buffers per (name, device, dtype). Fresh multi-MB tensors per call cost
+    page faults: the gathered LoRA path takes 0.65x of the base matmul with fresh tensors and 0.25x
+    with reused ones (BASELINES-CPU.md §3, T=32). Thread-local, so concurrent forwards never share."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        need = 1
+        for d in shape:
+            need *= d
+        key = (name, device, dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < need:
+            buf = torch.empty(max(need, 1), dtype=dtype, device=device)
+            self.buffers[key] = buf
+        return buf[:need].view(shape)
+
+
+_WS = _Workspace()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _plan(meta: DeltaKernelMeta) -> str:
+    n = meta.num_active_tokens
+    if len(meta.runs_host) * RUN_MIN_TOKENS <= n:
+        return "runs"
+    if meta.num_active * RUN_MIN_TOKENS <= n:
+        return "segments"
+    return "gather"
+
+
+def _add_rows(y: torch.Tensor, meta: DeltaKernelMeta, ids: torch.Tensor | None, d: torch.Tensor) -> None:
+    """y[ids] += d (fp32 ``d`` [N, out]); ``ids`` None means every token in token order."""
+    if ids is None:
+        if y.dtype == torch.float32:
+            y.add_(d)
+        else:
+            y.copy_(y.float().add_(d))
+    elif y.dtype == torch.float32:
+        y.index_add_(0, ids, d)
+    else:
+        y.index_copy_(0, ids, y.index_select(0, ids).float().add_(d).to(y.dtype))
+
+
+def _gather_ids(meta: DeltaKernelMeta) -> torch.Tensor | None:
+    return None if meta.all_tokens_active else meta.active_token_ids
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
+             rank: torch.Tensor, meta: DeltaKernelMeta) -> None:
+    """Semantics: for every token t with s = slot[t] >= 0 and r = rank[s] > 0:
+        y[t] += scale[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T
+    y [T, out] (in place), x [T, in], lora_a [S, R, in], lora_b [S, out, R], scale fp32 [S], rank int32 [S]."""
+    if meta.no_delta:
+        return
+    ranks = rank.tolist()
+    work = [s for s in meta.active_slots_host if ranks[s] > 0]
+    if not work:
+        return  # no active slot has LoRA at this layer
+    _check_limit("add_lora", "rank", ranks, work, lora_a.shape[1])
+    scales = scale.tolist()
+    plan = _plan(meta)
+    if plan == "runs":
+        for a, b, s in meta.runs_host:
+            if ranks[s]:
+                _lora_rows(y[a:b], x[a:b], lora_a[s, :ranks[s]], lora_b[s, :, :ranks[s]], scales[s])
+    elif plan == "segments":
+        ids = meta.sorted_active_ids  # [N]
+        xs = x.index_select(0, ids)  # [N, in]
+        ds = _WS.get("seg_d", (ids.numel(), y.shape[1]), torch.float32, y.device)  # [N, out]
+        for k, s in enumerate(meta.active_slots_host):
+            a, b, r = meta.seg_start_host[k], meta.seg_start_host[k + 1], ranks[s]
+            if r == 0:
+                ds[a:b].zero_()
+                continue
+            h = torch.mm(_f32(xs[a:b]), _f32(lora_a[s, :r]).t())  # [n_s, r] fp32
+            torch.mm(h, _f32(lora_b[s, :, :r]).t(), out=ds[a:b]).mul_(scales[s])
+        _add_rows(y, meta, ids, ds)
+    else:
+        rmax = max(ranks[s] for s in work)
+        ids, sl = _gather_ids(meta), meta.active_token_slots  # [N] tokens, [N] their slots
+        n = sl.numel()
+        xs = _f32(x if ids is None else x.index_select(0, ids))  # [N, in]
+        a_g = _gather(lora_a[:, :rmax], sl, "lora_a")  # [N, rmax, in]
+        h = torch.bmm(a_g, xs.unsqueeze(2), out=_WS.get("lora_h", (n, rmax, 1), torch.float32, y.device))
+        # Per-token coefficient: the slot's scale on its own ranks, 0 beyond them (D3: padded rows may
+        # hold a previous tenant's values).
+        within = torch.arange(rmax, device=y.device) < rank.index_select(0, sl).unsqueeze(1)  # [N, rmax]
+        h.view(n, rmax).mul_(within * scale.index_select(0, sl).unsqueeze(1))
+        b_g = _gather(lora_b[:, :, :rmax], sl, "lora_b")  # [N, out, rmax]
+        d = torch.bmm(b_g, h, out=_WS.get("lora_d", (n, y.shape[1], 1), torch.float32, y.device))
+        _add_rows(y, meta, ids, d.view(n, y.shape[1]))
+
+
+def _lora_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """y [n, out] += scale * (x [n, in] @ a [r, in].T) @ b [out, r].T, fp32 intermediate."""
+    if y.dtype == torch.float32:
+        y.addmm_(torch.mm(x, a.t()), b.t(), alpha=scale)
+    else:
+        h = torch.mm(x.float(), a.float().t())  # [n, r]
+        y.copy_(y.float().addmm_(h, b.float().t(), alpha=scale))
+
+
+def _gather(pool: torch.Tensor, slots: torch.Tensor, name: str) -> torch.Tensor:
+    """pool[slots] as fp32, written into a reused buffer (fresh buffers page-fault, see _Workspace)."""
+    shape = (slots.numel(),) + tuple(pool.shape[1:])
+    out = _WS.get(name, shape, pool.dtype, pool.device)
+    torch.index_select(pool, 0, slots, out=out)
+    return _f32(out)
+
+
+def _check_limit(op: str, what: str, values: list[int], slots: list[int], limit: int) -> None:
+    worst = max(slots, key=lambda s: values[s])
+    if values[worst] > limit:
+        raise ValueError(f"{op}: {what}[{worst}] = {values[worst]} exceeds the pool's padded size {limit}")
+
+
+# ----------------------------------------------------------------------------------------- bottleneck
+def add_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
+                   up_bias: torch.Tensor, scale: torch.Tensor, width: torch.Tensor, act: torch.Tensor,
+                   meta: DeltaKernelMeta) -> None:
+    """Semantics: for every token t with s = slot[t] >= 0 and m = width[s] > 0:
+        y[t] += scale[s] * (act_s(u[t] @ down[s, :m].T + down_bias[s, :m]) @ up[s, :, :m].T + up_bias[s])
+    y [T, h] (in place; ``u`` may be ``y`` itself: every row's input is read before it is written),
+    u [T, h], down [S, M, h], down_bias [S, M], up [S, h, M], up_bias [S, h], scale fp32 [S],
+    width int32 [S], act int32 [S] (ACT_CODES)."""
+    if meta.no_delta:
+        return
+    widths = width.tolist()
+    work = [s for s in meta.active_slots_host if widths[s] > 0]
+    if not work:
+        return
+    _check_limit("add_bottleneck", "width", widths, work, down.shape[1])
+    acts = act.tolist()
+    for s in work:
+        if acts[s] not in _ACT_FNS:
+            raise ValueError(f"add_bottleneck: act[{s}] = {acts[s]} is not an activation code (0..3)")
+    scales = scale.tolist()
+    plan = _plan(meta)
+    if plan == "runs":
+        for a, b, s in meta.runs_host:
+            m = widths[s]
+            if m:
+                h = torch.addmm(_f32(down_bias[s, :m]), _f32(u[a:b]), _f32(down[s, :m]).t())  # [n, m]
+                d = torch.addmm(_f32(up_bias[s]), _ACT_FNS[acts[s]](h), _f32(up[s, :, :m]).t())  # [n, h]
+                _add_slice(y[a:b], d, scales[s])
+    elif plan == "segments":
+        ids = meta.sorted_active_ids
+        us = u.index_select(0, ids)  # [N, h]; read before y changes (u may alias y)
+        ds = _WS.get("seg_d", (ids.numel(), y.shape[1]), torch.float32, y.device)
+        for k, s in enumerate(meta.active_slots_host):
+            a, b, m = meta.seg_start_host[k], meta.seg_start_host[k + 1], widths[s]
+            if m == 0:
+                ds[a:b].zero_()
+                continue
+            h = torch.addmm(_f32(down_bias[s, :m]), _f32(us[a:b]), _f32(down[s, :m]).t())
+            torch.addmm(_f32(up_bias[s]), _ACT_FNS[acts[s]](h), _f32(up[s, :, :m]).t(), out=ds[a:b]).mul_(scales[s])
+        _add_rows(y, meta, ids, ds)
+    else:
+        mmax = max(widths[s] for s in work)
+        ids, sl = _gather_ids(meta), meta.active_token_slots
+        n = sl.numel()
+        us = _f32(u if ids is None else u.index_select(0, ids))  # [N, h]
+        h = torch.bmm(_gather(down[:, :mmax], sl, "bn_down"), us.unsqueeze(2),
+                      out=_WS.get("bn_h", (n, mmax, 1), torch.float32, y.device)).view(n, mmax)
+        h.add_(_f32(down_bias[:, :mmax].index_select(0, sl)))
+        codes = sorted({acts[s] for s in work})
+        if len(codes) == 1:
+            h = _ACT_FNS[codes[0]](h)
+        else:
+            tok_act = act.index_select(0, sl)  # [N]
+            mixed = torch.empty_like(h)
+            for c in codes:  # at most 4 activations; usually one
+                rows = tok_act == c
+                mixed[rows] = _ACT_FNS[c](h[rows])
+            h = mixed
+        h.mul_(torch.arange(mmax, device=y.device) < width.index_select(0, sl).unsqueeze(1))  # beyond width: 0
+        d = torch.bmm(_gather(up[:, :, :mmax], sl, "bn_up"), h.unsqueeze(2),
+                      out=_WS.get("bn_d", (n, y.shape[1], 1), torch.float32, y.device)).view(n, y.shape[1])
+        d.add_(_f32(up_bias.index_select(0, sl))).mul_(scale.index_select(0, sl).unsqueeze(1))
+        _add_rows(y, meta, ids, d)
+
+
+def _add_slice(y: torch.Tensor, d: torch.Tensor, scale: float) -> None:
+    if y.dtype == torch.float32:
+        y.add_(d, alpha=scale)
+    else:
+        y.copy_(y.float().add_(d, alpha=scale))
+
+
+# ------------------------------------------------------------------------------------- BitFit, (IA)3
+def add_bias(y: torch.Tensor, bias: torch.Tensor, meta: DeltaKernelMeta) -> None:
+    """Semantics: y[t] += bias[slot[t]] for slot[t] >= 0.   y [T, out] (in place), bias [S, out]."""
+    if meta.no_delta:
+        return
+    if len(meta.runs_host) <= ROWS_MAX_RUNS:
+        for a, b, s in meta.runs_host:
+            _add_slice(y[a:b], _f32(bias[s]), 1.0)
+        return
+    ids = _gather_ids(meta)
+    _add_rows(y, meta, ids, _f32(bias.index_select(0, meta.active_token_slots)))
+
+
+def mul_rows(t: torch.Tensor, vec: torch.Tensor, meta: DeltaKernelMeta) -> None:
+    """Semantics: t[i] *= vec[slot[i]] for slot[i] >= 0.   t [T, n] (in place), vec [S, n]."""
+    if meta.no_delta:
+        return
+    if len(meta.runs_host) <= ROWS_MAX_RUNS:
+        for a, b, s in meta.runs_host:
+            if t.dtype == torch.float32:
+                t[a:b].mul_(vec[s])
+            else:
+                t[a:b].copy_(t[a:b].float().mul_(vec[s].float()))
+        return
+    rows = _f32(vec.index_select(0, meta.active_token_slots))  # [N, n]
+    ids = _gather_ids(meta)
+    if ids is None:
+        if t.dtype == torch.float32:
+            t.mul_(rows)
+        else:
+            t.copy_(t.float().mul_(rows))
+    else:
+        t.index_copy_(0, ids, t.index_select(0, ids).float().mul_(rows).to(t.dtype))
