@@ -1,0 +1,81 @@
+"""One request's life inside the engine: its tokens, its KV block table, its delta slot and its timings.
+
+Pure Python (no torch) so the scheduler that moves sequences around stays testable without a model.
+A sequence's tokens are ``prompt + output``; ``num_computed`` of them have K/V in the paged cache.
+Preemption by recompute (vLLM's RECOMPUTE mode) resets ``num_computed`` to 0 and frees the blocks: the
+next prefill recomputes prompt and output together, which costs FLOPs but no host copy of the cache.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .types import DeltaKey, GenerationRequest, SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # in its tenant's queue (new, or preempted and waiting to recompute)
+    RUNNING = "running"  # admitted: holds KV blocks and (if it has a delta) a pinned slot
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request: GenerationRequest
+    status: SeqStatus = SeqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)  # physical KV block ids, in token order
+    slot: int | None = None  # device delta slot pinned while running; None = no delta or not admitted
+    admit_order: int = 0  # increasing admission counter; the newest is preempted first
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    # timings (time.monotonic seconds)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    # step counters, for fairness tests and queue-wait in steps
+    arrival_step: int = 0
+    first_token_step: int | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def tenant(self) -> str:
+        return self.request.tenant
+
+    @property
+    def delta(self) -> DeltaKey | None:
+        return self.request.delta
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output without building the concatenation."""
+        prompt = self.request.prompt_token_ids
+        n = len(prompt)
+        if end <= n:
+            return prompt[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return prompt[start:] + self.output_ids[:end - n]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
