@@ -1,0 +1,84 @@
+"""DeltaBatch: the one per-step object that tells every wrapped layer which delta slot each token uses (D1).
+
+Built once by ``wrap_model`` and handed to every ``DeltaLinear``/``DeltaNorm`` by reference, so no
+``adapter_data`` argument is threaded through the Hugging Face forward and no module global exists
+(vLLM ``lora_kernel_metadata.py``, nano-vllm ``utils/context.py``). The per-token slot ids live in one
+preallocated device buffer refilled with ``copy_`` each step, so a captured CUDA graph keeps reading
+the same storage.
+
+Running example: three sequences of lengths [3, 1, 2] using slots [5, -1, 0] give the per-token ids
+[5, 5, 5, -1, 0, 0]; ``meta.active_slots_host`` is then [0, 5] and token 3 runs the base model only.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from delta_store.errors import DeltaServeError, InvalidArgument
+from kernels import DeltaKernelMeta
+
+
+class DeltaBatch:
+    def __init__(self, max_slots: int, device: torch.device | str = "cpu", max_tokens: int = 4096):
+        if max_slots < 1 or max_tokens < 1:
+            raise InvalidArgument(f"DeltaBatch: max_slots ({max_slots}) and max_tokens ({max_tokens}) must be >= 1")
+        self.max_slots = int(max_slots)
+        self.device = torch.device(device)
+        self._slots = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)  # [max_tokens]
+        self.token_slots_host: list[int] = []
+        # Before the first prepare() the model is the bare base, so an HF forward outside the engine
+        # (generate(), a test) works unchanged.
+        self.meta = DeltaKernelMeta.build(self._slots[:0], [])
+
+    @property
+    def capacity(self) -> int:
+        return int(self._slots.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_slots_host)
+
+    @property
+    def no_delta(self) -> bool:
+        return bool(self.meta.no_delta)
+
+    def prepare(self, token_slots_host: list[int]) -> None:
+        """Refill the per-token slot ids for the next forward: one id per token of the packed batch, -1 = base.
+
+        Called once per step, before ``model(...)``. Only grows the buffer when a step has more tokens
+        than any before it (the engine sizes ``max_tokens`` from its token budget, so that never happens
+        while serving).
+        """
+        token_slots_host = list(token_slots_host)
+        num_tokens = len(token_slots_host)
+        if num_tokens:
+            lo, hi = min(token_slots_host), max(token_slots_host)
+            if lo < -1 or hi >= self.max_slots:
+                bad = lo if lo < -1 else hi
+                raise InvalidArgument(f"DeltaBatch.prepare: slot id {bad} out of range [-1, {self.max_slots})")
+        if num_tokens > self.capacity:
+            self._slots = torch.full((max(num_tokens, 2 * self.capacity),), -1, dtype=torch.int32, device=self.device)
+        view = self._slots[:num_tokens]  # [num_tokens]
+        staged = torch.tensor(token_slots_host, dtype=torch.int32)
+        view.copy_(staged, non_blocking=self.device.type == "cuda" and staged.is_pinned())
+        self.token_slots_host = token_slots_host
+        self.meta = DeltaKernelMeta.build(view, token_slots_host)
+
+    def prepare_sequences(self, slots: list[int], lengths: list[int]) -> None:
+        """Per-sequence slots of a packed batch -> per-token ids (sequence i contributes ``lengths[i]`` tokens)."""
+        if len(slots) != len(lengths):
+            raise InvalidArgument(f"DeltaBatch.prepare_sequences: {len(slots)} slots for {len(lengths)} sequences")
+        if any(n < 0 for n in lengths):
+            raise InvalidArgument(f"DeltaBatch.prepare_sequences: negative sequence length in {lengths}")
+        self.prepare(list(itertools.chain.from_iterable(itertools.repeat(s, n) for s, n in zip(slots, lengths))))
+
+    def reset(self) -> None:
+        """Back to "no delta": the next forward runs the bare base whatever its token count."""
+        self.prepare([])
+
+    def check_tokens(self, num_tokens: int, where: str) -> None:
+        """A layer saw ``num_tokens`` rows while the batch was prepared for another count: a stale batch."""
+        if num_tokens != self.num_tokens:
+            raise DeltaServeError(f"{where}: DeltaBatch was prepared for {self.num_tokens} tokens but the layer got "
+                                  f"{num_tokens}; call batch.prepare(...) before every forward")

@@ -1,0 +1,154 @@
+"""wrap_model: turn a Hugging Face causal LM into a delta-aware one, in place, once at start-up (D1, D2).
+
+Which modules are wrapped comes from the server's target list (``ServerConfig.target_modules``,
+default every linear of the decoder layers), plus what residual adapters and BitFit need whatever
+the list says: each residual site's output module and pre-norm (``SITES`` in
+``delta_store/base_spec.py``) and every LayerNorm (GPT-2 ``ln_1``/``ln_2``/``ln_f``). So any delta
+that validates against the base loads later without re-wrapping. The model's ``forward`` is never
+edited; ``lm_head`` and the embeddings stay untouched (GPT-2's tied ``lm_head`` keeps sharing ``wte``).
+
+Usage (the model runner's step)::
+
+    dm = wrap_model(model, targets=config.target_modules, max_slots=32, max_rank=64, max_bottleneck=256)
+    dm.set_delta(3, delta)                       # load path: validate, copy into every pool
+    dm.batch.prepare_sequences([3, -1], [5, 1])  # once per step
+    logits = dm.model(input_ids=...).logits       # the unchanged HF forward
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from delta_store.base_spec import BaseSpec
+from delta_store.delta import Delta
+from delta_store.errors import DeltaError, InvalidArgument
+
+from .config import DEFAULT_TARGETS
+from .delta_adapter import ResidualTap
+from .delta_batch import DeltaBatch
+from .delta_linear import DeltaLinear
+from .delta_norm import DeltaNorm
+
+
+@dataclass(eq=False)
+class DeltaModel:
+    model: torch.nn.Module  # the same HF model object, target modules replaced in place
+    spec: BaseSpec  # of the unwrapped base
+    batch: DeltaBatch  # shared by every wrapper
+    layers: dict[str, DeltaLinear | DeltaNorm] = field(default_factory=dict)  # served path -> wrapper
+    max_slots: int = 32
+    max_rank: int = 64
+    max_bottleneck: int = 256
+
+    def check(self, delta: Delta) -> None:
+        """Raise DeltaError/BaseMismatch for a delta these pools cannot serve; changes nothing."""
+        try:
+            from delta_store.validate import Limits, validate
+        except ImportError:  # the formats area has not landed validation yet: the pool checks below still run
+            pass
+        else:
+            validate(delta, self.spec, Limits(max_rank=self.max_rank, max_bottleneck=self.max_bottleneck))
+        delta.check_finite()
+        for path, md in delta.modules.items():
+            layer = self.layers.get(path)
+            if layer is None:
+                raise DeltaError(self._unwrapped_reason(path))
+            layer.check(md)
+
+    def set_delta(self, slot: int, delta: Delta) -> None:
+        """Validate ``delta`` and copy it into ``slot`` of every pool; modules it does not name get cleared.
+
+        All checks run before the first copy, so a refused delta leaves the slot as it was.
+        """
+        self._check_slot(slot)
+        self.check(delta)
+        for path, layer in self.layers.items():
+            md = delta.modules.get(path)
+            if md is None:
+                layer.clear(slot)
+            else:
+                layer.set_delta(slot, md)
+
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        for layer in self.layers.values():
+            layer.clear(slot)
+
+    def pool_bytes(self) -> int:
+        """Device bytes held by every slot pool (LoRA/bias/(IA)3 from wrap time, adapters once allocated)."""
+        return sum(layer.nbytes() for layer in self.layers.values())
+
+    def _check_slot(self, slot: int) -> None:
+        if not isinstance(slot, int) or not 0 <= slot < self.max_slots:
+            raise InvalidArgument(f"delta slot {slot!r} out of range [0, {self.max_slots})")
+
+    def _unwrapped_reason(self, path: str) -> str:
+        info = self.spec.modules.get(path)
+        if info is None:
+            return f"{path}: no such module in the served {self.spec.model_type} model"
+        return (f"{path}: {info.kind} module is not wrapped for deltas (not in the server's target modules; "
+                f"wrapped leaves: {', '.join(sorted({p.rsplit('.', 1)[-1] for p in self.layers}))})")
+
+
+def _matches(path: str, targets: Iterable[str]) -> bool:
+    # PEFT list rule (DELTAS.md §2.3): exact path, or a suffix at a dot boundary ("c_proj", "mlp.c_proj").
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _replace_submodule(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, new)
+
+
+def wrap_model(model: torch.nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, max_slots: int = 32,
+               max_rank: int = 64, max_bottleneck: int = 256, *, max_tokens: int = 4096) -> DeltaModel:
+    """Replace the target modules of ``model`` by delta-aware wrappers sharing one DeltaBatch; returns a DeltaModel.
+
+    Pools for LoRA (``[S, R, in]`` + ``[S, out, R]``), bias and (IA)3 are allocated here (see
+    ``DeltaLinear`` for the bytes); bottleneck pools on the first adapter delta of each site.
+    """
+    targets = tuple(targets)
+    if not targets:
+        raise InvalidArgument("wrap_model: empty target module list")
+    for name, value, lo in (("max_slots", max_slots, 1), ("max_rank", max_rank, 1),
+                            ("max_bottleneck", max_bottleneck, 1), ("max_tokens", max_tokens, 1)):
+        if not isinstance(value, int) or value < lo:
+            raise InvalidArgument(f"wrap_model: {name} must be an integer >= {lo}, got {value!r}")
+    if any(isinstance(m, (DeltaLinear, DeltaNorm)) for m in model.modules()):
+        raise InvalidArgument("wrap_model: model is already wrapped")
+
+    spec = BaseSpec.from_model(model)
+    weight = next(model.parameters())
+    batch = DeltaBatch(max_slots, weight.device, max_tokens)
+    dm = DeltaModel(model, spec, batch, max_slots=max_slots, max_rank=max_rank, max_bottleneck=max_bottleneck)
+
+    # Residual sites: pre-norm path -> output-module path, per decoder layer.
+    site_of_norm: dict[str, str] = {}
+    for layer in range(spec.num_layers):
+        for norm_leaf, out_leaf in spec.sites().values():
+            norm, out = spec.find(layer, norm_leaf), spec.find(layer, out_leaf)
+            if norm is not None and out is not None:
+                site_of_norm[norm.path] = out.path
+    site_outputs = set(site_of_norm.values())
+
+    taps: dict[str, ResidualTap] = {}
+    for path, info in spec.modules.items():
+        module = model.get_submodule(path)
+        if info.kind in ("linear", "conv1d"):
+            if info.layer is None or not (_matches(path, targets) or path in site_outputs):
+                continue
+            dm.layers[path] = DeltaLinear.from_layer(module, batch, path=path, max_slots=max_slots, max_rank=max_rank,
+                                                     max_bottleneck=max_bottleneck)
+        elif path in site_of_norm or info.kind == "layernorm":
+            tap = None
+            if path in site_of_norm:
+                tap = taps[site_of_norm[path]] = ResidualTap(path)
+            dm.layers[path] = DeltaNorm.from_layer(module, batch, path=path, max_slots=max_slots, tap=tap)
+    for out_path, tap in taps.items():
+        dm.layers[out_path].make_site(tap)
+    for path, wrapper in dm.layers.items():
+        _replace_submodule(model, path, wrapper)
+    return dm

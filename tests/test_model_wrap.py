@@ -1,0 +1,171 @@
+"""wrap_model structure, the DeltaBatch, exact no-delta equality and the load-path refusals."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
+from delta_store.errors import DeltaError, DeltaServeError, InvalidArgument
+from server.delta_layers import DeltaLinear, DeltaNorm, wrap_model
+from tests.helpers import tiny_gpt2, tiny_llama
+
+ARCHS = {
+    "llama": lambda: tiny_llama(),
+    "mistral": lambda: tiny_llama(model_type="mistral"),
+    "qwen2": lambda: tiny_llama(model_type="qwen2"),
+    "gpt2": lambda: tiny_gpt2(),
+}
+
+
+def _ids(batch: int = 3, seq: int = 6, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_no_delta_logits_equal_bare_model_exactly(arch):
+    bare = ARCHS[arch]()
+    dm = wrap_model(copy.deepcopy(bare), max_slots=4, max_rank=8, max_bottleneck=8)
+    ids = _ids()
+    with torch.no_grad():
+        expected = bare(input_ids=ids).logits
+        got_unprepared = dm.model(input_ids=ids).logits  # never prepared: the bare base
+        dm.batch.prepare_sequences([-1, -1, -1], [6, 6, 6])
+        got_prepared = dm.model(input_ids=ids).logits
+    assert torch.equal(got_unprepared, expected)
+    assert torch.equal(got_prepared, expected)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_base_rows_stay_exact_next_to_delta_rows(arch):
+    """Neutral pool rows (rank 0, bias 0, scale 1) leave the base-only sequence bit-identical."""
+    bare = ARCHS[arch]()
+    dm = wrap_model(copy.deepcopy(bare), max_slots=4, max_rank=8, max_bottleneck=8)
+    g = torch.Generator().manual_seed(3)
+    md = {}
+    for path, layer in dm.layers.items():
+        if isinstance(layer, DeltaLinear):
+            fin, fout = layer.in_features, layer.out_features
+            md[path] = ModuleDelta(lora=LoraTerm(torch.randn(4, fin, generator=g), torch.randn(fout, 4, generator=g), 0.5),
+                                   bias=torch.randn(fout, generator=g) * 0.1,
+                                   out_scale=1 + 0.1 * torch.randn(fout, generator=g))
+    dm.set_delta(2, Delta(md))
+    ids = _ids(2)
+    with torch.no_grad():
+        expected = bare(input_ids=ids).logits
+        dm.batch.prepare_sequences([2, -1], [6, 6])
+        got = dm.model(input_ids=ids).logits
+    assert torch.equal(got[1], expected[1])
+    assert (got[0] - expected[0]).abs().max() > 1e-2  # the delta row really changed
+
+
+def test_wrapped_modules_llama_and_gpt2():
+    dm = wrap_model(tiny_llama(), targets=("q_proj", "v_proj"), max_slots=2, max_rank=4, max_bottleneck=4)
+    leaves = {p.split("layers.")[1].split(".", 1)[1] for p in dm.layers}
+    # q/v from the targets, o_proj/down_proj and their pre-norms for adapter sites
+    assert leaves == {"self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj",
+                      "input_layernorm", "post_attention_layernorm"}
+    assert isinstance(dm.model.model.layers[0].self_attn.q_proj, DeltaLinear)
+    assert not isinstance(dm.model.model.layers[0].self_attn.k_proj, DeltaLinear)
+    assert not isinstance(dm.model.lm_head, DeltaLinear)
+    assert dm.layers["model.layers.0.self_attn.o_proj"].tap is dm.layers["model.layers.0.input_layernorm"].tap
+
+    dm = wrap_model(tiny_gpt2(), max_slots=2, max_rank=4, max_bottleneck=4)
+    assert isinstance(dm.model.transformer.ln_f, DeltaNorm) and dm.model.transformer.ln_f.has_bias_pool
+    assert dm.model.lm_head.weight is dm.model.transformer.wte.weight  # tie survives wrapping
+    c_attn = dm.model.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, DeltaLinear) and (c_attn.in_features, c_attn.out_features) == (64, 192)
+    assert c_attn.nf == 192  # attribute misses reach the wrapped Conv1D
+    assert "transformer.h.0.attn.c_attn.base.weight" in dm.model.state_dict()
+    assert not any("lora_a" in k for k in dm.model.state_dict())  # pools are not checkpoint state
+    with pytest.raises(InvalidArgument, match="already wrapped"):
+        wrap_model(dm.model)
+
+
+def test_pool_bytes_match_documented_formula():
+    S, R = 4, 8
+    dm = wrap_model(tiny_llama(), targets=("q_proj",), max_slots=S, max_rank=R, max_bottleneck=4)
+    q = dm.layers["model.layers.0.self_attn.q_proj"]
+    fin, fout = q.in_features, q.out_features
+    assert q.nbytes() == S * (R * (fin + fout) + 2 * fout + fin) * 4 + S * 8
+    before = dm.pool_bytes()
+    o = dm.layers["model.layers.0.self_attn.o_proj"]
+    ad = AdapterTerm(torch.randn(3, 64), torch.randn(3), torch.randn(64, 3), torch.randn(64), "relu")
+    dm.set_delta(1, Delta({o.path: ModuleDelta(adapter=ad)}))
+    # adapter pools appear on first use: down/up [S,M,h] x2, biases [S,M]+[S,h], act [S], scale/width [3,S]
+    assert dm.pool_bytes() - before == (2 * S * 4 * 64 + S * 4 + S * 64) * 4 + S * 4 + 2 * 3 * S * 4
+
+
+def test_batch_prepare_sequences_and_errors():
+    dm = wrap_model(tiny_llama(), max_slots=6, max_rank=4, max_bottleneck=4, max_tokens=4)
+    b = dm.batch
+    b.prepare_sequences([5, -1, 0], [3, 1, 2])
+    assert b.token_slots_host == [5, 5, 5, -1, 0, 0]
+    assert b.meta.active_slots_host == [0, 5] and not b.no_delta
+    assert b.capacity >= 6  # grew past max_tokens=4
+    assert b._slots[:6].tolist() == [5, 5, 5, -1, 0, 0]
+    with pytest.raises(InvalidArgument, match="slot id 6 out of range"):
+        b.prepare([0, 6])
+    with pytest.raises(InvalidArgument, match="2 slots for 1 sequences"):
+        b.prepare_sequences([0, 1], [3])
+    dm.set_delta(0, Delta({"model.layers.0.self_attn.q_proj": ModuleDelta(bias=torch.ones(64))}))
+    b.prepare([0, 0, -1])
+    with pytest.raises(DeltaServeError, match="prepared for 3 tokens but the layer got 5"), torch.no_grad():
+        dm.model(input_ids=_ids(1, 5))
+    b.reset()
+    with torch.no_grad():
+        dm.model(input_ids=_ids(1, 5))
+
+
+def _lora(path_in: int, path_out: int, r: int = 2) -> ModuleDelta:
+    return ModuleDelta(lora=LoraTerm(torch.randn(r, path_in), torch.randn(path_out, r), 1.0))
+
+
+@pytest.mark.parametrize("case, modules, match", [
+    ("unknown module", {"model.layers.0.self_attn.nope": ModuleDelta(bias=torch.ones(64))},
+     r"model\.layers\.0\.self_attn\.nope: (no such module|not a module of the served llama)"),
+    ("not wrapped", {"lm_head": ModuleDelta(bias=torch.ones(256))}, r"lm_head: linear module is not wrapped"),
+    ("lora A shape", {"model.layers.0.self_attn.q_proj": _lora(65, 64)},
+     r"model\.layers\.0\.self_attn\.q_proj: lora\.a expected shape \(2, 64\), found \(2, 65\)"),
+    ("lora B shape (GQA v_proj out 32)", {"model.layers.1.self_attn.v_proj": _lora(64, 64)},
+     r"model\.layers\.1\.self_attn\.v_proj: lora\.b expected shape \(32, 2\), found \(64, 2\)"),
+    ("rank above max", {"model.layers.0.self_attn.q_proj": _lora(64, 64, r=9)}, r"q_proj: LoRA rank 9 (outside \[1, max_rank=8\]|exceeds the server's max_rank 8)"),
+    ("bias shape", {"model.layers.0.mlp.up_proj": ModuleDelta(bias=torch.ones(64))},
+     r"up_proj: bias expected shape \(128,\), found \(64,\)"),
+    ("in_scale shape", {"model.layers.0.mlp.down_proj": ModuleDelta(in_scale=torch.ones(64))},
+     r"down_proj: in_scale expected shape \(128,\), found \(64,\)"),
+    ("NaN", {"model.layers.0.self_attn.k_proj": ModuleDelta(bias=torch.tensor([float("nan")] * 32))},
+     r"model\.layers\.0\.self_attn\.k_proj\.bias: tensor holds NaN"),
+    ("adapter off-site", {"model.layers.0.self_attn.q_proj": ModuleDelta(adapter=AdapterTerm(
+        torch.ones(4, 64), torch.ones(4), torch.ones(64, 4), torch.ones(64), "relu", 4.0, "residual"))},
+     r"q_proj: an adapter reading 'residual'"),
+    ("adapter shape", {"model.layers.0.mlp.down_proj": ModuleDelta(adapter=AdapterTerm(
+        torch.ones(4, 64), torch.ones(4), torch.ones(64, 5), torch.ones(64), "relu"))},
+     r"down_proj: adapter\.up expected shape \(64, 4\), found \(64, 5\)"),
+    ("adapter activation", {"model.layers.0.mlp.down_proj": ModuleDelta(adapter=AdapterTerm(
+        torch.ones(4, 64), torch.ones(4), torch.ones(64, 4), torch.ones(64), "tanh"))}, r"activation 'tanh'"),
+    ("RMSNorm bias", {"model.layers.0.input_layernorm": ModuleDelta(bias=torch.ones(64))}, r"input_layernorm: (LlamaRMSNorm has no bias|a rmsnorm module cannot take a bias)"),
+])
+def test_refusals_name_module_and_shapes(case, modules, match):
+    dm = wrap_model(tiny_llama(), max_slots=2, max_rank=8, max_bottleneck=8)
+    good = {"model.layers.0.self_attn.q_proj": ModuleDelta(bias=torch.full((64,), 0.5))}
+    dm.set_delta(1, Delta(dict(good)))
+    with pytest.raises(DeltaError, match=match):
+        dm.set_delta(1, Delta({**good, **modules}))
+    # a refused delta leaves the slot as it was
+    assert dm.layers["model.layers.0.self_attn.q_proj"].bias_delta[1, 0].item() == 0.5
+    with pytest.raises(InvalidArgument, match="slot 2 out of range"):
+        dm.set_delta(2, Delta(good))
+
+
+def test_clear_resets_slot():
+    bare = tiny_gpt2()
+    dm = wrap_model(copy.deepcopy(bare), max_slots=2, max_rank=4, max_bottleneck=4)
+    dm.set_delta(0, Delta({"transformer.ln_f": ModuleDelta(bias=torch.ones(64)),
+                           "transformer.h.0.attn.c_attn": _lora(64, 192)}))
+    dm.clear(0)
+    ids = _ids(1)
+    with torch.no_grad():
+        dm.batch.prepare_sequences([0], [6])
+        assert torch.equal(dm.model(input_ids=ids).logits, bare(input_ids=ids).logits)
