@@ -1,0 +1,79 @@
+"""Plain records the catalogue returns: tenants, their quotas, and immutable delta versions."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgument
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Per-tenant limits. 0 for a rate or count means "nothing allowed", not "unlimited"."""
+
+    max_deltas: int = 100  # distinct delta names
+    max_bytes: int = 4 << 30  # sum of stored version sizes
+    requests_per_minute: int = 600
+    tokens_per_minute: int = 600_000
+    max_concurrent: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_deltas", "max_bytes", "requests_per_minute", "tokens_per_minute", "max_concurrent"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not (0 <= value < 1 << 62):
+                raise InvalidArgument(f"quota {name} must be an integer in [0, 2^62), got {value!r}")
+
+    @classmethod
+    def from_config(cls, config) -> "Quotas":
+        """Defaults from a ``ServerConfig`` (its ``default_*`` fields)."""
+        return cls(config.default_max_deltas, config.default_max_delta_bytes, config.default_requests_per_minute,
+                   config.default_tokens_per_minute, config.default_max_concurrent)
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    id: str
+    name: str
+    is_admin: bool
+    quotas: Quotas
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaVersion:
+    """One immutable version of a tenant's delta. ``name@version`` pins it; ``digest`` addresses its blob."""
+
+    tenant: str  # tenant id
+    name: str
+    version: int
+    digest: str  # sha256 of the native bytes
+    size: int  # bytes of the native blob
+    kinds: tuple[str, ...]
+    max_rank: int
+    max_width: int
+    source_format: str
+    description: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+    last_used: float | None = None
+    requests: int = 0
+    tokens: int = 0
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def key(self):
+        """The engine's :class:`server.types.DeltaKey` for this version (digest included)."""
+        from server.types import DeltaKey  # the shared noun lives with the engine's types (docs/INTERFACES.md)
+
+        return DeltaKey(self.tenant, self.name, self.version, self.digest)
+
+    @classmethod
+    def from_row(cls, row) -> "DeltaVersion":
+        return cls(tenant=row["tenant_id"], name=row["name"], version=row["version"], digest=row["digest"],
+                   size=row["size"], kinds=tuple(json.loads(row["kinds"])), max_rank=row["max_rank"],
+                   max_width=row["max_width"], source_format=row["source_format"], description=row["description"],
+                   labels=json.loads(row["labels"]), created=row["created"], last_used=row["last_used"],
+                   requests=row["requests"], tokens=row["tokens"])
