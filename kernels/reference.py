@@ -211,6 +211,7 @@ def add_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, down_bi
         h = torch.bmm(_gather(down[:, :mmax], sl, "bn_down"), us.unsqueeze(2),
                       out=_WS.get("bn_h", (n, mmax, 1), torch.float32, y.device)).view(n, mmax)
         h.add_(_f32(down_bias[:, :mmax].index_select(0, sl)))
+        tok_width = width.index_select(0, sl)  # [N]; width 0 = no adapter here, up_bias included
         codes = sorted({acts[s] for s in work})
         if len(codes) == 1:
             h = _ACT_FNS[codes[0]](h)
@@ -221,10 +222,10 @@ def add_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, down_bi
                 rows = tok_act == c
                 mixed[rows] = _ACT_FNS[c](h[rows])
             h = mixed
-        h.mul_(torch.arange(mmax, device=y.device) < width.index_select(0, sl).unsqueeze(1))  # beyond width: 0
+        h.mul_(torch.arange(mmax, device=y.device) < tok_width.unsqueeze(1))  # beyond width: 0
         d = torch.bmm(_gather(up[:, :, :mmax], sl, "bn_up"), h.unsqueeze(2),
                       out=_WS.get("bn_d", (n, y.shape[1], 1), torch.float32, y.device)).view(n, y.shape[1])
-        d.add_(_f32(up_bias.index_select(0, sl))).mul_(scale.index_select(0, sl).unsqueeze(1))
+        d.add_(_f32(up_bias.index_select(0, sl))).mul_((scale.index_select(0, sl) * (tok_width > 0)).unsqueeze(1))
         _add_rows(y, meta, ids, d)
 
 

@@ -1,0 +1,203 @@
+"""Segmented LoRA shrink/expand in Triton (D3: each slot pays its own rank).
+
+Design (``../shared/ANCHORS.md`` §4): tokens are grouped by slot once per step (``DeltaKernelMeta``,
+as vLLM's ``lora_kernel_metadata``); the grid is (M tiles of the longest segment, active slots,
+rank or output tiles), like vLLM's ``_lora_shrink_kernel`` / ``_lora_expand_kernel``. Unlike vLLM,
+compute is bounded by each slot's real rank, as SGLang's chunked SGMV and S-LoRA's MBGMV do:
+shrink programs whose 16-wide rank tile starts past ``rank[slot]`` exit at once, and the expand
+K-loop stops at ``rank[slot]`` - a rank-4 slot costs one 16-wide tile next to a rank-64 slot's four.
+Pools are indexed by slot id times a stride (never a table of pointers: the interpreter cannot
+load pointers). The shrink result stays in an fp32 buffer ``h [N, R]`` in segment order, as
+vLLM's fp32 shrink buffer; the expand adds ``scale * h @ B.T`` into ``y`` in place.
+
+The shrink also serves bottleneck adapters (``HAS_BIAS``/``HAS_ACT``: down-projection bias and the
+per-slot activation in its epilogue) and the expand their up-projection bias.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_lora
+from ._triton import DOT_MIN, INTERPRET, block, next_pow2, require_triton, tl, triton
+from .meta import DeltaKernelMeta
+
+RANK_TILE = DOT_MIN
+"""Rank tile of both kernels: the tl.dot minimum, so a rank-r slot runs ceil(r / 16) tiles."""
+
+
+@triton.jit
+def _activation(h, code):
+    """ACT_CODES: 0 relu, 1 exact erf GELU, 2 tanh GELU (gelu_new), 3 SiLU; on fp32 ``h``."""
+    if code == 0:
+        h = tl.maximum(h, 0.0)
+    elif code == 1:
+        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    elif code == 2:
+        # 0.5 * (1 + tanh(z)) == sigmoid(2 z), z = sqrt(2/pi) * (h + 0.044715 h^3); no tanh needed
+        h = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+    else:
+        h = h * tl.sigmoid(h)
+    return h
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, w_ptr, wb_ptr, h_ptr, rank_ptr, act_ptr, sorted_ptr, active_ptr, seg_start_ptr,
+                   K, stride_xt, stride_ws, stride_wr, stride_wbs, stride_ht, M_HINT,
+                   HAS_BIAS: tl.constexpr, HAS_ACT: tl.constexpr, CAST_FP32: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h[seg0 + m, r] = act(x[tok] @ w[slot, r].T + wb[slot, r]) for r < rank[slot]."""
+    pid_m = tl.program_id(0)
+    pid_a = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    slot = tl.load(active_ptr + pid_a)
+    rank = tl.load(rank_ptr + slot)
+    r0 = pid_r * BLOCK_R
+    seg0 = tl.load(seg_start_ptr + pid_a)
+    seg_len = tl.load(seg_start_ptr + pid_a + 1) - seg0
+    m0 = pid_m * BLOCK_M
+    if (r0 < rank) & (m0 < seg_len):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seg_len
+        tok = tl.load(sorted_ptr + seg0 + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BLOCK_M]
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        offs_k = tl.arange(0, BLOCK_K)
+        w_base = w_ptr + slot.to(tl.int64) * stride_ws
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < K
+            xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :],
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            wt = tl.load(w_base + offs_r[None, :] * stride_wr + kk[:, None],
+                         mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
+            if CAST_FP32:  # fp32 inputs, or the interpreter (bf16 tl.dot is wrong there)
+                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, wt, acc)
+        if HAS_BIAS:
+            b = tl.load(wb_ptr + slot.to(tl.int64) * stride_wbs + offs_r, mask=mask_r, other=0.0)
+            acc += b.to(tl.float32)[None, :]
+        if HAS_ACT:
+            acc = _activation(acc, tl.load(act_ptr + slot))
+        tl.store(h_ptr + (seg0 + offs_m).to(tl.int64)[:, None] * stride_ht + offs_r[None, :], acc,
+                 mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _expand_kernel(h_ptr, w_ptr, wb_ptr, y_ptr, scale_ptr, rank_ptr, sorted_ptr, active_ptr, seg_start_ptr,
+                   N, stride_ht, stride_ws, stride_wn, stride_wbs, stride_yt, M_HINT,
+                   HAS_BIAS: tl.constexpr, CAST_FP32: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[tok, n] += scale[slot] * (h[seg0 + m, :rank] @ w[slot, n, :rank].T + wb[slot, n])."""
+    pid_m = tl.program_id(0)
+    pid_a = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    slot = tl.load(active_ptr + pid_a)
+    rank = tl.load(rank_ptr + slot)
+    seg0 = tl.load(seg_start_ptr + pid_a)
+    seg_len = tl.load(seg_start_ptr + pid_a + 1) - seg0
+    m0 = pid_m * BLOCK_M
+    if (rank > 0) & (m0 < seg_len):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seg_len
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        w_base = w_ptr + slot.to(tl.int64) * stride_ws
+        h_rows = h_ptr + (seg0 + offs_m).to(tl.int64)[:, None] * stride_ht
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, rank, BLOCK_K):  # the slot's own rank, not the pool's (D3)
+            kk = k0 + offs_k
+            mask_k = kk < rank
+            ht = tl.load(h_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK] fp32
+            wt = tl.load(w_base + offs_n[None, :] * stride_wn + kk[:, None],
+                         mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
+            if CAST_FP32:
+                acc = tl.dot(ht, wt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(ht.to(wt.dtype), wt, acc)
+        if HAS_BIAS:
+            b = tl.load(wb_ptr + slot.to(tl.int64) * stride_wbs + offs_n, mask=mask_n, other=0.0)
+            acc += b.to(tl.float32)[None, :]
+        acc = acc * tl.load(scale_ptr + slot)
+        tok = tl.load(sorted_ptr + seg0 + offs_m, mask=mask_m, other=0).to(tl.int64)
+        y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# A short list, tried only on CUDA (the interpreter gets one fixed, large-block config). Segments are
+# short in decode (1 token per slot) and long in prefill, hence BLOCK_M 16..64; M_HINT keys on it.
+_SHRINK_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_R": RANK_TILE, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                   for bm, bk, w, s in ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4),
+                                        (64, 128, 8, 3))]
+_EXPAND_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": RANK_TILE}, num_warps=w, num_stages=2)
+                   for bm, bn, w in ((16, 64, 4), (16, 128, 4), (32, 128, 4), (64, 128, 8), (64, 64, 4))]
+_shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["K", "M_HINT", "CAST_FP32", "HAS_ACT"])(_shrink_kernel)
+_expand_tuned = triton.autotune(_EXPAND_CONFIGS, key=["N", "M_HINT", "CAST_FP32", "HAS_BIAS"],
+                                restore_value=["y_ptr"])(_expand_kernel)
+
+
+def shrink(x: torch.Tensor, w: torch.Tensor, rank: torch.Tensor, meta: DeltaKernelMeta,
+           w_bias: torch.Tensor | None = None, act: torch.Tensor | None = None) -> torch.Tensor:
+    """h [N, R] fp32 in segment order: h[p, r] = act(x[tok_p] @ w[s, r].T + w_bias[s, r]) for r < rank[s],
+    rows of slots with rank 0 and columns past a slot's rank left unwritten. x [T, K], w [S, R, K]."""
+    num_rows, r_pool = meta.num_active_tokens, w.shape[1]
+    h = torch.empty((num_rows, r_pool), dtype=torch.float32, device=x.device)  # [N, R]
+    cast = INTERPRET or x.dtype == torch.float32
+    m_hint = next_pow2(max(meta.max_seg_len, 1))
+    args = (x, w, w_bias if w_bias is not None else w, h, rank, act if act is not None else rank,
+            meta.sorted_token_ids, meta.active_slots, meta.seg_start,
+            x.shape[1], x.stride(0), w.stride(0), w.stride(1), w_bias.stride(0) if w_bias is not None else 0,
+            h.stride(0), m_hint)
+    flags = dict(HAS_BIAS=w_bias is not None, HAS_ACT=act is not None, CAST_FP32=cast)
+    if x.is_cuda and not INTERPRET:
+        grid = lambda META: (triton.cdiv(meta.max_seg_len, META["BLOCK_M"]), meta.num_active,  # noqa: E731
+                             triton.cdiv(r_pool, META["BLOCK_R"]))
+        _shrink_tuned[grid](*args, **flags)
+    else:  # interpreter: few, large programs (each program costs ~ms of numpy)
+        bm, bk = block(meta.max_seg_len, 64), block(x.shape[1], 128)
+        grid = (triton.cdiv(meta.max_seg_len, bm), meta.num_active, triton.cdiv(r_pool, RANK_TILE))
+        _shrink_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_R=RANK_TILE, BLOCK_K=bk)
+    return h
+
+
+def expand(y: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, rank: torch.Tensor,
+           meta: DeltaKernelMeta, w_bias: torch.Tensor | None = None) -> None:
+    """y[tok_p] += scale[s] * (h[p, :rank[s]] @ w[s, :, :rank[s]].T + w_bias[s]), in place. w [S, N, R]."""
+    n_out = y.shape[1]
+    cast = INTERPRET or y.dtype == torch.float32
+    m_hint = next_pow2(max(meta.max_seg_len, 1))
+    args = (h, w, w_bias if w_bias is not None else w, y, scale, rank, meta.sorted_token_ids, meta.active_slots,
+            meta.seg_start, n_out, h.stride(0), w.stride(0), w.stride(1),
+            w_bias.stride(0) if w_bias is not None else 0, y.stride(0), m_hint)
+    flags = dict(HAS_BIAS=w_bias is not None, CAST_FP32=cast)
+    if y.is_cuda and not INTERPRET:
+        grid = lambda META: (triton.cdiv(meta.max_seg_len, META["BLOCK_M"]), meta.num_active,  # noqa: E731
+                             triton.cdiv(n_out, META["BLOCK_N"]))
+        _expand_tuned[grid](*args, **flags)
+    else:
+        bm, bn = block(meta.max_seg_len, 64), block(n_out, 128)
+        grid = (triton.cdiv(meta.max_seg_len, bm), meta.num_active, triton.cdiv(n_out, bn))
+        _expand_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=RANK_TILE)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
+             rank: torch.Tensor, meta: DeltaKernelMeta) -> None:
+    """Semantics: for every token t with s = slot[t] >= 0 and r = rank[s] > 0:
+        y[t] += scale[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T
+    y [T, out] (in place), x [T, in], lora_a [S, R, in], lora_b [S, out, R], scale fp32 [S], rank int32 [S]
+    (0 = no LoRA at this layer; values must not exceed R). Two launches: shrink, then expand."""
+    check_lora(y, x, lora_a, lora_b, scale, rank, meta)
+    launch_lora(y, x, lora_a, lora_b, scale, rank, meta)
+
+
+def launch_lora(y, x, lora_a, lora_b, scale, rank, meta) -> None:
+    """add_lora without the argument checks (the dispatcher has done them)."""
+    require_triton(y, "add_lora")
+    if meta.no_delta:
+        return
+    h = shrink(x, lora_a, rank, meta)  # [N, R] fp32
+    expand(y, h, lora_b, scale, rank, meta)
