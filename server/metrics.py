@@ -15,11 +15,12 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 
+from .stats import RequestStats, StepStats
+
 # Latency buckets span a 1 ms decode step on a GPU to a 2-minute generation on 2 CPU cores.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-TIERS = ("device", "host", "disk")
 
 
 class Metrics:
@@ -30,8 +31,8 @@ class Metrics:
         # requests (from the gRPC edge)
         self.requests = Counter("deltaserve_requests", "Generate calls by final status (ok or a gRPC code name).",
                                 ["tenant", "status"], registry=r)
-        self.requests_by_kind = Counter("deltaserve_requests_by_delta_kind", "Generate calls by the delta kinds they "
-                                        "used ('none' = base model).", ["kind"], registry=r)
+        self.requests_by_kind = Counter("deltaserve_requests_by_delta_kind", "Finished requests by delta kind "
+                                        "('base' = no delta).", ["kind"], registry=r)
         self.rpcs = Counter("deltaserve_rpcs", "Every RPC by method and status code.", ["method", "code"], registry=r)
         self.in_flight = Gauge("deltaserve_requests_in_flight", "Generate calls being served.", ["tenant"], registry=r)
         self.e2e = Histogram("deltaserve_request_latency_seconds", "End-to-end Generate latency, arrival to last token.",
@@ -65,8 +66,12 @@ class Metrics:
                                     ["tier"], registry=r)
         self.cache_evictions = Counter("deltaserve_delta_cache_evictions", "Deltas evicted from a tier.",
                                        ["tier"], registry=r)
-        self.load_time = Histogram("deltaserve_delta_load_seconds", "Time to bring a delta into a tier.", ["tier"],
-                                   buckets=LATENCY_BUCKETS, registry=r)
+        # Loads are reported as running sums by the slot manager and the store, so the mean load time is
+        # rate(deltaserve_delta_load_seconds_total) / rate(deltaserve_delta_loads_total), a summary without quantiles.
+        self.loads = Counter("deltaserve_delta_loads", "Deltas brought into a tier (device: host/disk -> slot; host: "
+                             "disk -> memory).", ["tier"], registry=r)
+        self.load_time = Counter("deltaserve_delta_load_seconds", "Time spent bringing deltas into a tier.", ["tier"],
+                                 registry=r)
         self.tier_bytes = Gauge("deltaserve_delta_bytes", "Bytes of deltas resident in a tier.", ["tier"], registry=r)
         self.tier_deltas = Gauge("deltaserve_delta_resident", "Deltas resident in a tier.", ["tier"], registry=r)
         self.slots_used = Gauge("deltaserve_delta_slots_in_use", "Device delta slots holding a delta.", registry=r)
@@ -85,24 +90,13 @@ class Metrics:
     def request_started(self, tenant: str) -> None:
         self.in_flight.labels(tenant).inc()
 
-    def request_finished(self, tenant: str, status: str, kinds: set[str] | frozenset = frozenset(), *,
-                         prompt_tokens: int = 0, completion_tokens: int = 0, queue_time: float | None = None,
-                         ttft: float | None = None, total_time: float | None = None) -> None:
-        """One Generate call ended (``status`` = ``ok`` or a lower-case gRPC code name)."""
+    def request_finished(self, tenant: str, status: str, kinds=()) -> None:
+        """One Generate call ended at the edge (``status`` = ``ok`` or a lower-case gRPC code name;
+        ``kinds``: the delta kinds it used, empty for the base model)."""
         self.in_flight.labels(tenant).dec()
         self.requests.labels(tenant, status).inc()
-        for kind in sorted(kinds) or ["none"]:
+        for kind in sorted(kinds) or ["base"]:
             self.requests_by_kind.labels(kind).inc()
-        self.prompt_tokens.labels(tenant).inc(prompt_tokens)
-        self.generated_tokens.labels(tenant).inc(completion_tokens)
-        if queue_time is not None:
-            self.queue_wait.labels(tenant).observe(queue_time)
-        if ttft is not None:
-            self.ttft.labels(tenant).observe(ttft)
-        if total_time is not None:
-            self.e2e.labels(tenant).observe(total_time)
-            if ttft is not None and completion_tokens > 1:
-                self.tpot.labels(tenant).observe((total_time - ttft) / (completion_tokens - 1))
 
     def upload_finished(self, tenant: str, status: str, nbytes: int) -> None:
         self.uploads.labels(tenant, status).inc()
@@ -118,38 +112,59 @@ class Metrics:
         if total > last:
             (counter.labels(*labels) if labels else counter).inc(total - last)
 
-    def record_step(self, step) -> None:
-        """One engine step's plain stats (``server/stats.py: StepStats``)."""
-        _observe(self.step_time, getattr(step, "step_time", None))
-        _observe(self.batch_size, getattr(step, "num_seqs", None))
-        _observe(self.batch_tokens, getattr(step, "num_tokens", None))
-        _observe(self.step_deltas, getattr(step, "num_deltas", None))
-        _set(self.running, getattr(step, "num_running", None))
-        _set(self.waiting, getattr(step, "num_waiting", None))
-        _set(self.kv_used, getattr(step, "kv_blocks_used", None))
-        _set(self.kv_total, getattr(step, "kv_blocks_total", None))
+    def record(self, stats) -> None:
+        """Engine listener (``engine.add_listener(metrics.record)``): StepStats or RequestStats."""
+        if isinstance(stats, StepStats):
+            self.record_step(stats)
+        elif isinstance(stats, RequestStats):
+            self.record_request(stats)
+
+    def record_step(self, step: StepStats) -> None:
+        self.step_time.observe(step.step_time)
+        self.batch_size.observe(step.num_seqs)
+        self.batch_tokens.observe(step.num_tokens)
+        self.step_deltas.observe(step.num_deltas)
+        self.running.set(step.num_running)
+        self.waiting.set(step.num_waiting)
+        self.kv_used.set(step.kv_blocks_used)
+        self.kv_total.set(step.kv_blocks_total)
+
+    def record_request(self, req: RequestStats) -> None:
+        """Engine-side timings of one finished request (arrival = when the engine received it)."""
+        tenant = req.tenant
+        self.prompt_tokens.labels(tenant).inc(req.prompt_tokens)
+        self.generated_tokens.labels(tenant).inc(req.completion_tokens)
+        self.queue_wait.labels(tenant).observe(req.queue_time)
+        self.e2e.labels(tenant).observe(req.e2e)
+        if req.ttft is not None:
+            self.ttft.labels(tenant).observe(req.ttft)
+        if req.tpot is not None:
+            self.tpot.labels(tenant).observe(req.tpot)
 
     def record_slots(self, stats) -> None:
         """The slot manager's snapshot (``server/slots.py: SlotStats``): the device tier."""
-        _set(self.slots_used, getattr(stats, "used", None))
-        _set(self.slots_pinned, getattr(stats, "pinned", None))
-        _set(self.slots_total, getattr(stats, "num_slots", None))
-        self._record_tier("device", stats)
+        self.slots_used.set(stats.slots_in_use)
+        self.slots_pinned.set(stats.pinned)
+        self.slots_total.set(stats.num_slots)
+        self.tier_deltas.labels("device").set(stats.slots_in_use)
+        self._tier_counts("device", stats.hits, stats.misses, stats.evictions, stats.loads,
+                          stats.load_seconds + stats.install_seconds)
 
     def record_store(self, stats) -> None:
-        """The store's host-tier snapshot (``delta_store``: host cache stats)."""
-        self._record_tier("host", stats)
+        """The store's snapshot (``delta_store.store.StoreStats``): the host-memory tier."""
+        host = stats.host
+        self.tier_bytes.labels("host").set(host.bytes)
+        self.tier_deltas.labels("host").set(host.entries)
+        self._tier_counts("host", host.hits, host.misses, host.evictions, stats.disk_loads, stats.disk_load_seconds)
 
-    def _record_tier(self, tier: str, stats) -> None:
-        for counter, attr in ((self.cache_hits, "hits"), (self.cache_misses, "misses"),
-                              (self.cache_evictions, "evictions")):
-            value = getattr(stats, attr, None)
-            if value is not None:
-                self._increase(counter, (tier,), float(value))
-        _set(self.tier_bytes.labels(tier), getattr(stats, "bytes", None))
-        _set(self.tier_deltas.labels(tier), getattr(stats, "resident", None))
-        for seconds in getattr(stats, "load_times", None) or ():
-            self.load_time.labels(tier).observe(seconds)
+    def _tier_counts(self, tier: str, hits, misses, evictions, loads, load_seconds) -> None:
+        for counter, total in ((self.cache_hits, hits), (self.cache_misses, misses),
+                               (self.cache_evictions, evictions), (self.loads, loads), (self.load_time, load_seconds)):
+            self._increase(counter, (tier,), float(total))
+
+    def add_refresh(self, fn) -> None:
+        """Call ``fn()`` at every scrape, before the series are read (slot and host-tier snapshots)."""
+        self.registry.register(_Refresh(fn))
 
     # ---- export ---------------------------------------------------------------------------------
     def scrape(self) -> bytes:
@@ -161,11 +176,15 @@ class Metrics:
         return server, server.server_port
 
 
-def _observe(hist, value) -> None:
-    if value is not None:
-        hist.observe(value)
+class _Refresh:
+    """A collector that yields nothing: it only runs a refresh hook when the registry is collected."""
 
+    def __init__(self, fn):
+        self._fn = fn
 
-def _set(gauge, value) -> None:
-    if value is not None:
-        gauge.set(value)
+    def describe(self):
+        return []
+
+    def collect(self):
+        self._fn()
+        return []

@@ -1,0 +1,187 @@
+"""Builds a serving process from one ``ServerConfig`` and runs it until SIGTERM.
+
+    model (a local HF folder, or the demo model generated under the data dir)
+      -> BaseSpec -> wrap_model -> DeltaStore.open -> SlotManager -> ModelRunner + Engine
+      -> Metrics (own HTTP port) -> gRPC server (Inference, Deltas, Tenants, Health, reflection)
+
+First start with an empty catalogue creates an ``admin`` tenant and writes its key to
+``<data_dir>/admin.key`` (mode 0600). SIGTERM/SIGINT: health turns NOT_SERVING, the server stops
+accepting calls, in-flight ones get ``grace_seconds`` to finish, then the engine stops and the
+process exits 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from delta_store.records import Quotas
+
+from .auth import Authenticator
+from .config import ServerConfig
+from .logs import configure, get_logger
+from .metrics import Metrics
+from .quotas import Quotas as RateQuotas
+
+log = get_logger("app")
+KEY_FILE = "admin.key"
+ADMIN_TENANT = "admin"
+DEVICE_PRELOAD_WAIT_S = 10.0  # a device preload waits this long for the step loop to install the delta
+
+
+class App:
+    """Everything a servicer needs, held together; built by :func:`build_app` (tests may pass fakes)."""
+
+    def __init__(self, config: ServerConfig, *, engine, store, tokenizer, vocab_size: int, slots=None,
+                 metrics: Metrics | None = None):
+        self.config = config
+        self.engine = engine
+        self.store = store
+        self.slots = slots
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.metrics = metrics or Metrics()
+        self.auth = Authenticator(store.tenants)
+        self.quotas = RateQuotas()
+        self.default_quotas = Quotas.from_config(config)
+        self.health = None  # set by create_server
+        self.admin_key_file: Path | None = None
+        if slots is not None:
+            self.metrics.add_refresh(lambda: self.metrics.record_slots(slots.stats()))
+        self.metrics.add_refresh(lambda: self.metrics.record_store(store.stats()))
+        self.metrics.add_refresh(lambda: self.metrics.engine_alive.set(1 if engine.alive else 0))
+        engine.add_listener(self.metrics.record)
+        if slots is not None:  # a deleted version's device slot goes as soon as no request uses it
+            store.subscribe(lambda gone: [slots.invalidate(v.key) for v in gone])
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def ready(self) -> bool:
+        return bool(self.engine.alive)
+
+    async def preload_device(self, key) -> bool:
+        """Start loading ``key`` into a device slot; True once the step loop installed it."""
+        if self.slots is None:
+            return False
+        if self.slots.prefetch(key):
+            return True
+        deadline = time.monotonic() + DEVICE_PRELOAD_WAIT_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            if self.slots.slot_of(key) is not None:
+                return True
+        return False
+
+    def ensure_admin(self) -> Path | None:
+        """Create the admin tenant on an empty catalogue; write its key to ``<data_dir>/admin.key`` (0600)."""
+        path = Path(self.config.data_dir) / KEY_FILE
+        self.admin_key_file = path
+        if self.store.tenants.list():
+            return None
+        _tenant, key = self.store.tenants.create(ADMIN_TENANT, is_admin=True, quotas=self.default_quotas)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        os.chmod(path, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+        log.info("admin_created", tenant=ADMIN_TENANT, key_file=str(path))
+        return path
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_app(config: ServerConfig) -> App:
+    """Load the model and build every part (synchronous: run it before the event loop serves)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from delta_store.base_spec import BaseSpec
+    from delta_store.settings import StoreSettings
+    from delta_store.store import DeltaStore
+    from delta_store.validate import Limits
+
+    from .delta_layers import wrap_model
+    from .demo import ensure_demo_model
+    from .engine import Engine
+    from .model_runner import ModelRunner
+    from .slots import SlotManager
+
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if config.model_path:
+        model_path = Path(config.model_path)
+        if not (model_path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {model_path}: no config.json there (expected an HF model folder)")
+    else:
+        model_path, created = ensure_demo_model(data_dir)
+        log.info("demo_model", path=str(model_path), created=created)
+    t0 = time.monotonic()
+    dtype = getattr(torch, config.dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(_device(config.device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    spec = BaseSpec.from_model(model)
+    dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_slots, max_rank=config.max_rank,
+                    max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens)
+    store = DeltaStore.open(data_dir, spec, Limits.from_config(config), StoreSettings.from_config(config))
+    slots = SlotManager(dm, loader=store.load_key, num_slots=config.max_slots)
+    engine = Engine(config, ModelRunner(dm, tokenizer, config), slots)
+    log.info("model_loaded", path=str(model_path), model_type=spec.model_type, layers=spec.num_layers,
+             fingerprint=spec.fingerprint, seconds=time.monotonic() - t0)
+    return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size, slots=slots)
+
+
+async def run(app: App, stop: asyncio.Event, announce=print) -> None:
+    """Serve until ``stop`` is set, then drain: NOT_SERVING, refuse new calls, finish in-flight ones."""
+    from .grpc_server import create_server
+
+    await app.engine.start()
+    server, port = create_server(app)
+    await server.start()
+    host, _, mport = app.config.metrics_listen.rpartition(":")
+    metrics_server, metrics_port = app.metrics.serve(host.strip("[]"), int(mport))
+    await app.health.start()
+    grpc_host = app.config.listen.rpartition(":")[0]
+    log.info("listening", address=f"{grpc_host}:{port}", metrics=f"http://{host}:{metrics_port}/metrics")
+    announce(f"deltaserve listening on {grpc_host}:{port}")
+    announce(f"metrics: http://{host}:{metrics_port}/metrics")
+    if app.admin_key_file is not None:
+        announce(f"admin key file: {app.admin_key_file}")
+    await stop.wait()
+    log.info("draining", grace_seconds=app.config.grace_seconds)
+    await app.health.drain()
+    # server.stop(grace) refuses new calls at once and cancels what is still running after `grace`;
+    # the engine's own shutdown then aborts anything left (there should be nothing).
+    await server.stop(app.config.grace_seconds)
+    await app.engine.shutdown(0.0)
+    metrics_server.shutdown()
+    if app.slots is not None:
+        app.slots.close()
+    app.store.close()
+    log.info("stopped")
+
+
+def serve(config: ServerConfig) -> int:
+    """``deltaserve serve``: build, serve, exit 0 after a clean SIGTERM drain."""
+    configure(config.log_level)
+    app = build_app(config)
+    app.ensure_admin()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(app, stop, announce=lambda line: print(line, flush=True))
+
+    asyncio.run(main())
+    print("deltaserve stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,328 @@
+"""``deltaserve``: run the server, and drive it from the terminal.
+
+    deltaserve serve [--model PATH] [--data-dir DIR] [--listen HOST:PORT] [--metrics-listen HOST:PORT] [--config FILE]
+    deltaserve upload PATH --name NAME
+    deltaserve generate [--delta NAME[@VERSION]] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
+                        [--seed S] [--json] PROMPT
+    deltaserve deltas list | show NAME | delete NAME[@VERSION]
+    deltaserve tenants create NAME [--admin] | list | delete NAME | rotate-key NAME
+
+Client commands take ``--server HOST:PORT`` (env DELTASERVE_SERVER, default 127.0.0.1:50051) and
+``--api-key KEY`` (env DELTASERVE_API_KEY; else, for a local server, the admin key file of the
+default data dir). Errors print one line on stderr and exit 1 (2 for bad usage); no tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
+CHUNK_BYTES = 1 << 20  # 1 MiB messages: well under gRPC's 4 MiB default, few enough for a 100 MB upload
+KEY_FILE = "admin.key"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def default_data_dir() -> Path:
+    from .config import ServerConfig
+
+    return Path(os.environ.get("DELTASERVE_DATA_DIR", ServerConfig().data_dir))
+
+
+def _api_key(args) -> str:
+    if args.api_key:
+        return args.api_key
+    host = args.server.rpartition(":")[0]
+    key_file = default_data_dir() / KEY_FILE
+    if host in LOCAL_HOSTS and key_file.is_file():
+        return key_file.read_text().strip()
+    raise CliError(f"no API key: pass --api-key, set DELTASERVE_API_KEY, or run a local server whose "
+                   f"key file {key_file} exists")
+
+
+class Client:
+    """Stubs over one channel, with the caller's key on every call."""
+
+    def __init__(self, args):
+        import grpc
+
+        from .pb import deltas_pb2_grpc, inference_pb2_grpc, tenants_pb2_grpc
+
+        self.channel = grpc.insecure_channel(args.server, options=[("grpc.max_receive_message_length", 8 << 20)])
+        self.metadata = (("authorization", f"Bearer {_api_key(args)}"),)
+        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
+        self.deltas = deltas_pb2_grpc.DeltasStub(self.channel)
+        self.tenants = tenants_pb2_grpc.TenantsStub(self.channel)
+        self.timeout = args.timeout
+
+
+# ---- upload ---------------------------------------------------------------------------------------
+def _payload(path: Path):
+    """An open binary file of what to send: the file itself, or a folder packed as tar.gz in a temp file."""
+    if path.is_file():
+        return open(path, "rb")
+    if not path.is_dir():
+        raise CliError(f"{path}: no such file or folder")
+    tmp = tempfile.TemporaryFile()
+    with tarfile.open(fileobj=tmp, mode="w:gz") as tar:
+        for item in sorted(path.rglob("*")):
+            if item.is_file() and not item.is_symlink():
+                tar.add(item, arcname=str(item.relative_to(path)), recursive=False)
+    tmp.seek(0)
+    return tmp
+
+
+class Progress:
+    """``upload name: [#####.....] 52% 1.3/2.5 MB`` on stderr, redrawn in place on a terminal."""
+
+    def __init__(self, label: str, total: int, stream=sys.stderr):
+        self.label, self.total, self.stream = label, max(1, total), stream
+        self.tty = stream.isatty()
+
+    def update(self, done: int) -> None:
+        if not self.tty and done < self.total:
+            return
+        frac = min(1.0, done / self.total)
+        bar = "#" * int(frac * 30) + "." * (30 - int(frac * 30))
+        end = "\n" if done >= self.total else ""
+        self.stream.write(f"\rupload {self.label}: [{bar}] {frac:4.0%} {done / 1e6:.1f}/{self.total / 1e6:.1f} MB{end}")
+        self.stream.flush()
+
+
+def cmd_upload(args) -> int:
+    from .grpc_deltas import FORMAT_TO_PB
+    from .pb import deltas_pb2
+
+    labels = {}
+    for item in args.label:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise CliError(f"--label {item!r}: expected KEY=VALUE")
+        labels[k] = v
+    client = Client(args)
+    with _payload(Path(args.path)) as f:
+        total = f.seek(0, io.SEEK_END)
+        f.seek(0)
+        progress = Progress(args.name, total)
+
+        def messages():
+            yield deltas_pb2.UploadDeltaRequest(header=deltas_pb2.UploadHeader(
+                name=args.name, source_format=FORMAT_TO_PB[args.format], description=args.description,
+                labels=labels, total_bytes=total))
+            sent = 0
+            while chunk := f.read(CHUNK_BYTES):
+                sent += len(chunk)
+                yield deltas_pb2.UploadDeltaRequest(chunk=chunk)
+                progress.update(sent)
+
+        reply = client.deltas.UploadDelta(messages(), metadata=client.metadata, timeout=client.timeout)
+    v = reply.version
+    print(f"name={v.name} version={v.version} digest={v.digest}")
+    return 0
+
+
+# ---- generate -------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from .pb import common_pb2, inference_pb2
+
+    sampling = inference_pb2.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                            top_k=args.top_k, top_p=args.top_p, logprobs=args.json)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    req = inference_pb2.GenerateRequest(text=args.prompt, delta=args.delta or "", sampling=sampling)
+    client = Client(args)
+    text, ids, logprobs, last = [], [], [], None
+    for chunk in client.inference.Generate(req, metadata=client.metadata, timeout=client.timeout):
+        last = chunk
+        text.append(chunk.text)
+        ids.extend(chunk.token_ids)
+        logprobs.extend(chunk.logprobs)
+        if not args.json:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    if last is None:
+        raise CliError("the server closed the stream without output")
+    reason = common_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+    if args.json:
+        print(json.dumps({"request_id": last.request_id, "text": "".join(text), "token_ids": ids,
+                          "logprobs": logprobs, "finish_reason": reason, "delta_version": last.delta_version,
+                          "usage": {"prompt_tokens": last.usage.prompt_tokens,
+                                    "completion_tokens": last.usage.completion_tokens,
+                                    "total_tokens": last.usage.total_tokens},
+                          "timings": {"queue_seconds": last.timings.queue_seconds,
+                                      "ttft_seconds": last.timings.ttft_seconds,
+                                      "total_seconds": last.timings.total_seconds}}))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+# ---- deltas / tenants -----------------------------------------------------------------------------
+def _kinds(v) -> str:
+    from .pb import common_pb2
+
+    return ",".join(common_pb2.DeltaKind.Name(k).removeprefix("DELTA_KIND_").lower() for k in v.kinds) or "-"
+
+
+def cmd_deltas(args) -> int:
+    from .pb import deltas_pb2
+
+    client = Client(args)
+    if args.action == "list":
+        token, rows = "", []
+        while True:
+            page = client.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(page_size=100, page_token=token),
+                                            metadata=client.metadata, timeout=client.timeout)
+            rows += page.deltas
+            token = page.next_page_token
+            if not token:
+                break
+        print(f"{'NAME':32} {'LATEST':>6} {'KINDS':20} {'BYTES':>12} {'REQUESTS':>9}")
+        for d in rows:
+            v = d.versions[-1]
+            print(f"{d.name:32} {v.version:>6} {_kinds(v):20} {v.size_bytes:>12} {d.usage.requests:>9}")
+        return 0
+    if not args.name:
+        raise CliError(f"deltas {args.action} needs a NAME")
+    if args.action == "show":
+        d = client.deltas.GetDelta(deltas_pb2.GetDeltaRequest(name=args.name), metadata=client.metadata,
+                                   timeout=client.timeout).delta
+        print(f"name={d.name} requests={d.usage.requests} tokens={d.usage.tokens_generated}")
+        for v in d.versions:
+            print(f"  version={v.version} digest={v.digest} kinds={_kinds(v)} bytes={v.size_bytes} "
+                  f"max_rank={v.max_rank} description={json.dumps(v.description)}")
+        return 0
+    reply = client.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name=args.name), metadata=client.metadata,
+                                      timeout=client.timeout)
+    print(f"deleted {reply.deleted_versions} version(s) of {args.name}")
+    return 0
+
+
+def cmd_tenants(args) -> int:
+    from .pb import tenants_pb2
+
+    client = Client(args)
+    md, timeout = client.metadata, client.timeout
+    if args.action == "list":
+        reply = client.tenants.ListTenants(tenants_pb2.ListTenantsRequest(), metadata=md, timeout=timeout)
+        print(f"{'NAME':32} {'ADMIN':5} {'MAX_DELTAS':>10} {'REQ/MIN':>8} {'CONCURRENT':>10}")
+        for t in reply.tenants:
+            q = t.quotas
+            print(f"{t.name:32} {'yes' if t.admin else 'no':5} {q.max_deltas:>10} {q.requests_per_minute:>8} "
+                  f"{q.max_concurrent:>10}")
+        return 0
+    if not args.name:
+        raise CliError(f"tenants {args.action} needs a NAME")
+    if args.action == "create":
+        reply = client.tenants.CreateTenant(tenants_pb2.CreateTenantRequest(name=args.name, admin=args.admin),
+                                            metadata=md, timeout=timeout)
+        print(f"tenant={reply.tenant.name} api_key={reply.api_key}")
+    elif args.action == "rotate-key":
+        reply = client.tenants.RotateKey(tenants_pb2.RotateKeyRequest(name=args.name), metadata=md, timeout=timeout)
+        print(f"tenant={args.name} api_key={reply.api_key}")
+    else:
+        client.tenants.DeleteTenant(tenants_pb2.DeleteTenantRequest(name=args.name), metadata=md, timeout=timeout)
+        print(f"deleted tenant {args.name}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .app import serve
+    from .config import ServerConfig
+
+    overrides = {"model_path": args.model, "data_dir": args.data_dir, "listen": args.listen,
+                 "metrics_listen": args.metrics_listen, "log_level": args.log_level}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = ServerConfig.from_file(args.config, **overrides) if args.config else ServerConfig.from_dict(overrides)
+    return serve(config)
+
+
+# ---- parsing --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default=os.environ.get("DELTASERVE_SERVER", DEFAULT_SERVER), help="HOST:PORT")
+    common.add_argument("--api-key", default=os.environ.get("DELTASERVE_API_KEY"), help="tenant API key")
+    common.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
+    parser = argparse.ArgumentParser(prog="deltaserve", description="Multi-tenant delta serving over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the server")
+    p.add_argument("--model", help="HF causal LM folder (config, safetensors, tokenizer); default: the demo model")
+    p.add_argument("--data-dir", help="catalogue, blobs, demo model and admin key live here")
+    p.add_argument("--listen", help="gRPC HOST:PORT")
+    p.add_argument("--metrics-listen", help="Prometheus HOST:PORT")
+    p.add_argument("--config", help="TOML or JSON file of ServerConfig fields")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("upload", parents=[common], help="upload a delta (folder, archive or file)")
+    p.add_argument("path")
+    p.add_argument("--name", required=True)
+    p.add_argument("--format", default="auto", choices=("auto", "peft", "adapterhub", "opendelta", "bitfit", "native"))
+    p.add_argument("--description", default="")
+    p.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeatable)")
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("generate", parents=[common], help="generate text, streamed")
+    p.add_argument("prompt")
+    p.add_argument("--delta", help="NAME or NAME@VERSION")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("deltas", parents=[common], help="list, show or delete your deltas")
+    p.add_argument("action", choices=("list", "show", "delete"))
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_deltas)
+
+    p = sub.add_parser("tenants", parents=[common], help="manage tenants (admin key)")
+    p.add_argument("action", choices=("create", "list", "delete", "rotate-key"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--admin", action="store_true", help="create: give the admin role")
+    p.set_defaults(func=cmd_tenants)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"deltaserve: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("deltaserve: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        import grpc
+
+        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+            code = exc.code()
+            detail = exc.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE:
+                detail = f"cannot reach the server at {args.server} ({detail})" if hasattr(args, "server") else detail
+            print(f"deltaserve: error: {code.name}: {detail}", file=sys.stderr)
+        else:
+            from delta_store.errors import DeltaServeError
+            from .config import ConfigError
+
+            if not isinstance(exc, (DeltaServeError, ConfigError, OSError, ValueError)):
+                raise
+            print(f"deltaserve: error: {exc}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

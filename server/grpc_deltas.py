@@ -1,0 +1,148 @@
+"""The Deltas servicer: upload (client stream), get, list, delete, preload. Every call is confined
+to the caller's namespace: the store resolves names inside the caller's tenant only, so another
+tenant's delta is NOT_FOUND exactly like a missing one (no enumeration).
+
+Uploads are spooled to a temp file under ``<data_dir>/tmp`` while the bytes are counted; past
+``ServerConfig.max_upload_bytes`` (or the header's ``total_bytes``) the call fails at once with
+INVALID_ARGUMENT, before anything reaches the store. Only a complete payload goes to ``store.put``,
+which converts and validates it and writes the version atomically (DESIGN D7).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from delta_store.errors import InvalidArgument
+from delta_store.names import check_name, parse_ref
+
+from .auth import tenant_name
+from .logs import get_logger
+from .pb import common_pb2, deltas_pb2, deltas_pb2_grpc
+
+log = get_logger("deltas")
+
+SOURCE_FORMATS = {common_pb2.SOURCE_FORMAT_AUTO: "auto", common_pb2.SOURCE_FORMAT_PEFT: "peft",
+                  common_pb2.SOURCE_FORMAT_ADAPTERHUB: "adapterhub", common_pb2.SOURCE_FORMAT_OPENDELTA: "opendelta",
+                  common_pb2.SOURCE_FORMAT_BITFIT: "bitfit", common_pb2.SOURCE_FORMAT_NATIVE: "native"}
+FORMAT_TO_PB = {v: k for k, v in SOURCE_FORMATS.items()}
+KIND_TO_PB = {"lora": common_pb2.DELTA_KIND_LORA, "bottleneck": common_pb2.DELTA_KIND_BOTTLENECK,
+              "bitfit": common_pb2.DELTA_KIND_BITFIT, "ia3": common_pb2.DELTA_KIND_IA3}
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+
+
+def version_to_pb(v) -> deltas_pb2.DeltaVersion:
+    return deltas_pb2.DeltaVersion(
+        name=v.name, version=v.version, digest=v.digest, kinds=[KIND_TO_PB[k] for k in v.kinds if k in KIND_TO_PB],
+        source_format=FORMAT_TO_PB.get(v.source_format, common_pb2.SOURCE_FORMAT_NATIVE), size_bytes=v.size,
+        num_parameters=getattr(v, "num_parameters", 0), max_rank=v.max_rank, created_unix_ms=int(v.created * 1000),
+        description=v.description, labels=v.labels)
+
+
+def info_to_pb(versions: list) -> deltas_pb2.DeltaInfo:
+    versions = sorted(versions, key=lambda v: v.version)
+    used = [v.last_used for v in versions if v.last_used]
+    usage = deltas_pb2.DeltaUsage(requests=sum(v.requests for v in versions), tokens_generated=sum(v.tokens for v in versions),
+                                  last_used_unix_ms=int(max(used) * 1000) if used else 0)
+    return deltas_pb2.DeltaInfo(name=versions[0].name, versions=[version_to_pb(v) for v in versions], usage=usage)
+
+
+class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
+    def __init__(self, app):
+        self.app = app
+
+    async def _tenant(self, context):
+        return await asyncio.to_thread(self.app.auth.authenticate, context.invocation_metadata())
+
+    async def _spool(self, requests, path: Path, limit: int, declared: int | None) -> int:
+        """Write the chunks to ``path``, counting bytes; raise as soon as the limit is passed."""
+        received = 0
+        with open(path, "wb") as f:
+            async for msg in requests:
+                if msg.WhichOneof("part") != "chunk":
+                    raise InvalidArgument("upload: only the first message may be a header; later ones carry chunks")
+                received += len(msg.chunk)
+                if received > limit:
+                    raise InvalidArgument(f"upload: payload exceeds the size limit of {limit} bytes")
+                if declared is not None and received > declared:
+                    raise InvalidArgument(f"upload: payload is longer than the announced total_bytes={declared}")
+                f.write(msg.chunk)
+        if declared is not None and received != declared:
+            raise InvalidArgument(f"upload: truncated payload, {received} of the announced {declared} bytes arrived")
+        if received == 0:
+            raise InvalidArgument("upload: empty payload")
+        return received
+
+    async def UploadDelta(self, request_iterator, context):
+        tenant = await self._tenant(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("upload: the first message must carry the header (name, source_format, ...)")
+        header = first.header
+        check_name(header.name)
+        fmt = SOURCE_FORMATS.get(header.source_format)
+        if fmt is None:
+            raise InvalidArgument(f"upload: unknown source_format {header.source_format}")
+        limit = self.app.config.max_upload_bytes
+        declared = header.total_bytes if header.HasField("total_bytes") else None
+        if declared is not None and declared > limit:
+            raise InvalidArgument(f"upload: announced total_bytes={declared} exceeds the size limit of {limit} bytes")
+        spool_dir = Path(self.app.config.data_dir) / "tmp"
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".payload", dir=spool_dir)
+        os.close(fd)
+        path, received, status = Path(name), 0, "ok"
+        t0 = time.monotonic()
+        try:
+            received = await self._spool(request_iterator, path, limit, declared)
+            version = await asyncio.to_thread(
+                self.app.store.put, tenant, header.name, path, source_format=fmt,
+                description=header.description, labels=dict(header.labels))
+        except BaseException as exc:
+            status = getattr(exc, "code", "cancelled").lower()
+            raise
+        finally:
+            path.unlink(missing_ok=True)
+            self.app.metrics.upload_finished(tenant_name(tenant), status, received)
+        log.info("delta_uploaded", tenant=tenant_name(tenant), delta=version.ref, bytes=received,
+                 kinds=",".join(version.kinds), seconds=time.monotonic() - t0)
+        return deltas_pb2.UploadDeltaResponse(version=version_to_pb(version))
+
+    async def GetDelta(self, request, context):
+        tenant = await self._tenant(context)
+        name, _ = parse_ref(request.name)
+        versions = await asyncio.to_thread(self.app.store.versions, tenant, name)
+        return deltas_pb2.GetDeltaResponse(delta=info_to_pb(versions))
+
+    async def ListDeltas(self, request, context):
+        tenant = await self._tenant(context)
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be <= {MAX_PAGE_SIZE}, got {size}")
+        page, token = await asyncio.to_thread(self.app.store.list, tenant, size,
+                                              request.page_token)
+        infos = []
+        for latest in page:
+            versions = await asyncio.to_thread(self.app.store.versions, tenant, latest.name)
+            infos.append(info_to_pb(versions))
+        return deltas_pb2.ListDeltasResponse(deltas=infos, next_page_token=token or "")
+
+    async def DeleteDelta(self, request, context):
+        tenant = await self._tenant(context)
+        parse_ref(request.name)
+        deleted = await asyncio.to_thread(self.app.store.delete, tenant, request.name)
+        log.info("delta_deleted", tenant=tenant_name(tenant), delta=request.name, versions=len(deleted))
+        return deltas_pb2.DeleteDeltaResponse(deleted_versions=len(deleted))
+
+    async def PreloadDelta(self, request, context):
+        tenant = await self._tenant(context)
+        version = await asyncio.to_thread(self.app.store.resolve, tenant, request.delta)
+        t0 = time.monotonic()
+        await asyncio.to_thread(self.app.store.load, version)  # host tier (a no-op when already there)
+        tier = deltas_pb2.CACHE_TIER_HOST
+        if request.tier == deltas_pb2.CACHE_TIER_DEVICE and await self.app.preload_device(version.key):
+            tier = deltas_pb2.CACHE_TIER_DEVICE
+        return deltas_pb2.PreloadDeltaResponse(version=version_to_pb(version), tier=tier,
+                                               load_seconds=time.monotonic() - t0)

@@ -1,0 +1,153 @@
+"""The Inference servicer: Generate, streamed (DESIGN D9). Thin: pb -> GenerationRequest, submit to
+the engine, TokenOutput -> pb. No torch here.
+
+Lifecycle of one call: authenticate -> parse and validate -> resolve the delta in the caller's
+namespace (another tenant's name is NOT_FOUND) -> admit against the tenant's rate limits and
+concurrency cap -> stream engine outputs. A deadline arms a timer that aborts the request in the
+engine (its KV blocks and slot pin are freed at once) and ends the call with DEADLINE_EXCEEDED; a
+client that cancels or disconnects cancels this handler, whose ``finally`` aborts the request too.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+
+from delta_store.errors import DeadlineExceeded, DeltaServeError, InvalidArgument
+
+from .auth import rate_limits, tenant_name
+from .errors import status_of
+from .logs import get_logger
+from .pb import common_pb2, inference_pb2, inference_pb2_grpc
+from .types import FinishReason, GenerationRequest, SamplingParams, TokenOutput
+
+log = get_logger("inference")
+
+FINISH_TO_PB = {
+    None: common_pb2.FINISH_REASON_NONE,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.EOS: common_pb2.FINISH_REASON_EOS,
+    FinishReason.ABORTED: common_pb2.FINISH_REASON_ABORTED,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+DEFAULT_MAX_NEW_TOKENS = 64
+MAX_REQUEST_ID_CHARS = 128
+
+
+def sampling_from_pb(msg: inference_pb2.SamplingParams) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_new_tokens=msg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+            temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+            top_k=msg.top_k,
+            top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+            repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+            seed=msg.seed if msg.HasField("seed") else None,
+            stop_token_ids=list(msg.stop_token_ids),
+            stop_strings=list(msg.stop_strings),
+            ignore_eos=msg.ignore_eos,
+            logprobs=msg.logprobs,
+        )
+    except ValueError as exc:
+        raise InvalidArgument(f"sampling: {exc}") from None
+
+
+def output_to_pb(out: TokenOutput, delta_version: int) -> inference_pb2.GenerateResponse:
+    msg = inference_pb2.GenerateResponse(
+        request_id=out.request_id, text=out.text, token_ids=out.token_ids, logprobs=out.logprobs or [],
+        finish_reason=FINISH_TO_PB.get(out.finish_reason, common_pb2.FINISH_REASON_ERROR),
+        usage=common_pb2.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                               total_tokens=out.prompt_tokens + out.completion_tokens),
+        delta_version=delta_version)
+    if out.finish_reason is not None:
+        msg.timings.CopyFrom(common_pb2.Timings(queue_seconds=out.queue_time or 0.0, ttft_seconds=out.ttft or 0.0,
+                                                total_seconds=out.total_time or 0.0))
+    return msg
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, app):
+        self.app = app
+
+    def _prompt_ids(self, request: inference_pb2.GenerateRequest) -> list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            ids = self.app.encode(request.text)
+        elif which == "token_ids":
+            ids = list(request.token_ids.ids)
+            vocab = self.app.vocab_size
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise InvalidArgument(f"prompt token id {bad} is out of range [0, {vocab})")
+        else:
+            raise InvalidArgument("GenerateRequest needs a prompt: set text or token_ids")
+        if not ids:
+            raise InvalidArgument("prompt is empty")
+        return ids
+
+    async def _request(self, request, tenant) -> tuple[GenerationRequest, object | None]:
+        sampling = sampling_from_pb(request.sampling)
+        ids = self._prompt_ids(request)
+        limit = self.app.config.max_model_len
+        if len(ids) + sampling.max_new_tokens > limit:
+            raise InvalidArgument(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds "
+                                  f"max_model_len={limit}")
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+        version = None
+        if request.delta:
+            version = await asyncio.to_thread(self.app.store.resolve, tenant, request.delta)
+        request_id = request.request_id or uuid.uuid4().hex
+        req = GenerationRequest(request_id=request_id, tenant=tenant_name(tenant), prompt_token_ids=ids,
+                                sampling=sampling, delta=None if version is None else version.key,
+                                arrival_time=time.monotonic())
+        return req, version
+
+    async def Generate(self, request, context):
+        app = self.app
+        tenant = await asyncio.to_thread(app.auth.authenticate, context.invocation_metadata())
+        name = tenant_name(tenant)
+        req, version = await self._request(request, tenant)
+        lease = app.quotas.admit(name, rate_limits(tenant, app.config),
+                                 len(req.prompt_token_ids) + req.sampling.max_new_tokens)
+        app.metrics.request_started(name)
+        status, last, expired = "ok", None, []
+        timer = None
+        remaining = context.time_remaining()
+        if remaining is not None:
+            def expire():
+                expired.append(True)
+                app.engine.abort(req.request_id)
+            timer = asyncio.get_running_loop().call_later(max(0.0, remaining), expire)
+        try:
+            async for out in app.engine.generate(req):
+                last = out
+                if out.finish_reason == FinishReason.ERROR:
+                    raise DeltaServeError(f"request {req.request_id} failed in the engine: {out.error or 'unknown'}")
+                if expired and out.finish_reason is not None:
+                    raise DeadlineExceeded(f"request {req.request_id}: deadline passed after "
+                                           f"{out.completion_tokens} generated tokens")
+                yield output_to_pb(out, 0 if version is None else version.version)
+            if expired:
+                raise DeadlineExceeded(f"request {req.request_id}: deadline passed")
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as exc:
+            status = status_of(exc)[0].name.lower()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if last is None or last.finish_reason is None:  # cancelled, failed or expired mid-stream
+                app.engine.abort(req.request_id)
+            used = last.completion_tokens if last is not None else 0
+            lease.release(len(req.prompt_token_ids) + used)
+            if version is not None and last is not None:
+                app.store.record_usage(version.key, requests=1, tokens=used)
+            app.metrics.request_finished(name, status, version.kinds if version is not None else ())
+            log.info("generate", request_id=req.request_id, tenant=name, status=status, tokens=used,
+                     delta=request.delta or "-")
