@@ -1,0 +1,126 @@
+"""Validation of a canonical :class:`Delta` against the served base and the server's pool limits.
+
+Every error is a :class:`DeltaError` (``BaseMismatch`` for another base's fingerprint) naming the
+module, the expected and the found shape, so a tenant can fix the upload from the message alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base_spec import BaseSpec, ModuleInfo
+from .delta import ACTIVATIONS, ADAPTER_SOURCES, Delta
+from .errors import BaseMismatch, DeltaError
+
+_BIAS_KINDS = ("linear", "conv1d", "layernorm")  # RMSNorm has no bias to shift (DELTAS.md §5)
+_PROJ_KINDS = ("linear", "conv1d")
+
+
+@dataclass(slots=True)
+class Limits:
+    """Pool ceilings a delta must fit. Defaults accept anything structurally valid; the server passes
+    its own (``Limits.from_config``), so the serving defaults live only in ``ServerConfig``."""
+
+    max_rank: int = 1024
+    max_bottleneck: int = 16384
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    max_tensor_bytes: int = 1 << 30  # one tensor; a 7B model's largest LoRA B at r=64 is ~3.5 MiB
+
+    def __post_init__(self) -> None:
+        for name in ("max_rank", "max_bottleneck", "max_tensor_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
+        self.dtypes = tuple(self.dtypes)
+        if not self.dtypes or not all(isinstance(d, torch.dtype) and d.is_floating_point for d in self.dtypes):
+            raise ValueError(f"Limits.dtypes must be a non-empty tuple of floating torch dtypes, got {self.dtypes!r}")
+
+    @classmethod
+    def from_config(cls, config) -> "Limits":
+        """From a ``ServerConfig`` (duck-typed: delta_store does not import server/)."""
+        return cls(max_rank=int(config.max_rank), max_bottleneck=int(config.max_bottleneck))
+
+
+def _site_outputs(spec: BaseSpec, info: ModuleInfo) -> bool:
+    """Whether ``info`` is the output module of a residual site (o_proj/down_proj, GPT-2 attn/mlp.c_proj)."""
+    if info.layer is None:
+        return False
+    for _norm, leaf in spec.sites().values():
+        site = spec.find(info.layer, leaf)
+        if site is not None and site.path == info.path:
+            return True
+    return False
+
+
+def _shape(t: torch.Tensor, want: tuple[int, ...], path: str, what: str) -> None:
+    if tuple(t.shape) != want:
+        raise DeltaError(f"{path}: {what} expected shape {want}, found {tuple(t.shape)}")
+
+
+def validate(delta: Delta, spec: BaseSpec, limits: Limits | None = None) -> None:
+    """Raise unless every term of ``delta`` fits ``spec`` and ``limits``; returns None when it does."""
+    limits = limits or Limits()
+    if delta.base_fingerprint and spec.fingerprint and delta.base_fingerprint != spec.fingerprint:
+        raise BaseMismatch(f"delta was built for base {delta.base_fingerprint}, the served base is "
+                           f"{spec.fingerprint}")
+    if not delta.modules:
+        raise DeltaError("delta has no terms: nothing to serve (all-zero or empty payload)")
+    for path, md in delta.modules.items():
+        info = spec.modules.get(path)
+        if info is None:
+            raise DeltaError(f"{path}: not a module of the served {spec.model_type} base")
+        for name, t in md.tensors().items():
+            if not isinstance(t, torch.Tensor) or t.dtype not in limits.dtypes:
+                raise DeltaError(f"{path}.{name}: dtype {getattr(t, 'dtype', type(t).__name__)} not allowed "
+                                 f"(allowed: {', '.join(str(d) for d in limits.dtypes)})")
+            nbytes = t.numel() * t.element_size()
+            if nbytes > limits.max_tensor_bytes:
+                raise DeltaError(f"{path}.{name}: {nbytes} bytes exceeds the per-tensor limit "
+                                 f"{limits.max_tensor_bytes}")
+        fin, fout = info.in_features, info.out_features
+        if md.kinds() - {"bitfit"} and info.kind not in _PROJ_KINDS:
+            raise DeltaError(f"{path}: a {info.kind} module only takes a bias delta, found "
+                             f"{sorted(md.kinds() - {'bitfit'})}")
+        if md.bias is not None:
+            if info.kind not in _BIAS_KINDS:
+                raise DeltaError(f"{path}: a {info.kind} module cannot take a bias delta")
+            _shape(md.bias, (fout,), path, "bias")
+        if md.out_scale is not None:
+            _shape(md.out_scale, (fout,), path, "out_scale")
+        if md.in_scale is not None:
+            _shape(md.in_scale, (fin,), path, "in_scale")
+        if md.lora is not None:
+            lora, r = md.lora, md.lora.rank
+            if lora.a.dim() != 2 or r < 1:
+                raise DeltaError(f"{path}: lora.a expected shape (r, {fin}) with r >= 1, found {tuple(lora.a.shape)}")
+            _shape(lora.a, (r, fin), path, "lora.a")
+            _shape(lora.b, (fout, r), path, "lora.b")
+            if r > limits.max_rank:
+                raise DeltaError(f"{path}: LoRA rank {r} exceeds the server's max_rank {limits.max_rank}")
+            if not math.isfinite(lora.scale):
+                raise DeltaError(f"{path}: lora.scale {lora.scale} is not finite")
+        if md.adapter is not None:
+            ad, m = md.adapter, md.adapter.width
+            if ad.down.dim() != 2 or m < 1:
+                raise DeltaError(f"{path}: adapter.down expected shape (m, {fout}) with m >= 1, "
+                                 f"found {tuple(ad.down.shape)}")
+            _shape(ad.down, (m, fout), path, "adapter.down")
+            _shape(ad.down_bias, (m,), path, "adapter.down_bias")
+            _shape(ad.up, (fout, m), path, "adapter.up")
+            _shape(ad.up_bias, (fout,), path, "adapter.up_bias")
+            if m > limits.max_bottleneck:
+                raise DeltaError(f"{path}: adapter width {m} exceeds the server's max_bottleneck "
+                                 f"{limits.max_bottleneck}")
+            if ad.activation not in ACTIVATIONS:
+                raise DeltaError(f"{path}: adapter activation {ad.activation!r} not one of {ACTIVATIONS}")
+            if ad.source not in ADAPTER_SOURCES:
+                raise DeltaError(f"{path}: adapter source {ad.source!r} not one of {ADAPTER_SOURCES}")
+            if ad.source != "output" and not _site_outputs(spec, info):
+                sites = ", ".join(leaf for _n, leaf in spec.sites().values())
+                raise DeltaError(f"{path}: an adapter reading {ad.source!r} needs the residual stream, so it must "
+                                 f"sit on a residual-site output module ({sites}), found {info.kind} {path}")
+            if not math.isfinite(ad.scale):
+                raise DeltaError(f"{path}: adapter.scale {ad.scale} is not finite")
+    delta.check_finite()
