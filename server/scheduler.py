@@ -238,15 +238,17 @@ class Scheduler:
             self._take(out, seq, n)
             scheduled.add(id(seq))
             budget -= n
-        # 2. admissions, fairest tenant first; decode chunks stay in front of prefill chunks.
+        # 2. admissions, fairest tenant first; decode chunks stay in front of prefill chunks. Not in a step
+        # that preempted: the freed blocks are what the running sequences need next (vLLM V1 does the same).
         loading: dict[DeltaKey, bool] = {}
         blocked: set[str] = set()
-        while budget > 0 and len(self.running) < self.config.max_running:
+        skipped: set[int] = set()  # waiting sequences passed over because their delta is not resident
+        while not out.preempted and budget > 0 and len(self.running) < self.config.max_running:
             candidates = [t for t, q in self.waiting.items() if q and t not in blocked]
             if not candidates:
                 break
             tenant = min(candidates, key=lambda t: (self.counters.get(t, 0.0), t))
-            admitted, stop = self._admit_one(tenant, budget, loading, out)
+            admitted, stop = self._admit_one(tenant, budget, loading, skipped, out)
             if stop:
                 break
             if admitted is None:
@@ -254,9 +256,10 @@ class Scheduler:
                 continue
             budget -= out.chunks[-1].num_tokens
         out.chunks.sort(key=lambda c: c.num_tokens > 1)
+        out.waiting_on_delta = len(skipped)
         return out
 
-    def _admit_one(self, tenant: str, budget: int, loading: dict, out: SchedulerOutput):
+    def _admit_one(self, tenant: str, budget: int, loading: dict, skipped: set, out: SchedulerOutput):
         """Admit the first request of ``tenant`` whose delta is resident. Returns (seq | None, stop_all)."""
         queue = self.waiting[tenant]
         for seq in queue:
@@ -269,12 +272,12 @@ class Scheduler:
             key = seq.delta
             if key is not None and self.slots is not None:
                 if loading.get(key):
-                    out.waiting_on_delta += 1
+                    skipped.add(id(seq))
                     continue
                 acquired = self.slots.acquire(key)
                 if acquired is None:
                     loading[key] = True  # loading in the background or no free slot: others go first
-                    out.waiting_on_delta += 1
+                    skipped.add(id(seq))
                     continue
                 slot = acquired
             queue.remove(seq)

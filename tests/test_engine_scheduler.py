@@ -1,0 +1,243 @@
+"""Scheduler policy, pure Python: token budget, chunked prefill, KV admission and preemption, delta-slot
+admission, tenant fairness (VTC) and the bounded queue. No model: each "step" marks the scheduled chunks as
+computed and, for chunks that reach the end, appends one output token, as the engine would."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from delta_store.errors import InvalidArgument, ResourceExhausted
+from server.kv_cache import BlockAllocator
+from server.scheduler import Scheduler, SchedulerConfig
+from server.sequence import Sequence, SeqStatus
+from server.types import DeltaKey, GenerationRequest, SamplingParams
+
+
+class FakeSlots:
+    """The slot-manager contract (acquire/release/install_ready) with observable pins.
+
+    A key not resident starts a load that completes after ``load_steps`` calls of install_ready(); a finished
+    load takes a free slot (or evicts the least recently used unpinned one). ``install`` (slot, key) lets
+    engine tests copy a real delta into the model when a load lands.
+    """
+
+    def __init__(self, num_slots: int, load_steps: int = 0, install=None):
+        self.num_slots = num_slots
+        self.load_steps = load_steps
+        self.install = install
+        self.resident: collections.OrderedDict[DeltaKey, int] = collections.OrderedDict()  # LRU order
+        self.pins: dict[int, int] = {}
+        self.loading: dict[DeltaKey, int] = {}  # key -> install_ready calls left
+        self.acquire_calls = 0
+
+    def acquire(self, key: DeltaKey) -> int | None:
+        self.acquire_calls += 1
+        slot = self.resident.get(key)
+        if slot is not None:
+            self.resident.move_to_end(key)
+            self.pins[slot] = self.pins.get(slot, 0) + 1
+            return slot
+        if key not in self.loading:
+            self.loading[key] = self.load_steps
+            if self.load_steps == 0:
+                self.install_ready()
+                return self.acquire(key) if key in self.resident else None
+        return None
+
+    def release(self, slot: int) -> None:
+        assert self.pins.get(slot, 0) > 0, f"slot {slot} released more often than acquired"
+        self.pins[slot] -= 1
+
+    def install_ready(self) -> None:
+        for key in list(self.loading):
+            if self.loading[key] > 0:
+                self.loading[key] -= 1
+                continue
+            used = set(self.resident.values())
+            free = [s for s in range(self.num_slots) if s not in used]
+            if not free:
+                victims = [k for k, s in self.resident.items() if self.pins.get(s, 0) == 0]
+                if not victims:
+                    continue  # every slot pinned: the load waits
+                free = [self.resident.pop(victims[0])]
+            slot = free[0]
+            if self.install is not None:
+                self.install(slot, key)
+            self.resident[key] = slot
+            del self.loading[key]
+
+    @property
+    def total_pins(self) -> int:
+        return sum(self.pins.values())
+
+
+def key(name: str) -> DeltaKey:
+    return DeltaKey("t", name, 1, name)
+
+
+def seq(rid: str, n_prompt: int, max_new: int = 8, tenant: str = "a", delta: DeltaKey | None = None) -> Sequence:
+    req = GenerationRequest(rid, tenant, list(range(3, 3 + n_prompt)), SamplingParams(max_new_tokens=max_new),
+                            delta=delta)
+    return Sequence(req)
+
+
+def make(blocks: int = 64, budget: int = 32, running: int = 8, waiting: int = 100, slots=None, block_size: int = 4,
+         max_len: int = 256) -> Scheduler:
+    cfg = SchedulerConfig(max_batch_tokens=budget, max_running=running, max_waiting=waiting, max_model_len=max_len,
+                          block_size=block_size)
+    return Scheduler(cfg, BlockAllocator(blocks), slots)
+
+
+def run_step(s: Scheduler):
+    """Schedule, then play the engine: sampled chunks get a token; finished sequences leave."""
+    out = s.schedule()
+    for c in out.chunks:
+        if c.sample:
+            c.seq.output_ids.append(7)
+            if len(c.seq.output_ids) >= c.seq.sampling.max_new_tokens:
+                s.finish(c.seq, "length")
+    return out
+
+
+def test_budget_decode_first_and_chunked_prefill():
+    s = make(budget=10)
+    s.add(seq("long", 25))
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.num_tokens, c.sample) for c in out.chunks] == [("long", 0, 10, False)]
+    s.add(seq("short", 3))
+    out = run_step(s)  # long continues (10 more), short gets nothing left
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks] == [("long", 10, 10)]
+    out = run_step(s)  # long's last 5 tokens sampled; short's prompt fits after it
+    assert [(c.seq.request_id, c.start, c.num_tokens, c.sample) for c in out.chunks] == [
+        ("long", 20, 5, True), ("short", 0, 3, True)]
+    out = run_step(s)  # both decode now: one token each, decode chunks first
+    assert [(c.seq.request_id, c.num_tokens) for c in out.chunks] == [("long", 1), ("short", 1)]
+    assert out.num_tokens <= 10
+
+
+def test_kv_blocks_bound_admission_and_return_on_finish():
+    s = make(blocks=6, block_size=4, budget=64)
+    for i in range(4):
+        s.add(seq(f"r{i}", 8, max_new=2))  # 8 tokens = 2 blocks each; 6 blocks fit 3 prompts
+    out = run_step(s)
+    assert len(out.chunks) == 3 and s.num_waiting == 1
+    assert s.allocator.num_free == 0
+    while s.has_work():
+        run_step(s)
+    assert s.allocator.num_free == 6 and s.num_running == 0
+
+
+def test_preemption_by_recompute_when_blocks_run_out():
+    s = make(blocks=4, block_size=4, budget=64, running=4)
+    a, b = seq("a", 4, max_new=8), seq("b", 4, max_new=8)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # prefill: 1 full block each, first token sampled
+    run_step(s)  # decoding position 4 grows each into a second block: 4 of 4 used
+    assert s.allocator.num_free == 0
+    for _ in range(3):
+        run_step(s)  # positions 5..7 fill the second blocks
+    out = run_step(s)  # position 8 needs a third block each: b (newest) is preempted for a
+    assert [p.request_id for p in out.preempted] == ["b"]
+    assert b.status is SeqStatus.WAITING and b.num_computed == 0 and b.block_table == []
+    assert b.num_preemptions == 1 and len(b.output_ids) == 5  # outputs kept, recomputed on re-admission
+    while s.has_work():
+        run_step(s)
+    assert len(a.output_ids) == 8 and len(b.output_ids) == 8
+    assert s.allocator.num_free == 4
+
+
+def test_delta_not_resident_waits_while_others_run():
+    slots = FakeSlots(num_slots=2, load_steps=3)
+    s = make(slots=slots)
+    cold = seq("cold", 4, delta=key("x"))
+    s.add(cold)
+    s.add(seq("base", 4))
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.chunks] == ["base"] and out.waiting_on_delta == 1
+    steps = 1
+    while cold.status is SeqStatus.WAITING:
+        slots.install_ready()
+        run_step(s)
+        steps += 1
+    assert steps == 1 + slots.load_steps + 1 and cold.slot == 0 and slots.pins[0] == 1  # the load, then admission
+    while s.has_work():
+        slots.install_ready()
+        run_step(s)
+    assert slots.total_pins == 0
+
+
+def test_distinct_deltas_per_step_bounded_by_slots():
+    slots = FakeSlots(num_slots=3)
+    s = make(slots=slots, running=16, budget=64)
+    for i in range(8):
+        s.add(seq(f"r{i}", 2, max_new=3, delta=key(f"d{i}")))
+    seen_max = 0
+    while s.has_work():
+        slots.install_ready()
+        out = run_step(s)
+        seen_max = max(seen_max, len({c.seq.slot for c in out.chunks}))
+        assert slots.total_pins <= 3 * 16
+    assert seen_max == 3 and slots.total_pins == 0
+
+
+def test_fairness_one_tenant_flood_does_not_delay_another():
+    """Tenant A queues 100 requests; B's single request, arriving later, gets its first token within a
+    bounded number of steps: at most one of A's requests has to finish (max_new steps) plus one step.
+    FIFO would make B wait for ~100 / max_running * max_new = 200 steps."""
+    max_new, running = 16, 8
+    s = make(blocks=1024, budget=64, running=running, waiting=200)
+    for i in range(100):
+        s.add(seq(f"a{i}", 8, max_new=max_new, tenant="A"))
+    for _ in range(5):
+        run_step(s)
+    b = seq("b", 8, max_new=4, tenant="B")
+    s.add(b)
+    steps = 0
+    while not b.output_ids:
+        run_step(s)
+        steps += 1
+    bound = max_new + 1
+    assert steps <= bound, f"B waited {steps} steps (bound {bound})"
+    fifo_wait = (100 // running) * max_new
+    assert steps * 10 < fifo_wait
+
+
+def test_fair_share_between_two_backlogged_tenants():
+    s = make(blocks=1024, budget=16, running=4, waiting=200)
+    for i in range(40):
+        s.add(seq(f"a{i}", 4, max_new=4, tenant="A"))
+        s.add(seq(f"b{i}", 4, max_new=4, tenant="B"))
+    served = collections.Counter()
+    for _ in range(60):
+        for c in run_step(s).chunks:
+            served[c.seq.tenant] += c.num_tokens
+    assert abs(served["A"] - served["B"]) <= 0.15 * (served["A"] + served["B"]), served
+
+
+def test_overload_refused_with_retry_hint_and_impossible_requests():
+    s = make(waiting=3, blocks=8, block_size=4, max_len=64)
+    for i in range(3):
+        s.add(seq(f"r{i}", 4))
+    with pytest.raises(ResourceExhausted, match="queue full") as err:
+        s.add(seq("r3", 4))
+    assert err.value.retry_after and err.value.retry_after > 0
+    with pytest.raises(InvalidArgument, match="KV blocks"):
+        s.add(seq("huge", 30, max_new=20))  # 50 tokens need 13 blocks of 4, the cache has 8
+    with pytest.raises(InvalidArgument, match="max_model_len"):
+        s.add(seq("long", 64))
+
+
+def test_finish_of_waiting_and_running_returns_everything():
+    slots = FakeSlots(num_slots=2)
+    s = make(slots=slots, blocks=16)
+    r, w = seq("r", 6, delta=key("x")), seq("w", 6)
+    s.add(r)
+    run_step(s)
+    s.add(w)
+    assert slots.total_pins == 1 and s.allocator.num_used == 2
+    s.finish(r, "aborted")
+    s.finish(w, "aborted")
+    assert slots.total_pins == 0 and s.allocator.num_used == 0 and not s.has_work()
+    s.finish(r, "aborted")  # idempotent
