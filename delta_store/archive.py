@@ -127,8 +127,8 @@ def _extract_zip(path, dest: Path, max_members: int, max_bytes: int, where: str)
         total = 0
         for info in infos:
             rel = _safe_relpath(info.filename, where)
-            mode = info.external_attr >> 16
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            ftype = stat.S_IFMT(info.external_attr >> 16)  # 0 when the packer stored no Unix type
+            if ftype and ftype not in (stat.S_IFREG, stat.S_IFDIR):
                 raise DeltaError(f"{where}: member {info.filename!r} is a link or special file")
             total += info.file_size
             if total > max_bytes:

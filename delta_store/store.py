@@ -25,7 +25,7 @@ from .archive import archive_kind, extract_archive
 from .blobs import BlobBackend, LocalBlobs, pid_alive
 from .catalogue import Catalogue
 from .delta import Delta
-from .errors import BaseMismatch, CorruptBlob, DeltaError, InvalidArgument, NotFound
+from .errors import BaseMismatch, CorruptBlob, DeltaError, DeltaServeError, InvalidArgument, NotFound
 from .host_cache import HostCache, HostCacheStats
 from .names import check_name, parse_ref
 from .native import digest_bytes, dump_native, load_native, sniff_native
@@ -193,6 +193,11 @@ class DeltaStore:
                                          max_bytes=self.settings.max_archive_bytes)
                 return _convert(folder, self.spec, source_format)
             return _convert(_with_suffix(path, dest), self.spec, source_format)
+        except DeltaServeError as exc:  # name the upload, not the server's scratch folder
+            shown = str(exc).replace(f"{dest}/", f"{path.name}:").replace(str(dest), path.name)
+            if shown == str(exc):
+                raise
+            raise type(exc)(shown) from None
         finally:
             shutil.rmtree(dest, ignore_errors=True)
 
