@@ -86,3 +86,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
             f"{what}: {int(bad.sum())}/{diff.numel()} elements differ; max |diff| {diff.max().item():.3e} "
             f"(atol {atol:g}, rtol {rtol:g}); worst at {idx}: actual {actual[idx].item():.6g} "
             f"expected {expected[idx].item():.6g}")
+
+
+def random_delta(spec, *, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"), bias: bool = False,
+                 seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A canonical LoRA (+ optional BitFit bias) Delta on every ``targets`` leaf of ``spec`` (a BaseSpec),
+    random but seeded: for store, slot and benchmark tests that need a valid delta without PEFT."""
+    from delta_store.delta import Delta, LoraTerm, ModuleDelta
+
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for path, info in sorted(spec.modules.items()):
+        if info.kind not in ("linear", "conv1d") or path.rsplit(".", 1)[-1] not in targets:
+            continue
+        a = (0.1 * torch.randn(rank, info.in_features, generator=g)).to(dtype)
+        b = (0.1 * torch.randn(info.out_features, rank, generator=g)).to(dtype)
+        md = ModuleDelta(lora=LoraTerm(a, b, 2.0 / rank))
+        if bias:
+            md.bias = (0.05 * torch.randn(info.out_features, generator=g)).to(dtype)
+        mods[path] = md
+    return Delta(mods, "native", spec.fingerprint)
