@@ -200,6 +200,10 @@ class Engine:
         if self.slots is not None:
             self.slots.install_ready()  # finished background loads -> free device slots
         sched = self.scheduler.schedule()
+        for seq, exc in sched.failed:  # its delta could not be loaded: only this request fails
+            live = self._live.get(seq.request_id)
+            if live is not None:
+                self._finish(live, FinishReason.ERROR, TokenOutput(seq.request_id, [], error=f"delta load: {exc}"))
         if sched.is_empty:
             return None
         inp = StepInput()

@@ -69,6 +69,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)  # decode chunks (1 token) first, then prefill
     preempted: list[Sequence] = field(default_factory=list)
     waiting_on_delta: int = 0  # waiting requests skipped because their delta is not resident yet
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # delta load failed: finished
 
     @property
     def num_tokens(self) -> int:
@@ -274,7 +275,12 @@ class Scheduler:
                 if loading.get(key):
                     skipped.add(id(seq))
                     continue
-                acquired = self.slots.acquire(key)
+                try:
+                    acquired = self.slots.acquire(key)
+                except Exception as exc:  # noqa: BLE001 - the load failed: this request fails, others go on
+                    self.finish(seq, "error")
+                    out.failed.append((seq, exc))
+                    return None, False
                 if acquired is None:
                     loading[key] = True  # loading in the background or no free slot: others go first
                     skipped.add(id(seq))
