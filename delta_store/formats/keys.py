@@ -16,11 +16,12 @@ from ..base_spec import BaseSpec, ModuleInfo
 from ..errors import DeltaError
 
 _ANCHOR_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.+)$")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 
 def layer_of(foreign_path: str) -> int | None:
     """Layer index of a module path (its first ``layers.{i}.``-style segment), or None."""
-    m = _ANCHOR_RE.search(foreign_path)
+    m = _LAYER_RE.search(foreign_path)
     return int(m.group(1)) if m else None
 
 
