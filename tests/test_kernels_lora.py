@@ -1,0 +1,179 @@
+"""LoRA: the Triton launcher against the torch reference (interpreter on CPU, fp32 and fp16), the
+reference against a float64 per-token loop, over odd sizes, mixed ranks, slot counts and popularity."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import DeltaKernelMeta, lora, reference
+from tests.helpers import TOLERANCES, assert_close
+from tests.test_kernels_cases import PATTERNS, RANKS, GARBAGE, lora_pools, loop_lora, slot_ids, slots_tensor
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = ((24, 40), (72, 24), (40, 40))  # (in, out): none a power of two
+
+
+def _case(num_tokens, num_deltas, pattern, n_in, n_out, dtype, *, none_fraction=0.2, seed=0, device=DEVICE):
+    pool_slots = num_deltas + 2
+    slots = slot_ids(num_tokens, num_deltas, pattern, pool_slots=pool_slots, seed=seed, none_fraction=none_fraction)
+    ranks = [RANKS[(s + seed) % len(RANKS)] for s in range(pool_slots)]  # every rank in one batch
+    pools = lora_pools(pool_slots, n_in, n_out, ranks, dtype=dtype, device=device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    x = torch.randn(num_tokens, n_in, generator=g).to(device, dtype)
+    y = torch.randn(num_tokens, n_out, generator=g).to(device, dtype)
+    return slots, pools, x, y
+
+
+def _args(pools):
+    return pools["lora_a"], pools["lora_b"], pools["scale"], pools["rank"]
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 17, 64])
+@pytest.mark.parametrize("num_deltas", [1, 3, 8])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_reference_matches_float64_loop(num_tokens, num_deltas, pattern):
+    n_in, n_out = SHAPES[(num_tokens + num_deltas) % len(SHAPES)]
+    slots, pools, x, y = _case(num_tokens, num_deltas, pattern, n_in, n_out, torch.float32, device="cpu")
+    expected = loop_lora(y, x, *_args(pools), slots)
+    meta = DeltaKernelMeta.build(slots_tensor(slots))
+    reference.add_lora(y, x, *_args(pools), meta)
+    assert_close(y, expected, atol=2e-5, rtol=2e-5, what=f"reference plan={reference._plan(meta)} slots={slots}")
+
+
+@pytest.mark.parametrize("slots, plan", [
+    ([0] * 9 + [2] * 7 + [-1] * 3 + [1] * 5, "runs"),  # prefill: one run per sequence
+    ([0, 1] * 10 + [-1, 1], "segments"),  # many tokens per slot, interleaved
+    ([3, 1, 0, 2, -1, 4], "gather"),  # decode: one token per slot
+])
+def test_each_reference_plan(slots, plan):
+    pools = lora_pools(5, 40, 24, [16, 1, 64, 4, 0])
+    x, y = torch.randn(len(slots), 40), torch.randn(len(slots), 24)
+    expected = loop_lora(y, x, *_args(pools), slots)
+    meta = DeltaKernelMeta.build(slots_tensor(slots))
+    assert reference._plan(meta) == plan
+    reference.add_lora(y, x, *_args(pools), meta)
+    assert_close(y, expected, atol=2e-5, rtol=2e-5, what=plan)
+
+
+TRITON_CASES = [  # (tokens, deltas, pattern): every size, slot count and pattern at least once
+    (1, 1, "identical"), (3, 3, "distinct"), (17, 8, "uniform"), (64, 8, "zipf"), (64, 3, "skewed"),
+    (17, 3, "distinct"), (64, 1, "uniform"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("num_tokens, num_deltas, pattern", TRITON_CASES)
+def test_triton_matches_reference(num_tokens, num_deltas, pattern, dtype):
+    n_in, n_out = SHAPES[num_tokens % len(SHAPES)]
+    slots, pools, x, y = _case(num_tokens, num_deltas, pattern, n_in, n_out, dtype, seed=num_tokens)
+    meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
+    y_ref = y.clone()
+    reference.add_lora(y_ref, x, *_args(pools), meta)
+    lora.add_lora(y, x, *_args(pools), meta)
+    tol = TOLERANCES[dtype] if dtype != torch.float32 else dict(atol=2e-5, rtol=2e-5)
+    assert_close(y, y_ref, **tol, what=f"triton {dtype} slots={slots}")
+
+
+def test_untouched_tokens_and_rank_zero_slots_are_bit_exact():
+    slots = [0, -1, 1, 1, -1, 2]
+    pools = lora_pools(3, 24, 40, [8, 0, 64], device=DEVICE)  # slot 1 has no LoRA at this layer
+    x, y = torch.randn(6, 24, device=DEVICE), torch.randn(6, 40, device=DEVICE)
+    meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
+    for fn in (reference.add_lora, lora.add_lora):
+        out = y.clone()
+        fn(out, x, *_args(pools), meta)
+        untouched = [1, 2, 3, 4]
+        assert torch.equal(out[untouched], y[untouched]), fn.__module__
+        assert not torch.equal(out[[0, 5]], y[[0, 5]]), fn.__module__
+
+
+def test_padding_past_rank_is_never_read():
+    # The pools' padding holds GARBAGE (1e3); a kernel that used rows past a slot's rank would be off by ~1e3.
+    slots = [0, 1, 2, 0]
+    pools = lora_pools(3, 24, 24, [1, 4, 16], device=DEVICE)
+    assert pools["lora_a"][0, 1:].eq(GARBAGE).all()
+    x, y = torch.randn(4, 24, device=DEVICE), torch.randn(4, 24, device=DEVICE)
+    meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
+    expected = loop_lora(y, x, *_args(pools), slots)
+    for fn in (reference.add_lora, lora.add_lora):
+        out = y.clone()
+        fn(out, x, *_args(pools), meta)
+        assert_close(out, expected, atol=2e-5, rtol=2e-5, what=fn.__module__)
+
+
+def test_no_delta_returns_without_work():
+    pools = lora_pools(2, 24, 24, [4, 4], device=DEVICE)
+    x, y = torch.randn(5, 24, device=DEVICE), torch.randn(5, 24, device=DEVICE)
+    meta = DeltaKernelMeta.build(slots_tensor([-1] * 5, DEVICE))
+    out = y.clone()
+    lora.add_lora(out, x, *_args(pools), meta)
+    kernels.add_lora(out, x, *_args(pools), meta)
+    assert torch.equal(out, y)
+
+
+def test_dispatch_follows_backend():
+    slots, pools, x, y = _case(17, 3, "uniform", 24, 40, torch.float32)
+    meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
+    outs = {}
+    for name in ("reference", "triton"):
+        with kernels.backend(name):
+            assert kernels.current_backend(y) == name
+            outs[name] = y.clone()
+            kernels.add_lora(outs[name], x, *_args(pools), meta)
+    assert_close(outs["triton"], outs["reference"], atol=2e-5, rtol=2e-5, what="dispatch")
+
+
+def _bad_inputs():
+    pools = lora_pools(3, 24, 40, [4, 8, 16], device=DEVICE)
+    x, y = torch.randn(5, 24, device=DEVICE), torch.randn(5, 40, device=DEVICE)
+    meta = DeltaKernelMeta.build(slots_tensor([0, 1, 2, -1, 0], DEVICE))
+    a, b, s, r = _args(pools)
+    good = dict(y=y, x=x, lora_a=a, lora_b=b, scale=s, rank=r, meta=meta)
+    return good, [
+        ("x", dict(x=torch.randn(5, 23)), "[5, 23]"),
+        ("x", dict(x=x.half()), "dtype torch.float16"),
+        ("y", dict(y=y.to(torch.int32)), "dtype torch.int32"),
+        ("lora_a", dict(lora_a=a.transpose(1, 2).contiguous().transpose(1, 2)), "contiguous"),
+        ("lora_b", dict(lora_b=b[:, :, :8]), "[3, 40, 8]"),
+        ("lora_b", dict(lora_b=b[:2]), "[2, 40, 64]"),
+        ("scale", dict(scale=s.half()), "dtype torch.float16"),
+        ("rank", dict(rank=r.long()), "dtype torch.int64"),
+        ("meta", dict(meta=DeltaKernelMeta.build(slots_tensor([0, 1], DEVICE))), "2 tokens"),
+        ("x", dict(x=x.t()), "[24, 5]"),
+        ("x", dict(x=torch.empty(5, 24, device="meta")), "is on meta"),
+    ]
+
+
+@pytest.mark.parametrize("fn", [lora.add_lora, kernels.add_lora], ids=["launcher", "dispatch"])
+def test_bad_input_raises_value_error_naming_argument(fn):
+    good, cases = _bad_inputs()
+    for name, change, fragment in cases:
+        args = {**good, **change}
+        with pytest.raises(ValueError, match=name) as info:
+            fn(**args)
+        assert fragment in str(info.value), (name, str(info.value))
+
+
+def test_rank_beyond_pool_is_refused_by_reference():
+    pools = lora_pools(2, 24, 24, [4, 4], max_rank=16)
+    pools["rank"][1] = 17
+    meta = DeltaKernelMeta.build(slots_tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"rank\[1\] = 17"):
+        reference.add_lora(torch.randn(2, 24), torch.randn(2, 24), *_args(pools), meta)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("num_tokens", [1, 7, 133, 1024])
+@pytest.mark.parametrize("num_deltas", [1, 8, 32])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_triton_large_grid_on_gpu(num_tokens, num_deltas, pattern, dtype):
+    n_in, n_out = (2049, 1024) if num_tokens < 1024 else (4096, 11008)
+    slots, pools, x, y = _case(num_tokens, num_deltas, pattern, n_in, n_out, dtype, seed=num_deltas)
+    meta = DeltaKernelMeta.build(slots_tensor(slots, "cuda"))
+    y_ref = y.clone()
+    reference.add_lora(y_ref, x, *_args(pools), meta)
+    lora.add_lora(y, x, *_args(pools), meta)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
+    assert_close(y, y_ref, **tol, what=f"cuda {dtype} T={num_tokens} deltas={num_deltas} {pattern}")
