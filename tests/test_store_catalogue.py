@@ -1,0 +1,145 @@
+"""Catalogue and tenants: keys stored as hashes, versions and ``name@N``, isolation, paging, usage, deletes."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from delta_store import BaseSpec, DeltaStore, Quotas, StoreSettings
+from delta_store.catalogue import Catalogue
+from delta_store.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from delta_store.native import dump_native
+from delta_store.tenants import hash_key
+from delta_store.validate import Limits
+from tests.helpers import random_delta, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return BaseSpec.from_model(tiny_llama(seed=4))
+
+
+@pytest.fixture
+def store(tmp_path, spec):
+    with DeltaStore.open(tmp_path / "data", spec, Limits(max_rank=8),
+                         StoreSettings(default_quotas=Quotas(max_deltas=50))) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def payloads(spec, tmp_path_factory):
+    d = tmp_path_factory.mktemp("payloads")
+    out = []
+    for seed in range(3):
+        f = d / f"p{seed}.safetensors"
+        f.write_bytes(dump_native(random_delta(spec, rank=2, seed=seed)))
+        out.append(f)
+    return out
+
+
+def test_tenant_keys_are_random_and_stored_only_as_hashes(store):
+    tenant, key = store.tenants.create("acme", quotas=Quotas(max_deltas=3))
+    admin, admin_key = store.tenants.create("root", is_admin=True)
+    assert key.startswith("ds_") and len(key) == 3 + 43 and key != admin_key
+    assert store.tenants.get_by_key(key) == tenant and store.tenants.authenticate(admin_key).is_admin
+    assert store.tenants.get_by_key("ds_" + "A" * 43) is None and store.tenants.get_by_key("nope") is None
+    with pytest.raises(Unauthenticated):
+        store.tenants.authenticate("ds_wrong")
+    raw = (store.data_dir / "catalogue.sqlite3").read_bytes() + (store.data_dir / "catalogue.sqlite3-wal").read_bytes()
+    assert key.encode() not in raw and hash_key(key).encode() in raw
+    new_key = store.tenants.rotate_key(tenant.id)
+    assert store.tenants.get_by_key(key) is None and store.tenants.get_by_key(new_key).id == tenant.id
+    assert store.tenants.get(tenant.id).quotas.max_deltas == 3
+    assert store.tenants.set_quotas(tenant.id, tokens_per_minute=7).quotas == Quotas(max_deltas=3, tokens_per_minute=7)
+    with pytest.raises(InvalidArgument, match="unknown quota"):
+        store.tenants.set_quotas(tenant.id, max_cats=1)
+    with pytest.raises(InvalidArgument, match="quota max_bytes"):
+        Quotas(max_bytes=-1)
+    with pytest.raises(AlreadyExists):
+        store.tenants.create("acme")
+    with pytest.raises(InvalidArgument):
+        store.tenants.create("../acme")
+    assert [t.name for t in store.tenants.list()] == ["acme", "root"]
+
+
+def test_versions_refs_and_tenant_isolation(store, payloads):
+    a, _ = store.tenants.create("a")
+    b, _ = store.tenants.create("b")
+    v1 = store.put(a, "qa", payloads[0])
+    v2 = store.put(a, "qa", payloads[1])
+    assert (v1.version, v2.version) == (1, 2) and v1.digest != v2.digest
+    assert store.resolve(a, "qa") == v2 and store.resolve(a, "qa@1") == v1
+    assert v1.key.digest == v1.digest and v1.ref == "qa@1"
+    for ref in ("qa", "qa@1"):
+        with pytest.raises(NotFound):  # b cannot see a's delta, and the error does not tell it exists
+            store.resolve(b, ref)
+    with pytest.raises(NotFound):
+        store.resolve(a, "qa@3")
+    for bad in ("qa@0", "qa@-1", "qa@x", "qa@01", "qa@1@2"):
+        with pytest.raises(InvalidArgument):
+            store.resolve(a, bad)
+    assert [v.version for v in store.versions(a, "qa")] == [1, 2]
+    # deleting one version keeps the others; the numbering never reuses a number
+    store.delete(a, "qa@2")
+    assert store.resolve(a, "qa") == v1
+    assert store.put(a, "qa", payloads[2]).version == 3
+    with pytest.raises(NotFound):
+        store.delete(b, "qa")
+    assert store.resolve(a, "qa").version == 3
+
+
+def test_list_pages_through_latest_versions(store, payloads):
+    t, _ = store.tenants.create("t")
+    names = [f"d{i:02d}" for i in range(7)]
+    for n in reversed(names):
+        store.put(t, n, payloads[0])
+    store.put(t, "d03", payloads[1])
+    seen, token = [], ""
+    while True:
+        page, token = store.list(t, page_size=3, page_token=token)
+        seen += page
+        if not token:
+            break
+    assert [v.name for v in seen] == names
+    assert next(v for v in seen if v.name == "d03").version == 2
+    with pytest.raises(InvalidArgument):
+        store.list(t, page_size=0)
+
+
+def test_usage_counters_and_last_used(store, payloads):
+    t, _ = store.tenants.create("t")
+    v = store.put(t, "qa", payloads[0])
+    for _ in range(3):
+        store.record_usage(v.key, requests=1, tokens=10)
+    got = store.get(t, "qa")  # flushes the buffered counters first
+    assert (got.requests, got.tokens) == (3, 30) and got.last_used >= v.created
+    store.record_usage(v.key, requests=2, tokens=5)
+    store.close()
+    reopened = DeltaStore.open(store.data_dir, store.spec, store.limits)
+    assert reopened.get(t, "qa").requests == 5, "close flushes what was buffered"
+    reopened.close()
+
+
+def test_delete_tenant_removes_its_deltas_and_blobs(store, payloads):
+    a, _ = store.tenants.create("a")
+    b, _ = store.tenants.create("b")
+    va = store.put(a, "x", payloads[0])
+    store.put(b, "y", payloads[0])  # same bytes: shared blob
+    store.put(a, "z", payloads[1])
+    store.tenants.delete(a.id)
+    with pytest.raises(NotFound):
+        store.tenants.get(a.id)
+    assert store.blobs.exists(va.digest) and len(list(store.blobs.iter())) == 1
+    with pytest.raises(NotFound):
+        store.tenants.delete(a.id)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    Catalogue(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(FailedPrecondition, match="schema version 99"):
+        Catalogue(path)
