@@ -41,7 +41,7 @@ ROWS = ["none", "lora_qv_r2", "lora_all_r16", "ia3", "adapters", "lora_r4_bias",
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def one_thread():
     # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins (70 ms vs 3 ms per step).
     before = torch.get_num_threads()
     torch.set_num_threads(1)
