@@ -64,14 +64,21 @@ class App:
         return bool(self.engine.alive)
 
     async def preload_device(self, key) -> bool:
-        """Start loading ``key`` into a device slot; True once the step loop installed it."""
+        """Load ``key`` into a device slot (unpinned, LRU like any other); True once it is installed.
+
+        While requests run, the engine's step loop installs finished loads between forwards. An idle
+        engine runs no steps, so then the install happens here: this coroutine runs on the engine's
+        event-loop thread, and with no sequence scheduled no forward can be reading the pools.
+        """
         if self.slots is None:
             return False
         if self.slots.prefetch(key):
             return True
         deadline = time.monotonic() + DEVICE_PRELOAD_WAIT_S
         while time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
+            if not self.engine.scheduler.has_work():
+                self.slots.install_ready()
             if self.slots.slot_of(key) is not None:
                 return True
         return False

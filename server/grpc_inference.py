@@ -35,6 +35,7 @@ FINISH_TO_PB = {
 }
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_REQUEST_ID_CHARS = 128
+UNKNOWN_TENANT = "-"  # metrics label of calls refused before authentication
 
 
 def sampling_from_pb(msg: inference_pb2.SamplingParams) -> SamplingParams:
@@ -108,20 +109,38 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request, context):
         app = self.app
-        tenant = await asyncio.to_thread(app.auth.authenticate, context.invocation_metadata())
-        name = tenant_name(tenant)
-        req, version = await self._request(request, tenant)
-        lease = app.quotas.admit(name, rate_limits(tenant, app.config),
-                                 len(req.prompt_token_ids) + req.sampling.max_new_tokens)
-        app.metrics.request_started(name)
-        status, last, expired = "ok", None, []
-        timer = None
+        name, status, version = UNKNOWN_TENANT, "ok", None
+        try:
+            tenant = await asyncio.to_thread(app.auth.authenticate, context.invocation_metadata())
+            name = tenant_name(tenant)
+            req, version = await self._request(request, tenant)
+            lease = app.quotas.admit(name, rate_limits(tenant, app.config),
+                                     len(req.prompt_token_ids) + req.sampling.max_new_tokens)
+            async for msg in self._stream(req, version, lease, context):
+                yield msg
+        except asyncio.CancelledError:  # the client went away, or gRPC ended the call at its deadline
+            remaining = context.time_remaining()
+            status = "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+            raise
+        except Exception as exc:
+            status = status_of(exc)[0].name.lower()
+            raise
+        finally:
+            app.metrics.request_finished(name, status, version.kinds if version is not None else ())
+            log.info("generate", request_id=request.request_id or "-", tenant=name, status=status,
+                     delta=request.delta or "-")
+
+    async def _stream(self, req: GenerationRequest, version, lease, context):
+        """Engine outputs as pb chunks; aborts the engine request unless it finished by itself."""
+        app = self.app
+        last, expired, timer = None, [], None
         remaining = context.time_remaining()
         if remaining is not None:
             def expire():
                 expired.append(True)
                 app.engine.abort(req.request_id)
             timer = asyncio.get_running_loop().call_later(max(0.0, remaining), expire)
+        app.metrics.request_started(req.tenant)
         try:
             async for out in app.engine.generate(req):
                 last = out
@@ -133,21 +152,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 yield output_to_pb(out, 0 if version is None else version.version)
             if expired:
                 raise DeadlineExceeded(f"request {req.request_id}: deadline passed")
-        except asyncio.CancelledError:
-            status = "cancelled"
-            raise
-        except Exception as exc:
-            status = status_of(exc)[0].name.lower()
-            raise
         finally:
             if timer is not None:
                 timer.cancel()
             if last is None or last.finish_reason is None:  # cancelled, failed or expired mid-stream
                 app.engine.abort(req.request_id)
+            app.metrics.request_ended(req.tenant)
             used = last.completion_tokens if last is not None else 0
             lease.release(len(req.prompt_token_ids) + used)
             if version is not None and last is not None:
                 app.store.record_usage(version.key, requests=1, tokens=used)
-            app.metrics.request_finished(name, status, version.kinds if version is not None else ())
-            log.info("generate", request_id=req.request_id, tenant=name, status=status, tokens=used,
-                     delta=request.delta or "-")

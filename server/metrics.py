@@ -15,7 +15,10 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 
+from .logs import get_logger
 from .stats import RequestStats, StepStats
+
+log = get_logger("metrics")
 
 # Latency buckets span a 1 ms decode step on a GPU to a 2-minute generation on 2 CPU cores.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -25,7 +28,7 @@ COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.registry = r = _Registry()
         self._lock = threading.Lock()
         self._last: dict[tuple, float] = {}  # cumulative counters seen in stats, to turn them into increments
         # requests (from the gRPC edge)
@@ -88,12 +91,16 @@ class Metrics:
         self.rpcs.labels(method, getattr(code, "name", str(code))).inc()
 
     def request_started(self, tenant: str) -> None:
+        """A Generate call reached the engine; ``in_flight`` is decremented when its stream ends."""
         self.in_flight.labels(tenant).inc()
+
+    def request_ended(self, tenant: str) -> None:
+        """The engine stream of a call started with :meth:`request_started` ended (any outcome)."""
+        self.in_flight.labels(tenant).dec()
 
     def request_finished(self, tenant: str, status: str, kinds=()) -> None:
         """One Generate call ended at the edge (``status`` = ``ok`` or a lower-case gRPC code name;
         ``kinds``: the delta kinds it used, empty for the base model)."""
-        self.in_flight.labels(tenant).dec()
         self.requests.labels(tenant, status).inc()
         for kind in sorted(kinds) or ["base"]:
             self.requests_by_kind.labels(kind).inc()
@@ -164,7 +171,7 @@ class Metrics:
 
     def add_refresh(self, fn) -> None:
         """Call ``fn()`` at every scrape, before the series are read (slot and host-tier snapshots)."""
-        self.registry.register(_Refresh(fn))
+        self.registry.hooks.append(fn)
 
     # ---- export ---------------------------------------------------------------------------------
     def scrape(self) -> bytes:
@@ -176,15 +183,18 @@ class Metrics:
         return server, server.server_port
 
 
-class _Refresh:
-    """A collector that yields nothing: it only runs a refresh hook when the registry is collected."""
+class _Registry(CollectorRegistry):
+    """A private registry that runs refresh hooks before every collection, so snapshot gauges and
+    counters (slots, host tier) are current in the same scrape rather than the next one."""
 
-    def __init__(self, fn):
-        self._fn = fn
-
-    def describe(self):
-        return []
+    def __init__(self) -> None:
+        super().__init__(auto_describe=True)
+        self.hooks = []
 
     def collect(self):
-        self._fn()
-        return []
+        for fn in self.hooks:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a failing snapshot must not break the scrape
+                log.error("metrics_refresh_failed", hook=getattr(fn, "__name__", "?"))
+        yield from super().collect()

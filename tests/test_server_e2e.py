@@ -1,0 +1,397 @@
+"""The gRPC edge end to end: one real server per module on 127.0.0.1:0 (engine loop on its own thread),
+a tiny demo-shaped Llama, a tmp data dir, real uploads of PEFT LoRAs and a real Prometheus scrape."""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from server.app import build_app, run
+from server.config import ServerConfig
+from server.demo import build_demo_model
+from server.pb import (common_pb2, deltas_pb2, deltas_pb2_grpc, inference_pb2, inference_pb2_grpc, tenants_pb2,
+                       tenants_pb2_grpc)
+
+MAX_UPLOAD = 256 << 10  # the test LoRAs are ~20 KB as tar.gz
+PROMPT = [3 + b for b in b"hello world"]  # byte-level tokenizer: byte b -> id 3 + b
+
+
+class Served:
+    """A started server on a background thread: address, metrics URL, admin key, the in-process app."""
+
+    def __init__(self, root):
+        model_dir = build_demo_model(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        config = ServerConfig(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
+                              metrics_listen="127.0.0.1:0", max_slots=4, max_rank=16, max_batch_tokens=256,
+                              max_running=8, max_model_len=512, max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0)
+        self.model_dir = model_dir
+        self.app = build_app(config)
+        self.app.ensure_admin()
+        self.admin_key = self.app.admin_key_file.read_text().strip()
+        self.lines: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        self.stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while len(self.lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(self.lines) >= 2, f"server did not start: {self.lines}"
+        self.address = self.lines[0].split()[-1]
+        self.metrics_url = self.lines[1].split()[-1]
+        self.channel = grpc.insecure_channel(self.address)
+        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
+        self.deltas = deltas_pb2_grpc.DeltasStub(self.channel)
+        self.tenants = tenants_pb2_grpc.TenantsStub(self.channel)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main():
+            self.stop = asyncio.Event()
+            await run(self.app, self.stop, announce=self.lines.append)
+
+        self.loop.run_until_complete(main())
+
+    def close(self) -> None:
+        self.channel.close()
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(timeout=30)
+
+    def tenant(self, name: str, **quotas) -> list[tuple[str, str]]:
+        reply = self.tenants.CreateTenant(tenants_pb2.CreateTenantRequest(name=name, quotas=common_pb2.Quotas(**quotas)),
+                                          metadata=auth(self.admin_key))
+        return auth(reply.api_key)
+
+    def idle(self, timeout: float = 10.0) -> None:
+        """Wait until no request holds KV blocks or a slot pin (the engine finished or aborted everything)."""
+        engine, slots = self.app.engine, self.app.slots
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if engine.runner.kv.allocator.num_used == 0 and slots.stats().pinned == 0 and not engine.scheduler.has_work():
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"still busy: kv blocks {engine.runner.kv.allocator.num_used}, "
+                             f"pinned slots {slots.stats().pinned}")
+
+
+def auth(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    served = Served(tmp_path_factory.mktemp("server"))
+    yield served
+    served.close()
+
+
+def peft_lora(model_dir, seed: int) -> tuple[bytes, torch.nn.Module]:
+    """A PEFT LoRA (random A and B) for the served base, as tar.gz bytes, and the merged HF model (the oracle)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():  # PEFT's random init keeps B small; scale it so the delta changes greedy tokens
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for f in sorted(Path(tmp).iterdir()):
+                tar.add(f, arcname=f.name)
+    return buf.getvalue(), peft_model.merge_and_unload().eval()
+
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The parity oracle: HF forward on the merged model, argmax token by token, no EOS stop."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def upload(srv, md, name: str, data: bytes, *, total: int | None = None, chunk: int = 8 << 10):
+    def messages():
+        header = deltas_pb2.UploadHeader(name=name, description="test")
+        if total is not None:
+            header.total_bytes = total
+        yield deltas_pb2.UploadDeltaRequest(header=header)
+        for i in range(0, len(data), chunk):
+            yield deltas_pb2.UploadDeltaRequest(chunk=data[i:i + chunk])
+    return srv.deltas.UploadDelta(messages(), metadata=md).version
+
+
+def gen_request(delta: str = "", n: int = 8, **sampling) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=PROMPT), delta=delta,
+                                         sampling=inference_pb2.SamplingParams(max_new_tokens=n, temperature=0.0,
+                                                                               ignore_eos=True, **sampling))
+
+
+def collect(stream) -> tuple[list[int], list]:
+    chunks = list(stream)
+    return [t for c in chunks for t in c.token_ids], chunks
+
+
+def code_of(fn) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value
+
+
+@pytest.fixture(scope="module")
+def alice(srv):
+    md = srv.tenant("alice")
+    data, merged = peft_lora(srv.model_dir, seed=1)
+    version = upload(srv, md, "style", data, total=len(data))
+    return md, version, merged
+
+
+# ---- standard services -------------------------------------------------------------------------
+def test_health_serving_and_reflection_lists_services(srv):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    for service in ("", "deltaserve.v1.Inference"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+    refl = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
+    replies = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"deltaserve.v1.Inference", "deltaserve.v1.Deltas", "deltaserve.v1.Tenants",
+            "grpc.health.v1.Health"} <= names, names
+
+
+# ---- generation parity -------------------------------------------------------------------------
+def test_uploaded_peft_lora_streams_the_merged_models_tokens(srv, alice):
+    md, version, merged = alice
+    assert (version.name, version.version) == ("style", 1)
+    assert version.kinds == [common_pb2.DELTA_KIND_LORA] and version.max_rank == 4 and len(version.digest) == 64
+    tokens, chunks = collect(srv.inference.Generate(gen_request("style", n=12), metadata=md))
+    assert tokens == greedy(merged, PROMPT, 12)
+    assert len(chunks) >= 2, "expected a stream of chunks, got one message"
+    last = chunks[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH and last.delta_version == 1
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(PROMPT), 12)
+    assert last.timings.total_seconds >= last.timings.ttft_seconds > 0
+    assert all(c.finish_reason == common_pb2.FINISH_REASON_NONE for c in chunks[:-1])
+    # the base model alone differs from the delta (the delta is not a no-op)
+    base_tokens, _ = collect(srv.inference.Generate(gen_request("", n=12), metadata=md))
+    assert base_tokens != tokens
+
+
+def test_text_prompt_and_logprobs(srv, alice):
+    md, _, _ = alice
+    req = inference_pb2.GenerateRequest(text="hello world", delta="style@1", sampling=inference_pb2.SamplingParams(
+        max_new_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True))
+    tokens, chunks = collect(srv.inference.Generate(req, metadata=md))
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    assert len(tokens) == 4 and len(logprobs) == 4 and all(lp <= 0 for lp in logprobs)
+
+
+# ---- tenancy -----------------------------------------------------------------------------------
+def test_other_tenants_delta_is_not_found_everywhere(srv, alice):
+    bob = srv.tenant("bob")
+    assert list(srv.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(), metadata=bob).deltas) == []
+    calls = {
+        "get": lambda: srv.deltas.GetDelta(deltas_pb2.GetDeltaRequest(name="style"), metadata=bob),
+        "generate": lambda: list(srv.inference.Generate(gen_request("style"), metadata=bob)),
+        "delete": lambda: srv.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name="style"), metadata=bob),
+        "preload": lambda: srv.deltas.PreloadDelta(deltas_pb2.PreloadDeltaRequest(delta="style"), metadata=bob),
+    }
+    for what, call in calls.items():
+        err = code_of(call)
+        assert err.code() == grpc.StatusCode.NOT_FOUND, (what, err.code(), err.details())
+        assert "alice" not in err.details()
+    missing = code_of(lambda: srv.deltas.GetDelta(deltas_pb2.GetDeltaRequest(name="nothing"), metadata=bob))
+    assert missing.details().replace("nothing", "style") == code_of(calls["get"]).details()  # same shape: no oracle
+    # alice still sees hers, with usage counted from the earlier generations
+    info = srv.deltas.GetDelta(deltas_pb2.GetDeltaRequest(name="style"), metadata=alice[0]).delta
+    assert [v.version for v in info.versions] == [1] and info.usage.requests >= 1
+    listed = srv.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(page_size=10), metadata=alice[0])
+    assert [d.name for d in listed.deltas] == ["style"]
+
+
+def test_missing_or_bad_key_is_unauthenticated_and_tenants_needs_admin(srv, alice):
+    for md in ([], auth("ds_not-a-real-key"), [("authorization", "Basic abc")]):
+        err = code_of(lambda: srv.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(), metadata=md))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED, md
+        err = code_of(lambda: list(srv.inference.Generate(gen_request(), metadata=md)))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    err = code_of(lambda: srv.tenants.ListTenants(tenants_pb2.ListTenantsRequest(), metadata=alice[0]))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    names = [t.name for t in srv.tenants.ListTenants(tenants_pb2.ListTenantsRequest(), metadata=auth(srv.admin_key)).tenants]
+    assert {"admin", "alice"} <= set(names)
+
+
+def test_rotate_key_revokes_the_old_one(srv):
+    md = srv.tenant("carol")
+    new = srv.tenants.RotateKey(tenants_pb2.RotateKeyRequest(name="carol"), metadata=auth(srv.admin_key)).api_key
+    err = code_of(lambda: srv.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(), metadata=md))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert srv.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(), metadata=auth(new)).deltas == []
+
+
+# ---- uploads -----------------------------------------------------------------------------------
+def test_bad_uploads_are_invalid_argument_and_store_nothing(srv, alice):
+    md = srv.tenant("dave")
+    good, _ = peft_lora(srv.model_dir, seed=2)
+    cases = {
+        "oversize": (bytes(MAX_UPLOAD + 1), None),
+        "oversize_announced": (good, MAX_UPLOAD + 1),
+        "truncated": (good[: len(good) // 2], len(good)),
+        "truncated_archive": (good[: len(good) // 2], None),
+        "malformed": (b"this is not a delta file" * 100, None),
+    }
+    for what, (data, total) in cases.items():
+        err = code_of(lambda: upload(srv, md, what, data, total=total))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, err.code(), err.details())
+    assert list(srv.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(), metadata=md).deltas) == []
+    spool = srv.app.config.data_dir + "/tmp"
+    assert not [f for f in os.listdir(spool) if f.startswith("upload-") and f.endswith(".payload")]
+    no_header = code_of(lambda: srv.deltas.UploadDelta(iter([deltas_pb2.UploadDeltaRequest(chunk=b"x")]), metadata=md))
+    assert no_header.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_delta_count_quota_and_rate_and_concurrency_limits(srv):
+    data, _ = peft_lora(srv.model_dir, seed=3)
+    small = srv.tenant("erin", max_deltas=1)
+    upload(srv, small, "one", data)
+    upload(srv, small, "one", data)  # a new version of the same name does not count as a new delta
+    err = code_of(lambda: upload(srv, small, "two", data))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+
+    ratey = srv.tenant("frank", requests_per_minute=2)
+    for _ in range(2):
+        collect(srv.inference.Generate(gen_request(n=2), metadata=ratey))
+    err = code_of(lambda: list(srv.inference.Generate(gen_request(n=2), metadata=ratey)))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry = dict(err.trailing_metadata() or ())
+    assert 1000 <= int(retry["retry-after-ms"]) <= 60_000, retry  # 1 request per 30 s refills in ~30 s
+
+    single = srv.tenant("gina", max_concurrent=1)
+    first = srv.inference.Generate(gen_request(n=300), metadata=single)
+    next(first)  # admitted and streaming
+    err = code_of(lambda: list(srv.inference.Generate(gen_request(n=2), metadata=single)))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_concurrent" in err.details()
+    first.cancel()
+    srv.idle()
+
+
+# ---- deadlines and cancellation ----------------------------------------------------------------
+def test_short_deadline_is_deadline_exceeded_and_frees_the_request(srv, alice):
+    md, _, _ = alice
+    err = code_of(lambda: list(srv.inference.Generate(gen_request("style", n=400), metadata=md, timeout=0.3)))
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    srv.idle()
+
+
+def test_cancel_mid_stream_frees_kv_blocks_and_slot_pin(srv, alice):
+    md, _, _ = alice
+    engine, slots = srv.app.engine, srv.app.slots
+    call = srv.inference.Generate(gen_request("style", n=400), metadata=md)
+    next(call)
+    next(call)
+    assert engine.runner.kv.allocator.num_used > 0 and slots.stats().pinned == 1
+    call.cancel()
+    srv.idle()  # raises if the KV blocks or the slot pin are still held
+
+
+# ---- hot swap ----------------------------------------------------------------------------------
+def test_hot_swap_old_stream_finishes_on_old_weights(srv):
+    md = srv.tenant("hank")
+    v1_data, v1_model = peft_lora(srv.model_dir, seed=4)
+    v2_data, v2_model = peft_lora(srv.model_dir, seed=5)
+    assert upload(srv, md, "swap", v1_data).version == 1
+    old = srv.inference.Generate(gen_request("swap", n=300), metadata=md)
+    first = next(old)
+    assert upload(srv, md, "swap", v2_data).version == 2
+    assert srv.app.engine.scheduler.num_running >= 1, "the old request finished before the new version landed"
+    new_tokens, new_chunks = collect(srv.inference.Generate(gen_request("swap", n=10), metadata=md))
+    assert new_chunks[-1].delta_version == 2
+    assert new_tokens == greedy(v2_model, PROMPT, 10)
+    rest = list(old)
+    old_tokens = list(first.token_ids) + [t for c in rest for t in c.token_ids]
+    assert rest[-1].delta_version == 1 and len(old_tokens) == 300
+    assert old_tokens[:20] == greedy(v1_model, PROMPT, 20)
+    assert new_tokens != old_tokens[:10]
+    srv.idle()
+
+
+def test_preload_and_delete(srv, alice):
+    md = srv.tenant("ivy")
+    data, _ = peft_lora(srv.model_dir, seed=6)
+    upload(srv, md, "warm", data)
+    upload(srv, md, "warm", data)
+    reply = srv.deltas.PreloadDelta(deltas_pb2.PreloadDeltaRequest(delta="warm@1"), metadata=md)
+    assert reply.version.version == 1 and reply.tier == deltas_pb2.CACHE_TIER_DEVICE
+    assert srv.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name="warm@1"), metadata=md).deleted_versions == 1
+    assert srv.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name="warm"), metadata=md).deleted_versions == 1
+    err = code_of(lambda: list(srv.inference.Generate(gen_request("warm"), metadata=md)))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_bad_requests_are_invalid_argument(srv, alice):
+    md, _, _ = alice
+    bad = [
+        inference_pb2.GenerateRequest(sampling=inference_pb2.SamplingParams(max_new_tokens=2)),  # no prompt
+        inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=[10_000])),
+        gen_request(n=2, top_p=0.0),
+        gen_request(n=2, top_p=1.5),
+        gen_request("bad/name"),
+        gen_request(n=600),  # prompt + max_new_tokens > max_model_len
+    ]
+    for req in bad:
+        err = code_of(lambda: list(srv.inference.Generate(req, metadata=md)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (req, err.details())
+
+
+# ---- metrics (last: it reads what the traffic above produced) ----------------------------------
+def test_zz_metrics_scrape_after_traffic(srv, alice):
+    collect(srv.inference.Generate(gen_request("style", n=4), metadata=alice[0]))
+    srv.idle()
+    text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+
+    def total(prefix: str) -> float:
+        return sum(v for k, v in samples.items() if k == prefix or k.startswith(prefix + "{"))
+
+    for series in ("deltaserve_requests_total", "deltaserve_request_latency_seconds_count",
+                   "deltaserve_time_to_first_token_seconds_count", "deltaserve_time_per_output_token_seconds_count",
+                   "deltaserve_queue_wait_seconds_count", "deltaserve_generated_tokens_total",
+                   "deltaserve_batch_size_count", "deltaserve_step_duration_seconds_count",
+                   "deltaserve_delta_cache_hits_total", "deltaserve_delta_cache_misses_total",
+                   "deltaserve_delta_loads_total", "deltaserve_rpcs_total"):
+        assert total(series) > 0, f"{series} is zero or missing"
+    assert samples['deltaserve_requests_total{status="ok",tenant="alice"}'] >= 2
+    assert any(k.startswith('deltaserve_requests_total{status="resource_exhausted"') for k in samples)
+    assert any(k.startswith('deltaserve_requests_total{status="deadline_exceeded"') for k in samples)
+    assert samples['deltaserve_requests_by_delta_kind_total{kind="lora"}'] >= 1
+    assert samples["deltaserve_kv_blocks_total"] > 0 and samples["deltaserve_delta_slots_total"] == 4
+    labels = set(re.findall(r'="([^"]*)"', text))
+    for forbidden in ("style", "swap", "warm", "one", "two"):
+        assert forbidden not in labels, f"label value {forbidden!r} is a delta name"
+    assert not any(re.fullmatch(r"[0-9a-f]{64}", v) for v in labels), "a label carries a digest"
