@@ -169,3 +169,71 @@ def test_clear_resets_slot():
     with torch.no_grad():
         dm.batch.prepare_sequences([0], [6])
         assert torch.equal(dm.model(input_ids=ids).logits, bare(input_ids=ids).logits)
+
+
+def test_layer_checks_hold_without_validate():
+    """The pools refuse on their own (validate() may be configured looser than the pools)."""
+    dm = wrap_model(tiny_gpt2(), max_slots=2, max_rank=4, max_bottleneck=4)
+    c_attn, ln_1 = dm.layers["transformer.h.0.attn.c_attn"], dm.layers["transformer.h.0.ln_1"]
+    with pytest.raises(DeltaError, match=r"c_attn: lora\.b expected shape \(192, 2\), found \(64, 2\)"):
+        c_attn.check(_lora(64, 64))
+    with pytest.raises(DeltaError, match=r"c_attn: LoRA rank 5 outside \[1, max_rank=4\]"):
+        c_attn.check(_lora(64, 192, r=5))
+    big = AdapterTerm(torch.ones(5, 64), torch.ones(5), torch.ones(64, 5), torch.ones(64), "relu")
+    with pytest.raises(DeltaError, match=r"mlp\.c_proj: adapter width 5 outside \[1, max_bottleneck=4\]"):
+        dm.layers["transformer.h.0.mlp.c_proj"].check(ModuleDelta(adapter=big))
+    with pytest.raises(DeltaError, match=r"ln_1: bias expected shape \(64,\), found \(3,\)"):
+        ln_1.check(ModuleDelta(bias=torch.ones(3)))
+    with pytest.raises(DeltaError, match=r"ln_1: a norm module carries only a bias delta, found \['lora'\]"):
+        ln_1.check(_lora(64, 64))
+
+
+def test_batch_buffer_is_refilled_in_place():
+    """CUDA-graph friendly: steps of up to max_tokens tokens reuse the same slot-id storage."""
+    dm = wrap_model(tiny_llama(), max_slots=4, max_rank=4, max_bottleneck=4, max_tokens=16)
+    ptr = dm.batch._slots.data_ptr()
+    for slots in ([0] * 16, [1, -1, 3], [2] * 7):
+        dm.batch.prepare(slots)
+        assert dm.batch._slots.data_ptr() == ptr
+        assert dm.batch.meta.token_slots.data_ptr() == ptr
+        assert dm.batch.meta.token_slots.tolist() == slots
+
+
+def test_output_adapter_on_any_wrapped_module_and_mixed_sources():
+    """An OpenDelta-style adapter on a non-site module (reads its output) next to a residual one at a site."""
+    bare = tiny_llama(seed=2)
+    dm = wrap_model(copy.deepcopy(bare), max_slots=3, max_rank=4, max_bottleneck=8)
+    g = torch.Generator().manual_seed(0)
+
+    def term(h, m, source, scale=1.0):
+        return AdapterTerm(0.3 * torch.randn(m, h, generator=g), 0.1 * torch.randn(m, generator=g),
+                           0.3 * torch.randn(h, m, generator=g), 0.1 * torch.randn(h, generator=g), "silu", scale, source)
+
+    up = "model.layers.0.mlp.up_proj"  # out 128, not a residual site
+    site = "model.layers.1.mlp.down_proj"
+    d_out = Delta({up: ModuleDelta(adapter=term(128, 8, "output"))})
+    d_res = Delta({site: ModuleDelta(adapter=term(64, 3, "residual", 4.0))})
+    dm.set_delta(0, d_out)
+    dm.set_delta(2, d_res)
+    ids = _ids(3, 5)
+    dm.batch.prepare_sequences([0, -1, 2], [5, 5, 5])
+    with torch.no_grad():
+        got = dm.model(input_ids=ids).logits
+    silu = torch.nn.functional.silu
+    for row, (delta, path) in ((0, (d_out, up)), (2, (d_res, site))):
+        ref = copy.deepcopy(bare)
+        ad = delta.modules[path].adapter
+        captured = {}
+        norm = ref.get_submodule("model.layers.1.post_attention_layernorm")
+        norm.register_forward_pre_hook(lambda _m, a: captured.__setitem__("h", a[0]))
+
+        def hook(_m, _a, y, ad=ad):
+            src = y if ad.source == "output" else captured["h"]
+            return y + ad.scale * (silu(src @ ad.down.T + ad.down_bias) @ ad.up.T + ad.up_bias)
+        ref.get_submodule(path).register_forward_hook(hook)
+        with torch.no_grad():
+            expected = ref(input_ids=ids[row:row + 1]).logits[0]
+        assert (expected - bare(input_ids=ids[row:row + 1]).logits[0]).abs().max() > 1e-3
+        torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=0)
+    with torch.no_grad():  # same batch shape as the wrapped call: BLAS picks kernels by M
+        assert torch.equal(got[1], bare(input_ids=ids).logits[1])
