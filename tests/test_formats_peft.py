@@ -213,3 +213,12 @@ def test_deepcopy_free_spec_reuse(tmp_path):
     load_delta(tmp_path, spec)
     for k, v in before.items():
         assert torch.equal(spec.biases[k], v)
+
+
+def test_lora_only_without_biases_is_flagged(tmp_path):
+    """PEFT 0.7-0.20 saved no biases for bias="lora_only" (issue #3306): served as LoRA, but flagged."""
+    make_peft(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_fc"], bias="lora_only"), tmp_path, perturb_biases=True)
+    sd = load_file(str(tmp_path / "adapter_model.safetensors"))
+    save_file({k: v for k, v in sd.items() if not k.endswith(".bias")}, str(tmp_path / "adapter_model.safetensors"))
+    delta = load_delta(tmp_path, BaseSpec.from_model(tiny_gpt2()))
+    assert delta.kinds() == {"lora"} and "trained biases are missing" in delta.description

@@ -11,6 +11,7 @@ alpha_pattern {"down_proj": 16}): q/v scale 8/4 = 2.0, down_proj 16/4 = 4.0, lay
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .files import first_existing, read_json, read_tensors
 from .keys import KeyMapper
 from .peft_config import check_supported, is_feedforward, is_targeted, lora_scale
 
+log = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
@@ -61,7 +63,13 @@ def load_peft(path: str | Path, spec: BaseSpec) -> Delta:
     importer = _PeftImporter(cfg, peft_type, spec, where)
     importer.run(tensors)
     base = cfg.get("base_model_name_or_path") or "unknown base"
-    return importer.builder.build(description=f"peft {peft_type} from {base}")
+    note = ""
+    if cfg.get("bias") == "lora_only" and not any(_BIAS_RE.match(k) for k in tensors):
+        # PEFT 0.7.0 - ~0.20 silently saved no biases for "lora_only" (peft issue #3306): the trained
+        # biases are lost and cannot be recovered here, only flagged
+        note = "; bias='lora_only' but the file holds no biases (PEFT 0.7-0.20 bug): trained biases are missing"
+        log.warning("%s: %s", where, note[2:])
+    return importer.builder.build(description=f"peft {peft_type} from {base}{note}")
 
 
 class _PeftImporter:
