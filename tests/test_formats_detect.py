@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from delta_store import BaseSpec, DeltaError
+from delta_store import BaseMismatch, BaseSpec, DeltaError
 from delta_store.delta import Delta, LoraTerm, ModuleDelta
 from delta_store.formats import detect_format, load_delta
 from delta_store.formats.keys import KeyMapper, layer_of
@@ -52,6 +52,10 @@ def test_native_round_trip_through_load_delta(tmp_path, llama):
     assert got.base_fingerprint == llama.fingerprint
     torch.testing.assert_close(got.modules["model.layers.1.self_attn.q_proj"].lora.b, d.modules[
         "model.layers.1.self_attn.q_proj"].lora.b)
+    d.base_fingerprint = "f" * 32  # validated against another base: FAILED_PRECONDITION, not served
+    (tmp_path / "other.safetensors").write_bytes(dump_native(d))
+    with pytest.raises(BaseMismatch):
+        load_delta(tmp_path / "other.safetensors", llama)
 
 
 def test_bitfit_absolute_and_additive(tmp_path, gpt2):

@@ -205,7 +205,7 @@ def test_fp16_file_keeps_its_dtype(tmp_path):
     assert {md.lora.a.dtype for md in delta.modules.values()} == {torch.float16}
 
 
-def test_deepcopy_free_spec_reuse(tmp_path):
+def test_loading_does_not_mutate_the_spec(tmp_path):
     """One spec serves many loads (the store builds it once); loading must not mutate it."""
     spec = BaseSpec.from_model(tiny_gpt2())
     before = copy.deepcopy(spec.biases)

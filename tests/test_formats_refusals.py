@@ -150,6 +150,9 @@ def test_adapterhub_flexible_head_refused_default_head_ignored(tmp_path, llama_s
                     config=lambda c: c.update(config={"head_type": "causal_lm", "layers": 2}))
     with pytest.raises(UnsupportedDelta, match="prediction head"):
         load_delta(folder, llama_spec)
+    (folder / "head_config.json").unlink()
+    with pytest.raises(UnsupportedDelta, match="pytorch_model_head.bin without head_config.json"):
+        load_delta(folder, llama_spec)
 
 
 def test_adapterhub_tensor_outside_config_refused(tmp_path, llama_spec):

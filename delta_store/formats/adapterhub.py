@@ -26,6 +26,7 @@ from .keys import KeyMapper, layer_of
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter.safetensors", "pytorch_adapter.bin")
 HEAD_CONFIG_NAME = "head_config.json"
+HEAD_WEIGHT_NAMES = ("pytorch_model_head.bin", "model_head.safetensors")
 FUSION_CONFIG_NAME = "adapter_fusion_config.json"
 _SITES = {"attention_adapters": "attn", "output_adapters": "ffn"}
 
@@ -63,6 +64,10 @@ def _check_head(folder: Path, where: str) -> None:
     """A head file that merely copies the base lm_head is ignored (never even read); a trained flexible
     head (head_config with a config) replaces the base LM head, so it is refused."""
     if not (folder / HEAD_CONFIG_NAME).is_file():
+        heads = [n for n in HEAD_WEIGHT_NAMES if (folder / n).is_file()]
+        if heads:
+            raise UnsupportedDelta(f"{where}: {heads[0]} without {HEAD_CONFIG_NAME}: cannot tell a copy of the base "
+                                   f"LM head from a trained one")
         return
     head = read_json(folder / HEAD_CONFIG_NAME)
     if head.get("config") is not None:
