@@ -147,16 +147,15 @@ class Catalogue:
                 raise NotFound(f"tenant {tenant_id!r} not found")
             return self._tenant(c.execute("SELECT * FROM tenants WHERE id = ?", (tenant_id,)).fetchone())
 
-    def delete_tenant(self, tenant_id: str) -> list[str]:
-        """Delete a tenant and all its deltas; returns the digests queued for blob collection."""
+    def delete_tenant(self, tenant_id: str) -> list[DeltaVersion]:
+        """Delete a tenant and all its deltas (blobs queued for collection); returns the versions gone."""
         with self.write() as c:
-            digests = [r[0] for r in c.execute(
-                "SELECT DISTINCT v.digest FROM versions v JOIN deltas d ON d.id = v.delta_id WHERE d.tenant_id = ?",
-                (tenant_id,))]
+            gone = [DeltaVersion.from_row(r) for r in c.execute(_VERSION_SELECT + " WHERE d.tenant_id = ?",
+                                                                (tenant_id,))]
             if c.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,)).rowcount == 0:
                 raise NotFound(f"tenant {tenant_id!r} not found")
-            self._queue_gc(c, digests)
-        return digests
+            self._queue_gc(c, [v.digest for v in gone])
+        return gone
 
     # -- versions -----------------------------------------------------------------------------------
     def add_version(self, tenant_id: str, name: str, digest: str, size: int, kinds: list[str], max_rank: int,

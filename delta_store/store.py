@@ -58,7 +58,7 @@ class DeltaStore:
         self.blobs: BlobBackend = blobs if blobs is not None else LocalBlobs(self.data_dir)
         self.catalogue = Catalogue(self.data_dir / "catalogue.sqlite3", busy_timeout_s=self.settings.busy_timeout_s)
         self.host = HostCache(self.settings.host_cache_bytes)
-        self.tenants = TenantRegistry(self.catalogue, self.settings.default_quotas, self._collect)
+        self.tenants = TenantRegistry(self.catalogue, self.settings.default_quotas, self._deleted)
         self._tmp = self.data_dir / "tmp"
         self._tmp.mkdir(exist_ok=True)
         self._lock = threading.Lock()
@@ -124,6 +124,12 @@ class DeltaStore:
         for digest in digests:
             if self.catalogue.collect(digest, self.blobs.delete):
                 self.host.discard(digest)
+
+    def _deleted(self, gone: list[DeltaVersion]) -> None:
+        self._collect(sorted({v.digest for v in gone}))
+        if gone:
+            for fn in self._listeners:
+                fn(gone)
 
     def subscribe(self, fn: Callable[[list[DeltaVersion]], None]) -> None:
         """``fn(versions)`` after versions are deleted (the engine drops their device slots)."""
@@ -240,9 +246,7 @@ class DeltaStore:
         gone = self.catalogue.delete(_tid(tenant), name, version)
         if not gone:
             raise NotFound(f"delta {ref!r} not found")
-        self._collect(sorted({v.digest for v in gone}))
-        for fn in self._listeners:
-            fn(gone)
+        self._deleted(gone)
         return gone
 
     # -- loads and usage ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Callable
 from .catalogue import Catalogue
 from .errors import InvalidArgument, NotFound, Unauthenticated
 from .names import check_name
-from .records import Quotas, Tenant
+from .records import DeltaVersion, Quotas, Tenant
 
 KEY_PREFIX = "ds_"
 
@@ -27,10 +27,11 @@ def hash_key(key: str) -> str:
 class TenantRegistry:
     """``store.tenants``: create, look up by key, list, delete, rotate keys, set quotas."""
 
-    def __init__(self, catalogue: Catalogue, default_quotas: Quotas, on_delete: Callable[[list[str]], None]):
+    def __init__(self, catalogue: Catalogue, default_quotas: Quotas,
+                 on_delete: Callable[[list[DeltaVersion]], None]):
         self._cat = catalogue
         self._defaults = default_quotas
-        self._on_delete = on_delete  # collects the blobs of the deleted tenant's deltas
+        self._on_delete = on_delete  # collects blobs and tells subscribers (device slots) what is gone
 
     def create(self, name: str, *, is_admin: bool = False, quotas: Quotas | None = None) -> tuple[Tenant, str]:
         """A new tenant and its API key (the only time the key is available in clear)."""

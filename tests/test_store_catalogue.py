@@ -80,7 +80,9 @@ def test_versions_refs_and_tenant_isolation(store, payloads):
             store.resolve(a, bad)
     assert [v.version for v in store.versions(a, "qa")] == [1, 2]
     # deleting one version keeps the others; the numbering never reuses a number
-    store.delete(a, "qa@2")
+    told = []
+    store.subscribe(told.append)
+    assert store.delete(a, "qa@2") == [v2] and told == [[v2]]
     assert store.resolve(a, "qa") == v1
     assert store.put(a, "qa", payloads[2]).version == 3
     with pytest.raises(NotFound):
@@ -126,7 +128,10 @@ def test_delete_tenant_removes_its_deltas_and_blobs(store, payloads):
     va = store.put(a, "x", payloads[0])
     store.put(b, "y", payloads[0])  # same bytes: shared blob
     store.put(a, "z", payloads[1])
+    told = []
+    store.subscribe(told.append)
     store.tenants.delete(a.id)
+    assert sorted(v.ref for v in told[0]) == ["x@1", "z@1"], "subscribers (device slots) hear of it"
     with pytest.raises(NotFound):
         store.tenants.get(a.id)
     assert store.blobs.exists(va.digest) and len(list(store.blobs.iter())) == 1
