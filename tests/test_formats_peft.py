@@ -222,3 +222,35 @@ def test_lora_only_without_biases_is_flagged(tmp_path):
     save_file({k: v for k, v in sd.items() if not k.endswith(".bias")}, str(tmp_path / "adapter_model.safetensors"))
     delta = load_delta(tmp_path, BaseSpec.from_model(tiny_gpt2()))
     assert delta.kinds() == {"lora"} and "trained biases are missing" in delta.description
+
+
+def test_qwen2_bias_all_on_qkv_biases(tmp_path):
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "o_proj"], bias="all")
+    pm = make_peft(tiny_llama(model_type="qwen2"), cfg, tmp_path, perturb_biases=True)
+    delta, spec = check_parity(pm, tiny_llama(model_type="qwen2"), tmp_path)
+    assert delta.modules["model.layers.0.self_attn.v_proj"].bias is not None  # untargeted, bias still trained
+    assert delta.modules["model.layers.0.self_attn.o_proj"].bias is None  # Qwen2 o_proj has no bias at all
+
+
+def test_targeting_and_pattern_rules():
+    from delta_store.formats.peft_config import is_feedforward, is_targeted, lora_scale
+    key = "model.layers.1.self_attn.q_proj"
+    assert is_targeted({"target_modules": ["q_proj"]}, key)
+    assert is_targeted({"target_modules": [key]}, key)
+    assert not is_targeted({"target_modules": ["proj"]}, key)  # dot boundary
+    assert is_targeted({"target_modules": r".*\.1\..*q_proj"}, key)
+    assert is_targeted({"target_modules": r".*q_proj", "layers_to_transform": [0]}, key)  # ignored for a regex
+    assert not is_targeted({"target_modules": ["q_proj"], "exclude_modules": ["self_attn.q_proj"]}, key)
+    assert not is_targeted({"target_modules": ["q_proj"], "exclude_modules": r"model\.layers\.1\..*"}, key)
+    assert is_targeted({"target_modules": ["q_proj"], "layers_to_transform": 1}, key)
+    assert not is_targeted({"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ["h", "layers"]},
+                           key)
+    assert is_feedforward({"feedforward_modules": ["mlp.c_proj"]}, "transformer.h.0.mlp.c_proj")
+    assert is_feedforward({"feedforward_modules": ["proj"]}, "model.layers.0.mlp.down_proj")  # no dot boundary
+    assert not is_feedforward({"feedforward_modules": ["mlp.c_proj"]}, "transformer.h.0.attn.c_proj")
+    # patterns: dot-boundary suffix regexes, first match in dict order wins; "^q_proj" never matches
+    cfg = {"r": 8, "lora_alpha": 8, "rank_pattern": {"^q_proj": 2, r"layers\.1\.self_attn\.q_proj": 4, "q_proj": 6},
+           "alpha_pattern": {"self_attn.q_proj": 2, "q_proj": 100}}
+    assert lora_scale(cfg, key, 4, where="t") == 0.5
+    with pytest.raises(DeltaError, match="config says rank 6"):
+        lora_scale(cfg, "model.layers.0.self_attn.q_proj", 4, where="t")
