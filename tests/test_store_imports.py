@@ -152,7 +152,9 @@ def _bad_payload(case, tmp_path, spec, peft_folder):
             if src.suffix == ".safetensors":
                 data = data[:8] + b"\xff" * 64 + data[72:]
             (folder / src.name).write_bytes(data)
-        return tar_folder(folder, tmp_path / "bad.tgz"), DeltaError, r"^bad\.tgz:peft_bad/adapter_model\.safetensors: not a readable"
+        # the message names the upload and the member, never the server's scratch folder
+        return (tar_folder(folder, tmp_path / "bad.tgz"), DeltaError,
+                r"^bad\.tgz:peft_bad/adapter_model\.safetensors: not a readable")
     if case == "wrong_shapes":
         good.modules[q].lora.a = torch.zeros(4, spec.hidden_size + 3)
         return _native(tmp_path, good), DeltaError, "expected shape"
