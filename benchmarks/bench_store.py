@@ -77,8 +77,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU run under a minute")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads: the store path is copies, hashing and file I/O, and OpenMP "
+                         "spin-waits on a shared 2-core VM inflated dm.set_delta 10x (26 ms -> 2.4 s) at 2")
     args = ap.parse_args()
-    repeats = args.repeats or (7 if args.quick else 25)
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (5 if args.quick else 25)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -87,7 +91,7 @@ def main() -> None:
     spec = BaseSpec.from_model(base)
     res = Results(__file__, {"rank": RANK, "targets": list(PROJECTIONS), "hidden": spec.hidden_size,
                              "layers": spec.num_layers, "repeats": repeats, "quick": args.quick,
-                             "device": str(device), "dtype": str(dtype)})
+                             "device": str(device), "dtype": str(dtype), "threads": args.threads})
     work = Path(tempfile.mkdtemp(prefix="bench_store-"))
     delta = random_delta(spec, rank=RANK, targets=PROJECTIONS, seed=0)
     native = work / "delta.safetensors"
