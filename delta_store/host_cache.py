@@ -3,7 +3,7 @@
 Keyed by blob digest, so identical uploads under two names share one entry and a replaced
 version (new digest) can never be answered by a stale one. On machines with CUDA the tensors are
 moved to pinned (page-locked) memory on insert, which lets the slot manager's host-to-device copy
-run asynchronously at full PCIe bandwidth (vLLM PR #31317 measured the gain on adapter loads).
+run asynchronously at full PCIe bandwidth (vLLM PR #31317 pins adapter memory for the same reason).
 """
 from __future__ import annotations
 

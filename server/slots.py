@@ -10,8 +10,8 @@ of slots (D2), LRU eviction among slots no running request uses, loads done off 
   because that is the thread that owns the pools between forward passes.
 * A ``DeltaKey`` carries the blob digest, so a replaced version is a different key and a new
   slot: requests already running keep the old slot until they release it, new requests get the
-  new version, and the old slot is evicted like any other once unpinned (vLLM #42125: a same-name
-  reload served stale state). ``invalidate(key)`` drops a deleted version's slot early.
+  new version, and the old slot is evicted like any other once unpinned (vLLM #42125 / PR #48352: a
+  same-name reload reused stale cached state). ``invalidate(key)`` drops a deleted version's slot early.
 * A failed load is raised once, by the next ``acquire`` of that key.
 """
 from __future__ import annotations
