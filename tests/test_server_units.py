@@ -1,0 +1,220 @@
+"""Unit tests of the edge's pieces without a server: quotas, key parsing, error mapping, pb conversion,
+metrics translation and log lines."""
+from __future__ import annotations
+
+import io
+import re
+
+import grpc
+import pytest
+
+from delta_store.errors import (AlreadyExists, BaseMismatch, DeltaError, InvalidArgument, NotFound, PermissionDenied,
+                                ResourceExhausted, Unauthenticated)
+from server.auth import bearer_key, rate_limits
+from server.config import ServerConfig
+from server.errors import RETRY_AFTER_KEY, status_of
+from server.grpc_inference import output_to_pb, sampling_from_pb
+from server.metrics import Metrics
+from server.pb import common_pb2, inference_pb2
+from server.quotas import CONCURRENCY_RETRY_S, Quotas, RateLimits
+from server.stats import RequestStats, StepStats
+from server.types import TokenOutput
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_request_bucket_refuses_with_a_retry_hint_then_refills():
+    clock = Clock()
+    q = Quotas(clock=clock)
+    limits = RateLimits(requests_per_minute=2, tokens_per_minute=1000, max_concurrent=10)
+    for _ in range(2):
+        q.admit("t", limits, 10).release(10)
+    with pytest.raises(ResourceExhausted, match="requests_per_minute=2") as info:
+        q.admit("t", limits, 10)
+    assert info.value.retry_after == pytest.approx(30.0)  # 2 per minute: one unit every 30 s
+    clock.now += 30.0
+    q.admit("t", limits, 10).release()
+    q.admit("other", limits, 10).release()  # tenants do not share buckets
+
+
+def test_token_bucket_charges_max_and_refunds_unused_tokens():
+    clock = Clock()
+    q = Quotas(clock=clock)
+    limits = RateLimits(requests_per_minute=100, tokens_per_minute=100, max_concurrent=10)
+    lease = q.admit("t", limits, 80)
+    with pytest.raises(ResourceExhausted, match="tokens_per_minute=100") as info:
+        q.admit("t", limits, 30)
+    assert info.value.retry_after == pytest.approx(6.0)  # 10 missing tokens at 100/60 per second
+    lease.release(used_tokens=20)  # 60 of the 80 charged come back
+    q.admit("t", limits, 70).release()
+    with pytest.raises(ResourceExhausted, match="more than tokens_per_minute") as info:
+        q.admit("t", limits, 101)
+    assert info.value.retry_after is None  # waiting would never help
+
+
+def test_concurrency_cap_and_idempotent_release():
+    q = Quotas(clock=Clock())
+    limits = RateLimits(requests_per_minute=100, tokens_per_minute=10_000, max_concurrent=2)
+    a, b = q.admit("t", limits, 1), q.admit("t", limits, 1)
+    with pytest.raises(ResourceExhausted, match="max_concurrent=2") as info:
+        q.admit("t", limits, 1)
+    assert info.value.retry_after == CONCURRENCY_RETRY_S
+    a.release()
+    a.release()  # twice: still one unit back, not two
+    assert q.running("t") == 1
+    with q.admit("t", limits, 1):
+        assert q.running("t") == 2
+    b.release()
+    assert q.running("t") == 0
+
+
+def test_changed_limits_take_effect_and_keep_running_count():
+    q = Quotas(clock=Clock())
+    lease = q.admit("t", RateLimits(1, 100, 5), 1)
+    with pytest.raises(ResourceExhausted):
+        q.admit("t", RateLimits(1, 100, 5), 1)
+    q.admit("t", RateLimits(10, 100, 5), 1).release()  # new quotas: fresh buckets
+    with pytest.raises(ResourceExhausted, match="max_concurrent"):
+        q.admit("t", RateLimits(10, 100, 1), 1)  # the running request still counts
+    lease.release()
+
+
+@pytest.mark.parametrize("metadata, ok", [
+    ([("authorization", "Bearer ds_abc")], True),
+    ([("authorization", "bearer   ds_abc  ")], True),
+    ([("Authorization", b"Bearer ds_abc")], True),
+    ([], False),
+    ([("authorization", "Basic ds_abc")], False),
+    ([("authorization", "Bearer")], False),
+    ([("authorization", "Bearer " + "x" * 300)], False),
+])
+def test_bearer_key_parsing(metadata, ok):
+    if ok:
+        assert bearer_key(metadata) == "ds_abc"
+    else:
+        with pytest.raises(Unauthenticated):
+            bearer_key(metadata)
+
+
+def test_rate_limits_fall_back_to_config_defaults():
+    class Q:
+        requests_per_minute, tokens_per_minute, max_concurrent = 5, None, 2
+
+    class T:
+        quotas = Q()
+
+    cfg = ServerConfig(default_tokens_per_minute=1234)
+    assert rate_limits(T(), cfg) == RateLimits(5, 1234, 2)
+
+
+@pytest.mark.parametrize("exc, code", [
+    (InvalidArgument("x"), grpc.StatusCode.INVALID_ARGUMENT), (DeltaError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound("delta 'a' not found"), grpc.StatusCode.NOT_FOUND), (Unauthenticated("x"), grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied("x"), grpc.StatusCode.PERMISSION_DENIED), (BaseMismatch("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    (AlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS), (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RuntimeError("secret internals"), grpc.StatusCode.INTERNAL),
+])
+def test_status_mapping(exc, code):
+    got, details, trailing = status_of(exc)
+    assert got == code
+    assert "secret" not in details and "\n" not in details
+    assert trailing == ()
+
+
+def test_resource_exhausted_carries_retry_after_ms():
+    code, details, trailing = status_of(ResourceExhausted("slow down\nsecond line", retry_after=1.5))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details == "slow down"
+    assert trailing == ((RETRY_AFTER_KEY, "1500"),)
+    assert status_of(ResourceExhausted("queue full"))[2] == ()  # no hint when none is known
+
+
+def test_sampling_defaults_and_validation():
+    s = sampling_from_pb(inference_pb2.SamplingParams())
+    assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (64, 1.0, 1.0, 0, None)
+    s = sampling_from_pb(inference_pb2.SamplingParams(temperature=0.0, seed=7, max_new_tokens=3, stop_strings=["\n"]))
+    assert s.greedy and s.seed == 7 and s.max_new_tokens == 3 and s.stop_strings == ["\n"]
+    for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(repetition_penalty=0.0), dict(max_new_tokens=1 << 17)):
+        with pytest.raises(InvalidArgument, match="sampling"):
+            sampling_from_pb(inference_pb2.SamplingParams(**bad))
+
+
+def test_output_to_pb_sets_timings_only_on_the_last_chunk():
+    mid = output_to_pb(TokenOutput("r", [5, 6], "ab", prompt_tokens=3, completion_tokens=2), 2)
+    assert mid.finish_reason == common_pb2.FINISH_REASON_NONE and not mid.HasField("timings")
+    assert (mid.usage.total_tokens, mid.delta_version, list(mid.token_ids)) == (5, 2, [5, 6])
+    last = output_to_pb(TokenOutput("r", [7], "c", finish_reason="eos", prompt_tokens=3, completion_tokens=3,
+                                    queue_time=0.1, ttft=0.2, total_time=0.5), 2)
+    assert last.finish_reason == common_pb2.FINISH_REASON_EOS and last.timings.total_seconds == 0.5
+
+
+def _samples(metrics: Metrics) -> dict[str, float]:
+    out = {}
+    for line in metrics.scrape().decode().splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_translate_engine_stats_and_cumulative_snapshots():
+    m = Metrics()
+    m.record(StepStats(step=1, step_time=0.01, forward_time=0.008, num_tokens=12, prefill_tokens=10, decode_tokens=2,
+                       num_seqs=3, num_deltas=2, num_running=3, num_waiting=1, waiting_on_delta=0, num_preempted=0,
+                       kv_blocks_used=5, kv_blocks_total=64))
+    m.record(RequestStats("r1", "acme", "lora", "length", 4, 8, 0.001, 0.02, 0.005, 0.06, 0))
+    m.request_started("acme")
+    m.request_ended("acme")
+    m.request_finished("acme", "ok", ("lora", "bitfit"))
+
+    class Slots:
+        num_slots, slots_in_use, pinned, hits, misses, evictions, loads = 8, 2, 1, 5, 2, 0, 2
+        load_seconds, install_seconds = 0.5, 0.1
+
+    m.record_slots(Slots())
+    m.record_slots(Slots())  # the same snapshot twice must not double the counters
+    s = _samples(m)
+    assert s['deltaserve_batch_size_count'] == 1 and s['deltaserve_batch_size_sum'] == 3
+    assert s['deltaserve_step_distinct_deltas_sum'] == 2 and s['deltaserve_kv_blocks_in_use'] == 5
+    assert s['deltaserve_time_to_first_token_seconds_count{tenant="acme"}'] == 1
+    assert s['deltaserve_time_per_output_token_seconds_sum{tenant="acme"}'] == pytest.approx(0.005)
+    assert s['deltaserve_generated_tokens_total{tenant="acme"}'] == 8
+    assert s['deltaserve_requests_total{status="ok",tenant="acme"}'] == 1
+    assert s['deltaserve_requests_by_delta_kind_total{kind="bitfit"}'] == 1
+    assert s['deltaserve_requests_in_flight{tenant="acme"}'] == 0
+    assert s['deltaserve_delta_cache_hits_total{tier="device"}'] == 5
+    assert s['deltaserve_delta_load_seconds_total{tier="device"}'] == pytest.approx(0.6)
+    Slots.hits = 9
+    m.record_slots(Slots())
+    assert _samples(m)['deltaserve_delta_cache_hits_total{tier="device"}'] == 9
+    assert all(name.startswith("deltaserve_") for name in s)
+
+
+def test_metrics_registries_are_private():
+    a, b = Metrics(), Metrics()  # a second instance would clash on the global registry
+    a.request_finished("x", "ok")
+    assert 'deltaserve_requests_total{status="ok",tenant="x"}' in _samples(a)
+    assert not any(k.startswith("deltaserve_requests_total{") for k in _samples(b))
+
+
+def test_log_lines_are_key_value():
+    from server import logs
+
+    stream = io.StringIO()
+    logs.configure("info", stream=stream)
+    try:
+        logs.get_logger("test").info("listening", address="127.0.0.1:1", reason='has "quotes" and spaces', n=3)
+        logs.get_logger("test").debug("hidden")
+    finally:
+        logs.configure("warning")
+    line = stream.getvalue().strip()
+    assert "\n" not in line
+    assert re.fullmatch(r'ts=\S+Z level=info event=listening address=127\.0\.0\.1:1 '
+                        r'reason="has \\"quotes\\" and spaces" n=3', line), line
+    with pytest.raises(ValueError, match="log_level"):
+        logs.configure("loud")
