@@ -225,3 +225,26 @@ def test_quotas_on_put(store, spec, tmp_path):
     with pytest.raises(ResourceExhausted, match="storage quota"):
         store.put(tenant, "two", f)
     assert [v.name for v in store.list(tenant)[0]] == ["one"]
+
+
+@pytest.mark.parametrize("container", ["safetensors", "torch"])
+def test_bitfit_file_spooled_without_a_suffix(store, spec, tmp_path, container):
+    """The gRPC edge spools uploads to nameless temp files: the store finds the container by content."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    paths = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    biases = {f"{p}.bias": torch.randn(spec.modules[p].out_features, generator=g) for p in paths}
+    spooled = tmp_path / "upload-1234"
+    if container == "safetensors":
+        save_file(biases, spooled)
+    else:
+        torch.save(biases, spooled)  # a zip container: must not be taken for an archive upload
+    tenant, _ = store.tenants.create("acme")
+    version = store.put(tenant, "bias-only", spooled)
+    assert version.kinds == ("bitfit",) and version.source_format == "bitfit"
+    store.host.discard(version.digest)
+    delta = store.load(version)
+    for p in paths:  # the tiny Llama's linears have no base bias: absolute values are the deltas
+        assert torch.equal(delta.modules[p].bias, biases[f"{p}.bias"])
+    assert list((store.data_dir / "tmp").iterdir()) == []
