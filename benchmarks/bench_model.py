@@ -68,7 +68,11 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=None, help="round-robin samples per variant (default 7, quick 3)")
     ap.add_argument("--profile", action="store_true", help="profile one 32-delta decode step and print the top ops")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 gives steadier ratios on an oversubscribed shared machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prefill_len = args.prefill_len or (16 if args.quick else 64)
     rounds = args.rounds or (3 if args.quick else 7)
 
@@ -122,6 +126,7 @@ def main() -> None:
 
     res = Results(__file__, settings=dict(quick=args.quick, seqs=S, prefill_len=prefill_len, context=args.context,
                                           layers=args.layers, rank=args.rank, rounds=rounds, dtype=str(dtype),
+                                          threads=torch.get_num_threads(),
                                           kernels=kernels.current_backend(prompt), hidden=bare.config.hidden_size))
     ratios = {}
     for shape in ("prefill", "decode"):
