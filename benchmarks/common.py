@@ -47,42 +47,63 @@ def _flush_l2(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 2, repeats: int = 7,
-            min_sample_s: float = 0.02, flush_l2: bool = True) -> dict:
-    """Median time of one call of ``fn`` in ms.
+            min_sample_s: float = 0.02, flush_l2: bool = True, clock: str | None = None) -> dict:
+    """Median time of one call of ``fn`` in ms (see :func:`time_many`)."""
+    return time_many({"fn": fn}, device=device, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s,
+                     flush_l2=flush_l2, clock=clock)["fn"]
 
-    CPU: each sample loops ``fn`` until it lasts >= ``min_sample_s`` (one 0.1 ms call is below the
-    timer's noise on a shared VM), so weights stay cache-warm there, as in a serving loop.
+
+def time_many(fns: dict[str, Callable[[], object]], *, device: torch.device | str = "cpu", warmup: int = 2,
+              repeats: int = 7, min_sample_s: float = 0.02, flush_l2: bool = True,
+              clock: str | None = None) -> dict[str, dict]:
+    """Median time of one call of each function in ms, sampled round-robin: one sample of every
+    function per repetition, so a load spike from a neighbour on a shared machine hits every variant
+    alike and their ratios hold (timed one after another they drifted by 2-30x here).
+
+    CPU: each sample loops the function until it lasts >= ``min_sample_s`` (one 0.1 ms call is below
+    the timer's noise on a shared VM), so weights stay cache-warm, as in a serving loop.
+    ``clock`` (CPU): "wall" (perf_counter) or "thread" (CPU time of the calling thread, which a
+    neighbour's load cannot inflate; only meaningful with ``torch.set_num_threads(1)``, since
+    intra-op threads' time is not counted). Default: ``BENCH_CLOCK`` or "wall".
     CUDA: each sample is one call bracketed by events, after an L2 flush and a sync.
     """
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        samples = []
-        for _ in range(repeats):
-            if flush_l2:
-                _flush_l2(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    clock = clock or os.environ.get("BENCH_CLOCK", "wall")
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"time_many: clock {clock!r} is not 'wall' or 'thread'")
+    now = time.perf_counter if clock == "wall" else time.thread_time
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        inner = 1
-    else:
-        t0 = time.perf_counter()
+    sync(device)
+    cuda = device.type == "cuda"
+    inner = {}
+    for name, fn in fns.items():
+        if cuda:
+            inner[name] = 1
+            continue
+        t0 = now()
         fn()
-        one = max(time.perf_counter() - t0, 1e-7)
-        inner = max(1, int(min_sample_s / one))
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(inner):
+        inner[name] = max(1, int(min_sample_s / max(now() - t0, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if cuda:
+                if flush_l2:
+                    _flush_l2(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
                 fn()
-            samples.append((time.perf_counter() - t0) * 1e3 / inner)
-    return {"ms": statistics.median(samples), "ms_min": min(samples), "ms_max": max(samples),
-            "repeats": repeats, "inner": inner}
+                end.record()
+                torch.cuda.synchronize()
+                samples[name].append(start.elapsed_time(end))
+            else:
+                t0 = now()
+                for _ in range(inner[name]):
+                    fn()
+                samples[name].append((now() - t0) * 1e3 / inner[name])
+    return {name: {"ms": statistics.median(v), "ms_min": min(v), "ms_max": max(v), "repeats": repeats,
+                   "inner": inner[name], "clock": "cuda_events" if cuda else clock} for name, v in samples.items()}
 
 
 def _version(mod: str) -> str | None:

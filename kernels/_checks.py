@@ -13,9 +13,11 @@ def _fmt(shape) -> str:
 
 
 def expect(op: str, name: str, t, shape: tuple, dtype: torch.dtype | tuple, device: torch.device | None,
-           *, contiguous: bool = True) -> tuple[int, ...]:
+           *, contiguous: bool | str = True) -> tuple[int, ...]:
     """Check ``t`` against ``shape`` (None = any size), ``dtype`` (one or a tuple), ``device`` and layout.
-    ``contiguous=False`` still needs unit stride on the last dimension (row-strided views are fine)."""
+    ``contiguous=False`` still needs unit stride on the last dimension (row-strided views are fine);
+    ``"or_transposed"`` also accepts a ``transpose(1, 2)`` view of a contiguous pool (up-projection pools
+    stored [S, R, out] make the CPU decode gather contiguous: see ``reference._gather_up``)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     got = tuple(t.shape)
@@ -27,7 +29,11 @@ def expect(op: str, name: str, t, shape: tuple, dtype: torch.dtype | tuple, devi
                          f"{' or '.join(str(d) for d in dtypes)}")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} (shape {list(got)}) is on {t.device}, expected {device}")
-    if contiguous and not t.is_contiguous():
+    if contiguous == "or_transposed":
+        if not (t.is_contiguous() or t.transpose(-1, -2).is_contiguous()):
+            raise ValueError(f"{op}: {name} (shape {list(got)}, strides {list(t.stride())}) must be contiguous, "
+                             "or a transpose(1, 2) view of a contiguous tensor")
+    elif contiguous and not t.is_contiguous():
         raise ValueError(f"{op}: {name} (shape {list(got)}, strides {list(t.stride())}) must be contiguous")
     if not contiguous and t.dim() and t.numel() and t.stride(-1) != 1:
         raise ValueError(f"{op}: {name} (shape {list(got)}, strides {list(t.stride())}) needs unit stride "
@@ -49,9 +55,9 @@ def expect_meta(op: str, meta, num_tokens: int, device: torch.device) -> None:
 def check_lora(y, x, lora_a, lora_b, scale, rank, meta, op: str = "add_lora") -> None:
     t_, n_out = expect(op, "y", y, (None, None), FLOAT_DTYPES, None, contiguous=False)
     dev, dt = y.device, y.dtype
-    _, n_in = expect(op, "x", x, (t_, None), dt, dev, contiguous=False)
-    s_, r_, _ = expect(op, "lora_a", lora_a, (None, None, n_in), dt, dev)
-    expect(op, "lora_b", lora_b, (s_, n_out, r_), dt, dev)
+    s_, r_, n_in = expect(op, "lora_a", lora_a, (None, None, None), dt, dev)
+    expect(op, "x", x, (t_, n_in), dt, dev, contiguous=False)
+    expect(op, "lora_b", lora_b, (s_, n_out, r_), dt, dev, contiguous="or_transposed")
     expect(op, "scale", scale, (s_,), torch.float32, dev)
     expect(op, "rank", rank, (s_,), torch.int32, dev)
     expect_meta(op, meta, t_, dev)
@@ -63,7 +69,7 @@ def check_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta
     expect(op, "u", u, (t_, h_), dt, dev, contiguous=False)
     s_, m_, _ = expect(op, "down", down, (None, None, h_), dt, dev)
     expect(op, "down_bias", down_bias, (s_, m_), dt, dev)
-    expect(op, "up", up, (s_, h_, m_), dt, dev)
+    expect(op, "up", up, (s_, h_, m_), dt, dev, contiguous="or_transposed")
     expect(op, "up_bias", up_bias, (s_, h_), dt, dev)
     expect(op, "scale", scale, (s_,), torch.float32, dev)
     expect(op, "width", width, (s_,), torch.int32, dev)

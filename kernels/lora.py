@@ -86,7 +86,7 @@ def _shrink_kernel(x_ptr, w_ptr, wb_ptr, h_ptr, rank_ptr, act_ptr, sorted_ptr, a
 
 @triton.jit
 def _expand_kernel(h_ptr, w_ptr, wb_ptr, y_ptr, scale_ptr, rank_ptr, sorted_ptr, active_ptr, seg_start_ptr,
-                   N, stride_ht, stride_ws, stride_wn, stride_wbs, stride_yt, M_HINT,
+                   N, stride_ht, stride_ws, stride_wn, stride_wk, stride_wbs, stride_yt, M_HINT,
                    HAS_BIAS: tl.constexpr, CAST_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[tok, n] += scale[slot] * (h[seg0 + m, :rank] @ w[slot, n, :rank].T + wb[slot, n])."""
@@ -111,7 +111,7 @@ def _expand_kernel(h_ptr, w_ptr, wb_ptr, y_ptr, scale_ptr, rank_ptr, sorted_ptr,
             kk = k0 + offs_k
             mask_k = kk < rank
             ht = tl.load(h_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK] fp32
-            wt = tl.load(w_base + offs_n[None, :] * stride_wn + kk[:, None],
+            wt = tl.load(w_base + offs_n[None, :] * stride_wn + kk[:, None] * stride_wk,
                          mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
             if CAST_FP32:
                 acc = tl.dot(ht, wt.to(tl.float32), acc, input_precision="ieee")
@@ -166,12 +166,13 @@ def shrink(x: torch.Tensor, w: torch.Tensor, rank: torch.Tensor, meta: DeltaKern
 
 def expand(y: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, rank: torch.Tensor,
            meta: DeltaKernelMeta, w_bias: torch.Tensor | None = None) -> None:
-    """y[tok_p] += scale[s] * (h[p, :rank[s]] @ w[s, :, :rank[s]].T + w_bias[s]), in place. w [S, N, R]."""
+    """y[tok_p] += scale[s] * (h[p, :rank[s]] @ w[s, :, :rank[s]].T + w_bias[s]), in place. w [S, N, R],
+    contiguous or a transpose(1, 2) view of a contiguous [S, R, N] (read through its strides)."""
     n_out = y.shape[1]
     cast = INTERPRET or y.dtype == torch.float32
     m_hint = next_pow2(max(meta.max_seg_len, 1))
     args = (h, w, w_bias if w_bias is not None else w, y, scale, rank, meta.sorted_token_ids, meta.active_slots,
-            meta.seg_start, n_out, h.stride(0), w.stride(0), w.stride(1),
+            meta.seg_start, n_out, h.stride(0), w.stride(0), w.stride(1), w.stride(2),
             w_bias.stride(0) if w_bias is not None else 0, y.stride(0), m_hint)
     flags = dict(HAS_BIAS=w_bias is not None, CAST_FP32=cast)
     if y.is_cuda and not INTERPRET:

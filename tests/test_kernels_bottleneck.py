@@ -8,7 +8,8 @@ import torch
 import kernels
 from kernels import ACT_CODES, DeltaKernelMeta, bottleneck, reference
 from tests.helpers import TOLERANCES, assert_close
-from tests.test_kernels_cases import PATTERNS, bottleneck_pools, loop_bottleneck, slot_ids, slots_tensor
+from tests.test_kernels_cases import (PATTERNS, bottleneck_pools, loop_bottleneck, slot_ids, slots_tensor,
+                                      transposed_storage)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WIDTHS = (1, 4, 8, 16, 32)
@@ -141,3 +142,26 @@ def test_triton_large_grid_on_gpu(num_tokens, pattern, dtype):
     bottleneck.add_bottleneck(y, u, *_args(pools), meta)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close(y, y_ref, **tol, what=f"cuda {dtype} T={num_tokens} {pattern}")
+
+
+@pytest.mark.parametrize("plan", reference.PLANS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_every_plan_on_every_pattern(plan, pattern):
+    slots, pools, y, u = _case(17, 8, pattern, 24, torch.float32, seed=5, device="cpu")
+    expected = loop_bottleneck(y, y, *_args(pools), slots)
+    with reference.force_plan(plan):
+        reference.add_bottleneck(y, y, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
+    assert_close(y, expected, atol=2e-5, rtol=2e-5, what=f"forced {plan}")
+
+
+def test_up_stored_transposed():
+    slots = [0, 1, 2, 0, -1, 2, 1, 1]
+    pools = bottleneck_pools(3, 40, [8, 32, 3], [0, 1, 3], device=DEVICE)
+    pools["up"] = transposed_storage(pools["up"])
+    y, u = torch.randn(8, 40, device=DEVICE), torch.randn(8, 40, device=DEVICE)
+    expected = loop_bottleneck(y, u, *_args(pools), slots)
+    meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
+    for fn in (reference.add_bottleneck, bottleneck.add_bottleneck, kernels.add_bottleneck):
+        out = y.clone()
+        fn(out, u, *_args(pools), meta)
+        assert_close(out, expected, atol=2e-5, rtol=2e-5, what=fn.__module__)

@@ -35,15 +35,22 @@ def _pad_garbage(pool: torch.Tensor, sizes: list[int], dim: int) -> None:
         pool[s].narrow(dim - 1, n, pool.shape[dim] - n).fill_(GARBAGE)
 
 
+def transposed_storage(t: torch.Tensor) -> torch.Tensor:
+    """Same values and shape [S, a, b], stored as a contiguous [S, b, a] (the faster up-pool layout)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def lora_pools(num_slots: int, n_in: int, n_out: int, ranks: list[int], *, max_rank: int = 64,
-               dtype=torch.float32, device="cpu", seed: int = 0) -> dict:
-    """lora_a [S, R, in], lora_b [S, out, R], scale fp32 [S], rank int32 [S]; padding holds GARBAGE."""
+               dtype=torch.float32, device="cpu", seed: int = 0, b_transposed: bool = False) -> dict:
+    """lora_a [S, R, in], lora_b [S, out, R], scale fp32 [S], rank int32 [S]; padding holds GARBAGE.
+    ``b_transposed``: lora_b stored as [S, R, out] (a transpose view, as the kernels accept)."""
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(num_slots, max_rank, n_in, generator=g) / n_in ** 0.5
     b = torch.randn(num_slots, n_out, max_rank, generator=g) / 4
     _pad_garbage(a, ranks, 1)
     _pad_garbage(b, ranks, 2)
-    return dict(lora_a=a.to(device, dtype), lora_b=b.to(device, dtype),
+    b = b.to(device, dtype)
+    return dict(lora_a=a.to(device, dtype), lora_b=transposed_storage(b) if b_transposed else b,
                 scale=(0.5 + torch.rand(num_slots, generator=g)).to(device),
                 rank=torch.tensor(ranks, dtype=torch.int32, device=device))
 

@@ -177,3 +177,48 @@ def test_triton_large_grid_on_gpu(num_tokens, num_deltas, pattern, dtype):
     lora.add_lora(y, x, *_args(pools), meta)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close(y, y_ref, **tol, what=f"cuda {dtype} T={num_tokens} deltas={num_deltas} {pattern}")
+
+
+def test_gathered_groups_split_by_rank():
+    # decode-like batch mixing rank 4 and rank 64: the reference gathers each rank group separately
+    slots = [0, 1, 2, 3, -1, 4, 5]
+    ranks = [4, 64, 4, 64, 0, 16]
+    groups = list(reference._gather_groups(DeltaKernelMeta.build(slots_tensor(slots)), ranks,
+                                           [s for s in range(6) if ranks[s]]))
+    assert [(size, sl.tolist(), same) for size, _, sl, same in groups] == [(4, [0, 2], True), (16, [5], True),
+                                                                      (64, [1, 3], True)]
+    assert [ids.tolist() for _, ids, _, _ in groups] == [[0, 2], [6], [1, 3]]
+    pools = lora_pools(6, 24, 40, ranks)
+    x, y = torch.randn(7, 24), torch.randn(7, 40)
+    expected = loop_lora(y, x, *_args(pools), slots)
+    reference.add_lora(y, x, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
+    assert_close(y, expected, atol=2e-5, rtol=2e-5, what="rank groups")
+
+
+@pytest.mark.parametrize("plan", reference.PLANS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_every_plan_on_every_pattern(plan, pattern):
+    slots, pools, x, y = _case(17, 8, pattern, 40, 24, torch.float32, device="cpu", seed=3)
+    expected = loop_lora(y, x, *_args(pools), slots)
+    with reference.force_plan(plan):
+        reference.add_lora(y, x, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
+    assert_close(y, expected, atol=2e-5, rtol=2e-5, what=f"forced {plan}")
+
+
+@pytest.mark.parametrize("plan", reference.PLANS)
+def test_lora_b_stored_transposed(plan):
+    # lora_b may be a transpose view of a contiguous [S, R, out] pool: same semantics, either backend.
+    slots = slot_ids(17, 8, "uniform", seed=4, none_fraction=0.2)
+    ranks = [RANKS[s % len(RANKS)] for s in range(10)]
+    pools = lora_pools(10, 40, 24, ranks, b_transposed=True, device=DEVICE)
+    assert not pools["lora_b"].is_contiguous() and pools["lora_b"].transpose(1, 2).is_contiguous()
+    x, y = torch.randn(17, 40, device=DEVICE), torch.randn(17, 24, device=DEVICE)
+    expected = loop_lora(y, x, *_args(pools), slots)
+    meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
+    out = y.clone()
+    with reference.force_plan(plan):
+        reference.add_lora(out, x, *_args(pools), meta)
+    assert_close(out, expected, atol=2e-5, rtol=2e-5, what=f"reference {plan}")
+    out = y.clone()
+    lora.add_lora(out, x, *_args(pools), meta)
+    assert_close(out, expected, atol=2e-5, rtol=2e-5, what="triton")

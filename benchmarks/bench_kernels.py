@@ -1,0 +1,287 @@
+"""Delta kernels: what the per-token delta work costs next to the base matmul it rides on.
+
+CPU (the torch reference is the CPU serving path): for each point, the base matmul ``F.linear(x, W)``
+alone, the reference op, and a naive PEFT-style loop over the distinct deltas (boolean mask, gather,
+two matmuls, scatter-add; what PEFT's mixed-batch ``adapter_names=`` does). Ratios:
+``overhead = delta / base`` and ``speedup_vs_loop = loop / delta``. CUDA: the Triton op against
+the reference, with the Triton op's achieved bandwidth against the device's datasheet peak.
+
+Points: a 64-token batch with 1/8/32/64 distinct deltas (token i uses delta i % k), one decode step
+(T=32, 32 distinct deltas) and one prefill (T=2048: 32 sequences x 64 tokens), on a q_proj-shaped
+layer; then the decode step on all seven projections of the CPU benchmark Llama (hidden 1024), the
+layer-level bound for the engine's target (32 distinct rank-16 deltas <= 25% extra decode time),
+a D3 check (half the slots rank 4, half rank 64, vs all rank 64) and the other kinds.
+
+    python benchmarks/bench_kernels.py --quick       # < 1 min on 2 CPU cores
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+from benchmarks.common import Results, time_many  # noqa: E402
+from kernels import DeltaKernelMeta, reference  # noqa: E402
+from tests.test_kernels_cases import bottleneck_pools, lora_pools, loop_lora  # noqa: E402
+
+# (name, in, out): the seven projections of the CPU benchmark Llama (DESIGN.md: hidden 1024,
+# intermediate 2816, 16 heads, 4 KV heads -> k/v out 256); on a GPU the 4096/11008 model.
+PROJ_CPU = (("q", 1024, 1024), ("k", 1024, 256), ("v", 1024, 256), ("o", 1024, 1024),
+            ("gate", 1024, 2816), ("up", 1024, 2816), ("down", 2816, 1024))
+TIMING = {"repeats": 9, "min_sample_s": 0.05}  # --quick: 5 repeats of >= 10 ms samples
+PROJ_GPU = (("q", 4096, 4096), ("k", 4096, 1024), ("v", 4096, 1024), ("o", 4096, 4096),
+            ("gate", 4096, 11008), ("up", 4096, 11008), ("down", 11008, 4096))
+
+
+def loop_over_deltas(y, x, lora_a, lora_b, scale, rank, slots_long, active_host, ranks_host, scales_host):
+    """The naive baseline: one mask/gather/matmul/scatter per distinct delta (PEFT mixed batch)."""
+    for s in active_host:
+        rows = torch.nonzero(slots_long == s).flatten()
+        r = ranks_host[s]
+        h = x.index_select(0, rows) @ lora_a[s, :r].T
+        y.index_add_(0, rows, (h @ lora_b[s, :, :r].T) * scales_host[s])
+
+
+class Point:
+    """One layer shape and slot map with its pools, ready to time the base, the delta and the loop."""
+
+    def __init__(self, n_in, n_out, slots, ranks, *, dtype, device, max_rank=64, num_slots=64, seed=0,
+                 b_transposed=False):
+        self.slots = slots
+        self.pools = lora_pools(num_slots, n_in, n_out, ranks, max_rank=max_rank, dtype=dtype, device=device,
+                                seed=seed, b_transposed=b_transposed)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(len(slots), n_in, generator=g).to(device, dtype)  # [T, in]
+        self.w = (torch.randn(n_out, n_in, generator=g) / n_in ** 0.5).to(device, dtype)  # [out, in]
+        self.y = F.linear(self.x, self.w)  # [T, out]
+        self.meta = DeltaKernelMeta.build(torch.tensor(slots, dtype=torch.int32, device=device), slots)
+        self.slots_long = self.meta.token_slots.long()
+        self.ranks_host, self.scales_host = self.pools["rank"].tolist(), self.pools["scale"].tolist()
+        self.args = (self.pools["lora_a"], self.pools["lora_b"], self.pools["scale"], self.pools["rank"])
+        self.device = device
+
+    def base(self):
+        return F.linear(self.x, self.w, out=self.y)
+
+    def delta(self, op):
+        return lambda: op(self.y, self.x, *self.args, self.meta)
+
+    def loop(self):
+        loop_over_deltas(self.y, self.x, *self.args, self.slots_long, self.meta.active_slots_host, self.ranks_host,
+                         self.scales_host)
+
+    def check(self, op) -> float:
+        """Max |op - float64 loop| on a fresh y (CPU fp32 runs only; the timings reuse y)."""
+        y = torch.randn_like(self.y)
+        want = loop_lora(y, self.x, *self.args, self.slots)
+        op(y, self.x, *self.args, self.meta)
+        return (y.double().cpu() - want).abs().max().item()
+
+
+def forced(plan):
+    """The reference op with its execution plan fixed (to check RUN_MIN_TOKENS against data)."""
+    def op(*args):
+        with reference.force_plan(plan):
+            reference.add_lora(*args)
+    return op
+
+
+PLAN_OPS = {f"plan_{p}": forced(p) for p in reference.PLANS}
+
+
+def time_point(res, name, pt, *, ops, flops_rank, extra=None, loop=True) -> dict:
+    dev = pt.device
+    row = {"point": name, "tokens": len(pt.slots), "distinct": pt.meta.num_active,
+           "in": pt.x.shape[1], "out": pt.y.shape[1], "dtype": str(pt.x.dtype).replace("torch.", ""),
+           "rank": flops_rank, "plan": reference._plan(pt.meta), **(extra or {})}
+    fns = {"base": pt.base, **{op_name: pt.delta(op) for op_name, op in ops.items()}}
+    if loop:
+        fns["loop"] = pt.loop
+    times = time_many(fns, device=dev, **TIMING)
+    row["base_ms"] = times["base"]["ms"]
+    for name in fns:
+        if name != "base":
+            row[f"{name}_ms"] = times[name]["ms"]
+            row[f"{name}_overhead"] = row[f"{name}_ms"] / row["base_ms"]
+    res.write(row)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return row
+
+
+def bytes_lora(pt) -> int:
+    """HBM traffic of the Triton LoRA op: x rows and y rows (read+write) once, each active slot's A/B rows."""
+    elt = pt.x.element_size()
+    n_tok = pt.meta.num_active_tokens
+    r_total = sum(pt.ranks_host[s] for s in pt.meta.active_slots_host)
+    n_in, n_out = pt.x.shape[1], pt.y.shape[1]
+    return elt * (n_tok * n_in + 2 * n_tok * n_out + r_total * (n_in + n_out))
+
+
+def run_cpu(res, quick: bool) -> dict:
+    dt, dev = torch.float32, "cpu"
+    ops = {"ref": reference.add_lora}
+    rows = {}
+    n = 1024
+    for k in (1, 8, 32, 64):  # 64-token batch, token i -> delta i % k
+        pt = Point(n, n, [i % k for i in range(64)], [16] * 64, dtype=dt, device=dev)
+        assert pt.check(reference.add_lora) < 1e-3
+        rows[f"t64_k{k}"] = time_point(res, f"t64_k{k}", pt, ops={**ops, **PLAN_OPS}, flops_rank=16)
+    pt = Point(n, n, list(range(32)), [16] * 64, dtype=dt, device=dev)
+    rows["decode"] = time_point(res, "decode_t32_k32", pt, ops={**ops, **PLAN_OPS}, flops_rank=16)
+    if not quick:  # the rest of the grid: decode with fewer deltas, prefill with fewer or more
+        for k in (1, 8):
+            pt = Point(n, n, [i % k for i in range(32)], [16] * 64, dtype=dt, device=dev)
+            time_point(res, f"decode_t32_k{k}", pt, ops=ops, flops_rank=16)
+        for k in (1, 8, 64):
+            pt = Point(n, n, [j % k for j in range(32) for _ in range(64)], [16] * 64, dtype=dt, device=dev)
+            time_point(res, f"prefill_t2048_k{k}", pt, ops=ops, flops_rank=16)
+    pt = Point(n, n, [j for j in range(32) for _ in range(64)], [16] * 64, dtype=dt, device=dev)
+    rows["prefill"] = time_point(res, "prefill_t2048_k32", pt, ops=ops, flops_rank=16)
+
+    # D3: a batch mixing rank 4 and rank 64 against one where every slot is rank 64
+    mixed = Point(n, n, list(range(32)), [4, 64] * 32, dtype=dt, device=dev)
+    full = Point(n, n, list(range(32)), [64] * 64, dtype=dt, device=dev)
+    r_mixed = time_point(res, "decode_rank_4_64", mixed, ops=ops, flops_rank="4/64", loop=False)
+    r_full = time_point(res, "decode_rank_64", full, ops=ops, flops_rank=64, loop=False)
+    rows["rank_mix_vs_64"] = r_mixed["ref_ms"] / r_full["ref_ms"]
+
+    # decode step on all seven projections: the engine's layer-level budget, with lora_b stored
+    # [S, out, R] (the contract's shape, contiguous) and [S, R, out] (a transpose view: contiguous gather)
+    for tag, bt in (("", False), ("_bT", True)):
+        base = delta = 0.0
+        for proj, n_in, n_out in PROJ_CPU:
+            pt = Point(n_in, n_out, list(range(32)), [16] * 64, dtype=dt, device=dev, seed=n_out, b_transposed=bt)
+            r = time_point(res, f"decode7{tag}_{proj}", pt, ops=ops, flops_rank=16, loop=False,
+                           extra={"b_transposed": bt})
+            base, delta = base + r["base_ms"], delta + r["ref_ms"]
+        rows[f"decode7{tag}_overhead"] = delta / base
+        res.write({"point": f"decode7{tag}_total", "base_ms": base, "ref_ms": delta, "ref_overhead": delta / base})
+
+    # other kinds, decode and prefill, on the q_proj shape
+    for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
+        rows[f"kinds_{label}"] = time_kinds(res, label, slots, n, dt, dev)
+    return rows
+
+
+def time_kinds(res, label, slots, hidden, dt, dev) -> dict:
+    g = torch.Generator().manual_seed(3)
+    meta = DeltaKernelMeta.build(torch.tensor(slots, dtype=torch.int32, device=dev), slots)
+    x = torch.randn(len(slots), hidden, generator=g).to(dev, dt)
+    w = (torch.randn(hidden, hidden, generator=g) / hidden ** 0.5).to(dev, dt)
+    y = F.linear(x, w)
+    bp = bottleneck_pools(64, hidden, [16] * 64, [kernels.ACT_CODES["gelu"]] * 64, max_width=64, dtype=dt,
+                          device=dev)
+    vec = (1 + torch.rand(64, hidden, generator=g)).to(dev, dt)
+    u = y.clone()
+    times = time_many({
+        "base": lambda: F.linear(x, w, out=y),
+        "bottleneck": lambda: reference.add_bottleneck(y, u, bp["down"], bp["down_bias"], bp["up"], bp["up_bias"],
+                                                       bp["scale"], bp["width"], bp["act"], meta),
+        "bitfit": lambda: reference.add_bias(y, vec, meta),
+        "ia3": lambda: reference.mul_rows(y, vec, meta),
+        "meta_build": lambda: DeltaKernelMeta.build(meta.token_slots, slots)}, device=dev, **TIMING)
+    base = times["base"]["ms"]
+    out = {k: v["ms"] / base for k, v in times.items() if k != "base"}
+    row = {"point": f"kinds_{label}", "tokens": len(slots), "hidden": hidden, "base_ms": base,
+           **{f"{k}_overhead": v for k, v in out.items()}}
+    res.write(row)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return out
+
+
+def run_cuda(res, quick: bool) -> dict:
+    from benchmarks.common import peak_bandwidth_gbs
+    from kernels import lora
+
+    dt, dev = torch.bfloat16, "cuda"
+    ops = {"triton": lora.add_lora, "ref": reference.add_lora}
+    peak = peak_bandwidth_gbs()
+    rows = {}
+    n = 4096
+    points = [(f"t64_k{k}", [i % k for i in range(64)]) for k in (1, 8, 32, 64)]
+    points += [("decode_t32_k32", list(range(32))), ("decode_t256_k64", [i % 64 for i in range(256)]),
+               ("prefill_t2048_k32", [j for j in range(32) for _ in range(64)])]
+    if not quick:
+        points += [("prefill_t8192_k64", [j for j in range(64) for _ in range(128)])]
+    for name, slots in points:
+        pt = Point(n, n, slots, [16] * 64, dtype=dt, device=dev)
+        r = time_point(res, name, pt, ops=ops, flops_rank=16,
+                       extra={"bytes": bytes_lora(pt)})
+        gbs = r["bytes"] / (r["triton_ms"] * 1e-3) / 1e9
+        r["triton_gbs"], r["triton_peak_frac"] = gbs, (gbs / peak if peak else None)
+        res.write({"point": f"{name}_bandwidth", "triton_gbs": gbs, "peak_gbs": peak,
+                   "triton_peak_frac": r["triton_peak_frac"]})
+        print(f"  {name}: triton {gbs:.0f} GB/s = {r['triton_peak_frac'] or 0:.2%} of peak {peak}", flush=True)
+        rows[name] = r
+    mixed = Point(n, n, list(range(32)), [4, 64] * 32, dtype=dt, device=dev)
+    full = Point(n, n, list(range(32)), [64] * 64, dtype=dt, device=dev)
+    rm = time_point(res, "decode_rank_4_64", mixed, ops=ops, flops_rank="4/64", loop=False)
+    rf = time_point(res, "decode_rank_64", full, ops=ops, flops_rank=64, loop=False)
+    rows["rank_mix_vs_64"] = rm["triton_ms"] / rf["triton_ms"]
+    base = delta = 0.0
+    for proj, n_in, n_out in PROJ_GPU:
+        pt = Point(n_in, n_out, list(range(32)), [16] * 64, dtype=dt, device=dev, seed=n_out)
+        r = time_point(res, f"decode7_{proj}", pt, ops=ops, flops_rank=16, loop=False)
+        base, delta = base + r["base_ms"], delta + r["triton_ms"]
+    rows["decode7_overhead"] = delta / base
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CPU run of under a minute")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0 = torch's default). 1 by default: with 2 OpenMP threads on 2 shared "
+                         "cores a neighbour's load swung single samples by 2-50x here")
+    ap.add_argument("--clock", default="thread", choices=("thread", "wall"),
+                    help="CPU timing clock: this thread's CPU time (robust to neighbours' load) or wall time")
+    args = ap.parse_args()
+    if args.quick:
+        TIMING.update(repeats=5, min_sample_s=0.01)
+    TIMING["clock"] = args.clock if args.threads == 1 else "wall"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    res = Results(__file__, {"quick": args.quick, "device": "cuda" if cuda else "cpu", "threads": args.threads,
+                             "clock": "cuda_events" if cuda else TIMING["clock"],
+                             "backend_env": os.environ.get("DELTASERVE_KERNELS", "auto")})
+    if cuda:
+        rows = run_cuda(res, args.quick)
+        t64 = rows["t64_k32"]
+        res.summary(device="cuda", delta_overhead_vs_base=t64["triton_overhead"],
+                    speedup_vs_loop=t64["loop_ms"] / t64["triton_ms"],
+                    triton_vs_reference=t64["ref_ms"] / t64["triton_ms"],
+                    decode_overhead=rows["decode_t32_k32"]["triton_overhead"],
+                    decode7_overhead=rows["decode7_overhead"],
+                    prefill_overhead=rows["prefill_t2048_k32"]["triton_overhead"],
+                    decode_peak_bw_frac=rows["decode_t32_k32"]["triton_peak_frac"],
+                    prefill_peak_bw_frac=rows["prefill_t2048_k32"]["triton_peak_frac"],
+                    rank_mix_vs_64=rows["rank_mix_vs_64"])
+    else:
+        rows = run_cpu(res, args.quick)
+        t64 = rows["t64_k32"]
+        res.summary(device="cpu", delta_overhead_vs_base=t64["ref_overhead"],
+                    speedup_vs_loop=t64["loop_ms"] / t64["ref_ms"],
+                    **{f"overhead_t64_k{k}": rows[f"t64_k{k}"]["ref_overhead"] for k in (1, 8, 64)},
+                    decode_overhead=rows["decode"]["ref_overhead"],
+                    decode_speedup_vs_loop=rows["decode"]["loop_ms"] / rows["decode"]["ref_ms"],
+                    decode7_overhead=rows["decode7_overhead"], decode7_bT_overhead=rows["decode7_bT_overhead"],
+                    prefill_overhead=rows["prefill"]["ref_overhead"],
+                    prefill_speedup_vs_loop=rows["prefill"]["loop_ms"] / rows["prefill"]["ref_ms"],
+                    rank_mix_vs_64=rows["rank_mix_vs_64"],
+                    bottleneck_decode=rows["kinds_decode"]["bottleneck"],
+                    bitfit_decode=rows["kinds_decode"]["bitfit"], ia3_decode=rows["kinds_decode"]["ia3"])
+
+
+if __name__ == "__main__":
+    main()
