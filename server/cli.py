@@ -99,8 +99,7 @@ class Progress:
 
 
 def cmd_upload(args) -> int:
-    from .grpc_deltas import FORMAT_TO_PB
-    from .pb import deltas_pb2
+    from .pb import common_pb2, deltas_pb2
 
     labels = {}
     for item in args.label:
@@ -116,7 +115,7 @@ def cmd_upload(args) -> int:
 
         def messages():
             yield deltas_pb2.UploadDeltaRequest(header=deltas_pb2.UploadHeader(
-                name=args.name, source_format=FORMAT_TO_PB[args.format], description=args.description,
+                name=args.name, source_format=common_pb2.SourceFormat.Value(f"SOURCE_FORMAT_{args.format.upper()}"), description=args.description,
                 labels=labels, total_bytes=total))
             sent = 0
             while chunk := f.read(CHUNK_BYTES):
@@ -135,7 +134,8 @@ def cmd_generate(args) -> int:
     from .pb import common_pb2, inference_pb2
 
     sampling = inference_pb2.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                            top_k=args.top_k, top_p=args.top_p, logprobs=args.json)
+                                            top_k=args.top_k, top_p=args.top_p, logprobs=args.json,
+                                            ignore_eos=args.ignore_eos)
     if args.seed is not None:
         sampling.seed = args.seed
     req = inference_pb2.GenerateRequest(text=args.prompt, delta=args.delta or "", sampling=sampling)
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=cmd_generate)
 
