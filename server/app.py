@@ -152,10 +152,10 @@ async def run(app: App, stop: asyncio.Event, announce=print) -> None:
 
     await app.engine.start()
     server, port = create_server(app)
+    await app.health.start()  # before the first call can arrive: the servicer starts out saying SERVING
     await server.start()
     host, _, mport = app.config.metrics_listen.rpartition(":")
     metrics_server, metrics_port = app.metrics.serve(host.strip("[]"), int(mport))
-    await app.health.start()
     grpc_host = app.config.listen.rpartition(":")[0]
     log.info("listening", address=f"{grpc_host}:{port}", metrics=f"http://{host}:{metrics_port}/metrics")
     announce(f"deltaserve listening on {grpc_host}:{port}")

@@ -218,3 +218,41 @@ def test_log_lines_are_key_value():
                         r'reason="has \\"quotes\\" and spaces" n=3', line), line
     with pytest.raises(ValueError, match="log_level"):
         logs.configure("loud")
+
+
+def test_health_follows_the_engine_and_turns_not_serving_on_drain():
+    import asyncio
+
+    from grpc_health.v1 import health_pb2
+
+    from server.grpc_server import SERVICES, HealthReporter
+
+    class FakeApp:
+        alive = False
+
+        def ready(self):
+            return self.alive
+
+    async def scenario():
+        app = FakeApp()
+        reporter = HealthReporter(app)
+
+        async def status(service=""):
+            reply = await reporter.servicer.Check(health_pb2.HealthCheckRequest(service=service), None)
+            return reply.status
+
+        await reporter.update()
+        assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING  # model not loaded / loop not alive
+        app.alive = True
+        await reporter.start()
+        for service in ("",) + SERVICES:
+            assert await status(service) == health_pb2.HealthCheckResponse.SERVING
+        app.alive = False  # the engine loop died: the watcher notices within HEALTH_POLL_S
+        await asyncio.sleep(0.7)
+        assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        app.alive = True
+        await reporter.update()
+        await reporter.drain()
+        assert await status(SERVICES[0]) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    asyncio.run(scenario())
