@@ -19,6 +19,7 @@ from delta_store.errors import InvalidArgument
 from delta_store.names import check_name, parse_ref
 
 from .auth import tenant_name
+from .errors import status_of
 from .logs import get_logger
 from .pb import common_pb2, deltas_pb2, deltas_pb2_grpc
 
@@ -100,8 +101,11 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
             version = await asyncio.to_thread(
                 self.app.store.put, tenant, header.name, path, source_format=fmt,
                 description=header.description, labels=dict(header.labels))
-        except BaseException as exc:
-            status = getattr(exc, "code", "cancelled").lower()
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as exc:
+            status = status_of(exc)[0].name.lower()
             raise
         finally:
             path.unlink(missing_ok=True)

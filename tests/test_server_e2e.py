@@ -249,6 +249,15 @@ def test_rotate_key_revokes_the_old_one(srv):
     err = code_of(lambda: srv.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(), metadata=md))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert srv.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(), metadata=auth(new)).deltas == []
+    srv.tenants.DeleteTenant(tenants_pb2.DeleteTenantRequest(name="carol"), metadata=auth(srv.admin_key))
+    err = code_of(lambda: srv.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(), metadata=auth(new)))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    err = code_of(lambda: srv.tenants.CreateTenant(tenants_pb2.CreateTenantRequest(name="alice"),
+                                                   metadata=auth(srv.admin_key)))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    err = code_of(lambda: srv.tenants.DeleteTenant(tenants_pb2.DeleteTenantRequest(name="admin"),
+                                                   metadata=auth(srv.admin_key)))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 # ---- uploads -----------------------------------------------------------------------------------
@@ -287,6 +296,10 @@ def test_delta_count_quota_and_rate_and_concurrency_limits(srv):
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     retry = dict(err.trailing_metadata() or ())
     assert 1000 <= int(retry["retry-after-ms"]) <= 60_000, retry  # 1 request per 30 s refills in ~30 s
+    updated = srv.tenants.SetQuotas(tenants_pb2.SetQuotasRequest(
+        name="frank", quotas=common_pb2.Quotas(requests_per_minute=100)), metadata=auth(srv.admin_key)).tenant
+    assert updated.quotas.requests_per_minute == 100 and updated.quotas.max_concurrent == 32  # others kept
+    collect(srv.inference.Generate(gen_request(n=2), metadata=ratey))  # the new quota applies at once
 
     single = srv.tenant("gina", max_concurrent=1)
     first = srv.inference.Generate(gen_request(n=300), metadata=single)
