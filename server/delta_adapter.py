@@ -66,7 +66,7 @@ class AdapterPool(torch.nn.Module):
         if term.source not in ADAPTER_SOURCES:
             raise DeltaError(f"{path}: adapter source {term.source!r} not one of {ADAPTER_SOURCES}")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def set(self, slot: int, term: AdapterTerm) -> None:
         self.clear(slot)
         m = term.width
@@ -80,7 +80,7 @@ class AdapterPool(torch.nn.Module):
         self.width[i, slot] = m
         self.has[i][slot] = True
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def clear(self, slot: int) -> None:
         # Zero rows, not just width 0: stale weights of an evicted tenant must never be reachable.
         self.down[slot].zero_()

@@ -123,7 +123,7 @@ class DeltaLinear(torch.nn.Module):
             self.adapters = AdapterPool(self.max_slots, self.max_bottleneck, self.out_features, w.device, w.dtype)
         return self.adapters
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def set_delta(self, slot: int, md: ModuleDelta) -> None:
         self.check(md)
         self.clear(slot)
@@ -142,7 +142,7 @@ class DeltaLinear(torch.nn.Module):
         if md.adapter is not None:
             self._adapter_pool().set(slot, md.adapter)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def clear(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()

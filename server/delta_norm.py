@@ -78,7 +78,7 @@ class DeltaNorm(torch.nn.Module):
         if tuple(md.bias.shape) != (self.features,):
             raise DeltaError(f"{self.path}: bias expected shape ({self.features},), found {tuple(md.bias.shape)}")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def set_delta(self, slot: int, md: ModuleDelta) -> None:
         self.check(md)
         self.clear(slot)
@@ -86,7 +86,7 @@ class DeltaNorm(torch.nn.Module):
             self.bias_delta[slot].copy_(md.bias)
             self.has_bias[slot] = True
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def clear(self, slot: int) -> None:
         if self.has_bias_pool:
             self.bias_delta[slot].zero_()

@@ -237,3 +237,16 @@ def test_output_adapter_on_any_wrapped_module_and_mixed_sources():
         torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=0)
     with torch.no_grad():  # same batch shape as the wrapped call: BLAS picks kernels by M
         assert torch.equal(got[1], bare(input_ids=ids).logits[1])
+
+
+def test_pools_load_inside_and_outside_inference_mode():
+    """The runner serves under inference_mode and the slot manager may load from anywhere: both orders work."""
+    md = {"model.layers.0.self_attn.q_proj": ModuleDelta(bias=torch.ones(64))}
+    with torch.inference_mode():
+        dm = wrap_model(tiny_llama(), max_slots=2, max_rank=4, max_bottleneck=4)
+    dm.set_delta(0, Delta(md))
+    dm2 = wrap_model(tiny_llama(), max_slots=2, max_rank=4, max_bottleneck=4)
+    with torch.inference_mode():
+        dm2.set_delta(1, Delta(md))
+        dm2.clear(1)
+    assert dm.layers["model.layers.0.self_attn.q_proj"].bias_delta[0, 0].item() == 1.0
