@@ -112,7 +112,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request, context):
         app = self.app
-        name, status, version = UNKNOWN_TENANT, "ok", None
+        name, status, version, lease = UNKNOWN_TENANT, "ok", None, None
         try:
             tenant = await asyncio.to_thread(app.auth.authenticate, context.invocation_metadata())
             name = tenant_name(tenant)
@@ -129,6 +129,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             status = status_of(exc)[0].name.lower()
             raise
         finally:
+            if lease is not None:  # normally released by _stream with the tokens used; a no-op then
+                lease.release()
             app.metrics.request_finished(name, status, version.kinds if version is not None else ())
             log.info("generate", request_id=request.request_id or "-", tenant=name, status=status,
                      delta=request.delta or "-")
