@@ -24,6 +24,7 @@ import torch
 from delta_store.base_spec import BaseSpec
 from delta_store.delta import Delta
 from delta_store.errors import DeltaError, InvalidArgument
+from delta_store.validate import Limits, validate
 
 from .config import DEFAULT_TARGETS
 from .delta_adapter import ResidualTap
@@ -44,13 +45,9 @@ class DeltaModel:
 
     def check(self, delta: Delta) -> None:
         """Raise DeltaError/BaseMismatch for a delta these pools cannot serve; changes nothing."""
-        try:
-            from delta_store.validate import Limits, validate
-        except ImportError:  # the formats area has not landed validation yet: the pool checks below still run
-            pass
-        else:
-            validate(delta, self.spec, Limits(max_rank=self.max_rank, max_bottleneck=self.max_bottleneck))
-        delta.check_finite()
+        # validate() checks the delta against the base (paths, shapes, dtypes, fingerprint, finiteness);
+        # the wrappers then check what only the pools know (wrapped or not, sites, widths).
+        validate(delta, self.spec, Limits(max_rank=self.max_rank, max_bottleneck=self.max_bottleneck))
         for path, md in delta.modules.items():
             layer = self.layers.get(path)
             if layer is None:
