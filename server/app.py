@@ -160,7 +160,7 @@ async def run(app: App, stop: asyncio.Event, announce=print) -> None:
     log.info("listening", address=f"{grpc_host}:{port}", metrics=f"http://{host}:{metrics_port}/metrics")
     announce(f"deltaserve listening on {grpc_host}:{port}")
     announce(f"metrics: http://{host}:{metrics_port}/metrics")
-    if app.admin_key_file is not None:
+    if app.admin_key_file is not None and app.admin_key_file.exists():
         announce(f"admin key file: {app.admin_key_file}")
     await stop.wait()
     log.info("draining", grace_seconds=app.config.grace_seconds)

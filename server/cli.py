@@ -115,7 +115,8 @@ def cmd_upload(args) -> int:
 
         def messages():
             yield deltas_pb2.UploadDeltaRequest(header=deltas_pb2.UploadHeader(
-                name=args.name, source_format=common_pb2.SourceFormat.Value(f"SOURCE_FORMAT_{args.format.upper()}"), description=args.description,
+                name=args.name, source_format=common_pb2.SourceFormat.Value(f"SOURCE_FORMAT_{args.format.upper()}"),
+                description=args.description,
                 labels=labels, total_bytes=total))
             sent = 0
             while chunk := f.read(CHUNK_BYTES):
@@ -239,7 +240,8 @@ def cmd_serve(args) -> int:
     from .app import serve
     from .config import ServerConfig
 
-    overrides = {"model_path": args.model, "data_dir": args.data_dir, "listen": args.listen,
+    data_dir = args.data_dir or os.environ.get("DELTASERVE_DATA_DIR")  # the same default the client commands use
+    overrides = {"model_path": args.model, "data_dir": data_dir, "listen": args.listen,
                  "metrics_listen": args.metrics_listen, "log_level": args.log_level}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = ServerConfig.from_file(args.config, **overrides) if args.config else ServerConfig.from_dict(overrides)
@@ -257,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the server")
     p.add_argument("--model", help="HF causal LM folder (config, safetensors, tokenizer); default: the demo model")
-    p.add_argument("--data-dir", help="catalogue, blobs, demo model and admin key live here")
+    p.add_argument("--data-dir", help="catalogue, blobs, demo model and admin key live here "
+                   "(env DELTASERVE_DATA_DIR, default ./.deltaserve)")
     p.add_argument("--listen", help="gRPC HOST:PORT")
     p.add_argument("--metrics-listen", help="Prometheus HOST:PORT")
     p.add_argument("--config", help="TOML or JSON file of ServerConfig fields")

@@ -45,7 +45,8 @@ def version_to_pb(v) -> deltas_pb2.DeltaVersion:
 def info_to_pb(versions: list) -> deltas_pb2.DeltaInfo:
     versions = sorted(versions, key=lambda v: v.version)
     used = [v.last_used for v in versions if v.last_used]
-    usage = deltas_pb2.DeltaUsage(requests=sum(v.requests for v in versions), tokens_generated=sum(v.tokens for v in versions),
+    usage = deltas_pb2.DeltaUsage(requests=sum(v.requests for v in versions),
+                                  tokens_generated=sum(v.tokens for v in versions),
                                   last_used_unix_ms=int(max(used) * 1000) if used else 0)
     return deltas_pb2.DeltaInfo(name=versions[0].name, versions=[version_to_pb(v) for v in versions], usage=usage)
 
