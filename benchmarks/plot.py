@@ -6,8 +6,8 @@
 Two figures per run, next to the JSONL file:
   bench_serving-throughput-<date>.png  output tokens/s against the number of distinct deltas under
       uniform popularity, with the base model alone (median of the bracketing base phases, band =
-      min-max) and, when ``bench_engine-*.jsonl`` holds them, the PEFT baselines (mixed-batch ``adapter_names``
-      and merged-weight swapping) as points; right panel: the ratio to the base (wall clock and per server CPU-second);
+      min-max); right panel: the ratio to the base (wall clock and per server CPU-second) and, when
+      ``bench_engine-*.jsonl`` has them, the in-process engine's and PEFT's mixed batch's ratios;
   bench_serving-latency-<date>.png     CDFs of TTFT and TPOT per latency phase (base, uniform, zipf,
       one hot tenant), and TTFT of warm against cold-delta requests.
 The machine (CPU or GPU, cores, torch) is written under each title.
@@ -43,28 +43,32 @@ def _machine_line(row: dict) -> str:
             f"run {row.get('run', '?')}, {'quick' if row.get('settings', {}).get('quick') else 'full'} grid")
 
 
-def _peft_baselines(results_dir: Path) -> list[tuple[str, list[tuple[int, float]]]]:
-    """(label, [(num_deltas, tok/s)]) series from the newest bench_engine JSONL run, if it has any.
+def engine_baselines(results_dir: Path) -> list[tuple[str, list[tuple[int, float]]]]:
+    """(label, [(num_deltas, ratio to base)]) from the newest ``bench_engine-*.jsonl`` run, if any.
 
-    bench_engine rows that name a ``baseline`` (or ``system``) and carry ``num_deltas`` and a tokens/s
-    figure are plotted as they are: the same machine, but another process and run than ours, so they
-    are drawn as markers, not folded into our ratios."""
+    bench_engine measures in-process (no gRPC) on its own model, so only its ratios are comparable:
+    the engine's ``lora_N`` variants against its base, and PEFT's mixed batch of 32 adapters
+    (``peft_mixed_32``, ``ratio_to_engine_base``) against the same engine base."""
     files = sorted(results_dir.glob("bench_engine-*.jsonl"))
-    if not files:
-        return []
-    rows = read_rows(files[-1])
+    rows = read_rows(files[-1]) if files else []
     if not rows:
         return []
     last = rows[-1].get("run")
-    series: dict[str, list[tuple[int, float]]] = {}
+    engine, peft = [], []
     for r in rows:
-        if r.get("run") != last:
+        if r.get("run") != last or r.get("workload") != "uniform":
             continue
-        label = r.get("baseline") or r.get("system")
-        tok = r.get("tok_per_s", r.get("tokens_per_s"))
-        if label and isinstance(r.get("num_deltas"), int) and isinstance(tok, (int, float)):
-            series.setdefault(str(label), []).append((r["num_deltas"], float(tok)))
-    return [(k, sorted(v)) for k, v in sorted(series.items())]
+        v = str(r.get("variant", ""))
+        if v.startswith("lora_") and v[5:].isdigit() and isinstance(r.get("ratio_to_base"), (int, float)):
+            engine.append((int(v[5:]), float(r["ratio_to_base"])))
+        elif v.startswith("peft_mixed_") and v[11:].isdigit() and isinstance(r.get("ratio_to_engine_base"), (int, float)):
+            peft.append((int(v[11:]), float(r["ratio_to_engine_base"])))
+    out = []
+    if engine:
+        out.append(("engine in-process, no gRPC (bench_engine)", sorted(engine)))
+    if peft:
+        out.append(("PEFT mixed batch, adapter_names (bench_engine)", sorted(peft)))
+    return out
 
 
 def plot_throughput(rows: list[dict], out: Path, results_dir: Path) -> Path | None:
@@ -82,9 +86,6 @@ def plot_throughput(rows: list[dict], out: Path, results_dir: Path) -> Path | No
     ax.plot(xs, [p["tok_per_s"] for p in points], "o-", color="C0", label="deltaserve, uniform popularity (median)")
     ax.axhline(base, color="k", ls="--", lw=1, label=f"base model alone (median of {len(bases)})")
     ax.axhspan(min(bases), max(bases), color="k", alpha=0.08, label="base model alone, min-max")
-    for i, (label, pts) in enumerate(_peft_baselines(results_dir)):
-        px, py = zip(*pts)
-        ax.plot(px, py, "s:", color=f"C{i + 2}", label=f"{label} (bench_engine)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("distinct deltas in the load")
     ax.set_ylabel("output tokens / s (saturated)")
@@ -97,6 +98,9 @@ def plot_throughput(rows: list[dict], out: Path, results_dir: Path) -> Path | No
         lo = [y - min(p[many]) for y, p in zip(ys, points)]
         hi = [max(p[many]) - y for y, p in zip(ys, points)]
         axr.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", color=color, capsize=3, label=label)
+    for i, (label, pts) in enumerate(engine_baselines(results_dir)):
+        px, py = zip(*pts)
+        axr.plot(px, py, "s:", color=f"C{i + 2}", label=label)
     axr.axhline(1.0, color="k", ls="--", lw=1)
     axr.axhline(0.8, color="C3", ls=":", lw=1, label="target 0.80")
     axr.set_xscale("log", base=2)

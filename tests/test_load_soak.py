@@ -35,3 +35,58 @@ def test_soak_passes_for_a_short_bounded_run(tmp_path):
     verdict = [r for r in rows if r.get("phase") == "verdict"]
     assert verdict and verdict[-1]["verdict"] == "pass", verdict
     assert verdict[-1]["end"]["in_flight"] == 0 and verdict[-1]["end"]["slots_pinned"] == 0
+
+
+# ---- the soak's verdict logic on hand-made records (no server: milliseconds) ----------------------------
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _soak():
+    import soak
+
+    class FakeServer:  # psutil needs a live pid: ours
+        pid = os.getpid()
+        metrics_url = ""
+
+    return soak, soak.Soak(soak.SoakSettings(duration_s=1.0), FakeServer(), ["k0"], {}, results=None)
+
+
+def _record(status, *, tokens=4, finish="length", end=1.0, cancelled=False):
+    from load.client import Record
+
+    return Record(0, 0, "d", "plain", False, 4, 4, 0.0, 0.0, 0.1, end, tokens, status, finish,
+                  cancelled_by_client=cancelled)
+
+
+def test_soak_verdict_accepts_allowed_outcomes():
+    soak, s = _soak()
+    gone = soak.LiveDelta(0, "d", "ia3", deleted_at=s.t0 + 0.5)  # deleted before the request ended
+    s.records = [("plain", _record("OK"), None), ("cancel", _record("CANCELLED", tokens=1, cancelled=True), None),
+                 ("deadline", _record("DEADLINE_EXCEEDED", tokens=2), None), ("deleted", _record("NOT_FOUND"), gone),
+                 ("plain", _record("NOT_FOUND", end=1.0), gone)]
+    assert s.check_records() == {"plain:OK": 1, "cancel:CANCELLED": 1, "deadline:DEADLINE_EXCEEDED": 1,
+                                 "deleted:NOT_FOUND": 1, "plain:NOT_FOUND": 1}
+
+
+@pytest.mark.parametrize("behaviour,record,why", [
+    ("plain", _record("INTERNAL"), "ended INTERNAL"),
+    ("base", _record("UNKNOWN"), "ended UNKNOWN"),
+    ("plain", _record("HANG"), "ended HANG"),
+    ("plain", _record("DEADLINE_EXCEEDED"), "ended DEADLINE_EXCEEDED"),  # it had no deadline
+    ("plain", _record("NOT_FOUND"), "ended NOT_FOUND"),  # its delta was never deleted
+    ("deleted", _record("OK"), "ended OK"),  # a deleted delta served
+    ("plain", _record("OK", tokens=3), "3/4 tokens"),  # lost tokens
+])
+def test_soak_verdict_rejects_violations(behaviour, record, why):
+    soak, s = _soak()
+    s.records = [(behaviour, record, None)]
+    with pytest.raises(soak.Violation, match=why):
+        s.check_records()
+
+
+def test_soak_not_found_allowed_only_if_deleted_before_the_request_ended():
+    soak, s = _soak()
+    late = soak.LiveDelta(0, "d", "ia3", deleted_at=s.t0 + 5.0)  # deleted after the request had ended
+    s.records = [("plain", _record("NOT_FOUND", end=1.0), late)]
+    with pytest.raises(soak.Violation, match="ended NOT_FOUND"):
+        s.check_records()
