@@ -45,16 +45,18 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from load.server_proc import ServerProcess, cuda_present  # noqa: E402  (stdlib only: imports no triton)
+
+if not cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 
 from common import Results  # noqa: E402
 from load.client import Client  # noqa: E402
 from load.driver import LoadDriver  # noqa: E402
 from load.phases import PhaseRunner  # noqa: E402
 from load.report import percentile  # noqa: E402
-from load.server_proc import ServerProcess, cuda_present  # noqa: E402
 from load.workload import DeltaRef, LengthDist, WorkloadConfig, as_base, make_plan  # noqa: E402
 
 SHAPES = {
@@ -232,6 +234,7 @@ def parse_args(argv=None):
     p.add_argument("--sweep", help="comma-separated distinct-delta counts for the saturation phases")
     p.add_argument("--sat-duration", type=float, help="seconds of arrivals per saturation phase")
     p.add_argument("--lat-duration", type=float, help="seconds of arrivals per latency phase")
+    p.add_argument("--requests", type=int, help="most requests per saturation and latency phase (a GPU needs more)")
     p.add_argument("--out-dir", help="results folder (default benchmarks/results, or BENCH_RESULTS_DIR)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--verbose", "-v", action="store_true", help="print every metrics cross-check")
@@ -244,7 +247,9 @@ def parse_args(argv=None):
             sweep = tuple(int(x) for x in args.sweep.split(","))
             s = replace(s, sweep=sweep, latency_deltas=min(s.latency_deltas, max(sweep)))
         s = replace(s, sat_duration_s=args.sat_duration or s.sat_duration_s,
-                    lat_duration_s=args.lat_duration or s.lat_duration_s)
+                    lat_duration_s=args.lat_duration or s.lat_duration_s,
+                    sat_max_requests=args.requests or s.sat_max_requests,
+                    lat_max_requests=args.requests or s.lat_max_requests)
     except ValueError as exc:
         p.error(str(exc))
     if args.dtype:

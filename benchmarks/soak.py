@@ -36,16 +36,18 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from load.server_proc import ServerProcess, cuda_present  # noqa: E402  (stdlib only: imports no triton)
+
+if not cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 
 import psutil  # noqa: E402
 
 from common import Results  # noqa: E402
 from load.client import Client, Record  # noqa: E402
 from load.prom import Scrape, scrape  # noqa: E402
-from load.server_proc import ServerProcess  # noqa: E402
 from load.workload import LengthDist, PlannedRequest  # noqa: E402
 
 BEHAVIOURS = ("plain", "base", "cancel", "deadline", "deleted")

@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import time
 
-import psutil
+try:
+    import psutil
+except ImportError:  # the GPU image may lack it: server CPU time is then reported as NaN
+    psutil = None
 
 from .client import Record
 from .driver import LoadDriver
@@ -24,7 +27,7 @@ class PhaseRunner:
         self.results = results
         self.address, self.metrics_url, self.keys, self.driver = address, metrics_url, keys, driver
         self.hard_timeout_s = hard_timeout_s
-        self.server = psutil.Process(server_pid) if server_pid else None
+        self.server = psutil.Process(server_pid) if server_pid and psutil is not None else None
         self.verbose = verbose
         self.rows: list[dict] = []
         self.records: dict[str, list[Record]] = {}
