@@ -18,7 +18,7 @@ except ImportError:  # the GPU image may lack it: server CPU time is then report
 from .client import Record
 from .driver import LoadDriver
 from .prom import scrape
-from .report import cross_check, format_check, summarize
+from .report import cross_check, format_check, format_check_short, summarize
 
 
 class PhaseRunner:
@@ -77,6 +77,7 @@ class PhaseRunner:
         if group == "throughput" and not stats["saturated"]:
             print(f"  warning: {name} kept up with its arrivals (drain < 25% of the span): its tokens/s is the "
                   f"offered load, not the capacity; raise sat_factor", flush=True)
-        if check is not None and (self.verbose or not check["ok"]):
-            print("\n".join(format_check(check)), flush=True)
+        if check is not None:
+            print("\n".join(format_check(check)) if self.verbose or not check["ok"] else format_check_short(check),
+                  flush=True)
         return row

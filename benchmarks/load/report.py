@@ -105,6 +105,14 @@ def cross_check(records: list[Record], before: Scrape, after: Scrape, *, rel: fl
     return {"ok": all(c["ok"] for c in checks), "checks": checks, "quantiles": quantiles}
 
 
+def format_check_short(check: dict) -> str:
+    """One line: the server's figure next to ours for each check, e.g. ``ttft_mean_s=0.58/0.56``."""
+    parts = [f"{c['what'].replace('_sum_s_server_timings_vs_histogram', '_sum(timings/hist)')}"
+             f"={c['client']:.4g}/{c['server']:.4g}"
+             f"{'' if c['ok'] else '(FAIL)'}" for c in check["checks"]]
+    return f"  metrics {'ok  ' if check['ok'] else 'FAIL'} client/server: " + " ".join(parts)
+
+
 def format_check(check: dict) -> list[str]:
     lines = []
     for c in check["checks"]:
