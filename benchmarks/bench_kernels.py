@@ -99,9 +99,10 @@ PLAN_OPS = {f"plan_{p}": forced(p) for p in reference.PLANS}
 
 def time_point(res, name, pt, *, ops, flops_rank, extra=None, loop=True) -> dict:
     dev = pt.device
+    rank_groups = {max(8, 1 << (pt.ranks_host[s] - 1).bit_length()) for s in pt.meta.active_slots_host}
     row = {"point": name, "tokens": len(pt.slots), "distinct": pt.meta.num_active,
            "in": pt.x.shape[1], "out": pt.y.shape[1], "dtype": str(pt.x.dtype).replace("torch.", ""),
-           "rank": flops_rank, "plan": reference._plan(pt.meta), **(extra or {})}
+           "rank": flops_rank, "plan": reference._plan(pt.meta, padded_ok=len(rank_groups) == 1), **(extra or {})}
     fns = {"base": pt.base, **{op_name: pt.delta(op) for op_name, op in ops.items()}}
     if loop:
         fns["loop"] = pt.loop
@@ -140,8 +141,10 @@ def run_cpu(res, quick: bool) -> dict:
         for k in (1, 8):
             pt = Point(n, n, [i % k for i in range(32)], [16] * 64, dtype=dt, device=dev)
             time_point(res, f"decode_t32_k{k}", pt, ops=ops, flops_rank=16)
-        for k in (1, 8, 64):
-            pt = Point(n, n, [j % k for j in range(32) for _ in range(64)], [16] * 64, dtype=dt, device=dev)
+        for k in (1, 8, 64):  # 2048 tokens in max(32, k) sequences, sequence j on delta j % k
+            seqs = max(32, k)
+            pt = Point(n, n, [j % k for j in range(seqs) for _ in range(2048 // seqs)], [16] * 64, dtype=dt,
+                       device=dev)
             time_point(res, f"prefill_t2048_k{k}", pt, ops=ops, flops_rank=16)
     pt = Point(n, n, [j for j in range(32) for _ in range(64)], [16] * 64, dtype=dt, device=dev)
     rows["prefill"] = time_point(res, "prefill_t2048_k32", pt, ops=ops, flops_rank=16)

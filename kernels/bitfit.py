@@ -33,7 +33,7 @@ def _rowwise_kernel(y_ptr, v_ptr, slots_ptr, T, N, stride_yt, stride_vs,
 
 
 _ROWWISE_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_N": bn}, num_warps=w)
-                    for bt, bn, w in ((1, 1024, 4), (4, 512, 4), (16, 256, 4), (32, 128, 4))]
+                    for bt, bn, w in ((2, 1024, 4), (4, 512, 4), (16, 256, 4), (32, 128, 4))]
 _rowwise_tuned = triton.autotune(_ROWWISE_CONFIGS, key=["N", "MULTIPLY"], restore_value=["y_ptr"])(_rowwise_kernel)
 
 

@@ -123,6 +123,15 @@ class DeltaKernelMeta:
         return self.token_slots.long().index_select(0, self.active_token_ids)
 
     @cached_property
+    def padded_positions(self) -> torch.Tensor:
+        """int64 [N]: row of each sorted active token when every segment is padded to max_seg_len
+        (segment k, offset j -> k * max_seg_len + j)."""
+        seg = self.max_seg_len
+        pos = [k * seg + j for k in range(self.num_active)
+               for j in range(self.seg_start_host[k + 1] - self.seg_start_host[k])]
+        return torch.tensor(pos, dtype=torch.int64, device=self.token_slots.device)
+
+    @cached_property
     def sorted_active_ids(self) -> torch.Tensor:
         """int64 [N]: tokens that have a slot, grouped by slot (the first N of sorted_token_ids)."""
         return self.sorted_token_ids[:self.num_active_tokens].long()

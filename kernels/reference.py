@@ -4,16 +4,21 @@ Same signatures and semantics as the Triton launchers; intermediates stay in fp3
 (vLLM ``punica_cpu.py`` keeps an fp32 shrink buffer for the same reason). No argument checks here:
 the public ops in ``kernels/__init__.py`` check before dispatching.
 
-Three execution plans, chosen per call from the step metadata (numbers: q_proj 1024x1024, r=16,
-32 distinct deltas, 2 cores; ``../shared/BASELINES-CPU.md`` §3 and ``benchmarks/bench_kernels.py``):
+Four execution plans, chosen per call from the step metadata. Numbers: ratio of the delta to the
+base matmul, q_proj 1024x1024, r=16, fp32, 1 thread, CPU time (``benchmarks/bench_kernels.py``;
+``../shared/BASELINES-CPU.md`` §3 has the 2-thread idle-machine baselines):
 
 * runs: each maximal run of tokens sharing a slot is a contiguous row range, so two matmuls on
-  views add into ``y`` with no gather or scatter (prefill: one run per sequence, ~0.05x base).
+  views add into ``y`` with no gather or scatter (prefill, one run per sequence: ~0.1x at T=2048).
+* padded: each active slot's tokens padded to the longest segment; A/B gathered once per slot and
+  two batched matmuls (64 tokens on 8 or 32 slots: ~0.2x / ~0.65x, vs ~0.25x / ~1.0x for a loop).
 * segments: tokens gathered grouped by slot, one matmul pair per slot, scattered back (many tokens
-  per slot but interleaved).
-* gather: each token's A/B rows gathered into preallocated buffers and two batched matmuls
-  (decode: one token per slot; ~0.25x base at T=32, vs 1.5x for a PEFT-style loop over deltas).
-  Only up to the largest *active* rank is gathered, and ranks beyond a slot's own are masked.
+  per slot, interleaved, uneven).
+* gather: each token's A/B rows gathered into reused buffers, two batched matmuls; with mixed ranks,
+  one gather per rank group so a rank-4 token does not pay rank 64 (D3). Decode (T=32, 32 slots)
+  costs ~0.6-0.8x on one projection vs ~1.4x for the loop; with B pools stored [S, R, out] the
+  seven Llama projections together cost ~0.43x of their base matmuls.
+Only up to the largest *active* rank is read, and ranks beyond a slot's own are masked.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ from .meta import DeltaKernelMeta
 RUN_MIN_TOKENS = 4
 """Average run (or segment) length from which per-run matmuls beat the gathered bmm: one run costs
 ~15 us of launches on 2 cores, one gathered token ~5 us at in=out=1024, r=16."""
+
+PAD_MAX_WASTE = 2
+"""padded plan: used while padding every slot's segment to the longest at most doubles the rows."""
 
 ROWS_MAX_RUNS = 8
 """add_bias / mul_rows: up to this many runs, slice per run; beyond, one gather does it."""
@@ -68,7 +76,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-PLANS = ("runs", "segments", "gather")
+PLANS = ("runs", "segments", "padded", "gather")
 _forced: list[str] = []
 
 
@@ -85,12 +93,15 @@ def force_plan(plan: str):
         _forced.pop()
 
 
-def _plan(meta: DeltaKernelMeta) -> str:
+def _plan(meta: DeltaKernelMeta, *, padded_ok: bool = False) -> str:
     if _forced:
-        return _forced[-1]
+        forced = _forced[-1]
+        return forced if forced != "padded" or padded_ok else "gather"
     n = meta.num_active_tokens
     if len(meta.runs_host) * RUN_MIN_TOKENS <= n:
         return "runs"
+    if padded_ok and meta.num_active * meta.max_seg_len <= PAD_MAX_WASTE * n:
+        return "padded"
     if meta.num_active * RUN_MIN_TOKENS <= n:
         return "segments"
     return "gather"
@@ -127,8 +138,12 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
         return  # no active slot has LoRA at this layer
     _check_limit("add_lora", "rank", ranks, work, lora_a.shape[1])
     scales = scale.tolist()
-    plan = _plan(meta)
-    if plan == "runs":
+    one_group = len({max(8, next_pow2(ranks[s])) for s in work}) == 1
+    plan = _plan(meta, padded_ok=one_group)
+    if plan == "padded":
+        _lora_padded(y, x, lora_a, lora_b, scale, rank, meta, max(ranks[s] for s in work),
+                     all(ranks[s] == ranks[work[0]] for s in meta.active_slots_host))
+    elif plan == "runs":
         for a, b, s in meta.runs_host:
             if ranks[s]:
                 _lora_rows(y[a:b], x[a:b], lora_a[s, :ranks[s]], lora_b[s, :, :ranks[s]], scales[s])
@@ -147,6 +162,29 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     else:
         for size, ids, sl, uniform in _gather_groups(meta, ranks, work):
             _lora_gathered(y, x, lora_a, lora_b, scale, rank, ids, sl, size, uniform)
+
+
+def _lora_padded(y, x, lora_a, lora_b, scale, rank, meta: DeltaKernelMeta, rmax: int, uniform: bool) -> None:
+    """Padded plan: each active slot's tokens padded to the longest segment L, so the weights are gathered
+    once per *slot* (not per token) and two batched matmuls [A, L, in] @ [A, in, rmax] @ [A, rmax, out] do
+    the rest. Decode (L = 1) is the gathered plan; 64 tokens on 32 slots gather half the bytes."""
+    num_act, seg, n = meta.num_active, meta.max_seg_len, meta.num_active_tokens
+    ids, pos = meta.sorted_active_ids, meta.padded_positions  # [N] tokens by slot, [N] their padded row
+    slots = meta.active_slots.long()  # [A]
+    xs = _WS.get("pad_x", (num_act * seg, x.shape[1]), torch.float32, y.device)  # [A*L, in]
+    if n < num_act * seg:
+        xs.zero_()
+    xs.index_copy_(0, pos, _f32(x.index_select(0, ids)))
+    h = torch.bmm(xs.view(num_act, seg, -1), _gather(lora_a[:, :rmax], slots, "lora_a").transpose(1, 2),
+                  out=_WS.get("pad_h", (num_act, seg, rmax), torch.float32, y.device))  # [A, L, rmax]
+    coef = scale.index_select(0, slots).view(num_act, 1, 1)  # [A, 1, 1]
+    if not uniform:
+        coef = coef * (torch.arange(rmax, device=y.device) < rank.index_select(0, slots).view(num_act, 1, 1))
+    h.mul_(coef)
+    d = torch.bmm(h, _gather_up(lora_b, rmax, slots, "lora_b"),
+                  out=_WS.get("pad_d", (num_act, seg, y.shape[1]), torch.float32, y.device))  # [A, L, out]
+    d = d.view(num_act * seg, -1)
+    _add_rows(y, ids, d if n == num_act * seg else d.index_select(0, pos))
 
 
 def _lora_gathered(y, x, lora_a, lora_b, scale, rank, ids, sl, rmax: int, uniform: bool) -> None:
