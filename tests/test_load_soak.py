@@ -37,12 +37,12 @@ def test_soak_passes_for_a_short_bounded_run(tmp_path):
     assert verdict[-1]["end"]["in_flight"] == 0 and verdict[-1]["end"]["slots_pinned"] == 0
 
 
-# ---- the soak's verdict logic on hand-made records (no server: milliseconds) ----------------------------
+# ---- the soak's verdict logic (load/mixed.py) on hand-made records: no server, milliseconds -----------
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _soak():
-    import soak
+    from load import mixed as soak
 
     class FakeServer:  # psutil needs a live pid: ours
         pid = os.getpid()
