@@ -230,6 +230,7 @@ def parse_args(argv=None):
     p.add_argument("--shape", choices=sorted(SHAPES), default="demo",
                    help="random Llama built under the data dir: demo (hidden 256, the built-in demo model), "
                         "cpu (hidden 1024, DESIGN's CPU benchmark shape), gpu (hidden 4096)")
+    p.add_argument("--layers", type=int, help="decoder layers of the --shape model (default 4)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="server dtype")
     p.add_argument("--sweep", help="comma-separated distinct-delta counts for the saturation phases")
     p.add_argument("--sat-duration", type=float, help="seconds of arrivals per saturation phase")
@@ -262,10 +263,11 @@ def model_dir(args, data_dir: Path) -> Path:
         return Path(args.model)
     from server.demo import build_demo_model, ensure_demo_model
 
-    if args.shape == "demo":
+    if args.shape == "demo" and not args.layers:
         return ensure_demo_model(data_dir)[0]  # the server finds it there and does not rebuild it
     # the demo builder with a wider shape: same byte-level tokenizer (vocab 259), random weights, fixed seed
-    return build_demo_model(data_dir / f"model-{args.shape}", **SHAPES[args.shape])
+    shape = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
+    return build_demo_model(data_dir / f"model-{args.shape}", **shape)
 
 
 def main(argv=None) -> int:
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
         if args.server:
             address, admin_key, metrics_url = args.server, args.api_key, args.metrics_url or ""
         else:
-            custom = args.model or args.shape != "demo"
+            custom = args.model or args.shape != "demo" or args.layers
             server = ServerProcess(data_dir, s.server, model=str(mdir) if custom else None).launch()
         try:
             from load.payloads import DeltaFactory, recipe_mix
@@ -297,7 +299,9 @@ def main(argv=None) -> int:
             if server is not None:
                 server.wait_ready()
                 address, admin_key, metrics_url = server.address, server.admin_key, server.metrics_url
-            settings = {**asdict(s), "quick": args.quick, "model": args.model or f"random llama, shape {args.shape}",
+            label = f"{'quick' if args.quick else 'full'}-{'model' if args.model else args.shape}"
+            settings = {**asdict(s), "quick": args.quick, "label": label,
+                        "model": args.model or f"random llama, shape {args.shape}, layers {args.layers or 4}",
                         "target": "external" if args.server else "subprocess", "vocab": vocab,
                         "kernels": os.environ.get("DELTASERVE_KERNELS")
                         or ("reference" if server is not None and not cuda_present() else "auto")}

@@ -3,12 +3,12 @@
     python benchmarks/plot.py                          # last run of the newest bench_serving-*.jsonl
     python benchmarks/plot.py results.jsonl [--run RUN_ID] [--out-dir DIR]
 
-Two figures per run, next to the JSONL file:
-  bench_serving-throughput-<date>.png  output tokens/s against the number of distinct deltas under
+Two figures per run, next to the JSONL file (<label> = quick|full-<model shape>, e.g. quick-demo):
+  bench_serving-throughput-<label>-<date>.png  output tokens/s against the number of distinct deltas under
       uniform popularity, with the base model alone (median of the bracketing base phases, band =
       min-max); right panel: the ratio to the base (wall clock and per server CPU-second) and, when
       ``bench_engine-*.jsonl`` has them, the in-process engine's and PEFT's mixed batch's ratios;
-  bench_serving-latency-<date>.png     CDFs of TTFT and TPOT per latency phase (base, uniform, zipf,
+  bench_serving-latency-<label>-<date>.png     CDFs of TTFT and TPOT per latency phase (base, uniform, zipf,
       one hot tenant), and TTFT of warm against cold-delta requests.
 The machine (CPU or GPU, cores, torch) is written under each title.
 """
@@ -170,8 +170,9 @@ def plot_run(jsonl: str | Path, run: str | None = None, out_dir: str | Path | No
     if not rows:
         raise ValueError(f"{jsonl}: no rows of run {run!r}")
     out_dir = Path(out_dir or jsonl.parent)
-    date = jsonl.stem.rsplit("-", 3)[-3:]  # bench_serving-YYYY-MM-DD
-    stem = "-".join(date)
+    date = "-".join(jsonl.stem.rsplit("-", 3)[-3:])  # bench_serving-YYYY-MM-DD
+    label = rows[0].get("settings", {}).get("label")  # e.g. quick-demo, full-cpu: one figure per kind of run
+    stem = f"{label}-{date}" if label else date
     made = [plot_throughput(rows, out_dir / f"bench_serving-throughput-{stem}.png", jsonl.parent),
             plot_latency(rows, out_dir / f"bench_serving-latency-{stem}.png")]
     return [p for p in made if p is not None]
