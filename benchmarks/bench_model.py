@@ -8,7 +8,7 @@ sequence ``i`` using delta ``i % k``. Shapes: prefill (``S`` sequences x ``L`` t
 CPU benchmark model (Llama-shaped, hidden 1024, intermediate 2816, 4 layers, 16 heads, 4 KV heads,
 vocab 32000, fp32) or, on CUDA, hidden 4096 / intermediate 11008 in bf16.
 
-Variants are timed round-robin (one sample of each per round, median over rounds), because absolute
+Variants are timed round-robin (one sample of each per round, in a shuffled order; median over rounds), because absolute
 times on shared machines drift by tens of percent within a minute; ratios to ``bare`` are the result.
 
     python benchmarks/bench_model.py --quick      # < 1 min on 2 CPU cores
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -79,9 +80,13 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.set_grad_enabled(False)
-    bare = build_model(device, dtype, args.layers)
-    dm = wrap_model(copy.deepcopy(bare), max_slots=32, max_rank=args.rank, max_bottleneck=8,
+    source = build_model(device, dtype, args.layers)
+    # Both sides are deep copies, so their weights are laid out alike in memory (the freshly initialised
+    # model's tensors are interleaved with init temporaries, which made it read ~5-15% slower here).
+    bare = copy.deepcopy(source)
+    dm = wrap_model(copy.deepcopy(source), max_slots=32, max_rank=args.rank, max_bottleneck=8,
                     max_tokens=args.seqs * max(prefill_len, 1))
+    del source
     num_deltas = (1, 8, 32)
     for slot in range(max(num_deltas)):
         dm.set_delta(slot, random_lora_delta(dm, args.rank, seed=slot))
@@ -134,9 +139,12 @@ def main() -> None:
         for fn in fns.values():  # warm-up: allocator, first-call paths
             fn()
         samples = {name: [] for name in fns}
+        order = list(fns)
+        rng = random.Random(0)
         for _ in range(rounds):
-            for name, fn in fns.items():
-                samples[name].append(time_fn(fn, device=device, warmup=0, repeats=1)["ms"])
+            rng.shuffle(order)  # no variant always runs first (or right after the heaviest one)
+            for name in order:
+                samples[name].append(time_fn(fns[name], device=device, warmup=0, repeats=1)["ms"])
         base_ms = statistics.median(samples["bare"])
         for name, ms_list in samples.items():
             ms = statistics.median(ms_list)
