@@ -59,6 +59,8 @@ class SoakSettings:
             raise ValueError(f"--max-requests must be >= 1 and --rate > 0, got {self.max_requests}, {self.rate}")
         if set(self.mix) - set(BEHAVIOURS) or abs(sum(self.mix.values()) - 1.0) > 1e-6:
             raise ValueError(f"mix must give fractions of {BEHAVIOURS} summing to 1, got {self.mix}")
+        if self.rss_tolerance_frac < 0 or self.rss_tolerance_mb < 0:
+            raise ValueError(f"RSS tolerances must be >= 0, got {self.rss_tolerance_frac}, {self.rss_tolerance_mb} MB")
         if self.max_live < 1 or self.tenants < 1:
             raise ValueError(f"--max-live and tenants must be >= 1, got {self.max_live}, {self.tenants}")
         if not self.warmup_s:
@@ -200,6 +202,24 @@ class Soak:
             if time.monotonic() > deadline:
                 raise Violation(f"server did not settle within {self.s.settle_timeout_s:.0f} s after the load: {g}")
             await asyncio.sleep(0.25)
+
+    def check_end_state(self, base: dict, end: dict, m: Scrape) -> float:
+        """After the load and the verification: nothing leaked. Returns the RSS limit applied (MB)."""
+        bad = {k: v for k, v in m.by_label("deltaserve_rpcs_total", "code").items() if k in ("INTERNAL", "UNKNOWN") and v}
+        if bad:
+            methods = {lab.get("method"): v for lab, v in m.samples.get("deltaserve_rpcs_total", []) if lab.get("code") in bad}
+            raise Violation(f"server counted RPCs ending {bad} (by method: {methods})")
+        if end["kv_used"] > base["kv_used"]:
+            raise Violation(f"KV blocks in use {end['kv_used']:.0f} after the soak, {base['kv_used']:.0f} at the baseline")
+        live = len(self.live())
+        if end["slots_used"] > min(end["slots_total"], live):
+            raise Violation(f"{end['slots_used']:.0f} device slots in use for {live} live deltas "
+                            f"({end['slots_total']:.0f} slots): deleted deltas kept their slots")
+        limit = base["rss_mb"] * (1 + self.s.rss_tolerance_frac) + self.s.rss_tolerance_mb
+        if end["rss_mb"] > limit:
+            raise Violation(f"server RSS {end['rss_mb']:.0f} MB after the soak, baseline {base['rss_mb']:.0f} MB "
+                            f"(limit {limit:.0f} MB)")
+        return limit
 
     async def verify_deltas(self, c: Client) -> int:
         checked = 0
