@@ -45,7 +45,9 @@ def build_model(device: torch.device, dtype: torch.dtype, layers: int) -> torch.
                       num_hidden_layers=layers, num_attention_heads=32 if big else 16, num_key_value_heads=8 if big else 4,
                       vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
+    with torch.device(device):  # initialise on the device: ~1e9 random bf16 weights take ~10 s on the CPU
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.to(device).eval()
 
 
 def random_lora_delta(dm, rank: int, seed: int) -> Delta:
@@ -61,21 +63,22 @@ def random_lora_delta(dm, rank: int, seed: int) -> Delta:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short prefill (32 x 16) and 3 rounds: under a minute on CPU")
+    ap.add_argument("--quick", action="store_true", help="short prefill (32 x 16) and 5 rounds: about a minute on a busy 2-core CPU")
     ap.add_argument("--seqs", type=int, default=32, help="sequences per batch (32 allows 32 distinct deltas)")
     ap.add_argument("--prefill-len", type=int, default=None, help="tokens per sequence in prefill (default 64, quick 16)")
     ap.add_argument("--context", type=int, default=64, help="KV cache length behind each decode token")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=None, help="round-robin samples per variant (default 7, quick 3)")
+    ap.add_argument("--rounds", type=int, default=None, help="round-robin samples per variant (default 9, quick 5)")
     ap.add_argument("--profile", action="store_true", help="profile one 32-delta decode step and print the top ops")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (1 gives steadier ratios on an oversubscribed shared machine)")
+                    help="CPU torch threads (default 1: on the shared 2-core machines, 2 threads with other jobs "
+                         "running made the bare decode step 4x slower and the ratios swing by 0.5)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads or 1)
     prefill_len = args.prefill_len or (16 if args.quick else 64)
-    rounds = args.rounds or (3 if args.quick else 7)
+    rounds = args.rounds or (5 if args.quick else 9)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
