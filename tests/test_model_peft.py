@@ -45,6 +45,11 @@ CASES = {
         # BEFT only targets nn.Linear (PEFT refuses GPT-2's Conv1D); GPT-2 BitFit is covered by
         # bias="lora_only" above and by the OpenDelta gpt2-bitfit fixture.
     },
+    "mistral": {
+        "lora_all_rslora_patterns": lambda: LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True,
+                                                       rank_pattern={"o_proj": 2}),
+        "ia3": lambda: IA3Config(),
+    },
     "qwen2": {
         "lora_qkv_lora_only": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
                                                  bias="lora_only"),
@@ -52,6 +57,7 @@ CASES = {
     },
 }
 BASES = {"llama": lambda: tiny_llama(seed=5), "gpt2": lambda: tiny_gpt2(seed=6),
+         "mistral": lambda: tiny_llama(seed=8, model_type="mistral"),
          "qwen2": lambda: tiny_llama(seed=7, model_type="qwen2")}
 
 
@@ -125,7 +131,7 @@ def test_packed_mixed_deltas_equal_peft_per_row(arch, tmp_path):
     spec = BaseSpec.from_model(base)
     names = list(CASES[arch])
     rows = ["none", *names, "none", names[0]]  # base rows and a delta used by two rows (identical slot)
-    if arch != "qwen2":
+    if arch in ("llama", "gpt2"):
         rows.insert(2, "adapters")
     ids = torch.randint(0, 256, (len(rows), SEQ), generator=torch.Generator().manual_seed(11))
     deltas, refs, expected = {}, {}, {}
