@@ -1,7 +1,7 @@
 """Builds a serving process from one ``ServerConfig`` and runs it until SIGTERM.
 
     model (a local HF folder, or the demo model generated under the data dir)
-      -> BaseSpec -> wrap_model -> DeltaStore.open -> SlotManager -> ModelRunner + Engine
+      -> wrap_model (BaseSpec) -> DeltaStore.open -> SlotManager -> ModelRunner + Engine
       -> Metrics (own HTTP port) -> gRPC server (Inference, Deltas, Tenants, Health, reflection)
 
 First start with an empty catalogue creates an ``admin`` tenant and writes its key to
@@ -111,7 +111,6 @@ def build_app(config: ServerConfig) -> App:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from delta_store.base_spec import BaseSpec
     from delta_store.settings import StoreSettings
     from delta_store.store import DeltaStore
     from delta_store.validate import Limits
@@ -135,9 +134,9 @@ def build_app(config: ServerConfig) -> App:
     dtype = getattr(torch, config.dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(_device(config.device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    spec = BaseSpec.from_model(model)
     dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_slots, max_rank=config.max_rank,
                     max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens)
+    spec = dm.spec  # fingerprinted once, from the unwrapped base
     store = DeltaStore.open(data_dir, spec, Limits.from_config(config), StoreSettings.from_config(config))
     slots = SlotManager(dm, loader=store.load_key, num_slots=config.max_slots)
     engine = Engine(config, ModelRunner(dm, tokenizer, config), slots)

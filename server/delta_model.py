@@ -54,13 +54,16 @@ class DeltaModel:
                 raise DeltaError(self._unwrapped_reason(path))
             layer.check(md)
 
-    def set_delta(self, slot: int, delta: Delta) -> None:
+    def set_delta(self, slot: int, delta: Delta, *, checked: bool = False) -> None:
         """Validate ``delta`` and copy it into ``slot`` of every pool; modules it does not name get cleared.
 
         All checks run before the first copy, so a refused delta leaves the slot as it was.
+        ``checked=True`` skips the checks for a delta that already passed :meth:`check` (the slot
+        manager checks on its loader thread so the step loop only copies).
         """
         self._check_slot(slot)
-        self.check(delta)
+        if not checked:
+            self.check(delta)
         for path, layer in self.layers.items():
             md = delta.modules.get(path)
             if md is None:

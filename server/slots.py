@@ -32,7 +32,8 @@ from .types import DeltaKey
 class SlotTarget(Protocol):
     """What the slot manager needs of ``server.delta_model.DeltaModel``."""
 
-    def set_delta(self, slot: int, delta: Delta) -> None: ...
+    def check(self, delta: Delta) -> None: ...
+    def set_delta(self, slot: int, delta: Delta, *, checked: bool = False) -> None: ...
     def clear(self, slot: int) -> None: ...
 
 
@@ -179,6 +180,9 @@ class SlotManager:
         t0 = time.perf_counter()
         try:
             delta = self.loader(key)
+            # Validation against the pools runs here, off the step loop: it reads every tensor
+            # (finiteness), ~34 ms of a 55 ms rank-16 install on the hidden-1024 model.
+            self.dm.check(delta)
         except BaseException as exc:  # surfaced to the waiting request by acquire
             with self._lock:
                 self._loading.discard(key)
@@ -224,8 +228,8 @@ class SlotManager:
             self._evictions += 1
         t0 = time.perf_counter()
         try:
-            self.dm.set_delta(slot, delta)
-        except BaseException as exc:  # e.g. rank above the pools' max: the request gets the error
+            self.dm.set_delta(slot, delta, checked=True)
+        except BaseException as exc:  # a copy that failed anyway: the request gets the error
             self.dm.clear(slot)
             self._errors[key] = exc
             self._load_errors += 1

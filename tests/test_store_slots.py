@@ -22,9 +22,13 @@ class FakeDM:
         self.pools = [None] * num_slots
         self.calls = []
 
-    def set_delta(self, slot, delta):
+    def check(self, delta):
         if delta.description == "too-big":
             raise DeltaError("m: LoRA rank 99 exceeds the pool's max_rank 8")
+
+    def set_delta(self, slot, delta, *, checked=False):
+        if not checked:
+            self.check(delta)
         self.calls.append(("set", slot, delta.description))
         self.pools[slot] = delta.description
 
