@@ -126,6 +126,7 @@ def _cdf(ax, values: list[float], label: str, **kw) -> None:
 
 def plot_latency(rows: list[dict], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     lat = [r for r in rows if r.get("group") == "latency" and r.get("samples")]
     if not lat:
@@ -143,6 +144,9 @@ def plot_latency(rows: list[dict], out: Path) -> Path | None:
     _cdf(axes[2], cold, "cold deltas (first use)", color="C3")
     for ax, what in zip(axes, ("TTFT (ms)", "TPOT (ms)", "TTFT (ms), delta phases")):
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 10 20 50 100 ...: plain labels
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(what)
         ax.set_ylabel("fraction of requests")
         ax.set_ylim(0, 1.02)
