@@ -70,13 +70,14 @@ def _check(name: str, client: float, server: float, rel: float, abs_: float) -> 
 
 
 def cross_check(records: list[Record], before: Scrape, after: Scrape, *, rel: float = 0.3,
-                abs_s: float = 0.05) -> dict:
+                abs_s: float = 0.1) -> dict:
     """Compare the client's figures with the server's histograms over the same phase.
 
     Counts must match exactly (every finished request observed once). Means compare the same
     quantity measured at two ends: the client's TTFT also holds the gRPC hop, authentication and
     delta resolution that precede the engine's arrival stamp, hence a tolerance of ``rel`` of the
-    value or ``abs_s`` seconds, whichever is larger. The server's per-request timings (sent on the
+    value or ``abs_s`` seconds, whichever is larger (100 ms: a thread hop on a 2-core box shared by
+    several jobs has been seen to take tens of ms; a histogram in the wrong unit is off by 1000x). The server's per-request timings (sent on the
     last chunk) must sum to the histogram's sum to 1%: same source, so any gap is a metrics bug.
     """
     ok = [r for r in records if r.status == "OK"]
