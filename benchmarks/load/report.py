@@ -77,8 +77,9 @@ def cross_check(records: list[Record], before: Scrape, after: Scrape, *, rel: fl
     quantity measured at two ends: the client's TTFT also holds the gRPC hop, authentication and
     delta resolution that precede the engine's arrival stamp, hence a tolerance of ``rel`` of the
     value or ``abs_s`` seconds, whichever is larger (100 ms: a thread hop on a 2-core box shared by
-    several jobs has been seen to take tens of ms; a histogram in the wrong unit is off by 1000x). The server's per-request timings (sent on the
-    last chunk) must sum to the histogram's sum to 1%: same source, so any gap is a metrics bug.
+    several jobs has been seen to take tens of ms; a histogram in the wrong unit is off by 1000x).
+    The server's per-request timings (sent on the last chunk) must sum to the histogram's sum to 1%:
+    same source, so any gap is a metrics bug.
     """
     ok = [r for r in records if r.status == "OK"]
     ttft = after.histogram(TTFT_METRIC) - before.histogram(TTFT_METRIC)
