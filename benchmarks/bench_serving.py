@@ -96,6 +96,9 @@ class BenchSettings:
             raise ValueError(f"tenants must be >= 2 (one hot tenant and others), got {self.tenants}")
         if not self.sweep or min(self.sweep) < 1:
             raise ValueError(f"sweep must list numbers of deltas >= 1, got {self.sweep}")
+        if self.latency_deltas < 2:
+            raise ValueError(f"latency phases need >= 2 deltas (the hot tenant's and another's), got "
+                             f"{self.latency_deltas}: put a number >= 2 in --sweep")
         if not (self.sat_factor > 0 and self.lat_factor > 0) or self.sat_repeats < 1:
             raise ValueError(f"sat_factor, lat_factor must be > 0 and sat_repeats >= 1, got {self.sat_factor}, "
                              f"{self.lat_factor}, {self.sat_repeats}")
