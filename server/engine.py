@@ -128,7 +128,8 @@ class Engine:
                 self.abort(req.request_id)
 
     def abort(self, request_id: str) -> bool:
-        """Free the request's KV blocks and slot pin now; its stream ends with finish_reason "aborted"."""
+        """Free the request's KV blocks and slot pin now; its stream ends with finish_reason "aborted".
+        Call it on the event loop's thread (gRPC handlers do), like every other engine method."""
         live = self._live.get(request_id)
         if live is None:
             return False

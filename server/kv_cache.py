@@ -8,7 +8,6 @@ so memory is never reserved for ``max_model_len`` tokens per request.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,9 @@ from delta_store.errors import InvalidArgument
 CPU_DEFAULT_KV_BYTES = 1 << 30
 """kv_blocks == 0 on the CPU: size the pool to 1 GiB (the 4-layer benchmark model stores 8 KiB per token,
 so 1 GiB holds 131k tokens, far more than 64 running sequences of 2048 tokens)."""
+CUDA_FREE_FRACTION = 0.7
+"""kv_blocks == 0 on CUDA: 70% of the memory free once weights and delta pools are allocated (vLLM's
+gpu_memory_utilization idea; the rest covers activations of a max_batch_tokens step)."""
 
 
 class BlockAllocator:
@@ -70,22 +72,25 @@ class KVLayout:
     block_size: int
     num_blocks: int
 
-    @property
-    def bytes_per_token(self) -> int:  # per element size is applied by the caller
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(dtype).bits // 8
 
 
-def kv_layout_for(model_config, block_size: int, num_blocks: int, dtype: torch.dtype) -> KVLayout:
+def kv_layout_for(model_config, block_size: int, num_blocks: int, dtype: torch.dtype,
+                  device: torch.device | str = "cpu") -> KVLayout:
     """Reads the KV geometry from an HF config (Llama family: num_key_value_heads; GPT-2: n_head)."""
     cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     layers = cfg.num_hidden_layers
+    layout = KVLayout(layers, kv_heads, head_dim, block_size, num_blocks)
     if num_blocks == 0:
-        per_block = 2 * layers * kv_heads * head_dim * block_size * torch.finfo(dtype).bits // 8
-        num_blocks = max(1, CPU_DEFAULT_KV_BYTES // per_block)
-    return KVLayout(layers, kv_heads, head_dim, block_size, num_blocks)
+        budget = CPU_DEFAULT_KV_BYTES
+        if torch.device(device).type == "cuda":
+            budget = int(torch.cuda.mem_get_info(torch.device(device))[0] * CUDA_FREE_FRACTION)
+        layout.num_blocks = max(1, budget // (layout.bytes_per_token(dtype) * block_size))
+    return layout
 
 
 class KVCache:
@@ -108,14 +113,5 @@ class KVCache:
     def num_blocks(self) -> int:
         return self.layout.num_blocks
 
-    def rows_for(self, block_table: list[int], start: int, end: int) -> list[int]:
-        """Flat cache rows of positions [start, end) of a sequence with this block table."""
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
-
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
-
-
-def default_num_blocks(max_running: int, max_model_len: int, block_size: int) -> int:
-    return max(1, max_running * math.ceil(max_model_len / block_size))

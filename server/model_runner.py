@@ -69,19 +69,20 @@ class ModelRunner:
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         use_paged_attention(self.model)
-        layout = kv_layout_for(self.model.config, config.kv_block_size, config.kv_blocks, self.dtype)
+        layout = kv_layout_for(self.model.config, config.kv_block_size, config.kv_blocks, self.dtype, self.device)
         self.kv = KVCache(layout, self.dtype, self.device)
         self.cache = PagedCache(self.kv)
         self.supports_deltas = self.dm is not None
 
     @property
     def eos_token_ids(self) -> set[int]:
+        """The model config's EOS id(s), else the tokenizer's: what HF generate() stops on."""
         eos = getattr(self.model.config, "eos_token_id", None)
-        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
-            eos = self.tokenizer.eos_token_id if eos is None else eos
+        if eos is None and self.tokenizer is not None:
+            eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is None:
             return set()
-        return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+        return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepResult:

@@ -204,7 +204,7 @@ class Scheduler:
         self._charge(seq, start, num_tokens)
         out.chunks.append(chunk)
 
-    def schedule(self, now: float = 0.0) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_batch_tokens
         # 1. running sequences: decodes first (1 token each), then unfinished prefills, by priority.

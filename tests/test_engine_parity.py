@@ -188,3 +188,32 @@ def test_base_greedy_equals_hf_generate_other_archs(arch):
     got = run_engine(engine, requests, per_step=3)
     assert [got[f"r{i}"] for i in range(len(prompts))] == expected
     assert engine.runner.kv.allocator.num_used == 0
+
+
+def test_gpt2_conv1d_deltas_equal_hf_generate(tmp_path):
+    """GPT-2's Conv1D layers and fused c_attn: LoRA (merged by PEFT) and (IA)3 rows beside base rows."""
+    base = tiny_gpt2(seed=8)
+    cases = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+             "ia3": IA3Config(fan_in_fan_out=True)}
+    spec = BaseSpec.from_model(base)
+    deltas = {}
+    for i, (name, cfg) in enumerate(cases.items()):
+        pm = get_peft_model(copy.deepcopy(base), cfg)
+        _randomise(pm, 40 + i)
+        pm.eval()
+        pm.save_pretrained(tmp_path / name)
+        deltas[name] = (load_delta(tmp_path / name, spec), pm.merge_and_unload())
+    rows = ["lora", "none", "ia3", "lora", "none", "ia3", "lora", "none"]
+    prompts = _prompts(len(rows), seed=9)
+    expected = [_reference(base if n == "none" else deltas[n][1], p) for n, p in zip(rows, prompts)]
+    changed = [n for n, p, e in zip(rows, prompts, expected) if n != "none" and e != _reference(base, p)]
+    assert set(changed) == {"lora", "ia3"}, changed  # each delta changes greedy output of some prompt
+    config = ServerConfig(max_batch_tokens=32, max_running=8, kv_block_size=8, kv_blocks=64, max_model_len=64)
+    engine, slots = _serve(copy.deepcopy(base), deltas, config, num_slots=2)
+    requests = [GenerationRequest(f"r{i}", "t", p, SamplingParams(max_new_tokens=MAX_NEW, temperature=0),
+                                  delta=None if n == "none" else DeltaKey("t", n, 1, n))
+                for i, (n, p) in enumerate(zip(rows, prompts))]
+    got = run_engine(engine, requests, per_step=3)
+    assert [got[f"r{i}"] for i in range(len(rows))] == expected
+    assert engine.runner.kv.allocator.num_used == 0 and slots.stats().pinned == 0
+    slots.close()
