@@ -178,7 +178,14 @@ class Engine:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while self._running:
-            plan = self._schedule()
+            try:
+                plan = self._schedule()
+            except Exception as exc:  # noqa: BLE001 - e.g. a slot install failed: fail what is queued, keep serving
+                log.exception("engine schedule failed")
+                for request_id in list(self._live):
+                    live = self._live[request_id]
+                    self._finish(live, FinishReason.ERROR, TokenOutput(request_id, [], error=f"engine: {exc}"))
+                continue
             if plan is None:
                 self._wake.clear()
                 if self.scheduler.has_work():  # waiting only for a delta to load

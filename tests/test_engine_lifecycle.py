@@ -161,3 +161,25 @@ def test_stats_listeners_and_failed_delta_load(model):
     assert reqs["ok"].completion_tokens == 3 and reqs["ok"].has_delta and reqs["ok"].ttft >= reqs["ok"].queue_time
     assert reqs["bad"].finish_reason == FinishReason.ERROR and reqs["base"].tpot is not None
     assert slots.total_pins == 0
+
+
+def test_loop_survives_a_failing_schedule(model):
+    class Flaky(FakeSlots):
+        fail = True
+
+        def install_ready(self):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("device copy failed")
+            super().install_ready()
+
+    async def main():
+        engine = _engine(model, Flaky(num_slots=2))
+        await engine.start()
+        first = [o async for o in engine.generate(_req("a", 3))]
+        assert first[-1].finish_reason == FinishReason.ERROR and "device copy failed" in first[-1].error
+        second = [o async for o in engine.generate(_req("b", 3, KEY))]
+        assert second[-1].finish_reason == FinishReason.LENGTH and engine.alive
+        await engine.shutdown(0)
+        assert engine.runner.kv.allocator.num_used == 0
+    asyncio.run(main())
