@@ -241,3 +241,20 @@ def test_finish_of_waiting_and_running_returns_everything():
     s.finish(w, "aborted")
     assert slots.total_pins == 0 and s.allocator.num_used == 0 and not s.has_work()
     s.finish(r, "aborted")  # idempotent
+
+
+def test_chunks_grouped_by_slot_inside_decode_and_prefill_groups():
+    slots = FakeSlots(num_slots=4)
+    s = make(slots=slots, budget=64, running=16)
+    for i in range(8):
+        s.add(seq(f"r{i}", 3, delta=key(f"d{i % 3}") if i % 4 else None))
+    first = run_step(s)
+    assert all(c.num_tokens == 3 for c in first.chunks)
+    order = [c.seq.slot for c in first.chunks]
+    assert order == sorted(order)
+    s.add(seq("late", 5, delta=key("d1")))
+    out = run_step(s)
+    sizes = [c.num_tokens for c in out.chunks]
+    assert sizes == sorted(sizes) and sizes[-1] == 5
+    decode_slots = [c.seq.slot for c in out.chunks if c.num_tokens == 1]
+    assert decode_slots == sorted(decode_slots) and len(set(decode_slots)) == 4
