@@ -4,12 +4,19 @@ Same signatures and semantics as the Triton launchers; intermediates stay in fp3
 (vLLM ``punica_cpu.py`` keeps an fp32 shrink buffer for the same reason). No argument checks here:
 the public ops in ``kernels/__init__.py`` check before dispatching.
 
-Four execution plans, chosen per call from the step metadata. Numbers: ratio of the delta to the
+Five execution plans, chosen per call from the step metadata. Numbers: ratio of the delta to the
 base matmul, q_proj 1024x1024, r=16, fp32, 1 thread, CPU time (``benchmarks/bench_kernels.py``;
 ``../shared/BASELINES-CPU.md`` §3 has the 2-thread idle-machine baselines):
 
 * runs: each maximal run of tokens sharing a slot is a contiguous row range, so two matmuls on
   views add into ``y`` with no gather or scatter (prefill, one run per sequence: ~0.1x at T=2048).
+  Chosen first whenever runs average RUN_MIN_TOKENS tokens: one big group costs grouped_mm 0.19 ms
+  against 0.05 ms for the plain mm (T=64, one slot).
+* grouped (``reference_grouped.py``): tokens sorted by slot against the whole pool with
+  ``F.grouped_mm``, one shrink/expand pair per distinct active rank, nothing gathered. The default
+  otherwise, where grouped_mm runs (CPU, fp32): decode T=32 on 32 slots ~0.5x (q_proj) and the seven
+  Llama projections together ~0.29x of their base matmuls with B pools stored [S, R, out], vs ~0.42x
+  for the gathered plan.
 * padded: each active slot's tokens padded to the longest segment; A/B gathered once per slot and
   two batched matmuls (64 tokens on 8 or 32 slots: ~0.2x / ~0.65x, vs ~0.25x / ~1.0x for a loop).
 * segments: tokens gathered grouped by slot, one matmul pair per slot, scattered back (many tokens
@@ -18,18 +25,22 @@ base matmul, q_proj 1024x1024, r=16, fp32, 1 thread, CPU time (``benchmarks/benc
   one gather per rank group so a rank-4 token does not pay rank 64 (D3). Decode (T=32, 32 slots)
   costs ~0.6-0.8x on one projection vs ~1.4x for the loop; with B pools stored [S, R, out] the
   seven Llama projections together cost ~0.43x of their base matmuls.
-Only up to the largest *active* rank is read, and ranks beyond a slot's own are masked.
+Only up to the largest *active* rank is read, and ranks beyond a slot's own are masked (gathered
+plans) or never read (grouped, runs, segments).
 """
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
+from . import reference_grouped
 from ._triton import next_pow2
 from .meta import DeltaKernelMeta
+from .reference_common import ACT_FNS as _ACT_FNS
+from .reference_common import WS as _WS
+from .reference_common import add_rows as _add_rows
+from .reference_common import apply_act, f32 as _f32
 
 RUN_MIN_TOKENS = 4
 """Average run (or segment) length from which per-run matmuls beat the gathered bmm: one run costs
@@ -41,49 +52,18 @@ PAD_MAX_WASTE = 2
 ROWS_MAX_RUNS = 8
 """add_bias / mul_rows: up to this many runs, slice per run; beyond, one gather does it."""
 
-_ACT_FNS = {
-    0: torch.relu,
-    1: lambda h: F.gelu(h, approximate="none"),
-    2: lambda h: F.gelu(h, approximate="tanh"),
-    3: F.silu,
-}
-
-
-class _Workspace(threading.local):
-    """Grow-only scratch buffers per (name, device, dtype). Fresh multi-MB tensors per call cost
-    page faults: the gathered LoRA path takes 0.65x of the base matmul with fresh tensors and 0.25x
-    with reused ones (BASELINES-CPU.md §3, T=32). Thread-local, so concurrent forwards never share."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        need = 1
-        for d in shape:
-            need *= d
-        key = (name, device, dtype)
-        buf = self.buffers.get(key)
-        if buf is None or buf.numel() < need:
-            buf = torch.empty(max(need, 1), dtype=dtype, device=device)
-            self.buffers[key] = buf
-        return buf[:need].view(shape)
-
-
-_WS = _Workspace()
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 else t.float()
-
-
-PLANS = ("runs", "segments", "padded", "gather")
+PLANS = ("runs", "segments", "padded", "gather", "grouped")
 _forced: list[str] = []
+
+GROUPED_CPU_FP32 = reference_grouped.supported(torch.empty(0))
+"""Whether ``F.grouped_mm`` runs here on CPU fp32 (probed once at import): the default of ``_plan``."""
 
 
 @contextmanager
 def force_plan(plan: str):
     """Use ``plan`` for every call inside the block (tests cover each plan on the same inputs; the
-    benchmark times them against each other to set RUN_MIN_TOKENS)."""
+    benchmark times them against each other to set RUN_MIN_TOKENS). "padded" and "grouped" fall back to
+    "gather" where they cannot run (several rank groups; no grouped_mm for the device or dtype)."""
     if plan not in PLANS:
         raise ValueError(f"force_plan: {plan!r} is not one of {', '.join(PLANS)}")
     _forced.append(plan)
@@ -93,31 +73,28 @@ def force_plan(plan: str):
         _forced.pop()
 
 
-def _plan(meta: DeltaKernelMeta, *, padded_ok: bool = False) -> str:
+def _plan(meta: DeltaKernelMeta, *, padded_ok: bool = False, grouped_ok: bool | None = None,
+          dtype: torch.dtype = torch.float32) -> str:
+    """The plan for this call. ``grouped_ok``: whether the grouped plan can run on the call's tensors
+    (``reference_grouped.lora_ok``; None: whether it runs on CPU fp32); it is picked unforced only for
+    ``reference_grouped.PREFERRED_DTYPES``."""
+    if grouped_ok is None:
+        grouped_ok = GROUPED_CPU_FP32
     if _forced:
         forced = _forced[-1]
-        return forced if forced != "padded" or padded_ok else "gather"
+        if (forced == "padded" and not padded_ok) or (forced == "grouped" and not grouped_ok):
+            return "gather"
+        return forced
     n = meta.num_active_tokens
     if len(meta.runs_host) * RUN_MIN_TOKENS <= n:
         return "runs"
+    if grouped_ok and dtype in reference_grouped.PREFERRED_DTYPES:
+        return "grouped"
     if padded_ok and meta.num_active * meta.max_seg_len <= PAD_MAX_WASTE * n:
         return "padded"
     if meta.num_active * RUN_MIN_TOKENS <= n:
         return "segments"
     return "gather"
-
-
-def _add_rows(y: torch.Tensor, ids: torch.Tensor | None, d: torch.Tensor) -> None:
-    """y[ids] += d (fp32 ``d`` [N, out]); ``ids`` None means every token in token order."""
-    if ids is None:
-        if y.dtype == torch.float32:
-            y.add_(d)
-        else:
-            y.copy_(y.float().add_(d))
-    elif y.dtype == torch.float32:
-        y.index_add_(0, ids, d)
-    else:
-        y.index_copy_(0, ids, y.index_select(0, ids).float().add_(d).to(y.dtype))
 
 
 def _gather_ids(meta: DeltaKernelMeta) -> torch.Tensor | None:
@@ -137,17 +114,21 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     if not work:
         return  # no active slot has LoRA at this layer
     _check_limit("add_lora", "rank", ranks, work, lora_a.shape[1])
-    scales = scale.tolist()
     one_group = len({max(8, next_pow2(ranks[s])) for s in work}) == 1
-    plan = _plan(meta, padded_ok=one_group)
-    if plan == "padded":
+    plan = _plan(meta, padded_ok=one_group, grouped_ok=reference_grouped.lora_ok(x, lora_a, lora_b),
+                 dtype=y.dtype)
+    if plan == "grouped":
+        reference_grouped.add_lora(y, x, lora_a, lora_b, scale, ranks, work, meta)
+    elif plan == "padded":
         _lora_padded(y, x, lora_a, lora_b, scale, rank, meta, max(ranks[s] for s in work),
                      all(ranks[s] == ranks[work[0]] for s in meta.active_slots_host))
     elif plan == "runs":
+        scales = scale.tolist()
         for a, b, s in meta.runs_host:
             if ranks[s]:
                 _lora_rows(y[a:b], x[a:b], lora_a[s, :ranks[s]], lora_b[s, :, :ranks[s]], scales[s])
     elif plan == "segments":
+        scales = scale.tolist()
         ids = meta.sorted_active_ids  # [N]
         xs = x.index_select(0, ids)  # [N, in]
         ds = _WS.get("seg_d", (ids.numel(), y.shape[1]), torch.float32, y.device)  # [N, out]
@@ -286,8 +267,10 @@ def add_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, down_bi
         if acts[s] not in _ACT_FNS:
             raise ValueError(f"add_bottleneck: act[{s}] = {acts[s]} is not an activation code (0..3)")
     scales = scale.tolist()
-    plan = _plan(meta)
-    if plan == "runs":
+    plan = _plan(meta, grouped_ok=reference_grouped.bottleneck_ok(u, down, up), dtype=y.dtype)
+    if plan == "grouped":
+        reference_grouped.add_bottleneck(y, u, down, down_bias, up, up_bias, scale, act, widths, acts, work, meta)
+    elif plan == "runs":
         for a, b, s in meta.runs_host:
             m = widths[s]
             if m:
@@ -321,15 +304,7 @@ def _bottleneck_gathered(y, u, down, down_bias, up, up_bias, scale, width, act, 
     h = torch.bmm(us.unsqueeze(1), _gather(down[:, :mmax], sl, "bn_down").transpose(1, 2),
                   out=_WS.get("bn_h", (n, 1, mmax), torch.float32, y.device)).view(n, mmax)
     h.add_(_f32(down_bias[:, :mmax].index_select(0, sl)))
-    if len(codes) == 1:
-        h = _ACT_FNS[codes[0]](h)
-    else:
-        tok_act = act.index_select(0, sl)  # [n]
-        mixed = torch.empty_like(h)
-        for c in codes:  # at most 4 activations; usually one
-            rows = tok_act == c
-            mixed[rows] = _ACT_FNS[c](h[rows])
-        h = mixed
+    h = apply_act(h, codes, act.index_select(0, sl) if len(codes) > 1 else None)
     tok_width = width.index_select(0, sl)  # [n]; width 0 = no adapter here, up_bias included
     h.mul_(torch.arange(mmax, device=y.device) < tok_width.unsqueeze(1))  # past the slot's width: 0
     d = torch.bmm(h.unsqueeze(1), _gather_up(up, mmax, sl, "bn_up"),

@@ -41,13 +41,20 @@ class AdapterPool(torch.nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.register_buffer("down", torch.zeros(S, M, H, **kw), persistent=False)  # [S, M, h]
         self.register_buffer("down_bias", torch.zeros(S, M, **kw), persistent=False)  # [S, M]
-        self.register_buffer("up", torch.zeros(S, H, M, **kw), persistent=False)  # [S, h, M]
+        # up stored [S, M, h], handed to the ops as the transpose view [S, h, M] (``up``): contiguous per-slot rows
+        # for the CPU grouped plan, as DeltaLinear's B pool.
+        self.register_buffer("up_rows", torch.zeros(S, M, H, **kw), persistent=False)  # [S, M, h]
         self.register_buffer("up_bias", torch.zeros(S, H, **kw), persistent=False)  # [S, h]
         self.register_buffer("act", torch.zeros(S, dtype=torch.int32, device=device), persistent=False)  # [S]
         n = len(ADAPTER_SOURCES)
         self.register_buffer("scale", torch.zeros(n, S, dtype=torch.float32, device=device), persistent=False)  # [3, S]
         self.register_buffer("width", torch.zeros(n, S, dtype=torch.int32, device=device), persistent=False)  # [3, S]
         self.has = [[False] * S for _ in range(n)]  # host copy of width > 0, per source: no device sync per step
+
+    @property
+    def up(self) -> torch.Tensor:
+        """The up pool as the kernels take it: [S, h, M], a transpose view of the [S, M, h] storage."""
+        return self.up_rows.transpose(1, 2)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -72,7 +79,7 @@ class AdapterPool(torch.nn.Module):
         m = term.width
         self.down[slot, :m].copy_(term.down)
         self.down_bias[slot, :m].copy_(term.down_bias)
-        self.up[slot, :, :m].copy_(term.up)
+        self.up_rows[slot, :m].copy_(term.up.t())  # up [h, m] -> rows [m, h]
         self.up_bias[slot].copy_(term.up_bias)
         self.act[slot] = kernels.ACT_CODES[term.activation]
         i = ADAPTER_SOURCES.index(term.source)
@@ -85,7 +92,7 @@ class AdapterPool(torch.nn.Module):
         # Zero rows, not just width 0: stale weights of an evicted tenant must never be reachable.
         self.down[slot].zero_()
         self.down_bias[slot].zero_()
-        self.up[slot].zero_()
+        self.up_rows[slot].zero_()
         self.up_bias[slot].zero_()
         self.act[slot] = 0
         self.scale[:, slot] = 0.0

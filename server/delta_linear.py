@@ -54,7 +54,10 @@ class DeltaLinear(torch.nn.Module):
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         dev = base.weight.device
         self.register_buffer("lora_a", torch.zeros(S, R, fin, **kw), persistent=False)  # [S, R, in]
-        self.register_buffer("lora_b", torch.zeros(S, fout, R, **kw), persistent=False)  # [S, out, R]
+        # B stored [S, R, out] and handed to the ops as its transpose(1, 2) view [S, out, R] (``lora_b``): a slot's
+        # rank-r rows are then one contiguous block, so the CPU grouped plan's expand reads them in place
+        # (1024 -> 2816, T=32 on 32 slots: 0.17 ms against 0.30 ms from [S, out, R] storage).
+        self.register_buffer("lora_b_rows", torch.zeros(S, R, fout, **kw), persistent=False)  # [S, R, out]
         self.register_buffer("lora_scale", torch.zeros(S, dtype=torch.float32, device=dev), persistent=False)  # [S]
         self.register_buffer("lora_rank", torch.zeros(S, dtype=torch.int32, device=dev), persistent=False)  # [S]
         self.register_buffer("bias_delta", torch.zeros(S, fout, **kw), persistent=False)  # [S, out]
@@ -65,6 +68,11 @@ class DeltaLinear(torch.nn.Module):
         self.adapters: AdapterPool | None = None  # allocated on the first adapter delta (load path)
         self.tap: ResidualTap | None = None  # set on residual-site output modules
         self.max_bottleneck = max_bottleneck
+
+    @property
+    def lora_b(self) -> torch.Tensor:
+        """The B pool as the kernels take it: [S, out, R], a transpose view of the [S, R, out] storage."""
+        return self.lora_b_rows.transpose(1, 2)
 
     @classmethod
     def can_replace(cls, layer: torch.nn.Module) -> bool:
@@ -130,7 +138,7 @@ class DeltaLinear(torch.nn.Module):
         if md.lora is not None:
             r = md.lora.rank
             self.lora_a[slot, :r].copy_(md.lora.a)
-            self.lora_b[slot, :, :r].copy_(md.lora.b)
+            self.lora_b_rows[slot, :r].copy_(md.lora.b.t())  # b [out, r] -> rows [r, out]
             self.lora_scale[slot] = float(md.lora.scale)
             self.lora_rank[slot] = r
             self.has["lora"][slot] = True
@@ -145,7 +153,7 @@ class DeltaLinear(torch.nn.Module):
     @torch.inference_mode()
     def clear(self, slot: int) -> None:
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_b_rows[slot].zero_()
         self.lora_scale[slot] = 0.0
         self.lora_rank[slot] = 0
         self.bias_delta[slot].zero_()

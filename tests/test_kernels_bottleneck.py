@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import ACT_CODES, DeltaKernelMeta, bottleneck, reference
+from kernels import ACT_CODES, DeltaKernelMeta, bottleneck, reference, reference_grouped
 from tests.helpers import TOLERANCES, assert_close
 from tests.test_kernels_cases import (PATTERNS, bottleneck_pools, loop_bottleneck, slot_ids, slots_tensor,
                                       transposed_storage)
@@ -55,6 +55,11 @@ def test_output_placement_reads_y_before_writing_it(slots):
         out = y.clone()
         fn(out, out, *_args(pools), meta)
         assert_close(out, expected, atol=2e-5, rtol=2e-5, what=f"{fn.__module__} aliased")
+    for plan in reference.PLANS:
+        out = y.clone()
+        with reference.force_plan(plan):
+            reference.add_bottleneck(out, out, *_args(pools), meta)
+        assert_close(out, expected, atol=2e-5, rtol=2e-5, what=f"reference {plan} aliased")
 
 
 TRITON_CASES = [(1, 1, "identical"), (3, 3, "distinct"), (17, 8, "uniform"), (64, 8, "zipf"), (64, 3, "skewed"),
@@ -144,14 +149,18 @@ def test_triton_large_grid_on_gpu(num_tokens, pattern, dtype):
     assert_close(y, y_ref, **tol, what=f"cuda {dtype} T={num_tokens} {pattern}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("plan", reference.PLANS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_every_plan_on_every_pattern(plan, pattern):
-    slots, pools, y, u = _case(17, 8, pattern, 24, torch.float32, seed=5, device="cpu")
+def test_every_plan_on_every_pattern(plan, pattern, dtype):
+    slots, pools, y, u = _case(17, 8, pattern, 24, dtype, seed=5, device="cpu")
     expected = loop_bottleneck(y, y, *_args(pools), slots)
+    if plan == "grouped":  # the forced plan really runs (it falls back to "gather" where it cannot)
+        assert reference_grouped.bottleneck_ok(y, pools["down"], pools["up"]), dtype
     with reference.force_plan(plan):
         reference.add_bottleneck(y, y, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
-    assert_close(y, expected, atol=2e-5, rtol=2e-5, what=f"forced {plan}")
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else TOLERANCES[dtype]
+    assert_close(y, expected, **tol, what=f"forced {plan} {dtype}")
 
 
 def test_up_stored_transposed():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import DeltaKernelMeta, lora, reference
+from kernels import DeltaKernelMeta, lora, reference, reference_grouped
 from tests.helpers import TOLERANCES, assert_close
 from tests.test_kernels_cases import PATTERNS, RANKS, GARBAGE, lora_pools, loop_lora, slot_ids, slots_tensor
 
@@ -41,19 +41,27 @@ def test_reference_matches_float64_loop(num_tokens, num_deltas, pattern):
     assert_close(y, expected, atol=2e-5, rtol=2e-5, what=f"reference plan={reference._plan(meta)} slots={slots}")
 
 
-@pytest.mark.parametrize("slots, plan", [
-    ([0] * 9 + [2] * 7 + [-1] * 3 + [1] * 5, "runs"),  # prefill: one run per sequence
-    ([0, 1] * 10 + [-1, 1], "segments"),  # many tokens per slot, interleaved
-    ([3, 1, 0, 2, -1, 4], "gather"),  # decode: one token per slot
+@pytest.mark.parametrize("slots, plan, without_grouped", [
+    ([0] * 9 + [2] * 7 + [-1] * 3 + [1] * 5, "runs", "runs"),  # prefill: one run per sequence
+    ([0, 1] * 10 + [-1, 1], "grouped", "segments"),  # many tokens per slot, interleaved
+    ([3, 1, 0, 2, -1, 4], "grouped", "gather"),  # decode: one token per slot
 ])
-def test_each_reference_plan(slots, plan):
+def test_each_reference_plan(slots, plan, without_grouped, monkeypatch):
     pools = lora_pools(5, 40, 24, [16, 1, 64, 4, 0])
     x, y = torch.randn(len(slots), 40), torch.randn(len(slots), 24)
     expected = loop_lora(y, x, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots))
-    assert reference._plan(meta) == plan
-    reference.add_lora(y, x, *_args(pools), meta)
-    assert_close(y, expected, atol=2e-5, rtol=2e-5, what=plan)
+    assert reference._plan(meta) == plan  # fp32 on the CPU: grouped_mm is there in torch 2.13
+    assert reference._plan(meta, grouped_ok=False) == without_grouped
+    assert reference._plan(meta, dtype=torch.float16) == without_grouped  # slower in half types on the CPU
+    out = y.clone()
+    reference.add_lora(out, x, *_args(pools), meta)
+    assert_close(out, expected, atol=2e-5, rtol=2e-5, what=plan)
+    # where grouped_mm is missing (the probe said no), the same call takes the older plan
+    monkeypatch.setitem(reference_grouped._SUPPORTED, ("cpu", torch.float32), False)
+    out = y.clone()
+    reference.add_lora(out, x, *_args(pools), meta)
+    assert_close(out, expected, atol=2e-5, rtol=2e-5, what=without_grouped)
 
 
 TRITON_CASES = [  # (tokens, deltas, pattern): every size, slot count and pattern at least once
@@ -195,14 +203,19 @@ def test_gathered_groups_split_by_rank():
     assert_close(y, expected, atol=2e-5, rtol=2e-5, what="rank groups")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("plan", reference.PLANS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_every_plan_on_every_pattern(plan, pattern):
-    slots, pools, x, y = _case(17, 8, pattern, 40, 24, torch.float32, device="cpu", seed=3)
+def test_every_plan_on_every_pattern(plan, pattern, dtype):
+    slots, pools, x, y = _case(17, 8, pattern, 40, 24, dtype, device="cpu", seed=3)
     expected = loop_lora(y, x, *_args(pools), slots)
+    meta = DeltaKernelMeta.build(slots_tensor(slots))
+    if plan == "grouped":  # the forced plan really runs (it falls back to "gather" where it cannot)
+        assert reference_grouped.lora_ok(x, pools["lora_a"], pools["lora_b"]), dtype
     with reference.force_plan(plan):
-        reference.add_lora(y, x, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
-    assert_close(y, expected, atol=2e-5, rtol=2e-5, what=f"forced {plan}")
+        reference.add_lora(y, x, *_args(pools), meta)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else TOLERANCES[dtype]
+    assert_close(y, expected, **tol, what=f"forced {plan} {dtype}")
 
 
 @pytest.mark.parametrize("plan", reference.PLANS)
