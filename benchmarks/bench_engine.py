@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from benchmarks.bench_model import PROJECTIONS, build_model, random_lora_delta  # noqa: E402
 from benchmarks.common import Results  # noqa: E402
-from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta  # noqa: E402
+from delta_store.delta import AdapterTerm, Delta, ModuleDelta  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.delta_layers import DeltaLinear, wrap_model  # noqa: E402
 from server.engine import Engine  # noqa: E402

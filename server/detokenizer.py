@@ -53,7 +53,8 @@ class IncrementalDetokenizer:
         """End of generation: whatever is still held back (incomplete trailing bytes decode to U+FFFD)."""
         if self.stopped:
             return ""
-        rest = self._decode(self.ids[self.prefix_offset:])[len(self._decode(self.ids[self.prefix_offset:self.read_offset])):]
+        done = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        rest = self._decode(self.ids[self.prefix_offset:])[len(done):]
         self.prefix_offset = self.read_offset = len(self.ids)
         out, self.pending = self.pending + rest, ""
         self.text += out

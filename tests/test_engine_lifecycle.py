@@ -6,7 +6,6 @@ import asyncio
 import copy
 
 import pytest
-import torch
 
 from delta_store.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from server.config import ServerConfig
