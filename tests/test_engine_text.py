@@ -73,9 +73,8 @@ def test_engine_streams_text_and_honours_stop_strings(tok):
     assert text == tok.decode(ids, skip_special_tokens=True)
     # stop on a substring of what the model produces anyway: output ends right before it
     visible = text.replace("\ufffd", "")
-    stop = visible[5:7] if len(visible) >= 7 else None
-    if stop is None:
-        pytest.skip("model produced too little printable text")
+    assert len(visible) >= 7, f"seeded model produced too little printable text: {text!r}"
+    stop = visible[5:7]
     engine.add_request(GenerationRequest("stop", "a", prompt, SamplingParams(max_new_tokens=24, temperature=0,
                                                                             ignore_eos=True, stop_strings=[stop])))
     outs = []
