@@ -164,6 +164,8 @@ class Scheduler:
             if queue is not None and seq in queue:
                 queue.remove(seq)
                 self._num_waiting -= 1
+                if not queue:
+                    del self.waiting[seq.tenant]  # many short-lived tenants must not leave empty queues behind
         self._free(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
@@ -291,6 +293,8 @@ class Scheduler:
                 slot = acquired
             queue.remove(seq)
             self._num_waiting -= 1
+            if not queue:
+                del self.waiting[tenant]
             seq.slot = slot
             seq.status = SeqStatus.RUNNING
             seq.admit_order = next(self._admit_counter)

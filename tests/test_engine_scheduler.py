@@ -125,7 +125,7 @@ def test_kv_blocks_bound_admission_and_return_on_finish():
     assert s.allocator.num_free == 0
     while s.has_work():
         run_step(s)
-    assert s.allocator.num_free == 6 and s.num_running == 0
+    assert s.allocator.num_free == 6 and s.num_running == 0 and s.waiting == {}
 
 
 def test_preemption_by_recompute_when_blocks_run_out():
