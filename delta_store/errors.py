@@ -72,3 +72,12 @@ class CorruptBlob(DeltaServeError):
 
 class Unavailable(DeltaServeError):
     code = "UNAVAILABLE"
+
+
+def error_for_code(code: str | None, message: str) -> DeltaServeError:
+    """A typed error of the given code name (e.g. carried across a queue as a string); INTERNAL if unknown."""
+    for cls in (InvalidArgument, FailedPrecondition, NotFound, AlreadyExists, ResourceExhausted, Unauthenticated,
+                PermissionDenied, DeadlineExceeded, Cancelled, CorruptBlob, Unavailable):
+        if cls.code == code:
+            return cls(message)
+    return DeltaServeError(message)

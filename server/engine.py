@@ -211,7 +211,8 @@ class Engine:
         for seq, exc in sched.failed:  # its delta could not be loaded: only this request fails
             live = self._live.get(seq.request_id)
             if live is not None:
-                self._finish(live, FinishReason.ERROR, TokenOutput(seq.request_id, [], error=f"delta load: {exc}"))
+                self._finish(live, FinishReason.ERROR, TokenOutput(seq.request_id, [], error=f"delta load: {exc}",
+                                                                  error_code=getattr(exc, "code", None)))
         if sched.is_empty:
             return None
         inp = StepInput()
@@ -292,7 +293,8 @@ class Engine:
             live = self._live.get(chunk.seq.request_id)
             if live is None:
                 continue
-            out = TokenOutput(chunk.seq.request_id, [], error=f"{type(exc).__name__}: {exc}")
+            out = TokenOutput(chunk.seq.request_id, [], error=f"{type(exc).__name__}: {exc}",
+                              error_code=getattr(exc, "code", None))
             self._finish(live, FinishReason.ERROR, out)
             outs.append(out)
         self._step_done(plan, time.monotonic())

@@ -15,7 +15,7 @@ import uuid
 
 import grpc
 
-from delta_store.errors import DeadlineExceeded, DeltaServeError, InvalidArgument
+from delta_store.errors import DeadlineExceeded, InvalidArgument, error_for_code
 
 from .auth import rate_limits, tenant_name
 from .errors import status_of
@@ -150,7 +150,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async for out in app.engine.generate(req):
                 last = out
                 if out.finish_reason == FinishReason.ERROR:
-                    raise DeltaServeError(f"request {req.request_id} failed in the engine: {out.error or 'unknown'}")
+                    # A delta deleted between admission and its load is NOT_FOUND, not INTERNAL: keep the code.
+                    raise error_for_code(out.error_code, f"request {req.request_id} failed in the engine: "
+                                                          f"{out.error or 'unknown'}")
                 if expired and out.finish_reason is not None:
                     raise DeadlineExceeded(f"request {req.request_id}: deadline passed after "
                                            f"{out.completion_tokens} generated tokens")

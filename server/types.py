@@ -77,6 +77,7 @@ class TokenOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
     error: str | None = None  # set with finish_reason == "error"
+    error_code: str | None = None  # the typed error's gRPC code name (delta_store/errors.py), e.g. "NOT_FOUND"
     # timings (seconds), set on the last chunk
     queue_time: float | None = None
     ttft: float | None = None
