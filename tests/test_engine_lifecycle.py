@@ -14,7 +14,6 @@ from server.model_runner import ModelRunner
 from server.stats import RequestStats, StepStats
 from server.types import DeltaKey, FinishReason, GenerationRequest, SamplingParams
 from tests.helpers import tiny_llama
-from tests.test_engine_parity import one_thread  # noqa: F401 (autouse fixture)
 from tests.test_engine_scheduler import FakeSlots
 
 KEY = DeltaKey("t", "d", 1, "d")

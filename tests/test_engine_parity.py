@@ -17,7 +17,6 @@ import torch
 from peft import BeftConfig, IA3Config, LoraConfig, get_peft_model
 
 from delta_store.base_spec import BaseSpec
-from delta_store.delta import AdapterTerm, Delta, ModuleDelta
 from delta_store.formats import load_delta
 from server.config import ServerConfig
 from server.delta_layers import wrap_model
@@ -26,6 +25,7 @@ from server.model_runner import ModelRunner
 from server.slots import SlotManager
 from server.types import DeltaKey, GenerationRequest, SamplingParams
 from tests.helpers import tiny_gpt2, tiny_llama
+from tests.oracles import hooked_copy, randomise_peft, site_adapters
 
 MAX_NEW = 10
 PEFT_CASES = {
@@ -40,69 +40,19 @@ ROWS = ["none", "lora_qv_r2", "lora_all_r16", "ia3", "adapters", "lora_r4_bias",
         "lora_all_r16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins (70 ms vs 3 ms per step).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _randomise(peft_model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if p.requires_grad:
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_(1 + 0.3 * noise if "ia3_l" in name else 0.15 * noise)
-
-
-def _adapters(spec: BaseSpec, seed: int) -> Delta:
-    """Houlsby-style bottleneck after the FFN (reads y) and a parallel one after attention (reads h)."""
-    g = torch.Generator().manual_seed(seed)
-    h, mods = spec.hidden_size, {}
-    for layer in range(spec.num_layers):
-        for site, (source, act, scale, m) in {"ffn": ("output", "relu", 1.0, 4),
-                                              "attn": ("residual", "gelu", 2.0, 8)}.items():
-            path = spec.find(layer, spec.sites()[site][1]).path
-            mods[path] = ModuleDelta(adapter=AdapterTerm(
-                0.3 * torch.randn(m, h, generator=g), 0.1 * torch.randn(m, generator=g),
-                0.3 * torch.randn(h, m, generator=g), 0.1 * torch.randn(h, generator=g), act, scale, source))
-    return Delta(mods)
-
-
-def _hooked(base, delta: Delta, spec: BaseSpec):
-    """A copy of the base applying the bottleneck adapters with forward hooks (works inside generate())."""
-    model = copy.deepcopy(base)
-    acts = {"relu": torch.relu, "gelu": torch.nn.functional.gelu}
-    captured = {}
-    for layer in range(spec.num_layers):
-        for norm_leaf, out_leaf in spec.sites().values():
-            norm, out = spec.find(layer, norm_leaf).path, spec.find(layer, out_leaf).path
-            model.get_submodule(norm).register_forward_pre_hook(
-                lambda _m, args, key=out: captured.__setitem__(key, args[0]))
-
-            def post(_m, _args, y, key=out):
-                ad = delta.modules[key].adapter
-                src = {"output": y, "output+residual": captured[key] + y, "residual": captured[key]}[ad.source]
-                return y + ad.scale * (acts[ad.activation](src @ ad.down.T + ad.down_bias) @ ad.up.T + ad.up_bias)
-            model.get_submodule(out).register_forward_hook(post)
-    return model
-
-
 def _make_deltas(base, names, tmp_path):
     """name -> (Delta, reference model for generate())."""
     spec = BaseSpec.from_model(base)
     out = {}
     for i, name in enumerate(sorted(set(names) - {"none"})):
         if name == "adapters":
-            delta = _adapters(spec, seed=3)
-            out[name] = (delta, _hooked(base, delta, spec))
+            delta = site_adapters(spec, 3, {"ffn": ("output", "relu", 1.0, 4), "attn": ("residual", "gelu", 2.0, 8)},
+                                      std=0.3)  # Houlsby-style after the FFN, parallel after attention
+            out[name] = (delta, hooked_copy(base, delta, spec))
             continue
         make_cfg, how = PEFT_CASES[name]
         pm = get_peft_model(copy.deepcopy(base), make_cfg())
-        _randomise(pm, 100 + i)
+        randomise_peft(pm, 100 + i, std=0.15, ia3_std=0.3)
         pm.eval()
         pm.save_pretrained(tmp_path / name)
         delta = load_delta(tmp_path / name, spec)
@@ -199,7 +149,7 @@ def test_gpt2_conv1d_deltas_equal_hf_generate(tmp_path):
     deltas = {}
     for i, (name, cfg) in enumerate(cases.items()):
         pm = get_peft_model(copy.deepcopy(base), cfg)
-        _randomise(pm, 40 + i)
+        randomise_peft(pm, 40 + i, std=0.15, ia3_std=0.3)
         pm.eval()
         pm.save_pretrained(tmp_path / name)
         deltas[name] = (load_delta(tmp_path / name, spec), pm.merge_and_unload())

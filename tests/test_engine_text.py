@@ -12,7 +12,6 @@ from server.model_runner import ModelRunner
 from server.tokenizer import VOCAB_SIZE, byte_level_tokenizer
 from server.types import FinishReason, GenerationRequest, SamplingParams
 from tests.helpers import tiny_llama
-from tests.test_engine_parity import one_thread  # noqa: F401 (autouse fixture)
 
 TEXT = "naïve café — 日本語 🎉👍 done"
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from delta_store import BaseSpec, DeltaError
 from delta_store.formats import load_delta
 from tests.helpers import FIXTURES, tiny_gpt2
-from tests.test_formats_reference import apply_delta
+from tests.oracles import apply_delta
 
 
 def write(folder, config, tensors, version="adapters.1.3.0", name="t"):

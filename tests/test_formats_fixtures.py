@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from delta_store import BaseSpec
 from delta_store.formats import detect_format, load_delta
 from tests.helpers import FIXTURES
-from tests.test_formats_reference import apply_delta
+from tests.oracles import apply_delta
 
 CASES = sorted(p for lib in ("adapterhub", "opendelta") for p in (FIXTURES / lib).iterdir() if p.is_dir())
 _BASES: dict[str, tuple] = {}

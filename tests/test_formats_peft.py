@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from delta_store import BaseSpec, DeltaError
 from delta_store.formats import detect_format, load_delta
 from tests.helpers import tiny_gpt2, tiny_llama
-from tests.test_formats_reference import apply_delta
+from tests.oracles import apply_delta
 
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(7))
 

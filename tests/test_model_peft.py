@@ -15,10 +15,11 @@ from peft import BeftConfig, IA3Config, LoraConfig, get_peft_model
 
 import kernels
 from delta_store.base_spec import BaseSpec
-from delta_store.delta import AdapterTerm, Delta, ModuleDelta
+from delta_store.delta import Delta
 from delta_store.formats import load_delta
 from server.delta_layers import wrap_model
 from tests.helpers import TOLERANCES, assert_close, tiny_gpt2, tiny_llama
+from tests.oracles import apply_delta, randomise_peft, site_adapters
 
 ATOL = TOLERANCES[torch.float32]["atol"]
 SEQ = 7
@@ -61,25 +62,10 @@ BASES = {"llama": lambda: tiny_llama(seed=5), "gpt2": lambda: tiny_gpt2(seed=6),
          "qwen2": lambda: tiny_llama(seed=7, model_type="qwen2")}
 
 
-def _randomise(peft_model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if not p.requires_grad:
-                continue
-            noise = torch.randn(p.shape, generator=g)
-            if "ia3_l" in name:
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("base_layer.bias"):  # bias="lora_only": absolute trained bias
-                p.add_(0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-
-
 def _peft_delta(base, cfg, seed: int, folder, spec: BaseSpec):
     """(Delta imported from PEFT's saved folder, the live PeftModel with that adapter active)."""
     pm = get_peft_model(copy.deepcopy(base), cfg)
-    _randomise(pm, seed)
+    randomise_peft(pm, seed)
     pm.eval()
     pm.save_pretrained(folder)
     return load_delta(folder, spec), pm
@@ -92,36 +78,12 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _pfeiffer_and_parallel(spec: BaseSpec, seed: int) -> Delta:
     """A hand-made bottleneck delta: Pfeiffer (h + y) after the FFN, parallel (h, scale 4) after attention."""
-    g = torch.Generator().manual_seed(seed)
-    h, mods = spec.hidden_size, {}
-    for layer in range(spec.num_layers):
-        for site, (source, act, scale, m) in {"ffn": ("output+residual", "relu", 1.0, 4),
-                                              "attn": ("residual", "gelu", 4.0, 8)}.items():
-            path = spec.find(layer, spec.sites()[site][1]).path
-            mods[path] = ModuleDelta(adapter=AdapterTerm(
-                0.2 * torch.randn(m, h, generator=g), 0.1 * torch.randn(m, generator=g),
-                0.2 * torch.randn(h, m, generator=g), 0.1 * torch.randn(h, generator=g), act, scale, source))
-    return Delta(mods)
+    return site_adapters(spec, seed, {"ffn": ("output+residual", "relu", 1.0, 4), "attn": ("residual", "gelu", 4.0, 8)})
 
 
 def _adapter_reference(base, delta: Delta, spec: BaseSpec, ids: torch.Tensor) -> torch.Tensor:
     """The same adapters applied with forward hooks on an unwrapped copy: out = h + y + BN(src)."""
-    model = copy.deepcopy(base)
-    acts = {"relu": torch.relu, "gelu": torch.nn.functional.gelu}
-    captured, hooks = {}, []
-    for layer in range(spec.num_layers):
-        for norm_leaf, out_leaf in spec.sites().values():
-            norm, out = spec.find(layer, norm_leaf).path, spec.find(layer, out_leaf).path
-            hooks.append(model.get_submodule(norm).register_forward_pre_hook(
-                lambda _m, args, key=out: captured.__setitem__(key, args[0])))
-
-            def post(_m, _args, y, key=out):
-                ad = delta.modules[key].adapter
-                h = captured[key]
-                src = {"output": y, "output+residual": h + y, "residual": h}[ad.source]
-                return y + ad.scale * (acts[ad.activation](src @ ad.down.T + ad.down_bias) @ ad.up.T + ad.up_bias)
-            hooks.append(model.get_submodule(out).register_forward_hook(post))
-    with torch.no_grad():
+    with torch.no_grad(), apply_delta(copy.deepcopy(base), delta, spec) as model:
         return model(input_ids=ids).logits[0]
 
 

@@ -1,0 +1,110 @@
+"""Test oracles shared by the format, model and engine tests: a Delta applied to an unwrapped HF model
+with forward hooks, exactly as ``delta_store/delta.py`` defines the semantics, and the small factories
+that make random PEFT adapters and hand-made bottleneck deltas. One copy, so the oracle every parity
+test trusts is the same code everywhere."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from delta_store import BaseSpec
+from delta_store.delta import AdapterTerm, Delta, ModuleDelta
+
+_ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
+
+
+def bottleneck(ad: AdapterTerm, src: torch.Tensor) -> torch.Tensor:
+    hidden = _ACT[ad.activation](src @ ad.down.T.to(src.dtype) + ad.down_bias.to(src.dtype))
+    return ad.scale * (hidden @ ad.up.T.to(src.dtype) + ad.up_bias.to(src.dtype))
+
+
+def attach_delta(model: torch.nn.Module, delta: Delta, spec: BaseSpec) -> list:
+    """Hook ``delta`` into ``model`` (weights untouched); returns the handles to remove."""
+    modules = dict(model.named_modules())
+    handles, residual = [], {}
+
+    def capture(norm_path):
+        def pre(_mod, args):
+            residual[norm_path] = args[0]
+        return pre
+
+    def make_hook(md: ModuleDelta, norm_path: str | None):
+        def hook(mod, args, out):
+            x = args[0]
+            y = type(mod).forward(mod, x * md.in_scale.to(x.dtype)) if md.in_scale is not None else out
+            if md.out_scale is not None:
+                y = y * md.out_scale.to(y.dtype)
+            if md.lora is not None:
+                y = y + md.lora.scale * ((x @ md.lora.a.T.to(x.dtype)) @ md.lora.b.T.to(x.dtype))
+            if md.bias is not None:
+                y = y + md.bias.to(y.dtype)
+            if md.adapter is not None:
+                ad = md.adapter
+                h = residual.get(norm_path) if norm_path else None
+                src = {"output": y, "output+residual": None if h is None else y + h, "residual": h}[ad.source]
+                y = y + bottleneck(ad, src)
+            return y
+        return hook
+
+    for path, md in delta.modules.items():
+        norm_path = None
+        info = spec.modules[path]
+        if md.adapter is not None and md.adapter.source != "output":
+            for norm_leaf, out_leaf in spec.sites().values():
+                site = spec.find(info.layer, out_leaf)
+                if site is not None and site.path == path:
+                    norm_path = spec.find(info.layer, norm_leaf).path
+                    handles.append(modules[norm_path].register_forward_pre_hook(capture(norm_path)))
+        handles.append(modules[path].register_forward_hook(make_hook(md, norm_path)))
+    return handles
+
+
+@contextlib.contextmanager
+def apply_delta(model: torch.nn.Module, delta: Delta, spec: BaseSpec):
+    """Within the block, ``model`` computes with ``delta`` active."""
+    handles = attach_delta(model, delta, spec)
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hooked_copy(base: torch.nn.Module, delta: Delta, spec: BaseSpec) -> torch.nn.Module:
+    """A copy of ``base`` with ``delta`` hooked in for good (usable inside ``generate()``)."""
+    model = copy.deepcopy(base)
+    attach_delta(model, delta, spec)
+    return model
+
+
+def randomise_peft(peft_model, seed: int, *, std: float = 0.1, ia3_std: float = 0.2, bias_std: float = 0.1) -> None:
+    """Overwrite every trainable adapter parameter (PEFT zero-initialises lora_B, a no-op delta)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            noise = torch.randn(p.shape, generator=g)
+            if "ia3_l" in name:
+                p.copy_(1 + ia3_std * noise)
+            elif name.endswith("base_layer.bias"):  # bias="lora_only": absolute trained bias
+                p.add_(bias_std * noise)
+            else:
+                p.copy_(std * noise)
+
+
+def site_adapters(spec: BaseSpec, seed: int, sites: dict[str, tuple[str, str, float, int]], *,
+                  std: float = 0.2) -> Delta:
+    """Bottleneck adapters on every layer's residual sites: ``{"ffn"|"attn": (source, act, scale, width)}``."""
+    g = torch.Generator().manual_seed(seed)
+    h, mods = spec.hidden_size, {}
+    for layer in range(spec.num_layers):
+        for site, (source, act, scale, m) in sites.items():
+            path = spec.find(layer, spec.sites()[site][1]).path
+            mods[path] = ModuleDelta(adapter=AdapterTerm(
+                std * torch.randn(m, h, generator=g), 0.1 * torch.randn(m, generator=g),
+                std * torch.randn(h, m, generator=g), 0.1 * torch.randn(h, generator=g), act, scale, source))
+    return Delta(mods)
