@@ -13,8 +13,6 @@ import asyncio
 import time
 import uuid
 
-import grpc
-
 from delta_store.errors import DeadlineExceeded, InvalidArgument, error_for_code
 
 from .auth import rate_limits, tenant_name

@@ -11,6 +11,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -18,6 +19,9 @@ from .client import Client, Record
 from .prom import Scrape, scrape
 from .server_proc import ServerProcess
 from .workload import LengthDist, PlannedRequest
+
+if TYPE_CHECKING:  # benchmarks/common.py, imported by the script that runs the soak
+    from common import Results
 
 BEHAVIOURS = ("plain", "base", "cancel", "deadline", "deleted")
 # Statuses each behaviour may end with. NOT_FOUND is also allowed for a delta deleted before the
