@@ -156,6 +156,8 @@ def test_every_plan_on_every_pattern(plan, pattern, dtype):
     slots, pools, y, u = _case(17, 8, pattern, 24, dtype, seed=5, device="cpu")
     expected = loop_bottleneck(y, y, *_args(pools), slots)
     if plan == "grouped":  # the forced plan really runs (it falls back to "gather" where it cannot)
+        if not reference_grouped.supported(y):
+            pytest.skip(f"F.grouped_mm does not run on this torch for {dtype}")
         assert reference_grouped.bottleneck_ok(y, pools["down"], pools["up"]), dtype
     with reference.force_plan(plan):
         reference.add_bottleneck(y, y, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))

@@ -51,7 +51,8 @@ def test_each_reference_plan(slots, plan, without_grouped, monkeypatch):
     x, y = torch.randn(len(slots), 40), torch.randn(len(slots), 24)
     expected = loop_lora(y, x, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots))
-    assert reference._plan(meta) == plan  # fp32 on the CPU: grouped_mm is there in torch 2.13
+    # fp32 on the CPU: grouped_mm is there from torch 2.13 (an older torch keeps the older plans)
+    assert reference._plan(meta) == (plan if reference.GROUPED_CPU_FP32 else without_grouped)
     assert reference._plan(meta, grouped_ok=False) == without_grouped
     assert reference._plan(meta, dtype=torch.float16) == without_grouped  # slower in half types on the CPU
     out = y.clone()
@@ -211,6 +212,8 @@ def test_every_plan_on_every_pattern(plan, pattern, dtype):
     expected = loop_lora(y, x, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots))
     if plan == "grouped":  # the forced plan really runs (it falls back to "gather" where it cannot)
+        if not reference_grouped.supported(x):
+            pytest.skip(f"F.grouped_mm does not run on this torch for {dtype}")
         assert reference_grouped.lora_ok(x, pools["lora_a"], pools["lora_b"]), dtype
     with reference.force_plan(plan):
         reference.add_lora(y, x, *_args(pools), meta)
