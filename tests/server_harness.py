@@ -1,0 +1,148 @@
+"""A real deltaserve server for tests: started on 127.0.0.1:0 on a background thread (engine loop on its
+own event loop), with a tiny demo-shaped Llama and a tmp data dir; plus the client helpers the server
+tests share (auth metadata, PEFT LoRA uploads, the greedy parity oracle)."""
+from __future__ import annotations
+
+import asyncio
+import io
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from server.app import build_app, run
+from server.config import ServerConfig
+from server.demo import build_demo_model
+from server.pb import (common_pb2, deltas_pb2, deltas_pb2_grpc, inference_pb2, inference_pb2_grpc, tenants_pb2,
+                       tenants_pb2_grpc)
+
+MAX_UPLOAD = 256 << 10  # the test LoRAs are ~20 KB as tar.gz
+PROMPT = [3 + b for b in b"hello world"]  # byte-level tokenizer: byte b -> id 3 + b
+
+
+class Served:
+    """A started server on a background thread: address, metrics URL, admin key, the in-process app."""
+
+    def __init__(self, root):
+        model_dir = build_demo_model(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        config = ServerConfig(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
+                              metrics_listen="127.0.0.1:0", max_slots=4, max_rank=16, max_batch_tokens=256,
+                              max_running=8, max_model_len=512, max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0)
+        self.model_dir = model_dir
+        self.app = build_app(config)
+        self.app.ensure_admin()
+        self.admin_key = self.app.admin_key_file.read_text().strip()
+        self.lines: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        self.stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while len(self.lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(self.lines) >= 2, f"server did not start: {self.lines}"
+        self.address = self.lines[0].split()[-1]
+        self.metrics_url = self.lines[1].split()[-1]
+        self.channel = grpc.insecure_channel(self.address)
+        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
+        self.deltas = deltas_pb2_grpc.DeltasStub(self.channel)
+        self.tenants = tenants_pb2_grpc.TenantsStub(self.channel)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main():
+            self.stop = asyncio.Event()
+            await run(self.app, self.stop, announce=self.lines.append)
+
+        self.loop.run_until_complete(main())
+
+    def close(self) -> None:
+        self.channel.close()
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(timeout=30)
+
+    def tenant(self, name: str, **quotas) -> list[tuple[str, str]]:
+        reply = self.tenants.CreateTenant(tenants_pb2.CreateTenantRequest(name=name, quotas=common_pb2.Quotas(**quotas)),
+                                          metadata=auth(self.admin_key))
+        return auth(reply.api_key)
+
+    def idle(self, timeout: float = 10.0) -> None:
+        """Wait until no request holds KV blocks or a slot pin (the engine finished or aborted everything)."""
+        engine, slots = self.app.engine, self.app.slots
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if engine.runner.kv.allocator.num_used == 0 and slots.stats().pinned == 0 and not engine.scheduler.has_work():
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"still busy: kv blocks {engine.runner.kv.allocator.num_used}, "
+                             f"pinned slots {slots.stats().pinned}")
+
+
+def auth(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+def peft_lora(model_dir, seed: int) -> tuple[bytes, torch.nn.Module]:
+    """A PEFT LoRA (random A and B) for the served base, as tar.gz bytes, and the merged HF model (the oracle)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():  # PEFT's random init keeps B small; scale it so the delta changes greedy tokens
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for f in sorted(Path(tmp).iterdir()):
+                tar.add(f, arcname=f.name)
+    return buf.getvalue(), peft_model.merge_and_unload().eval()
+
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The parity oracle: HF forward on the merged model, argmax token by token, no EOS stop."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def upload(srv, md, name: str, data: bytes, *, total: int | None = None, chunk: int = 8 << 10):
+    def messages():
+        header = deltas_pb2.UploadHeader(name=name, description="test")
+        if total is not None:
+            header.total_bytes = total
+        yield deltas_pb2.UploadDeltaRequest(header=header)
+        for i in range(0, len(data), chunk):
+            yield deltas_pb2.UploadDeltaRequest(chunk=data[i:i + chunk])
+    return srv.deltas.UploadDelta(messages(), metadata=md).version
+
+
+def gen_request(delta: str = "", n: int = 8, **sampling) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=PROMPT), delta=delta,
+                                         sampling=inference_pb2.SamplingParams(max_new_tokens=n, temperature=0.0,
+                                                                               ignore_eos=True, **sampling))
+
+
+def collect(stream) -> tuple[list[int], list]:
+    chunks = list(stream)
+    return [t for c in chunks for t in c.token_ids], chunks
+
+
+def code_of(fn) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value
