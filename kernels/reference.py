@@ -41,6 +41,7 @@ from .reference_common import ACT_FNS as _ACT_FNS
 from .reference_common import WS as _WS
 from .reference_common import add_rows as _add_rows
 from .reference_common import apply_act, f32 as _f32
+from .reference_common import one_thread
 
 RUN_MIN_TOKENS = 4
 """Average run (or segment) length from which per-run matmuls beat the gathered bmm: one run costs
@@ -102,6 +103,7 @@ def _gather_ids(meta: DeltaKernelMeta) -> torch.Tensor | None:
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
+@one_thread
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
              rank: torch.Tensor, meta: DeltaKernelMeta) -> None:
     """Semantics: for every token t with s = slot[t] >= 0 and r = rank[s] > 0:
@@ -247,6 +249,7 @@ def _check_limit(op: str, what: str, values: list[int], slots: list[int], limit:
 
 
 # ----------------------------------------------------------------------------------------- bottleneck
+@one_thread
 def add_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
                    up_bias: torch.Tensor, scale: torch.Tensor, width: torch.Tensor, act: torch.Tensor,
                    meta: DeltaKernelMeta) -> None:
@@ -321,6 +324,7 @@ def _add_slice(y: torch.Tensor, d: torch.Tensor, scale: float) -> None:
 
 
 # ------------------------------------------------------------------------------------- BitFit, (IA)3
+@one_thread
 def add_bias(y: torch.Tensor, bias: torch.Tensor, meta: DeltaKernelMeta) -> None:
     """Semantics: y[t] += bias[slot[t]] for slot[t] >= 0.   y [T, out] (in place), bias [S, out]."""
     if meta.no_delta:
@@ -333,6 +337,7 @@ def add_bias(y: torch.Tensor, bias: torch.Tensor, meta: DeltaKernelMeta) -> None
     _add_rows(y, ids, _f32(bias.index_select(0, meta.active_token_slots)))
 
 
+@one_thread
 def mul_rows(t: torch.Tensor, vec: torch.Tensor, meta: DeltaKernelMeta) -> None:
     """Semantics: t[i] *= vec[slot[i]] for slot[i] >= 0.   t [T, n] (in place), vec [S, n]."""
     if meta.no_delta:
