@@ -106,6 +106,16 @@ def _device(name: str):
     return torch.device(name)
 
 
+def apply_torch_threads(config: ServerConfig) -> int:
+    """Set the process's intra-op CPU threads from ``config.torch_threads`` (0 keeps torch's default) and
+    return the count in effect. Before anything runs on the CPU: ops already running keep their pool."""
+    import torch
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    return torch.get_num_threads()
+
+
 def build_app(config: ServerConfig) -> App:
     """Load the model and build every part (synchronous: run it before the event loop serves)."""
     import torch
@@ -131,6 +141,7 @@ def build_app(config: ServerConfig) -> App:
         model_path, created = ensure_demo_model(data_dir)
         log.info("demo_model", path=str(model_path), created=created)
     t0 = time.monotonic()
+    threads = apply_torch_threads(config)
     dtype = getattr(torch, config.dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(_device(config.device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -141,7 +152,7 @@ def build_app(config: ServerConfig) -> App:
     slots = SlotManager(dm, loader=store.load_key, num_slots=config.max_slots)
     engine = Engine(config, ModelRunner(dm, tokenizer, config), slots)
     log.info("model_loaded", path=str(model_path), model_type=spec.model_type, layers=spec.num_layers,
-             fingerprint=spec.fingerprint, seconds=time.monotonic() - t0)
+             fingerprint=spec.fingerprint, torch_threads=threads, seconds=time.monotonic() - t0)
     return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size, slots=slots)
 
 

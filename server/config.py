@@ -39,6 +39,7 @@ class ServerConfig:
     max_model_len: int = 2048  # prompt + generated tokens per sequence
     kv_block_size: int = 16  # tokens per KV block
     kv_blocks: int = 0  # 0 -> derived from kv_memory_fraction / a CPU default
+    torch_threads: int = 0  # intra-op CPU threads of the server process; 0 -> torch's default (one per core)
     # storage (D7)
     data_dir: str = "./.deltaserve"
     host_cache_bytes: int = 2 << 30  # host-memory tier budget (LRU by bytes)
@@ -63,7 +64,7 @@ class ServerConfig:
             "max_slots": (1, 4096), "max_rank": (1, 1024), "max_bottleneck": (1, 16384),
             "max_batch_tokens": (1, 1 << 20), "max_running": (1, 1 << 16), "max_waiting": (1, 1 << 20),
             "max_model_len": (8, 1 << 20), "kv_block_size": (1, 1024), "kv_blocks": (0, 1 << 24),
-            "max_upload_bytes": (1, 1 << 40), "default_max_deltas": (0, 1 << 30),
+            "max_upload_bytes": (1, 1 << 40), "default_max_deltas": (0, 1 << 30), "torch_threads": (0, 1024),
         }
         for key, (lo, hi) in checks.items():
             value = getattr(self, key)
