@@ -57,7 +57,7 @@ from load.client import Client  # noqa: E402
 from load.driver import LoadDriver  # noqa: E402
 from load.phases import PhaseRunner  # noqa: E402
 from load.report import percentile  # noqa: E402
-from load.workload import DeltaRef, LengthDist, WorkloadConfig, as_base, make_plan  # noqa: E402
+from load.workload import OUTPUT_LEN, PROMPT_LEN, DeltaRef, LengthDist, WorkloadConfig, as_base, make_plan  # noqa: E402
 
 SHAPES = {
     "demo": {},
@@ -84,8 +84,8 @@ class BenchSettings:
     lat_duration_s: float = 8.0
     lat_max_requests: int = 60
     cold_fraction: float = 0.15
-    prompt_len: LengthDist = field(default_factory=lambda: LengthDist(48, 0.6, 8, 192))
-    output_len: LengthDist = field(default_factory=lambda: LengthDist(24, 0.5, 4, 64))
+    prompt_len: LengthDist = PROMPT_LEN
+    output_len: LengthDist = OUTPUT_LEN
     hard_timeout_s: float = 120.0
     server: dict = field(default_factory=lambda: {"max_slots": 48, "max_bottleneck": 64, "kv_blocks": 4096,
                                                   "grace_seconds": 5.0})

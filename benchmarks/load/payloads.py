@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from tests.oracles import randomise_peft
+
 LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 RECIPES: dict[str, dict] = {
@@ -112,15 +114,9 @@ class DeltaFactory:
 
     @staticmethod
     def _save_randomised(pm, seed: int) -> bytes:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if not p.requires_grad:
-                    continue
-                noise = torch.randn(p.shape, generator=g)
-                # (IA)3 vectors near 1 and LoRA/bias terms near 0, with magnitudes that visibly move the
-                # logits of the demo model (init range 0.1) without blowing them up.
-                p.copy_(1 + 0.1 * noise if "ia3_l" in name else 0.02 * noise)
+        # (IA)3 vectors near 1 and LoRA/bias terms near 0, with magnitudes that visibly move the logits of the
+        # demo model (init range 0.1) without blowing them up. Llama bases have no biases to perturb.
+        randomise_peft(pm, seed, std=0.02, ia3_std=0.1, bias_std=0.02)
         with tempfile.TemporaryDirectory(prefix="deltaserve-load-") as tmp:
             pm.save_pretrained(tmp)
             return _tar(Path(tmp))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 POPULARITY = ("none", "uniform", "zipf", "hot")
 
@@ -48,6 +48,10 @@ class LengthDist:
         return sum(self.sample(rng) for _ in range(n)) / n
 
 
+PROMPT_LEN = LengthDist(48, 0.6, 8, 192)  # default prompt tokens of every load
+OUTPUT_LEN = LengthDist(24, 0.5, 4, 64)  # default generated tokens
+
+
 @dataclass(slots=True, frozen=True)
 class DeltaRef:
     """One uploaded delta as the load sees it: who owns it, its name, what it is."""
@@ -67,8 +71,8 @@ class WorkloadConfig:
     cold_fraction: float = 0.0
     hot_fraction: float = 0.8
     zipf_s: float = 1.2
-    prompt_len: LengthDist = field(default_factory=lambda: LengthDist(48, 0.6, 8, 192))
-    output_len: LengthDist = field(default_factory=lambda: LengthDist(24, 0.5, 4, 64))
+    prompt_len: LengthDist = PROMPT_LEN
+    output_len: LengthDist = OUTPUT_LEN
     vocab_size: int = 259
     seed: int = 0
 
