@@ -44,11 +44,11 @@ from benchmarks.bench_model import PROJECTIONS, build_model, random_lora_delta  
 from benchmarks.common import Results  # noqa: E402
 from delta_store.delta import AdapterTerm, Delta, ModuleDelta  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
-from server.delta_layers import DeltaLinear, wrap_model  # noqa: E402
+from server.deltas import DeltaLinear, wrap_model  # noqa: E402
 from server.engine import Engine  # noqa: E402
-from server.model_runner import ModelRunner  # noqa: E402
-from server.slots import SlotManager  # noqa: E402
-from server.stats import StepStats  # noqa: E402
+from server.engine.model_runner import ModelRunner  # noqa: E402
+from server.deltas.slots import SlotManager  # noqa: E402
+from server.engine.stats import StepStats  # noqa: E402
 from server.types import DeltaKey, GenerationRequest, SamplingParams  # noqa: E402
 
 NUM_DELTAS = 32

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from benchmarks.common import Results, time_fn  # noqa: E402
 from delta_store.delta import Delta, LoraTerm, ModuleDelta  # noqa: E402
-from server.delta_layers import DeltaLinear, wrap_model  # noqa: E402
+from server.deltas import DeltaLinear, wrap_model  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

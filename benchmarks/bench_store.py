@@ -37,8 +37,8 @@ from benchmarks.common import Results, sync  # noqa: E402
 from delta_store import BaseSpec, DeltaStore, StoreSettings  # noqa: E402
 from delta_store.native import dump_native  # noqa: E402
 from delta_store.validate import Limits  # noqa: E402
-from server.delta_layers import wrap_model  # noqa: E402
-from server.slots import SlotManager  # noqa: E402
+from server.deltas import wrap_model  # noqa: E402
+from server.deltas.slots import SlotManager  # noqa: E402
 from tests.helpers import random_delta  # noqa: E402
 
 RANK = 16

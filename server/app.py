@@ -20,11 +20,11 @@ from pathlib import Path
 
 from delta_store.records import Quotas
 
-from .auth import Authenticator
 from .config import ServerConfig
+from .edge.auth import Authenticator
+from .edge.rate_limits import Quotas as RateQuotas
 from .logs import configure, get_logger
 from .metrics import Metrics
-from .quotas import Quotas as RateQuotas
 
 log = get_logger("app")
 KEY_FILE = "admin.key"
@@ -125,11 +125,11 @@ def build_app(config: ServerConfig) -> App:
     from delta_store.store import DeltaStore
     from delta_store.validate import Limits
 
-    from .delta_layers import wrap_model
+    from .deltas import wrap_model
+    from .deltas.slots import SlotManager
     from .demo import ensure_demo_model
     from .engine import Engine
-    from .model_runner import ModelRunner
-    from .slots import SlotManager
+    from .engine.model_runner import ModelRunner
 
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ def build_app(config: ServerConfig) -> App:
 
 async def run(app: App, stop: asyncio.Event, announce=print) -> None:
     """Serve until ``stop`` is set, then drain: NOT_SERVING, refuse new calls, finish in-flight ones."""
-    from .grpc_server import create_server
+    from .edge.grpc_server import create_server
 
     await app.engine.start()
     server, port = create_server(app)

@@ -23,7 +23,7 @@ DEMO_SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, n
 def demo_config(**overrides):
     from transformers import LlamaConfig
 
-    from .tokenizer import VOCAB_SIZE
+    from .engine.tokenizer import VOCAB_SIZE
 
     shape = {**DEMO_SHAPE, **overrides}
     # initializer_range 0.1 (HF default 0.02): larger random weights give peakier logits, so greedy
@@ -38,7 +38,7 @@ def build_demo_model(path: str | os.PathLike, **overrides) -> Path:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from .tokenizer import byte_level_tokenizer
+    from .engine.tokenizer import byte_level_tokenizer
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,8 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 
+from .engine.stats import RequestStats, StepStats
 from .logs import get_logger
-from .stats import RequestStats, StepStats
 
 log = get_logger("metrics")
 

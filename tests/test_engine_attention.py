@@ -13,8 +13,8 @@ import torch
 import transformers
 from transformers.masking_utils import create_causal_mask
 
-from server.attention import ATTN_IMPLEMENTATION, PINNED_TRANSFORMERS, PagedCache, build_step, use_paged_attention
-from server.kv_cache import KVCache, kv_layout_for
+from server.engine.attention import ATTN_IMPLEMENTATION, PINNED_TRANSFORMERS, PagedCache, build_step, use_paged_attention
+from server.engine.kv_cache import KVCache, kv_layout_for
 from tests.helpers import assert_close, tiny_gpt2, tiny_llama
 
 ARCHS = {

@@ -10,8 +10,8 @@ import pytest
 from delta_store.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from server.config import ServerConfig
 from server.engine import Engine
-from server.model_runner import ModelRunner
-from server.stats import RequestStats, StepStats
+from server.engine.model_runner import ModelRunner
+from server.engine.stats import RequestStats, StepStats
 from server.types import DeltaKey, FinishReason, GenerationRequest, SamplingParams
 from tests.helpers import tiny_llama
 from tests.test_engine_scheduler import FakeSlots

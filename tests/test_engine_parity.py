@@ -19,10 +19,10 @@ from peft import BeftConfig, IA3Config, LoraConfig, get_peft_model
 from delta_store.base_spec import BaseSpec
 from delta_store.formats import load_delta
 from server.config import ServerConfig
-from server.delta_layers import wrap_model
+from server.deltas import wrap_model
 from server.engine import Engine
-from server.model_runner import ModelRunner
-from server.slots import SlotManager
+from server.engine.model_runner import ModelRunner
+from server.deltas.slots import SlotManager
 from server.types import DeltaKey, GenerationRequest, SamplingParams
 from tests.helpers import tiny_gpt2, tiny_llama
 from tests.oracles import hooked_copy, randomise_peft, site_adapters

@@ -10,8 +10,8 @@ from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, Top
 
 from server.config import ServerConfig
 from server.engine import Engine
-from server.model_runner import ModelRunner
-from server.sampling import SampleRow, apply_repetition_penalty, filter_top_k_top_p, make_generator, sample
+from server.engine.model_runner import ModelRunner
+from server.engine.sampling import SampleRow, apply_repetition_penalty, filter_top_k_top_p, make_generator, sample
 from server.types import GenerationRequest, SamplingParams
 from tests.helpers import assert_close, tiny_llama
 from tests.test_engine_parity import run_engine

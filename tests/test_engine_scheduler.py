@@ -8,9 +8,9 @@ import collections
 import pytest
 
 from delta_store.errors import InvalidArgument, ResourceExhausted
-from server.kv_cache import BlockAllocator
-from server.scheduler import Scheduler, SchedulerConfig
-from server.sequence import Sequence, SeqStatus
+from server.engine.kv_cache import BlockAllocator
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import Sequence, SeqStatus
 from server.types import DeltaKey, GenerationRequest, SamplingParams
 
 

@@ -6,10 +6,10 @@ import copy
 import pytest
 
 from server.config import ServerConfig
-from server.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine import Engine
-from server.model_runner import ModelRunner
-from server.tokenizer import VOCAB_SIZE, byte_level_tokenizer
+from server.engine.model_runner import ModelRunner
+from server.engine.tokenizer import VOCAB_SIZE, byte_level_tokenizer
 from server.types import FinishReason, GenerationRequest, SamplingParams
 from tests.helpers import tiny_llama
 

@@ -159,8 +159,8 @@ def test_only_cpu_tensors_take_the_grouped_plan():
 
 
 def test_delta_linear_pools_store_b_and_up_as_rows():
-    from server.delta_batch import DeltaBatch
-    from server.delta_linear import DeltaLinear
+    from server.deltas.batch import DeltaBatch
+    from server.deltas.linear import DeltaLinear
 
     base = torch.nn.Linear(24, 40)
     layer = DeltaLinear(base, DeltaBatch(4), path="p", max_slots=4, max_rank=8, max_bottleneck=8)

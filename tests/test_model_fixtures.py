@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from delta_store.base_spec import BaseSpec
 from delta_store.errors import UnsupportedDelta
 from delta_store.formats import load_delta
-from server.delta_layers import wrap_model
+from server.deltas import wrap_model
 from tests.helpers import FIXTURES, assert_close
 
 ATOL = 1e-5

@@ -17,7 +17,7 @@ import kernels
 from delta_store.base_spec import BaseSpec
 from delta_store.delta import Delta
 from delta_store.formats import load_delta
-from server.delta_layers import wrap_model
+from server.deltas import wrap_model
 from tests.helpers import TOLERANCES, assert_close, tiny_gpt2, tiny_llama
 from tests.oracles import apply_delta, randomise_peft, site_adapters
 

@@ -8,7 +8,7 @@ import torch
 
 from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
 from delta_store.errors import DeltaError, DeltaServeError, InvalidArgument
-from server.delta_layers import DeltaLinear, DeltaNorm, wrap_model
+from server.deltas import DeltaLinear, DeltaNorm, wrap_model
 from tests.helpers import tiny_gpt2, tiny_llama
 
 ARCHS = {

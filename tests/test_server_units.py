@@ -10,14 +10,14 @@ import pytest
 
 from delta_store.errors import (AlreadyExists, BaseMismatch, DeltaError, InvalidArgument, NotFound, PermissionDenied,
                                 ResourceExhausted, Unauthenticated)
-from server.auth import bearer_key, rate_limits
+from server.edge.auth import bearer_key, rate_limits
 from server.config import ServerConfig
-from server.errors import RETRY_AFTER_KEY, status_of
-from server.grpc_inference import output_to_pb, sampling_from_pb
+from server.edge.errors import RETRY_AFTER_KEY, status_of
+from server.edge.grpc_inference import output_to_pb, sampling_from_pb
 from server.metrics import Metrics
 from server.pb import common_pb2, inference_pb2
-from server.quotas import CONCURRENCY_RETRY_S, Quotas, RateLimits
-from server.stats import RequestStats, StepStats
+from server.edge.rate_limits import CONCURRENCY_RETRY_S, Quotas, RateLimits
+from server.engine.stats import RequestStats, StepStats
 from server.types import TokenOutput
 
 
@@ -225,7 +225,7 @@ def test_health_follows_the_engine_and_turns_not_serving_on_drain():
 
     from grpc_health.v1 import health_pb2
 
-    from server.grpc_server import SERVICES, HealthReporter
+    from server.edge.grpc_server import SERVICES, HealthReporter
 
     class FakeApp:
         alive = False

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from delta_store import BaseSpec, DeltaStore
 from delta_store.validate import Limits
-from server.delta_layers import wrap_model
+from server.deltas import wrap_model
 from tests.helpers import FIXTURES, assert_close
 
 

@@ -96,7 +96,7 @@ def test_peft_archives_round_trip_to_the_same_digest(store, spec, peft_folder, t
 
 
 def test_parity_with_peft_through_the_store_and_delta_model(store, base, peft_folder, tmp_path):
-    from server.delta_layers import wrap_model
+    from server.deltas import wrap_model
 
     folder, pm = peft_folder
     tenant, _ = store.tenants.create("acme")

@@ -13,7 +13,7 @@ import torch
 
 from delta_store.delta import Delta, ModuleDelta
 from delta_store.errors import DeltaError, InvalidArgument, NotFound
-from server.slots import SlotManager
+from server.deltas.slots import SlotManager
 from server.types import DeltaKey
 
 
@@ -214,7 +214,7 @@ def test_real_store_and_delta_model_replacement_while_pinned(tmp_path):
     from delta_store import BaseSpec, DeltaStore
     from delta_store.native import dump_native
     from delta_store.validate import Limits
-    from server.delta_layers import wrap_model
+    from server.deltas import wrap_model
     from tests.helpers import random_delta, tiny_llama
 
     base = tiny_llama(seed=2)

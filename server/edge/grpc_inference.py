@@ -15,11 +15,11 @@ import uuid
 
 from delta_store.errors import DeadlineExceeded, InvalidArgument, error_for_code
 
+from ..logs import get_logger
+from ..pb import common_pb2, inference_pb2, inference_pb2_grpc
+from ..types import FinishReason, GenerationRequest, SamplingParams, TokenOutput
 from .auth import rate_limits, tenant_name
 from .errors import status_of
-from .logs import get_logger
-from .pb import common_pb2, inference_pb2, inference_pb2_grpc
-from .types import FinishReason, GenerationRequest, SamplingParams, TokenOutput
 
 log = get_logger("inference")
 

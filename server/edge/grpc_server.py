@@ -13,11 +13,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..pb import deltas_pb2, deltas_pb2_grpc, inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 from .errors import ErrorInterceptor
 from .grpc_deltas import DeltasServicer
 from .grpc_inference import InferenceServicer
 from .grpc_tenants import TenantsServicer
-from .pb import deltas_pb2, deltas_pb2_grpc, inference_pb2, inference_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 
 SERVICES = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
             deltas_pb2.DESCRIPTOR.services_by_name["Deltas"].full_name,

@@ -18,10 +18,10 @@ from pathlib import Path
 from delta_store.errors import InvalidArgument
 from delta_store.names import check_name, parse_ref
 
+from ..logs import get_logger
+from ..pb import common_pb2, deltas_pb2, deltas_pb2_grpc
 from .auth import tenant_name
 from .errors import status_of
-from .logs import get_logger
-from .pb import common_pb2, deltas_pb2, deltas_pb2_grpc
 
 log = get_logger("deltas")
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from delta_store.errors import NotFound, PermissionDenied, Unauthenticated
 
-from .quotas import RateLimits
+from .rate_limits import RateLimits
 
 MAX_KEY_CHARS = 256  # generated keys are ~50 characters; anything far longer is garbage
 

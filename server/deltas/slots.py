@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 from delta_store.delta import Delta
 from delta_store.errors import InvalidArgument
 
-from .types import DeltaKey
+from ..types import DeltaKey
 
 
 class SlotTarget(Protocol):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .types import SamplingParams
+from ..types import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:

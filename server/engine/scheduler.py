@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from delta_store.errors import InvalidArgument, ResourceExhausted
 
+from ..types import DeltaKey
 from .sequence import Sequence, SeqStatus
-from .types import DeltaKey
 
 if TYPE_CHECKING:  # the allocator lives beside the torch pools; the scheduler only counts blocks
     from .kv_cache import BlockAllocator

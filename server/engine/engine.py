@@ -19,14 +19,14 @@ from typing import AsyncIterator, Callable
 
 from delta_store.errors import FailedPrecondition, InvalidArgument, Unavailable
 
-from .config import ServerConfig
+from ..config import ServerConfig
+from ..types import FinishReason, GenerationRequest, TokenOutput
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, StepInput, StepResult
 from .sampling import SampleRow, make_generator
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
 from .stats import RequestStats, StepStats
-from .types import FinishReason, GenerationRequest, TokenOutput
 
 log = logging.getLogger("deltaserve.engine")
 

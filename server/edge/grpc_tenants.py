@@ -11,8 +11,8 @@ import dataclasses
 from delta_store.errors import FailedPrecondition
 from delta_store.records import Quotas
 
-from .logs import get_logger
-from .pb import common_pb2, tenants_pb2, tenants_pb2_grpc
+from ..logs import get_logger
+from ..pb import common_pb2, tenants_pb2, tenants_pb2_grpc
 
 log = get_logger("tenants")
 

@@ -19,8 +19,8 @@ import kernels
 from delta_store.delta import ModuleDelta
 from delta_store.errors import DeltaError
 
-from .delta_adapter import ResidualTap
-from .delta_batch import DeltaBatch
+from .adapter import ResidualTap
+from .batch import DeltaBatch
 
 
 def norm_features(layer: torch.nn.Module) -> int:

@@ -16,7 +16,7 @@ import grpc
 
 from delta_store.errors import DeltaServeError
 
-from .logs import get_logger
+from ..logs import get_logger
 
 RETRY_AFTER_KEY = "retry-after-ms"
 log = get_logger("errors")

@@ -28,8 +28,8 @@ import kernels
 from delta_store.delta import ModuleDelta
 from delta_store.errors import DeltaError
 
-from .delta_adapter import AdapterPool, ResidualTap
-from .delta_batch import DeltaBatch
+from .adapter import AdapterPool, ResidualTap
+from .batch import DeltaBatch
 
 
 def linear_features(layer: torch.nn.Module) -> tuple[int, int]:

@@ -26,11 +26,11 @@ from delta_store.delta import Delta
 from delta_store.errors import DeltaError, InvalidArgument
 from delta_store.validate import Limits, validate
 
-from .config import DEFAULT_TARGETS
-from .delta_adapter import ResidualTap
-from .delta_batch import DeltaBatch
-from .delta_linear import DeltaLinear
-from .delta_norm import DeltaNorm
+from ..config import DEFAULT_TARGETS
+from .adapter import ResidualTap
+from .batch import DeltaBatch
+from .linear import DeltaLinear
+from .norm import DeltaNorm
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .types import DeltaKey, GenerationRequest, SamplingParams
+from ..types import DeltaKey, GenerationRequest, SamplingParams
 
 
 class SeqStatus(enum.Enum):

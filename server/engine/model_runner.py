@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import ServerConfig
 from .attention import PagedCache, build_step, use_paged_attention
-from .config import ServerConfig
 from .kv_cache import KVCache, kv_layout_for
 from .sampling import SampleRow, sample
 
