@@ -14,7 +14,7 @@ from server.engine.model_runner import ModelRunner
 from server.engine.stats import RequestStats, StepStats
 from server.types import DeltaKey, FinishReason, GenerationRequest, SamplingParams
 from tests.helpers import tiny_llama
-from tests.test_engine_scheduler import FakeSlots
+from tests.engine_helpers import FakeSlots
 
 KEY = DeltaKey("t", "d", 1, "d")
 

@@ -10,7 +10,6 @@ The same run with a KV cache of 14 blocks of 4 tokens forces preemption (recompu
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from server.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.deltas.slots import SlotManager
 from server.types import DeltaKey, GenerationRequest, SamplingParams
+from tests.engine_helpers import run_engine
 from tests.helpers import tiny_gpt2, tiny_llama
 from tests.oracles import hooked_copy, randomise_peft, site_adapters
 
@@ -70,28 +70,6 @@ def _reference(model, prompt: list[int]) -> list[int]:
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
-
-
-def run_engine(engine: Engine, requests: list[GenerationRequest], per_step: int = 2, limit_s: float = 60.0):
-    """Submit ``per_step`` requests before each step; step until all finish. Returns request_id -> tokens."""
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    finished: set[str] = set()
-    pending = list(requests)
-    deadline = time.monotonic() + limit_s
-    while len(finished) < len(requests):
-        assert time.monotonic() < deadline, f"engine stalled: {len(finished)}/{len(requests)} finished"
-        for _ in range(per_step):
-            if pending:
-                engine.add_request(pending.pop(0))
-        outs = engine.step()
-        for o in outs:
-            tokens[o.request_id].extend(o.token_ids)
-            if o.finish_reason is not None:
-                assert o.finish_reason in ("eos", "length"), o
-                finished.add(o.request_id)
-        if not outs:
-            time.sleep(0.002)  # only waiting for a background delta load
-    return tokens
 
 
 def _serve(base, deltas: dict, config: ServerConfig, num_slots: int):

@@ -14,7 +14,7 @@ from server.engine.model_runner import ModelRunner
 from server.engine.sampling import SampleRow, apply_repetition_penalty, filter_top_k_top_p, make_generator, sample
 from server.types import GenerationRequest, SamplingParams
 from tests.helpers import assert_close, tiny_llama
-from tests.test_engine_parity import run_engine
+from tests.engine_helpers import run_engine
 
 
 def _logits(v: int = 64, seed: int = 0) -> torch.Tensor:

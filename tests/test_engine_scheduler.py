@@ -12,64 +12,7 @@ from server.engine.kv_cache import BlockAllocator
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SeqStatus
 from server.types import DeltaKey, GenerationRequest, SamplingParams
-
-
-class FakeSlots:
-    """The slot-manager contract (acquire/release/install_ready) with observable pins.
-
-    A key not resident starts a load that completes after ``load_steps`` calls of install_ready(); a finished
-    load takes a free slot (or evicts the least recently used unpinned one). ``install`` (slot, key) lets
-    engine tests copy a real delta into the model when a load lands.
-    """
-
-    def __init__(self, num_slots: int, load_steps: int = 0, install=None):
-        self.num_slots = num_slots
-        self.load_steps = load_steps
-        self.install = install
-        self.resident: collections.OrderedDict[DeltaKey, int] = collections.OrderedDict()  # LRU order
-        self.pins: dict[int, int] = {}
-        self.loading: dict[DeltaKey, int] = {}  # key -> install_ready calls left
-        self.acquire_calls = 0
-
-    def acquire(self, key: DeltaKey) -> int | None:
-        self.acquire_calls += 1
-        slot = self.resident.get(key)
-        if slot is not None:
-            self.resident.move_to_end(key)
-            self.pins[slot] = self.pins.get(slot, 0) + 1
-            return slot
-        if key not in self.loading:
-            self.loading[key] = self.load_steps
-            if self.load_steps == 0:
-                self.install_ready()
-                return self.acquire(key) if key in self.resident else None
-        return None
-
-    def release(self, slot: int) -> None:
-        assert self.pins.get(slot, 0) > 0, f"slot {slot} released more often than acquired"
-        self.pins[slot] -= 1
-
-    def install_ready(self) -> None:
-        for key in list(self.loading):
-            if self.loading[key] > 0:
-                self.loading[key] -= 1
-                continue
-            used = set(self.resident.values())
-            free = [s for s in range(self.num_slots) if s not in used]
-            if not free:
-                victims = [k for k, s in self.resident.items() if self.pins.get(s, 0) == 0]
-                if not victims:
-                    continue  # every slot pinned: the load waits
-                free = [self.resident.pop(victims[0])]
-            slot = free[0]
-            if self.install is not None:
-                self.install(slot, key)
-            self.resident[key] = slot
-            del self.loading[key]
-
-    @property
-    def total_pins(self) -> int:
-        return sum(self.pins.values())
+from tests.engine_helpers import FakeSlots
 
 
 def key(name: str) -> DeltaKey:
