@@ -43,13 +43,14 @@ import kernels  # noqa: E402
 from benchmarks.bench_model import PROJECTIONS, build_model, random_lora_delta  # noqa: E402
 from benchmarks.common import Results  # noqa: E402
 from delta_store.delta import AdapterTerm, Delta, ModuleDelta  # noqa: E402
+from delta_store.records import DeltaKey  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.deltas import DeltaLinear, wrap_model  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from server.engine.model_runner import ModelRunner  # noqa: E402
 from server.deltas.slots import SlotManager  # noqa: E402
 from server.engine.stats import StepStats  # noqa: E402
-from server.types import DeltaKey, GenerationRequest, SamplingParams  # noqa: E402
+from server.types import GenerationRequest, SamplingParams  # noqa: E402
 
 NUM_DELTAS = 32
 MIX_SLOTS = range(NUM_DELTAS, NUM_DELTAS + 8)  # the mixed-kind deltas live after the 32 LoRA ones

@@ -34,12 +34,12 @@ import torch  # noqa: E402
 
 from benchmarks.bench_model import PROJECTIONS, build_model  # noqa: E402
 from benchmarks.common import Results, sync  # noqa: E402
-from delta_store import BaseSpec, DeltaStore, StoreSettings  # noqa: E402
+from delta_store import BaseSpec, DeltaStore  # noqa: E402
 from delta_store.native import dump_native  # noqa: E402
 from delta_store.validate import Limits  # noqa: E402
 from server.deltas import wrap_model  # noqa: E402
 from server.deltas.slots import SlotManager  # noqa: E402
-from tests.helpers import random_delta  # noqa: E402
+from tests.helpers import random_delta, store_settings  # noqa: E402
 
 RANK = 16
 
@@ -101,7 +101,7 @@ def main() -> None:
     dm = wrap_model(copy.deepcopy(base).to(device, dtype), max_slots=4, max_rank=RANK, max_bottleneck=8)
     del base
 
-    with DeltaStore.open(work / "data", spec, Limits(max_rank=RANK), StoreSettings(host_cache_bytes=1 << 30)) as store:
+    with DeltaStore.open(work / "data", spec, Limits(max_rank=RANK), store_settings(host_cache_bytes=1 << 30)) as store:
         tenant, _ = store.tenants.create("bench")
         counter = iter(range(10 ** 6))
         imp_native = median_ms(lambda: store.put(tenant, f"n{next(counter)}", native), repeats)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
-from .records import DeltaVersion, Quotas, Tenant
+from .records import DeltaVersion, TenantQuotas, Tenant
 
 SCHEMA_VERSION = 1
 
@@ -116,11 +116,11 @@ class Catalogue:
     # -- tenants ------------------------------------------------------------------------------------
     @staticmethod
     def _tenant(row) -> Tenant:
-        q = Quotas(row["max_deltas"], row["max_bytes"], row["requests_per_minute"], row["tokens_per_minute"],
+        q = TenantQuotas(row["max_deltas"], row["max_bytes"], row["requests_per_minute"], row["tokens_per_minute"],
                    row["max_concurrent"])
         return Tenant(row["id"], row["name"], bool(row["is_admin"]), q, row["created"])
 
-    def create_tenant(self, name: str, key_sha256: str, is_admin: bool, quotas: Quotas) -> Tenant:
+    def create_tenant(self, name: str, key_sha256: str, is_admin: bool, quotas: TenantQuotas) -> Tenant:
         tid = "t_" + uuid.uuid4().hex[:16]
         now = time.time()
         with self.write() as c:

@@ -1,17 +1,16 @@
 """Host-memory tier: decoded deltas kept in RAM, LRU by bytes (LoRAX's CPU LRU, S-LoRA's host pool).
 
 Keyed by blob digest, so identical uploads under two names share one entry and a replaced
-version (new digest) can never be answered by a stale one. On machines with CUDA the tensors are
-moved to pinned (page-locked) memory on insert, which lets the slot manager's host-to-device copy
-run asynchronously at full PCIe bandwidth (vLLM PR #31317 pins adapter memory for the same reason).
+version (new digest) can never be answered by a stale one. With ``pin_memory`` (the server sets it
+when it serves on CUDA) the tensors are moved to pinned (page-locked) memory on insert, which lets the
+slot manager's host-to-device copy run asynchronously at full PCIe bandwidth (vLLM PR #31317 pins
+adapter memory for the same reason).
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-
-import torch
 
 from .delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
 from .errors import InvalidArgument
@@ -45,11 +44,11 @@ def pin_delta(delta: Delta) -> Delta:
 class HostCache:
     """Thread-safe LRU of ``digest -> Delta`` bounded by total tensor bytes."""
 
-    def __init__(self, budget_bytes: int, *, pin_memory: bool | None = None):
+    def __init__(self, budget_bytes: int, *, pin_memory: bool):
         if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
             raise InvalidArgument(f"host cache budget must be a non-negative integer of bytes, got {budget_bytes!r}")
         self.budget = budget_bytes
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin_memory = bool(pin_memory)
         self._items: OrderedDict[str, tuple[Delta, int]] = OrderedDict()
         self._bytes = 0
         self._hits = self._misses = self._evictions = 0

@@ -1,4 +1,5 @@
-"""Plain records the catalogue returns: tenants, their quotas, and immutable delta versions."""
+"""Plain records the catalogue returns: tenants, their quotas, immutable delta versions and the key that
+names one version everywhere (engine, slots, host tier)."""
 from __future__ import annotations
 
 import json
@@ -8,14 +9,17 @@ from .errors import InvalidArgument
 
 
 @dataclass(frozen=True, slots=True)
-class Quotas:
-    """Per-tenant limits. 0 for a rate or count means "nothing allowed", not "unlimited"."""
+class TenantQuotas:
+    """A tenant's stored limits. 0 for a rate or count means "nothing allowed", not "unlimited".
 
-    max_deltas: int = 100  # distinct delta names
-    max_bytes: int = 4 << 30  # sum of stored version sizes
-    requests_per_minute: int = 600
-    tokens_per_minute: int = 600_000
-    max_concurrent: int = 32
+    No defaults here: the server's defaults are ``ServerConfig.default_*`` and ``server/app.py``
+    builds the default quotas from them (``store_config``)."""
+
+    max_deltas: int  # distinct delta names
+    max_bytes: int  # sum of stored version sizes
+    requests_per_minute: int
+    tokens_per_minute: int
+    max_concurrent: int
 
     def __post_init__(self) -> None:
         for name in ("max_deltas", "max_bytes", "requests_per_minute", "tokens_per_minute", "max_concurrent"):
@@ -23,11 +27,16 @@ class Quotas:
             if isinstance(value, bool) or not isinstance(value, int) or not (0 <= value < 1 << 62):
                 raise InvalidArgument(f"quota {name} must be an integer in [0, 2^62), got {value!r}")
 
-    @classmethod
-    def from_config(cls, config) -> "Quotas":
-        """Defaults from a ``ServerConfig`` (its ``default_*`` fields)."""
-        return cls(config.default_max_deltas, config.default_max_delta_bytes, config.default_requests_per_minute,
-                   config.default_tokens_per_minute, config.default_max_concurrent)
+
+@dataclass(frozen=True, slots=True)
+class DeltaKey:
+    """Identifies one immutable delta version. The digest makes a replaced version a new key,
+    so a stale device slot can never serve it (vLLM's same-name reload bug)."""
+
+    tenant: str  # tenant id
+    name: str
+    version: int
+    digest: str  # sha256 of the native bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +44,7 @@ class Tenant:
     id: str
     name: str
     is_admin: bool
-    quotas: Quotas
+    quotas: TenantQuotas
     created: float
 
 
@@ -64,10 +73,8 @@ class DeltaVersion:
         return f"{self.name}@{self.version}"
 
     @property
-    def key(self):
-        """The engine's :class:`server.types.DeltaKey` for this version (digest included)."""
-        from server.types import DeltaKey  # the shared noun lives with the engine's types (docs/INTERFACES.md)
-
+    def key(self) -> DeltaKey:
+        """The :class:`DeltaKey` of this version (digest included), as the engine and the slots use it."""
         return DeltaKey(self.tenant, self.name, self.version, self.digest)
 
     @classmethod

@@ -1,21 +1,24 @@
 """StoreSettings: the delta store's own limits and tunables, checked in one place.
 
 Validation limits on the delta itself (rank, width, dtypes) are ``delta_store.validate.Limits``;
-these are about files, archives, memory and housekeeping. ``from_config`` takes them from the
-``ServerConfig`` so defaults live there.
+these are about files, archives, memory and housekeeping. The first four fields have no default:
+the server decides them (``server/app.py`` ``store_config`` builds them from ``ServerConfig``, where
+the serving defaults live, and from the device: pinned host memory only helps copies to CUDA).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import InvalidArgument
-from .records import Quotas
+from .records import TenantQuotas
 
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
-    host_cache_bytes: int = 2 << 30  # host-memory tier budget (LRU by bytes)
-    max_upload_bytes: int = 512 << 20  # one payload file (or folder) as uploaded
+    host_cache_bytes: int  # host-memory tier budget (LRU by bytes)
+    max_upload_bytes: int  # one payload file (or folder) as uploaded
+    default_quotas: TenantQuotas  # of a tenant created without its own
+    pin_host_memory: bool  # host-tier tensors in page-locked memory, so host-to-device copies run async
     max_archive_members: int = 1000  # a PEFT folder has 2-3 files; 1000 leaves room for odd packers
     max_archive_bytes: int = 2 << 30  # extracted total: fp32 checkpoints inflate little, bombs a lot
     max_description: int = 4096  # characters
@@ -23,7 +26,6 @@ class StoreSettings:
     orphan_grace_s: float = 3600.0  # blobs no row references are kept this long (a writer may be mid-put)
     temp_grace_s: float = 3600.0  # temp files of a writer whose process is still alive are kept this long
     busy_timeout_s: float = 30.0  # SQLite: how long a writer waits for the lock before failing
-    default_quotas: Quotas = field(default_factory=Quotas)
 
     def __post_init__(self) -> None:
         for name in ("host_cache_bytes", "max_upload_bytes", "max_archive_members", "max_archive_bytes",
@@ -35,13 +37,7 @@ class StoreSettings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not (value >= 0):
                 raise InvalidArgument(f"store setting {name} must be a non-negative number, got {value!r}")
-        if not isinstance(self.default_quotas, Quotas):
-            raise InvalidArgument(f"store setting default_quotas must be Quotas, got {type(self.default_quotas)}")
-
-    @classmethod
-    def from_config(cls, config, **overrides) -> "StoreSettings":
-        """From a ``ServerConfig``: host tier budget, upload limit and default tenant quotas."""
-        values = dict(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
-                      default_quotas=Quotas.from_config(config))
-        values.update(overrides)
-        return cls(**values)
+        if not isinstance(self.default_quotas, TenantQuotas):
+            raise InvalidArgument(f"store setting default_quotas must be TenantQuotas, got {type(self.default_quotas)}")
+        if not isinstance(self.pin_host_memory, bool):
+            raise InvalidArgument(f"store setting pin_host_memory must be a bool, got {self.pin_host_memory!r}")

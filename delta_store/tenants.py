@@ -11,7 +11,7 @@ from typing import Callable
 from .catalogue import Catalogue
 from .errors import InvalidArgument, NotFound, Unauthenticated
 from .names import check_name
-from .records import DeltaVersion, Quotas, Tenant
+from .records import DeltaVersion, TenantQuotas, Tenant
 
 KEY_PREFIX = "ds_"
 
@@ -27,13 +27,13 @@ def hash_key(key: str) -> str:
 class TenantRegistry:
     """``store.tenants``: create, look up by key, list, delete, rotate keys, set quotas."""
 
-    def __init__(self, catalogue: Catalogue, default_quotas: Quotas,
+    def __init__(self, catalogue: Catalogue, default_quotas: TenantQuotas,
                  on_delete: Callable[[list[DeltaVersion]], None]):
         self._cat = catalogue
         self._defaults = default_quotas
         self._on_delete = on_delete  # collects blobs and tells subscribers (device slots) what is gone
 
-    def create(self, name: str, *, is_admin: bool = False, quotas: Quotas | None = None) -> tuple[Tenant, str]:
+    def create(self, name: str, *, is_admin: bool = False, quotas: TenantQuotas | None = None) -> tuple[Tenant, str]:
         """A new tenant and its API key (the only time the key is available in clear)."""
         check_name(name, "tenant name")
         key = new_api_key()
@@ -75,12 +75,12 @@ class TenantRegistry:
         self._cat.update_tenant(tenant_id, key_sha256=hash_key(key))
         return key
 
-    def set_quotas(self, tenant_id: str, quotas: Quotas | None = None, **fields) -> Tenant:
+    def set_quotas(self, tenant_id: str, quotas: TenantQuotas | None = None, **fields) -> Tenant:
         """Replace the quotas, or change some fields: ``set_quotas(tid, max_deltas=10)``."""
         if quotas is None:
-            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Quotas)})
+            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(TenantQuotas)})
             if unknown:
                 raise InvalidArgument(f"unknown quota field(s): {', '.join(unknown)}")
             quotas = dataclasses.replace(self.get(tenant_id).quotas, **fields)
         return self._cat.update_tenant(tenant_id, **{f.name: getattr(quotas, f.name)
-                                                     for f in dataclasses.fields(Quotas)})
+                                                     for f in dataclasses.fields(TenantQuotas)})

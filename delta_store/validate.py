@@ -20,8 +20,8 @@ _PROJ_KINDS = ("linear", "conv1d")
 
 @dataclass(slots=True)
 class Limits:
-    """Pool ceilings a delta must fit. Defaults accept anything structurally valid; the server passes
-    its own (``Limits.from_config``), so the serving defaults live only in ``ServerConfig``."""
+    """Pool ceilings a delta must fit. Defaults accept anything structurally valid (they are the upper
+    bounds ``ServerConfig`` allows); the server passes its own, built in ``server/app.py`` ``store_config``."""
 
     max_rank: int = 1024
     max_bottleneck: int = 16384
@@ -36,11 +36,6 @@ class Limits:
         self.dtypes = tuple(self.dtypes)
         if not self.dtypes or not all(isinstance(d, torch.dtype) and d.is_floating_point for d in self.dtypes):
             raise ValueError(f"Limits.dtypes must be a non-empty tuple of floating torch dtypes, got {self.dtypes!r}")
-
-    @classmethod
-    def from_config(cls, config) -> "Limits":
-        """From a ``ServerConfig`` (duck-typed: delta_store does not import server/)."""
-        return cls(max_rank=int(config.max_rank), max_bottleneck=int(config.max_bottleneck))
 
 
 def _site_outputs(spec: BaseSpec, info: ModuleInfo) -> bool:

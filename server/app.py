@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from delta_store.records import Quotas
-
 from .config import ServerConfig
 from .edge.auth import Authenticator
-from .edge.rate_limits import Quotas as RateQuotas
+from .edge.rate_limits import RateLimiter
 from .logs import configure, get_logger
 from .metrics import Metrics
 
@@ -45,8 +43,7 @@ class App:
         self.vocab_size = vocab_size
         self.metrics = metrics or Metrics()
         self.auth = Authenticator(store.tenants)
-        self.quotas = RateQuotas()
-        self.default_quotas = Quotas.from_config(config)
+        self.rate_limiter = RateLimiter()
         self.health = None  # set by create_server
         self.admin_key_file: Path | None = None
         if slots is not None:
@@ -89,7 +86,7 @@ class App:
         self.admin_key_file = path
         if self.store.tenants.list():
             return None
-        _tenant, key = self.store.tenants.create(ADMIN_TENANT, is_admin=True, quotas=self.default_quotas)
+        _tenant, key = self.store.tenants.create(ADMIN_TENANT, is_admin=True)  # the default quotas
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key + "\n")
@@ -116,14 +113,28 @@ def apply_torch_threads(config: ServerConfig) -> int:
     return torch.get_num_threads()
 
 
+def store_config(config: ServerConfig, *, pin_host_memory: bool):
+    """The delta store's ``(Limits, StoreSettings)`` from ``config``: the one place they are built, so each
+    serving default is written once, in ``ServerConfig``. ``pin_host_memory``: the caller serves on CUDA."""
+    from delta_store.records import TenantQuotas
+    from delta_store.settings import StoreSettings
+    from delta_store.validate import Limits
+
+    quotas = TenantQuotas(max_deltas=config.default_max_deltas, max_bytes=config.default_max_delta_bytes,
+                          requests_per_minute=config.default_requests_per_minute,
+                          tokens_per_minute=config.default_tokens_per_minute,
+                          max_concurrent=config.default_max_concurrent)
+    settings = StoreSettings(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
+                             default_quotas=quotas, pin_host_memory=pin_host_memory)
+    return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck), settings
+
+
 def build_app(config: ServerConfig) -> App:
     """Load the model and build every part (synchronous: run it before the event loop serves)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from delta_store.settings import StoreSettings
     from delta_store.store import DeltaStore
-    from delta_store.validate import Limits
 
     from .deltas import wrap_model
     from .deltas.slots import SlotManager
@@ -143,12 +154,13 @@ def build_app(config: ServerConfig) -> App:
     t0 = time.monotonic()
     threads = apply_torch_threads(config)
     dtype = getattr(torch, config.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(_device(config.device)).eval()
+    device = _device(config.device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_slots, max_rank=config.max_rank,
                     max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens)
     spec = dm.spec  # fingerprinted once, from the unwrapped base
-    store = DeltaStore.open(data_dir, spec, Limits.from_config(config), StoreSettings.from_config(config))
+    store = DeltaStore.open(data_dir, spec, *store_config(config, pin_host_memory=device.type == "cuda"))
     slots = SlotManager(dm, loader=store.load_key, num_slots=config.max_slots)
     engine = Engine(config, ModelRunner(dm, tokenizer, config), slots)
     log.info("model_loaded", path=str(model_path), model_type=spec.model_type, layers=spec.num_layers,

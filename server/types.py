@@ -1,7 +1,13 @@
-"""The nouns the engine, the gRPC edge and the CLI share. Plain dataclasses: no torch, no protobuf."""
+"""The nouns the engine and the gRPC edge share. Plain dataclasses: no torch, no protobuf.
+
+A request names its delta by ``delta_store.records.DeltaKey`` (tenant, name, version, digest)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the key is delta_store's noun; importing it here would pull in torch
+    from delta_store.records import DeltaKey
 
 
 class FinishReason:
@@ -42,17 +48,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class DeltaKey:
-    """Identifies one immutable delta version. The digest makes a replaced version a new key,
-    so a stale device slot can never serve it (vLLM's same-name reload bug)."""
-
-    tenant: str
-    name: str
-    version: int
-    digest: str
 
 
 @dataclass(slots=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import collections
 import time
 
+from delta_store.records import DeltaKey
 from server.engine import Engine
-from server.types import DeltaKey, GenerationRequest
+from server.types import GenerationRequest
 
 
 class FakeSlots:

@@ -106,3 +106,34 @@ def random_delta(spec, *, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "
             md.bias = (0.05 * torch.randn(info.out_features, generator=g)).to(dtype)
         mods[path] = md
     return Delta(mods, "native", spec.fingerprint)
+
+
+def store_settings(**overrides):
+    """The StoreSettings the server builds from ``ServerConfig()`` defaults (``server.app.store_config``,
+    unpinned host memory), with ``overrides`` replaced."""
+    import dataclasses
+
+    from server.app import store_config
+    from server.config import ServerConfig
+
+    _limits, settings = store_config(ServerConfig(), pin_host_memory=False)
+    return dataclasses.replace(settings, **overrides)
+
+
+def tenant_quotas(**overrides):
+    """The server's default TenantQuotas (from ``ServerConfig()``), with ``overrides`` replaced (and validated)."""
+    import dataclasses
+
+    return dataclasses.replace(store_settings().default_quotas, **overrides)
+
+
+def import_delta(path, spec, source_format: str = "auto", *, limits=None):
+    """A payload file or folder through the upload's import path (``delta_store.importer.Importer``, the
+    server's store settings) -> the validated Delta stamped with ``spec.fingerprint``. ``limits``: the
+    pools' ceilings (default: anything structurally valid)."""
+    import tempfile
+
+    from delta_store.importer import Importer
+    from delta_store.validate import Limits
+
+    return Importer(spec, limits or Limits(), store_settings(), tempfile.gettempdir()).read(path, source_format)

@@ -15,9 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from delta_store.base_spec import BaseSpec
 from delta_store.errors import UnsupportedDelta
-from delta_store.formats import load_delta
 from server.deltas import wrap_model
-from tests.helpers import FIXTURES, assert_close
+from tests.helpers import FIXTURES, assert_close, import_delta
 
 ATOL = 1e-5
 # case folder name -> regex of the reason it is refused; none today (every fixture case is servable).
@@ -40,9 +39,9 @@ def test_all_fixture_cases_in_one_packed_batch(arch):
         exp = load_file(case / "expected.safetensors")
         if case.name in REFUSED:
             with pytest.raises(UnsupportedDelta, match=REFUSED[case.name]):
-                load_delta(case, spec)
+                import_delta(case, spec)
             continue
-        dm.set_delta(slot, load_delta(case, spec))
+        dm.set_delta(slot, import_delta(case, spec))
         ids.append(exp["input_ids"])
         expected.append(exp["logits"])
         slots += [slot] * 3

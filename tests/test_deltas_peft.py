@@ -3,7 +3,7 @@ a bottleneck adapter and base-only rows equals, row by row, PEFT's own forward w
 
 Each adapter is created with PEFT on a copy of the base, given random weights (PEFT zero-initialises
 ``lora_B`` and sets (IA)3 to ones, which would make it a no-op), saved with ``save_pretrained`` and
-imported with ``delta_store.formats.load_delta``: the path a tenant's upload takes.
+imported with ``tests.helpers.import_delta`` (the store's ``Importer``): the path a tenant's upload takes.
 """
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from peft import BeftConfig, IA3Config, LoraConfig, get_peft_model
 import kernels
 from delta_store.base_spec import BaseSpec
 from delta_store.delta import Delta
-from delta_store.formats import load_delta
 from server.deltas import wrap_model
-from tests.helpers import TOLERANCES, assert_close, tiny_gpt2, tiny_llama
+from tests.helpers import TOLERANCES, assert_close, import_delta, tiny_gpt2, tiny_llama
 from tests.oracles import apply_delta, randomise_peft, site_adapters
 
 ATOL = TOLERANCES[torch.float32]["atol"]
@@ -68,7 +67,7 @@ def _peft_delta(base, cfg, seed: int, folder, spec: BaseSpec):
     randomise_peft(pm, seed)
     pm.eval()
     pm.save_pretrained(folder)
-    return load_delta(folder, spec), pm
+    return import_delta(folder, spec), pm
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 
 from delta_store.delta import Delta, ModuleDelta
 from delta_store.errors import DeltaError, InvalidArgument, NotFound
+from delta_store.records import DeltaKey
 from server.deltas.slots import SlotManager
-from server.types import DeltaKey
 
 
 class FakeDM:
@@ -215,13 +215,13 @@ def test_real_store_and_delta_model_replacement_while_pinned(tmp_path):
     from delta_store.native import dump_native
     from delta_store.validate import Limits
     from server.deltas import wrap_model
-    from tests.helpers import random_delta, tiny_llama
+    from tests.helpers import random_delta, store_settings, tiny_llama
 
     base = tiny_llama(seed=2)
     spec = BaseSpec.from_model(base)
     dm = wrap_model(copy.deepcopy(base), max_slots=2, max_rank=8, max_bottleneck=8)
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
-    with DeltaStore.open(tmp_path, spec, Limits(max_rank=8)) as store:
+    with DeltaStore.open(tmp_path, spec, Limits(max_rank=8), store_settings()) as store:
         tenant, _ = store.tenants.create("t")
         versions = []
         for seed in (1, 2):

@@ -12,7 +12,7 @@ from server.config import ServerConfig
 from server.edge.errors import RETRY_AFTER_KEY, status_of
 from server.edge.grpc_inference import output_to_pb, sampling_from_pb
 from server.pb import common_pb2, inference_pb2
-from server.edge.rate_limits import CONCURRENCY_RETRY_S, Quotas, RateLimits
+from server.edge.rate_limits import CONCURRENCY_RETRY_S, RateLimiter, RateLimits
 from server.types import TokenOutput
 
 
@@ -26,7 +26,7 @@ class Clock:
 
 def test_request_bucket_refuses_with_a_retry_hint_then_refills():
     clock = Clock()
-    q = Quotas(clock=clock)
+    q = RateLimiter(clock=clock)
     limits = RateLimits(requests_per_minute=2, tokens_per_minute=1000, max_concurrent=10)
     for _ in range(2):
         q.admit("t", limits, 10).release(10)
@@ -40,7 +40,7 @@ def test_request_bucket_refuses_with_a_retry_hint_then_refills():
 
 def test_token_bucket_charges_max_and_refunds_unused_tokens():
     clock = Clock()
-    q = Quotas(clock=clock)
+    q = RateLimiter(clock=clock)
     limits = RateLimits(requests_per_minute=100, tokens_per_minute=100, max_concurrent=10)
     lease = q.admit("t", limits, 80)
     with pytest.raises(ResourceExhausted, match="tokens_per_minute=100") as info:
@@ -54,7 +54,7 @@ def test_token_bucket_charges_max_and_refunds_unused_tokens():
 
 
 def test_concurrency_cap_and_idempotent_release():
-    q = Quotas(clock=Clock())
+    q = RateLimiter(clock=Clock())
     limits = RateLimits(requests_per_minute=100, tokens_per_minute=10_000, max_concurrent=2)
     a, b = q.admit("t", limits, 1), q.admit("t", limits, 1)
     with pytest.raises(ResourceExhausted, match="max_concurrent=2") as info:
@@ -70,7 +70,7 @@ def test_concurrency_cap_and_idempotent_release():
 
 
 def test_changed_limits_take_effect_and_keep_running_count():
-    q = Quotas(clock=Clock())
+    q = RateLimiter(clock=Clock())
     lease = q.admit("t", RateLimits(1, 100, 5), 1)
     with pytest.raises(ResourceExhausted):
         q.admit("t", RateLimits(1, 100, 5), 1)

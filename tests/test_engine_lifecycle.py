@@ -8,11 +8,12 @@ import copy
 import pytest
 
 from delta_store.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from delta_store.records import DeltaKey
 from server.config import ServerConfig
 from server.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.engine.stats import RequestStats, StepStats
-from server.types import DeltaKey, FinishReason, GenerationRequest, SamplingParams
+from server.types import FinishReason, GenerationRequest, SamplingParams
 from tests.helpers import tiny_llama
 from tests.engine_helpers import FakeSlots
 

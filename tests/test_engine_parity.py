@@ -2,7 +2,7 @@
 
 Ten requests arrive two per step with prompts of 3-30 tokens; they use deltas of every kind (LoRA of ranks 2,
 4 and 16, LoRA + BitFit bias, (IA)3, BEFT bias, bottleneck adapters) or none, one delta shared by two requests.
-Each delta is made with PEFT (random weights, saved, imported with ``load_delta``: the upload path) and served
+Each delta is made with PEFT (random weights, saved, imported with ``import_delta``, the store's import path: the upload path) and served
 through the real SlotManager (background loads) and wrap_model. References: PEFT ``merge_and_unload`` for LoRA
 and (IA)3, the unmerged PeftModel for BEFT, and forward hooks applying the adapters for the bottleneck delta.
 The same run with a KV cache of 14 blocks of 4 tokens forces preemption (recompute) and must not change a token.
@@ -16,15 +16,15 @@ import torch
 from peft import BeftConfig, IA3Config, LoraConfig, get_peft_model
 
 from delta_store.base_spec import BaseSpec
-from delta_store.formats import load_delta
+from delta_store.records import DeltaKey
 from server.config import ServerConfig
 from server.deltas import wrap_model
 from server.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.deltas.slots import SlotManager
-from server.types import DeltaKey, GenerationRequest, SamplingParams
+from server.types import GenerationRequest, SamplingParams
 from tests.engine_helpers import run_engine
-from tests.helpers import tiny_gpt2, tiny_llama
+from tests.helpers import import_delta, tiny_gpt2, tiny_llama
 from tests.oracles import hooked_copy, randomise_peft, site_adapters
 
 MAX_NEW = 10
@@ -55,7 +55,7 @@ def _make_deltas(base, names, tmp_path):
         randomise_peft(pm, 100 + i, std=0.15, ia3_std=0.3)
         pm.eval()
         pm.save_pretrained(tmp_path / name)
-        delta = load_delta(tmp_path / name, spec)
+        delta = import_delta(tmp_path / name, spec)
         out[name] = (delta, pm.merge_and_unload() if how == "merge" else pm)
     return out
 
@@ -130,7 +130,7 @@ def test_gpt2_conv1d_deltas_equal_hf_generate(tmp_path):
         randomise_peft(pm, 40 + i, std=0.15, ia3_std=0.3)
         pm.eval()
         pm.save_pretrained(tmp_path / name)
-        deltas[name] = (load_delta(tmp_path / name, spec), pm.merge_and_unload())
+        deltas[name] = (import_delta(tmp_path / name, spec), pm.merge_and_unload())
     rows = ["lora", "none", "ia3", "lora", "none", "ia3", "lora", "none"]
     prompts = _prompts(len(rows), seed=9)
     expected = [_reference(base if n == "none" else deltas[n][1], p) for n, p in zip(rows, prompts)]

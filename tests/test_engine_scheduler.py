@@ -8,10 +8,11 @@ import collections
 import pytest
 
 from delta_store.errors import InvalidArgument, ResourceExhausted
+from delta_store.records import DeltaKey
 from server.engine.kv_cache import BlockAllocator
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SeqStatus
-from server.types import DeltaKey, GenerationRequest, SamplingParams
+from server.types import GenerationRequest, SamplingParams
 from tests.engine_helpers import FakeSlots
 
 

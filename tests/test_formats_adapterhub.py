@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from delta_store import BaseSpec, DeltaError
-from delta_store.formats import load_delta
-from tests.helpers import FIXTURES, tiny_gpt2
+from tests.helpers import FIXTURES, import_delta, tiny_gpt2
 from tests.oracles import apply_delta
 
 
@@ -42,7 +41,7 @@ def test_gpt2_fused_c_attn_matches_the_library_forward(tmp_path, mode):
         if mode == "add":
             tensors[f"{p}.lora_A"] = 0.2 * torch.randn(2 * r, 64, generator=g)  # [r * n_heads, in]
         tensors[f"{p}.lora_B"] = (0.2 * torch.randn(2 * d, r, generator=g) + (1.0 if mode == "scale" else 0.0))
-    delta = load_delta(write(tmp_path / mode, cfg, tensors), spec)
+    delta = import_delta(write(tmp_path / mode, cfg, tensors), spec)
 
     def library(mod, args, out):  # LoRAMergedLinear.forward, one adapter, no gating
         x, i = args[0], int(names[mod].split(".")[2])
@@ -91,13 +90,13 @@ def _copy_case(tmp_path, case, edit_cfg=None, edit_meta=None, edit_tensors=None)
 def test_learned_and_channel_scaling(tmp_path):
     spec = BaseSpec.from_model(tiny_gpt2())
     sites = ("transformer.h.0.output_adapters.adapters.delta", "transformer.h.1.output_adapters.adapters.delta")
-    ref = load_delta(FIXTURES / "adapterhub" / "gpt2-seq_bn", spec)
-    learned = load_delta(_copy_case(tmp_path / "l", "gpt2-seq_bn", lambda c: c.update(scaling="learned"),
+    ref = import_delta(FIXTURES / "adapterhub" / "gpt2-seq_bn", spec)
+    learned = import_delta(_copy_case(tmp_path / "l", "gpt2-seq_bn", lambda c: c.update(scaling="learned"),
                                     edit_tensors=lambda sd: [sd.__setitem__(f"{s}.scaling", torch.tensor([0.5]))
                                                              for s in sites]), spec)
     assert learned.modules["transformer.h.0.mlp.c_proj"].adapter.scale == 0.5
     ch = torch.linspace(0.5, 1.5, 64)
-    channel = load_delta(_copy_case(tmp_path / "c", "gpt2-seq_bn", lambda c: c.update(scaling="channel"),
+    channel = import_delta(_copy_case(tmp_path / "c", "gpt2-seq_bn", lambda c: c.update(scaling="channel"),
                                     edit_tensors=lambda sd: [sd.__setitem__(f"{s}.scaling", ch) for s in sites]), spec)
     a, b = channel.modules["transformer.h.1.mlp.c_proj"].adapter, ref.modules["transformer.h.1.mlp.c_proj"].adapter
     z = torch.randn(5, 4)
@@ -106,34 +105,34 @@ def test_learned_and_channel_scaling(tmp_path):
 
 def test_preset_string_and_unversioned_activation_rename(tmp_path):
     spec = BaseSpec.from_model(tiny_gpt2())
-    d = load_delta(_copy_case(tmp_path, "gpt2-double_seq_bn", edit_meta=lambda m: m.update(config="houlsby")), spec)
+    d = import_delta(_copy_case(tmp_path, "gpt2-double_seq_bn", edit_meta=lambda m: m.update(config="houlsby")), spec)
     ad = d.modules["transformer.h.0.attn.c_proj"].adapter
     assert (ad.source, ad.activation) == ("output", "silu")
 
     def old(m):  # adapter-transformers v1: no "version", and "gelu" meant the tanh approximation
         m.pop("version")
         m["config"]["non_linearity"] = "gelu"
-    d = load_delta(_copy_case(tmp_path / "old", "gpt2-seq_bn", edit_meta=old), spec)
+    d = import_delta(_copy_case(tmp_path / "old", "gpt2-seq_bn", edit_meta=old), spec)
     assert d.modules["transformer.h.0.mlp.c_proj"].adapter.activation == "gelu_new"
 
 
 def test_reduction_factor_dict_and_leave_out(tmp_path):
     spec = BaseSpec.from_model(tiny_gpt2())
-    load_delta(_copy_case(tmp_path / "a", "gpt2-seq_bn", lambda c: c.update(reduction_factor={"1": 16, "default": 16})),
+    import_delta(_copy_case(tmp_path / "a", "gpt2-seq_bn", lambda c: c.update(reduction_factor={"1": 16, "default": 16})),
                spec)
     with pytest.raises(DeltaError, match="reduction_factor 4 on hidden 64 gives width 16, the tensor has 4"):
-        load_delta(_copy_case(tmp_path / "b", "gpt2-seq_bn", lambda c: c.update(reduction_factor={"0": 4,
+        import_delta(_copy_case(tmp_path / "b", "gpt2-seq_bn", lambda c: c.update(reduction_factor={"0": 4,
                                                                                                  "default": 16})), spec)
     with pytest.raises(DeltaError, match="leave_out"):
-        load_delta(_copy_case(tmp_path / "c", "gpt2-seq_bn", lambda c: c.update(leave_out=[1])), spec)
+        import_delta(_copy_case(tmp_path / "c", "gpt2-seq_bn", lambda c: c.update(leave_out=[1])), spec)
 
 
 def test_lora_scale_rule_before_1_1_0(tmp_path):
     from transformers import AutoModelForCausalLM
     spec = BaseSpec.from_model(AutoModelForCausalLM.from_pretrained(FIXTURES / "base" / "llama"))
     p = "model.layers.0.self_attn.q_proj"
-    assert load_delta(FIXTURES / "adapterhub" / "llama-lora", spec).modules[p].lora.scale == 2.0
+    assert import_delta(FIXTURES / "adapterhub" / "llama-lora", spec).modules[p].lora.scale == 2.0
     old = _copy_case(tmp_path / "old", "llama-lora", edit_meta=lambda m: m.update(version="adapters.1.0.1"))
-    assert load_delta(old, spec).modules[p].lora.scale == 1.0  # faulty scaling kept, as the library does
+    assert import_delta(old, spec).modules[p].lora.scale == 1.0  # faulty scaling kept, as the library does
     legacy = _copy_case(tmp_path / "at", "llama-lora", edit_meta=lambda m: m.update(version="3.2.1"))
-    assert load_delta(legacy, spec).modules[p].lora.scale == 2.0  # adapter-transformers: not "adapters." versions
+    assert import_delta(legacy, spec).modules[p].lora.scale == 2.0  # adapter-transformers: not "adapters." versions

@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 
 from delta_store import BaseMismatch, BaseSpec, DeltaError
 from delta_store.delta import Delta, LoraTerm, ModuleDelta
-from delta_store.formats import detect_format, load_delta
+from delta_store.formats import detect_format
 from delta_store.formats.keys import KeyMapper, layer_of
-from tests.helpers import FIXTURES, tiny_gpt2, tiny_llama
+from tests.helpers import FIXTURES, import_delta, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -42,44 +42,44 @@ def test_detect_each_format(tmp_path, gpt2):
         detect_format(tmp_path / "missing")
 
 
-def test_native_round_trip_through_load_delta(tmp_path, llama):
+def test_native_round_trip_through_the_importer(tmp_path, llama):
     from delta_store.native import dump_native
     d = Delta({"model.layers.1.self_attn.q_proj": ModuleDelta(lora=LoraTerm(torch.randn(2, 64), torch.randn(64, 2), 0.5),
                                                               bias=torch.randn(64))}, source_format="peft")
     (tmp_path / "d.safetensors").write_bytes(dump_native(d))
     assert detect_format(tmp_path / "d.safetensors") == "native"
-    got = load_delta(tmp_path / "d.safetensors", llama)
+    got = import_delta(tmp_path / "d.safetensors", llama)
     assert got.base_fingerprint == llama.fingerprint
     torch.testing.assert_close(got.modules["model.layers.1.self_attn.q_proj"].lora.b, d.modules[
         "model.layers.1.self_attn.q_proj"].lora.b)
     d.base_fingerprint = "f" * 32  # validated against another base: FAILED_PRECONDITION, not served
     (tmp_path / "other.safetensors").write_bytes(dump_native(d))
     with pytest.raises(BaseMismatch):
-        load_delta(tmp_path / "other.safetensors", llama)
+        import_delta(tmp_path / "other.safetensors", llama)
 
 
 def test_bitfit_absolute_and_additive(tmp_path, gpt2):
     p = "transformer.h.1.attn.c_attn"
     trained = gpt2.biases[p] + 0.25
     torch.save({f"{p}.bias": trained, "transformer.ln_f.bias": gpt2.biases["transformer.ln_f"]}, tmp_path / "abs.bin")
-    d = load_delta(tmp_path / "abs.bin", gpt2)
+    d = import_delta(tmp_path / "abs.bin", gpt2)
     assert list(d.modules) == [p]  # ln_f unchanged: an exactly-zero delta is dropped
     torch.testing.assert_close(d.modules[p].bias, torch.full((192,), 0.25), atol=1e-6, rtol=0)
     save_file({f"{p}.bias": torch.full((192,), 0.25)}, str(tmp_path / "add.safetensors"),
               metadata={"bitfit_bias": "additive"})
-    torch.testing.assert_close(load_delta(tmp_path / "add.safetensors", gpt2).modules[p].bias, torch.full((192,), 0.25))
+    torch.testing.assert_close(import_delta(tmp_path / "add.safetensors", gpt2).modules[p].bias, torch.full((192,), 0.25))
     save_file({f"{p}.weight": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(DeltaError, match="not a bias"):
-        load_delta(tmp_path / "w.safetensors", gpt2)
+        import_delta(tmp_path / "w.safetensors", gpt2)
     save_file({f"{p}.bias": torch.zeros(64)}, str(tmp_path / "s.safetensors"))
     with pytest.raises(DeltaError, match=r"expected shape \(192,\).*found \(64,\)"):
-        load_delta(tmp_path / "s.safetensors", gpt2)
+        import_delta(tmp_path / "s.safetensors", gpt2)
 
 
 def test_bitfit_on_bias_less_llama_is_the_value(tmp_path, llama):
     p = "model.layers.0.self_attn.o_proj"
     save_file({f"{p}.bias": torch.full((64,), 0.5)}, str(tmp_path / "b.safetensors"))
-    torch.testing.assert_close(load_delta(tmp_path / "b.safetensors", llama).modules[p].bias, torch.full((64,), 0.5))
+    torch.testing.assert_close(import_delta(tmp_path / "b.safetensors", llama).modules[p].bias, torch.full((64,), 0.5))
 
 
 def test_key_mapper_anchors(llama, gpt2):

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from delta_store import BaseSpec
-from delta_store.formats import detect_format, load_delta
-from tests.helpers import FIXTURES
+from delta_store.formats import detect_format
+from tests.helpers import FIXTURES, import_delta
 from tests.oracles import apply_delta
 
 CASES = sorted(p for lib in ("adapterhub", "opendelta") for p in (FIXTURES / lib).iterdir() if p.is_dir())
@@ -34,7 +34,7 @@ def test_fixture_converts_and_matches_library_logits(case):
     meta = json.loads((case / "case.json").read_text())
     model, spec = base(meta["base"].split("/")[-1])
     assert detect_format(case) == case.parent.name
-    delta = load_delta(case, spec)
+    delta = import_delta(case, spec)
     want = load_file(str(case / "expected.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(model(want["input_ids"]).logits, want["base_logits"], atol=2e-6, rtol=0)
@@ -47,20 +47,20 @@ def test_placements_and_kinds():
     _, spec_l = base("llama")
     _, spec_g = base("gpt2")
     ah, od = FIXTURES / "adapterhub", FIXTURES / "opendelta"
-    seq = load_delta(ah / "llama-seq_bn", spec_l)
+    seq = import_delta(ah / "llama-seq_bn", spec_l)
     assert list(seq.modules) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert seq.modules["model.layers.0.mlp.down_proj"].adapter.source == "output+residual"
-    dbl = load_delta(ah / "gpt2-double_seq_bn", spec_g).modules["transformer.h.1.attn.c_proj"].adapter
+    dbl = import_delta(ah / "gpt2-double_seq_bn", spec_g).modules["transformer.h.1.attn.c_proj"].adapter
     assert (dbl.source, dbl.activation, dbl.width) == ("output", "silu", 4)
-    par = load_delta(ah / "llama-par_bn", spec_l).modules["model.layers.1.mlp.down_proj"].adapter
+    par = import_delta(ah / "llama-par_bn", spec_l).modules["model.layers.1.mlp.down_proj"].adapter
     assert (par.source, par.scale, par.width) == ("residual", 4.0, 32)
-    ia3 = load_delta(ah / "llama-ia3", spec_l)
+    ia3 = import_delta(ah / "llama-ia3", spec_l)
     assert ia3.modules["model.layers.0.mlp.down_proj"].out_scale.shape == (64,)  # output scaling, unlike PEFT
-    assert load_delta(ah / "llama-lora", spec_l).modules["model.layers.0.mlp.down_proj"].lora.scale == 2.0
-    bit = load_delta(od / "gpt2-bitfit", spec_g)
+    assert import_delta(ah / "llama-lora", spec_l).modules["model.layers.0.mlp.down_proj"].lora.scale == 2.0
+    bit = import_delta(od / "gpt2-bitfit", spec_g)
     assert "transformer.ln_f" in bit.modules and bit.kinds() == {"bitfit"}
     p = "transformer.h.0.attn.c_attn"
     stored = torch.load(od / "gpt2-bitfit" / "pytorch_model.bin", weights_only=True)[f"{p}.bias"]
     torch.testing.assert_close(bit.modules[p].bias, stored - spec_g.biases[p])  # delta, not the absolute value
-    oad = load_delta(od / "llama-adapter", spec_l).modules["model.layers.0.self_attn.o_proj"].adapter
+    oad = import_delta(od / "llama-adapter", spec_l).modules["model.layers.0.self_attn.o_proj"].adapter
     assert (oad.source, oad.activation, oad.width) == ("output", "gelu_new", 8)

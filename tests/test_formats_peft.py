@@ -10,8 +10,8 @@ from peft import AdaLoraConfig, IA3Config, LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from delta_store import BaseSpec, DeltaError
-from delta_store.formats import detect_format, load_delta
-from tests.helpers import tiny_gpt2, tiny_llama
+from delta_store.formats import detect_format
+from tests.helpers import import_delta, tiny_gpt2, tiny_llama
 from tests.oracles import apply_delta
 
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(7))
@@ -36,7 +36,7 @@ def make_peft(model, cfg, folder, *, perturb_biases=False, seed=0):
 
 def check_parity(pm, fresh, folder, atol=1e-5):
     spec = BaseSpec.from_model(fresh)
-    delta = load_delta(folder, spec)
+    delta = import_delta(folder, spec)
     with torch.no_grad(), apply_delta(fresh, delta, spec):
         ours = fresh(IDS).logits
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_gpt2_lora_only_and_pre_0_7_bias_spelling(tmp_path):
     (tmp_path / "adapter_model.safetensors").unlink()
     torch.save(old, tmp_path / "adapter_model.bin")
     spec = BaseSpec.from_model(tiny_gpt2())
-    again = load_delta(tmp_path, spec)
+    again = import_delta(tmp_path, spec)
     for p, md in delta.modules.items():
         torch.testing.assert_close(again.modules[p].bias, md.bias)
         torch.testing.assert_close(again.modules[p].lora.a, md.lora.a)
@@ -161,8 +161,8 @@ def test_multi_adapter_folder(tmp_path):
     pm.add_adapter("second", LoraConfig(r=4, target_modules=["v_proj"]))
     pm.save_pretrained(tmp_path / "all")
     spec = BaseSpec.from_model(tiny_llama())
-    first = load_delta(tmp_path / "all", spec)
-    second = load_delta(tmp_path / "all" / "second", spec)
+    first = import_delta(tmp_path / "all", spec)
+    second = import_delta(tmp_path / "all" / "second", spec)
     assert {p.rsplit(".", 1)[1] for p in first.modules} == {"q_proj"}
     assert {p.rsplit(".", 1)[1] for p in second.modules} == {"v_proj"}
     # a root holding only subfolders: an error that lists them
@@ -173,7 +173,7 @@ def test_multi_adapter_folder(tmp_path):
     (root / "b").mkdir()
     (root / "b" / "adapter_config.json").write_bytes((tmp_path / "all" / "adapter_config.json").read_bytes())
     with pytest.raises(DeltaError, match=r"several PEFT adapters.*a, b"):
-        load_delta(root, spec)
+        import_delta(root, spec)
 
 
 def test_keys_anchor_on_layer_index_not_prefix(tmp_path):
@@ -181,7 +181,7 @@ def test_keys_anchor_on_layer_index_not_prefix(tmp_path):
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     pm = make_peft(tiny_llama(), cfg, tmp_path / "a")
     spec = BaseSpec.from_model(tiny_llama())
-    ref = load_delta(tmp_path / "a", spec)
+    ref = import_delta(tmp_path / "a", spec)
     sd = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     for prefix in ("base_model.model.layers.", "base_model.model.model.language_model.layers."):
         folder = tmp_path / prefix.replace(".", "_")
@@ -189,7 +189,7 @@ def test_keys_anchor_on_layer_index_not_prefix(tmp_path):
         (folder / "adapter_config.json").write_bytes((tmp_path / "a" / "adapter_config.json").read_bytes())
         save_file({k.replace("base_model.model.model.layers.", prefix): v for k, v in sd.items()},
                   str(folder / "adapter_model.safetensors"))
-        got = load_delta(folder, spec)
+        got = import_delta(folder, spec)
         assert list(got.modules) == list(ref.modules)
         for p in ref.modules:
             torch.testing.assert_close(got.modules[p].lora.b, ref.modules[p].lora.b)
@@ -201,7 +201,7 @@ def test_fp16_file_keeps_its_dtype(tmp_path):
     make_peft(tiny_llama(), cfg, tmp_path)
     sd = load_file(str(tmp_path / "adapter_model.safetensors"))
     save_file({k: v.half() for k, v in sd.items()}, str(tmp_path / "adapter_model.safetensors"))
-    delta = load_delta(tmp_path, BaseSpec.from_model(tiny_llama()))
+    delta = import_delta(tmp_path, BaseSpec.from_model(tiny_llama()))
     assert {md.lora.a.dtype for md in delta.modules.values()} == {torch.float16}
 
 
@@ -210,7 +210,7 @@ def test_loading_does_not_mutate_the_spec(tmp_path):
     spec = BaseSpec.from_model(tiny_gpt2())
     before = copy.deepcopy(spec.biases)
     make_peft(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], bias="all"), tmp_path, perturb_biases=True)
-    load_delta(tmp_path, spec)
+    import_delta(tmp_path, spec)
     for k, v in before.items():
         assert torch.equal(spec.biases[k], v)
 
@@ -220,7 +220,7 @@ def test_lora_only_without_biases_is_flagged(tmp_path):
     make_peft(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_fc"], bias="lora_only"), tmp_path, perturb_biases=True)
     sd = load_file(str(tmp_path / "adapter_model.safetensors"))
     save_file({k: v for k, v in sd.items() if not k.endswith(".bias")}, str(tmp_path / "adapter_model.safetensors"))
-    delta = load_delta(tmp_path, BaseSpec.from_model(tiny_gpt2()))
+    delta = import_delta(tmp_path, BaseSpec.from_model(tiny_gpt2()))
     assert delta.kinds() == {"lora"} and "trained biases are missing" in delta.description
 
 

@@ -11,8 +11,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from delta_store import BaseSpec, DeltaError, UnsupportedDelta
-from delta_store.formats import load_delta
-from tests.helpers import FIXTURES, tiny_llama
+from tests.helpers import FIXTURES, import_delta, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +67,7 @@ PEFT_CONFIG_REFUSALS = [
 def test_peft_config_refusals(tmp_path, peft_dir, spec, name, change, reason):
     folder = edited(peft_dir, tmp_path / name, config=lambda c: c.update(change))
     with pytest.raises(UnsupportedDelta, match=reason):
-        load_delta(folder, spec)
+        import_delta(folder, spec)
 
 
 PEFT_TENSOR_REFUSALS = [
@@ -93,13 +92,13 @@ def test_peft_tensor_refusals(tmp_path, peft_dir, spec, name, key, shape, err, r
             sd[key.replace("lora_A", "lora_B")] = torch.ones(shape[::-1] if name != "missing_module" else (64, 2))
     folder = edited(peft_dir, tmp_path / name, tensors=add, weights="adapter_model.safetensors")
     with pytest.raises(err, match=reason):
-        load_delta(folder, spec)
+        import_delta(folder, spec)
 
 
 def test_peft_rank_disagreeing_with_config(tmp_path, peft_dir, spec):
     folder = edited(peft_dir, tmp_path / "r", config=lambda c: c.update(r=3))
     with pytest.raises(DeltaError, match="config says rank 3.*lora_A has rank 2"):
-        load_delta(folder, spec)
+        import_delta(folder, spec)
 
 
 def test_pickle_with_code_is_never_run(tmp_path, spec):
@@ -108,7 +107,7 @@ def test_pickle_with_code_is_never_run(tmp_path, spec):
             return (exec, ("open('/tmp/deltaserve_pwned', 'w').write('x')",))
     (tmp_path / "evil.bin").write_bytes(pickle.dumps({"model.layers.0.self_attn.q_proj.bias": Boom()}))
     with pytest.raises(DeltaError, match="not a weights-only torch file"):
-        load_delta(tmp_path / "evil.bin", spec)
+        import_delta(tmp_path / "evil.bin", spec)
     import os
     assert not os.path.exists("/tmp/deltaserve_pwned")
 
@@ -131,7 +130,7 @@ def test_adapterhub_refusals(tmp_path, llama_spec, name, change, reason):
     folder = edited(FIXTURES / "adapterhub" / "llama-seq_bn", tmp_path / name,
                     config=lambda c: c["config"].update(change))
     with pytest.raises(UnsupportedDelta, match=reason):
-        load_delta(folder, llama_spec)
+        import_delta(folder, llama_spec)
 
 
 def test_adapterhub_lora_refusals(tmp_path, llama_spec):
@@ -140,19 +139,19 @@ def test_adapterhub_lora_refusals(tmp_path, llama_spec):
         folder = edited(FIXTURES / "adapterhub" / "llama-lora", tmp_path / name,
                         config=lambda c: c["config"].update(change))
         with pytest.raises(UnsupportedDelta, match=reason):
-            load_delta(folder, llama_spec)
+            import_delta(folder, llama_spec)
 
 
 def test_adapterhub_flexible_head_refused_default_head_ignored(tmp_path, llama_spec):
     src = FIXTURES / "adapterhub" / "llama-seq_bn"
-    assert load_delta(src, llama_spec).kinds() == {"bottleneck"}  # head_config with config null: ignored
+    assert import_delta(src, llama_spec).kinds() == {"bottleneck"}  # head_config with config null: ignored
     folder = edited(src, tmp_path / "head", cfg_name="head_config.json",
                     config=lambda c: c.update(config={"head_type": "causal_lm", "layers": 2}))
     with pytest.raises(UnsupportedDelta, match="prediction head"):
-        load_delta(folder, llama_spec)
+        import_delta(folder, llama_spec)
     (folder / "head_config.json").unlink()
     with pytest.raises(UnsupportedDelta, match="pytorch_model_head.bin without head_config.json"):
-        load_delta(folder, llama_spec)
+        import_delta(folder, llama_spec)
 
 
 def test_adapterhub_tensor_outside_config_refused(tmp_path, llama_spec):
@@ -161,7 +160,7 @@ def test_adapterhub_tensor_outside_config_refused(tmp_path, llama_spec):
     folder = edited(FIXTURES / "adapterhub" / "llama-seq_bn", tmp_path / "x", tensors=add,
                     weights="pytorch_adapter.bin")
     with pytest.raises(DeltaError, match="does not create"):
-        load_delta(folder, llama_spec)
+        import_delta(folder, llama_spec)
 
 
 @pytest.mark.parametrize("kind,reason", [("prefix", "legacy"), ("compacter", "PHM"),
@@ -170,7 +169,7 @@ def test_opendelta_unsupported_types(tmp_path, llama_spec, kind, reason):
     folder = edited(FIXTURES / "opendelta" / "llama-lora", tmp_path / kind, cfg_name="config.json",
                     config=lambda c: c.update(delta_type=kind))
     with pytest.raises(UnsupportedDelta, match=reason):
-        load_delta(folder, llama_spec)
+        import_delta(folder, llama_spec)
 
 
 def test_opendelta_whole_model_save_refused(tmp_path, llama_spec):
@@ -178,4 +177,4 @@ def test_opendelta_whole_model_save_refused(tmp_path, llama_spec):
         sd["lm_head.weight"] = torch.zeros(256, 64)
     folder = edited(FIXTURES / "opendelta" / "llama-lora", tmp_path / "whole", tensors=add, weights="pytorch_model.bin")
     with pytest.raises(UnsupportedDelta, match="whole-model save"):
-        load_delta(folder, llama_spec)
+        import_delta(folder, llama_spec)

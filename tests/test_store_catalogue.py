@@ -5,13 +5,13 @@ import sqlite3
 
 import pytest
 
-from delta_store import BaseSpec, DeltaStore, Quotas, StoreSettings
+from delta_store import BaseSpec, DeltaStore
 from delta_store.catalogue import Catalogue
 from delta_store.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from delta_store.native import dump_native
 from delta_store.tenants import hash_key
 from delta_store.validate import Limits
-from tests.helpers import random_delta, tiny_llama
+from tests.helpers import random_delta, store_settings, tenant_quotas, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def spec():
 @pytest.fixture
 def store(tmp_path, spec):
     with DeltaStore.open(tmp_path / "data", spec, Limits(max_rank=8),
-                         StoreSettings(default_quotas=Quotas(max_deltas=50))) as s:
+                         store_settings(default_quotas=tenant_quotas(max_deltas=50))) as s:
         yield s
 
 
@@ -38,7 +38,7 @@ def payloads(spec, tmp_path_factory):
 
 
 def test_tenant_keys_are_random_and_stored_only_as_hashes(store):
-    tenant, key = store.tenants.create("acme", quotas=Quotas(max_deltas=3))
+    tenant, key = store.tenants.create("acme", quotas=tenant_quotas(max_deltas=3))
     admin, admin_key = store.tenants.create("root", is_admin=True)
     assert key.startswith("ds_") and len(key) == 3 + 43 and key != admin_key
     assert store.tenants.get_by_key(key) == tenant and store.tenants.authenticate(admin_key).is_admin
@@ -50,11 +50,11 @@ def test_tenant_keys_are_random_and_stored_only_as_hashes(store):
     new_key = store.tenants.rotate_key(tenant.id)
     assert store.tenants.get_by_key(key) is None and store.tenants.get_by_key(new_key).id == tenant.id
     assert store.tenants.get(tenant.id).quotas.max_deltas == 3
-    assert store.tenants.set_quotas(tenant.id, tokens_per_minute=7).quotas == Quotas(max_deltas=3, tokens_per_minute=7)
+    assert store.tenants.set_quotas(tenant.id, tokens_per_minute=7).quotas == tenant_quotas(max_deltas=3, tokens_per_minute=7)
     with pytest.raises(InvalidArgument, match="unknown quota"):
         store.tenants.set_quotas(tenant.id, max_cats=1)
     with pytest.raises(InvalidArgument, match="quota max_bytes"):
-        Quotas(max_bytes=-1)
+        tenant_quotas(max_bytes=-1)
     with pytest.raises(AlreadyExists):
         store.tenants.create("acme")
     with pytest.raises(InvalidArgument):
@@ -117,7 +117,7 @@ def test_usage_counters_and_last_used(store, payloads):
     assert (got.requests, got.tokens) == (3, 30) and got.last_used >= v.created
     store.record_usage(v.key, requests=2, tokens=5)
     store.close()
-    reopened = DeltaStore.open(store.data_dir, store.spec, store.limits)
+    reopened = DeltaStore.open(store.data_dir, store.spec, store.limits, store.settings)
     assert reopened.get(t, "qa").requests == 5, "close flushes what was buffered"
     reopened.close()
 

@@ -16,11 +16,11 @@ import time
 
 import pytest
 
-from delta_store import BaseSpec, DeltaStore, StoreSettings
+from delta_store import BaseSpec, DeltaStore
 from delta_store.errors import CorruptBlob
 from delta_store.native import digest_bytes, dump_native
 from delta_store.validate import Limits
-from tests.helpers import random_delta, tiny_llama
+from tests.helpers import random_delta, store_settings, tiny_llama
 
 FORK = multiprocessing.get_context("fork")
 LIMITS = Limits(max_rank=8)
@@ -66,7 +66,7 @@ def check_consistent(store: DeltaStore, tenant_id: str) -> list:
 
 
 def test_corrupt_or_missing_blob_is_refused_never_served(tmp_path, spec, payloads):
-    with DeltaStore.open(tmp_path, spec, LIMITS) as store:
+    with DeltaStore.open(tmp_path, spec, LIMITS, store_settings()) as store:
         t, _ = store.tenants.create("t")
         v = store.put(t, "qa", payloads[0])
         w = store.put(t, "qb", payloads[1])
@@ -87,7 +87,7 @@ def test_corrupt_or_missing_blob_is_refused_never_served(tmp_path, spec, payload
 
 
 def test_startup_sweeps_temp_files_upload_dirs_and_orphans(tmp_path, spec, payloads):
-    with DeltaStore.open(tmp_path, spec, LIMITS) as store:
+    with DeltaStore.open(tmp_path, spec, LIMITS, store_settings()) as store:
         t, _ = store.tenants.create("t")
         kept = store.put(t, "qa", payloads[0])
         orphan = digest_bytes(b"orphan")
@@ -101,12 +101,12 @@ def test_startup_sweeps_temp_files_upload_dirs_and_orphans(tmp_path, spec, paylo
     stale_tmp.write_bytes(b"half")
     live_tmp.write_bytes(b"half")
     (tmp_path / "tmp" / f"upload-{dead.pid}-abc123").mkdir()
-    with DeltaStore.open(tmp_path, spec, LIMITS, StoreSettings(orphan_grace_s=3600)) as store:
+    with DeltaStore.open(tmp_path, spec, LIMITS, store_settings(orphan_grace_s=3600)) as store:
         assert not stale_tmp.exists() and live_tmp.exists()
         assert store.blobs.exists(orphan), "young orphan kept: its writer may be about to commit"
         assert list((tmp_path / "tmp").iterdir()) == []
     live_tmp.unlink()
-    with DeltaStore.open(tmp_path, spec, LIMITS, StoreSettings(orphan_grace_s=0)) as store:
+    with DeltaStore.open(tmp_path, spec, LIMITS, store_settings(orphan_grace_s=0)) as store:
         assert not store.blobs.exists(orphan) and store.blobs.exists(kept.digest)
         check_consistent(store, t.id)
 
@@ -115,7 +115,7 @@ def _writer(data_dir, spec, tenant_id, payloads, log_path, seed):
     """Puts and deletes forever (until SIGKILL), logging each operation after it returns. Half the
     puts upload fresh bytes, so the kill often lands inside a blob write or before its row commits."""
     rng = random.Random(seed)
-    store = DeltaStore.open(data_dir, spec, LIMITS)
+    store = DeltaStore.open(data_dir, spec, LIMITS, store_settings())
     scratch = log_path.parent / f"fresh-{seed}"
     scratch.mkdir(exist_ok=True)
     with open(log_path, "a") as log:
@@ -141,7 +141,7 @@ def _writer(data_dir, spec, tenant_id, payloads, log_path, seed):
 
 def test_sigkill_at_random_points_leaves_a_consistent_store(tmp_path, spec, payloads):
     data = tmp_path / "data"
-    with DeltaStore.open(data, spec, LIMITS) as store:
+    with DeltaStore.open(data, spec, LIMITS, store_settings()) as store:
         tenant_id = store.tenants.create("t")[0].id
     log_path = tmp_path / "ops.log"
     rng = random.Random(1234)
@@ -153,7 +153,7 @@ def test_sigkill_at_random_points_leaves_a_consistent_store(tmp_path, spec, payl
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         assert child.exitcode == -signal.SIGKILL
-        with DeltaStore.open(data, spec, LIMITS, StoreSettings(orphan_grace_s=0)) as store:
+        with DeltaStore.open(data, spec, LIMITS, store_settings(orphan_grace_s=0)) as store:
             check_consistent(store, tenant_id)
             # every put that returned (and was logged) survives unless a later delete was attempted
             expected: dict[tuple[str, int], str] = {}
@@ -170,7 +170,7 @@ def test_sigkill_at_random_points_leaves_a_consistent_store(tmp_path, spec, payl
 
 
 def _proc_writer(data_dir, spec, tenant_id, payloads, prefix, n):
-    store = DeltaStore.open(data_dir, spec, LIMITS)
+    store = DeltaStore.open(data_dir, spec, LIMITS, store_settings())
     for i in range(n):
         v = store.put(tenant_id, f"{prefix}-{i}", payloads[i % len(payloads)])
         assert store.load(store.resolve(tenant_id, v.ref)) is not None
@@ -179,7 +179,7 @@ def _proc_writer(data_dir, spec, tenant_id, payloads, prefix, n):
 
 def test_parallel_threads_and_processes_lose_nothing(tmp_path, spec, payloads):
     data = tmp_path / "data"
-    with DeltaStore.open(data, spec, LIMITS, StoreSettings(host_cache_bytes=0)) as store:
+    with DeltaStore.open(data, spec, LIMITS, store_settings(host_cache_bytes=0)) as store:
         tenant_id = store.tenants.create("t")[0].id
         procs = [FORK.Process(target=_proc_writer, args=(data, spec, tenant_id, payloads, f"p{k}", 6))
                  for k in range(3)]

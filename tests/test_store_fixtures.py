@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from delta_store import BaseSpec, DeltaStore
 from delta_store.validate import Limits
 from server.deltas import wrap_model
-from tests.helpers import FIXTURES, assert_close
+from tests.helpers import FIXTURES, assert_close, store_settings
 
 
 def pack(case, out, kind):
@@ -38,7 +38,7 @@ def test_fixture_archives_through_the_store_equal_the_libraries(arch, tmp_path):
     assert len(cases) >= 4
     dm = wrap_model(base, max_slots=len(cases), max_rank=16, max_bottleneck=64)
     ids, expected, slots, names = [], [], [], []
-    with DeltaStore.open(tmp_path / "data", spec, Limits(max_rank=16, max_bottleneck=64)) as store:
+    with DeltaStore.open(tmp_path / "data", spec, Limits(max_rank=16, max_bottleneck=64), store_settings()) as store:
         tenant, _ = store.tenants.create("t")
         for slot, case in enumerate(cases):
             archive = pack(case, tmp_path, "zip" if slot % 2 else "tgz")

@@ -40,7 +40,7 @@ def test_oversize_refresh_and_discard():
     cache.discard("a")
     assert cache.stats().bytes == 0 and "a" not in cache
     with pytest.raises(InvalidArgument):
-        HostCache(-1)
+        HostCache(-1, pin_memory=False)
 
 
 def test_concurrent_use_keeps_the_byte_count_exact():

@@ -11,13 +11,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from delta_store import BaseSpec, DeltaStore, StoreSettings
+from delta_store import BaseSpec, DeltaStore
 from delta_store.delta import LoraTerm, ModuleDelta
 from delta_store.errors import BaseMismatch, DeltaError, InvalidArgument, NotFound, ResourceExhausted
-from delta_store.formats import load_delta
 from delta_store.native import digest_bytes, dump_native
 from delta_store.validate import Limits
-from tests.helpers import assert_close, random_delta, tiny_llama
+from tests.helpers import assert_close, import_delta, random_delta, store_settings, tiny_llama
 
 IDS = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
 
@@ -35,7 +34,7 @@ def spec(base):
 @pytest.fixture
 def store(tmp_path, spec):
     with DeltaStore.open(tmp_path / "data", spec, Limits(max_rank=8, max_bottleneck=16),
-                         StoreSettings(max_upload_bytes=1 << 20)) as s:
+                         store_settings(max_upload_bytes=1 << 20)) as s:
         yield s
 
 
@@ -80,7 +79,7 @@ def test_peft_archives_round_trip_to_the_same_digest(store, spec, peft_folder, t
     assert (v1.version, v2.version, v3.version) == (1, 2, 3)
     assert v1.digest == v2.digest == v3.digest, "same adapter, same native bytes"
     assert v1.kinds == ("lora",) and v1.max_rank == 4 and v1.source_format == "peft"
-    expected = load_delta(folder, spec)  # the formats engineer's importer, directly
+    expected = import_delta(folder, spec)  # the formats engineer's importer, directly
     store.host.discard(v1.digest)
     loaded = store.load(store.resolve(tenant, "qa@1"))  # from disk, digest checked
     assert store.stats().disk_loads == 1

@@ -80,10 +80,6 @@ def test_limits(llama):
     with pytest.raises(ValueError, match="max_rank"):
         Limits(max_rank=0)
 
-    class Cfg:
-        max_rank, max_bottleneck = 4, 8
-    assert (Limits.from_config(Cfg).max_rank, Limits.from_config(Cfg).max_bottleneck) == (4, 8)
-
 
 def test_fingerprint_mismatch_and_empty(llama):
     d = Delta({"model.layers.0.self_attn.q_proj": ModuleDelta(bias=torch.ones(64))}, base_fingerprint="0" * 32)

@@ -1,9 +1,10 @@
-"""Importers: what PEFT, AdapterHub ``adapters``, OpenDelta and plain BitFit files hold -> canonical Delta.
+"""Converters: what PEFT, AdapterHub ``adapters``, OpenDelta and plain BitFit files hold -> canonical Delta.
 
-``load_delta(path, spec)`` detects the format, converts it (every library rule resolved, see
-``../shared/DELTAS.md``), validates the result against the served base and stamps it with the
-base's fingerprint. Anything that cannot be served faithfully is refused with
-:class:`UnsupportedDelta` naming the reason; malformed payloads with :class:`DeltaError`.
+``convert(path, spec)`` detects the format and converts it, every library rule resolved as
+``docs/DELTAS.md`` records it. Anything that cannot be served faithfully is refused with
+:class:`UnsupportedDelta` naming the reason; malformed payloads with :class:`DeltaError`. Validation
+against the served base and the pools, and the base fingerprint, come after, in the one import path
+(``delta_store/importer.py``), with the server's limits.
 """
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ from pathlib import Path
 from ..base_spec import BaseSpec
 from ..delta import Delta
 from ..errors import DeltaError
-from ..validate import Limits, validate
 from .detect import FORMATS, detect_format
 
 
 def convert(path: str | Path, spec: BaseSpec, source_format: str = "auto") -> Delta:
-    """Convert without validating (the store validates with its own limits)."""
+    """Convert without validating (the importer validates with the server's limits)."""
     fmt = detect_format(path) if source_format == "auto" else source_format
     if fmt == "peft":
         from .peft import load_peft
@@ -37,13 +37,4 @@ def convert(path: str | Path, spec: BaseSpec, source_format: str = "auto") -> De
     raise DeltaError(f"source_format {source_format!r} unknown (one of auto, {', '.join(FORMATS)})")
 
 
-def load_delta(path: str | Path, spec: BaseSpec, source_format: str = "auto", *,
-               limits: Limits | None = None) -> Delta:
-    """Folder or file -> validated :class:`Delta` carrying ``spec.fingerprint``."""
-    delta = convert(path, spec, source_format)
-    validate(delta, spec, limits)
-    delta.base_fingerprint = spec.fingerprint
-    return delta
-
-
-__all__ = ["FORMATS", "Limits", "convert", "detect_format", "load_delta", "validate"]
+__all__ = ["FORMATS", "convert", "detect_format"]

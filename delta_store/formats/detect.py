@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ..errors import DeltaError
+from ..native import sniff_native
 
 FORMATS = ("peft", "adapterhub", "opendelta", "native", "bitfit")
 ADAPTERHUB_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
@@ -27,21 +28,13 @@ def _json_keys(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _is_native(path: Path) -> bool:
-    try:
-        from .. import native
-    except ImportError:  # the store's native module not present: nothing can be native
-        return False
-    return bool(native.sniff_native(path))
-
-
 def detect_format(path: str | Path) -> str:
     """One of :data:`FORMATS`, or a :class:`DeltaError` saying what was found instead."""
     path = Path(path)
     if not path.exists():
         raise DeltaError(f"{path}: no such file or folder")
     if path.is_file():
-        if path.suffix == ".safetensors" and _is_native(path):
+        if path.suffix == ".safetensors" and sniff_native(path):
             return "native"
         if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
             return "bitfit"

@@ -25,8 +25,7 @@ from typing import Callable, Protocol
 
 from delta_store.delta import Delta
 from delta_store.errors import InvalidArgument
-
-from ..types import DeltaKey
+from delta_store.records import DeltaKey
 
 
 class SlotTarget(Protocol):

@@ -115,7 +115,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             tenant = await asyncio.to_thread(app.auth.authenticate, context.invocation_metadata())
             name = tenant_name(tenant)
             req, version = await self._request(request, tenant)
-            lease = app.quotas.admit(name, rate_limits(tenant, app.config),
+            lease = app.rate_limiter.admit(name, rate_limits(tenant, app.config),
                                      len(req.prompt_token_ids) + req.sampling.max_new_tokens)
             async for msg in self._stream(req, version, lease, context):
                 yield msg

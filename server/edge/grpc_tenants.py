@@ -1,6 +1,6 @@
 """The Tenants servicer (admin keys only): create, list, delete, rotate key, set quotas.
 
-Thin: pb <-> ``delta_store.records.Tenant``/``Quotas``; the store's ``tenants`` registry does the
+Thin: pb <-> ``delta_store.records.Tenant``/``TenantQuotas``; the store's ``tenants`` registry does the
 work (keys stored as sha256 only, the clear key returned once).
 """
 from __future__ import annotations
@@ -9,19 +9,19 @@ import asyncio
 import dataclasses
 
 from delta_store.errors import FailedPrecondition
-from delta_store.records import Quotas
+from delta_store.records import TenantQuotas
 
 from ..logs import get_logger
 from ..pb import common_pb2, tenants_pb2, tenants_pb2_grpc
 
 log = get_logger("tenants")
 
-# pb Quotas field -> delta_store.records.Quotas field
+# pb Quotas field -> delta_store.records.TenantQuotas field
 QUOTA_FIELDS = {"max_deltas": "max_deltas", "max_delta_bytes": "max_bytes", "requests_per_minute": "requests_per_minute",
                 "tokens_per_minute": "tokens_per_minute", "max_concurrent": "max_concurrent"}
 
 
-def quotas_to_pb(q: Quotas) -> common_pb2.Quotas:
+def quotas_to_pb(q: TenantQuotas) -> common_pb2.Quotas:
     return common_pb2.Quotas(**{pb: getattr(q, mine) for pb, mine in QUOTA_FIELDS.items()})
 
 
@@ -48,7 +48,7 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):
     async def CreateTenant(self, request, context):
         admin = await self._admin(context)
         reg = self.app.store.tenants
-        quotas = dataclasses.replace(self.app.default_quotas, **quota_changes(request.quotas))
+        quotas = dataclasses.replace(self.app.store.settings.default_quotas, **quota_changes(request.quotas))
         tenant, key = await self._call(reg.create, request.name, is_admin=request.admin, quotas=quotas)
         log.info("tenant_created", tenant=tenant.name, admin=tenant.is_admin, by=admin.name)
         return tenants_pb2.CreateTenantResponse(tenant=tenant_to_pb(tenant), api_key=key)
@@ -65,7 +65,7 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):
         if tenant.id == admin.id:
             raise FailedPrecondition(f"tenant {tenant.name!r} cannot delete itself: use another admin key")
         await self._call(reg.delete, tenant.id)
-        self.app.quotas.forget(tenant.name)
+        self.app.rate_limiter.forget(tenant.name)
         log.info("tenant_deleted", tenant=tenant.name, by=admin.name)
         return tenants_pb2.DeleteTenantResponse()
 

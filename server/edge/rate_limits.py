@@ -75,8 +75,8 @@ class Lease:
     """One admitted request. ``settle(used_tokens)`` refunds unused tokens; ``release()`` frees the
     concurrency unit (idempotent; also on ``with`` exit)."""
 
-    def __init__(self, quotas: "Quotas", tenant: str, charged: int):
-        self._quotas, self._tenant, self._charged = quotas, tenant, charged
+    def __init__(self, limiter: "RateLimiter", tenant: str, charged: int):
+        self._limiter, self._tenant, self._charged = limiter, tenant, charged
         self._released = False
 
     def release(self, used_tokens: int | None = None) -> None:
@@ -84,7 +84,7 @@ class Lease:
             return
         self._released = True
         refund = 0 if used_tokens is None else max(0, self._charged - used_tokens)
-        self._quotas._release(self._tenant, refund)
+        self._limiter._release(self._tenant, refund)
 
     def __enter__(self) -> "Lease":
         return self
@@ -93,7 +93,7 @@ class Lease:
         self.release()
 
 
-class Quotas:
+class RateLimiter:
     """Admission control per tenant. Thread-safe; the clock is injectable for tests."""
 
     def __init__(self, *, period_s: float = 60.0, clock: Callable[[], float] = time.monotonic):

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from delta_store.errors import InvalidArgument, ResourceExhausted
+from delta_store.records import DeltaKey
 
-from ..types import DeltaKey
 from .sequence import Sequence, SeqStatus
 
 if TYPE_CHECKING:  # the allocator lives beside the torch pools; the scheduler only counts blocks

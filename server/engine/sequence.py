@@ -10,7 +10,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from ..types import DeltaKey, GenerationRequest, SamplingParams
+from delta_store.records import DeltaKey
+
+from ..types import GenerationRequest, SamplingParams
 
 
 class SeqStatus(enum.Enum):

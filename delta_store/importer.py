@@ -1,0 +1,108 @@
+"""The import path of an upload: a payload file or folder -> a validated canonical :class:`Delta`.
+
+    size check -> native file? (load, check its base)
+               -> folder | archive (extracted under scratch, bounded) | lone tensor file (named by its content)
+                  -> formats.convert (PEFT, AdapterHub, OpenDelta, BitFit)
+    -> validate(spec, limits) -> stamped with the served base's fingerprint
+
+Nothing is stored here: ``DeltaStore.put`` writes the blob and the version row after :meth:`Importer.read`
+returns, so a refused upload leaves nothing behind. Scratch folders are named ``upload-<pid>-<hex>``
+(:data:`UPLOAD_RE`) so the store's start-up sweep can tell a dead writer's leftovers from a live one's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from .archive import archive_kind, extract_archive
+from .base_spec import BaseSpec
+from .delta import Delta
+from .errors import BaseMismatch, DeltaError, DeltaServeError, InvalidArgument
+from .formats import convert
+from .native import load_native, sniff_native
+from .settings import StoreSettings
+from .validate import Limits, validate
+
+UPLOAD_RE = re.compile(r"upload-(\d+)-[0-9a-f]+$")
+
+
+class Importer:
+    """Turns uploads into Deltas the served base (``spec``) and the pools (``limits``) can take."""
+
+    def __init__(self, spec: BaseSpec, limits: Limits, settings: StoreSettings, scratch_dir: str | os.PathLike):
+        self.spec = spec
+        self.limits = limits
+        self.settings = settings
+        self.scratch_dir = Path(scratch_dir)
+
+    def read(self, path: str | os.PathLike, source_format: str = "auto") -> Delta:
+        """The validated Delta of ``path``, carrying ``spec.fingerprint``; DeltaError (or a subclass) otherwise."""
+        delta = self._decode(Path(path), source_format)
+        validate(delta, self.spec, self.limits)
+        return dataclasses.replace(delta, base_fingerprint=self.spec.fingerprint)
+
+    def check_meta(self, description: str, labels: dict) -> dict[str, str]:
+        """The version's description and labels, within the settings' bounds; a copy of ``labels``."""
+        s = self.settings
+        if not isinstance(description, str) or len(description) > s.max_description:
+            raise InvalidArgument(f"description must be a string of at most {s.max_description} characters")
+        if not isinstance(labels, dict) or len(labels) > s.max_labels:
+            raise InvalidArgument(f"labels must be a mapping of at most {s.max_labels} pairs")
+        for k, v in labels.items():
+            if not isinstance(k, str) or not (1 <= len(k) <= 128) or not isinstance(v, str) or len(v) > 1024:
+                raise InvalidArgument(f"label {str(k)[:40]!r}: keys must be 1-128 characters and values "
+                                      f"strings of at most 1024")
+        return dict(labels)
+
+    def _decode(self, path: Path, source_format: str) -> Delta:
+        if not path.exists():
+            raise DeltaError(f"payload {path}: no such file or folder")
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if size > self.settings.max_upload_bytes:
+            raise DeltaError(f"payload {path.name}: {size} bytes is over the {self.settings.max_upload_bytes}-byte "
+                             f"upload limit")
+        if path.is_file() and source_format in ("auto", "native") and sniff_native(path):
+            delta = load_native(path)
+            if delta.base_fingerprint and delta.base_fingerprint != self.spec.fingerprint:
+                raise BaseMismatch(f"payload {path.name}: made for base {delta.base_fingerprint[:12]}, this server "
+                                   f"serves {self.spec.fingerprint[:12]}")
+            return delta
+        if source_format == "native":
+            raise DeltaError(f"payload {path.name}: not a native delta file")
+        if path.is_dir():
+            return convert(path, self.spec, source_format)
+        dest = self.scratch_dir / f"upload-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            if archive_kind(path) is not None:
+                folder = extract_archive(path, dest, max_members=self.settings.max_archive_members,
+                                         max_bytes=self.settings.max_archive_bytes)
+                return convert(folder, self.spec, source_format)
+            return convert(_with_suffix(path, dest), self.spec, source_format)
+        except DeltaServeError as exc:  # name the upload, not the server's scratch folder
+            shown = str(exc).replace(f"{dest}/", f"{path.name}:").replace(str(dest), path.name)
+            if shown == str(exc):
+                raise
+            raise type(exc)(shown) from None
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+
+
+def _with_suffix(path: Path, dest: Path) -> Path:
+    """A spooled upload has no meaningful name; format detection wants ``.safetensors`` or ``.bin``.
+    Link (or copy) it under the suffix its content shows: a safetensors header or a torch zip."""
+    if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        return path
+    with open(path, "rb") as f:
+        head = f.read(8)
+    suffix = ".bin" if head[:2] == b"PK" else ".safetensors"  # torch.save writes a zip; else try safetensors
+    dest.mkdir(parents=True, exist_ok=True)
+    named = dest / f"payload{suffix}"
+    try:
+        os.link(path, named)
+    except OSError:
+        shutil.copyfile(path, named)
+    return named

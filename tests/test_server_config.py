@@ -1,0 +1,50 @@
+"""ServerConfig applied by the app at start-up: torch_threads (validated in one place), and the delta
+store's limits, settings and default tenant quotas, built from it in one place (``store_config``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.app import apply_torch_threads, store_config
+from server.config import ConfigError, ServerConfig
+
+
+@pytest.fixture
+def keep_threads():
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [-1, 1025, 1.5, "2"])
+def test_torch_threads_out_of_range_is_a_config_error_naming_the_key(bad):
+    with pytest.raises(ConfigError, match=r"torch_threads must be an integer in \[0, 1024\]"):
+        ServerConfig(torch_threads=bad)
+
+
+def test_torch_threads_from_a_config_dict():
+    assert ServerConfig.from_dict({"torch_threads": 3}).torch_threads == 3
+
+
+def test_apply_sets_the_process_thread_count(keep_threads):
+    target = 1 if keep_threads != 1 else 2
+    assert apply_torch_threads(ServerConfig(torch_threads=target)) == target
+    assert torch.get_num_threads() == target
+
+
+def test_zero_keeps_the_current_thread_count(keep_threads):
+    torch.set_num_threads(2)
+    assert apply_torch_threads(ServerConfig(torch_threads=0)) == 2
+    assert torch.get_num_threads() == 2
+
+
+def test_store_config_takes_every_store_value_from_the_server_config():
+    config = ServerConfig(max_rank=4, max_bottleneck=8, host_cache_bytes=123, max_upload_bytes=456,
+                          default_max_deltas=7, default_max_delta_bytes=8, default_requests_per_minute=9,
+                          default_tokens_per_minute=10, default_max_concurrent=11)
+    limits, settings = store_config(config, pin_host_memory=True)
+    assert (limits.max_rank, limits.max_bottleneck) == (4, 8)
+    assert (settings.host_cache_bytes, settings.max_upload_bytes, settings.pin_host_memory) == (123, 456, True)
+    q = settings.default_quotas
+    assert (q.max_deltas, q.max_bytes, q.requests_per_minute, q.tokens_per_minute, q.max_concurrent) == (7, 8, 9, 10, 11)
+    assert store_config(ServerConfig(), pin_host_memory=False)[1].pin_host_memory is False
