@@ -151,10 +151,6 @@ class SlotManager:
         with self._lock:
             return self._where.get(key)
 
-    def key_of(self, slot: int) -> DeltaKey | None:
-        with self._lock:
-            return self._keys[slot]
-
     def stats(self) -> SlotStats:
         with self._lock:
             return SlotStats(self.num_slots, sum(k is not None for k in self._keys), sum(p > 0 for p in self._pins),

@@ -72,7 +72,6 @@ class ModelRunner:
         layout = kv_layout_for(self.model.config, config.kv_block_size, config.kv_blocks, self.dtype, self.device)
         self.kv = KVCache(layout, self.dtype, self.device)
         self.cache = PagedCache(self.kv)
-        self.supports_deltas = self.dm is not None
 
     @property
     def eos_token_ids(self) -> set[int]:
