@@ -53,9 +53,10 @@ if not cuda_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 
 from common import Results  # noqa: E402
-from load.client import Client  # noqa: E402
+from server.client import AsyncClient  # noqa: E402
 from load.driver import LoadDriver  # noqa: E402
 from load.phases import PhaseRunner  # noqa: E402
+from load.record import CALL_TIMEOUT_S, GENEROUS_QUOTAS  # noqa: E402
 from load.report import percentile  # noqa: E402
 from load.workload import OUTPUT_LEN, PROMPT_LEN, DeltaRef, LengthDist, WorkloadConfig, as_base, make_plan  # noqa: E402
 
@@ -125,20 +126,20 @@ FULL = BenchSettings(sweep=(1, 2, 4, 8, 16, 32, 64), sat_duration_s=30.0, sat_ma
 
 # ---- gRPC setup ---------------------------------------------------------------------------------
 async def create_tenants(address: str, admin_key: str, names: list[str]) -> list[str]:
-    async with Client(address) as c:
-        return [await c.create_tenant(admin_key, n) for n in names]
+    async with AsyncClient(address, admin_key, timeout=CALL_TIMEOUT_S) as c:
+        return [(await c.create_tenant(n, quotas=GENEROUS_QUOTAS))[1] for n in names]
 
 
 async def upload(address: str, keys: list[str], refs: list[DeltaRef], payloads: dict) -> dict:
     """Upload ``refs`` (payloads[name] = Payload) with bounded concurrency; returns sizes and time."""
     sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
     t0 = time.perf_counter()
-    async with Client(address) as c:
+    async with AsyncClient(address, timeout=CALL_TIMEOUT_S) as c:
         async def one(ref: DeltaRef):
             async with sem:
                 p = payloads[ref.name]
-                v = await c.upload(keys[ref.tenant], ref.name, p.data, description=p.recipe,
-                                   labels={"recipe": p.recipe, "source": p.source_format})
+                v = await c.with_key(keys[ref.tenant]).upload(ref.name, p.data, description=p.recipe,
+                                                   labels={"recipe": p.recipe, "source": p.source_format})
                 return len(p.data), v.size_bytes
         sizes = await asyncio.gather(*(one(r) for r in refs))
     return {"deltas": len(refs), "payload_bytes": sum(x[0] for x in sizes), "stored_bytes": sum(x[1] for x in sizes),

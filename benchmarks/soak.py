@@ -42,15 +42,16 @@ if not cuda_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 
 from common import Results  # noqa: E402
-from load.client import Client  # noqa: E402
+from server.client import AsyncClient  # noqa: E402
 from load.mixed import RECIPES, Soak, SoakSettings, Violation  # noqa: E402
 from load.prom import scrape  # noqa: E402
+from load.record import CALL_TIMEOUT_S, GENEROUS_QUOTAS  # noqa: E402
 
 
 async def run_soak(s: SoakSettings, server: ServerProcess, payloads: dict, results: Results, report: dict) -> None:
     """The whole soak; fills ``report`` as it goes (so a failure still reports what ran), raises Violation."""
-    async with Client(server.address) as c:
-        keys = [await c.create_tenant(server.admin_key, f"soak-t{i}") for i in range(s.tenants)]
+    async with AsyncClient(server.address, server.admin_key, timeout=CALL_TIMEOUT_S) as c:
+        keys = [(await c.create_tenant(f"soak-t{i}", quotas=GENEROUS_QUOTAS))[1] for i in range(s.tenants)]
         soak = Soak(s, server, keys, payloads, results)
         for i in range(s.tenants * ((s.max_live + 1) // 2)):
             await soak.upload_one(c, i % s.tenants)

@@ -14,17 +14,13 @@ default data dir). Errors print one line on stderr and exit 1 (2 for bad usage);
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
-CHUNK_BYTES = 1 << 20  # 1 MiB messages: well under gRPC's 4 MiB default, few enough for a 100 MB upload
 KEY_FILE = "admin.key"
 
 
@@ -49,110 +45,67 @@ def _api_key(args) -> str:
                    f"key file {key_file} exists")
 
 
-class Client:
-    """Stubs over one channel, with the caller's key on every call."""
+def _client(args):
+    from .client import Client
 
-    def __init__(self, args):
-        import grpc
-
-        from .pb import deltas_pb2_grpc, inference_pb2_grpc, tenants_pb2_grpc
-
-        self.channel = grpc.insecure_channel(args.server, options=[("grpc.max_receive_message_length", 8 << 20)])
-        self.metadata = (("authorization", f"Bearer {_api_key(args)}"),)
-        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
-        self.deltas = deltas_pb2_grpc.DeltasStub(self.channel)
-        self.tenants = tenants_pb2_grpc.TenantsStub(self.channel)
-        self.timeout = args.timeout
+    return Client(args.server, _api_key(args), timeout=args.timeout)
 
 
 # ---- upload ---------------------------------------------------------------------------------------
-def _payload(path: Path):
-    """An open binary file of what to send: the file itself, or a folder packed as tar.gz in a temp file."""
-    if path.is_file():
-        return open(path, "rb")
-    if not path.is_dir():
-        raise CliError(f"{path}: no such file or folder")
-    tmp = tempfile.TemporaryFile()
-    with tarfile.open(fileobj=tmp, mode="w:gz") as tar:
-        for item in sorted(path.rglob("*")):
-            if item.is_file() and not item.is_symlink():
-                tar.add(item, arcname=str(item.relative_to(path)), recursive=False)
-    tmp.seek(0)
-    return tmp
-
-
 class Progress:
     """``upload name: [#####.....] 52% 1.3/2.5 MB`` on stderr, redrawn in place on a terminal."""
 
-    def __init__(self, label: str, total: int, stream=sys.stderr):
-        self.label, self.total, self.stream = label, max(1, total), stream
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label, self.stream = label, stream
         self.tty = stream.isatty()
 
-    def update(self, done: int) -> None:
-        if not self.tty and done < self.total:
+    def update(self, done: int, total: int) -> None:
+        total = max(1, total)
+        if not self.tty and done < total:
             return
-        frac = min(1.0, done / self.total)
+        frac = min(1.0, done / total)
         bar = "#" * int(frac * 30) + "." * (30 - int(frac * 30))
-        end = "\n" if done >= self.total else ""
-        self.stream.write(f"\rupload {self.label}: [{bar}] {frac:4.0%} {done / 1e6:.1f}/{self.total / 1e6:.1f} MB{end}")
+        end = "\n" if done >= total else ""
+        self.stream.write(f"\rupload {self.label}: [{bar}] {frac:4.0%} {done / 1e6:.1f}/{total / 1e6:.1f} MB{end}")
         self.stream.flush()
 
 
 def cmd_upload(args) -> int:
-    from .pb import common_pb2, deltas_pb2
-
     labels = {}
     for item in args.label:
         k, sep, v = item.partition("=")
         if not sep:
             raise CliError(f"--label {item!r}: expected KEY=VALUE")
         labels[k] = v
-    client = Client(args)
-    with _payload(Path(args.path)) as f:
-        total = f.seek(0, io.SEEK_END)
-        f.seek(0)
-        progress = Progress(args.name, total)
-
-        def messages():
-            yield deltas_pb2.UploadDeltaRequest(header=deltas_pb2.UploadHeader(
-                name=args.name, source_format=common_pb2.SourceFormat.Value(f"SOURCE_FORMAT_{args.format.upper()}"),
-                description=args.description,
-                labels=labels, total_bytes=total))
-            sent = 0
-            while chunk := f.read(CHUNK_BYTES):
-                sent += len(chunk)
-                yield deltas_pb2.UploadDeltaRequest(chunk=chunk)
-                progress.update(sent)
-
-        reply = client.deltas.UploadDelta(messages(), metadata=client.metadata, timeout=client.timeout)
-    v = reply.version
+    path = Path(args.path)
+    if not path.exists():
+        raise CliError(f"{path}: no such file or folder")
+    with _client(args) as client:
+        v = client.upload(args.name, path, format=args.format, description=args.description, labels=labels,
+                          on_progress=Progress(args.name).update)
     print(f"name={v.name} version={v.version} digest={v.digest}")
     return 0
 
 
 # ---- generate -------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from .pb import common_pb2, inference_pb2
+    from .client import FINISH_NAMES
 
-    sampling = inference_pb2.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                            top_k=args.top_k, top_p=args.top_p, logprobs=args.json,
-                                            ignore_eos=args.ignore_eos)
-    if args.seed is not None:
-        sampling.seed = args.seed
-    req = inference_pb2.GenerateRequest(text=args.prompt, delta=args.delta or "", sampling=sampling)
-    client = Client(args)
     text, ids, logprobs, last = [], [], [], None
-    for chunk in client.inference.Generate(req, metadata=client.metadata, timeout=client.timeout):
-        last = chunk
-        text.append(chunk.text)
-        ids.extend(chunk.token_ids)
-        logprobs.extend(chunk.logprobs)
-        if not args.json:
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
+    with _client(args) as client:
+        for chunk in client.generate(args.prompt, delta=args.delta or "", max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     seed=args.seed, logprobs=args.json, ignore_eos=args.ignore_eos):
+            last = chunk
+            text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs)
+            if not args.json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
     if last is None:
         raise CliError("the server closed the stream without output")
-    reason = common_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+    reason = FINISH_NAMES[last.finish_reason]
     if args.json:
         print(json.dumps({"request_id": last.request_id, "text": "".join(text), "token_ids": ids,
                           "logprobs": logprobs, "finish_reason": reason, "delta_version": last.delta_version,
@@ -169,70 +122,50 @@ def cmd_generate(args) -> int:
 
 # ---- deltas / tenants -----------------------------------------------------------------------------
 def _kinds(v) -> str:
-    from .pb import common_pb2
+    from .client import KIND_NAMES
 
-    return ",".join(common_pb2.DeltaKind.Name(k).removeprefix("DELTA_KIND_").lower() for k in v.kinds) or "-"
+    return ",".join(KIND_NAMES[k] for k in v.kinds) or "-"
 
 
 def cmd_deltas(args) -> int:
-    from .pb import deltas_pb2
-
-    client = Client(args)
-    if args.action == "list":
-        token, rows = "", []
-        while True:
-            page = client.deltas.ListDeltas(deltas_pb2.ListDeltasRequest(page_size=100, page_token=token),
-                                            metadata=client.metadata, timeout=client.timeout)
-            rows += page.deltas
-            token = page.next_page_token
-            if not token:
-                break
-        print(f"{'NAME':32} {'LATEST':>6} {'KINDS':20} {'BYTES':>12} {'REQUESTS':>9}")
-        for d in rows:
-            v = d.versions[-1]
-            print(f"{d.name:32} {v.version:>6} {_kinds(v):20} {v.size_bytes:>12} {d.usage.requests:>9}")
-        return 0
-    if not args.name:
+    if args.action != "list" and not args.name:
         raise CliError(f"deltas {args.action} needs a NAME")
-    if args.action == "show":
-        d = client.deltas.GetDelta(deltas_pb2.GetDeltaRequest(name=args.name), metadata=client.metadata,
-                                   timeout=client.timeout).delta
-        print(f"name={d.name} requests={d.usage.requests} tokens={d.usage.tokens_generated}")
-        for v in d.versions:
-            print(f"  version={v.version} digest={v.digest} kinds={_kinds(v)} bytes={v.size_bytes} "
-                  f"max_rank={v.max_rank} description={json.dumps(v.description)}")
-        return 0
-    reply = client.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name=args.name), metadata=client.metadata,
-                                      timeout=client.timeout)
-    print(f"deleted {reply.deleted_versions} version(s) of {args.name}")
+    with _client(args) as client:
+        if args.action == "list":
+            rows = client.list_deltas()
+            print(f"{'NAME':32} {'LATEST':>6} {'KINDS':20} {'BYTES':>12} {'REQUESTS':>9}")
+            for d in rows:
+                v = d.versions[-1]
+                print(f"{d.name:32} {v.version:>6} {_kinds(v):20} {v.size_bytes:>12} {d.usage.requests:>9}")
+        elif args.action == "show":
+            d = client.get_delta(args.name)
+            print(f"name={d.name} requests={d.usage.requests} tokens={d.usage.tokens_generated}")
+            for v in d.versions:
+                print(f"  version={v.version} digest={v.digest} kinds={_kinds(v)} bytes={v.size_bytes} "
+                      f"max_rank={v.max_rank} description={json.dumps(v.description)}")
+        else:
+            print(f"deleted {client.delete_delta(args.name)} version(s) of {args.name}")
     return 0
 
 
 def cmd_tenants(args) -> int:
-    from .pb import tenants_pb2
-
-    client = Client(args)
-    md, timeout = client.metadata, client.timeout
-    if args.action == "list":
-        reply = client.tenants.ListTenants(tenants_pb2.ListTenantsRequest(), metadata=md, timeout=timeout)
-        print(f"{'NAME':32} {'ADMIN':5} {'MAX_DELTAS':>10} {'REQ/MIN':>8} {'CONCURRENT':>10}")
-        for t in reply.tenants:
-            q = t.quotas
-            print(f"{t.name:32} {'yes' if t.admin else 'no':5} {q.max_deltas:>10} {q.requests_per_minute:>8} "
-                  f"{q.max_concurrent:>10}")
-        return 0
-    if not args.name:
+    if args.action != "list" and not args.name:
         raise CliError(f"tenants {args.action} needs a NAME")
-    if args.action == "create":
-        reply = client.tenants.CreateTenant(tenants_pb2.CreateTenantRequest(name=args.name, admin=args.admin),
-                                            metadata=md, timeout=timeout)
-        print(f"tenant={reply.tenant.name} api_key={reply.api_key}")
-    elif args.action == "rotate-key":
-        reply = client.tenants.RotateKey(tenants_pb2.RotateKeyRequest(name=args.name), metadata=md, timeout=timeout)
-        print(f"tenant={args.name} api_key={reply.api_key}")
-    else:
-        client.tenants.DeleteTenant(tenants_pb2.DeleteTenantRequest(name=args.name), metadata=md, timeout=timeout)
-        print(f"deleted tenant {args.name}")
+    with _client(args) as client:
+        if args.action == "list":
+            print(f"{'NAME':32} {'ADMIN':5} {'MAX_DELTAS':>10} {'REQ/MIN':>8} {'CONCURRENT':>10}")
+            for t in client.list_tenants():
+                q = t.quotas
+                print(f"{t.name:32} {'yes' if t.admin else 'no':5} {q.max_deltas:>10} {q.requests_per_minute:>8} "
+                      f"{q.max_concurrent:>10}")
+        elif args.action == "create":
+            tenant, key = client.create_tenant(args.name, admin=args.admin)
+            print(f"tenant={tenant.name} api_key={key}")
+        elif args.action == "rotate-key":
+            print(f"tenant={args.name} api_key={client.rotate_key(args.name)}")
+        else:
+            client.delete_tenant(args.name)
+            print(f"deleted tenant {args.name}")
     return 0
 
 

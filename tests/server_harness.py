@@ -1,6 +1,6 @@
 """A real deltaserve server for tests: started on 127.0.0.1:0 on a background thread (engine loop on its
-own event loop), with a tiny demo-shaped Llama and a tmp data dir; plus the client helpers the server
-tests share (auth metadata, PEFT LoRA uploads, the greedy parity oracle)."""
+own event loop), with a tiny demo-shaped Llama and a tmp data dir, driven through ``server.client``; plus
+the helpers the server tests share (auth metadata, PEFT LoRA uploads, the greedy parity oracle)."""
 from __future__ import annotations
 
 import asyncio
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from server.app import build_app, run
+from server.client import Client, bearer, generate_request, upload_messages
 from server.config import ServerConfig
 from server.demo import build_demo_model
-from server.pb import (common_pb2, deltas_pb2, deltas_pb2_grpc, inference_pb2, inference_pb2_grpc, tenants_pb2,
-                       tenants_pb2_grpc)
+from server.pb import inference_pb2
 
 MAX_UPLOAD = 256 << 10  # the test LoRAs are ~20 KB as tar.gz
 PROMPT = [3 + b for b in b"hello world"]  # byte-level tokenizer: byte b -> id 3 + b
@@ -48,10 +48,9 @@ class Served:
         assert len(self.lines) >= 2, f"server did not start: {self.lines}"
         self.address = self.lines[0].split()[-1]
         self.metrics_url = self.lines[1].split()[-1]
-        self.channel = grpc.insecure_channel(self.address)
-        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
-        self.deltas = deltas_pb2_grpc.DeltasStub(self.channel)
-        self.tenants = tenants_pb2_grpc.TenantsStub(self.channel)
+        self.client = Client(self.address, self.admin_key)
+        # the raw stubs, for tests that send exact messages with their own metadata
+        self.inference, self.deltas, self.tenants = self.client.inference, self.client.deltas, self.client.tenants
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -63,14 +62,13 @@ class Served:
         self.loop.run_until_complete(main())
 
     def close(self) -> None:
-        self.channel.close()
+        self.client.close()
         self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(timeout=30)
 
     def tenant(self, name: str, **quotas) -> list[tuple[str, str]]:
-        reply = self.tenants.CreateTenant(tenants_pb2.CreateTenantRequest(name=name, quotas=common_pb2.Quotas(**quotas)),
-                                          metadata=auth(self.admin_key))
-        return auth(reply.api_key)
+        _tenant, key = self.client.create_tenant(name, quotas=quotas)
+        return auth(key)
 
     def idle(self, timeout: float = 10.0) -> None:
         """Wait until no request holds KV blocks or a slot pin (the engine finished or aborted everything)."""
@@ -85,7 +83,7 @@ class Served:
 
 
 def auth(key: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {key}")]
+    return list(bearer(key))
 
 
 def peft_lora(model_dir, seed: int) -> tuple[bytes, torch.nn.Module]:
@@ -121,20 +119,13 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 def upload(srv, md, name: str, data: bytes, *, total: int | None = None, chunk: int = 8 << 10):
-    def messages():
-        header = deltas_pb2.UploadHeader(name=name, description="test")
-        if total is not None:
-            header.total_bytes = total
-        yield deltas_pb2.UploadDeltaRequest(header=header)
-        for i in range(0, len(data), chunk):
-            yield deltas_pb2.UploadDeltaRequest(chunk=data[i:i + chunk])
-    return srv.deltas.UploadDelta(messages(), metadata=md).version
+    """UploadDelta of ``data`` in ``chunk``-byte messages; ``total`` is the header's claim (None: unset)."""
+    messages = upload_messages(name, io.BytesIO(data), total_bytes=total, description="test", chunk_bytes=chunk)
+    return srv.deltas.UploadDelta(messages, metadata=md).version
 
 
 def gen_request(delta: str = "", n: int = 8, **sampling) -> inference_pb2.GenerateRequest:
-    return inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=PROMPT), delta=delta,
-                                         sampling=inference_pb2.SamplingParams(max_new_tokens=n, temperature=0.0,
-                                                                               ignore_eos=True, **sampling))
+    return generate_request(PROMPT, delta=delta, max_new_tokens=n, temperature=0.0, ignore_eos=True, **sampling)
 
 
 def collect(stream) -> tuple[list[int], list]:

@@ -34,11 +34,11 @@ def test_health_serving_and_reflection_lists_services(srv):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    health = health_pb2_grpc.HealthStub(srv.channel)
+    health = health_pb2_grpc.HealthStub(srv.client.channel)
     for service in ("", "deltaserve.v1.Inference"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
-    refl = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
+    refl = reflection_pb2_grpc.ServerReflectionStub(srv.client.channel)
     replies = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"deltaserve.v1.Inference", "deltaserve.v1.Deltas", "deltaserve.v1.Tenants",

@@ -52,7 +52,7 @@ def _soak():
 
 
 def _record(status, *, tokens=4, finish="length", end=1.0, cancelled=False):
-    from load.client import Record
+    from load.record import Record
 
     return Record(0, 0, "d", "plain", False, 4, 4, 0.0, 0.0, 0.1, end, tokens, status, finish,
                   cancelled_by_client=cancelled)

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from load.client import Record  # noqa: E402
+from load.record import Record  # noqa: E402
 from load.prom import Scrape, ScrapeError  # noqa: E402
 from load.report import cross_check, percentile, summarize  # noqa: E402
 from load.workload import DeltaRef, LengthDist, WorkloadConfig, as_base, make_plan  # noqa: E402

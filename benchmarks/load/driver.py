@@ -12,7 +12,9 @@ import asyncio
 import multiprocessing as mp
 import time
 
-from .client import Client
+from server.client import AsyncClient
+
+from .record import timed_generate
 from .workload import PlannedRequest
 
 START_LEAD_S = 0.05  # plans start this long after the command arrives, so request 0 is not late by construction
@@ -21,14 +23,15 @@ REPLY_SLACK_S = 60.0  # the parent waits this long past the plan's own bound bef
 
 async def replay(address: str, keys: list[str], plan: list[PlannedRequest], hard_timeout_s: float) -> list[dict]:
     """Send every request at its planned time (open loop), wait for all, return their records."""
-    async with Client(address) as client:
+    async with AsyncClient(address) as client:
         t0 = time.perf_counter() + START_LEAD_S
         tasks = []
         for req in plan:
             delay = t0 + req.at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(client.generate(keys[req.tenant], req, t0, hard_timeout_s=hard_timeout_s)))
+            tasks.append(asyncio.create_task(timed_generate(client.with_key(keys[req.tenant]), req, t0,
+                                                            hard_timeout_s=hard_timeout_s)))
         records = await asyncio.gather(*tasks)
     return [r.to_dict() for r in records]
 

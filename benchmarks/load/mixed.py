@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from .client import Client, Record
+from server.client import AsyncClient
+
 from .prom import Scrape, scrape
+from .record import Record, timed_generate
 from .server_proc import ServerProcess
 from .workload import LengthDist, PlannedRequest
 
@@ -94,16 +96,16 @@ class Soak:
     def live(self, tenant: int | None = None) -> list[LiveDelta]:
         return [d for d in self.deltas if d.deleted_at is None and (tenant is None or d.tenant == tenant)]
 
-    async def upload_one(self, c: Client, tenant: int) -> LiveDelta:
+    async def upload_one(self, c: AsyncClient, tenant: int) -> LiveDelta:
         recipe = self.rng.choice(list(self.payloads))
         self.counter += 1
         d = LiveDelta(tenant, f"soak{self.counter:05d}-{recipe}", recipe)
-        await c.upload(self.keys[tenant], d.name, self.payloads[recipe], description=recipe)
+        await c.with_key(self.keys[tenant]).upload(d.name, self.payloads[recipe], description=recipe)
         self.deltas.append(d)
         self.uploads += 1
         return d
 
-    async def churn(self, c: Client, until: float) -> None:
+    async def churn(self, c: AsyncClient, until: float) -> None:
         while time.perf_counter() < until:
             tenant = self.rng.randrange(self.s.tenants)
             await self.upload_one(c, tenant)
@@ -111,7 +113,7 @@ class Soak:
             if len(live) > self.s.max_live:
                 victim = live[0]
                 victim.deleted_at = time.perf_counter()
-                n = await c.delete(self.keys[tenant], victim.name)
+                n = await c.with_key(self.keys[tenant]).delete_delta(victim.name)
                 if n < 1:
                     raise Violation(f"DeleteDelta {victim.name}: deleted {n} versions of a delta just listed live")
                 self.deletes += 1
@@ -145,7 +147,7 @@ class Soak:
         self.counter += 1
         return req, target
 
-    async def load(self, c: Client, duration_s: float, max_requests: int) -> int:
+    async def load(self, c: AsyncClient, duration_s: float, max_requests: int) -> int:
         """Poisson arrivals for ``duration_s`` (at most ``max_requests``), churn alongside; waits for all."""
         t0 = self.t0 = time.perf_counter()
         until = t0 + duration_s
@@ -161,7 +163,7 @@ class Soak:
             behaviour = self.rng.choices(behaviours, weights)[0]
             req, target = self._request(behaviour, t0)
             tasks.append((req.kind, target, asyncio.create_task(
-                c.generate(self.keys[req.tenant], req, t0, hard_timeout_s=self.s.hard_timeout_s))))
+                timed_generate(c.with_key(self.keys[req.tenant]), req, t0, hard_timeout_s=self.s.hard_timeout_s))))
             sent += 1
         await churn
         for behaviour, target, task in tasks:
@@ -225,23 +227,23 @@ class Soak:
                             f"(limit {limit:.0f} MB)")
         return limit
 
-    async def verify_deltas(self, c: Client) -> int:
+    async def verify_deltas(self, c: AsyncClient) -> int:
         checked = 0
         for tenant in range(self.s.tenants):
-            key = self.keys[tenant]
-            listed = {d.name: d for d in await c.list_all(key, page_size=3)}  # small pages exercise paging
+            tc = c.with_key(self.keys[tenant])
+            listed = {d.name: d for d in await tc.list_deltas(page_size=3)}  # small pages exercise paging
             expected = {d.name for d in self.live(tenant)}
             if set(listed) != expected:
                 raise Violation(f"tenant {tenant}: ListDeltas gave {sorted(set(listed) - expected)} not expected and "
                                 f"missed {sorted(expected - set(listed))}")
             for name in sorted(listed):
-                info = await c.get(key, name)
+                info = await tc.get_delta(name)
                 if info.name != name or not info.versions or not info.versions[-1].digest:
                     raise Violation(f"GetDelta {name}: bad reply (name {info.name!r}, {len(info.versions)} versions)")
-                await c.preload(key, name, device=True)
+                await tc.preload_delta(name, device=True)
                 req = PlannedRequest(index=-1, at=0.0, tenant=tenant, delta=name, kind="verify", cold=False,
                                      prompt=[5, 6, 7, 8], max_new_tokens=4, seed=1)
-                rec = await c.generate(key, req, time.perf_counter(), hard_timeout_s=self.s.hard_timeout_s)
+                rec = await timed_generate(tc, req, time.perf_counter(), hard_timeout_s=self.s.hard_timeout_s)
                 if rec.status != "OK" or rec.tokens != 4:
                     raise Violation(f"Generate on listed delta {name}: {rec.status} with {rec.tokens}/4 tokens "
                                     f"({rec.detail})")

@@ -15,7 +15,7 @@ try:
 except ImportError:  # the GPU image may lack it: server CPU time is then reported as NaN
     psutil = None
 
-from .client import Record
+from .record import Record
 from .driver import LoadDriver
 from .prom import scrape
 from .report import cross_check, format_check, format_check_short, summarize

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from .client import Record
+from .record import Record
 from .prom import Scrape
 
 TTFT_METRIC = "deltaserve_time_to_first_token_seconds"
