@@ -1,6 +1,6 @@
 """Shared benchmark plumbing: timing, machine record, JSONL results and the summary line.
 
-Conventions (``../shared/DESIGN.md``, "Benchmark conventions"): fixed seeds, warm-up, several
+Conventions (``docs/DESIGN.md``, "Benchmark conventions"): fixed seeds, warm-up, several
 repeats, medians; on CUDA every sample is synchronised and preceded by an L2 flush; one JSON line
 per point in ``benchmarks/results/<script>-<YYYY-MM-DD>.jsonl`` (``BENCH_RESULTS_DIR`` overrides the
 folder); the last printed line is ``summary: key=value ...``. Baselines run in the same process and

@@ -16,7 +16,7 @@ import torch
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 # Residual sites of pre-LN decoder blocks: (pre-norm leaf, sub-block output module leaf).
-# The adapter at a site reads `h` = the pre-norm's input (DELTAS.md §3.4).
+# The adapter at a site reads `h` = the pre-norm's input (docs/DELTAS.md §3.4).
 SITES: dict[str, dict[str, tuple[str, str]]] = {
     "llama": {"attn": ("input_layernorm", "self_attn.o_proj"), "ffn": ("post_attention_layernorm", "mlp.down_proj")},
     "gpt2": {"attn": ("ln_1", "attn.c_proj"), "ffn": ("ln_2", "mlp.c_proj")},

@@ -3,7 +3,7 @@
 A delta is a set of per-module terms keyed by the *served* model's module path (the dotted
 ``named_modules()`` name inside the ``*ForCausalLM`` object, e.g. ``model.layers.0.self_attn.q_proj``
 or ``transformer.h.1.mlp.c_proj``). Importers (``delta_store/formats/``) resolve every
-library-specific rule before building one (see ``../shared/DELTAS.md``):
+library-specific rule before building one (``docs/DELTAS.md`` records each library's rules):
 
 * LoRA scale is already ``alpha/r`` or ``alpha/sqrt(r)`` per module (rank/alpha patterns, rsLoRA,
   AdapterHub's pre-1.1 rule); a ``lora_B`` bias is already multiplied by that scale and folded

@@ -1,5 +1,5 @@
 """Typed errors for the whole project. Each carries a ``code`` naming the gRPC status it maps to;
-the mapping to ``grpc.StatusCode`` happens in one place (``server/errors.py``), so nothing below
+the mapping to ``grpc.StatusCode`` happens in one place (``server/edge/errors.py``), so nothing below
 the gRPC edge imports grpc. Messages say what and where, in one line."""
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from .base_spec import BaseSpec, ModuleInfo
 from .delta import ACTIVATIONS, ADAPTER_SOURCES, Delta
 from .errors import BaseMismatch, DeltaError
 
-_BIAS_KINDS = ("linear", "conv1d", "layernorm")  # RMSNorm has no bias to shift (DELTAS.md §5)
+_BIAS_KINDS = ("linear", "conv1d", "layernorm")  # RMSNorm has no bias to shift (docs/DELTAS.md §5)
 _PROJ_KINDS = ("linear", "conv1d")
 
 

@@ -149,7 +149,7 @@ class Metrics:
             self.tpot.labels(tenant).observe(req.tpot)
 
     def record_slots(self, stats) -> None:
-        """The slot manager's snapshot (``server/slots.py: SlotStats``): the device tier."""
+        """The slot manager's snapshot (``server/deltas/slots.py: SlotStats``): the device tier."""
         self.slots_used.set(stats.slots_in_use)
         self.slots_pinned.set(stats.pinned)
         self.slots_total.set(stats.num_slots)

@@ -1,7 +1,7 @@
 """The paged-attention bridge: packed, chunked and decode batches through the unchanged HF forward give the
 logits of a plain forward, for Llama, Mistral (with its sliding window), Qwen2 and GPT-2.
 
-``server/attention.py`` leans on three behaviours of the pinned transformers (see its docstring); the first
+``server/engine/attention.py`` leans on three behaviours of the pinned transformers (see its docstring); the first
 test names them and fails loudly when the version changes, the others fail if any of them stops holding.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ ARCHS = {
 def test_pinned_transformers_version():
     assert transformers.__version__.startswith(PINNED_TRANSFORMERS), (
         f"transformers {transformers.__version__} is not the pinned {PINNED_TRANSFORMERS}x: re-check what "
-        "server/attention.py relies on (cache.update(..., kwargs=) in every attention layer, forward **kwargs "
+        "server/engine/attention.py relies on (cache.update(..., kwargs=) in every attention layer, forward **kwargs "
         "reaching the attention function, create_causal_mask returning None for an attention implementation "
         "without a mask function), then update PINNED_TRANSFORMERS")
 

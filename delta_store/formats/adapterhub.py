@@ -1,4 +1,4 @@
-"""AdapterHub ``adapters`` (1.3.0) folders -> canonical :class:`Delta` (DELTAS.md §3).
+"""AdapterHub ``adapters`` (1.3.0) folders -> canonical :class:`Delta` (docs/DELTAS.md §3).
 
 Bottleneck adapters land on the residual-site output module of their layer (``o_proj`` /
 ``down_proj``, GPT-2 ``attn.c_proj`` / ``mlp.c_proj``) with the input their flags imply on a pre-LN

@@ -1,7 +1,7 @@
 """AdapterHub ``adapter_config.json``: presets, refusals, adapter input, activations, LoRA alpha.
 
 Field defaults follow ``adapters`` 1.3.0's ``BnConfig`` / ``LoRAConfig``; the refusal list and the
-flag algebra are DELTAS.md §3.2-§3.4 and ``adapters/methods/modeling.py`` (``pre_forward`` /
+flag algebra are docs/DELTAS.md §3.2-§3.4 and ``adapters/methods/modeling.py`` (``pre_forward`` /
 ``forward`` / ``post_forward``).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def map_activation(name: str, where: str) -> str:
 
 
 def adapter_source(cfg: dict, where: str) -> str:
-    """What the bottleneck reads on a pre-LN model, or a refusal (DELTAS.md §3.4).
+    """What the bottleneck reads on a pre-LN model, or a refusal (docs/DELTAS.md §3.4).
 
     Served output must be ``h + a + BN(src)`` (h = residual stream, a = sub-block output). With
     x = ``a + h`` if original_ln_before else ``a``, residual = ``a`` if residual_before_ln else x, the

@@ -1,4 +1,4 @@
-"""A plain BitFit file -> canonical :class:`Delta` (DELTAS.md §5).
+"""A plain BitFit file -> canonical :class:`Delta` (docs/DELTAS.md §5).
 
 The file is ``{module path}.bias`` tensors, as a hand-rolled ``requires_grad`` on biases plus
 ``torch.save`` (or ``safetensors.save_file``) produces them. Values are **absolute** trained biases

@@ -1,6 +1,6 @@
 """Map a foreign tensor key's module path onto the served model's module path.
 
-Tools prefix module paths with whatever class they wrapped (DELTAS.md §1, §6.12): PEFT writes
+Tools prefix module paths with whatever class they wrapped (docs/DELTAS.md §1, §6.12): PEFT writes
 ``base_model.model.model.layers.0.self_attn.q_proj`` for a ``LlamaForCausalLM`` but
 ``base_model.model.layers.0...`` for a bare ``LlamaModel``; VLM text towers add
 ``language_model.``. So a path is never matched by prefix. Inside the decoder layers it is

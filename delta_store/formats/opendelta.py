@@ -1,4 +1,4 @@
-"""OpenDelta (0.3.2 / git 067eed2) ``save_finetuned`` folders -> canonical :class:`Delta` (DELTAS.md §4).
+"""OpenDelta (0.3.2 / git 067eed2) ``save_finetuned`` folders -> canonical :class:`Delta` (docs/DELTAS.md §4).
 
 ``config.json`` is diff-only: fields still at their default are absent, so defaults come from the
 delta config classes (lora_r 8, lora_alpha 16, bottleneck_dim 24, non_linearity gelu_new). Keys in

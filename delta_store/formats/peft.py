@@ -1,4 +1,4 @@
-"""HF PEFT adapter folders -> canonical :class:`Delta` (peft 0.21.2 semantics, DELTAS.md §2).
+"""HF PEFT adapter folders -> canonical :class:`Delta` (peft 0.21.2 semantics, docs/DELTAS.md §2).
 
 Served: LoRA (rank/alpha patterns, rsLoRA, ``lora_bias``, ``bias="all"/"lora_only"``, Conv1D
 targets, ``layers_to_transform``), AdaLoRA, (IA)3 and BEFT. File keys are

@@ -1,6 +1,6 @@
 """PEFT ``adapter_config.json``: what is refused, which modules are targeted, per-module LoRA scale.
 
-Rules follow peft 0.21.2 (DELTAS.md §2.3-§2.5): ``check_target_module_exists`` for targeting,
+Rules follow peft 0.21.2 (docs/DELTAS.md §2.3-§2.5): ``check_target_module_exists`` for targeting,
 ``get_pattern_key`` for rank/alpha patterns (dot-boundary suffix regexes, first match wins), and the
 (IA)3 feed-forward test (``endswith`` *without* a dot boundary, hence GPT-2's ``"mlp.c_proj"``).
 """
@@ -14,7 +14,7 @@ from ..errors import DeltaError, UnsupportedDelta
 SERVED_TYPES = ("LORA", "IA3", "BEFT", "ADALORA")
 PROMPT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")
 
-# LoRA variants whose forward pass is not plain LoRA (DELTAS.md §2.4 table, last row).
+# LoRA variants whose forward pass is not plain LoRA (docs/DELTAS.md §2.4 table, last row).
 LORA_VARIANT_FIELDS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "velora_config",
                        "monteclora_config", "kasa_config", "use_qalora", "megatron_config")
 # Initialisations that subtract s*B0@A0 from the *base* weights: outputs need a mutated base (§2.4).
@@ -110,7 +110,7 @@ def _pattern_value(patterns: dict | None, key: str):
 
 
 def lora_scale(cfg: dict, key: str, rank: int, *, where: str) -> float:
-    """Resolved scale of module ``key``: alpha_m/r_m, or alpha_m/sqrt(r_m) with rsLoRA (DELTAS.md §2.4.2).
+    """Resolved scale of module ``key``: alpha_m/r_m, or alpha_m/sqrt(r_m) with rsLoRA (docs/DELTAS.md §2.4.2).
 
     ``rank`` is the file's ``lora_A.shape[0]``; PEFT fails to load a file whose rank disagrees with the
     config's r (or its rank_pattern entry), so we refuse it too rather than guess which one was trained.

@@ -1,6 +1,6 @@
 """AdapterPool: slot pools for bottleneck adapters on one residual site's output module.
 
-Placements (DELTAS.md §3.4, §4.3; fixtures/README "Semantic traps"), with ``h`` the residual stream
+Placements (docs/DELTAS.md §3.4, §4.3; tests/fixtures/README.md "Semantic traps"), with ``h`` the residual stream
 entering the sub-block and ``y`` the sub-block output (``o_proj``/``down_proj``/GPT-2 ``c_proj``)::
 
     "output"           BN(y)       Houlsby double_seq_bn, OpenDelta adapter

@@ -93,7 +93,7 @@ class DeltaModel:
 
 
 def _matches(path: str, targets: Iterable[str]) -> bool:
-    # PEFT list rule (DELTAS.md §2.3): exact path, or a suffix at a dot boundary ("c_proj", "mlp.c_proj").
+    # PEFT list rule (docs/DELTAS.md §2.3): exact path, or a suffix at a dot boundary ("c_proj", "mlp.c_proj").
     return any(path == t or path.endswith("." + t) for t in targets)
 
 

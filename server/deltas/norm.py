@@ -5,11 +5,11 @@ Two jobs, both per step and both free when no delta is active:
 * At a residual site (Llama ``input_layernorm``/``post_attention_layernorm``, GPT-2 ``ln_1``/``ln_2``) its
   input is ``h``, the residual stream entering the sub-block. It hands that tensor *by reference* to
   the site's output module through a :class:`ResidualTap`, for Pfeiffer (``h + y``) and parallel
-  (``h``) adapters (DELTAS.md §3.4). Pre-LN blocks build ``h + a`` as a new tensor, so ``h`` is not
+  (``h``) adapters (docs/DELTAS.md §3.4). Pre-LN blocks build ``h + a`` as a new tensor, so ``h`` is not
   overwritten before the adapter reads it.
 * On a LayerNorm (GPT-2 ``ln_1``, ``ln_2``, ``ln_f``; OpenDelta gpt2-bitfit trains them) it adds a
   per-slot bias delta to the output: ``y = LN(x) + bias[slot]``. RMSNorm has no bias and no tool
-  produces one (DELTAS.md §5), so RMSNorm wrappers have no bias pool.
+  produces one (docs/DELTAS.md §5), so RMSNorm wrappers have no bias pool.
 """
 from __future__ import annotations
 

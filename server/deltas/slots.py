@@ -1,7 +1,7 @@
 """SlotManager: the device tier of the delta cache. Maps delta versions to the DeltaModel's slots.
 
-Follows S-LoRA's and LoRAX's device tier (``../shared/ANCHORS.md`` §2.2, note 17): a fixed pool
-of slots (D2), LRU eviction among slots no running request uses, loads done off the step loop.
+Follows S-LoRA's and LoRAX's device tier (docs/DESIGN.md, "Prior art"): a fixed pool of slots (D2),
+LRU eviction among slots no running request uses, loads done off the step loop.
 
 * ``acquire(key)`` pins a resident slot (pin count + 1) or starts a background load and returns
   None, so the scheduler runs other tenants' requests meanwhile and asks again next step.

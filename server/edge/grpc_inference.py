@@ -116,7 +116,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             name = tenant_name(tenant)
             req, version = await self._request(request, tenant)
             lease = app.rate_limiter.admit(name, rate_limits(tenant, app.config),
-                                     len(req.prompt_token_ids) + req.sampling.max_new_tokens)
+                                           len(req.prompt_token_ids) + req.sampling.max_new_tokens)
             async for msg in self._stream(req, version, lease, context):
                 yield msg
         except asyncio.CancelledError:  # the client went away, or gRPC ended the call at its deadline

@@ -3,8 +3,9 @@
 It owns the tensors of a step (the engine holds none): the paged KV cache, the packed ``input_ids`` /
 ``position_ids`` rows, the per-token delta slots (``dm.batch.prepare_sequences``, the layers' shared
 DeltaBatch, D1) and the sampler. The forward is the unchanged HF forward with ``logits_to_keep`` set to the
-chunks' last positions, so the ``lm_head`` (134 of ~320 GFLOP in a 2048-token prefill of the benchmark
-model, BASELINES-CPU.md) runs only for rows that are sampled. ``execute`` runs in the engine's worker thread.
+chunks' last positions, so the ``lm_head`` (2·2048·1024·32000 = 134 of ~320 GFLOP in a 2048-token prefill of
+the CPU benchmark model of docs/DESIGN.md) runs only for rows that are sampled. ``execute`` runs in the engine's
+worker thread.
 """
 from __future__ import annotations
 
