@@ -1,8 +1,8 @@
 """Builds a serving process from one ``ServerConfig`` and runs it until SIGTERM.
 
     model (a local HF folder, or the demo model generated under the data dir)
-      -> wrap_model (BaseSpec) -> DeltaStore.open -> SlotManager -> ModelRunner + Engine
-      -> Metrics (own HTTP port) -> gRPC server (Inference, Deltas, Tenants, Health, reflection)
+      -> wrap_model (deltas/, BaseSpec) -> DeltaStore.open (store_config) -> SlotManager -> ModelRunner + Engine
+      -> Metrics (own HTTP port) -> gRPC server (edge/: Inference, Deltas, Tenants, Health, reflection)
 
 First start with an empty catalogue creates an ``admin`` tenant and writes its key to
 ``<data_dir>/admin.key`` (mode 0600). SIGTERM/SIGINT: health turns NOT_SERVING, the server stops
@@ -136,11 +136,9 @@ def build_app(config: ServerConfig) -> App:
 
     from delta_store.store import DeltaStore
 
-    from .deltas import wrap_model
-    from .deltas.slots import SlotManager
+    from .deltas import SlotManager, wrap_model
     from .demo import ensure_demo_model
-    from .engine import Engine
-    from .engine.model_runner import ModelRunner
+    from .engine import Engine, ModelRunner
 
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
