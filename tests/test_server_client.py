@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,6 +15,19 @@ import pytest
 from server.client import FINISH_NAMES, AsyncClient, Client, generate_request, source_format
 from server.pb import common_pb2
 from tests.server_harness import PROMPT, Served, greedy, peft_lora
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_client_and_metrics_imports_stay_light():
+    # the load process imports the client and must leave the cores to the server: no torch; the metrics
+    # module reads server.engine.stats, which must not pull in the engine (transformers, ~6 s)
+    code = ("import sys, server.client, server.cli, server.metrics; "
+            "print(sorted(m for m in ('torch', 'transformers', 'server.engine.engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.fixture(scope="module")
