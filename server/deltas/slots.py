@@ -29,7 +29,7 @@ from delta_store.records import DeltaKey
 
 
 class SlotTarget(Protocol):
-    """What the slot manager needs of ``server.delta_model.DeltaModel``."""
+    """What the slot manager needs of ``server.deltas.model.DeltaModel``."""
 
     def check(self, delta: Delta) -> None: ...
     def set_delta(self, slot: int, delta: Delta, *, checked: bool = False) -> None: ...
