@@ -9,9 +9,9 @@ Running example: token_slots = [2, 2, -1, 0, 2, 0]  (T = 6, slot -1 = no delta)
     seg_len            = [2, 3]
     runs_host          = [(0, 2, 2), (3, 4, 0), (4, 5, 2), (5, 6, 0)]   maximal same-slot runs in token order
 
-Triton kernels walk the segments (grid = max segment length x active slots); the torch reference
+Triton kernels walk the segments (grid = max segment length x active slots); the CPU backend
 picks, per call, between contiguous runs (prefill: one run per sequence, no gather at all),
-sorted segments and a gathered batched matmul (decode: one token per slot).
+sorted segments, grouped matmuls over the pool and a gathered batched matmul (decode: one token per slot).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class DeltaKernelMeta:
     def all_tokens_active(self) -> bool:
         return self.num_active_tokens == self.num_tokens
 
-    # Index tensors the torch reference needs, built on first use and shared by every layer of the step.
+    # Index tensors the CPU backend needs, built on first use and shared by every layer of the step.
     @cached_property
     def active_token_ids(self) -> torch.Tensor:
         """int64 [N]: tokens that have a slot, in token order (N = num_active_tokens)."""

@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from kernels import DeltaKernelMeta
-from tests.test_kernels_cases import PATTERNS, slot_ids, slots_tensor
+from tests.kernel_cases import PATTERNS, slot_ids, slots_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,24 +83,24 @@ def test_backend_override_nests_and_restores():
     base = kernels.current_backend()
     with kernels.backend("triton"):
         assert kernels.current_backend() == "triton"
-        with kernels.backend("reference"):
-            assert kernels.current_backend(torch.zeros(1)) == "reference"
+        with kernels.backend("cpu"):
+            assert kernels.current_backend(torch.zeros(1)) == "cpu"
         assert kernels.current_backend() == "triton"
     assert kernels.current_backend() == base
     with kernels.backend("auto"):
         # auto: Triton for CUDA tensors or under the interpreter (D5)
-        want = "triton" if kernels.use_triton(torch.zeros(1)) else "reference"
+        want = "triton" if kernels.use_triton(torch.zeros(1)) else "cpu"
         assert kernels.current_backend(torch.zeros(1)) == want
     with pytest.raises(ValueError, match="cuda"):
         with kernels.backend("cuda"):
             pass
 
 
-def test_conftest_default_is_reference_without_cuda():
+def test_conftest_default_is_cpu_without_cuda():
     if torch.cuda.is_available():
-        pytest.skip("conftest only picks the reference without CUDA")
-    assert os.environ.get("DELTASERVE_KERNELS") == "reference"
-    assert kernels.current_backend(torch.zeros(1)) == "reference"
+        pytest.skip("conftest only picks the CPU backend without CUDA")
+    assert os.environ.get("DELTASERVE_KERNELS") == "cpu"
+    assert kernels.current_backend(torch.zeros(1)) == "cpu"
 
 
 def test_unknown_backend_in_environment_fails_at_import():
@@ -108,4 +108,4 @@ def test_unknown_backend_in_environment_fails_at_import():
     proc = subprocess.run([sys.executable, "-c", "import kernels"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
-    assert "DELTASERVE_KERNELS='fast'" in proc.stderr and "auto, triton, reference" in proc.stderr
+    assert "DELTASERVE_KERNELS='fast'" in proc.stderr and "auto, triton, cpu" in proc.stderr
