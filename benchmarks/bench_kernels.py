@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
 from benchmarks.common import Results, time_many  # noqa: E402
-from kernels import DeltaKernelMeta, cpu  # noqa: E402
+from kernels import DeltaKernelMeta, MetaBuffers, cpu  # noqa: E402
 from kernels.reference import ref_add_lora  # noqa: E402
 from tests.kernel_cases import bottleneck_pools, lora_pools  # noqa: E402
 
@@ -187,13 +187,16 @@ def time_kinds(res, label, slots, hidden, dt, dev) -> dict:
                           device=dev)
     vec = (1 + torch.rand(64, hidden, generator=g)).to(dev, dt)
     u = y.clone()
+    buffers = MetaBuffers(len(slots), 64, dev)  # the serving path: index tensors refilled in place
     times = time_many({
         "base": lambda: F.linear(x, w, out=y),
         "bottleneck": lambda: cpu.cpu_add_bottleneck(y, u, bp["down"], bp["down_bias"], bp["up"], bp["up_bias"],
                                                      bp["scale"], bp["width"], bp["act"], meta),
         "bitfit": lambda: cpu.cpu_add_bias(y, vec, meta),
         "ia3": lambda: cpu.cpu_mul_rows(y, vec, meta),
-        "meta_build": lambda: DeltaKernelMeta.build(meta.token_slots, slots)}, device=dev, **TIMING)
+        "meta_build": lambda: DeltaKernelMeta.build(meta.token_slots, slots),
+        "meta_build_buffers": lambda: DeltaKernelMeta.build(meta.token_slots, slots, buffers=buffers)},
+        device=dev, **TIMING)
     base = times["base"]["ms"]
     out = {k: v["ms"] / base for k, v in times.items() if k != "base"}
     row = {"point": f"kinds_{label}", "tokens": len(slots), "hidden": hidden, "base_ms": base,

@@ -2,7 +2,7 @@
 
 Public surface (docs/INTERFACES.md, section kernels/)::
 
-    meta = DeltaKernelMeta.build(token_slots, token_slots_host=None)   # once per step
+    meta = DeltaKernelMeta.build(token_slots, token_slots_host=None, buffers=None)   # once per step
     add_lora(y, x, lora_a, lora_b, scale, rank, meta)
     add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta)
     add_bias(y, bias, meta)
@@ -35,7 +35,7 @@ from . import cpu
 from ._checks import check_bottleneck, check_lora, check_rows_op
 from ._triton import HAS_TRITON, INTERPRET, use_triton
 from .activations import ACT_CODES
-from .meta import DeltaKernelMeta
+from .meta import DeltaKernelMeta, MetaBuffers
 
 BACKENDS = ("auto", "triton", "cpu")
 
@@ -118,5 +118,5 @@ def mul_rows(t, vec, meta) -> None:
         cpu.cpu_mul_rows(t, vec, meta)
 
 
-__all__ = ["ACT_CODES", "BACKENDS", "DeltaKernelMeta", "HAS_TRITON", "add_bias", "add_bottleneck",
+__all__ = ["ACT_CODES", "BACKENDS", "DeltaKernelMeta", "HAS_TRITON", "MetaBuffers", "add_bias", "add_bottleneck",
            "add_lora", "backend", "cpu", "current_backend", "mul_rows", "use_triton"]

@@ -1,4 +1,4 @@
-"""DeltaKernelMeta (per-step metadata) and the backend switch."""
+"""DeltaKernelMeta (per-step metadata), its preallocated buffers, and the backend switch."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import DeltaKernelMeta
+from kernels import DeltaKernelMeta, MetaBuffers
 from tests.kernel_cases import PATTERNS, slot_ids, slots_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,57 @@ def test_host_list_is_optional():
     for name in ("sorted_token_ids", "active_slots", "seg_start", "seg_len"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert a.runs_host == b.runs_host
+
+
+INDEX_TENSORS = ("sorted_token_ids", "active_slots", "seg_start", "seg_len")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_buffers_give_the_same_meta_as_fresh_tensors(pattern):
+    buffers = MetaBuffers(max_tokens=300, max_slots=40)
+    for num_tokens, num_deltas in ((1, 1), (17, 3), (300, 32), (64, 8), (0, 1)):  # shrinking steps reuse the tails
+        slots = slot_ids(num_tokens, num_deltas, pattern, pool_slots=40, seed=num_tokens,
+                         none_fraction=0.25) if num_tokens else []
+        fresh = DeltaKernelMeta.build(slots_tensor(slots), slots)
+        kept = DeltaKernelMeta.build(slots_tensor(slots), slots, buffers=buffers)
+        for name in INDEX_TENSORS:
+            assert getattr(kept, name).tolist() == getattr(fresh, name).tolist(), (name, num_tokens)
+            assert getattr(kept, name).dtype == torch.int32
+        assert (kept.runs_host, kept.active_slots_host, kept.max_seg_len, kept.no_delta) == \
+            (fresh.runs_host, fresh.active_slots_host, fresh.max_seg_len, fresh.no_delta)
+
+
+def test_buffers_keep_their_addresses_from_step_to_step():
+    """The index tensors a step's kernels read sit at the same addresses every step (refilled by copy_)."""
+    buffers = MetaBuffers(max_tokens=16, max_slots=4)
+    first = DeltaKernelMeta.build(slots_tensor([0] * 16), [0] * 16, buffers=buffers)
+    ptrs = {name: getattr(first, name).data_ptr() for name in INDEX_TENSORS}
+    for slots in ([1, -1, 3], [2] * 7, [3, 2, 1, 0, -1, 0], [-1, -1]):
+        meta = DeltaKernelMeta.build(slots_tensor(slots), slots, buffers=buffers)
+        for name in INDEX_TENSORS:
+            view = getattr(meta, name)
+            assert view.numel() == 0 or view.data_ptr() == ptrs[name], (name, slots)  # an empty view has none
+        assert meta.sorted_token_ids.tolist() == sorted(range(len(slots)), key=lambda i: (slots[i] < 0, slots[i]))
+        assert all(t.untyped_storage().data_ptr() == buffers.storage.untyped_storage().data_ptr()
+                   for t in (meta.sorted_token_ids, meta.active_slots, meta.seg_start, meta.seg_len))
+
+
+@pytest.mark.parametrize("slots, fragment", [
+    (list(range(5)) * 4, "20 tokens exceed max_tokens=16"),
+    ([0, 1, 2, 3, 4], "5 active slots exceed max_slots=4"),
+])
+def test_buffers_refuse_a_step_larger_than_them(slots, fragment):
+    buffers = MetaBuffers(max_tokens=16, max_slots=4)
+    with pytest.raises(ValueError, match=fragment):
+        DeltaKernelMeta.build(slots_tensor(slots), slots, buffers=buffers)
+
+
+def test_buffers_refuse_bad_sizes_and_another_device():
+    with pytest.raises(ValueError, match=r"max_tokens \(0\)"):
+        MetaBuffers(0, 4)
+    buffers = MetaBuffers(8, 4, device="meta")
+    with pytest.raises(ValueError, match="buffers on meta, token_slots on cpu"):
+        DeltaKernelMeta.build(slots_tensor([0, 1]), [0, 1], buffers=buffers)
 
 
 @pytest.mark.parametrize("token_slots, host, fragment", [

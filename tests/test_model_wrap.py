@@ -194,11 +194,13 @@ def test_batch_buffer_is_refilled_in_place():
     """CUDA-graph friendly: steps of up to max_tokens tokens reuse the same slot-id storage."""
     dm = wrap_model(tiny_llama(), max_slots=4, max_rank=4, max_bottleneck=4, max_tokens=16)
     ptr = dm.batch._slots.data_ptr()
+    index_ptr = dm.batch._index.storage.data_ptr()  # the kernels' index tensors (kernels.MetaBuffers)
     for slots in ([0] * 16, [1, -1, 3], [2] * 7):
         dm.batch.prepare(slots)
         assert dm.batch._slots.data_ptr() == ptr
         assert dm.batch.meta.token_slots.data_ptr() == ptr
         assert dm.batch.meta.token_slots.tolist() == slots
+        assert dm.batch.meta.sorted_token_ids.data_ptr() == index_ptr  # the first region of the storage
 
 
 def test_output_adapter_on_any_wrapped_module_and_mixed_sources():
