@@ -35,11 +35,11 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 def ref_add_lora(y, x, lora_a, lora_b, scale, rank, slots) -> torch.Tensor:
     """y[t] + scale[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T for s = slots[t] >= 0, r = rank[s]
     (rank 0: y[t]). y [T, out], x [T, in], lora_a [S, R, in], lora_b [S, out, R]; float64 [T, out]."""
-    out = _f64(y).clone()
+    out, x64 = _f64(y).clone(), _f64(x)
     for s, ids in _tokens_by_slot(slots, out.device):
         r = int(rank[s])
         if r:
-            h = _f64(x).index_select(0, ids) @ _f64(lora_a[s, :r]).T  # [n_s, r]
+            h = x64.index_select(0, ids) @ _f64(lora_a[s, :r]).T  # [n_s, r]
             out[ids] += float(scale[s]) * (h @ _f64(lora_b[s, :, :r]).T)
     return out
 
