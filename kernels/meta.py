@@ -156,9 +156,10 @@ class DeltaKernelMeta:
 class MetaBuffers:
     """Storage for a step's index tensors, allocated once: ``sorted_token_ids`` [max_tokens],
     ``active_slots`` [max_slots], ``seg_start`` [max_slots + 1] and ``seg_len`` [max_slots] as fixed
-    regions of one int32 device tensor, staged in one host tensor of the same size, so a step costs one
-    host->device copy of (max_tokens + 3 * max_slots + 1) * 4 bytes (16.8 KB for 4096 tokens, 32 slots)
-    and no allocation. The regions' unused tails hold stale values that no view covers."""
+    regions of one int32 device tensor, staged in one host tensor of the same size (written in place on a
+    CPU device), so a step costs one host->device copy of (max_tokens + 3 * max_slots + 1) * 4 bytes
+    (16.8 KB for 4096 tokens, 32 slots) and no device allocation. The regions' unused tails hold stale
+    values that no view covers."""
 
     def __init__(self, max_tokens: int, max_slots: int, device: torch.device | str = "cpu"):
         if int(max_tokens) < 1 or int(max_slots) < 1:
@@ -167,7 +168,7 @@ class MetaBuffers:
         size = self.max_tokens + 3 * self.max_slots + 1
         self.storage = torch.zeros(size, dtype=torch.int32, device=device)  # [size] on the device
         self.device = self.storage.device  # "cuda" resolved to "cuda:0", as token_slots' device reads
-        self._staging = torch.zeros(size, dtype=torch.int32)  # [size] on the host
+        self._staging = torch.zeros(size if self.device.type != "cpu" else 0, dtype=torch.int32)  # [size] host
         t, s = self.max_tokens, self.max_slots
         self._offsets = (0, t, t + s, t + 2 * s + 1)  # sorted_token_ids, active_slots, seg_start, seg_len
 
@@ -182,12 +183,15 @@ class MetaBuffers:
         if device != self.device:
             raise ValueError(f"MetaBuffers: buffers on {self.device}, token_slots on {device}")
         o_ids, o_act, o_start, o_len = self._offsets
-        self._staging[o_ids:o_ids + num_tokens].copy_(sorted_ids)
-        if n_act:
-            self._staging[o_act:o_act + n_act] = torch.tensor(active, dtype=torch.int32)
-            self._staging[o_len:o_len + n_act] = torch.tensor(seg_len, dtype=torch.int32)
-        self._staging[o_start:o_start + n_act + 1] = torch.tensor(seg_start, dtype=torch.int32)
-        self.storage.copy_(self._staging)  # blocking: the staging tensor is rewritten next step
+        small = torch.tensor(active + seg_start + seg_len, dtype=torch.int32)  # [A | A+1 | A]
+        on_host = self.device.type == "cpu"
+        dst = self.storage if on_host else self._staging  # a CPU device needs no staging copy
+        dst[o_ids:o_ids + num_tokens].copy_(sorted_ids)
+        dst[o_act:o_act + n_act].copy_(small[:n_act])
+        dst[o_start:o_start + n_act + 1].copy_(small[n_act:2 * n_act + 1])
+        dst[o_len:o_len + n_act].copy_(small[2 * n_act + 1:])
+        if not on_host:
+            self.storage.copy_(self._staging)  # blocking: the staging tensor is rewritten next step
         st = self.storage
         return (st[o_ids:o_ids + num_tokens], st[o_act:o_act + n_act], st[o_start:o_start + n_act + 1],
                 st[o_len:o_len + n_act])
