@@ -1,10 +1,12 @@
 """Delta kernels: what the per-token delta work costs next to the base matmul it rides on.
 
-CPU (the torch reference is the CPU serving path): for each point, the base matmul ``F.linear(x, W)``
-alone, the reference op, and a naive PEFT-style loop over the distinct deltas (boolean mask, gather,
+CPU (the CPU backend, ``kernels/cpu/``, is the CPU serving path): for each point, the base matmul
+``F.linear(x, W)`` alone, the CPU backend's op (checked first against the exact float64 reference,
+``kernels/reference.py``), and a naive PEFT-style loop over the distinct deltas (boolean mask, gather,
 two matmuls, scatter-add; what PEFT's mixed-batch ``adapter_names=`` does). Ratios:
-``overhead = delta / base`` and ``speedup_vs_loop = loop / delta``. CUDA: the Triton op against
-the reference, with the Triton op's achieved bandwidth against the device's datasheet peak.
+``overhead = delta / base`` and ``speedup_vs_loop = loop / delta``. CUDA: the Triton op against the CPU
+backend's torch code run on the same CUDA tensors, with the Triton op's achieved bandwidth against the
+device's datasheet peak.
 
 Points: a 64-token batch with 1/8/32/64 distinct deltas (token i uses delta i % k), one decode step
 (T=32, 32 distinct deltas) and one prefill (T=2048: 32 sequences x 64 tokens), on a q_proj-shaped
@@ -29,8 +31,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
 from benchmarks.common import Results, time_many  # noqa: E402
-from kernels import DeltaKernelMeta, reference  # noqa: E402
-from tests.test_kernels_cases import bottleneck_pools, lora_pools, loop_lora  # noqa: E402
+from kernels import DeltaKernelMeta, MetaBuffers, cpu  # noqa: E402
+from kernels.reference import ref_add_lora  # noqa: E402
+from tests.kernel_cases import bottleneck_pools, lora_pools  # noqa: E402
 
 # (name, in, out): the seven projections of the CPU benchmark Llama (DESIGN.md: hidden 1024,
 # intermediate 2816, 16 heads, 4 KV heads -> k/v out 256); on a GPU the 4096/11008 model.
@@ -79,22 +82,22 @@ class Point:
                          self.scales_host)
 
     def check(self, op) -> float:
-        """Max |op - float64 loop| on a fresh y (CPU fp32 runs only; the timings reuse y)."""
+        """Max |op - exact reference| on a fresh y (CPU fp32 runs only; the timings reuse y)."""
         y = torch.randn_like(self.y)
-        want = loop_lora(y, self.x, *self.args, self.slots)
+        want = ref_add_lora(y, self.x, *self.args, self.slots)
         op(y, self.x, *self.args, self.meta)
         return (y.double().cpu() - want).abs().max().item()
 
 
 def forced(plan):
-    """The reference op with its execution plan fixed (to check RUN_MIN_TOKENS against data)."""
+    """The CPU backend's LoRA op with its execution plan fixed (to check RUN_MIN_TOKENS against data)."""
     def op(*args):
-        with reference.force_plan(plan):
-            reference.add_lora(*args)
+        with cpu.force_plan(plan):
+            cpu.cpu_add_lora(*args)
     return op
 
 
-PLAN_OPS = {f"plan_{p}": forced(p) for p in reference.PLANS}
+PLAN_OPS = {f"plan_{p}": forced(p) for p in cpu.PLANS}
 
 
 def time_point(res, name, pt, *, ops, flops_rank, extra=None, loop=True) -> dict:
@@ -102,7 +105,7 @@ def time_point(res, name, pt, *, ops, flops_rank, extra=None, loop=True) -> dict
     rank_groups = {max(8, 1 << (pt.ranks_host[s] - 1).bit_length()) for s in pt.meta.active_slots_host}
     row = {"point": name, "tokens": len(pt.slots), "distinct": pt.meta.num_active,
            "in": pt.x.shape[1], "out": pt.y.shape[1], "dtype": str(pt.x.dtype).replace("torch.", ""),
-           "rank": flops_rank, "plan": reference._plan(pt.meta, padded_ok=len(rank_groups) == 1), **(extra or {})}
+           "rank": flops_rank, "plan": cpu.choose_plan(pt.meta, padded_ok=len(rank_groups) == 1), **(extra or {})}
     fns = {"base": pt.base, **{op_name: pt.delta(op) for op_name, op in ops.items()}}
     if loop:
         fns["loop"] = pt.loop
@@ -128,12 +131,12 @@ def bytes_lora(pt) -> int:
 
 def run_cpu(res, quick: bool) -> dict:
     dt, dev = torch.float32, "cpu"
-    ops = {"ref": reference.add_lora}
+    ops = {"cpu": cpu.cpu_add_lora}
     rows = {}
     n = 1024
     for k in (1, 8, 32, 64):  # 64-token batch, token i -> delta i % k
         pt = Point(n, n, [i % k for i in range(64)], [16] * 64, dtype=dt, device=dev)
-        assert pt.check(reference.add_lora) < 1e-3
+        assert pt.check(cpu.cpu_add_lora) < 1e-3
         rows[f"t64_k{k}"] = time_point(res, f"t64_k{k}", pt, ops={**ops, **PLAN_OPS}, flops_rank=16)
     pt = Point(n, n, list(range(32)), [16] * 64, dtype=dt, device=dev)
     rows["decode"] = time_point(res, "decode_t32_k32", pt, ops={**ops, **PLAN_OPS}, flops_rank=16)
@@ -154,7 +157,7 @@ def run_cpu(res, quick: bool) -> dict:
     full = Point(n, n, list(range(32)), [64] * 64, dtype=dt, device=dev)
     r_mixed = time_point(res, "decode_rank_4_64", mixed, ops=ops, flops_rank="4/64", loop=False)
     r_full = time_point(res, "decode_rank_64", full, ops=ops, flops_rank=64, loop=False)
-    rows["rank_mix_vs_64"] = r_mixed["ref_ms"] / r_full["ref_ms"]
+    rows["rank_mix_vs_64"] = r_mixed["cpu_ms"] / r_full["cpu_ms"]
 
     # decode step on all seven projections: the engine's layer-level budget, with lora_b stored
     # [S, out, R] (the contract's shape, contiguous) and [S, R, out] (a transpose view: contiguous gather)
@@ -164,9 +167,9 @@ def run_cpu(res, quick: bool) -> dict:
             pt = Point(n_in, n_out, list(range(32)), [16] * 64, dtype=dt, device=dev, seed=n_out, b_transposed=bt)
             r = time_point(res, f"decode7{tag}_{proj}", pt, ops=ops, flops_rank=16, loop=False,
                            extra={"b_transposed": bt})
-            base, delta = base + r["base_ms"], delta + r["ref_ms"]
+            base, delta = base + r["base_ms"], delta + r["cpu_ms"]
         rows[f"decode7{tag}_overhead"] = delta / base
-        res.write({"point": f"decode7{tag}_total", "base_ms": base, "ref_ms": delta, "ref_overhead": delta / base})
+        res.write({"point": f"decode7{tag}_total", "base_ms": base, "cpu_ms": delta, "cpu_overhead": delta / base})
 
     # other kinds, decode and prefill, on the q_proj shape
     for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
@@ -184,13 +187,16 @@ def time_kinds(res, label, slots, hidden, dt, dev) -> dict:
                           device=dev)
     vec = (1 + torch.rand(64, hidden, generator=g)).to(dev, dt)
     u = y.clone()
+    buffers = MetaBuffers(len(slots), 64, dev)  # the serving path: index tensors refilled in place
     times = time_many({
         "base": lambda: F.linear(x, w, out=y),
-        "bottleneck": lambda: reference.add_bottleneck(y, u, bp["down"], bp["down_bias"], bp["up"], bp["up_bias"],
-                                                       bp["scale"], bp["width"], bp["act"], meta),
-        "bitfit": lambda: reference.add_bias(y, vec, meta),
-        "ia3": lambda: reference.mul_rows(y, vec, meta),
-        "meta_build": lambda: DeltaKernelMeta.build(meta.token_slots, slots)}, device=dev, **TIMING)
+        "bottleneck": lambda: cpu.cpu_add_bottleneck(y, u, bp["down"], bp["down_bias"], bp["up"], bp["up_bias"],
+                                                     bp["scale"], bp["width"], bp["act"], meta),
+        "bitfit": lambda: cpu.cpu_add_bias(y, vec, meta),
+        "ia3": lambda: cpu.cpu_mul_rows(y, vec, meta),
+        "meta_build": lambda: DeltaKernelMeta.build(meta.token_slots, slots),
+        "meta_build_buffers": lambda: DeltaKernelMeta.build(meta.token_slots, slots, buffers=buffers)},
+        device=dev, **TIMING)
     base = times["base"]["ms"]
     out = {k: v["ms"] / base for k, v in times.items() if k != "base"}
     row = {"point": f"kinds_{label}", "tokens": len(slots), "hidden": hidden, "base_ms": base,
@@ -202,10 +208,10 @@ def time_kinds(res, label, slots, hidden, dt, dev) -> dict:
 
 def run_cuda(res, quick: bool) -> dict:
     from benchmarks.common import peak_bandwidth_gbs
-    from kernels import lora
+    from kernels.lora import triton_add_lora
 
     dt, dev = torch.bfloat16, "cuda"
-    ops = {"triton": lora.add_lora, "ref": reference.add_lora}
+    ops = {"triton": triton_add_lora, "cpu": cpu.cpu_add_lora}
     peak = peak_bandwidth_gbs()
     rows = {}
     n = 4096
@@ -263,7 +269,7 @@ def main() -> None:
         t64 = rows["t64_k32"]
         res.summary(device="cuda", delta_overhead_vs_base=t64["triton_overhead"],
                     speedup_vs_loop=t64["loop_ms"] / t64["triton_ms"],
-                    triton_vs_reference=t64["ref_ms"] / t64["triton_ms"],
+                    triton_vs_cpu_backend=t64["cpu_ms"] / t64["triton_ms"],
                     decode_overhead=rows["decode_t32_k32"]["triton_overhead"],
                     decode7_overhead=rows["decode7_overhead"],
                     prefill_overhead=rows["prefill_t2048_k32"]["triton_overhead"],
@@ -273,14 +279,14 @@ def main() -> None:
     else:
         rows = run_cpu(res, args.quick)
         t64 = rows["t64_k32"]
-        res.summary(device="cpu", delta_overhead_vs_base=t64["ref_overhead"],
-                    speedup_vs_loop=t64["loop_ms"] / t64["ref_ms"],
-                    **{f"overhead_t64_k{k}": rows[f"t64_k{k}"]["ref_overhead"] for k in (1, 8, 64)},
-                    decode_overhead=rows["decode"]["ref_overhead"],
-                    decode_speedup_vs_loop=rows["decode"]["loop_ms"] / rows["decode"]["ref_ms"],
+        res.summary(device="cpu", delta_overhead_vs_base=t64["cpu_overhead"],
+                    speedup_vs_loop=t64["loop_ms"] / t64["cpu_ms"],
+                    **{f"overhead_t64_k{k}": rows[f"t64_k{k}"]["cpu_overhead"] for k in (1, 8, 64)},
+                    decode_overhead=rows["decode"]["cpu_overhead"],
+                    decode_speedup_vs_loop=rows["decode"]["loop_ms"] / rows["decode"]["cpu_ms"],
                     decode7_overhead=rows["decode7_overhead"], decode7_bT_overhead=rows["decode7_bT_overhead"],
-                    prefill_overhead=rows["prefill"]["ref_overhead"],
-                    prefill_speedup_vs_loop=rows["prefill"]["loop_ms"] / rows["prefill"]["ref_ms"],
+                    prefill_overhead=rows["prefill"]["cpu_overhead"],
+                    prefill_speedup_vs_loop=rows["prefill"]["loop_ms"] / rows["prefill"]["cpu_ms"],
                     rank_mix_vs_64=rows["rank_mix_vs_64"],
                     bottleneck_decode=rows["kinds_decode"]["bottleneck"],
                     bitfit_decode=rows["kinds_decode"]["bitfit"], ia3_decode=rows["kinds_decode"]["ia3"])

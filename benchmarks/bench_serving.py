@@ -309,7 +309,7 @@ def main(argv=None) -> int:
                         "model": args.model or f"random llama, shape {args.shape}, layers {args.layers or 4}",
                         "target": "external" if args.server else "subprocess", "vocab": vocab,
                         "kernels": os.environ.get("DELTASERVE_KERNELS")
-                        or ("reference" if server is not None and not cuda_present() else "auto")}
+                        or ("cpu" if server is not None and not cuda_present() else "auto")}
             results = Results(__file__, settings, out_dir=args.out_dir)
             keys = asyncio.run(create_tenants(address, admin_key, [f"load-{tag}-t{i}" for i in range(s.tenants)]))
             up = asyncio.run(upload(address, keys, warm, payloads))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every check that needs an NVIDIA GPU, in one run of under 8 minutes on one H100:
-#   1. kernel_tests   the kernel tests on CUDA (Triton launchers against the torch reference,
-#                     fp32/fp16/bf16, the @pytest.mark.gpu large grids included), log + JUnit XML;
-#   2. bench_kernels  Triton vs reference vs a loop over deltas, achieved bandwidth vs peak;
+#   1. kernel_tests   every tests/test_kernels_*.py on CUDA (the Triton kernels against the exact float64
+#                     reference, kernels/reference.py, fp32/fp16/bf16, the @pytest.mark.gpu large grids
+#                     included; the CPU backend's tests too), log + JUnit XML;
+#   2. bench_kernels  Triton vs the CPU backend's torch code vs a loop over deltas, bandwidth vs peak;
 #   3. bench_model    bare vs wrapped vs 1/8/32 LoRA deltas, prefill and decode (hidden 4096, bf16);
 #   4. bench_engine   continuous batching with mixed deltas vs base vs PEFT (hidden 4096, bf16);
 #   5. bench_serving  the real gRPC server on a random Llama of hidden 4096 (bf16), open-loop load,

@@ -1,6 +1,7 @@
-"""Argument checks shared by the public ops (both backends): one ValueError naming the op, the
-argument, what was expected and the shape that came. Checks read only shapes, dtypes, devices and
-strides, never values, so they cost no device sync (about 1 us each, 28 wrapped layers per step)."""
+"""Argument checks of the public ops (``kernels/__init__.py``), done once before either backend runs:
+one ValueError naming the op, the argument, what was expected and the shape that came. Checks read
+only shapes, dtypes, devices and strides, never values, so they cost no device sync (about 1 us each,
+28 wrapped layers per step)."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,7 @@ def expect(op: str, name: str, t, shape: tuple, dtype: torch.dtype | tuple, devi
     """Check ``t`` against ``shape`` (None = any size), ``dtype`` (one or a tuple), ``device`` and layout.
     ``contiguous=False`` still needs unit stride on the last dimension (row-strided views are fine);
     ``"or_transposed"`` also accepts a ``transpose(1, 2)`` view of a contiguous pool (up-projection pools
-    stored [S, R, out] make the CPU decode gather contiguous: see ``reference._gather_up``)."""
+    stored [S, R, out] make the CPU decode gather contiguous: see ``cpu.gather.up_rows``)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     got = tuple(t.shape)

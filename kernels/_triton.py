@@ -1,7 +1,7 @@
-"""Decide once, at import, whether Triton can run here (STYLE habit 10, vLLM ``triton_utils``).
+"""Decide once, at import, whether Triton can run here (as vLLM ``triton_utils`` does).
 
 ``HAS_TRITON`` is False when triton is missing (macOS, a stripped image): the kernel modules
-still import, their launchers raise a clear error, and dispatch uses the torch reference.
+still import, their launchers raise a clear error, and dispatch uses the CPU backend.
 ``TRITON_INTERPRET=1`` must be set before triton is first imported (transformers imports it
 too), so it is read here once and never re-read.
 """
@@ -56,10 +56,10 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def require_triton(t: torch.Tensor, op: str) -> None:
     if not HAS_TRITON:
-        raise RuntimeError(f"{op}: triton is not installed; use the torch reference (DELTASERVE_KERNELS=reference)")
+        raise RuntimeError(f"{op}: triton is not installed; use the CPU backend (DELTASERVE_KERNELS=cpu)")
     if not (t.is_cuda or INTERPRET):
         raise RuntimeError(f"{op}: tensors on {t.device} need CUDA or TRITON_INTERPRET=1 set before triton "
-                           "is imported; use the torch reference (DELTASERVE_KERNELS=reference)")
+                           "is imported; use the CPU backend (DELTASERVE_KERNELS=cpu)")
 
 
 def next_pow2(n: int) -> int:

@@ -1,11 +1,12 @@
 """Segmented LoRA shrink/expand in Triton (D3: each slot pays its own rank).
 
-Design (``../shared/ANCHORS.md`` §4): tokens are grouped by slot once per step (``DeltaKernelMeta``,
-as vLLM's ``lora_kernel_metadata``); the grid is (M tiles of the longest segment, active slots,
-rank or output tiles), like vLLM's ``_lora_shrink_kernel`` / ``_lora_expand_kernel``. Unlike vLLM,
-compute is bounded by each slot's real rank, as SGLang's chunked SGMV and S-LoRA's MBGMV do:
-shrink programs whose 16-wide rank tile starts past ``rank[slot]`` exit at once, and the expand
-K-loop stops at ``rank[slot]`` - a rank-4 slot costs one 16-wide tile next to a rank-64 slot's four.
+Design: tokens are grouped by slot once per step (``DeltaKernelMeta``, as vLLM's
+``lora_kernel_metadata``); the grid is (M tiles of the longest segment, active slots, rank or output
+tiles), like vLLM's ``_lora_shrink_kernel`` / ``_lora_expand_kernel``. Unlike vLLM, which pads compute
+to ``max_lora_rank``, compute is bounded by each slot's real rank, as SGLang's chunked SGMV (it masks
+loads past ``rank[w]``) and S-LoRA's MBGMV (its shrink exits for rank rows ``j >= rank``) do: shrink
+programs whose 16-wide rank tile starts past ``rank[slot]`` exit at once, and the expand K-loop stops
+at ``rank[slot]`` - a rank-4 slot costs one 16-wide tile next to a rank-64 slot's four.
 Pools are indexed by slot id times a stride (never a table of pointers: the interpreter cannot
 load pointers). The shrink result stays in an fp32 buffer ``h [N, R]`` in segment order, as
 vLLM's fp32 shrink buffer; the expand adds ``scale * h @ B.T`` into ``y`` in place.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_lora
 from ._triton import DOT_MIN, INTERPRET, block, next_pow2, require_triton, tl, triton
 from .meta import DeltaKernelMeta
 
@@ -27,7 +27,7 @@ RANK_TILE = DOT_MIN
 
 @triton.jit
 def _activation(h, code):
-    """ACT_CODES: 0 relu, 1 exact erf GELU, 2 tanh GELU (gelu_new), 3 SiLU; on fp32 ``h``."""
+    """kernels.activations.ACT_CODES: 0 relu, 1 exact erf GELU, 2 tanh GELU (gelu_new), 3 SiLU; on fp32 ``h``."""
     if code == 0:
         h = tl.maximum(h, 0.0)
     elif code == 1:
@@ -185,18 +185,10 @@ def expand(y: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: torch.Tenso
         _expand_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=RANK_TILE)
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
-             rank: torch.Tensor, meta: DeltaKernelMeta) -> None:
-    """Semantics: for every token t with s = slot[t] >= 0 and r = rank[s] > 0:
-        y[t] += scale[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T
-    y [T, out] (in place), x [T, in], lora_a [S, R, in], lora_b [S, out, R], scale fp32 [S], rank int32 [S]
-    (0 = no LoRA at this layer; values must not exceed R). Two launches: shrink, then expand."""
-    check_lora(y, x, lora_a, lora_b, scale, rank, meta)
-    launch_lora(y, x, lora_a, lora_b, scale, rank, meta)
-
-
-def launch_lora(y, x, lora_a, lora_b, scale, rank, meta) -> None:
-    """add_lora without the argument checks (the dispatcher has done them)."""
+def triton_add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    scale: torch.Tensor, rank: torch.Tensor, meta: DeltaKernelMeta) -> None:
+    """The Triton backend of ``kernels.add_lora`` (which checks the arguments; semantics and shapes there):
+    two launches, shrink into the fp32 ``h`` then expand into ``y``."""
     require_triton(y, "add_lora")
     if meta.no_delta:
         return

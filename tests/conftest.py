@@ -17,9 +17,9 @@ def _cuda_present() -> bool:
 if not _cuda_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # Under the interpreter one kernel launch costs tens of ms; model, engine and server tests make
-    # thousands, so they serve through the torch reference (the CPU serving path). Kernel tests call
-    # the Triton launchers directly, and model tests opt in with `kernels.backend("triton")`.
-    os.environ.setdefault("DELTASERVE_KERNELS", "reference")
+    # thousands, so they serve through the CPU backend (the CPU serving path). Kernel tests pick the
+    # backend per test, and model tests opt in with `kernels.backend("triton")`.
+    os.environ.setdefault("DELTASERVE_KERNELS", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

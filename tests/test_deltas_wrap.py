@@ -5,11 +5,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
 from delta_store.errors import DeltaError, DeltaServeError, InvalidArgument
-from server.deltas import DeltaLinear, DeltaNorm, wrap_model
-from tests.helpers import tiny_gpt2, tiny_llama
+from kernels.cpu import grouped
+from server.deltas import DeltaBatch, DeltaLinear, DeltaNorm, wrap_model
+from tests.helpers import assert_close, tiny_gpt2, tiny_llama
 
 ARCHS = {
     "llama": lambda: tiny_llama(),
@@ -192,11 +194,13 @@ def test_batch_buffer_is_refilled_in_place():
     """CUDA-graph friendly: steps of up to max_tokens tokens reuse the same slot-id storage."""
     dm = wrap_model(tiny_llama(), max_slots=4, max_rank=4, max_bottleneck=4, max_tokens=16)
     ptr = dm.batch._slots.data_ptr()
+    index_ptr = dm.batch._index.storage.data_ptr()  # the kernels' index tensors (kernels.MetaBuffers)
     for slots in ([0] * 16, [1, -1, 3], [2] * 7):
         dm.batch.prepare(slots)
         assert dm.batch._slots.data_ptr() == ptr
         assert dm.batch.meta.token_slots.data_ptr() == ptr
         assert dm.batch.meta.token_slots.tolist() == slots
+        assert dm.batch.meta.sorted_token_ids.data_ptr() == index_ptr  # the first region of the storage
 
 
 def test_output_adapter_on_any_wrapped_module_and_mixed_sources():
@@ -250,3 +254,33 @@ def test_pools_load_inside_and_outside_inference_mode():
         dm2.set_delta(1, Delta(md))
         dm2.clear(1)
     assert dm.layers["model.layers.0.self_attn.q_proj"].bias_delta[0, 0].item() == 1.0
+
+
+@pytest.mark.skipif(not grouped.supported(torch.empty(0)), reason="F.grouped_mm does not run on this torch")
+def test_delta_linear_pools_store_b_and_up_as_rows():
+    """LoRA B and adapter up pools are stored [S, R, out] rows, the kernels' [S, out, R] views transposes of
+    them: the layout the CPU backend's grouped plan reads in place (kernels/cpu/grouped.py)."""
+    base = torch.nn.Linear(24, 40)
+    layer = DeltaLinear(base, DeltaBatch(4), path="p", max_slots=4, max_rank=8, max_bottleneck=8)
+    g = torch.Generator().manual_seed(0)
+    lora = LoraTerm(torch.randn(3, 24, generator=g), torch.randn(40, 3, generator=g), 0.5)
+    ad = AdapterTerm(torch.randn(5, 40, generator=g), torch.randn(5, generator=g), torch.randn(40, 5, generator=g),
+                     torch.randn(40, generator=g), "silu", 2.0, "output")
+    layer.set_delta(2, ModuleDelta(lora=lora, adapter=ad))
+    for view, rows, want, r in ((layer.lora_b, layer.lora_b_rows, lora.b, 3),
+                                (layer.adapters.up, layer.adapters.up_rows, ad.up, 5)):
+        assert rows.is_contiguous() and view.data_ptr() == rows.data_ptr()  # a view, nothing copied
+        assert torch.equal(view[2, :, :r], want) and view[2, :, r:].eq(0).all() and view[[0, 1, 3]].eq(0).all()
+    assert grouped.lora_ok(torch.empty(1, 24), layer.lora_a, layer.lora_b)
+    x = torch.randn(6, 24, generator=g)
+    layer.batch.prepare([2, -1, 2, 0, -1, 2])
+    with torch.no_grad():
+        y = layer(x)
+        want = base(x)
+        rows = [0, 2, 5]
+        want[rows] += 0.5 * (x[rows] @ lora.a.T) @ lora.b.T
+        want[rows] += 2.0 * (F.silu(want[rows] @ ad.down.T + ad.down_bias) @ ad.up.T + ad.up_bias)
+    assert_close(y, want, atol=2e-5, rtol=2e-5, what="DeltaLinear forward")
+    layer.clear(2)
+    assert layer.lora_b_rows.eq(0).all() and layer.adapters.up_rows.eq(0).all()
+    assert layer.nbytes() == 4 * (8 * (24 + 40) + 2 * 40 + 24) * 4 + 4 * 8 + layer.adapters.nbytes()

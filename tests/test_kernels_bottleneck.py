@@ -1,17 +1,18 @@
-"""Bottleneck adapters: Triton against the reference (interpreter, fp32/fp16), the reference against a
-float64 loop, every activation mixed in one batch, per-slot widths, and ``u`` aliasing ``y``."""
+"""Bottleneck adapters: the Triton kernels (interpreter, fp32/fp16) and the CPU backend, each against the
+exact float64 reference; every activation mixed in one batch, per-slot widths, and ``u`` aliasing ``y``."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import kernels
-from kernels import ACT_CODES, DeltaKernelMeta, bottleneck, reference, reference_grouped
+from kernels import ACT_CODES, DeltaKernelMeta
+from kernels.cpu import choose_plan, cpu_add_bottleneck, force_plan, grouped, plans
+from kernels.reference import ref_add_bottleneck
 from tests.helpers import TOLERANCES, assert_close
-from tests.test_kernels_cases import (PATTERNS, bottleneck_pools, loop_bottleneck, slot_ids, slots_tensor,
-                                      transposed_storage)
+from tests.kernel_cases import (BACKENDS, DEVICE, FP32_TOL, PATTERNS, bottleneck_pools, on, slot_ids, slots_tensor,
+                                transposed_storage)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WIDTHS = (1, 4, 8, 16, 32)
 KEYS = ("down", "down_bias", "up", "up_bias", "scale", "width", "act")
 
@@ -35,12 +36,13 @@ def _args(p):
 @pytest.mark.parametrize("num_tokens", [1, 3, 17, 64])
 @pytest.mark.parametrize("num_deltas", [1, 3, 8])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_reference_matches_float64_loop(num_tokens, num_deltas, pattern):
+def test_cpu_matches_reference(num_tokens, num_deltas, pattern):
     slots, pools, y, u = _case(num_tokens, num_deltas, pattern, 40, torch.float32, seed=num_deltas, device="cpu")
-    expected = loop_bottleneck(y, u, *_args(pools), slots)
+    expected = ref_add_bottleneck(y, u, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots))
-    reference.add_bottleneck(y, u, *_args(pools), meta)
-    assert_close(y, expected, atol=2e-5, rtol=2e-5, what=f"reference plan={reference._plan(meta)} slots={slots}")
+    with on("cpu"):
+        kernels.add_bottleneck(y, u, *_args(pools), meta)
+    assert_close(y, expected, **FP32_TOL, what=f"cpu plan={choose_plan(meta)} slots={slots}")
 
 
 @pytest.mark.parametrize("slots", [[0] * 6 + [1] * 6 + [-1, 2, 2, 2, 2], [0, 1, 2] * 6, [2, 0, -1, 1]],
@@ -49,17 +51,18 @@ def test_output_placement_reads_y_before_writing_it(slots):
     # "output" placement: the adapter reads the very tensor it adds to.
     pools = bottleneck_pools(3, 24, [8, 32, 3], [1, 2, 3], device=DEVICE)
     y = torch.randn(len(slots), 24, device=DEVICE)
-    expected = loop_bottleneck(y, y, *_args(pools), slots)
+    expected = ref_add_bottleneck(y, y, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
-    for fn in (reference.add_bottleneck, bottleneck.add_bottleneck):
+    for name in BACKENDS:
         out = y.clone()
-        fn(out, out, *_args(pools), meta)
-        assert_close(out, expected, atol=2e-5, rtol=2e-5, what=f"{fn.__module__} aliased")
-    for plan in reference.PLANS:
+        with on(name):
+            kernels.add_bottleneck(out, out, *_args(pools), meta)
+        assert_close(out, expected, **FP32_TOL, what=f"{name} aliased")
+    for plan in plans.PLANS:
         out = y.clone()
-        with reference.force_plan(plan):
-            reference.add_bottleneck(out, out, *_args(pools), meta)
-        assert_close(out, expected, atol=2e-5, rtol=2e-5, what=f"reference {plan} aliased")
+        with force_plan(plan):
+            cpu_add_bottleneck(out, out, *_args(pools), meta)
+        assert_close(out, expected, **FP32_TOL, what=f"cpu {plan} aliased")
 
 
 TRITON_CASES = [(1, 1, "identical"), (3, 3, "distinct"), (17, 8, "uniform"), (64, 8, "zipf"), (64, 3, "skewed"),
@@ -72,11 +75,11 @@ def test_triton_matches_reference(num_tokens, num_deltas, pattern, dtype):
     hidden = (24, 40, 72)[num_tokens % 3]
     slots, pools, y, u = _case(num_tokens, num_deltas, pattern, hidden, dtype, seed=num_tokens)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
-    y_ref = y.clone()
-    reference.add_bottleneck(y_ref, u, *_args(pools), meta)
-    bottleneck.add_bottleneck(y, u, *_args(pools), meta)
-    tol = TOLERANCES[dtype] if dtype != torch.float32 else dict(atol=2e-5, rtol=2e-5)
-    assert_close(y, y_ref, **tol, what=f"triton {dtype} slots={slots}")
+    expected = ref_add_bottleneck(y, u, *_args(pools), slots)
+    with on("triton"):
+        kernels.add_bottleneck(y, u, *_args(pools), meta)
+    tol = TOLERANCES[dtype] if dtype != torch.float32 else FP32_TOL
+    assert_close(y, expected, **tol, what=f"triton {dtype} slots={slots}")
 
 
 @pytest.mark.parametrize("name, code", sorted(ACT_CODES.items()))
@@ -85,12 +88,13 @@ def test_each_activation_alone(name, code):
     pools["down_bias"].mul_(8)  # pre-activations on both sides of 0, where the four activations differ most
     slots = [0, 1, 1, 0, -1]
     y, u = torch.randn(5, 40, device=DEVICE), torch.randn(5, 40, device=DEVICE)
-    expected = loop_bottleneck(y, u, *_args(pools), slots)
+    expected = ref_add_bottleneck(y, u, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
-    for fn in (reference.add_bottleneck, bottleneck.add_bottleneck):
+    for backend_name in BACKENDS:
         out = y.clone()
-        fn(out, u, *_args(pools), meta)
-        assert_close(out, expected, atol=5e-5, rtol=2e-5, what=f"{name} {fn.__module__}")
+        with on(backend_name):
+            kernels.add_bottleneck(out, u, *_args(pools), meta)
+        assert_close(out, expected, atol=5e-5, rtol=2e-5, what=f"{name} {backend_name}")
 
 
 def test_width_zero_slot_adds_nothing_not_even_up_bias():
@@ -99,21 +103,23 @@ def test_width_zero_slot_adds_nothing_not_even_up_bias():
     slots = [1, 0, 1, 2, 1, 1, 0]  # gather plan: slot 1 shares the batched matmuls
     y, u = torch.randn(7, 24, device=DEVICE), torch.randn(7, 24, device=DEVICE)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
-    for fn in (reference.add_bottleneck, bottleneck.add_bottleneck):
+    for name in BACKENDS:
         out = y.clone()
-        fn(out, u, *_args(pools), meta)
-        assert torch.equal(out[[0, 2, 4, 5]], y[[0, 2, 4, 5]]), fn.__module__
+        with on(name):
+            kernels.add_bottleneck(out, u, *_args(pools), meta)
+        assert torch.equal(out[[0, 2, 4, 5]], y[[0, 2, 4, 5]]), name
 
 
 def test_unknown_activation_code_is_refused():
     pools = bottleneck_pools(2, 24, [4, 4], [0, 7])
     meta = DeltaKernelMeta.build(slots_tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"act\[1\] = 7"):
-        reference.add_bottleneck(torch.randn(2, 24), torch.randn(2, 24), *_args(pools), meta)
+    with pytest.raises(ValueError, match=r"act\[1\] = 7"), on("cpu"):
+        kernels.add_bottleneck(torch.randn(2, 24), torch.randn(2, 24), *_args(pools), meta)
 
 
-@pytest.mark.parametrize("fn", [bottleneck.add_bottleneck, kernels.add_bottleneck], ids=["launcher", "dispatch"])
-def test_bad_input_raises_value_error_naming_argument(fn):
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_bad_input_raises_value_error_naming_argument(backend_name):
+    # the public op checks once, before either backend runs
     pools = bottleneck_pools(3, 24, [4, 8, 16], [0, 1, 2], device=DEVICE)
     y, u = torch.randn(5, 24, device=DEVICE), torch.randn(5, 24, device=DEVICE)
     meta = DeltaKernelMeta.build(slots_tensor([0, 1, 2, -1, 0], DEVICE))
@@ -130,8 +136,8 @@ def test_bad_input_raises_value_error_naming_argument(fn):
         ("meta", dict(meta=DeltaKernelMeta.build(slots_tensor([0], DEVICE))), "1 tokens"),
     ]
     for name, change, fragment in cases:
-        with pytest.raises(ValueError, match=name) as info:
-            fn(**{**good, **change})
+        with pytest.raises(ValueError, match=name) as info, on(backend_name):
+            kernels.add_bottleneck(**{**good, **change})
         assert fragment in str(info.value), (name, str(info.value))
 
 
@@ -142,26 +148,26 @@ def test_bad_input_raises_value_error_naming_argument(fn):
 def test_triton_large_grid_on_gpu(num_tokens, pattern, dtype):
     slots, pools, y, u = _case(num_tokens, 16, pattern, 2049, dtype, seed=num_tokens)
     meta = DeltaKernelMeta.build(slots_tensor(slots, "cuda"))
-    y_ref = y.clone()
-    reference.add_bottleneck(y_ref, u, *_args(pools), meta)
-    bottleneck.add_bottleneck(y, u, *_args(pools), meta)
+    expected = ref_add_bottleneck(y, u, *_args(pools), slots)
+    with on("triton"):
+        kernels.add_bottleneck(y, u, *_args(pools), meta)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
-    assert_close(y, y_ref, **tol, what=f"cuda {dtype} T={num_tokens} {pattern}")
+    assert_close(y, expected, **tol, what=f"cuda {dtype} T={num_tokens} {pattern}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("plan", reference.PLANS)
+@pytest.mark.parametrize("plan", plans.PLANS)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_every_plan_on_every_pattern(plan, pattern, dtype):
     slots, pools, y, u = _case(17, 8, pattern, 24, dtype, seed=5, device="cpu")
-    expected = loop_bottleneck(y, y, *_args(pools), slots)
+    expected = ref_add_bottleneck(y, y, *_args(pools), slots)
     if plan == "grouped":  # the forced plan really runs (it falls back to "gather" where it cannot)
-        if not reference_grouped.supported(y):
+        if not grouped.supported(y):
             pytest.skip(f"F.grouped_mm does not run on this torch for {dtype}")
-        assert reference_grouped.bottleneck_ok(y, pools["down"], pools["up"]), dtype
-    with reference.force_plan(plan):
-        reference.add_bottleneck(y, y, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else TOLERANCES[dtype]
+        assert grouped.bottleneck_ok(y, pools["down"], pools["up"]), dtype
+    with force_plan(plan):
+        cpu_add_bottleneck(y, y, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
+    tol = FP32_TOL if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close(y, expected, **tol, what=f"forced {plan} {dtype}")
 
 
@@ -170,9 +176,10 @@ def test_up_stored_transposed():
     pools = bottleneck_pools(3, 40, [8, 32, 3], [0, 1, 3], device=DEVICE)
     pools["up"] = transposed_storage(pools["up"])
     y, u = torch.randn(8, 40, device=DEVICE), torch.randn(8, 40, device=DEVICE)
-    expected = loop_bottleneck(y, u, *_args(pools), slots)
+    expected = ref_add_bottleneck(y, u, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
-    for fn in (reference.add_bottleneck, bottleneck.add_bottleneck, kernels.add_bottleneck):
+    for name in BACKENDS:
         out = y.clone()
-        fn(out, u, *_args(pools), meta)
-        assert_close(out, expected, atol=2e-5, rtol=2e-5, what=fn.__module__)
+        with on(name):
+            kernels.add_bottleneck(out, u, *_args(pools), meta)
+        assert_close(out, expected, **FP32_TOL, what=name)

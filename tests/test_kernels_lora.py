@@ -1,16 +1,18 @@
-"""LoRA: the Triton launcher against the torch reference (interpreter on CPU, fp32 and fp16), the
-reference against a float64 per-token loop, over odd sizes, mixed ranks, slot counts and popularity."""
+"""LoRA: the Triton kernels (interpreter on CPU, fp32 and fp16) and the CPU backend, each against the exact
+float64 reference, over odd sizes, mixed ranks, slot counts and popularity patterns; the CPU plans one by one."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import kernels
-from kernels import DeltaKernelMeta, lora, reference, reference_grouped
+from kernels import DeltaKernelMeta
+from kernels.cpu import choose_plan, cpu_add_lora, force_plan, gather, grouped, plans
+from kernels.reference import ref_add_lora
 from tests.helpers import TOLERANCES, assert_close
-from tests.test_kernels_cases import PATTERNS, RANKS, GARBAGE, lora_pools, loop_lora, slot_ids, slots_tensor
+from tests.kernel_cases import (BACKENDS, DEVICE, FP32_TOL, GARBAGE, PATTERNS, RANKS, lora_pools, on, slot_ids,
+                                slots_tensor)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = ((24, 40), (72, 24), (40, 40))  # (in, out): none a power of two
 
 
@@ -32,13 +34,14 @@ def _args(pools):
 @pytest.mark.parametrize("num_tokens", [1, 3, 17, 64])
 @pytest.mark.parametrize("num_deltas", [1, 3, 8])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_reference_matches_float64_loop(num_tokens, num_deltas, pattern):
+def test_cpu_matches_reference(num_tokens, num_deltas, pattern):
     n_in, n_out = SHAPES[(num_tokens + num_deltas) % len(SHAPES)]
     slots, pools, x, y = _case(num_tokens, num_deltas, pattern, n_in, n_out, torch.float32, device="cpu")
-    expected = loop_lora(y, x, *_args(pools), slots)
+    expected = ref_add_lora(y, x, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots))
-    reference.add_lora(y, x, *_args(pools), meta)
-    assert_close(y, expected, atol=2e-5, rtol=2e-5, what=f"reference plan={reference._plan(meta)} slots={slots}")
+    with on("cpu"):
+        kernels.add_lora(y, x, *_args(pools), meta)
+    assert_close(y, expected, **FP32_TOL, what=f"cpu plan={choose_plan(meta)} slots={slots}")
 
 
 @pytest.mark.parametrize("slots, plan, without_grouped", [
@@ -46,23 +49,23 @@ def test_reference_matches_float64_loop(num_tokens, num_deltas, pattern):
     ([0, 1] * 10 + [-1, 1], "grouped", "segments"),  # many tokens per slot, interleaved
     ([3, 1, 0, 2, -1, 4], "grouped", "gather"),  # decode: one token per slot
 ])
-def test_each_reference_plan(slots, plan, without_grouped, monkeypatch):
+def test_each_cpu_plan(slots, plan, without_grouped, monkeypatch):
     pools = lora_pools(5, 40, 24, [16, 1, 64, 4, 0])
     x, y = torch.randn(len(slots), 40), torch.randn(len(slots), 24)
-    expected = loop_lora(y, x, *_args(pools), slots)
+    expected = ref_add_lora(y, x, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots))
     # fp32 on the CPU: grouped_mm is there from torch 2.13 (an older torch keeps the older plans)
-    assert reference._plan(meta) == (plan if reference.GROUPED_CPU_FP32 else without_grouped)
-    assert reference._plan(meta, grouped_ok=False) == without_grouped
-    assert reference._plan(meta, dtype=torch.float16) == without_grouped  # slower in half types on the CPU
+    assert choose_plan(meta) == (plan if plans.GROUPED_CPU_FP32 else without_grouped)
+    assert choose_plan(meta, grouped_ok=False) == without_grouped
+    assert choose_plan(meta, dtype=torch.float16) == without_grouped  # slower in half types on the CPU
     out = y.clone()
-    reference.add_lora(out, x, *_args(pools), meta)
-    assert_close(out, expected, atol=2e-5, rtol=2e-5, what=plan)
+    cpu_add_lora(out, x, *_args(pools), meta)
+    assert_close(out, expected, **FP32_TOL, what=plan)
     # where grouped_mm is missing (the probe said no), the same call takes the older plan
-    monkeypatch.setitem(reference_grouped._SUPPORTED, ("cpu", torch.float32), False)
+    monkeypatch.setitem(grouped._SUPPORTED, ("cpu", torch.float32), False)
     out = y.clone()
-    reference.add_lora(out, x, *_args(pools), meta)
-    assert_close(out, expected, atol=2e-5, rtol=2e-5, what=without_grouped)
+    cpu_add_lora(out, x, *_args(pools), meta)
+    assert_close(out, expected, **FP32_TOL, what=without_grouped)
 
 
 TRITON_CASES = [  # (tokens, deltas, pattern): every size, slot count and pattern at least once
@@ -77,11 +80,11 @@ def test_triton_matches_reference(num_tokens, num_deltas, pattern, dtype):
     n_in, n_out = SHAPES[num_tokens % len(SHAPES)]
     slots, pools, x, y = _case(num_tokens, num_deltas, pattern, n_in, n_out, dtype, seed=num_tokens)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
-    y_ref = y.clone()
-    reference.add_lora(y_ref, x, *_args(pools), meta)
-    lora.add_lora(y, x, *_args(pools), meta)
-    tol = TOLERANCES[dtype] if dtype != torch.float32 else dict(atol=2e-5, rtol=2e-5)
-    assert_close(y, y_ref, **tol, what=f"triton {dtype} slots={slots}")
+    expected = ref_add_lora(y, x, *_args(pools), slots)
+    with on("triton"):
+        kernels.add_lora(y, x, *_args(pools), meta)
+    tol = TOLERANCES[dtype] if dtype != torch.float32 else FP32_TOL
+    assert_close(y, expected, **tol, what=f"triton {dtype} slots={slots}")
 
 
 def test_untouched_tokens_and_rank_zero_slots_are_bit_exact():
@@ -89,12 +92,13 @@ def test_untouched_tokens_and_rank_zero_slots_are_bit_exact():
     pools = lora_pools(3, 24, 40, [8, 0, 64], device=DEVICE)  # slot 1 has no LoRA at this layer
     x, y = torch.randn(6, 24, device=DEVICE), torch.randn(6, 40, device=DEVICE)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
-    for fn in (reference.add_lora, lora.add_lora):
+    for name in BACKENDS:
         out = y.clone()
-        fn(out, x, *_args(pools), meta)
+        with on(name):
+            kernels.add_lora(out, x, *_args(pools), meta)
         untouched = [1, 2, 3, 4]
-        assert torch.equal(out[untouched], y[untouched]), fn.__module__
-        assert not torch.equal(out[[0, 5]], y[[0, 5]]), fn.__module__
+        assert torch.equal(out[untouched], y[untouched]), name
+        assert not torch.equal(out[[0, 5]], y[[0, 5]]), name
 
 
 def test_padding_past_rank_is_never_read():
@@ -104,11 +108,12 @@ def test_padding_past_rank_is_never_read():
     assert pools["lora_a"][0, 1:].eq(GARBAGE).all()
     x, y = torch.randn(4, 24, device=DEVICE), torch.randn(4, 24, device=DEVICE)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
-    expected = loop_lora(y, x, *_args(pools), slots)
-    for fn in (reference.add_lora, lora.add_lora):
+    expected = ref_add_lora(y, x, *_args(pools), slots)
+    for name in BACKENDS:
         out = y.clone()
-        fn(out, x, *_args(pools), meta)
-        assert_close(out, expected, atol=2e-5, rtol=2e-5, what=fn.__module__)
+        with on(name):
+            kernels.add_lora(out, x, *_args(pools), meta)
+        assert_close(out, expected, **FP32_TOL, what=name)
 
 
 def test_no_delta_returns_without_work():
@@ -116,8 +121,9 @@ def test_no_delta_returns_without_work():
     x, y = torch.randn(5, 24, device=DEVICE), torch.randn(5, 24, device=DEVICE)
     meta = DeltaKernelMeta.build(slots_tensor([-1] * 5, DEVICE))
     out = y.clone()
-    lora.add_lora(out, x, *_args(pools), meta)
-    kernels.add_lora(out, x, *_args(pools), meta)
+    for name in BACKENDS:
+        with on(name):
+            kernels.add_lora(out, x, *_args(pools), meta)
     assert torch.equal(out, y)
 
 
@@ -125,12 +131,12 @@ def test_dispatch_follows_backend():
     slots, pools, x, y = _case(17, 3, "uniform", 24, 40, torch.float32)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
     outs = {}
-    for name in ("reference", "triton"):
+    for name in BACKENDS:
         with kernels.backend(name):
             assert kernels.current_backend(y) == name
             outs[name] = y.clone()
             kernels.add_lora(outs[name], x, *_args(pools), meta)
-    assert_close(outs["triton"], outs["reference"], atol=2e-5, rtol=2e-5, what="dispatch")
+    assert_close(outs["triton"], outs["cpu"], **FP32_TOL, what="dispatch")
 
 
 def _bad_inputs():
@@ -154,22 +160,23 @@ def _bad_inputs():
     ]
 
 
-@pytest.mark.parametrize("fn", [lora.add_lora, kernels.add_lora], ids=["launcher", "dispatch"])
-def test_bad_input_raises_value_error_naming_argument(fn):
+@pytest.mark.parametrize("name", BACKENDS)
+def test_bad_input_raises_value_error_naming_argument(name):
+    # the public op checks once, before either backend runs
     good, cases = _bad_inputs()
-    for name, change, fragment in cases:
+    for arg, change, fragment in cases:
         args = {**good, **change}
-        with pytest.raises(ValueError, match=name) as info:
-            fn(**args)
-        assert fragment in str(info.value), (name, str(info.value))
+        with pytest.raises(ValueError, match=arg) as info, on(name):
+            kernels.add_lora(**args)
+        assert fragment in str(info.value), (arg, str(info.value))
 
 
-def test_rank_beyond_pool_is_refused_by_reference():
+def test_rank_beyond_pool_is_refused_by_cpu_backend():
     pools = lora_pools(2, 24, 24, [4, 4], max_rank=16)
     pools["rank"][1] = 17
     meta = DeltaKernelMeta.build(slots_tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"rank\[1\] = 17"):
-        reference.add_lora(torch.randn(2, 24), torch.randn(2, 24), *_args(pools), meta)
+    with pytest.raises(ValueError, match=r"rank\[1\] = 17"), on("cpu"):
+        kernels.add_lora(torch.randn(2, 24), torch.randn(2, 24), *_args(pools), meta)
 
 
 @pytest.mark.gpu
@@ -181,47 +188,46 @@ def test_triton_large_grid_on_gpu(num_tokens, num_deltas, pattern, dtype):
     n_in, n_out = (2049, 1024) if num_tokens < 1024 else (4096, 11008)
     slots, pools, x, y = _case(num_tokens, num_deltas, pattern, n_in, n_out, dtype, seed=num_deltas)
     meta = DeltaKernelMeta.build(slots_tensor(slots, "cuda"))
-    y_ref = y.clone()
-    reference.add_lora(y_ref, x, *_args(pools), meta)
-    lora.add_lora(y, x, *_args(pools), meta)
+    expected = ref_add_lora(y, x, *_args(pools), slots)
+    with on("triton"):
+        kernels.add_lora(y, x, *_args(pools), meta)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
-    assert_close(y, y_ref, **tol, what=f"cuda {dtype} T={num_tokens} deltas={num_deltas} {pattern}")
+    assert_close(y, expected, **tol, what=f"cuda {dtype} T={num_tokens} deltas={num_deltas} {pattern}")
 
 
 def test_gathered_groups_split_by_rank():
-    # decode-like batch mixing rank 4 and rank 64: the reference gathers each rank group separately
+    # decode-like batch mixing rank 4 and rank 64: the CPU backend gathers each rank group separately
     slots = [0, 1, 2, 3, -1, 4, 5]
     ranks = [4, 64, 4, 64, 0, 16]
-    groups = list(reference._gather_groups(DeltaKernelMeta.build(slots_tensor(slots)), ranks,
-                                           [s for s in range(6) if ranks[s]]))
+    groups = list(gather.groups(DeltaKernelMeta.build(slots_tensor(slots)), ranks, [s for s in range(6) if ranks[s]]))
     assert [(size, sl.tolist(), same) for size, _, sl, same in groups] == [(4, [0, 2], True), (16, [5], True),
                                                                       (64, [1, 3], True)]
     assert [ids.tolist() for _, ids, _, _ in groups] == [[0, 2], [6], [1, 3]]
     pools = lora_pools(6, 24, 40, ranks)
     x, y = torch.randn(7, 24), torch.randn(7, 40)
-    expected = loop_lora(y, x, *_args(pools), slots)
-    reference.add_lora(y, x, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
-    assert_close(y, expected, atol=2e-5, rtol=2e-5, what="rank groups")
+    expected = ref_add_lora(y, x, *_args(pools), slots)
+    cpu_add_lora(y, x, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
+    assert_close(y, expected, **FP32_TOL, what="rank groups")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("plan", reference.PLANS)
+@pytest.mark.parametrize("plan", plans.PLANS)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_every_plan_on_every_pattern(plan, pattern, dtype):
     slots, pools, x, y = _case(17, 8, pattern, 40, 24, dtype, device="cpu", seed=3)
-    expected = loop_lora(y, x, *_args(pools), slots)
+    expected = ref_add_lora(y, x, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots))
     if plan == "grouped":  # the forced plan really runs (it falls back to "gather" where it cannot)
-        if not reference_grouped.supported(x):
+        if not grouped.supported(x):
             pytest.skip(f"F.grouped_mm does not run on this torch for {dtype}")
-        assert reference_grouped.lora_ok(x, pools["lora_a"], pools["lora_b"]), dtype
-    with reference.force_plan(plan):
-        reference.add_lora(y, x, *_args(pools), meta)
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else TOLERANCES[dtype]
+        assert grouped.lora_ok(x, pools["lora_a"], pools["lora_b"]), dtype
+    with force_plan(plan):
+        cpu_add_lora(y, x, *_args(pools), meta)
+    tol = FP32_TOL if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close(y, expected, **tol, what=f"forced {plan} {dtype}")
 
 
-@pytest.mark.parametrize("plan", reference.PLANS)
+@pytest.mark.parametrize("plan", plans.PLANS)
 def test_lora_b_stored_transposed(plan):
     # lora_b may be a transpose view of a contiguous [S, R, out] pool: same semantics, either backend.
     slots = slot_ids(17, 8, "uniform", seed=4, none_fraction=0.2)
@@ -229,12 +235,13 @@ def test_lora_b_stored_transposed(plan):
     pools = lora_pools(10, 40, 24, ranks, b_transposed=True, device=DEVICE)
     assert not pools["lora_b"].is_contiguous() and pools["lora_b"].transpose(1, 2).is_contiguous()
     x, y = torch.randn(17, 40, device=DEVICE), torch.randn(17, 24, device=DEVICE)
-    expected = loop_lora(y, x, *_args(pools), slots)
+    expected = ref_add_lora(y, x, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
     out = y.clone()
-    with reference.force_plan(plan):
-        reference.add_lora(out, x, *_args(pools), meta)
-    assert_close(out, expected, atol=2e-5, rtol=2e-5, what=f"reference {plan}")
+    with force_plan(plan), on("cpu"):
+        kernels.add_lora(out, x, *_args(pools), meta)
+    assert_close(out, expected, **FP32_TOL, what=f"cpu {plan}")
     out = y.clone()
-    lora.add_lora(out, x, *_args(pools), meta)
-    assert_close(out, expected, atol=2e-5, rtol=2e-5, what="triton")
+    with on("triton"):
+        kernels.add_lora(out, x, *_args(pools), meta)
+    assert_close(out, expected, **FP32_TOL, what="triton")

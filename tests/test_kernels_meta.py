@@ -1,4 +1,4 @@
-"""DeltaKernelMeta (per-step metadata) and the backend switch."""
+"""DeltaKernelMeta (per-step metadata), its preallocated buffers, and the backend switch."""
 from __future__ import annotations
 
 import os
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import kernels
-from kernels import DeltaKernelMeta
-from tests.test_kernels_cases import PATTERNS, slot_ids, slots_tensor
+from kernels import DeltaKernelMeta, MetaBuffers
+from tests.kernel_cases import PATTERNS, slot_ids, slots_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,57 @@ def test_host_list_is_optional():
     assert a.runs_host == b.runs_host
 
 
+INDEX_TENSORS = ("sorted_token_ids", "active_slots", "seg_start", "seg_len")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_buffers_give_the_same_meta_as_fresh_tensors(pattern):
+    buffers = MetaBuffers(max_tokens=300, max_slots=40)
+    for num_tokens, num_deltas in ((1, 1), (17, 3), (300, 32), (64, 8), (0, 1)):  # shrinking steps reuse the tails
+        slots = slot_ids(num_tokens, num_deltas, pattern, pool_slots=40, seed=num_tokens,
+                         none_fraction=0.25) if num_tokens else []
+        fresh = DeltaKernelMeta.build(slots_tensor(slots), slots)
+        kept = DeltaKernelMeta.build(slots_tensor(slots), slots, buffers=buffers)
+        for name in INDEX_TENSORS:
+            assert getattr(kept, name).tolist() == getattr(fresh, name).tolist(), (name, num_tokens)
+            assert getattr(kept, name).dtype == torch.int32
+        assert (kept.runs_host, kept.active_slots_host, kept.max_seg_len, kept.no_delta) == \
+            (fresh.runs_host, fresh.active_slots_host, fresh.max_seg_len, fresh.no_delta)
+
+
+def test_buffers_keep_their_addresses_from_step_to_step():
+    """The index tensors a step's kernels read sit at the same addresses every step (refilled by copy_)."""
+    buffers = MetaBuffers(max_tokens=16, max_slots=4)
+    first = DeltaKernelMeta.build(slots_tensor([0] * 16), [0] * 16, buffers=buffers)
+    ptrs = {name: getattr(first, name).data_ptr() for name in INDEX_TENSORS}
+    for slots in ([1, -1, 3], [2] * 7, [3, 2, 1, 0, -1, 0], [-1, -1]):
+        meta = DeltaKernelMeta.build(slots_tensor(slots), slots, buffers=buffers)
+        for name in INDEX_TENSORS:
+            view = getattr(meta, name)
+            assert view.numel() == 0 or view.data_ptr() == ptrs[name], (name, slots)  # an empty view has none
+        assert meta.sorted_token_ids.tolist() == sorted(range(len(slots)), key=lambda i: (slots[i] < 0, slots[i]))
+        assert all(t.untyped_storage().data_ptr() == buffers.storage.untyped_storage().data_ptr()
+                   for t in (meta.sorted_token_ids, meta.active_slots, meta.seg_start, meta.seg_len))
+
+
+@pytest.mark.parametrize("slots, fragment", [
+    (list(range(5)) * 4, "20 tokens exceed max_tokens=16"),
+    ([0, 1, 2, 3, 4], "5 active slots exceed max_slots=4"),
+])
+def test_buffers_refuse_a_step_larger_than_them(slots, fragment):
+    buffers = MetaBuffers(max_tokens=16, max_slots=4)
+    with pytest.raises(ValueError, match=fragment):
+        DeltaKernelMeta.build(slots_tensor(slots), slots, buffers=buffers)
+
+
+def test_buffers_refuse_bad_sizes_and_another_device():
+    with pytest.raises(ValueError, match=r"max_tokens \(0\)"):
+        MetaBuffers(0, 4)
+    buffers = MetaBuffers(8, 4, device="meta")
+    with pytest.raises(ValueError, match="buffers on meta, token_slots on cpu"):
+        DeltaKernelMeta.build(slots_tensor([0, 1]), [0, 1], buffers=buffers)
+
+
 @pytest.mark.parametrize("token_slots, host, fragment", [
     (torch.tensor([0, 1]), None, "int32"),
     (torch.zeros(2, 2, dtype=torch.int32), None, "1-D"),
@@ -83,24 +134,24 @@ def test_backend_override_nests_and_restores():
     base = kernels.current_backend()
     with kernels.backend("triton"):
         assert kernels.current_backend() == "triton"
-        with kernels.backend("reference"):
-            assert kernels.current_backend(torch.zeros(1)) == "reference"
+        with kernels.backend("cpu"):
+            assert kernels.current_backend(torch.zeros(1)) == "cpu"
         assert kernels.current_backend() == "triton"
     assert kernels.current_backend() == base
     with kernels.backend("auto"):
         # auto: Triton for CUDA tensors or under the interpreter (D5)
-        want = "triton" if kernels.use_triton(torch.zeros(1)) else "reference"
+        want = "triton" if kernels.use_triton(torch.zeros(1)) else "cpu"
         assert kernels.current_backend(torch.zeros(1)) == want
     with pytest.raises(ValueError, match="cuda"):
         with kernels.backend("cuda"):
             pass
 
 
-def test_conftest_default_is_reference_without_cuda():
+def test_conftest_default_is_cpu_without_cuda():
     if torch.cuda.is_available():
-        pytest.skip("conftest only picks the reference without CUDA")
-    assert os.environ.get("DELTASERVE_KERNELS") == "reference"
-    assert kernels.current_backend(torch.zeros(1)) == "reference"
+        pytest.skip("conftest only picks the CPU backend without CUDA")
+    assert os.environ.get("DELTASERVE_KERNELS") == "cpu"
+    assert kernels.current_backend(torch.zeros(1)) == "cpu"
 
 
 def test_unknown_backend_in_environment_fails_at_import():
@@ -108,4 +159,4 @@ def test_unknown_backend_in_environment_fails_at_import():
     proc = subprocess.run([sys.executable, "-c", "import kernels"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
-    assert "DELTASERVE_KERNELS='fast'" in proc.stderr and "auto, triton, reference" in proc.stderr
+    assert "DELTASERVE_KERNELS='fast'" in proc.stderr and "auto, triton, cpu" in proc.stderr

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 import kernels
 from kernels import ACT_CODES, DeltaKernelMeta
 from tests.helpers import TOLERANCES, assert_close
-from tests.test_kernels_cases import bottleneck_pools, lora_pools, slots_tensor
+from tests.kernel_cases import DEVICE, bottleneck_pools, lora_pools, slots_tensor
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N_IN, N_OUT, SLOTS = 40, 72, 6
 # slot -> kinds it carries; slot 5 is resident but unused this step
 KINDS = {0: {"lora"}, 1: {"lora", "bitfit"}, 2: {"bottleneck"}, 3: {"ia3"},
@@ -78,7 +77,7 @@ def _loop64(p):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_every_kind_in_one_batch(backend, dtype):
     p = _pools(dtype)
     meta = DeltaKernelMeta.build(slots_tensor(TOKENS, DEVICE), TOKENS)
@@ -95,10 +94,10 @@ def test_backends_agree_on_mixed_batch():
     p = _pools(torch.float32)
     meta = DeltaKernelMeta.build(slots_tensor(TOKENS, DEVICE), TOKENS)
     outs = {}
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "cpu"):
         with kernels.backend(backend):
             outs[backend] = _layer(p, meta)
-    assert_close(outs["triton"], outs["reference"], **TOLERANCES[torch.float32], what="triton vs reference")
+    assert_close(outs["triton"], outs["cpu"], **TOLERANCES[torch.float32], what="triton vs cpu")
 
 
 def test_per_kind_maps_equal_one_shared_map():

@@ -95,9 +95,9 @@ class ServerProcess:
         env = {**os.environ, **(self.env or {})}
         if not cuda_present():
             # Without a GPU the server's Triton kernels would run in the interpreter, tens of ms per launch:
-            # serve through the torch reference, the CPU serving path (as tests/conftest.py does).
+            # serve through the CPU backend, the CPU serving path (as tests/conftest.py does).
             env.setdefault("TRITON_INTERPRET", "1")
-            env.setdefault("DELTASERVE_KERNELS", "reference")
+            env.setdefault("DELTASERVE_KERNELS", "cpu")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
         self._t0 = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(config_path)],

@@ -2,9 +2,10 @@
 
 Built once by ``wrap_model`` and handed to every ``DeltaLinear``/``DeltaNorm`` by reference, so no
 ``adapter_data`` argument is threaded through the Hugging Face forward and no module global exists
-(vLLM ``lora_kernel_metadata.py``, nano-vllm ``utils/context.py``). The per-token slot ids live in one
-preallocated device buffer refilled with ``copy_`` each step, so a captured CUDA graph keeps reading
-the same storage.
+(vLLM ``lora_kernel_metadata.py``, nano-vllm ``utils/context.py``). The per-token slot ids and the
+kernels' index tensors (``kernels.MetaBuffers``) live in device buffers allocated once and refilled with
+``copy_`` each step, so they keep their addresses from step to step; the kernels' launch grids still
+follow each step's counts, so this alone does not make a step CUDA-graph capturable (kernels/meta.py).
 
 Running example: three sequences of lengths [3, 1, 2] using slots [5, -1, 0] give the per-token ids
 [5, 5, 5, -1, 0, 0]; ``meta.active_slots_host`` is then [0, 5] and token 3 runs the base model only.
@@ -16,7 +17,7 @@ import itertools
 import torch
 
 from delta_store.errors import DeltaServeError, InvalidArgument
-from kernels import DeltaKernelMeta
+from kernels import DeltaKernelMeta, MetaBuffers
 
 
 class DeltaBatch:
@@ -26,10 +27,11 @@ class DeltaBatch:
         self.max_slots = int(max_slots)
         self.device = torch.device(device)
         self._slots = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)  # [max_tokens]
+        self._index = MetaBuffers(max_tokens, self.max_slots, self.device)
         self.token_slots_host: list[int] = []
         # Before the first prepare() the model is the bare base, so an HF forward outside the engine
         # (generate(), a test) works unchanged.
-        self.meta = DeltaKernelMeta.build(self._slots[:0], [])
+        self.meta = DeltaKernelMeta.build(self._slots[:0], [], buffers=self._index)
 
     @property
     def capacity(self) -> int:
@@ -59,11 +61,11 @@ class DeltaBatch:
                 raise InvalidArgument(f"DeltaBatch.prepare: slot id {bad} out of range [-1, {self.max_slots})")
         if num_tokens > self.capacity:
             self._slots = torch.full((max(num_tokens, 2 * self.capacity),), -1, dtype=torch.int32, device=self.device)
+            self._index = MetaBuffers(self.capacity, self.max_slots, self.device)
         view = self._slots[:num_tokens]  # [num_tokens]
-        staged = torch.tensor(token_slots_host, dtype=torch.int32)
-        view.copy_(staged, non_blocking=self.device.type == "cuda" and staged.is_pinned())
+        view.copy_(torch.tensor(token_slots_host, dtype=torch.int32))
         self.token_slots_host = token_slots_host
-        self.meta = DeltaKernelMeta.build(view, token_slots_host)
+        self.meta = DeltaKernelMeta.build(view, token_slots_host, buffers=self._index)
 
     def prepare_sequences(self, slots: list[int], lengths: list[int]) -> None:
         """Per-sequence slots of a packed batch -> per-token ids (sequence i contributes ``lengths[i]`` tokens)."""

@@ -260,7 +260,7 @@ class Scheduler:
             budget -= out.chunks[-1].num_tokens
         # Decode chunks first (the attention's padded decode block), and inside each group the tokens of one
         # delta slot contiguous: the delta kernels then see runs instead of interleaved slots (8 deltas over
-        # 32 decodes: 8 runs of 4 tokens, which the reference path serves with plain matmuls on views).
+        # 32 decodes: 8 runs of 4 tokens, which the CPU backend serves with plain matmuls on views).
         out.chunks.sort(key=lambda c: (c.num_tokens > 1, -1 if c.seq.slot is None else c.seq.slot))
         out.waiting_on_delta = len(skipped)
         return out

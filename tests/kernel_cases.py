@@ -1,18 +1,32 @@
-"""Shared cases for the kernel tests and ``benchmarks/bench_kernels.py``: slot maps from popularity
-patterns, random slot pools, and float64 per-token oracles (the slowest, most obvious form of each
-op's semantics). Holds no tests itself."""
+"""Cases for the kernel tests and ``benchmarks/bench_kernels.py``: slot maps from popularity patterns and
+random slot pools whose padding holds garbage. The oracle they are checked against is the exact
+reference, ``kernels/reference.py``."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from contextlib import contextmanager
 
+import torch
+
+import kernels
 from tests.helpers import popularity
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the Triton cases run: CUDA when present, else the CPU under TRITON_INTERPRET=1."""
+BACKENDS = ("cpu", "triton")
 RANKS = (1, 4, 8, 16, 64)
 PATTERNS = ("identical", "distinct", "uniform", "zipf", "skewed")
 ACT_NAMES = ("relu", "gelu", "gelu_new", "silu")
 GARBAGE = 1e3
 """Written into pool padding (past a slot's rank or width): a kernel that reads past it fails loudly."""
+FP32_TOL = dict(atol=2e-5, rtol=2e-5)
+"""fp32 op against the float64 reference at the test sizes (in, out <= 72, ranks <= 64)."""
+
+
+@contextmanager
+def on(backend: str):
+    """Run the public ops (``kernels.add_lora`` ...) on ``backend`` inside the block."""
+    with kernels.backend(backend):
+        yield
 
 
 def slot_ids(num_tokens: int, num_deltas: int, kind: str, *, pool_slots: int | None = None, seed: int = 0,
@@ -70,36 +84,3 @@ def bottleneck_pools(num_slots: int, hidden: int, widths: list[int], acts: list[
                 up_bias=up_bias.to(device, dtype), scale=(0.5 + torch.rand(num_slots, generator=g)).to(device),
                 width=torch.tensor(widths, dtype=torch.int32, device=device),
                 act=torch.tensor(acts, dtype=torch.int32, device=device))
-
-
-# ------------------------------------------------------------------------ float64 per-token oracles
-_ACTS64 = {0: torch.relu, 1: lambda h: F.gelu(h), 2: lambda h: F.gelu(h, approximate="tanh"), 3: F.silu}
-
-
-def loop_lora(y, x, lora_a, lora_b, scale, rank, slots: list[int]) -> torch.Tensor:
-    out = y.detach().double().cpu().clone()
-    for t, s in enumerate(slots):
-        r = int(rank[s]) if s >= 0 else 0
-        if r:
-            h = x[t].double().cpu() @ lora_a[s, :r].double().cpu().T
-            out[t] += float(scale[s]) * (h @ lora_b[s, :, :r].double().cpu().T)
-    return out
-
-
-def loop_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, slots: list[int]) -> torch.Tensor:
-    out = y.detach().double().cpu().clone()
-    u = u.detach().double().cpu().clone()  # read before any write: u may be y
-    for t, s in enumerate(slots):
-        m = int(width[s]) if s >= 0 else 0
-        if m:
-            h = _ACTS64[int(act[s])](u[t] @ down[s, :m].double().cpu().T + down_bias[s, :m].double().cpu())
-            out[t] += float(scale[s]) * (h @ up[s, :, :m].double().cpu().T + up_bias[s].double().cpu())
-    return out
-
-
-def loop_rows(t, vec, slots: list[int], multiply: bool) -> torch.Tensor:
-    out = t.detach().double().cpu().clone()
-    for i, s in enumerate(slots):
-        if s >= 0:
-            out[i] = out[i] * vec[s].double().cpu() if multiply else out[i] + vec[s].double().cpu()
-    return out

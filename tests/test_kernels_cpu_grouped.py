@@ -1,18 +1,21 @@
-"""The grouped plan of the torch reference (``kernels/reference_grouped.py``): token groups per distinct
-rank, pools never read past a slot's rank, grouped_mm's layout rule and the fallback where it fails, the
-capability probe, and the [S, R, out] pool storage of ``DeltaLinear`` / ``AdapterPool`` it reads."""
+"""The grouped plan of the CPU backend (``kernels/cpu/grouped.py``): token groups per distinct rank, pools
+never read past a slot's rank, grouped_mm's layout rule and the fallback where it fails, and the capability
+probe. (That the server's pools are stored the way this plan reads them in place is tested with the
+pools: ``test_delta_linear_pools_store_b_and_up_as_rows``, tests/test_model_wrap.py.)"""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from delta_store.delta import AdapterTerm, LoraTerm, ModuleDelta
-from kernels import DeltaKernelMeta, reference, reference_grouped
+from kernels import DeltaKernelMeta
+from kernels.cpu import cpu_add_bottleneck, cpu_add_lora, force_plan
+from kernels.cpu import grouped
+from kernels.reference import ref_add_bottleneck, ref_add_lora
 from tests.helpers import TOLERANCES, assert_close
-from tests.test_kernels_cases import bottleneck_pools, lora_pools, loop_bottleneck, loop_lora, slots_tensor
+from tests.kernel_cases import FP32_TOL, bottleneck_pools, lora_pools, slots_tensor
 
-pytestmark = pytest.mark.skipif(not reference_grouped.supported(torch.empty(0)),
+pytestmark = pytest.mark.skipif(not grouped.supported(torch.empty(0)),
                                 reason="F.grouped_mm does not run on this torch (the other plans cover it)")
 LORA_KEYS = ("lora_a", "lora_b", "scale", "rank")
 BN_KEYS = ("down", "down_bias", "up", "up_bias", "scale", "width", "act")
@@ -30,7 +33,7 @@ def test_groups_one_per_distinct_rank_without_unused_slots():
     slots = [4, -1, 2, 1, 3, 4, 2, -1, 1]
     meta = DeltaKernelMeta.build(slots_tensor(slots))
     work = [s for s in meta.active_slots_host if ranks[s]]
-    groups = reference_grouped.groups(meta, ranks, work)
+    groups = grouped.groups(meta, ranks, work)
     assert [g.size for g in groups] == [4, 16]
     g4, g16 = groups
     assert (g4.lo, g4.hi) == (1, 5)  # the pool is sliced to the span of the group's slots
@@ -38,16 +41,16 @@ def test_groups_one_per_distinct_rank_without_unused_slots():
     assert g4.slots.tolist() == [1, 1, 4, 4] and g4.ids.tolist() == [3, 8, 0, 5]
     assert (g16.lo, g16.hi, g16.offs.tolist()) == (2, 3, [2])
     assert g16.ids.tolist() == [2, 6]  # the rank-0 slot's token (4) and the -1 tokens (1, 7) are in no group
-    assert reference_grouped.groups(meta, ranks, work) is groups  # built once per step, shared by the layers
-    assert reference_grouped.groups(DeltaKernelMeta.build(slots_tensor(slots)), ranks, work) is not groups
+    assert grouped.groups(meta, ranks, work) is groups  # built once per step, shared by the layers
+    assert grouped.groups(DeltaKernelMeta.build(slots_tensor(slots)), ranks, work) is not groups
 
 
 def test_tokens_already_in_slot_order_need_no_gather():
     in_order = DeltaKernelMeta.build(slots_tensor([0, 0, 2, 2, 2, 5]))
-    (grp,) = reference_grouped.groups(in_order, [4] * 6, in_order.active_slots_host)
+    (grp,) = grouped.groups(in_order, [4] * 6, in_order.active_slots_host)
     assert grp.ids is None and grp.offs.tolist() == [2, 2, 5, 5, 5, 6]
     reordered = DeltaKernelMeta.build(slots_tensor([2, 2, 0, 0, 5, 5]))
-    (grp,) = reference_grouped.groups(reordered, [4] * 6, reordered.active_slots_host)
+    (grp,) = grouped.groups(reordered, [4] * 6, reordered.active_slots_host)
     assert grp.ids.tolist() == [2, 3, 0, 1, 4, 5]
 
 
@@ -62,11 +65,11 @@ def test_lora_mixed_ranks_never_read_padding(dtype, b_transposed):
         pools["lora_b"] = pools["lora_b"].transpose(1, 2).contiguous().transpose(1, 2)
     slots = [6, 0, -1, 4, 3, 5, 1, 2, 7, 6, -1, 4, 0, 2]
     x, y = torch.randn(len(slots), 32).to(dtype), torch.randn(len(slots), 48).to(dtype)
-    expected = loop_lora(y, x, *[pools[k] for k in LORA_KEYS], slots)
+    expected = ref_add_lora(y, x, *[pools[k] for k in LORA_KEYS], slots)
     out = y.clone()
-    with reference.force_plan("grouped"):
-        reference.add_lora(out, x, *[pools[k] for k in LORA_KEYS], DeltaKernelMeta.build(slots_tensor(slots)))
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else TOLERANCES[dtype]
+    with force_plan("grouped"):
+        cpu_add_lora(out, x, *[pools[k] for k in LORA_KEYS], DeltaKernelMeta.build(slots_tensor(slots)))
+    tol = FP32_TOL if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close(out, expected, **tol, what=f"grouped {dtype}")
     untouched = [2, 5, 10]  # slot -1 twice, and slot 5 (rank 0 here): bit for bit
     assert torch.equal(out[untouched], y[untouched])
@@ -82,10 +85,10 @@ def test_bottleneck_mixed_widths_and_activations_never_read_padding(dtype):
     pools["up"] = pools["up"].transpose(1, 2).contiguous().transpose(1, 2)  # as AdapterPool stores it
     slots = [0, 4, 2, -1, 1, 3, 0, 5, 4, 1]
     y = torch.randn(len(slots), 40).to(dtype)
-    expected = loop_bottleneck(y, y, *[pools[k] for k in BN_KEYS], slots)
+    expected = ref_add_bottleneck(y, y, *[pools[k] for k in BN_KEYS], slots)
     out = y.clone()
-    with reference.force_plan("grouped"):  # u aliases y ("output" placement)
-        reference.add_bottleneck(out, out, *[pools[k] for k in BN_KEYS], DeltaKernelMeta.build(slots_tensor(slots)))
+    with force_plan("grouped"):  # u aliases y ("output" placement)
+        cpu_add_bottleneck(out, out, *[pools[k] for k in BN_KEYS], DeltaKernelMeta.build(slots_tensor(slots)))
     tol = dict(atol=5e-5, rtol=2e-5) if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close(out, expected, **tol, what=f"grouped {dtype}")
     assert torch.equal(out[[2, 3]], y[[2, 3]])  # width-0 slot (no up_bias either) and slot -1
@@ -93,7 +96,7 @@ def test_bottleneck_mixed_widths_and_activations_never_read_padding(dtype):
 
 def _grouped_mm_accepts(t: torch.Tensor) -> bool:
     """Ask the op itself whether ``t`` [S, k, n] is an acceptable right operand."""
-    x = reference_grouped.aligned_empty(2, t.shape[1], t.dtype, t.device).zero_()  # a valid left operand
+    x = grouped.aligned_empty(2, t.shape[1], t.dtype, t.device).zero_()  # a valid left operand
     try:
         F.grouped_mm(x, t, offs=torch.full((t.shape[0],), 2, dtype=torch.int32))
     except RuntimeError as exc:
@@ -112,7 +115,7 @@ def test_layout_check_agrees_with_grouped_mm(dtype):
         cases += [a[:, :max(1, r // 2)].transpose(1, 2), b[:, :max(1, r // 2)], bt.transpose(1, 2)[:, :max(1, r // 2)]]
     seen = set()
     for t in cases:
-        ok = reference_grouped.layout_ok(t)
+        ok = grouped.layout_ok(t)
         assert ok == _grouped_mm_accepts(t), (tuple(t.shape), t.stride(), dtype, ok)
         seen.add(ok)
     assert seen == {True, False}  # both outcomes were exercised
@@ -123,21 +126,21 @@ def test_misaligned_layer_falls_back_to_the_other_plans():
     pools = lora_pools(4, 18, 24, [4, 8, 2, 16])
     slots = [3, 1, 0, -1, 2]
     x, y = torch.randn(5, 18), torch.randn(5, 24)
-    assert not reference_grouped.lora_ok(x, pools["lora_a"], pools["lora_b"])
+    assert not grouped.lora_ok(x, pools["lora_a"], pools["lora_b"])
     meta = DeltaKernelMeta.build(slots_tensor(slots))
-    expected = loop_lora(y, x, *[pools[k] for k in LORA_KEYS], slots)
+    expected = ref_add_lora(y, x, *[pools[k] for k in LORA_KEYS], slots)
     for forced in (None, "grouped"):
         out = y.clone()
         if forced:
-            with reference.force_plan(forced):
-                reference.add_lora(out, x, *[pools[k] for k in LORA_KEYS], meta)
+            with force_plan(forced):
+                cpu_add_lora(out, x, *[pools[k] for k in LORA_KEYS], meta)
         else:
-            reference.add_lora(out, x, *[pools[k] for k in LORA_KEYS], meta)
-        assert_close(out, expected, atol=2e-5, rtol=2e-5, what=f"misaligned, forced={forced}")
+            cpu_add_lora(out, x, *[pools[k] for k in LORA_KEYS], meta)
+        assert_close(out, expected, **FP32_TOL, what=f"misaligned, forced={forced}")
 
 
 def test_probe_follows_the_op(monkeypatch):
-    assert reference_grouped._probe(torch.float32)
+    assert grouped._probe(torch.float32)
 
     def refuses(*args, **kwargs):
         raise RuntimeError("grouped gemm is not supported on this device")
@@ -147,42 +150,12 @@ def test_probe_follows_the_op(monkeypatch):
 
     for fake in (refuses, wrong):
         monkeypatch.setattr(F, "grouped_mm", fake)
-        assert not reference_grouped._probe(torch.float32), fake.__name__
+        assert not grouped._probe(torch.float32), fake.__name__
     monkeypatch.delattr(F, "grouped_mm")
-    assert not reference_grouped._probe(torch.float32)
+    assert not grouped._probe(torch.float32)
 
 
 def test_only_cpu_tensors_take_the_grouped_plan():
-    # on CUDA the reference is the Triton kernels' oracle, and grouped_mm there wants bf16 and aligned ranks
-    assert reference_grouped.supported(torch.empty(0))
-    assert not reference_grouped.supported(torch.empty(0, device="meta"))
-
-
-def test_delta_linear_pools_store_b_and_up_as_rows():
-    from server.deltas.batch import DeltaBatch
-    from server.deltas.linear import DeltaLinear
-
-    base = torch.nn.Linear(24, 40)
-    layer = DeltaLinear(base, DeltaBatch(4), path="p", max_slots=4, max_rank=8, max_bottleneck=8)
-    g = torch.Generator().manual_seed(0)
-    lora = LoraTerm(torch.randn(3, 24, generator=g), torch.randn(40, 3, generator=g), 0.5)
-    ad = AdapterTerm(torch.randn(5, 40, generator=g), torch.randn(5, generator=g), torch.randn(40, 5, generator=g),
-                     torch.randn(40, generator=g), "silu", 2.0, "output")
-    layer.set_delta(2, ModuleDelta(lora=lora, adapter=ad))
-    for view, rows, want, r in ((layer.lora_b, layer.lora_b_rows, lora.b, 3),
-                                (layer.adapters.up, layer.adapters.up_rows, ad.up, 5)):
-        assert rows.is_contiguous() and view.data_ptr() == rows.data_ptr()  # a view, nothing copied
-        assert torch.equal(view[2, :, :r], want) and view[2, :, r:].eq(0).all() and view[[0, 1, 3]].eq(0).all()
-    assert reference_grouped.lora_ok(torch.empty(1, 24), layer.lora_a, layer.lora_b)
-    x = torch.randn(6, 24, generator=g)
-    layer.batch.prepare([2, -1, 2, 0, -1, 2])
-    with torch.no_grad():
-        y = layer(x)
-        want = base(x)
-        rows = [0, 2, 5]
-        want[rows] += 0.5 * (x[rows] @ lora.a.T) @ lora.b.T
-        want[rows] += 2.0 * (F.silu(want[rows] @ ad.down.T + ad.down_bias) @ ad.up.T + ad.up_bias)
-    assert_close(y, want, atol=2e-5, rtol=2e-5, what="DeltaLinear forward")
-    layer.clear(2)
-    assert layer.lora_b_rows.eq(0).all() and layer.adapters.up_rows.eq(0).all()
-    assert layer.nbytes() == 4 * (8 * (24 + 40) + 2 * 40 + 24) * 4 + 4 * 8 + layer.adapters.nbytes()
+    # on CUDA the Triton kernels serve, and grouped_mm there wants bf16 and aligned ranks
+    assert grouped.supported(torch.empty(0))
+    assert not grouped.supported(torch.empty(0, device="meta"))

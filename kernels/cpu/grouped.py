@@ -1,4 +1,4 @@
-"""The grouped plan of the torch reference: ``F.grouped_mm`` over the whole slot pool, nothing gathered.
+"""The grouped plan of the CPU backend: ``F.grouped_mm`` over the whole slot pool, nothing gathered.
 
 Tokens sorted by slot are multiplied against the *whole* pool in place, with ``offs`` the cumulative
 per-slot token counts over all ``S`` slots (a slot without tokens is an empty group)::
@@ -23,7 +23,7 @@ but returns the input dtype (``out_dtype`` must match), so ``h`` is rounded to t
 expand, exactly as the CUDA Triton kernel does (``ht.to(wt.dtype)`` before its second ``tl.dot``); the
 scale, biases and activation are applied in fp32. Only CPU tensors use this plan: on CUDA,
 ``grouped_mm`` wants bf16 with 16-byte aligned strides (rank 1 or 4 would be refused), and there the
-reference is only the test oracle of the Triton kernels.
+Triton kernels serve.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .meta import DeltaKernelMeta
-from .reference_common import add_rows, apply_act, f32
+from ..meta import DeltaKernelMeta
+from .tensors import add_rows, apply_act, f32
 
 # ------------------------------------------------------------------------------- capability probe
 _SUPPORTED: dict[tuple[str, torch.dtype], bool] = {}
@@ -181,22 +181,22 @@ def _rows(t: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- the ops
 def lora_ok(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
-    """Whether add_lora below can run on these tensors: grouped_mm works for the device and dtype, and the
+    """Whether grouped_lora below can run on these tensors: grouped_mm works for the device and dtype, and the
     token rows [n, in] and the A / B pool views pass its layout check (rank slices keep the strides)."""
     return (supported(x) and x.shape[1] % _align(x.dtype) == 0 and layout_ok(lora_a.transpose(1, 2))
             and layout_ok(lora_b.transpose(1, 2)))
 
 
 def bottleneck_ok(u: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> bool:
-    """As :func:`lora_ok` for add_bottleneck (rows [n, h], down [S, h, M] and up [S, M, h] views)."""
+    """As :func:`lora_ok` for grouped_bottleneck (rows [n, h], down [S, h, M] and up [S, M, h] views)."""
     return (supported(u) and u.shape[1] % _align(u.dtype) == 0 and layout_ok(down.transpose(1, 2))
             and layout_ok(up.transpose(1, 2)))
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
-             ranks: list[int], work: list[int], meta: DeltaKernelMeta) -> None:
+def grouped_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
+                 ranks: list[int], work: list[int], meta: DeltaKernelMeta) -> None:
     """y[t] += scale[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T for the tokens of ``work`` slots
-    (active, rank > 0; ``ranks`` the host copy of the rank pool). Shapes as ``reference.add_lora``."""
+    (active, rank > 0; ``ranks`` the host copy of the rank pool). Shapes as ``kernels.add_lora``."""
     b_rows = lora_b.transpose(1, 2)  # [S, R, out]: contiguous rows when the pool is stored that way
     for grp in groups(meta, ranks, work):
         r = grp.size
@@ -207,9 +207,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
         add_rows(y, grp.ids, d)
 
 
-def add_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
-                   up_bias: torch.Tensor, scale: torch.Tensor, act: torch.Tensor, widths: list[int], acts: list[int],
-                   work: list[int], meta: DeltaKernelMeta) -> None:
+def grouped_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
+                       up: torch.Tensor, up_bias: torch.Tensor, scale: torch.Tensor, act: torch.Tensor,
+                       widths: list[int], acts: list[int], work: list[int], meta: DeltaKernelMeta) -> None:
     """y[t] += scale[s] * (act_s(u[t] @ down[s, :m].T + down_bias[s, :m]) @ up[s, :, :m].T + up_bias[s]) for
     the tokens of ``work`` slots (active, width > 0). ``u`` may be ``y``: every group's rows are read
     before any group adds to ``y`` (groups hold disjoint tokens)."""

@@ -1,0 +1,42 @@
+"""The CPU backend: every delta op in pure torch, tuned for the CPU serving path (D5).
+
+Same semantics as the Triton kernels (the public ops in ``kernels/__init__.py`` check the arguments
+once and dispatch here); intermediates stay in fp32 like the kernels' (vLLM ``punica_cpu.py`` keeps an
+fp32 shrink buffer for the same reason). It runs on any device, but on CUDA only as the fallback of a
+machine without triton. Each op runs on ``threads.op_threads()`` intra-op threads (default 1; the
+reason and the numbers are in ``threads.py``).
+
+Five execution plans, chosen per call from the step metadata (``plans.choose_plan``). Numbers: ratio
+of the delta to the base matmul, q_proj 1024x1024, r=16, fp32, 1 thread, CPU time
+(``benchmarks/bench_kernels.py``; a PEFT-style loop over the distinct deltas costs 1.4-1.5x at decode,
+T=32 on 32 deltas, and 0.43x at prefill, T=2048 on 32 deltas, on an idle 2-core machine):
+
+* runs: each maximal run of tokens sharing a slot is a contiguous row range, so two matmuls on
+  views add into ``y`` with no gather or scatter (prefill, one run per sequence: ~0.1x at T=2048).
+  Chosen first whenever runs average RUN_MIN_TOKENS tokens: one big group costs grouped_mm 0.19 ms
+  against 0.05 ms for the plain mm (T=64, one slot).
+* grouped (``grouped.py``): tokens sorted by slot against the whole pool with ``F.grouped_mm``, one
+  shrink/expand pair per distinct active rank, nothing gathered. The default otherwise, where
+  grouped_mm runs (CPU, fp32): decode T=32 on 32 slots ~0.5x (q_proj) and the seven Llama projections
+  together ~0.29x of their base matmuls with B pools stored [S, R, out], vs ~0.42x for the gathered plan.
+* padded: each active slot's tokens padded to the longest segment; A/B gathered once per slot and
+  two batched matmuls (64 tokens on 8 or 32 slots: ~0.2x / ~0.65x, vs ~0.25x / ~1.0x for a loop).
+* segments: tokens gathered grouped by slot, one matmul pair per slot, scattered back (many tokens
+  per slot, interleaved, uneven).
+* gather: each token's A/B rows gathered into reused buffers, two batched matmuls; with mixed ranks,
+  one gather per rank group so a rank-4 token does not pay rank 64 (D3). Decode (T=32, 32 slots)
+  costs ~0.6-0.8x on one projection vs ~1.4x for the loop; with B pools stored [S, R, out] the
+  seven Llama projections together cost ~0.43x of their base matmuls.
+Only up to the largest *active* rank is read, and ranks beyond a slot's own are masked (gathered
+plans) or never read (grouped, runs, segments).
+"""
+from __future__ import annotations
+
+from .bottleneck import cpu_add_bottleneck
+from .lora import cpu_add_lora
+from .plans import PLANS, choose_plan, force_plan
+from .rows import cpu_add_bias, cpu_mul_rows
+from .threads import OP_THREADS_DEFAULT, op_threads, set_op_threads
+
+__all__ = ["OP_THREADS_DEFAULT", "PLANS", "choose_plan", "cpu_add_bias", "cpu_add_bottleneck", "cpu_add_lora",
+           "cpu_mul_rows", "force_plan", "op_threads", "set_op_threads"]

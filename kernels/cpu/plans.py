@@ -1,0 +1,62 @@
+"""Which of the CPU backend's five execution plans a call takes, chosen per call from the step metadata
+(``kernels/cpu/__init__.py`` describes the plans and what each costs)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from ..meta import DeltaKernelMeta
+from . import grouped
+
+PLANS = ("runs", "segments", "padded", "gather", "grouped")
+
+RUN_MIN_TOKENS = 4
+"""Average run (or segment) length from which per-run matmuls beat the gathered bmm: one run costs
+~15 us of launches on 2 cores, one gathered token ~5 us at in=out=1024, r=16."""
+
+PAD_MAX_WASTE = 2
+"""padded plan: used while padding every slot's segment to the longest at most doubles the rows."""
+
+GROUPED_CPU_FP32 = grouped.supported(torch.empty(0))
+"""Whether ``F.grouped_mm`` runs here on CPU fp32 (probed once at import): the default of ``choose_plan``."""
+
+_forced: list[str] = []
+
+
+@contextmanager
+def force_plan(plan: str):
+    """Use ``plan`` for every call inside the block (tests cover each plan on the same inputs; the
+    benchmark times them against each other to set RUN_MIN_TOKENS). "padded" and "grouped" fall back to
+    "gather" where they cannot run (several rank groups; no grouped_mm for the device or dtype)."""
+    if plan not in PLANS:
+        raise ValueError(f"force_plan: {plan!r} is not one of {', '.join(PLANS)}")
+    _forced.append(plan)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def choose_plan(meta: DeltaKernelMeta, *, padded_ok: bool = False, grouped_ok: bool | None = None,
+                dtype: torch.dtype = torch.float32) -> str:
+    """The plan for this call. ``padded_ok``: the active slots form one rank group (``gather.groups``);
+    ``grouped_ok``: whether the grouped plan can run on the call's tensors (``grouped.lora_ok``; None:
+    whether it runs on CPU fp32); it is picked unforced only for ``grouped.PREFERRED_DTYPES``."""
+    if grouped_ok is None:
+        grouped_ok = GROUPED_CPU_FP32
+    if _forced:
+        forced = _forced[-1]
+        if (forced == "padded" and not padded_ok) or (forced == "grouped" and not grouped_ok):
+            return "gather"
+        return forced
+    n = meta.num_active_tokens
+    if len(meta.runs_host) * RUN_MIN_TOKENS <= n:
+        return "runs"
+    if grouped_ok and dtype in grouped.PREFERRED_DTYPES:
+        return "grouped"
+    if padded_ok and meta.num_active * meta.max_seg_len <= PAD_MAX_WASTE * n:
+        return "padded"
+    if meta.num_active * RUN_MIN_TOKENS <= n:
+        return "segments"
+    return "gather"
