@@ -41,3 +41,25 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# -- real services on loopback (tests/services.py), started once per session when a test asks ------
+@pytest.fixture(scope="session")
+def postgres():
+    from tests.services import Postgres, missing, postgres_bindir
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        missing("PostgreSQL server binaries (initdb)", "apt-get install -y postgresql")
+    server = Postgres(bindir)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    from tests.services import MotoS3
+
+    server = MotoS3()
+    yield server
+    server.close()
