@@ -45,14 +45,15 @@ class StoreStats:
 
 class DeltaStore:
     def __init__(self, data_dir: str | os.PathLike, spec, limits, settings: StoreSettings, *,
-                 blobs: BlobBackend | None = None):
+                 blobs: BlobBackend | None = None, catalogue: Catalogue | None = None):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.spec = spec  # BaseSpec of the served base
         self.limits = limits  # delta_store.validate.Limits
         self.settings = settings
         self.blobs: BlobBackend = blobs if blobs is not None else LocalBlobs(self.data_dir)
-        self.catalogue = Catalogue(self.data_dir / "catalogue.sqlite3", busy_timeout_s=self.settings.busy_timeout_s)
+        self.catalogue = catalogue if catalogue is not None else Catalogue(self.data_dir / "catalogue.sqlite3",
+                                                                           busy_timeout_s=self.settings.busy_timeout_s)
         self.host = HostCache(self.settings.host_cache_bytes, pin_memory=self.settings.pin_host_memory)
         self.tenants = TenantRegistry(self.catalogue, self.settings.default_quotas, self._deleted)
         self._tmp = self.data_dir / "tmp"
@@ -84,7 +85,7 @@ class DeltaStore:
     def recover(self) -> dict[str, int]:
         """Start-up sweep: temp files and upload folders of dead writers, queued and orphan blobs."""
         removed = {"temp": 0, "uploads": 0, "blobs": 0}
-        if isinstance(self.blobs, LocalBlobs):
+        if hasattr(self.blobs, "remove_temp"):  # local temp files, S3 multipart uploads
             removed["temp"] = self.blobs.remove_temp(self.settings.temp_grace_s)
         now = time.time()
         for p in self._tmp.iterdir():
