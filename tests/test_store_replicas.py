@@ -1,0 +1,168 @@
+"""Several stores sharing one PostgreSQL catalogue and one S3 bucket, as replicas do: what one writes the
+others see at once, racing writers lose nothing, quotas hold across them, and an outage of either
+service fails fast and heals by itself. (The same scenarios through nginx and real servers are in
+tests/test_replicas_*.py.)"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from delta_store import BaseSpec, DeltaStore, Quotas, StoreSettings
+from delta_store.blob_cache import BlobCache
+from delta_store.catalogue import Catalogue
+from delta_store.errors import CorruptBlob, NotFound, ResourceExhausted, Unauthenticated, Unavailable
+from delta_store.native import dump_native
+from delta_store.s3_blobs import S3Blobs
+from delta_store.validate import Limits
+from tests.helpers import random_delta, tiny_llama
+
+LIMITS = Limits(max_rank=8)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return BaseSpec.from_model(tiny_llama(seed=4))
+
+
+@pytest.fixture(scope="module")
+def payloads(spec, tmp_path_factory):
+    d = tmp_path_factory.mktemp("payloads")
+    out = []
+    for seed in range(12):
+        f = d / f"p{seed}.safetensors"
+        f.write_bytes(dump_native(random_delta(spec, rank=2, seed=seed)))
+        out.append(f)
+    return out
+
+
+@pytest.fixture
+def replicas(tmp_path, spec, postgres, moto_s3):
+    """Three stores on one fresh database and one fresh bucket, each with its own data dir and disk cache."""
+    url, bucket = postgres.database(), moto_s3.bucket()
+    stores = []
+    for i in range(3):
+        root = tmp_path / f"replica{i}"
+        blobs = S3Blobs(bucket, "deltas/", client=moto_s3.client(), cache=BlobCache(root / "blob-cache", 1 << 20))
+        stores.append(DeltaStore(root, spec, LIMITS, StoreSettings(host_cache_bytes=0), blobs=blobs,
+                                 catalogue=Catalogue(url)))
+    yield stores
+    for s in stores:
+        s.close()
+
+
+def run_together(fns) -> list:
+    """Start every ``fn`` at once (a barrier); each result is its return value or the exception it raised."""
+    barrier = threading.Barrier(len(fns))
+    results: list = [None] * len(fns)
+
+    def one(i, fn):
+        barrier.wait()
+        try:
+            results[i] = fn()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_what_one_replica_writes_the_others_serve_and_a_delete_is_seen_everywhere(replicas, payloads):
+    a, b, c = replicas
+    tenant, _ = a.tenants.create("acme")
+    v1 = a.put(tenant.id, "qa", payloads[0])
+    for other in (b, c):  # no cache to refresh: the catalogue and the bucket are the truth
+        assert other.resolve(tenant.id, "qa") == v1
+        assert dump_native(other.load_key(v1.key)) == payloads[0].read_bytes()
+    v2 = b.put(tenant.id, "qa", payloads[1])
+    assert a.resolve(tenant.id, "qa") == v2 and c.resolve(tenant.id, "qa@1") == v1
+    c.delete(tenant.id, "qa")
+    for store in replicas:
+        with pytest.raises(NotFound):
+            store.resolve(tenant.id, "qa")
+        with pytest.raises(NotFound):  # a key resolved before the delete is refused after it
+            store.load_key(v2.key)
+    assert list(a.blobs.iter()) == [], "the deleting replica collected both blobs from the bucket"
+
+
+def test_racing_creates_of_one_name_end_with_two_versions(replicas, payloads):
+    a, b, _ = replicas
+    tenant, _ = a.tenants.create("acme")
+    got = run_together([lambda: a.put(tenant.id, "qa", payloads[2]), lambda: b.put(tenant.id, "qa", payloads[3])])
+    assert not [r for r in got if isinstance(r, Exception)], got
+    assert sorted(v.version for v in got) == [1, 2]
+    assert {v.digest for v in a.versions(tenant.id, "qa")} == {v.digest for v in got}, "no write lost"
+
+
+def test_quotas_hold_across_replicas_under_concurrent_uploads(replicas, payloads):
+    a = replicas[0]
+    tenant, _ = a.tenants.create("acme", quotas=Quotas(max_deltas=4))
+    fns = [lambda s=s, k=k: s.put(tenant.id, f"d{k}", payloads[k]) for k, s in
+           enumerate(replicas[i % 3] for i in range(9))]
+    got = run_together(fns)
+    ok = [r for r in got if not isinstance(r, Exception)]
+    refused = [r for r in got if isinstance(r, ResourceExhausted)]
+    assert len(ok) == 4 and len(refused) == 5, got
+    assert a.catalogue.usage(tenant.id)[0] == 4
+    size = ok[0].size
+    a.tenants.set_quotas(tenant.id, max_deltas=100, max_bytes=sum(v.size for v in ok) + 2 * size + size // 2)
+    got = run_together([lambda s=s, k=k: s.put(tenant.id, "big", payloads[k]) for k, s in
+                        zip(range(4, 10), [replicas[i % 3] for i in range(6)])])
+    assert sum(not isinstance(r, Exception) for r in got) == 2 and \
+        sum(isinstance(r, ResourceExhausted) for r in got) == 4, got
+
+
+def test_tenants_and_keys_changed_on_one_replica_hold_on_all_at_once(replicas):
+    a, b, c = replicas
+    tenant, key = a.tenants.create("acme")
+    assert b.tenants.authenticate(key).id == tenant.id
+    new_key = c.tenants.rotate_key(tenant.id)
+    with pytest.raises(Unauthenticated):
+        a.tenants.authenticate(key)
+    assert a.tenants.authenticate(new_key).id == tenant.id
+    b.tenants.delete(tenant.id)
+    with pytest.raises(Unauthenticated):
+        c.tenants.authenticate(new_key)
+
+
+def test_replicas_starting_together_migrate_once(postgres):
+    url = postgres.database()
+    got = run_together([lambda: Catalogue(url) for _ in range(4)])
+    assert all(isinstance(c, Catalogue) for c in got), got
+    assert {c.revision for c in got} == {got[0].revision}
+    for c in got:
+        c.close()
+
+
+def test_a_blob_missing_from_the_bucket_fails_its_load_only(replicas, payloads):
+    a, b, _ = replicas
+    tenant, _ = a.tenants.create("acme")
+    gone = a.put(tenant.id, "gone", payloads[4])
+    kept = a.put(tenant.id, "kept", payloads[5])
+    a.blobs.client.delete_object(Bucket=a.blobs.bucket, Key=a.blobs.key(gone.digest))
+    with pytest.raises(CorruptBlob, match="missing from s3://"):
+        b.load_key(gone.key)
+    assert b.load_key(kept.key) is not None
+    assert [p.split(":")[0] for p in b.verify()] == [gone.digest[:12]]
+
+
+def test_postgres_restart_fails_fast_then_heals_by_itself(replicas, postgres):
+    a, b, _ = replicas
+    tenant, key = a.tenants.create("acme")
+    postgres.stop()
+    try:
+        for store in (a, b):
+            t0 = time.monotonic()
+            with pytest.raises(Unavailable, match=r"catalogue unavailable \(postgresql 127\.0\.0\.1:"):
+                store.resolve(tenant.id, "qa")
+            assert time.monotonic() - t0 < 2.0, "a request must not hang on a database that is down"
+    finally:
+        postgres.start()
+    assert b.tenants.authenticate(key).id == tenant.id, "the pool reconnects by itself"
+    with pytest.raises(NotFound):
+        a.resolve(tenant.id, "qa")
