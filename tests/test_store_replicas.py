@@ -4,6 +4,10 @@ service fails fast and heals by itself. (The same scenarios through nginx and re
 tests/test_replicas_*.py.)"""
 from __future__ import annotations
 
+import multiprocessing
+import os
+import random
+import signal
 import threading
 import time
 
@@ -17,6 +21,7 @@ from delta_store.native import dump_native
 from delta_store.s3_blobs import S3Blobs
 from delta_store.validate import Limits
 from tests.helpers import random_delta, tiny_llama
+from tests.services import MotoS3
 
 LIMITS = Limits(max_rank=8)
 
@@ -166,3 +171,71 @@ def test_postgres_restart_fails_fast_then_heals_by_itself(replicas, postgres):
     assert b.tenants.authenticate(key).id == tenant.id, "the pool reconnects by itself"
     with pytest.raises(NotFound):
         a.resolve(tenant.id, "qa")
+
+
+FORK = multiprocessing.get_context("fork")  # a forked child starts in ms and inherits spec and payloads
+
+
+def _writer(url, bucket, endpoint, root, spec, tenant_id, payloads, log_path, seed):
+    """Puts and deletes until SIGKILL, logging each put after it returns (half upload fresh bytes)."""
+    rng = random.Random(seed)
+    client = MotoS3.client_for(endpoint)
+    store = DeltaStore(root, spec, LIMITS, blobs=S3Blobs(bucket, "deltas/", client=client), catalogue=Catalogue(url))
+    with open(log_path, "a") as log:
+        for i in range(10 ** 9):
+            payload = rng.choice(payloads)
+            if rng.random() < 0.5:
+                payload = root / f"fresh-{i}.safetensors"
+                payload.write_bytes(dump_native(random_delta(spec, rank=2, seed=seed * 100_000 + i)))
+            name = f"d{rng.randrange(4)}"
+            if rng.random() < 0.15:
+                log.write(f"del {name}\n")  # intent first: the delete may commit before we log again
+                log.flush()
+                try:
+                    store.delete(tenant_id, name)
+                except NotFound:
+                    pass
+            else:
+                v = store.put(tenant_id, name, payload)
+                log.write(f"put {v.name} {v.version} {v.digest}\n")
+                log.flush()
+
+
+def test_sigkilled_writers_leave_catalogue_and_bucket_consistent(tmp_path, spec, payloads, postgres, moto_s3):
+    url, bucket = postgres.database(), moto_s3.bucket()
+
+    def open_store(root, **settings):
+        blobs = S3Blobs(bucket, "deltas/", client=moto_s3.client())
+        return DeltaStore(root, spec, LIMITS, StoreSettings(**settings), blobs=blobs, catalogue=Catalogue(url))
+
+    with open_store(tmp_path / "setup") as store:
+        tenant_id = store.tenants.create("t")[0].id
+    log_path = tmp_path / "ops.log"
+    rng = random.Random(99)
+    for round_ in range(4):
+        root = tmp_path / f"w{round_}"
+        root.mkdir()
+        child = FORK.Process(target=_writer, args=(url, bucket, moto_s3.endpoint, root, spec, tenant_id, payloads[:6],
+                                                   log_path, round_))
+        logged = log_path.stat().st_size if log_path.exists() else 0
+        child.start()
+        deadline = time.monotonic() + 30  # opening a store sweeps the bucket first: up to ~1 s here
+        while (log_path.stat().st_size if log_path.exists() else 0) == logged and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))  # then somewhere in the middle of a put or a delete
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        with open_store(tmp_path / "check", orphan_grace_s=0, host_cache_bytes=0) as store:
+            assert store.verify() == [], "every version's blob is whole in the bucket"
+            assert set(store.blobs.iter()) == store.catalogue.referenced_digests(), "no orphan or missing blob"
+            expected: dict[tuple[str, int], str] = {}
+            for line in log_path.read_text().splitlines():
+                op, name, *rest = line.split()
+                if op == "del":
+                    expected = {k: d for k, d in expected.items() if k[0] != name}
+                else:
+                    expected[(name, int(rest[0]))] = rest[1]
+            for (name, version), digest in expected.items():
+                assert store.resolve(tenant_id, f"{name}@{version}").digest == digest
+    puts = sum(1 for line in log_path.read_text().splitlines() if line.startswith("put"))
+    assert puts >= 4, "the kills landed before any real work; the test proved little"
