@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from delta_store import BaseSpec, DeltaStore, Quotas, StoreSettings
+from delta_store import BaseSpec, DeltaStore
 from delta_store.blob_cache import BlobCache
 from delta_store.catalogue import Catalogue
 from delta_store.errors import CorruptBlob, NotFound, ResourceExhausted, Unauthenticated, Unavailable
 from delta_store.native import dump_native
 from delta_store.s3_blobs import S3Blobs
 from delta_store.validate import Limits
-from tests.helpers import random_delta, tiny_llama
+from tests.helpers import random_delta, store_settings, tenant_quotas, tiny_llama
 from tests.services import MotoS3
 
 LIMITS = Limits(max_rank=8)
@@ -50,7 +50,7 @@ def replicas(tmp_path, spec, postgres, moto_s3):
     for i in range(3):
         root = tmp_path / f"replica{i}"
         blobs = S3Blobs(bucket, "deltas/", client=moto_s3.client(), cache=BlobCache(root / "blob-cache", 1 << 20))
-        stores.append(DeltaStore(root, spec, LIMITS, StoreSettings(host_cache_bytes=0), blobs=blobs,
+        stores.append(DeltaStore(root, spec, LIMITS, store_settings(host_cache_bytes=0), blobs=blobs,
                                  catalogue=Catalogue(url)))
     yield stores
     for s in stores:
@@ -106,7 +106,7 @@ def test_racing_creates_of_one_name_end_with_two_versions(replicas, payloads):
 
 def test_quotas_hold_across_replicas_under_concurrent_uploads(replicas, payloads):
     a = replicas[0]
-    tenant, _ = a.tenants.create("acme", quotas=Quotas(max_deltas=4))
+    tenant, _ = a.tenants.create("acme", quotas=tenant_quotas(max_deltas=4))
     fns = [lambda s=s, k=k: s.put(tenant.id, f"d{k}", payloads[k]) for k, s in
            enumerate(replicas[i % 3] for i in range(9))]
     got = run_together(fns)
@@ -180,7 +180,8 @@ def _writer(url, bucket, endpoint, root, spec, tenant_id, payloads, log_path, se
     """Puts and deletes until SIGKILL, logging each put after it returns (half upload fresh bytes)."""
     rng = random.Random(seed)
     client = MotoS3.client_for(endpoint)
-    store = DeltaStore(root, spec, LIMITS, blobs=S3Blobs(bucket, "deltas/", client=client), catalogue=Catalogue(url))
+    store = DeltaStore(root, spec, LIMITS, store_settings(), blobs=S3Blobs(bucket, "deltas/", client=client),
+                       catalogue=Catalogue(url))
     with open(log_path, "a") as log:
         for i in range(10 ** 9):
             payload = rng.choice(payloads)
@@ -201,12 +202,16 @@ def _writer(url, bucket, endpoint, root, spec, tenant_id, payloads, log_path, se
                 log.flush()
 
 
+def puts_logged(log_path) -> int:
+    return log_path.read_text().count("put ") if log_path.exists() else 0
+
+
 def test_sigkilled_writers_leave_catalogue_and_bucket_consistent(tmp_path, spec, payloads, postgres, moto_s3):
     url, bucket = postgres.database(), moto_s3.bucket()
 
     def open_store(root, **settings):
         blobs = S3Blobs(bucket, "deltas/", client=moto_s3.client())
-        return DeltaStore(root, spec, LIMITS, StoreSettings(**settings), blobs=blobs, catalogue=Catalogue(url))
+        return DeltaStore(root, spec, LIMITS, store_settings(**settings), blobs=blobs, catalogue=Catalogue(url))
 
     with open_store(tmp_path / "setup") as store:
         tenant_id = store.tenants.create("t")[0].id
@@ -217,12 +222,12 @@ def test_sigkilled_writers_leave_catalogue_and_bucket_consistent(tmp_path, spec,
         root.mkdir()
         child = FORK.Process(target=_writer, args=(url, bucket, moto_s3.endpoint, root, spec, tenant_id, payloads[:6],
                                                    log_path, round_))
-        logged = log_path.stat().st_size if log_path.exists() else 0
+        logged = puts_logged(log_path)
         child.start()
         deadline = time.monotonic() + 30  # opening a store sweeps the bucket first: up to ~1 s here
-        while (log_path.stat().st_size if log_path.exists() else 0) == logged and time.monotonic() < deadline:
+        while puts_logged(log_path) == logged and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.4))  # then somewhere in the middle of a put or a delete
+        time.sleep(rng.uniform(0.0, 0.4))  # then somewhere in the middle of the next put or delete
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         with open_store(tmp_path / "check", orphan_grace_s=0, host_cache_bytes=0) as store:
@@ -237,5 +242,4 @@ def test_sigkilled_writers_leave_catalogue_and_bucket_consistent(tmp_path, spec,
                     expected[(name, int(rest[0]))] = rest[1]
             for (name, version), digest in expected.items():
                 assert store.resolve(tenant_id, f"{name}@{version}").digest == digest
-    puts = sum(1 for line in log_path.read_text().splitlines() if line.startswith("put"))
-    assert puts >= 4, "the kills landed before any real work; the test proved little"
+    assert puts_logged(log_path) >= 4, "the writers did no real work; the test proved little"
