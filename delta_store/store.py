@@ -32,6 +32,9 @@ from .settings import StoreSettings
 from .tenants import TenantRegistry
 
 _USAGE_FLUSH_S = 1.0  # usage counters reach SQLite at most once a second, not once per request
+# A blob found missing or corrupt is refused from memory for this long before its store is asked again:
+# its requests fail at once instead of each paying a fetch, and a restored blob serves within a minute.
+DAMAGED_RECHECK_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,7 @@ class StoreStats:
     disk_load_seconds: float
     imports: int
     import_seconds: float
+    damaged: int = 0  # blobs this process found missing or corrupt (refused until re-checked)
 
 
 class DeltaStore:
@@ -65,6 +69,7 @@ class DeltaStore:
         self._disk_loads = self._imports = 0
         self._disk_seconds = self._import_seconds = 0.0
         self._listeners: list[Callable[[list[DeltaVersion]], None]] = []
+        self._damaged: dict[str, tuple[str, float]] = {}  # digest -> (why, when found): see DAMAGED_RECHECK_S
         self.recover()
 
     @classmethod
@@ -208,18 +213,37 @@ class DeltaStore:
         """For the slot manager: a ``DeltaKey``'s Delta; NotFound once the version is deleted."""
         if not self.catalogue.exists(key.tenant, key.name, key.version, key.digest):
             raise NotFound(f"delta {key.name}@{key.version} not found (deleted or replaced)")
-        return self._load_digest(key.digest)
+        try:
+            return self._load_digest(key.digest)
+        except CorruptBlob as exc:  # name the delta, not only its blob
+            raise CorruptBlob(f"delta {key.name}@{key.version} cannot be served: {exc}") from None
+
+    def damaged(self) -> dict[str, str]:
+        """Blobs this process found missing or corrupt, digest -> what was wrong (until re-checked)."""
+        with self._lock:
+            return {d: message for d, (message, _t) in self._damaged.items()}
 
     def _load_digest(self, digest: str) -> Delta:
         delta = self.host.get(digest)
         if delta is not None:
             return delta
+        with self._lock:
+            marked = self._damaged.get(digest)
+        if marked is not None and time.monotonic() - marked[1] < DAMAGED_RECHECK_S:
+            raise CorruptBlob(marked[0])
         t0 = time.perf_counter()
-        data = self.blobs.get(digest)
         try:
-            delta = load_native(data)
-        except DeltaError as exc:  # the bytes hash right but do not parse: written by a broken build
-            raise CorruptBlob(f"blob {digest[:12]} does not parse: {exc}") from None
+            data = self.blobs.get(digest)
+            try:
+                delta = load_native(data)
+            except DeltaError as exc:  # the bytes hash right but do not parse: written by a broken build
+                raise CorruptBlob(f"blob {digest[:12]} does not parse: {exc}") from None
+        except CorruptBlob as exc:
+            with self._lock:
+                self._damaged[digest] = (str(exc), time.monotonic())
+            raise
+        with self._lock:
+            self._damaged.pop(digest, None)
         self.host.put(digest, delta)
         with self._lock:
             self._disk_loads += 1
@@ -248,7 +272,7 @@ class DeltaStore:
     def stats(self) -> StoreStats:
         with self._lock:
             return StoreStats(self.host.stats(), self._disk_loads, self._disk_seconds, self._imports,
-                              self._import_seconds)
+                              self._import_seconds, len(self._damaged))
 
 
 def _tid(tenant: Tenant | str) -> str:

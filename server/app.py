@@ -18,11 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from delta_store.errors import AlreadyExists
+
 from .config import ServerConfig
 from .edge.auth import Authenticator
 from .edge.rate_limits import RateLimiter
 from .logs import configure, get_logger
-from .metrics import Metrics
+from .metrics import Metrics, RouterView
+from .storage import open_blobs, open_catalogue, replica_id
 
 log = get_logger("app")
 KEY_FILE = "admin.key"
@@ -44,15 +47,29 @@ class App:
         self.metrics = metrics or Metrics()
         self.auth = Authenticator(store.tenants)
         self.rate_limiter = RateLimiter()
+        self.replica_id = replica_id(config)  # x-deltaserve-replica on every response
         self.health = None  # set by create_server
         self.admin_key_file: Path | None = None
         if slots is not None:
             self.metrics.add_refresh(lambda: self.metrics.record_slots(slots.stats()))
         self.metrics.add_refresh(lambda: self.metrics.record_store(store.stats()))
         self.metrics.add_refresh(lambda: self.metrics.engine_alive.set(1 if engine.alive else 0))
+        if slots is not None:
+            self.metrics.add_refresh(lambda: self.metrics.record_router_view(self.router_view()))
         engine.add_listener(self.metrics.record)
         if slots is not None:  # a deleted version's device slot goes as soon as no request uses it
             store.subscribe(lambda gone: [slots.invalidate(v.key) for v in gone])
+
+    def router_view(self) -> RouterView:
+        """Queue, batch, KV pool and resident deltas, read now (from the metrics thread: copies only)."""
+        sched, kv = self.engine.scheduler, self.engine.runner.kv
+        resident = self.slots.resident()
+        waiting = {s.request.delta for queue in list(sched.waiting.values()) for s in list(queue)}
+        waiting.discard(None)
+        return RouterView(sched.num_waiting, sched.num_running, kv.allocator.num_used, kv.allocator.num_blocks,
+                          kv.block_size, tuple(sorted({f"{k.name}@{k.version}" for k in resident})),
+                          tuple(sorted({f"{k.name}@{k.version}" for k in waiting - set(resident)})),
+                          self.slots.num_slots)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -86,7 +103,11 @@ class App:
         self.admin_key_file = path
         if self.store.tenants.list():
             return None
-        _tenant, key = self.store.tenants.create(ADMIN_TENANT, is_admin=True)  # the default quotas
+        try:
+            _tenant, key = self.store.tenants.create(ADMIN_TENANT, is_admin=True)  # the default quotas
+        except AlreadyExists:  # another replica of a shared catalogue created it first: its data dir has the key
+            log.info("admin_exists", tenant=ADMIN_TENANT)
+            return None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key + "\n")
@@ -142,6 +163,11 @@ def build_app(config: ServerConfig) -> App:
 
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    device = _device(config.device)
+    limits, settings = store_config(config, pin_host_memory=device.type == "cuda")
+    # The shared services first: a replica that cannot reach them stops in seconds, not after the model load.
+    catalogue = open_catalogue(config, settings.busy_timeout_s)
+    blobs = open_blobs(config)
     if config.model_path:
         model_path = Path(config.model_path)
         if not (model_path / "config.json").is_file():
@@ -152,13 +178,12 @@ def build_app(config: ServerConfig) -> App:
     t0 = time.monotonic()
     threads = apply_torch_threads(config)
     dtype = getattr(torch, config.dtype)
-    device = _device(config.device)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_slots, max_rank=config.max_rank,
                     max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens)
     spec = dm.spec  # fingerprinted once, from the unwrapped base
-    store = DeltaStore.open(data_dir, spec, *store_config(config, pin_host_memory=device.type == "cuda"))
+    store = DeltaStore.open(data_dir, spec, limits, settings, blobs=blobs, catalogue=catalogue)
     slots = SlotManager(dm, loader=store.load_key, num_slots=config.max_slots)
     engine = Engine(config, ModelRunner(dm, tokenizer, config), slots)
     log.info("model_loaded", path=str(model_path), model_type=spec.model_type, layers=spec.num_layers,

@@ -174,8 +174,12 @@ def cmd_serve(args) -> int:
     from .config import ServerConfig
 
     data_dir = args.data_dir or os.environ.get("DELTASERVE_DATA_DIR")  # the same default the client commands use
+    env = os.environ.get  # flags win over the environment, both over the config file (secrets live in the env)
     overrides = {"model_path": args.model, "data_dir": data_dir, "listen": args.listen,
-                 "metrics_listen": args.metrics_listen, "log_level": args.log_level}
+                 "metrics_listen": args.metrics_listen, "log_level": args.log_level,
+                 "catalogue": args.catalogue or env("DELTASERVE_CATALOGUE") or None,
+                 "blobs": args.blobs or env("DELTASERVE_BLOBS") or None,
+                 "replica_id": args.replica_id or env("DELTASERVE_REPLICA_ID") or None}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = ServerConfig.from_file(args.config, **overrides) if args.config else ServerConfig.from_dict(overrides)
     return serve(config)
@@ -198,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-listen", help="Prometheus HOST:PORT")
     p.add_argument("--config", help="TOML or JSON file of ServerConfig fields")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--catalogue", help="postgresql://USER:PASSWORD@HOST:PORT/DB, shared by replicas "
+                   "(env DELTASERVE_CATALOGUE; default SQLite in the data dir)")
+    p.add_argument("--blobs", help="s3://BUCKET/PREFIX, shared by replicas; endpoint, region and keys from the "
+                   "AWS_* environment or ~/.aws (env DELTASERVE_BLOBS; default files in the data dir)")
+    p.add_argument("--replica-id", help="this replica's name in x-deltaserve-replica (env DELTASERVE_REPLICA_ID; "
+                   "default the host name)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("upload", parents=[common], help="upload a delta (folder, archive or file)")

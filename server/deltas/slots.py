@@ -151,6 +151,11 @@ class SlotManager:
         with self._lock:
             return self._where.get(key)
 
+    def resident(self) -> list[DeltaKey]:
+        """The keys in device slots now (for the router view's resident-delta list)."""
+        with self._lock:
+            return list(self._where)
+
     def stats(self) -> SlotStats:
         with self._lock:
             return SlotStats(self.num_slots, sum(k is not None for k in self._keys), sum(p > 0 for p in self._pins),

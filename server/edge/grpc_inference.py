@@ -20,6 +20,7 @@ from ..pb import common_pb2, inference_pb2, inference_pb2_grpc
 from ..types import FinishReason, GenerationRequest, SamplingParams, TokenOutput
 from .auth import rate_limits, tenant_name
 from .errors import status_of
+from .routing import check_delta_header
 
 log = get_logger("inference")
 
@@ -114,6 +115,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             tenant = await asyncio.to_thread(app.auth.authenticate, context.invocation_metadata())
             name = tenant_name(tenant)
+            check_delta_header(context.invocation_metadata(), request.delta)
             req, version = await self._request(request, tenant)
             lease = app.rate_limiter.admit(name, rate_limits(tenant, app.config),
                                            len(req.prompt_token_ids) + req.sampling.max_new_tokens)
