@@ -22,7 +22,7 @@ from typing import Callable
 from .blobs import BlobBackend, LocalBlobs, pid_alive
 from .catalogue import Catalogue
 from .delta import Delta
-from .errors import CorruptBlob, DeltaError, InvalidArgument, NotFound
+from .errors import CorruptBlob, DeltaError, InvalidArgument, NotFound, Unavailable
 from .host_cache import HostCache, HostCacheStats
 from .importer import UPLOAD_RE, Importer
 from .names import check_name, parse_ref
@@ -83,8 +83,12 @@ class DeltaStore:
         self.close()
 
     def close(self) -> None:
-        self.flush_usage()
-        self.catalogue.close()
+        try:
+            self.flush_usage()
+        except Unavailable:  # shutting down with the catalogue unreachable: the last second's counters are lost
+            pass
+        finally:
+            self.catalogue.close()
 
     # -- housekeeping -------------------------------------------------------------------------------
     def recover(self) -> dict[str, int]:
@@ -260,14 +264,28 @@ class DeltaStore:
             entry[2] = time.time()
             due = time.monotonic() - self._usage_flushed >= _USAGE_FLUSH_S
         if due:
-            self.flush_usage()
+            try:
+                self.flush_usage()
+            except Unavailable:  # the catalogue is down: the counters wait for a later flush, the request is fine
+                pass
 
     def flush_usage(self) -> None:
+        """Write the buffered counters; if the catalogue cannot take them they stay buffered (and it raises)."""
         with self._lock:
             pending, self._usage = self._usage, {}
             self._usage_flushed = time.monotonic()
-        if pending:
+        if not pending:
+            return
+        try:
             self.catalogue.add_usage({k: tuple(v) for k, v in pending.items()})
+        except Unavailable:
+            with self._lock:
+                for k, (requests, tokens, last) in pending.items():
+                    entry = self._usage.setdefault(k, [0, 0, 0.0])
+                    entry[0] += requests
+                    entry[1] += tokens
+                    entry[2] = max(entry[2], last)
+            raise
 
     def stats(self) -> StoreStats:
         with self._lock:

@@ -3,8 +3,8 @@ database and one S3 bucket (tests/services.py), behind nginx running the shipped
 ``deploy/nginx/deltaserve.conf`` with only its addresses changed. For the scenario tests and
 ``benchmarks/bench_replicas.py``.
 
-Replica 0 starts first and creates the admin tenant (its key file is in its data dir); the others
-start together after it. Each replica's stdout/stderr go to ``<root>/replica<i>.log``.
+All replicas start at once on the empty catalogue: exactly one creates the admin tenant (its key file
+is in its data dir), the others find it. Each replica's stdout/stderr go to ``<root>/replica-<i>.log``.
 """
 from __future__ import annotations
 
@@ -158,13 +158,13 @@ class ReplicaSet:
         self.nginx: Nginx | None = None
         self.round_robin: Nginx | None = None
         try:
-            self.replicas[0].start()
-            self.replicas[0].wait_ready()
-            self.admin_key = (self.replicas[0].data_dir / "admin.key").read_text().strip()
-            for r in self.replicas[1:]:
+            for r in self.replicas:
                 r.start()
-            for r in self.replicas[1:]:
+            for r in self.replicas:
                 r.wait_ready()
+            # every replica starts on an empty catalogue: one creates the admin tenant, the others find it
+            (key_file,) = [r.data_dir / "admin.key" for r in self.replicas if (r.data_dir / "admin.key").exists()]
+            self.admin_key = key_file.read_text().strip()
             addresses = [r.address for r in self.replicas]
             self.nginx = Nginx(root / "nginx", addresses, affinity=affinity)
             if round_robin_front:

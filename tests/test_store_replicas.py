@@ -156,9 +156,10 @@ def test_a_blob_missing_from_the_bucket_fails_its_load_only(replicas, payloads):
     assert [p.split(":")[0] for p in b.verify()] == [gone.digest[:12]]
 
 
-def test_postgres_restart_fails_fast_then_heals_by_itself(replicas, postgres):
+def test_postgres_restart_fails_fast_then_heals_by_itself(replicas, postgres, payloads):
     a, b, _ = replicas
     tenant, key = a.tenants.create("acme")
+    v = a.put(tenant.id, "qa", payloads[6])
     postgres.stop()
     try:
         for store in (a, b):
@@ -166,11 +167,15 @@ def test_postgres_restart_fails_fast_then_heals_by_itself(replicas, postgres):
             with pytest.raises(Unavailable, match=r"catalogue unavailable \(postgresql 127\.0\.0\.1:"):
                 store.resolve(tenant.id, "qa")
             assert time.monotonic() - t0 < 2.0, "a request must not hang on a database that is down"
+        time.sleep(1.0)  # past the usage flush interval: the next record_usage tries to write
+        a.record_usage(v.key, requests=2, tokens=7)  # a finished request's counters: kept, never an error
     finally:
         postgres.start()
     assert b.tenants.authenticate(key).id == tenant.id, "the pool reconnects by itself"
+    got = a.get(tenant.id, "qa")  # flushes what waited through the outage
+    assert (got.requests, got.tokens) == (2, 7)
     with pytest.raises(NotFound):
-        a.resolve(tenant.id, "qa")
+        a.resolve(tenant.id, "nope")
 
 
 FORK = multiprocessing.get_context("fork")  # a forked child starts in ms and inherits spec and payloads
