@@ -10,10 +10,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from server.client import DELTA_HEADER
+from server.config import ServerConfig
 from tests.deploy_helpers import DEPLOY, KUSTOMIZE_BASE, NGINX_CONF, nginx_binary, nginx_main_conf, nginx_test, render_kustomization
 from tests.services import missing
 
-DELTA_HEADER = "x-deltaserve-delta"
 OLDEST_K8S = "1.27.0"  # native gRPC probes are GA from 1.27
 
 
@@ -62,6 +63,8 @@ def test_replicas_deployment_has_gpu_probes_drain_and_scrape_annotations(docs):
     sleep = c["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep[0] == "sleep"
     config = tomllib.loads((KUSTOMIZE_BASE / "config.toml").read_text())
+    ServerConfig.from_dict(config)  # every key is a ServerConfig field, every value in range
+    assert config["blobs"].startswith("s3://") and "catalogue" not in config, "the URL with a password is a Secret"
     assert pod["spec"]["terminationGracePeriodSeconds"] > int(sleep[1]) + config["grace_seconds"], \
         "the kubelet must not SIGKILL a replica before its drain ends"
     ann = pod["metadata"]["annotations"]
