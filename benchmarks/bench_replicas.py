@@ -10,7 +10,11 @@ so where a request lands decides whether its delta is resident there.
 Each phase uses its own set of deltas (the same zipf sequence mapped to that set's names), so both
 start with none of their deltas resident. Per phase, from the replicas' own Prometheus counters:
 
-* ``device_hit_rate``: device-tier lookups served by a resident delta / all device lookups;
+* ``device_hit_rate``: requests whose delta was resident in the serving replica's device memory when the
+  scheduler first asked for it / all requests (``deltaserve_delta_admissions_total{resident}``). A request
+  that arrives while its delta is loading there waits for that load: no hit. (The slot manager's own
+  hits count every acquire answered by a resident slot, the one after a load too; written as
+  ``slot_lookup_hit_rate`` for reference.)
 * ``cold_loads_per_1k``: deltas brought into device memory per 1000 requests.
 
 On 2 cores the replicas share the CPU, so throughput is not the figure here; hit rate and cold loads
@@ -53,13 +57,16 @@ def zipf_sequence(n_requests: int, n_deltas: int, s: float, seed: int) -> list[i
 
 
 def device_counters(text: str) -> dict[str, float]:
-    """The device tier's lookup and load counters from one replica's /metrics."""
+    """The device tier's admission, lookup and load counters from one replica's /metrics."""
+    patterns = {"resident": r'deltaserve_delta_admissions_total\{resident="yes"\}',
+                "waited": r'deltaserve_delta_admissions_total\{resident="no"\}',
+                "hits": r'deltaserve_delta_cache_hits_total\{tier="device"\}',
+                "misses": r'deltaserve_delta_cache_misses_total\{tier="device"\}',
+                "loads": r'deltaserve_delta_loads_total\{tier="device"\}'}
     out = {}
-    for name in ("hits", "misses"):
-        m = re.search(rf'^deltaserve_delta_cache_{name}_total\{{tier="device"\}} (\S+)$', text, re.M)
+    for name, pattern in patterns.items():
+        m = re.search(rf"^{pattern} (\S+)$", text, re.M)
         out[name] = float(m.group(1)) if m else 0.0
-    m = re.search(r'^deltaserve_delta_loads_total\{tier="device"\} (\S+)$', text, re.M)
-    out["loads"] = float(m.group(1)) if m else 0.0
     return out
 
 
@@ -143,12 +150,15 @@ def main() -> None:
             errors, served, seconds = asyncio.run(run_phase(front, key, names, sequence, args.concurrency,
                                                             args.max_new_tokens))
             after = scrape(replicas)
-            delta = {k: sum(a[k] - b[k] for a, b in zip(after, before)) for k in ("hits", "misses", "loads")}
+            delta = {k: sum(a[k] - b[k] for a, b in zip(after, before)) for k in after[0]}
             lookups = delta["hits"] + delta["misses"]
+            admitted = delta["resident"] + delta["waited"]
             one_replica = sum(1 for c in served.values() if len(c) == 1) / max(1, len(served))
             point = {"point": phase, "requests": n_requests, "errors": errors, "seconds": seconds,
-                     "device_hits": delta["hits"], "device_misses": delta["misses"], "device_loads": delta["loads"],
-                     "device_hit_rate": delta["hits"] / lookups if lookups else 0.0,
+                     "admitted_resident": delta["resident"], "admitted_after_load": delta["waited"],
+                     "slot_hits": delta["hits"], "slot_misses": delta["misses"], "device_loads": delta["loads"],
+                     "device_hit_rate": delta["resident"] / admitted if admitted else 0.0,
+                     "slot_lookup_hit_rate": delta["hits"] / lookups if lookups else 0.0,
                      "cold_loads_per_1k": 1000.0 * delta["loads"] / n_requests,
                      "deltas_served_by_one_replica": one_replica,
                      "requests_per_replica": dict(sum(served.values(), Counter()))}

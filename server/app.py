@@ -56,6 +56,9 @@ class App:
         self.metrics.add_refresh(lambda: self.metrics.engine_alive.set(1 if engine.alive else 0))
         if slots is not None:
             self.metrics.add_refresh(lambda: self.metrics.record_router_view(self.router_view()))
+            sched = engine.scheduler
+            self.metrics.add_refresh(lambda: self.metrics.record_admissions(sched.delta_admissions_resident,
+                                                                            sched.delta_admissions_waited))
         engine.add_listener(self.metrics.record)
         if slots is not None:  # a deleted version's device slot goes as soon as no request uses it
             store.subscribe(lambda gone: [slots.invalidate(v.key) for v in gone])

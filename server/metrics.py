@@ -100,6 +100,10 @@ class Metrics:
                              "disk -> memory).", ["tier"], registry=r)
         self.load_time = Counter("deltaserve_delta_load_seconds", "Time spent bringing deltas into a tier.", ["tier"],
                                  registry=r)
+        self.delta_admissions = Counter("deltaserve_delta_admissions", "Requests with a delta admitted to the batch, "
+                                        "by whether it was resident in device memory when first asked (yes: a "
+                                        "device hit) or only after waiting for its load (no).", ["resident"],
+                                        registry=r)
         self.tier_bytes = Gauge("deltaserve_delta_bytes", "Bytes of deltas resident in a tier.", ["tier"], registry=r)
         self.tier_deltas = Gauge("deltaserve_delta_resident", "Deltas resident in a tier.", ["tier"], registry=r)
         self.slots_used = Gauge("deltaserve_delta_slots_in_use", "Device delta slots holding a delta.", registry=r)
@@ -207,6 +211,11 @@ class Metrics:
         self.tier_deltas.labels("host").set(host.entries)
         self._tier_counts("host", host.hits, host.misses, host.evictions, stats.disk_loads, stats.disk_load_seconds)
         self.blobs_damaged.set(stats.damaged)
+
+    def record_admissions(self, resident: int, waited: int) -> None:
+        """The scheduler's running counts of delta admissions (resident at once / after a load)."""
+        self._increase(self.delta_admissions, ("yes",), float(resident))
+        self._increase(self.delta_admissions, ("no",), float(waited))
 
     def record_router_view(self, view: RouterView) -> None:
         """The scheduler, KV pool and resident deltas in vLLM's names (one info series, replaced each time)."""

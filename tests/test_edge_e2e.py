@@ -291,7 +291,7 @@ def test_zz_metrics_scrape_after_traffic(srv, alice):
                    "deltaserve_queue_wait_seconds_count", "deltaserve_generated_tokens_total",
                    "deltaserve_batch_size_count", "deltaserve_step_duration_seconds_count",
                    "deltaserve_delta_cache_hits_total", "deltaserve_delta_cache_misses_total",
-                   "deltaserve_delta_loads_total", "deltaserve_rpcs_total"):
+                   "deltaserve_delta_loads_total", "deltaserve_rpcs_total", "deltaserve_delta_admissions_total"):
         assert total(series) > 0, f"{series} is zero or missing"
     assert samples['deltaserve_requests_total{status="ok",tenant="alice"}'] >= 2
     assert any(k.startswith('deltaserve_requests_total{status="resource_exhausted"') for k in samples)

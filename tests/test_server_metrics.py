@@ -54,6 +54,16 @@ def test_metrics_translate_engine_stats_and_cumulative_snapshots():
     assert all(name.startswith("deltaserve_") or name.split("{")[0] in ROUTER_METRICS for name in s)
 
 
+def test_delta_admissions_count_device_hits_per_request():
+    m = Metrics()
+    m.record_admissions(3, 1)
+    m.record_admissions(3, 1)  # running counts: the same snapshot twice adds nothing
+    m.record_admissions(5, 2)
+    s = _samples(m)
+    assert s['deltaserve_delta_admissions_total{resident="yes"}'] == 5
+    assert s['deltaserve_delta_admissions_total{resident="no"}'] == 2
+
+
 def test_router_view_in_the_names_the_inference_extension_reads():
     m = Metrics()
     for _ in range(2):  # the info series is replaced, never accumulated

@@ -29,6 +29,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)  # physical KV block ids, in token order
     slot: int | None = None  # device delta slot pinned while running; None = no delta or not admitted
+    waited_on_delta: bool = False  # skipped at admission at least once because its delta was not resident
     admit_order: int = 0  # increasing admission counter; the newest is preempted first
     num_preemptions: int = 0
     finish_reason: str | None = None
