@@ -31,7 +31,7 @@ from .records import DeltaKey, DeltaVersion, Tenant
 from .settings import StoreSettings
 from .tenants import TenantRegistry
 
-_USAGE_FLUSH_S = 1.0  # usage counters reach SQLite at most once a second, not once per request
+_USAGE_FLUSH_S = 1.0  # usage counters reach the catalogue at most once a second, not once per request
 # A blob found missing or corrupt is refused from memory for this long before its store is asked again:
 # its requests fail at once instead of each paying a fetch, and a restored blob serves within a minute.
 DAMAGED_RECHECK_S = 60.0

@@ -40,6 +40,7 @@ def nginx_main_conf(root: Path, include: Path, *, access_log: bool = False) -> P
     """A main nginx.conf that runs as the current user with everything under ``root``."""
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (root / d).mkdir(parents=True, exist_ok=True)
+        (root / d).chmod(0o777)  # as root, nginx's workers run as nobody and buffer request bodies here
     log = f"access_log {root}/access.log;" if access_log else "access_log off;"
     conf = root / "nginx.conf"
     conf.write_text(f"""daemon off;
