@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, _bytes_to_unicode
+from server.engine.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, _bytes_to_unicode
 
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
                       "{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -9,7 +9,7 @@ from delta_store.errors import FailedPrecondition, InvalidArgument
 from gguf_files import TINY_CHAT_TEMPLATE
 from server.models.chat import ChatFormat, check_messages, require
 from server.models.generation import GenerationDefaults, model_max_len
-from server.tokenizer import byte_level_tokenizer
+from server.engine.tokenizer import byte_level_tokenizer
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

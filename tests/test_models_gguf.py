@@ -27,7 +27,7 @@ def _load(folder):
 
 
 def test_conversion_serves_the_same_weights_tokenizer_and_template(tiny_file, tmp_path):
-    from server.tokenizer import byte_level_tokenizer
+    from server.engine.tokenizer import byte_level_tokenizer
 
     path, original = tiny_file
     lines = []
