@@ -51,6 +51,7 @@ class App:
         self.auth = Authenticator(store.tenants)
         self.rate_limiter = RateLimiter()
         self.health = None  # set by create_server
+        self.openai_front = None  # set by run() when config.openai_listen is set
         self.admin_key_file: Path | None = None
         if slots is not None:
             self.metrics.add_refresh(lambda: self.metrics.record_slots(slots.stats()))
@@ -210,7 +211,7 @@ async def run(app: App, stop: asyncio.Event, announce=print) -> None:
     if app.config.openai_listen:
         from .edge.openai_http import OpenAIFront
 
-        front = OpenAIFront(app)
+        front = app.openai_front = OpenAIFront(app)
         openai_port = await front.start(app.config.openai_listen)
         openai_url = f"http://{app.config.openai_listen.rpartition(':')[0]}:{openai_port}/v1"
     log.info("listening", address=f"{grpc_host}:{port}", metrics=f"http://{host}:{metrics_port}/metrics",

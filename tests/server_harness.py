@@ -143,3 +143,25 @@ def code_of(fn) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         fn()
     return info.value
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chat_model_dir(root: Path) -> Path:
+    """The tiny demo-shaped model, with a chat template on its tokenizer (turns end with <eos>)."""
+    from transformers import AutoTokenizer
+
+    model_dir = build_demo_model(root / "chat-model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def openai_client(srv: Served, key: str):
+    """The official ``openai`` client against the server's HTTP front (no retries: tests see every status)."""
+    import openai
+
+    return openai.OpenAI(base_url=srv.openai_url, api_key=key, max_retries=0, timeout=60)

@@ -3,6 +3,8 @@
     POST /v1/completions        text (or token ids) in, text out; "stream": true -> server-sent events
     POST /v1/chat/completions   messages in, the assistant's turn out (the model's chat template)
     GET  /v1/models             the base model and the caller's deltas
+    GET  /v1/models/{model}     one of them
+    DELETE /v1/models/{model}   delete a delta (every version, or name@N); the base model: 403
     GET  /health                200 while the engine runs, 503 otherwise (for load balancers)
 
 ``model`` names a delta of the caller (``name`` or ``name@N``) or the base model (its served name, as
@@ -26,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from delta_store.errors import InvalidArgument, NotFound, Unavailable
+from delta_store.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 
 from ..logs import get_logger
 from . import openai_schema as schema
@@ -90,6 +92,7 @@ class OpenAIFront:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET", "DELETE"]),
             Route("/health", self.health, methods=["GET"]),
         ])
         self._server: uvicorn.Server | None = None
@@ -117,6 +120,34 @@ class OpenAIFront:
             return _error_response(exc)
         self._count("GET /v1/models", None)
         return JSONResponse({"object": "list", "data": cards})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        route = f"{request.method} /v1/models/{{model}}"
+        call = GenerationCall(self.app, api="openai")
+        try:
+            tenant = await call.authenticate(_metadata(request))
+            if request.method == "DELETE":
+                if name == self.app.model_name:
+                    raise PermissionDenied(f"the base model '{name}' cannot be deleted; only your deltas can")
+                try:
+                    await asyncio.to_thread(self.app.store.delete, tenant, name)
+                except NotFound:
+                    raise ModelNotFound(name) from None
+                reply = {"id": name, "object": "model", "deleted": True}
+            elif name == self.app.model_name:
+                reply = schema.model_card(name, "deltaserve", self.created)
+            else:
+                try:
+                    v = await asyncio.to_thread(self.app.store.resolve, tenant, name)
+                except (NotFound, InvalidArgument):
+                    raise ModelNotFound(name) from None
+                reply = schema.model_card(name, call.tenant, int(v.created), parent=self.app.model_name)
+        except Exception as exc:  # noqa: BLE001
+            self._count(route, exc)
+            return _error_response(exc)
+        self._count(route, None)
+        return JSONResponse(reply)
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, chat=False)
