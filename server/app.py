@@ -56,6 +56,7 @@ class App:
         if slots is not None:
             self.metrics.add_refresh(lambda: self.metrics.record_slots(slots.stats()))
         self.metrics.add_refresh(lambda: self.metrics.record_store(store.stats()))
+        self.metrics.tier_budget.labels("host").set(config.host_cache_bytes)
         self.metrics.add_refresh(lambda: self.metrics.engine_alive.set(1 if engine.alive else 0))
         engine.add_listener(self.metrics.record)
         if slots is not None:  # a deleted version's device slot goes as soon as no request uses it

@@ -35,3 +35,40 @@ def test_panels_are_unique_and_every_target_queries_deltaserve():
                      "Scheduler queue", "Batch size", "Distinct deltas per step", "Delta cache hit ratio by tier",
                      "Mean delta load time", "KV cache use", "Host delta memory"):
         assert required in {p["title"] for p in panels}
+
+
+def _queried_names() -> set[str]:
+    """Every deltaserve_* series the dashboard and the Prometheus rules read."""
+    board = json.loads((GRAFANA / "deltaserve.json").read_text())
+    text = " ".join(t["expr"] for p in board["panels"] for t in p.get("targets", []))
+    text += " " + " ".join(v["definition"] for v in board["templating"]["list"] if "definition" in v)
+    text += " " + (GRAFANA.parent / "prometheus" / "deltaserve-rules.yml").read_text()
+    return set(re.findall(r"\b(deltaserve_[a-z_]+)\b", text))
+
+
+def test_a_live_server_exports_every_series_the_dashboard_queries(tmp_path):
+    import urllib.request
+
+    from server_harness import Served, peft_lora, upload
+
+    srv = Served(tmp_path)
+    try:
+        md = srv.tenant("acme")
+        data, _ = peft_lora(srv.model_dir, seed=1)
+        upload(srv, md, "d", data)
+        for chunk in srv.client.with_key(md[0][1].removeprefix("Bearer ")).generate("hi", delta="d", max_new_tokens=3):
+            pass
+        scrape = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
+    finally:
+        srv.close()
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", scrape, flags=re.M))
+    samples = {line.split("{")[0].split(" ")[0] for line in scrape.splitlines() if line and not line.startswith("#")}
+    suffix = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "gauge": ("",)}
+    missing = []
+    for name in sorted(_queried_names()):
+        family = next((f for f, kind in types.items() for s in suffix.get(kind, ())
+                       if name in (f + s, f.removesuffix("_total") + s)), None)
+        if family is None and name not in samples:
+            missing.append(name)
+    assert not missing, f"queried but not exported: {missing}"
+    assert "deltaserve_delta_bytes_budget" in samples and "deltaserve_requests_total" in samples
