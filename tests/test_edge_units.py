@@ -146,7 +146,8 @@ def test_sampling_defaults_and_validation():
 
 
 def test_unset_sampling_fields_take_the_models_generation_config():
-    model = GenerationDefaults.from_dict({"temperature": 0.2, "top_p": 0.9, "top_k": 20, "max_new_tokens": 100})
+    model = GenerationDefaults.from_dict({"do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": 20,
+                                          "max_new_tokens": 100})
     s = sampling_from_pb(inference_pb2.SamplingParams(), model)
     assert (s.temperature, s.top_p, s.top_k, s.max_new_tokens, s.repetition_penalty) == (0.2, 0.9, 20, 100, 1.0)
     # what the request sets wins, including an explicit 0 (greedy, top_k off)

@@ -78,9 +78,11 @@ def test_generation_defaults_take_only_what_the_file_sets(tmp_path):
     assert d.sampling_fields() == {"temperature": 0.6, "top_p": 0.95} and d.eos_token_ids == (2, 7)
 
 
-def test_do_sample_false_means_greedy():
-    assert GenerationDefaults.from_dict({"do_sample": False, "temperature": 0.7}).temperature == 0.0
-    assert GenerationDefaults.from_dict({"eos_token_id": 5}).sampling_fields() == {}
+def test_without_do_sample_the_model_decodes_greedily_as_generate_does():
+    d = GenerationDefaults.from_dict({"do_sample": False, "temperature": 0.7, "top_p": 0.5, "max_new_tokens": 9})
+    assert d.sampling_fields() == {"temperature": 0.0, "max_new_tokens": 9}  # sampling knobs unused when greedy
+    assert GenerationDefaults.from_dict({"eos_token_id": 5}).sampling_fields() == {"temperature": 0.0}
+    assert GenerationDefaults.from_dict({"do_sample": True}).sampling_fields() == {}  # sampling, our temperature
 
 
 def test_no_file_no_defaults(tmp_path):

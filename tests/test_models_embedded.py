@@ -61,12 +61,13 @@ def test_chat_template_answers_and_ends_its_turn(loaded):
     assert tokenizer.eos_token == "<|im_end|>"
 
 
-def test_sampling_defaults_are_the_model_cards_and_the_turn_ends_at_im_end(smollm2, loaded):
+def test_the_model_decodes_greedily_by_default_and_the_turn_ends_at_im_end(smollm2, loaded):
     from server.models.chat import ChatFormat
     from server.models.generation import GenerationDefaults
 
     defaults = GenerationDefaults.from_folder(smollm2.path)
-    assert defaults.sampling_fields() == {"temperature": 0.2, "top_p": 0.9} and defaults.eos_token_ids == (2,)
+    # its generation_config.json sets no do_sample: transformers' generate() decodes greedily, and so do we
+    assert defaults.sampling_fields() == {"temperature": 0.0} and defaults.eos_token_ids == (2,)
     tokenizer = loaded[1]
     chat = ChatFormat.from_tokenizer(tokenizer, defaults.eos_token_ids)
     assert chat.end_of_turn_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")] == [2]

@@ -24,7 +24,10 @@ N = 24
 
 @pytest.fixture(scope="module")
 def srv(smollm2, tmp_path_factory):
-    s = Served(tmp_path_factory.mktemp("default"), smollm2.path, max_model_len=0, max_slots=2, max_rank=16)
+    root = tmp_path_factory.mktemp("default")
+    (root / "data").mkdir()
+    (root / "data" / "models").symlink_to(smollm2.path.parent)  # the session's conversion, found by name
+    s = Served(root, smollm2.path, model_path=None, max_model_len=0, max_slots=2, max_rank=16)
     s.md = s.tenant("reader")
     s.client_md = s.client.with_key(s.md[0][1].removeprefix("Bearer "))
     s.client_md.upload("pirate", PIRATE)
@@ -57,7 +60,7 @@ def test_the_server_uses_the_models_own_limits_and_template(srv):
     app = srv.app
     assert app.config.max_model_len == 8192  # the model's own limit; the 1 GiB CPU KV cache holds ~23k tokens
     assert app.chat is not None and app.chat.end_of_turn_ids == [2]
-    assert app.generation_defaults.sampling_fields() == {"temperature": 0.2, "top_p": 0.9}
+    assert app.generation_defaults.sampling_fields() == {"temperature": 0.0}  # no do_sample: greedy, as generate()
     assert app.model_name == "SmolLM2-135M-Instruct"
 
 

@@ -159,7 +159,7 @@ class OpenAIFront:
     async def _generate(self, request: Request, *, chat: bool) -> Response:
         route = "POST /v1/chat/completions" if chat else "POST /v1/completions"
         call = GenerationCall(self.app, api="openai")
-        body = None
+        body, delta = None, ""
         try:
             if self.draining:
                 raise Unavailable("the server is shutting down")
@@ -176,15 +176,15 @@ class OpenAIFront:
             call.admit(tenant)
         except Exception as exc:  # noqa: BLE001 - refused before any token: a plain error response
             status = http_status_of(exc)[1].name.lower()
-            call.finish(status, getattr(body, "model", ""))
+            call.finish(status, delta)
             self._count(route, exc)
             return _error_response(exc)
         if body.stream:
-            return StreamingResponse(self._sse(call, body, chat, route), media_type="text/event-stream",
+            return StreamingResponse(self._sse(call, body, chat, route, delta), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._whole(call, body, chat, route)
+        return await self._whole(call, body, chat, route, delta)
 
-    async def _whole(self, call: GenerationCall, body, chat: bool, route: str) -> Response:
+    async def _whole(self, call: GenerationCall, body, chat: bool, route: str, delta: str) -> Response:
         text, last, status = [], None, "ok"
         try:
             async for out in call.stream():
@@ -198,13 +198,13 @@ class OpenAIFront:
             self._count(route, exc)
             return _error_response(exc)
         finally:
-            call.finish(status, body.model)
+            call.finish(status, delta)
         self._count(route, None)
         rid, use = call.req.request_id, schema.usage(last.prompt_tokens, last.completion_tokens)
         build = schema.chat_body if chat else schema.completion_body
         return JSONResponse(build(rid, body.model, schema.now(), "".join(text), last.finish_reason, use))
 
-    async def _sse(self, call: GenerationCall, body, chat: bool, route: str):
+    async def _sse(self, call: GenerationCall, body, chat: bool, route: str, delta_ref: str):
         rid, created, model, status = call.req.request_id, schema.now(), body.model, "ok"
         obj = "chat.completion.chunk" if chat else "text_completion"
         last = None
@@ -236,7 +236,7 @@ class OpenAIFront:
             self._count(route, exc)
             yield _event(schema.error_body(http, message, status))
         finally:
-            call.finish(status, model)
+            call.finish(status, delta_ref)
         yield "data: [DONE]\n\n"
 
     def _count(self, route: str, exc: BaseException | None) -> None:

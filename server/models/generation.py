@@ -1,10 +1,12 @@
 """The served model's own sampling defaults and length limit, read once at start-up.
 
-``generation_config.json`` values the model's authors wrote take effect for request fields left unset
-(vLLM's ``--generation-config auto``): ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
-``max_new_tokens``; ``do_sample: false`` written there means greedy (transformers' own meaning). Fields
-the file does not set fall to the documented defaults of the API (``server/types.py``). Only keys
-present in the file count, never transformers' class defaults (its top_k=50 is not the model's choice).
+A model folder's ``generation_config.json`` decides what request fields left unset mean, as it does for
+transformers' ``generate()``: ``do_sample`` (transformers' default: false) chooses greedy decoding or
+sampling; when sampling, the file's ``temperature``, ``top_p`` and ``top_k`` apply (vLLM's
+``--generation-config auto``); ``repetition_penalty`` and ``max_new_tokens`` apply either way. Keys the
+file does not write fall to the API's documented defaults (``server/types.py``), never to transformers'
+class defaults (its top_k=50 is not the model's choice). A folder without the file has no defaults.
+SmolLM2-135M-Instruct's file (converted from the GGUF) sets no ``do_sample``: greedy, as ``generate()``.
 """
 from __future__ import annotations
 
@@ -38,13 +40,12 @@ class GenerationDefaults:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "dict") -> "GenerationDefaults":
-        temperature = raw.get("temperature")
-        if raw.get("do_sample") is False:
-            temperature = 0.0
+        sampling = bool(raw.get("do_sample", False))
+        temperature = raw.get("temperature") if sampling else 0.0
+        top_p, top_k = (raw.get("top_p"), raw.get("top_k")) if sampling else (None, None)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return cls(temperature=_num(temperature, float), top_p=_num(raw.get("top_p"), float),
-                   top_k=_num(raw.get("top_k"), int), repetition_penalty=_num(raw.get("repetition_penalty"), float),
+        return cls(temperature=_num(temperature, float), top_p=_num(top_p, float), top_k=_num(top_k, int), repetition_penalty=_num(raw.get("repetition_penalty"), float),
                    max_new_tokens=_num(raw.get("max_new_tokens"), int), eos_token_ids=tuple(int(i) for i in eos_ids),
                    source=source)
 

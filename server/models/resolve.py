@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .embedded import SERVED_NAME, add_recommended_sampling, embedded_gguf
+from .embedded import SERVED_NAME, embedded_gguf
 from .errors import ModelSourceError
 from .gguf import ensure_converted, is_gguf
 
@@ -34,7 +34,6 @@ def resolve_model(spec: str | os.PathLike | None, data_dir: str | os.PathLike, a
                                + ", ".join(MODEL_NAMES))
     if text.lower() == DEFAULT_MODEL:
         folder, converted = ensure_converted(embedded_gguf(), data_dir, announce)
-        add_recommended_sampling(folder)
         return ModelSource(folder, SERVED_NAME, "embedded", converted)
     if text.lower() == DEMO_MODEL:
         from ..demo import ensure_demo_model
