@@ -132,3 +132,17 @@ def test_admin_key_is_found_through_the_servers_note(srv, capsys, monkeypatch, t
     assert code == 0 and "admin" in out, err
     code, _, err = run(capsys, "tenants", "list", "--server", "127.0.0.1:1")  # no server, no note
     assert code == 1 and "no API key" in err and ".deltaserve/admin.key" in err
+
+
+@pytest.mark.parametrize("content, needle", [(b"GGUF" + bytes(range(200)), "corrupt or truncated GGUF file"),
+                                             (b"not a model", "not a GGUF file")])
+def test_serve_with_a_bad_gguf_is_one_line(tmp_path, capsys, content, needle):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(content)
+    code, _, err = run(capsys, "serve", "--model", str(bad), "--data-dir", str(tmp_path / "data"))
+    assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_serve_with_an_unknown_model_name_lists_the_choices(tmp_path, capsys):
+    code, _, err = run(capsys, "serve", "--model", "gpt-17", "--data-dir", str(tmp_path / "data"))
+    assert code == 1 and "not a built-in model (smollm2-135m-instruct, demo)" in err
