@@ -97,12 +97,21 @@ def test_chat_one_shot_and_from_stdin(srv, capsys, monkeypatch):
 
 
 def test_chat_with_a_model_without_a_template_is_one_line(tmp_path, capsys):
+    import openai
+
+    from server_harness import openai_client
+
     plain = Served(tmp_path)  # the tiny demo model: a byte-level tokenizer, no chat template
     try:
         code, _, err = run(capsys, "chat", "--server", plain.address, "--api-key", plain.admin_key, "hi")
+        with pytest.raises(openai.BadRequestError) as info:  # the same refusal over HTTP: 400 with the reason
+            openai_client(plain, plain.admin_key).chat.completions.create(
+                model=plain.app.model_name, messages=[{"role": "user", "content": "hi"}])
     finally:
         plain.close()
     assert code == 1 and "FAILED_PRECONDITION" in err and "no chat template" in err and len(err.splitlines()) == 1
+    assert info.value.status_code == 400 and "no chat template" in info.value.body["message"]
+    assert info.value.body["code"] == "failed_precondition"
 
 
 def test_deltas_preload_and_tenants_quotas(srv, capsys):
