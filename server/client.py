@@ -5,6 +5,7 @@ for the CLI, scripts and tests, and an asyncio face (:class:`AsyncClient`) for t
         version = c.upload("support-bot", "path/to/peft_adapter/")   # folder (sent as tar.gz), archive, file, bytes
         for chunk in c.generate("Hello", delta="support-bot", max_new_tokens=16, temperature=0.0):
             print(chunk.text, end="")
+        chat = c.generate([{"role": "user", "content": "Hi!"}])          # chat: the model's template
 
     async with AsyncClient(address, admin_key) as c:                  # waits until the channel is ready
         tenant, key = await c.create_tenant("acme")
@@ -24,7 +25,7 @@ import io
 import os
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,13 +51,19 @@ def bearer(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
-def generate_request(prompt: str | Sequence[int], *, delta: str = "", request_id: str = "",
-                     **sampling) -> inference_pb2.GenerateRequest:
-    """A GenerateRequest: ``prompt`` as text or token ids; ``sampling`` are ``SamplingParams`` fields
-    (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``ignore_eos``, ``logprobs``, ...)."""
+def generate_request(prompt: str | Sequence[int] | Sequence[Mapping[str, str]], *, delta: str = "",
+                     request_id: str = "", **sampling) -> inference_pb2.GenerateRequest:
+    """A GenerateRequest: ``prompt`` as text, token ids, or chat messages (``[{"role": "user", "content":
+    "..."}]``, rendered by the server with the model's chat template); ``sampling`` are ``SamplingParams``
+    fields (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_strings``, ...);
+    None leaves a field unset (the served model's default)."""
     params = inference_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
     if isinstance(prompt, str):
         return inference_pb2.GenerateRequest(text=prompt, delta=delta, sampling=params, request_id=request_id)
+    if prompt and isinstance(prompt[0], Mapping):
+        chat = inference_pb2.ChatPrompt(messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"])
+                                                  for m in prompt])
+        return inference_pb2.GenerateRequest(chat=chat, delta=delta, sampling=params, request_id=request_id)
     return inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=list(prompt)), delta=delta,
                                          sampling=params, request_id=request_id)
 

@@ -30,8 +30,8 @@ class Server:
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--data-dir", str(data_dir), "--listen", self.address,
-             "--metrics-listen", "127.0.0.1:0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "server", "serve", "--model", "demo", "--data-dir", str(data_dir), "--listen",
+             self.address, "--metrics-listen", "127.0.0.1:0", "--openai-listen", "127.0.0.1:0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
