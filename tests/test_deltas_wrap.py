@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
+from delta_store.delta import ADAPTER_SOURCES, AdapterTerm, Delta, LoraTerm, ModuleDelta
 from delta_store.errors import DeltaError, DeltaServeError, InvalidArgument
 from kernels.cpu import grouped
 from server.deltas import DeltaBatch, DeltaLinear, DeltaNorm, wrap_model
@@ -95,8 +95,9 @@ def test_pool_bytes_match_documented_formula():
     o = dm.layers["model.layers.0.self_attn.o_proj"]
     ad = AdapterTerm(torch.randn(3, 64), torch.randn(3), torch.randn(64, 3), torch.randn(64), "relu")
     dm.set_delta(1, Delta({o.path: ModuleDelta(adapter=ad)}))
-    # adapter pools appear on first use: down/up [S,M,h] x2, biases [S,M]+[S,h], act [S], scale/width [3,S]
-    assert dm.pool_bytes() - before == (2 * S * 4 * 64 + S * 4 + S * 64) * 4 + S * 4 + 2 * 3 * S * 4
+    # adapter pools appear on first use: down/up [S,M,h] x2, biases [S,M]+[S,h], act [S], scale/width [sources,S]
+    n = len(ADAPTER_SOURCES)
+    assert dm.pool_bytes() - before == (2 * S * 4 * 64 + S * 4 + S * 64) * 4 + S * 4 + 2 * n * S * 4
 
 
 def test_batch_prepare_sequences_and_errors():

@@ -23,7 +23,7 @@ import torch
 
 from delta_store.base_spec import BaseSpec
 from delta_store.delta import Delta
-from delta_store.errors import DeltaError, InvalidArgument
+from delta_store.errors import DeltaError, InvalidArgument, UnsupportedDelta
 from delta_store.validate import Limits, validate
 
 from ..config import DEFAULT_TARGETS
@@ -49,6 +49,11 @@ class DeltaModel:
         # the wrappers then check what only the pools know (wrapped or not, sites, widths).
         validate(delta, self.spec, Limits(max_rank=self.max_rank, max_bottleneck=self.max_bottleneck))
         for path, md in delta.modules.items():
+            # The store holds these terms already; the wrappers learn to serve them with issue 13's kernels.
+            unserved = sorted(md.kinds() & {"dora", "tokens"}) + (
+                ["adapter reading 'normed'"] if md.adapter is not None and md.adapter.source == "normed" else [])
+            if unserved:
+                raise UnsupportedDelta(f"{path}: {', '.join(unserved)} not served by this build yet")
             layer = self.layers.get(path)
             if layer is None:
                 raise DeltaError(self._unwrapped_reason(path))
