@@ -25,11 +25,12 @@ class Limits:
 
     max_rank: int = 1024
     max_bottleneck: int = 16384
+    max_token_rows: int = 65536  # replaced embedding rows (trainable tokens) of one module
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     max_tensor_bytes: int = 1 << 30  # one tensor; a 7B model's largest LoRA B at r=64 is ~3.5 MiB
 
     def __post_init__(self) -> None:
-        for name in ("max_rank", "max_bottleneck", "max_tensor_bytes"):
+        for name in ("max_rank", "max_bottleneck", "max_token_rows", "max_tensor_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
@@ -79,6 +80,9 @@ def validate(delta: Delta, spec: BaseSpec, limits: Limits | None = None) -> None
         fin, fout = info.in_features, info.out_features
         if md.rows is not None:
             _rows(md, info, spec, path)
+            if md.rows.count > limits.max_token_rows:
+                raise DeltaError(f"{path}: {md.rows.count} trainable-token rows exceed the server's max_token_rows "
+                                 f"{limits.max_token_rows}")
             continue
         if md.kinds() - {"bitfit"} and info.kind not in _PROJ_KINDS:
             raise DeltaError(f"{path}: a {info.kind} module only takes a bias delta, found "

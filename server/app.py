@@ -134,7 +134,8 @@ def store_config(config: ServerConfig, *, pin_host_memory: bool):
                           max_concurrent=config.default_max_concurrent)
     settings = StoreSettings(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
                              default_quotas=quotas, pin_host_memory=pin_host_memory)
-    return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck), settings
+    return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck,
+                  max_token_rows=config.max_token_rows), settings
 
 
 def build_app(config: ServerConfig) -> App:
@@ -166,7 +167,8 @@ def build_app(config: ServerConfig) -> App:
     defaults = GenerationDefaults.from_folder(source.path) if config.generation_config == "auto" else None
     chat = ChatFormat.from_tokenizer(tokenizer, defaults.eos_token_ids if defaults else ())
     dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_slots, max_rank=config.max_rank,
-                    max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens)
+                    max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens,
+                    max_token_rows=config.max_token_rows)
     spec = dm.spec  # fingerprinted once, from the unwrapped base
     store = DeltaStore.open(data_dir, spec, *store_config(config, pin_host_memory=device.type == "cuda"))
     slots = SlotManager(dm, loader=store.load_key, num_slots=config.max_slots)

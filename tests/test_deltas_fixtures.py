@@ -19,9 +19,8 @@ from server.deltas import wrap_model
 from tests.helpers import FIXTURES, assert_close, import_delta
 
 ATOL = 1e-5
-# case folder name -> regex of the reason it is refused (at import or by the wrapped model).
-REFUSED: dict[str, str] = {"llama-parallel_adapter": "adapter reading 'normed' not served",
-                           "gpt2-parallel_adapter": "adapter reading 'normed' not served"}
+# case folder name -> regex of the reason it is refused (at import or by the wrapped model); none today.
+REFUSED: dict[str, str] = {}
 
 
 def _cases(arch: str) -> list:

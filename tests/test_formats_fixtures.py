@@ -81,7 +81,7 @@ def test_expanded_kinds_land_on_the_library_placements():
         od / "gpt2-parallel_adapter": (spec_g, "transformer.h.1.mlp.c_proj", "normed", "gelu_new", 8, 4),
     }
     for case, (spec, path, source, act, width, count) in cases.items():
-        delta = load_delta(case, spec)
+        delta = import_delta(case, spec)
         assert delta.kinds() == {"bottleneck"} and len(delta.modules) == count, case.name
         ad = delta.modules[path].adapter
         assert (ad.source, ad.activation, ad.width, ad.scale) == (source, act, width, 1.0), case.name
@@ -89,10 +89,10 @@ def test_expanded_kinds_land_on_the_library_placements():
     raw = torch.load(od / "llama-compacter" / "pytorch_model.bin", weights_only=True)
     p = "model.layers.0.mlp.down_proj.compactor.down_sampler"
     m = sum(torch.kron(raw[f"{p}.phm_rule"][k], raw[f"{p}.W_left"][k] @ raw[f"{p}.W_right"][k]) for k in range(4))
-    got = load_delta(od / "llama-compacter", spec_l).modules["model.layers.0.mlp.down_proj"].adapter.down
+    got = import_delta(od / "llama-compacter", spec_l).modules["model.layers.0.mlp.down_proj"].adapter.down
     torch.testing.assert_close(got, m.T)
     # the rank-1 low-rank projection: W_left * W_right broadcasts into the outer product
     raw = torch.load(od / "gpt2-low_rank_adapter" / "pytorch_model.bin", weights_only=True)
     p = "transformer.h.0.attn.c_proj.low_rank_adapter.up_sampler"
-    got = load_delta(od / "gpt2-low_rank_adapter", spec_g).modules["transformer.h.0.attn.c_proj"].adapter.up
+    got = import_delta(od / "gpt2-low_rank_adapter", spec_g).modules["transformer.h.0.attn.c_proj"].adapter.up
     torch.testing.assert_close(got, (raw[f"{p}.W_left"] * raw[f"{p}.W_right"]).T)

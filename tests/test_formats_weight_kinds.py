@@ -15,9 +15,9 @@ from delta_store import BaseSpec
 from delta_store.delta import Delta, LoraTerm, ModuleDelta, RowsTerm
 from delta_store.dora import base_row_sq, column_norm, dora_scale
 from delta_store.errors import DeltaError
-from delta_store.formats import detect_format, load_delta
+from delta_store.formats import detect_format
 from delta_store.native import dump_native, load_native
-from tests.helpers import tiny_gpt2, tiny_llama
+from tests.helpers import import_delta, tiny_gpt2, tiny_llama
 from tests.oracles import apply_delta, randomise_peft
 
 IDS = torch.tensor([[3, 5, 7, 9, 3, 200, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8]])  # ids 3 and 7 are trained tokens
@@ -33,7 +33,7 @@ def peft_parity(arch: str, cfg, folder, *, std: float = 0.1, atol: float = 1e-5)
     fresh = MODELS[arch]()
     spec = BaseSpec.from_model(fresh)
     assert detect_format(folder) == "peft"
-    delta = load_delta(folder, spec)
+    delta = import_delta(folder, spec)
     with torch.no_grad():
         theirs, base = pm(IDS).logits, fresh(IDS).logits
         with apply_delta(fresh, delta, spec):

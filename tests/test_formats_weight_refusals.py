@@ -12,11 +12,10 @@ import torch
 from peft import LoraConfig, TrainableTokensConfig, VeraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from delta_store import BaseSpec, DeltaStore, StoreSettings
+from delta_store import BaseSpec, DeltaStore
 from delta_store.errors import DeltaError, UnsupportedDelta
-from delta_store.formats import load_delta
 from delta_store.validate import Limits
-from tests.helpers import FIXTURES, assert_nothing_stored, tiny_llama
+from tests.helpers import FIXTURES, assert_nothing_stored, import_delta, store_settings, tiny_llama
 from tests.oracles import randomise_peft
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -155,7 +154,7 @@ def _payload(name, tmp_path, peft_dirs):
 def test_bad_weight_kind_is_refused_with_the_reason(name, tmp_path, peft_dirs, spec, fixture_spec):
     folder, err, reason = _payload(name, tmp_path, peft_dirs)
     with pytest.raises(err, match=reason):
-        load_delta(folder, fixture_spec if name in PHM_BAD else spec)
+        import_delta(folder, fixture_spec if name in PHM_BAD else spec)
 
 
 @pytest.mark.parametrize("name", ["dora_magnitude_wrong_length", "vera_projection_missing", "token_out_of_vocabulary",
@@ -163,7 +162,7 @@ def test_bad_weight_kind_is_refused_with_the_reason(name, tmp_path, peft_dirs, s
 def test_store_put_refuses_and_stores_nothing(name, tmp_path, peft_dirs, spec, fixture_spec):
     folder, err, reason = _payload(name, tmp_path, peft_dirs)
     with DeltaStore.open(tmp_path / "data", fixture_spec if name in PHM_BAD else spec, Limits(),
-                         StoreSettings()) as store:
+                         store_settings()) as store:
         tenant, _ = store.tenants.create("acme")
         with pytest.raises(err, match=reason):
             store.put(tenant, "d", folder)
@@ -189,7 +188,7 @@ def test_peft_kinds_without_a_low_rank_form_are_refused(cls, tmp_path, spec):
     cfg = getattr(peft, cls)(**{"target_modules": ["q_proj", "v_proj"], **kw})
     get_peft_model(tiny_llama(), cfg).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedDelta, match=f"is not supported: .*{reason}"):
-        load_delta(tmp_path, spec)
+        import_delta(tmp_path, spec)
 
 
 def _canonical_bad(spec, case):

@@ -10,9 +10,8 @@ from peft import LoraConfig, get_peft_model
 from delta_store import BaseSpec
 from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
 from delta_store.errors import DeltaError, InvalidArgument
-from delta_store.formats import load_delta
 from delta_store.merge import merge_digest, merge_lora
-from tests.helpers import tiny_gpt2, tiny_llama
+from tests.helpers import import_delta, tiny_gpt2, tiny_llama
 from tests.oracles import apply_delta, randomise_peft
 
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -43,7 +42,7 @@ def test_merge_equals_peft_cat(arch, tmp_path):
     pm.set_adapter("m")
     spec = BaseSpec.from_model(base)
     # PEFT writes a non-default adapter into a subfolder named after it
-    da, db = load_delta(tmp_path / "a" / "a", spec), load_delta(tmp_path / "b" / "b", spec)
+    da, db = import_delta(tmp_path / "a" / "a", spec), import_delta(tmp_path / "b" / "b", spec)
     merged = merge_lora([(da, 0.7), (db, 0.3)], names=["a", "b"])
     assert merged.kinds() == {"lora"} and merged.source_format == "merge"
     q = "model.layers.0.self_attn.q_proj" if arch == "llama" else "transformer.h.0.attn.c_attn"
