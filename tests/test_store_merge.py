@@ -10,7 +10,8 @@ from peft import LoraConfig, get_peft_model
 from delta_store import BaseSpec
 from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
 from delta_store.errors import DeltaError, InvalidArgument
-from delta_store.merge import merge_digest, merge_lora
+from delta_store.merge import merge_lora
+from delta_store.merge_rules import merge_digest
 from tests.helpers import import_delta, tiny_gpt2, tiny_llama
 from tests.oracles import apply_delta, randomise_peft
 
