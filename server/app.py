@@ -37,11 +37,13 @@ class App:
     """Everything a servicer needs, held together; built by :func:`build_app` (tests may pass fakes)."""
 
     def __init__(self, config: ServerConfig, *, engine, store, tokenizer, vocab_size: int, slots=None,
-                 metrics: Metrics | None = None, model_name: str = "base", generation_defaults=None, chat=None):
+                 metrics: Metrics | None = None, model_name: str = "base", generation_defaults=None, chat=None,
+                 merges=None):
         self.config = config
         self.model_name = model_name  # the base model's served name (OpenAI `model`, /v1/models)
         self.generation_defaults = generation_defaults  # server/models/generation.py: GenerationDefaults | None
         self.chat = chat  # server/models/chat.py: ChatFormat, or None when the model has no chat template
+        self.merges = merges  # server.deltas.merges.MergeCache (GenerateRequest.merge)
         self.engine = engine
         self.store = store
         self.slots = slots
@@ -61,6 +63,8 @@ class App:
         engine.add_listener(self.metrics.record)
         if slots is not None:  # a deleted version's device slot goes as soon as no request uses it
             store.subscribe(lambda gone: [slots.invalidate(v.key) for v in gone])
+        if slots is not None and merges is not None:  # and so do the merges that used it
+            store.subscribe(lambda gone: [slots.invalidate(k) for v in gone for k in merges.forget(v.key)])
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -134,7 +138,8 @@ def store_config(config: ServerConfig, *, pin_host_memory: bool):
                           max_concurrent=config.default_max_concurrent)
     settings = StoreSettings(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
                              default_quotas=quotas, pin_host_memory=pin_host_memory)
-    return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck), settings
+    return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck,
+                  max_token_rows=config.max_token_rows), settings
 
 
 def build_app(config: ServerConfig) -> App:
@@ -147,6 +152,7 @@ def build_app(config: ServerConfig) -> App:
     from transformers.utils import logging as hf_logging
 
     from .deltas import SlotManager, wrap_model
+    from .deltas.merges import MergeCache, loader
     from .engine import Engine, ModelRunner
     from .models import resolve_model
     from .models.chat import ChatFormat
@@ -166,10 +172,12 @@ def build_app(config: ServerConfig) -> App:
     defaults = GenerationDefaults.from_folder(source.path) if config.generation_config == "auto" else None
     chat = ChatFormat.from_tokenizer(tokenizer, defaults.eos_token_ids if defaults else ())
     dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_slots, max_rank=config.max_rank,
-                    max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens)
+                    max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens,
+                    max_token_rows=config.max_token_rows)
     spec = dm.spec  # fingerprinted once, from the unwrapped base
     store = DeltaStore.open(data_dir, spec, *store_config(config, pin_host_memory=device.type == "cuda"))
-    slots = SlotManager(dm, loader=store.load_key, num_slots=config.max_slots)
+    merges = MergeCache(store.load_key, max_rank=config.max_rank, max_bytes=config.merge_cache_bytes)
+    slots = SlotManager(dm, loader=loader(merges, store.load_key), num_slots=config.max_slots)
     runner = ModelRunner(dm, tokenizer, config)
     config = with_max_model_len(config, model_max_len(model.config), runner.kv.num_blocks * config.kv_block_size)
     engine = Engine(config, runner, slots)
@@ -179,7 +187,7 @@ def build_app(config: ServerConfig) -> App:
                  f"{k}={v}" for k, v in (defaults.sampling_fields() if defaults else {}).items()) or "-",
              torch_threads=threads, seconds=time.monotonic() - t0)
     return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size, slots=slots,
-               model_name=source.name, generation_defaults=defaults, chat=chat)
+               model_name=source.name, generation_defaults=defaults, chat=chat, merges=merges)
 
 
 def with_max_model_len(config: ServerConfig, model_limit: int | None, kv_tokens: int) -> ServerConfig:

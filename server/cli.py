@@ -1,7 +1,7 @@
 """``deltaserve``: run the server, and drive it from the terminal.
 
     deltaserve serve [--model NAME|FOLDER|FILE.gguf] [--data-dir DIR] [--listen HOST:PORT] [--openai-listen ...]
-    deltaserve generate [--delta NAME[@VERSION]] [--greedy] [--stop TEXT]... [--json] PROMPT
+    deltaserve generate [--delta NAME[@VERSION] | --merge NAME=WEIGHT ...] [--greedy] [--stop TEXT]... [--json] PROMPT
     deltaserve chat [--system TEXT] [--delta NAME[@VERSION]] [MESSAGE]      (no MESSAGE: interactive)
     deltaserve upload PATH --name NAME
     deltaserve deltas list | show NAME | delete NAME[@VERSION] | preload NAME[@VERSION] [--host]
@@ -149,11 +149,25 @@ def _sampling(args) -> dict:
             "stop_token_ids": args.stop_token or None, "ignore_eos": args.ignore_eos or None}
 
 
+def _merge_parts(specs: list[str] | None) -> list[tuple[str, float]]:
+    """``--merge NAME=WEIGHT`` (repeatable) -> [(name, weight)]; a one-line error for a malformed one."""
+    parts = []
+    for spec in specs or ():
+        name, sep, weight = spec.rpartition("=")
+        try:
+            parts.append((name, float(weight)))
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise CliError(f"--merge {spec!r}: expected NAME=WEIGHT, e.g. --merge style=0.7")
+    return parts
+
+
 def _stream(client, prompt, args, out: TextOut | None):
     """Stream one generation; returns (text, token ids, logprobs, last chunk)."""
     text, ids, logprobs, last = [], [], [], None
-    for chunk in client.generate(prompt, delta=args.delta or "", logprobs=getattr(args, "json", False) or None,
-                                 **_sampling(args)):
+    for chunk in client.generate(prompt, delta=args.delta or "", merge=_merge_parts(getattr(args, "merge", None)),
+                                 logprobs=getattr(args, "json", False) or None, **_sampling(args)):
         last = chunk
         text.append(chunk.text)
         ids.extend(chunk.token_ids)
@@ -326,6 +340,8 @@ def _version() -> str:
 
 def _sampling_flags(p) -> None:
     p.add_argument("--delta", help="NAME or NAME@VERSION (default: the base model alone)")
+    p.add_argument("--merge", action="append", metavar="NAME=WEIGHT",
+                   help="serve a linear merge of your LoRA deltas instead of --delta (repeatable)")
     p.add_argument("--max-new-tokens", type=int, help="default: the model's, else 64 (512 for chat)")
     p.add_argument("--temperature", type=float, help="0 = greedy; default: the model's, else 1.0")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")

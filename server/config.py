@@ -33,6 +33,9 @@ class ServerConfig:
     max_slots: int = 32  # distinct deltas resident on the device at once
     max_rank: int = 64  # LoRA rank ceiling (storage padded to it; compute is not, D3)
     max_bottleneck: int = 256  # bottleneck adapter width ceiling
+    max_token_rows: int = 64  # trainable-token rows per delta (replaced embedding/head rows), pooled on first use
+    max_merge_parts: int = 8  # deltas one GenerateRequest.merge may name (the merged rank is their sum)
+    merge_cache_bytes: int = 256 << 20  # merged deltas kept built in host memory (LRU by bytes; rebuilt on a miss)
     # engine budgets (D6)
     max_batch_tokens: int = 512  # token budget per step (prefill chunks + decode tokens)
     max_running: int = 64  # sequences in the running batch
@@ -64,6 +67,7 @@ class ServerConfig:
                                         else self.target_modules)
         checks = {
             "max_slots": (1, 4096), "max_rank": (1, 1024), "max_bottleneck": (1, 16384),
+            "max_token_rows": (1, 65536), "max_merge_parts": (1, 16), "merge_cache_bytes": (0, 1 << 40),
             "max_batch_tokens": (1, 1 << 20), "max_running": (1, 1 << 16), "max_waiting": (1, 1 << 20),
             "max_model_len": (0, 1 << 20), "kv_block_size": (1, 1024), "kv_blocks": (0, 1 << 24),
             "max_upload_bytes": (1, 1 << 40), "default_max_deltas": (0, 1 << 30), "torch_threads": (0, 1024),

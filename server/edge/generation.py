@@ -2,13 +2,16 @@
 
     call = GenerationCall(app, api="grpc")          # counts and logs the call once, however it ends
     tenant = await call.authenticate(metadata)       # UNAUTHENTICATED
-    await call.prepare(tenant, prompt, fields, delta_ref, request_id)   # INVALID_ARGUMENT, NOT_FOUND, ...
+    await call.prepare(tenant, prompt, fields, delta_ref, request_id, merge=[(name, weight), ...])
+                                                     # INVALID_ARGUMENT, NOT_FOUND, ...
     call.admit(tenant)                               # RESOURCE_EXHAUSTED (rate limits, concurrency)
     async for out in call.stream(deadline_s): ...    # TokenOutput; typed errors from the engine
     call.finish(status)                              # metrics + one info log line
 
 The prompt is text, token ids or chat messages (rendered with the model's template, whose end-of-turn
-token then stops generation). Unset sampling fields take the served model's generation_config values,
+token then stops generation). The delta is one of the caller's versions, or a merge of several of its LoRA
+deltas: each part resolved in the caller's namespace (another tenant's name is NOT_FOUND), its kinds checked,
+the merged delta built once (``server/deltas/merges.py``) and named by a key of its parts' digests and weights. Unset sampling fields take the served model's generation_config values,
 then the API defaults (``server/types.py``, ``DEFAULT_MAX_NEW_TOKENS`` / ``DEFAULT_CHAT_MAX_NEW_TOKENS``).
 """
 from __future__ import annotations
@@ -18,7 +21,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from delta_store.errors import DeadlineExceeded, InvalidArgument, error_for_code
+from delta_store.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, error_for_code
+from delta_store.merge_rules import check_weights, unmergeable_reason
 
 from ..logs import get_logger
 from ..models.chat import require
@@ -102,7 +106,8 @@ class GenerationCall:
             raise InvalidArgument("prompt is empty")
         return ids, stops
 
-    async def prepare(self, tenant, prompt: Prompt, fields: dict, delta_ref: str = "", request_id: str = ""):
+    async def prepare(self, tenant, prompt: Prompt, fields: dict, delta_ref: str = "", request_id: str = "", *,
+                      merge=()):
         ids, stops = self.prompt_ids(prompt)
         sampling = sampling_params(fields, getattr(self.app, "generation_defaults", None), chat=prompt.is_chat,
                                    extra_stop_ids=stops)
@@ -112,13 +117,36 @@ class GenerationCall:
                                   f"max_model_len={limit}")
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
-        if delta_ref:
+        if merge:
+            self.version = await self._merged(tenant, list(merge), delta_ref)
+        elif delta_ref:
             self.version = await asyncio.to_thread(self.app.store.resolve, tenant, delta_ref)
         self.req = GenerationRequest(request_id=request_id or uuid.uuid4().hex, tenant=tenant_name(tenant),
                                      prompt_token_ids=ids, sampling=sampling,
                                      delta=None if self.version is None else self.version.key,
                                      arrival_time=time.monotonic())
         return self.req
+
+    async def _merged(self, tenant, parts: list[tuple[str, float]], delta_ref: str):
+        """The MergedVersion of ``parts``: resolved in the caller's namespace, kinds checked, built once."""
+        app = self.app
+        if delta_ref:
+            raise InvalidArgument("set delta or merge, not both")
+        if getattr(app, "merges", None) is None:
+            raise FailedPrecondition("this server does not serve merged deltas")
+        limit = app.config.max_merge_parts
+        if len(parts) > limit:
+            raise InvalidArgument(f"merge names {len(parts)} deltas; at most {limit} (max_merge_parts)")
+        weights = check_weights([w for _, w in parts])
+        names = [name for name, _ in parts]
+        versions = [await asyncio.to_thread(app.store.resolve, tenant, name) for name in names]
+        for name, v in zip(names, versions):
+            why = unmergeable_reason(v.kinds)
+            if why:
+                raise InvalidArgument(f"merge: {name} cannot be merged exactly: {why}")
+        merged = app.merges.recipe(versions, weights, names)
+        await asyncio.to_thread(app.merges.ensure, merged)  # DeltaError (INVALID_ARGUMENT): rank above max_rank
+        return merged
 
     def admit(self, tenant) -> None:
         req = self.req
@@ -158,8 +186,10 @@ class GenerationCall:
             app.metrics.request_ended(req.tenant)
             used = last.completion_tokens if last is not None else 0
             self.lease.release(len(req.prompt_token_ids) + used)
-            if self.version is not None and last is not None:
-                app.store.record_usage(self.version.key, requests=1, tokens=used)
+            if self.version is not None and last is not None:  # a merge counts towards each of its parts
+                keys = [k for k, _ in self.version.parts] if hasattr(self.version, "parts") else [self.version.key]
+                for key in keys:
+                    app.store.record_usage(key, requests=1, tokens=used)
 
     @property
     def delta_version(self) -> int:

@@ -76,7 +76,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             tenant = await call.authenticate(context.invocation_metadata())
             await call.prepare(tenant, prompt_from_pb(request), sampling_fields(request.sampling), request.delta,
-                               request.request_id)
+                               request.request_id, merge=[(p.delta, p.weight) for p in request.merge])
             call.admit(tenant)
             async for out in call.stream(context.time_remaining()):
                 yield output_to_pb(out, call.delta_version)
@@ -88,4 +88,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             status = status_of(exc)[0].name.lower()
             raise
         finally:
-            call.finish(status, request.delta, request.request_id)
+            call.finish(status, request.delta or ("merge:" + ",".join(p.delta for p in request.merge)
+                                                  if request.merge else ""), request.request_id)
