@@ -24,16 +24,18 @@ from pathlib import Path
 
 import torch
 
-from .delta import ACTIVATIONS, ADAPTER_SOURCES, AdapterTerm, Delta, LoraTerm, ModuleDelta
+from .delta import ACTIVATIONS, ADAPTER_SOURCES, AdapterTerm, Delta, LoraTerm, ModuleDelta, RowsTerm
 from .errors import DeltaError
 
 FORMAT_NAME = "deltaserve.native"
 FORMAT_VERSION = 1
 _HEADER_LIMIT = 16 << 20  # a header past 16 MiB is malformed (a 7B all-module delta needs ~100 KiB)
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64"}  # I64: trainable-token ids (rows.index) only
 _SUFFIXES = ("lora.a", "lora.b", "bias", "out_scale", "in_scale",
-             "adapter.down", "adapter.down_bias", "adapter.up", "adapter.up_bias")
+             "adapter.down", "adapter.down_bias", "adapter.up", "adapter.up_bias",
+             "dora.magnitude", "rows.index", "rows.values")
 
 
 def digest_bytes(data: bytes) -> str:
@@ -75,8 +77,9 @@ def dump_native(delta: Delta) -> bytes:
     tensors: dict[str, torch.Tensor] = {}
     for path, md in delta.modules.items():
         for suffix, t in md.tensors().items():
-            if t.dtype not in _DTYPES:
-                raise DeltaError(f"{path}.{suffix}: dtype {t.dtype} not storable (float32/16, bfloat16, float64)")
+            if t.dtype not in _DTYPES or (t.dtype == torch.int64) != (suffix == "rows.index"):
+                raise DeltaError(f"{path}.{suffix}: dtype {t.dtype} not storable (float32/16, bfloat16, float64; "
+                                 f"int64 for rows.index only)")
             tensors[f"{path}.{suffix}"] = t
     header: dict = {"__metadata__": {"format": FORMAT_NAME, "deltaserve": canonical_json(config)}}
     chunks: list[bytes] = []
@@ -232,6 +235,18 @@ def _build_module(path: str, cfg: object, tensors: dict[str, torch.Tensor], wher
         if ad_cfg.get("width") != m or down_bias.shape[0] != m or up.shape[1] != m or up.shape[0] != up_bias.shape[0]:
             raise DeltaError(f"{at}.adapter: inconsistent shapes down {tuple(down.shape)} up {tuple(up.shape)}")
         md.adapter = AdapterTerm(down, down_bias, up, up_bias, act, _number(ad_cfg, "scale", at + ".adapter"), src)
+    md.dora_magnitude = get("dora.magnitude", 1)
+    index, values = get("rows.index", 1), get("rows.values", 2)
+    if (index is None) != (values is None):
+        raise DeltaError(f"{at}: rows.index and rows.values must come together")
+    if index is not None:
+        if index.dtype != torch.int64 or values.dtype == torch.int64:
+            raise DeltaError(f"{at}: rows.index must be int64 and rows.values floating, found {index.dtype} / "
+                             f"{values.dtype}")
+        md.rows = RowsTerm(index, values)
+    for suffix in names:
+        if suffix != "rows.index" and tensors[f"{path}.{suffix}"].dtype == torch.int64:
+            raise DeltaError(f"{at}.{suffix}: int64 is allowed for rows.index only")
     if not md.kinds():
         raise DeltaError(f"{at}: module has no delta terms")
     return md

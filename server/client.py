@@ -5,6 +5,7 @@ for the CLI, scripts and tests, and an asyncio face (:class:`AsyncClient`) for t
         version = c.upload("support-bot", "path/to/peft_adapter/")   # folder (sent as tar.gz), archive, file, bytes
         for chunk in c.generate("Hello", delta="support-bot", max_new_tokens=16, temperature=0.0):
             print(chunk.text, end="")
+        chat = c.generate([{"role": "user", "content": "Hi!"}])          # chat: the model's template
 
     async with AsyncClient(address, admin_key) as c:                  # waits until the channel is ready
         tenant, key = await c.create_tenant("acme")
@@ -24,7 +25,7 @@ import io
 import os
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -59,15 +60,24 @@ def bearer(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
-def generate_request(prompt: str | Sequence[int], *, delta: str = "", request_id: str = "",
+def generate_request(prompt: str | Sequence[int] | Sequence[Mapping[str, str]], *, delta: str = "",
+                     request_id: str = "", merge: Sequence[tuple[str, float]] = (),
                      **sampling) -> inference_pb2.GenerateRequest:
-    """A GenerateRequest: ``prompt`` as text or token ids; ``sampling`` are ``SamplingParams`` fields
-    (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``ignore_eos``, ``logprobs``, ...)."""
+    """A GenerateRequest: ``prompt`` as text, token ids, or chat messages (``[{"role": "user", "content":
+    "..."}]``, rendered by the server with the model's chat template); ``merge``: ``(delta, weight)`` parts of
+    a linear merge of the caller's LoRA deltas (instead of ``delta``); ``sampling`` are ``SamplingParams``
+    fields (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_strings``, ...);
+    None leaves a field unset (the served model's default)."""
     params = inference_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    common = dict(delta=delta, sampling=params, request_id=request_id,
+                  merge=[inference_pb2.MergePart(delta=name, weight=float(w)) for name, w in merge])
     if isinstance(prompt, str):
-        return inference_pb2.GenerateRequest(text=prompt, delta=delta, sampling=params, request_id=request_id)
-    return inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=list(prompt)), delta=delta,
-                                         sampling=params, request_id=request_id)
+        return inference_pb2.GenerateRequest(text=prompt, **common)
+    if prompt and isinstance(prompt[0], Mapping):
+        chat = inference_pb2.ChatPrompt(messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"])
+                                                  for m in prompt])
+        return inference_pb2.GenerateRequest(chat=chat, **common)
+    return inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=list(prompt)), **common)
 
 
 def source_format(name: str) -> int:
@@ -169,9 +179,10 @@ class Client(_Channel):
 
     # ---- inference ----------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], *, delta: str = "", request_id: str = "",
-                 timeout: float | None = None, **sampling) -> Iterator[inference_pb2.GenerateResponse]:
+                 merge: Sequence[tuple[str, float]] = (), timeout: float | None = None,
+                 **sampling) -> Iterator[inference_pb2.GenerateResponse]:
         """The stream of chunks (iterate it; ``cancel()`` stops it). See :func:`generate_request`."""
-        req = generate_request(prompt, delta=delta, request_id=request_id, **sampling)
+        req = generate_request(prompt, delta=delta, request_id=request_id, merge=merge, **sampling)
         return self.inference.Generate(req, **self._kw(timeout, delta))
 
     # ---- deltas -------------------------------------------------------------------------------------
@@ -253,9 +264,10 @@ class AsyncClient(_Channel):
             await self.channel.close()
 
     def generate(self, prompt: str | Sequence[int], *, delta: str = "", request_id: str = "",
-                 timeout: float | None = None, **sampling) -> grpc.aio.UnaryStreamCall:
+                 merge: Sequence[tuple[str, float]] = (), timeout: float | None = None,
+                 **sampling) -> grpc.aio.UnaryStreamCall:
         """The call (not a coroutine): ``async for chunk in call``; ``call.cancel()`` stops it."""
-        req = generate_request(prompt, delta=delta, request_id=request_id, **sampling)
+        req = generate_request(prompt, delta=delta, request_id=request_id, merge=merge, **sampling)
         return self.inference.Generate(req, **self._kw(timeout, delta))
 
     async def upload(self, name: str, payload: Payload, *, format: str = "auto", description: str = "",

@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 @dataclass(slots=True)
 class ServerConfig:
     # model
-    model_path: str | None = None  # None -> the built-in demo model under data_dir
+    model_path: str | None = None  # None -> the embedded default; or "demo", an HF folder, a .gguf file
+    generation_config: str = "auto"  # auto: unset sampling fields take the model's generation_config.json; none
     dtype: str = "float32"  # float32 | float16 | bfloat16
     device: str = "auto"  # auto -> cuda if available else cpu
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
@@ -36,11 +37,14 @@ class ServerConfig:
     max_slots: int = 32  # distinct deltas resident on the device at once
     max_rank: int = 64  # LoRA rank ceiling (storage padded to it; compute is not, D3)
     max_bottleneck: int = 256  # bottleneck adapter width ceiling
+    max_token_rows: int = 64  # trainable-token rows per delta (replaced embedding/head rows), pooled on first use
+    max_merge_parts: int = 8  # deltas one GenerateRequest.merge may name (the merged rank is their sum)
+    merge_cache_bytes: int = 256 << 20  # merged deltas kept built in host memory (LRU by bytes; rebuilt on a miss)
     # engine budgets (D6)
     max_batch_tokens: int = 512  # token budget per step (prefill chunks + decode tokens)
     max_running: int = 64  # sequences in the running batch
     max_waiting: int = 1024  # bounded waiting queue; past it, RESOURCE_EXHAUSTED
-    max_model_len: int = 2048  # prompt + generated tokens per sequence
+    max_model_len: int = 0  # prompt + generated tokens per sequence; 0 -> the model's limit, capped by the KV cache
     kv_block_size: int = 16  # tokens per KV block
     kv_blocks: int = 0  # 0 -> derived from kv_memory_fraction / a CPU default
     torch_threads: int = 0  # intra-op CPU threads of the server process; 0 -> torch's default (one per core)
@@ -55,6 +59,7 @@ class ServerConfig:
     # network
     listen: str = "127.0.0.1:50051"
     metrics_listen: str = "127.0.0.1:9464"
+    openai_listen: str = "127.0.0.1:8000"  # the OpenAI-compatible HTTP front; "" turns it off
     grace_seconds: float = 10.0  # SIGTERM: in-flight requests get this long to finish
     # tenancy defaults (D10), per tenant unless set on the tenant
     default_max_deltas: int = 100
@@ -62,7 +67,7 @@ class ServerConfig:
     default_requests_per_minute: int = 600
     default_tokens_per_minute: int = 600_000
     default_max_concurrent: int = 32
-    log_level: str = "warning"
+    log_level: str = "info"  # info: start-up lines, one line per request and per upload
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, str)):
@@ -70,8 +75,9 @@ class ServerConfig:
                                         else self.target_modules)
         checks = {
             "max_slots": (1, 4096), "max_rank": (1, 1024), "max_bottleneck": (1, 16384),
+            "max_token_rows": (1, 65536), "max_merge_parts": (1, 16), "merge_cache_bytes": (0, 1 << 40),
             "max_batch_tokens": (1, 1 << 20), "max_running": (1, 1 << 16), "max_waiting": (1, 1 << 20),
-            "max_model_len": (8, 1 << 20), "kv_block_size": (1, 1024), "kv_blocks": (0, 1 << 24),
+            "max_model_len": (0, 1 << 20), "kv_block_size": (1, 1024), "kv_blocks": (0, 1 << 24),
             "max_upload_bytes": (1, 1 << 40), "default_max_deltas": (0, 1 << 30), "torch_threads": (0, 1024),
             "blob_cache_bytes": (0, 1 << 50),
         }
@@ -84,8 +90,14 @@ class ServerConfig:
         if self.max_batch_tokens < self.max_running:
             raise ConfigError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_running "
                               f"({self.max_running}): every running sequence needs a decode token per step")
-        for key in ("listen", "metrics_listen"):
+        if 0 < self.max_model_len < 8:
+            raise ConfigError(f"max_model_len must be 0 (the model's limit) or >= 8, got {self.max_model_len}")
+        if self.generation_config not in ("auto", "none"):
+            raise ConfigError(f"generation_config must be auto or none, got {self.generation_config!r}")
+        for key in ("listen", "metrics_listen", "openai_listen"):
             value = getattr(self, key)
+            if key == "openai_listen" and value == "":
+                continue  # the HTTP front is off
             host, _, port = value.rpartition(":")
             if not host or not port.isdigit() or not (0 <= int(port) <= 65535):
                 raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")

@@ -67,8 +67,10 @@ class FakeSlots:
         return sum(self.pins.values())
 
 
-def run_engine(engine: Engine, requests: list[GenerationRequest], per_step: int = 2, limit_s: float = 60.0):
-    """Submit ``per_step`` requests before each step; step until all finish. Returns request_id -> tokens."""
+def run_engine(engine: Engine, requests: list[GenerationRequest], per_step: int = 2, limit_s: float = 60.0,
+               logprobs: dict[str, list[float]] | None = None):
+    """Submit ``per_step`` requests before each step; step until all finish. Returns request_id -> tokens;
+    ``logprobs`` (a dict) collects request_id -> the sampled tokens' logprobs of requests that asked for them."""
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     finished: set[str] = set()
     pending = list(requests)
@@ -81,6 +83,8 @@ def run_engine(engine: Engine, requests: list[GenerationRequest], per_step: int 
         outs = engine.step()
         for o in outs:
             tokens[o.request_id].extend(o.token_ids)
+            if logprobs is not None and o.logprobs:
+                logprobs.setdefault(o.request_id, []).extend(o.logprobs)
             if o.finish_reason is not None:
                 assert o.finish_reason in ("eos", "length"), o
                 finished.add(o.request_id)

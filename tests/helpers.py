@@ -137,3 +137,10 @@ def import_delta(path, spec, source_format: str = "auto", *, limits=None):
     from delta_store.validate import Limits
 
     return Importer(spec, limits or Limits(), store_settings(), tempfile.gettempdir()).read(path, source_format)
+
+
+def assert_nothing_stored(store, tenant) -> None:
+    """After a refused ``store.put``: no version listed, no blob written, no scratch file left."""
+    assert store.list(tenant) == ([], "")
+    assert list(store.blobs.iter()) == []
+    assert list((store.data_dir / "tmp").iterdir()) == []

@@ -28,11 +28,16 @@ PROMPT = [3 + b for b in b"hello world"]  # byte-level tokenizer: byte b -> id 3
 class Served:
     """A started server on a background thread: address, metrics URL, admin key, the in-process app."""
 
-    def __init__(self, root):
-        model_dir = build_demo_model(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-        config = ServerConfig(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
-                              metrics_listen="127.0.0.1:0", max_slots=4, max_rank=16, max_batch_tokens=256,
-                              max_running=8, max_model_len=512, max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0)
+    def __init__(self, root, model_dir=None, **overrides):
+        """``model_dir``: the model to serve (default: a tiny 2-layer demo-shaped Llama built under ``root``);
+        ``overrides``: ServerConfig fields replacing the test defaults below."""
+        if model_dir is None:
+            model_dir = build_demo_model(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        values = dict(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
+                      metrics_listen="127.0.0.1:0", openai_listen="127.0.0.1:0", max_slots=4, max_rank=16,
+                      max_batch_tokens=256, max_running=8, max_model_len=512, max_upload_bytes=MAX_UPLOAD,
+                      grace_seconds=1.0)
+        config = ServerConfig(**{**values, **overrides})
         self.model_dir = model_dir
         self.app = build_app(config)
         self.app.ensure_admin()
@@ -43,11 +48,12 @@ class Served:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
-        while len(self.lines) < 2 and time.monotonic() < deadline:
+        while len(self.lines) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(self.lines) >= 2, f"server did not start: {self.lines}"
+        assert len(self.lines) >= 3, f"server did not start: {self.lines}"
         self.address = self.lines[0].split()[-1]
         self.metrics_url = self.lines[1].split()[-1]
+        self.openai_url = self.lines[2].removeprefix("openai: ")  # http://127.0.0.1:PORT/v1
         self.client = Client(self.address, self.admin_key)
         # the raw stubs, for tests that send exact messages with their own metadata
         self.inference, self.deltas, self.tenants = self.client.inference, self.client.deltas, self.client.tenants
@@ -137,3 +143,25 @@ def code_of(fn) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         fn()
     return info.value
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chat_model_dir(root: Path) -> Path:
+    """The tiny demo-shaped model, with a chat template on its tokenizer (turns end with <eos>)."""
+    from transformers import AutoTokenizer
+
+    model_dir = build_demo_model(root / "chat-model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def openai_client(srv: Served, key: str):
+    """The official ``openai`` client against the server's HTTP front (no retries: tests see every status)."""
+    import openai
+
+    return openai.OpenAI(base_url=srv.openai_url, api_key=key, max_retries=0, timeout=60)

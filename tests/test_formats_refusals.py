@@ -47,7 +47,8 @@ def edited(src, dst, *, config=None, tensors=None, cfg_name="adapter_config.json
 
 
 PEFT_CONFIG_REFUSALS = [
-    ("use_dora", {"use_dora": True}, "DoRA"),
+    ("dora_lora_bias", {"use_dora": True, "lora_bias": True}, "PEFT refuses"),
+    ("dora_variant", {"use_dora": "kernel"}, "not a DoRA variant"),
     ("modules_to_save", {"modules_to_save": ["lm_head"]}, "full-weight"),
     ("pissa", {"init_lora_weights": "pissa_niter_4"}, "mutated base"),
     ("olora", {"init_lora_weights": "olora"}, "mutated base"),
@@ -58,8 +59,12 @@ PEFT_CONFIG_REFUSALS = [
     ("layer_replication", {"layer_replication": [[0, 2], [1, 2]]}, "duplicates base layers"),
     ("target_parameters", {"target_parameters": ["experts.gate_up_proj"]}, "target_parameters"),
     ("variant", {"alora_invocation_tokens": [5, 6]}, "LoRA variant"),
-    ("trainable_tokens", {"trainable_token_indices": [3, 7]}, "embedding rows"),
-    ("other_method", {"peft_type": "LOKR"}, "not supported"),
+    ("lokr", {"peft_type": "LOKR"}, "LOKR is not supported: LoKr.s update kron.*Kronecker product"),
+    ("loha", {"peft_type": "LOHA"}, "LOHA is not supported: LoHa's update .* Hadamard"),
+    ("oft", {"peft_type": "OFT"}, "OFT is not supported: OFT multiplies the base weight"),
+    ("boft", {"peft_type": "BOFT"}, "BOFT is not supported: BOFT multiplies the base weight"),
+    ("fourierft", {"peft_type": "FOURIERFT"}, "FOURIERFT is not supported: .*inverse 2-D FFT"),
+    ("unknown_method", {"peft_type": "NOT_A_METHOD"}, r"not supported \(supported: LORA"),
 ]
 
 
@@ -71,8 +76,8 @@ def test_peft_config_refusals(tmp_path, peft_dir, spec, name, change, reason):
 
 
 PEFT_TENSOR_REFUSALS = [
-    ("dora_vector", "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", (64,), UnsupportedDelta,
-     "DoRA"),
+    ("dora_vector_without_use_dora", "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", (64,),
+     DeltaError, "use_dora=False but the file has a lora_magnitude_vector"),
     ("embedding_weight", "base_model.model.model.embed_tokens.base_layer.weight", (256, 64), UnsupportedDelta,
      "full weight"),
     ("lm_head_weight", "base_model.model.lm_head.weight", (256, 64), UnsupportedDelta, "full weight"),
@@ -117,7 +122,6 @@ AH_REFUSALS = [
     ("post_add", {"residual_before_ln": "post_add"}, "post_add"),
     ("ln_before", {"ln_before": True}, "LayerNorm"),
     ("ln_after", {"ln_after": True}, "LayerNorm"),
-    ("phm", {"phm_layer": True}, "Compacter"),
     ("drops_residual", {"original_ln_after": False}, "residual stream"),
     ("activation", {"non_linearity": "leakyrelu"}, "non_linearity"),
     ("prefix", {"architecture": "prefix_tuning"}, "prefix/prompt"),
@@ -163,8 +167,8 @@ def test_adapterhub_tensor_outside_config_refused(tmp_path, llama_spec):
         import_delta(folder, llama_spec)
 
 
-@pytest.mark.parametrize("kind,reason", [("prefix", "legacy"), ("compacter", "PHM"),
-                                         ("parallel_adapter", "positional input"), ("soft_prompt", "prompt")])
+@pytest.mark.parametrize("kind,reason", [("prefix", "legacy"), ("soft_prompt", "prompt"),
+                                         ("lora_old", "not supported")])
 def test_opendelta_unsupported_types(tmp_path, llama_spec, kind, reason):
     folder = edited(FIXTURES / "opendelta" / "llama-lora", tmp_path / kind, cfg_name="config.json",
                     config=lambda c: c.update(delta_type=kind))

@@ -48,3 +48,20 @@ def test_store_config_takes_every_store_value_from_the_server_config():
     q = settings.default_quotas
     assert (q.max_deltas, q.max_bytes, q.requests_per_minute, q.tokens_per_minute, q.max_concurrent) == (7, 8, 9, 10, 11)
     assert store_config(ServerConfig(), pin_host_memory=False)[1].pin_host_memory is False
+
+
+def test_max_model_len_is_the_models_limit_capped_by_the_kv_cache():
+    from server.app import with_max_model_len
+
+    assert with_max_model_len(ServerConfig(), 8192, 23296).max_model_len == 8192  # SmolLM2 on a 1 GiB CPU cache
+    assert with_max_model_len(ServerConfig(), 8192, 4096).max_model_len == 4096  # capped: logged capped_by_kv=True
+    assert with_max_model_len(ServerConfig(), None, 1 << 20).max_model_len == 2048  # a config without a limit
+    assert with_max_model_len(ServerConfig(max_model_len=512), 8192, 23296).max_model_len == 512
+    assert with_max_model_len(ServerConfig(max_model_len=9000), 8192, 4096).max_model_len == 4096
+
+
+def test_new_config_fields_are_checked():
+    assert ServerConfig(openai_listen="").openai_listen == ""
+    for bad in (dict(openai_listen="nowhere"), dict(generation_config="vllm"), dict(max_model_len=4)):
+        with pytest.raises(ConfigError):
+            ServerConfig(**bad)

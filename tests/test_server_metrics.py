@@ -105,3 +105,41 @@ def test_log_lines_are_key_value():
                         r'reason="has \\"quotes\\" and spaces" n=3', line), line
     with pytest.raises(ValueError, match="log_level"):
         logs.configure("loud")
+
+
+def _quantile(metrics: Metrics, name: str, q: float) -> float:
+    """histogram_quantile's estimate (linear inside the bucket) from the scraped cumulative buckets."""
+    buckets = []
+    for key, value in _samples(metrics).items():
+        if key.startswith(f"{name}_bucket{{"):
+            le = re.search(r'le="([^"]+)"', key).group(1)
+            buckets.append((float("inf") if le == "+Inf" else float(le), value))
+    buckets.sort()
+    rank = q * buckets[-1][1]
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+        prev_le, prev_count = le, count
+    raise AssertionError("no bucket")
+
+
+@pytest.mark.parametrize("low, high", [(0.4, 0.6), (0.04, 0.09), (1.1, 1.9)])
+def test_latency_buckets_give_a_p99_within_20_percent(low, high):
+    """The 0.5-1 s bucket of the first round read a 0.59 s p99 as 0.80 s (+36%)."""
+    m = Metrics()
+    values = [low + (high - low) * i / 999 for i in range(1000)]
+    for v in values:
+        m.record(RequestStats("r", "acme", "base", "length", 4, 8, 0.0, v, 0.005, v, 0))
+    true_p99 = sorted(values)[989]
+    for name in ("deltaserve_request_latency_seconds", "deltaserve_time_to_first_token_seconds"):
+        assert abs(_quantile(m, name, 0.99) - true_p99) / true_p99 < 0.2, name
+
+
+def test_step_buckets_resolve_cpu_decode_times():
+    m = Metrics()
+    values = [0.030 + 0.025 * i / 999 for i in range(1000)]  # TPOT of a 135M model on 2 CPU cores: 30-55 ms
+    for v in values:
+        m.record(RequestStats("r", "acme", "base", "length", 4, 8, 0.0, 0.1, v, 1.0, 0))
+    true_p99 = sorted(values)[989]
+    assert abs(_quantile(m, "deltaserve_time_per_output_token_seconds", 0.99) - true_p99) / true_p99 < 0.2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..base_spec import BaseSpec, ModuleInfo
-from ..delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
+from ..delta import AdapterTerm, Delta, LoraTerm, ModuleDelta, RowsTerm
 from ..errors import DeltaError
 
 
@@ -67,6 +67,18 @@ class DeltaBuilder:
         if md.adapter is not None:
             raise DeltaError(f"{self.source_format}: tensor {key!r} adds a second bottleneck adapter to {info.path}")
         md.adapter = term
+
+    def dora(self, info: ModuleInfo, magnitude: torch.Tensor, *, key: str) -> None:
+        md = self._md(info)
+        if md.dora_magnitude is not None:
+            raise DeltaError(f"{self.source_format}: tensor {key!r} adds a second DoRA magnitude to {info.path}")
+        md.dora_magnitude = magnitude.contiguous()
+
+    def rows(self, info: ModuleInfo, term: RowsTerm, *, key: str) -> None:
+        md = self._md(info)
+        if md.rows is not None:
+            raise DeltaError(f"{self.source_format}: tensor {key!r} adds a second set of token rows to {info.path}")
+        md.rows = term
 
     def build(self, description: str = "") -> Delta:
         mods = {p: md for p, md in self.modules.items() if md.kinds()}

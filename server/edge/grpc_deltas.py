@@ -31,7 +31,8 @@ SOURCE_FORMATS = {common_pb2.SOURCE_FORMAT_AUTO: "auto", common_pb2.SOURCE_FORMA
                   common_pb2.SOURCE_FORMAT_BITFIT: "bitfit", common_pb2.SOURCE_FORMAT_NATIVE: "native"}
 FORMAT_TO_PB = {v: k for k, v in SOURCE_FORMATS.items()}
 KIND_TO_PB = {"lora": common_pb2.DELTA_KIND_LORA, "bottleneck": common_pb2.DELTA_KIND_BOTTLENECK,
-              "bitfit": common_pb2.DELTA_KIND_BITFIT, "ia3": common_pb2.DELTA_KIND_IA3}
+              "bitfit": common_pb2.DELTA_KIND_BITFIT, "ia3": common_pb2.DELTA_KIND_IA3,
+              "dora": common_pb2.DELTA_KIND_DORA, "tokens": common_pb2.DELTA_KIND_TOKENS}
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 
 
@@ -97,7 +98,7 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
         spool_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="upload-", suffix=".payload", dir=spool_dir)
         os.close(fd)
-        path, received, status = Path(name), 0, "ok"
+        path, received, status, version = Path(name), 0, "ok", None
         t0 = time.monotonic()
         try:
             received = await self._spool(request_iterator, path, limit, declared)
@@ -113,8 +114,9 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
         finally:
             path.unlink(missing_ok=True)
             self.app.metrics.upload_finished(tenant_name(tenant), status, received)
-        log.info("delta_uploaded", tenant=tenant_name(tenant), delta=version.ref, bytes=received,
-                 kinds=",".join(version.kinds), seconds=time.monotonic() - t0)
+            log.info("upload", tenant=tenant_name(tenant), status=status,  # one line per upload, any outcome
+                     delta=version.ref if version is not None else header.name, bytes=received,
+                     kinds=",".join(version.kinds) if version is not None else "-", seconds=time.monotonic() - t0)
         return deltas_pb2.UploadDeltaResponse(version=version_to_pb(version))
 
     async def GetDelta(self, request, context):

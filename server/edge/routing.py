@@ -5,7 +5,8 @@ on ``x-deltaserve-delta`` (``server.client.DELTA_HEADER``), so each delta's requ
 that keeps it resident. The server derives nothing from that header: it resolves the body's reference,
 and refuses a call whose header names another delta (INVALID_ARGUMENT), so a misbehaving client cannot
 make a router's affinity disagree with what it is served. Every response carries
-``x-deltaserve-replica`` in its initial metadata, so affinity is observable from the client.
+``x-deltaserve-replica`` (gRPC: initial metadata; the OpenAI-compatible HTTP front: a response header),
+so affinity is observable from the client.
 """
 from __future__ import annotations
 
@@ -64,3 +65,23 @@ class ReplicaInterceptor(grpc.aio.ServerInterceptor):
                                                         handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), handler.request_deserializer,
                                                      handler.response_serializer)
+
+
+class ReplicaHeaderASGI:
+    """The same ``x-deltaserve-replica`` on every HTTP response of the OpenAI-compatible front (ASGI middleware,
+    so streamed responses carry it too)."""
+
+    def __init__(self, app, replica_id: str):
+        self.app = app
+        self._header = (REPLICA_HEADER.encode(), replica_id.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", ()), self._header])
+            await send(message)
+
+        return await self.app(scope, receive, send_with_header)

@@ -55,6 +55,8 @@ class _Plan:
 
 class Engine:
     def __init__(self, config: ServerConfig, runner: ModelRunner, slots=None):
+        if not config.max_model_len:  # 0 = "the model's limit", resolved by server.app.with_max_model_len
+            raise ValueError("Engine needs a resolved max_model_len (got 0)")
         self.config = config
         self.runner = runner
         self.slots = slots

@@ -89,13 +89,13 @@ class ModelRunner:
         device = self.device
         meta = build_step(self.kv, step.block_tables, step.starts, step.lengths, device)
         self.cache.set_step(meta)
-        if self.dm is not None:
-            self.dm.batch.prepare_sequences(step.slots, step.lengths)
+        # a step of prefill chunks that all stop short of their prompt's end still computes one row
+        keep_rows = step.sample_at or [len(step.token_ids) - 1]
+        if self.dm is not None:  # the head's rows are the kept ones (trainable tokens change their logits)
+            self.dm.batch.prepare_sequences(step.slots, step.lengths, head_rows=keep_rows)
         input_ids = torch.tensor([step.token_ids], dtype=torch.long, device=device)  # [1, T]
         position_ids = torch.tensor([step.positions], dtype=torch.long, device=device)  # [1, T]
-        keep = torch.tensor(step.sample_at, dtype=torch.long, device=device)  # [N]
-        if not step.sample_at:  # a step of prefill chunks that all stop short of their prompt's end
-            keep = torch.tensor([len(step.token_ids) - 1], dtype=torch.long, device=device)
+        keep = torch.tensor(keep_rows, dtype=torch.long, device=device)  # [N]
         out = self.model(input_ids=input_ids, position_ids=position_ids, cache=self.cache, use_cache=True,
                          logits_to_keep=keep, paged_step=meta)
         self.cache.set_step(None)
