@@ -28,7 +28,7 @@ from .edge.auth import Authenticator
 from .edge.rate_limits import RateLimiter
 from .logs import configure, get_logger
 from .metrics import Metrics, RouterView
-from .storage import open_blobs, open_catalogue, replica_id
+from .storage import describe_blobs, open_blobs, open_catalogue, replica_id
 
 log = get_logger("app")
 KEY_FILE = "admin.key"
@@ -214,6 +214,8 @@ def build_app(config: ServerConfig) -> App:
              chat_template=chat is not None, sampling_defaults=",".join(
                  f"{k}={v}" for k, v in (defaults.sampling_fields() if defaults else {}).items()) or "-",
              torch_threads=threads, seconds=time.monotonic() - t0)
+    log.info("storage", catalogue=catalogue.where, revision=catalogue.revision, blobs=describe_blobs(blobs),
+             replica=replica_id(config))
     return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size, slots=slots,
                model_name=source.name, generation_defaults=defaults, chat=chat, merges=merges)
 

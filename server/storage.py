@@ -8,7 +8,8 @@
 
 Both are reached at start-up (PostgreSQL: connect and migrate; S3: HeadBucket), so a replica that
 cannot use them stops within seconds with one line naming which and why, instead of loading a model
-for minutes and then failing every request.
+for minutes and then failing every request. ``build_app`` logs what was opened once the replica is built
+(a failed start says one line, nothing else).
 """
 from __future__ import annotations
 
@@ -22,9 +23,7 @@ from delta_store.catalogue import Catalogue
 from delta_store.s3_blobs import S3Blobs
 
 from .config import ServerConfig
-from .logs import get_logger
 
-log = get_logger("storage")
 CATALOGUE_FILE = "catalogue.sqlite3"
 BLOB_CACHE_DIR = "blob-cache"
 
@@ -36,9 +35,7 @@ def replica_id(config: ServerConfig) -> str:
 
 def open_catalogue(config: ServerConfig, busy_timeout_s: float) -> Catalogue:
     target = config.catalogue or Path(config.data_dir) / CATALOGUE_FILE
-    catalogue = Catalogue(target, busy_timeout_s=busy_timeout_s)  # connects and migrates: fails here if it cannot
-    log.info("catalogue_opened", catalogue=catalogue.where, revision=catalogue.revision)
-    return catalogue
+    return Catalogue(target, busy_timeout_s=busy_timeout_s)  # connects and migrates: fails here if it cannot
 
 
 def open_blobs(config: ServerConfig):
@@ -47,5 +44,8 @@ def open_blobs(config: ServerConfig):
     cache = BlobCache(Path(config.data_dir) / BLOB_CACHE_DIR, config.blob_cache_bytes)
     blobs = S3Blobs.from_url(config.blobs, cache=cache)
     blobs.check()
-    log.info("blob_store_opened", blobs=blobs.where, cache_bytes=config.blob_cache_bytes)
     return blobs
+
+
+def describe_blobs(blobs) -> str:
+    return getattr(blobs, "where", None) or f"files {getattr(blobs, 'root', '?')}"

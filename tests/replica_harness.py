@@ -148,6 +148,7 @@ class ReplicaSet:
         base = dict(model_path=str(model_dir), catalogue=self.catalogue_url, blobs=f"s3://{self.bucket}/deltas",
                     max_slots=4, max_rank=16, max_batch_tokens=256, max_running=8, max_model_len=512,
                     max_upload_bytes=256 << 10, grace_seconds=2.0, torch_threads=1, blob_cache_bytes=64 << 20,
+                    openai_listen="",  # gRPC only: every replica would want the same default HTTP port
                     log_level="warning")
         base.update(config)
         self.replicas = []

@@ -1,5 +1,5 @@
-"""``deltaserve serve`` against shared storage that is not there or not right: one error line naming the
-component and why, exit status 1, and nothing loaded first (the model is never read: these configs name none that
+"""``deltaserve serve`` against shared storage that is not there or not right: one line naming the component
+and why, exit status 1, and nothing loaded first (the model is never read: these configs name none that
 exists). Run through ``server.cli.main``, the ``deltaserve`` entry point, in this process."""
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ def serve(tmp_path, capsys, monkeypatch, *args, env=None) -> tuple[int, list[str
         monkeypatch.setenv(key, value)
     code = main(["serve", "--data-dir", str(tmp_path / "data"), "--model", str(tmp_path / "no-model"),
                  "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", *args])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    err = [line for line in lines if line.startswith("deltaserve: error:")]
-    assert not err or lines[-1] == err[-1], "the error is the last thing said (start-up log lines may precede it)"
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]  # everything it said
     return code, err
 
 
