@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from delta_store import BaseSpec, DeltaError, UnsupportedDelta
-from delta_store.formats import load_delta
 from delta_store.prompt import PromptPart
-from tests.helpers import FIXTURES, assert_close, fixture_cases
+from tests.helpers import FIXTURES, assert_close, fixture_cases, import_delta
 from tests.oracles import prompt_forward
 
 ATOL = 1e-5
@@ -49,7 +48,7 @@ def test_the_prompt_cases_are_all_here():
 @pytest.mark.parametrize("case", CASES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_prompt_case_matches_library_logits(case):
     model, spec = base(_arch(case))
-    delta = load_delta(case, spec)
+    delta = import_delta(case, spec)
     want = load_file(str(case / "expected.safetensors"))
     with torch.no_grad():
         got = prompt_forward(model, delta, spec, want["input_ids"])
@@ -68,19 +67,19 @@ def test_forms_and_position_policies():
     _, spec_l = base("llama")
     _, spec_g = base("gpt2")
     ah, od = FIXTURES / "adapterhub", FIXTURES / "opendelta"
-    pre = load_delta(ah / "llama-prefix_tuning", spec_l)
+    pre = import_delta(ah / "llama-prefix_tuning", spec_l)
     assert pre.kinds() == {"prefix"} and not pre.modules
     assert (pre.prompt.form, pre.prompt.positions, tuple(pre.prompt.keys.shape)) == ("kv", "from_zero", (2, 5, 2, 16))
-    mam = load_delta(ah / "gpt2-mam", spec_g)  # prefix + parallel adapter, both in one delta
+    mam = import_delta(ah / "gpt2-mam", spec_g)  # prefix + parallel adapter, both in one delta
     assert mam.kinds() == {"prefix", "bottleneck"}
     par = mam.modules["transformer.h.0.mlp.c_proj"].adapter
     assert (par.source, par.scale, par.activation, par.width) == ("residual", 4.0, "relu", 8)
     assert tuple(mam.prompt.keys.shape) == (2, 5, 4, 16)  # GPT-2: 4 KV heads (no GQA)
-    soft = load_delta(od / "llama-soft_prompt", spec_l)
+    soft = import_delta(od / "llama-soft_prompt", spec_l)
     assert (soft.prompt.form, soft.prompt.positions, soft.num_virtual_tokens) == ("embeddings", "after_prefix", 5)
     stored = torch.load(od / "llama-soft_prompt" / "pytorch_model.bin", weights_only=True)
     assert torch.equal(soft.prompt.embeddings, stored["soft_prompt_layer.soft_embeds"])
-    odp = load_delta(od / "gpt2-prefix", spec_g)
+    odp = import_delta(od / "gpt2-prefix", spec_g)
     assert (odp.prompt.positions, tuple(odp.prompt.values.shape)) == ("from_zero", (2, 5, 4, 16))
 
 
@@ -90,7 +89,7 @@ def test_flat_prefix_layout_is_layer_major_keys_then_values():
     flat = torch.load(case / "pytorch_adapter.bin", weights_only=True)
     vec = next(v for k, v in flat.items() if k.startswith("model.prefix_tuning."))
     view = vec.view(5, 2 * 2, 2, 16)  # [P, 2L, n_kv, head_dim]: layer i keys at 2i, values at 2i + 1
-    pp = load_delta(case, spec).prompt
+    pp = import_delta(case, spec).prompt
     for layer in range(2):
         assert torch.equal(pp.keys[layer], view[:, 2 * layer])
         assert torch.equal(pp.values[layer], view[:, 2 * layer + 1])
@@ -104,7 +103,7 @@ def test_adapterhub_prefix_copies_must_agree(tmp_path):
     sd[key] = sd[key] + 1.0
     torch.save(sd, dst / "pytorch_adapter.bin")
     with pytest.raises(DeltaError, match="prefix copies .* differ"):
-        load_delta(dst, spec)
+        import_delta(dst, spec)
 
 
 def test_opendelta_prefix_without_reparameterize(tmp_path):
@@ -112,7 +111,7 @@ def test_opendelta_prefix_without_reparameterize(tmp_path):
     same K/V as the reparameterized fixture, laid out per layer, give the library's logits."""
     model, spec = base("gpt2")
     src = FIXTURES / "opendelta" / "gpt2-prefix"
-    pp = load_delta(src, spec).prompt
+    pp = import_delta(src, spec).prompt
     dst = tmp_path / "flat"
     dst.mkdir()
     cfg = json.loads((src / "config.json").read_text())
@@ -125,19 +124,19 @@ def test_opendelta_prefix_without_reparameterize(tmp_path):
     torch.save(sd, dst / "pytorch_model.bin")
     want = load_file(str(src / "expected.safetensors"))
     with torch.no_grad():
-        got = prompt_forward(model, load_delta(dst, spec), spec, want["input_ids"])
+        got = prompt_forward(model, import_delta(dst, spec), spec, want["input_ids"])
     assert_close(got, want["logits"], atol=ATOL, what="opendelta prefix, per-layer past_key/past_value")
     del sd["transformer.h.1.attn.prefix.past_value"]
     torch.save(sd, dst / "pytorch_model.bin")
     with pytest.raises(UnsupportedDelta, match="some layers only"):
-        load_delta(dst, spec)
+        import_delta(dst, spec)
 
 
 @pytest.mark.parametrize("case", UNIPELT, ids=lambda p: p.name)
 def test_unipelt_refused_because_its_gates_are_not_causal(case):
     model, spec = base(_arch(case))
     with pytest.raises(UnsupportedDelta, match="UniPELT.*not causal"):
-        load_delta(case, spec)
+        import_delta(case, spec)
     want = load_file(str(case / "expected.safetensors"))
     # the reason, shown by the library's own numbers: the logits at position k-1 of the full 11-token pass
     # differ from those of the k-token prompt alone, so a token's output depends on the tokens after it

@@ -14,8 +14,7 @@ from peft import (CartridgeConfig, CPTConfig, PrefixTuningConfig, PromptEncoderC
                   PromptEncoderReparameterizationType, PromptTuningConfig, TaskType, get_peft_model)
 
 from delta_store import BaseSpec, DeltaError
-from delta_store.formats import load_delta
-from tests.helpers import assert_close, tiny_gpt2, tiny_llama
+from tests.helpers import assert_close, import_delta, tiny_gpt2, tiny_llama
 from tests.oracles import prompt_forward, randomise_peft
 
 ATOL = 1e-5
@@ -53,7 +52,7 @@ def make(arch: str, kind: str, folder, seed: int = 0):
     randomise_peft(pm, seed, std=0.5)  # PEFT's own inits are small; 0.5 makes the prefix matter (see below)
     pm.eval()
     pm.save_pretrained(folder)
-    return load_delta(folder, spec), pm
+    return import_delta(folder, spec), pm
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -96,7 +95,7 @@ def test_init_fields_only_describe_initialisation(tmp_path):
     cfg.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="Classify the sentiment",
                tokenizer_name_or_path="some/tokenizer")
     cfg_path.write_text(json.dumps(cfg))
-    again = load_delta(tmp_path / "a", base("llama")[1])
+    again = import_delta(tmp_path / "a", base("llama")[1])
     assert torch.equal(again.prompt.embeddings, delta.prompt.embeddings)
 
 
@@ -114,7 +113,7 @@ def test_prefix_config_for_another_geometry_is_refused(tmp_path, field, value, m
     cfg[field] = value
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(DeltaError, match=message):
-        load_delta(tmp_path / "p", base("llama")[1])
+        import_delta(tmp_path / "p", base("llama")[1])
 
 
 def test_prefix_made_without_the_gqa_rule_is_refused_with_the_reason(tmp_path):
@@ -128,7 +127,7 @@ def test_prefix_made_without_the_gqa_rule_is_refused_with_the_reason(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     save_file({"prompt_embeddings": torch.zeros(N, 2 * 2 * 64)}, str(tmp_path / "p" / "adapter_model.safetensors"))
     with pytest.raises(DeltaError, match="grouped-query attention.*does not fit the KV cache"):
-        load_delta(tmp_path / "p", base("llama")[1])
+        import_delta(tmp_path / "p", base("llama")[1])
 
 
 def test_prompt_embeddings_for_another_hidden_size_is_refused(tmp_path):
@@ -137,4 +136,4 @@ def test_prompt_embeddings_for_another_hidden_size_is_refused(tmp_path):
     make("gpt2", "prompt_tuning", tmp_path / "p")
     save_file({"prompt_embeddings": torch.zeros(N, 768)}, str(tmp_path / "p" / "adapter_model.safetensors"))
     with pytest.raises(DeltaError, match=r"shape \(4, 768\), expected \[4, 64\]"):
-        load_delta(tmp_path / "p", base("gpt2")[1])
+        import_delta(tmp_path / "p", base("gpt2")[1])

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 import tarfile
 
 import pytest
 import torch
 from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
-from delta_store import BaseSpec, DeltaStore, StoreSettings
+from delta_store import BaseSpec, DeltaStore
 from delta_store.delta import Delta, LoraTerm, ModuleDelta
 from delta_store.errors import BaseMismatch, DeltaError
 from delta_store.native import PROMPT_KEY, digest_bytes, dump_native, load_native
 from delta_store.prompt import PromptPart
 from delta_store.validate import Limits
-from tests.helpers import FIXTURES, random_delta, tiny_llama
+from tests.helpers import FIXTURES, random_delta, store_settings, tiny_llama
 from tests.oracles import randomise_peft
 
 
@@ -35,7 +34,7 @@ def spec(base):
 @pytest.fixture
 def store(tmp_path, spec):
     with DeltaStore.open(tmp_path / "data", spec, Limits(max_rank=8, max_bottleneck=16, max_model_len=64),
-                         StoreSettings(max_upload_bytes=1 << 20)) as s:
+                         store_settings(max_upload_bytes=1 << 20)) as s:
         yield s
 
 
