@@ -9,7 +9,7 @@ import pytest
 
 from delta_store.errors import InvalidArgument, ResourceExhausted
 from delta_store.records import DeltaKey
-from server.engine.kv_cache import BlockAllocator
+from server.engine.block_pool import BlockPool
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SeqStatus
 from server.types import GenerationRequest, SamplingParams
@@ -30,7 +30,7 @@ def make(blocks: int = 64, budget: int = 32, running: int = 8, waiting: int = 10
          max_len: int = 256) -> Scheduler:
     cfg = SchedulerConfig(max_batch_tokens=budget, max_running=running, max_waiting=waiting, max_model_len=max_len,
                           block_size=block_size)
-    return Scheduler(cfg, BlockAllocator(blocks), slots)
+    return Scheduler(cfg, BlockPool(blocks), slots)
 
 
 def run_step(s: Scheduler):
