@@ -1,4 +1,4 @@
-"""AdapterHub ``adapters`` (1.3.0) prefix tuning -> a :class:`PromptPart` of finished K/V (DELTAS.md §3.6).
+"""AdapterHub ``adapters`` (1.3.0) prefix tuning -> a :class:`PromptPart` of finished K/V (docs/DELTAS.md §3.6).
 
 ONE prefix module serves every layer. Its tensors are saved several times with identical values: under
 each layer's attention (``<layer>.self_attn.prefix_tuning.pool.prefix_tunings.<name>.self_prefix.*``,

@@ -1,4 +1,4 @@
-"""AdapterHub ``ConfigUnion`` (``architecture: "union"``): several methods in one adapter (DELTAS.md §3).
+"""AdapterHub ``ConfigUnion`` (``architecture: "union"``): several methods in one adapter (docs/DELTAS.md §3).
 
 MAM (``MAMConfig``: prefix tuning + a parallel bottleneck adapter) is served: the two parts are
 independent (the prefix enters attention, the adapter adds ``4.0 * up(relu(down(h)))`` next to the FFN),

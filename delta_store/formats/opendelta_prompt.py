@@ -1,4 +1,4 @@
-"""OpenDelta (0.3.2 / git 067eed2) ``soft_prompt`` and ``prefix`` -> a delta's prompt part (DELTAS.md §4.3).
+"""OpenDelta (0.3.2 / git 067eed2) ``soft_prompt`` and ``prefix`` -> a delta's prompt part (docs/DELTAS.md §4.3).
 
 * ``soft_prompt`` (any causal LM): ``soft_prompt_layer.soft_embeds [P, hidden]`` is concatenated in front
   of ``inputs_embeds`` and the attention mask gets P ones: input embeddings at positions 0..P-1, real

@@ -1,4 +1,4 @@
-"""PEFT prompt-learning adapters -> a :class:`Delta` with a prompt part (peft 0.21.2, DELTAS.md §2.6-§2.7).
+"""PEFT prompt-learning adapters -> a :class:`Delta` with a prompt part (peft 0.21.2, docs/DELTAS.md §2.6-§2.7).
 
 Every prompt-learning file holds ONE tensor, ``prompt_embeddings [N, ...]``: what
 ``get_prompt_embedding_to_save`` returns, i.e. the prompt encoder already evaluated.
