@@ -115,6 +115,7 @@ class LogitsRunner:
     def __init__(self, runner):
         self.inner = runner
         self.logits: dict[int, list] = {}  # id(SampleRow) -> [vocab] tensors, one per sampled step
+        self._rows: list = []  # keeps every recorded row alive, so no id is reused by a later request
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -123,6 +124,8 @@ class LogitsRunner:
         step.want_logits = True
         result = self.inner.execute(step)
         for row, logits in zip(step.sample_rows, result.logits if result.logits is not None else []):
+            if id(row) not in self.logits:
+                self._rows.append(row)
             self.logits.setdefault(id(row), []).append(logits.clone())
         return result
 
