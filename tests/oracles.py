@@ -199,3 +199,12 @@ def peft_greedy(peft_model, prompt: list[int], max_new_tokens: int) -> tuple[lis
             rows.append(logits)
             ids.append(int(logits.argmax()))
     return ids[len(prompt):], torch.stack(rows)
+
+
+def prompt_greedy(model: torch.nn.Module, delta: Delta, spec: BaseSpec, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by :func:`prompt_forward` over the whole sequence each step (no cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(prompt_forward(model, delta, spec, torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]

@@ -98,17 +98,13 @@ class Engine:
             raise InvalidArgument(f"request {req.request_id}: prompt token id out of range [0, {vocab})")
         if req.sampling.stop_strings and self.runner.tokenizer is None:
             raise InvalidArgument(f"request {req.request_id}: stop_strings need a tokenizer, this engine has none")
-        if req.delta is not None:  # a resident prompt delta's virtual tokens are known now (else: at admission)
-            resident, part = self.slots.resident_prompt(req.delta)
-            n_virtual, limit = (part.num_virtual_tokens if part is not None else 0), self.config.max_model_len
-            if n_virtual and len(req.prompt_token_ids) + n_virtual >= limit:
-                raise InvalidArgument(f"request {req.request_id}: prompt of {len(req.prompt_token_ids)} tokens plus "
-                                      f"the delta's {n_virtual} virtual tokens = "
-                                      f"{len(req.prompt_token_ids) + n_virtual} leaves no room to generate under "
-                                      f"max_model_len={limit}")
         if not req.arrival_time:
             req.arrival_time = time.monotonic()
         seq = Sequence(req, arrival_step=self.step_count)
+        if req.delta is not None:  # a resident prompt delta's virtual tokens are known now (else: at admission)
+            too_long = self.scheduler.too_long(seq, self.slots.resident_prompt(req.delta)[1])
+            if too_long is not None:
+                raise too_long
         p = req.sampling
         history = list(req.prompt_token_ids) if p.repetition_penalty != 1.0 else None
         row = SampleRow(p, make_generator(p), history)

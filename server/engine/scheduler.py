@@ -298,7 +298,7 @@ class Scheduler:
                     continue
                 slot = acquired
             part = self.slots.prompt_of(slot) if slot >= 0 else None
-            too_long = self._too_long(seq, part)
+            too_long = self.too_long(seq, part)
             if too_long is not None:
                 self.slots.release(slot)
                 self.finish(seq, "error")
@@ -330,12 +330,13 @@ class Scheduler:
             return seq, False
         return None, False
 
-    def _too_long(self, seq: Sequence, part: PromptInfo | None) -> InvalidArgument | None:
-        """The delta's virtual tokens count against max_model_len like prompt tokens (they hold KV slots)."""
+    def too_long(self, seq: Sequence, part: PromptInfo | None) -> InvalidArgument | None:
+        """The delta's virtual tokens hold KV slots like prompt tokens, so they count against max_model_len: the
+        edge's rule (prompt + max_new_tokens <= max_model_len, checked before the delta is known) with them added."""
         n_virtual = part.num_virtual_tokens if part is not None else 0
-        n_prompt, limit = len(seq.prompt_ids), self.config.max_model_len
-        if n_virtual and n_prompt + n_virtual >= limit:
-            return InvalidArgument(f"request {seq.request_id}: prompt of {n_prompt} tokens plus the delta's "
-                                   f"{n_virtual} virtual tokens = {n_prompt + n_virtual} leaves no room to generate "
-                                   f"under max_model_len={limit}")
+        n_prompt, n_new, limit = len(seq.prompt_ids), seq.sampling.max_new_tokens, self.config.max_model_len
+        if n_virtual and n_prompt + n_virtual + n_new > limit:
+            return InvalidArgument(f"request {seq.request_id}: prompt of {n_prompt} tokens plus the delta's {n_virtual} "
+                                   f"virtual tokens plus max_new_tokens {n_new} = {n_prompt + n_virtual + n_new} "
+                                   f"exceeds max_model_len={limit}")
         return None
