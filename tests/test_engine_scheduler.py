@@ -228,3 +228,8 @@ def test_prompt_delta_admission_shares_the_prefix_and_counts_virtual_tokens():
     out = run_step(s)
     assert out.failed and out.failed[0][0] is long and "6 virtual tokens" in str(out.failed[0][1])
     assert long.is_finished and slots.total_pins == 2  # a and b; long's pin was given back
+    small = make(blocks=5, slots=FakeSlots(2, prompts=prompts.get), max_len=32)
+    wide = seq("wide", 10, max_new=8, delta=key("p"))  # 6 + 10 + 8 = 24 slots = 6 blocks of 4: never fits in 5
+    small.add(wide)
+    out = run_step(small)
+    assert out.failed and "need 6 KV blocks, the cache has 5" in str(out.failed[0][1])

@@ -339,4 +339,8 @@ class Scheduler:
             return InvalidArgument(f"request {seq.request_id}: prompt of {n_prompt} tokens plus the delta's {n_virtual} "
                                    f"virtual tokens plus max_new_tokens {n_new} = {n_prompt + n_virtual + n_new} "
                                    f"exceeds max_model_len={limit}")
+        need = _blocks(n_virtual + n_prompt + n_new, self.config.block_size)
+        if n_virtual and need > self.allocator.num_blocks:  # it would wait for blocks forever
+            return InvalidArgument(f"request {seq.request_id}: {n_prompt} tokens, {n_virtual} virtual tokens and "
+                                   f"{n_new} new ones need {need} KV blocks, the cache has {self.allocator.num_blocks}")
         return None
