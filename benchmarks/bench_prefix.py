@@ -1,7 +1,8 @@
 """Shared KV prefixes (D14): prompt/prefix-tuned deltas against the base model, and automatic prefix caching.
 
-(a) "prompt deltas": 64 requests arriving over time (exponential gaps, mean 0.05 s; prompts of 32-160 tokens,
-32 new tokens each (16 with --quick), seed 0), served by the base model alone and with 32 distinct deltas that each
+(a) "prompt deltas": 64 requests (48 with --quick) arriving over time (exponential gaps, mean 0.05 s; prompts of
+32-160 tokens, 32 new tokens each (16 with --quick), seed 0), served by the base model alone and with 32 distinct
+deltas (request i uses delta i % 32) that each
 put 20 virtual tokens in front of every request: 16 prompt-tuning deltas (virtual input embeddings, run
 through the model once per delta) and 16 prefix-tuning deltas (per-layer K/V). Same arrivals; throughput =
 generated tokens / makespan; ``ratio_prompt_deltas_vs_base`` is the median over rounds of the deltas run over
@@ -10,7 +11,7 @@ without). Every delta is resident and its prefix computed, and both variants war
 measures serving, as bench_engine does; an unwarmed first base round ran 1.5x slower here).
 
 (b) "system prompt": 64 requests over 8 LoRA deltas (rank 16 on all seven projections, request i uses delta
-i % 8) that share a 512-token system prompt and differ in a 32-token user turn, 4 new tokens each (TTFT is
+i % 8) that share a 512-token system prompt and differ in a 32-token user turn, 2 new tokens each (TTFT is
 the measure; decode steps would only add time); arrivals every ``1.5 x`` the measured time of one uncached
 request (so the uncached server runs at about two-thirds load, not saturated). Served with prefix caching on and off: ``ttft_speedup_cached`` = median
 time to first token off / on (target >= 4); ``prefill_tokens_saved`` = prompt tokens the cached run did not
@@ -142,7 +143,7 @@ class Bench:
     def arrivals(self, tag: str, with_deltas: bool) -> list[tuple[float, GenerationRequest]]:
         rng = random.Random(0)
         t, out = 0.0, []
-        for i in range(64):
+        for i in range(self.num_requests):
             t += rng.expovariate(1 / 0.05)
             prompt = [rng.randrange(3, 32000) for _ in range(rng.randint(32, 160))]
             out.append((t, GenerationRequest(f"{tag}-{i}", f"tenant{i % 4}", prompt,
@@ -155,6 +156,10 @@ class Bench:
     def new_tokens(self) -> int:
         return 16 if self.args.quick else 32
 
+    @property
+    def num_requests(self) -> int:
+        return 48 if self.args.quick else 64
+
     def prompt_deltas_vs_base(self) -> float:
         engine, steps = self.engine(caching=True)
         for variant in ("deltas", "base"):  # first-call paths of both; every delta's prefix computed here
@@ -165,12 +170,13 @@ class Bench:
         for r in range(rounds):
             for variant in ("base", "deltas") if r % 2 == 0 else ("deltas", "base"):
                 out = self.serve(engine, self.arrivals(f"r{r}-{variant}", variant == "deltas"))
-                assert out["tokens"] == 64 * self.new_tokens, out["tokens"]
+                assert out["tokens"] == self.num_requests * self.new_tokens, out["tokens"]
                 tps[variant].append(out["tokens"] / out["makespan"])
             ratios.append(tps["deltas"][-1] / tps["base"][-1])
         assert engine.prefix.stats.prompt_computes == computed, "a resident delta's prefix was computed again"
         ratio = statistics.median(ratios)
         self.res.write({"workload": "prompt_deltas", "num_deltas": NUM_PROMPT_DELTAS, "virtual_tokens": VIRTUAL_TOKENS,
+                        "requests": self.num_requests, "new_tokens": self.new_tokens,
                         "tokens_per_s_base": statistics.median(tps["base"]),
                         "tokens_per_s_deltas": statistics.median(tps["deltas"]), "ratio_to_base": ratio,
                         "ratio_samples": ratios, "prefixes_computed": computed})
@@ -186,7 +192,7 @@ class Bench:
         for i in range(64):
             user = [rng.randrange(3, 32000) for _ in range(USER_TOKENS)]
             out.append((i * gap, GenerationRequest(f"{tag}-{i}", f"tenant{i % 8}", system + user,
-                                                   SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True),
+                                                   SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True),
                                                    delta=key(NUM_PROMPT_DELTAS + i % NUM_LORA))))
         return out
 
@@ -194,7 +200,7 @@ class Bench:
         engine, _ = self.engine(caching=False)
         probe = self.system_prompt_requests("probe", 0.0)[:2]
         self.serve(engine, probe[:1])  # warm-up
-        one = self.serve(engine, probe[1:])["makespan"]  # one uncached 544-token prefill + 3 decode steps
+        one = self.serve(engine, probe[1:])["makespan"]  # one uncached 544-token prefill + 1 decode step
         gap = 1.5 * one
         results = {}
         for caching in (False, True):
@@ -217,7 +223,8 @@ class Bench:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 rounds of (a), 16 new tokens: under 4 min on 2 CPU cores")
+    ap.add_argument("--quick", action="store_true", help="(a): 2 rounds of 48 requests, 16 new tokens; under 4 min "
+                    "on 2 CPU cores")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see bench_engine --threads)")
     args = ap.parse_args()
