@@ -135,10 +135,11 @@ class ModelRunner:
         n = part.num_virtual_tokens
         meta = build_step(self.kv, [job.blocks], [0], [n], self.device)
         self.cache.set_step(meta)
-        self.dm.batch.prepare_sequences([job.slot], [n])
+        self.dm.batch.prepare_sequences([job.slot], [n], head_rows=[n - 1])
         positions = torch.arange(n, device=self.device)[None]  # [1, N]: the virtual tokens' own positions
+        keep = torch.tensor([n - 1], dtype=torch.long, device=self.device)  # only the cache writes matter
         self.model(inputs_embeds=part.embeddings[None], position_ids=positions, cache=self.cache, use_cache=True,
-                   logits_to_keep=1, paged_step=meta)  # only the cache writes matter; no token is sampled
+                   logits_to_keep=keep, paged_step=meta)
         self.cache.set_step(None)
 
     def _copy_rows(self, copy: BlockCopy) -> None:
