@@ -51,6 +51,7 @@ class DeltaModel:
     max_bottleneck: int = 256
     max_token_rows: int = 64
     prompts: dict[int, PromptPart] = field(default_factory=dict)  # slot -> prompt part (device, model dtype)
+    layered: set[int] = field(default_factory=set)  # slots whose delta has module terms (not a prompt part alone)
 
     def check(self, delta: Delta) -> None:
         """Raise DeltaError/BaseMismatch for a delta these pools cannot serve; changes nothing."""
@@ -85,6 +86,9 @@ class DeltaModel:
             self.clear(slot)
             raise
         self.prompts.pop(slot, None)
+        self.layered.discard(slot)
+        if delta.modules:
+            self.layered.add(slot)
         if delta.prompt is not None:
             weight = next(self.model.parameters())
             pp = delta.prompt
@@ -99,10 +103,16 @@ class DeltaModel:
         for layer in self.layers.values():
             layer.clear(slot)
         self.prompts.pop(slot, None)
+        self.layered.discard(slot)
 
     def prompt_of(self, slot: int) -> PromptPart | None:
         """The prompt part of the delta in ``slot`` (None: no delta there, or one without a prompt part)."""
         return self.prompts.get(slot)
+
+    def layer_slot(self, slot: int) -> int:
+        """The slot id the wrapped layers should see for ``slot``: -1 when its delta is a prompt part alone, so
+        those tokens take the layers' no-delta path (a step of prompt-only deltas runs as fast as the base)."""
+        return slot if slot in self.layered else -1
 
     def pool_bytes(self) -> int:
         """Device bytes held by every slot pool (LoRA/bias/(IA)3 from wrap time, adapters once allocated) and

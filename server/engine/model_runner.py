@@ -111,7 +111,8 @@ class ModelRunner:
         # a step of prefill chunks that all stop short of their prompt's end still computes one row
         keep_rows = step.sample_at or [len(step.token_ids) - 1]
         if self.dm is not None:  # the head's rows are the kept ones (trainable tokens change their logits)
-            self.dm.batch.prepare_sequences(step.slots, step.lengths, head_rows=keep_rows)
+            layer_slots = [self.dm.layer_slot(s) if s >= 0 else -1 for s in step.slots]
+            self.dm.batch.prepare_sequences(layer_slots, step.lengths, head_rows=keep_rows)
         input_ids = torch.tensor([step.token_ids], dtype=torch.long, device=device)  # [1, T]
         position_ids = torch.tensor([step.positions], dtype=torch.long, device=device)  # [1, T]
         keep = torch.tensor(keep_rows, dtype=torch.long, device=device)  # [N]
@@ -135,7 +136,7 @@ class ModelRunner:
         n = part.num_virtual_tokens
         meta = build_step(self.kv, [job.blocks], [0], [n], self.device)
         self.cache.set_step(meta)
-        self.dm.batch.prepare_sequences([job.slot], [n], head_rows=[n - 1])
+        self.dm.batch.prepare_sequences([self.dm.layer_slot(job.slot)], [n], head_rows=[n - 1])
         positions = torch.arange(n, device=self.device)[None]  # [1, N]: the virtual tokens' own positions
         keep = torch.tensor([n - 1], dtype=torch.long, device=self.device)  # only the cache writes matter
         self.model(inputs_embeds=part.embeddings[None], position_ids=positions, cache=self.cache, use_cache=True,
