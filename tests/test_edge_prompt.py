@@ -159,3 +159,25 @@ def test_upload_whose_virtual_tokens_leave_no_room_is_refused_and_not_stored(ser
     assert f"num_virtual_tokens {MAX_LEN - 1} leaves no room under the server's max_model_len {MAX_LEN}" \
         in err.details()
     assert "huge" not in {d.name for d in client.list_deltas()}
+
+
+def test_zz_prefix_metrics_after_traffic(servers, tmp_path_factory):
+    """Prompt prefixes computed, cache lookups and hits counted, requests by delta kind; no label names a delta."""
+    import urllib.request
+
+    srv, client, _base, _spec = server(servers, tmp_path_factory, "llama")
+    client.upload("metrics-mam", tar_gz(FIXTURES / "adapterhub" / "llama-mam"))
+    client.upload("metrics-soft", tar_gz(FIXTURES / "opendelta" / "llama-soft_prompt"))
+    prompt = prompt_of("opendelta/llama-soft_prompt") * 2  # 22 tokens: 5 full blocks of 4 to reuse
+    for name in ("metrics-mam", "metrics-mam", "metrics-soft"):
+        generate(client, name, prompt, n=2)
+    srv.idle()
+    text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    samples = {k: float(v) for k, v in samples.items()}
+    assert samples["deltaserve_prompt_prefix_computations_total"] >= 1
+    assert samples["deltaserve_prefix_cache_lookups_total"] >= samples["deltaserve_prefix_cache_hits_total"] >= 5
+    assert "deltaserve_prefix_cache_evictions_total" in samples and "deltaserve_kv_blocks_cached" in samples
+    assert samples['deltaserve_requests_by_delta_kind_total{kind="prefix"}'] >= 1
+    assert samples['deltaserve_requests_by_delta_kind_total{kind="prompt"}'] >= 1
+    assert "metrics-mam" not in text and "metrics-soft" not in text
