@@ -56,6 +56,11 @@ class BaseSpec:
     input_embedding: str = ""  # path of get_input_embeddings() ("model.embed_tokens", "transformer.wte")
     output_head: str = ""  # path of get_output_embeddings() ("lm_head")
     tied_embeddings: bool = False  # the head's weight *is* the input embedding's (GPT-2)
+    # Attention geometry, what a prompt/prefix delta must fit (its K/V go into the served KV cache):
+    num_attention_heads: int = 0
+    num_kv_heads: int = 0  # < num_attention_heads for grouped-query attention (Llama-family configs)
+    head_dim: int = 0
+    max_positions: int = 0  # max_position_embeddings / GPT-2 n_positions (0 = unknown)
 
     @property
     def arch(self) -> str:
@@ -100,13 +105,21 @@ class BaseSpec:
             modules[path] = ModuleInfo(path, kind, int(fin), int(fout), has_bias, layer_index(path))
             if has_bias:
                 biases[path] = bias.detach().to("cpu", torch.float32).clone()
+        hidden = int(getattr(text_cfg, "hidden_size", getattr(text_cfg, "n_embd", 0)))
+        heads = int(getattr(text_cfg, "num_attention_heads", getattr(text_cfg, "n_head", 0)) or 0)
+        kv_heads = int(getattr(text_cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text_cfg, "head_dim", None) or (hidden // heads if heads else 0))
         spec = cls(
             model_type=str(text_cfg.model_type),
             num_layers=int(getattr(text_cfg, "num_hidden_layers", getattr(text_cfg, "n_layer", 0))),
-            hidden_size=int(getattr(text_cfg, "hidden_size", getattr(text_cfg, "n_embd", 0))),
+            hidden_size=hidden,
             vocab_size=int(text_cfg.vocab_size),
             modules=modules,
             biases=biases,
+            num_attention_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_positions=int(getattr(text_cfg, "max_position_embeddings", 0) or 0),
         )
         spec.input_embedding, spec.output_head, spec.tied_embeddings = _embeddings(model)
         spec.fingerprint = fingerprint(model)

@@ -39,6 +39,11 @@ carry ``bias``. The input embedding and the output head carry only ``rows`` (tra
 ``rows.values[j]`` *replaces* row ``rows.index[j]`` of the module's ``[vocab, hidden]`` weight, so a
 token id in ``rows.index`` embeds to its new row and, on the head, its logit is ``h . values[j]``.
 
+A delta may also carry a :class:`~delta_store.prompt.PromptPart` (prompt tuning, P-tuning, prefix
+tuning): virtual tokens in front of every request, served as a shared KV prefix. It combines freely
+with the module terms above (AdapterHub MAM = prefix + parallel adapter): both apply in one forward,
+and an embeddings-form prompt runs through the model with the module terms active.
+
 This module knows nothing of devices or slots: tensors here are CPU, contiguous, and of the
 dtype they were imported with (fp32 unless the file said otherwise; ``rows.index`` is int64).
 """
@@ -50,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import DeltaError
+from .prompt import PromptPart
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 """Bottleneck activations: relu, exact erf GELU, tanh-approximate GELU (``gelu_new``), SiLU/swish."""
@@ -57,7 +63,8 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 ADAPTER_SOURCES = ("output", "output+residual", "residual", "normed")
 """Which tensor a bottleneck adapter reads; see the module docstring."""
 
-KINDS = ("lora", "bottleneck", "bitfit", "ia3", "dora", "tokens")
+KINDS = ("lora", "bottleneck", "bitfit", "ia3", "dora", "tokens", "prompt", "prefix")
+"""Module kinds, then the prompt part's: "prompt" (virtual input embeddings), "prefix" (finished per-layer K/V)."""
 
 
 @dataclass(slots=True)
@@ -156,12 +163,26 @@ class Delta:
     source_format: str = "native"  # peft | adapterhub | opendelta | bitfit | native
     base_fingerprint: str = ""  # of the base the delta was validated against ("" = unknown)
     description: str = ""
+    prompt: PromptPart | None = None  # virtual tokens in front of every request (prompt/P/prefix tuning)
 
     def kinds(self) -> set[str]:
         found: set[str] = set()
         for md in self.modules.values():
             found |= md.kinds()
+        if self.prompt is not None:
+            found.add(self.prompt.kind)
         return found
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """KV slots the prompt part puts in front of every request (0 without one)."""
+        return 0 if self.prompt is None else self.prompt.num_virtual_tokens
+
+    def _all_tensors(self):
+        for md in self.modules.values():
+            yield from md.tensors().values()
+        if self.prompt is not None:
+            yield from self.prompt.tensors().values()
 
     @property
     def max_rank(self) -> int:
@@ -172,10 +193,10 @@ class Delta:
         return max((md.adapter.width for md in self.modules.values() if md.adapter is not None), default=0)
 
     def num_parameters(self) -> int:
-        return sum(t.numel() for md in self.modules.values() for t in md.tensors().values())
+        return sum(t.numel() for t in self._all_tensors())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for md in self.modules.values() for t in md.tensors().values())
+        return sum(t.numel() * t.element_size() for t in self._all_tensors())
 
     def check_finite(self) -> None:
         """Raise :class:`DeltaError` naming the first module/tensor holding NaN or Inf."""
@@ -187,6 +208,10 @@ class Delta:
                             ("adapter.scale", md.adapter.scale if md.adapter else 0.0)):
                 if not math.isfinite(v):
                     raise DeltaError(f"{path}.{name}: scale {v} is not finite")
+        if self.prompt is not None:
+            for name, t in self.prompt.tensors().items():
+                if not torch.isfinite(t).all():
+                    raise DeltaError(f"prompt.{name} {tuple(t.shape)}: tensor holds NaN or Inf values")
 
     def to(self, dtype: torch.dtype) -> "Delta":
         """A copy with every tensor cast to ``dtype`` (scales stay Python floats)."""
@@ -202,4 +227,5 @@ class Delta:
             rows = None if md.rows is None else RowsTerm(md.rows.index, cast(md.rows.values))  # ids stay int64
             mods[path] = ModuleDelta(lora, cast(md.bias), cast(md.out_scale), cast(md.in_scale), adapter,
                                      cast(md.dora_magnitude), rows)
-        return Delta(mods, self.source_format, self.base_fingerprint, self.description)
+        prompt = None if self.prompt is None else self.prompt.to(dtype)
+        return Delta(mods, self.source_format, self.base_fingerprint, self.description, prompt)

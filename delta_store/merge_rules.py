@@ -20,6 +20,8 @@ _WHY_NOT = {
     "bottleneck": "a bottleneck adapter passes through a nonlinearity",
     "bitfit": "bias terms are not merged by rank concatenation (PEFT's cat merge drops them)",
     "tokens": "trainable tokens replace embedding rows; two replacements do not add",
+    "prompt": "virtual prompt tokens enter the attention context; two prompts do not add",
+    "prefix": "prefix keys and values enter the attention context; two prefixes do not add",
 }
 
 

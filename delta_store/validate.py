@@ -13,6 +13,7 @@ import torch
 from .base_spec import BaseSpec, ModuleInfo
 from .delta import ACTIVATIONS, ADAPTER_SOURCES, Delta
 from .errors import BaseMismatch, DeltaError
+from .validate_prompt import validate_prompt
 
 _BIAS_KINDS = ("linear", "conv1d", "layernorm")  # RMSNorm has no bias to shift (docs/DELTAS.md §5)
 _PROJ_KINDS = ("linear", "conv1d")
@@ -28,12 +29,15 @@ class Limits:
     max_token_rows: int = 65536  # replaced embedding rows (trainable tokens) of one module
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     max_tensor_bytes: int = 1 << 30  # one tensor; a 7B model's largest LoRA B at r=64 is ~3.5 MiB
+    max_model_len: int = 0  # a prompt part's virtual tokens must leave room under it (0 = not checked)
 
     def __post_init__(self) -> None:
         for name in ("max_rank", "max_bottleneck", "max_token_rows", "max_tensor_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_model_len, int) or isinstance(self.max_model_len, bool) or self.max_model_len < 0:
+            raise ValueError(f"Limits.max_model_len must be a non-negative integer, got {self.max_model_len!r}")
         self.dtypes = tuple(self.dtypes)
         if not self.dtypes or not all(isinstance(d, torch.dtype) and d.is_floating_point for d in self.dtypes):
             raise ValueError(f"Limits.dtypes must be a non-empty tuple of floating torch dtypes, got {self.dtypes!r}")
@@ -61,8 +65,11 @@ def validate(delta: Delta, spec: BaseSpec, limits: Limits | None = None) -> None
     if delta.base_fingerprint and spec.fingerprint and delta.base_fingerprint != spec.fingerprint:
         raise BaseMismatch(f"delta was built for base {delta.base_fingerprint}, the served base is "
                            f"{spec.fingerprint}")
-    if not delta.modules:
+    if not delta.modules and delta.prompt is None:
         raise DeltaError("delta has no terms: nothing to serve (all-zero or empty payload)")
+    if delta.prompt is not None:
+        validate_prompt(delta.prompt, spec, dtypes=limits.dtypes, max_tensor_bytes=limits.max_tensor_bytes,
+                        max_model_len=limits.max_model_len)
     for path, md in delta.modules.items():
         info = spec.modules.get(path)
         if info is None:

@@ -163,7 +163,7 @@ def store_config(config: ServerConfig, *, pin_host_memory: bool):
     settings = StoreSettings(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
                              default_quotas=quotas, pin_host_memory=pin_host_memory)
     return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck,
-                  max_token_rows=config.max_token_rows), settings
+                  max_token_rows=config.max_token_rows, max_model_len=config.max_model_len), settings
 
 
 def build_app(config: ServerConfig) -> App:

@@ -47,6 +47,7 @@ class ServerConfig:
     max_model_len: int = 0  # prompt + generated tokens per sequence; 0 -> the model's limit, capped by the KV cache
     kv_block_size: int = 16  # tokens per KV block
     kv_blocks: int = 0  # 0 -> derived from kv_memory_fraction / a CPU default
+    prefix_caching: bool = True  # reuse full KV blocks across requests with the same tokens and delta (D14)
     torch_threads: int = 0  # intra-op CPU threads of the server process; 0 -> torch's default (one per core)
     # storage (D7, D12)
     data_dir: str = "./.deltaserve"
@@ -85,6 +86,8 @@ class ServerConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or not (lo <= value <= hi):
                 raise ConfigError(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+        if not isinstance(self.prefix_caching, bool):
+            raise ConfigError(f"prefix_caching must be true or false, got {self.prefix_caching!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_batch_tokens < self.max_running:

@@ -93,6 +93,17 @@ class Metrics:
         self.waiting = Gauge("deltaserve_scheduler_waiting", "Sequences waiting for admission.", registry=r)
         self.kv_used = Gauge("deltaserve_kv_blocks_in_use", "KV-cache blocks in use.", registry=r)
         self.kv_total = Gauge("deltaserve_kv_blocks_total", "KV-cache blocks in the pool.", registry=r)
+        self.kv_cached = Gauge("deltaserve_kv_blocks_cached", "Idle KV blocks kept for their content (prefix cache; "
+                               "evicted least recently used first when blocks are needed).", registry=r)
+        self.prefix_lookups = Counter("deltaserve_prefix_cache_lookups", "Full KV blocks of new or re-admitted "
+                                      "requests looked up in the prefix cache.", registry=r)
+        self.prefix_hits = Counter("deltaserve_prefix_cache_hits", "Looked-up KV blocks found cached (their "
+                                   "prefill was skipped); misses = lookups - hits.", registry=r)
+        self.prefix_evictions = Counter("deltaserve_prefix_cache_evictions", "Cached KV blocks reclaimed for new "
+                                        "content.", registry=r)
+        self.prompt_prefixes = Counter("deltaserve_prompt_prefix_computations", "Shared KV prefixes of prompt/"
+                                       "prefix-tuning deltas computed (first use of a version, or after eviction).",
+                                       registry=r)
         # delta residency (slot manager + store host tier)
         self.cache_hits = Counter("deltaserve_delta_cache_hits", "Delta lookups served by a tier.", ["tier"], registry=r)
         self.cache_misses = Counter("deltaserve_delta_cache_misses", "Delta lookups a tier could not serve.",
@@ -189,6 +200,11 @@ class Metrics:
         self.waiting.set(step.num_waiting)
         self.kv_used.set(step.kv_blocks_used)
         self.kv_total.set(step.kv_blocks_total)
+        self.kv_cached.set(step.kv_blocks_cached)
+        for counter, total in ((self.prefix_lookups, step.prefix_lookups), (self.prefix_hits, step.prefix_hits),
+                               (self.prefix_evictions, step.prefix_evictions),
+                               (self.prompt_prefixes, step.prompt_prefixes)):
+            self._increase(counter, (), float(total))
 
     def record_request(self, req: RequestStats) -> None:
         """Engine-side timings of one finished request (arrival = when the engine received it)."""

@@ -8,6 +8,25 @@ from pathlib import Path
 import torch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# Fixture kinds (case.json "delta_type") whose delta has a prompt part: served by the engine's shared KV
+# prefix, not by the wrapped layers alone, so layer-only parity tests leave them to the prompt tests.
+PROMPT_FIXTURE_KINDS = frozenset({"prefix_tuning", "prefix_tuning_flat", "mam", "unipelt", "prefix", "soft_prompt"})
+
+
+def fixture_cases(arch: str | None = None, *, prompt: bool | None = None) -> list[Path]:
+    """AdapterHub/OpenDelta case folders (``tests/fixtures/README.md``), for one base arch or all;
+    ``prompt=True`` only those with a prompt part, ``False`` only layer-only ones, None every case."""
+    import json
+
+    out = []
+    for lib in ("adapterhub", "opendelta"):
+        for case in sorted((FIXTURES / lib).glob(f"{arch or '*'}-*")):
+            if not case.is_dir():
+                continue
+            kind = json.loads((case / "case.json").read_text())["delta_type"]
+            if prompt is None or prompt == (kind in PROMPT_FIXTURE_KINDS):
+                out.append(case)
+    return out
 
 # fp32 compares against fp32 references; fp16 tolerances cover one rounding of the output.
 TOLERANCES = {

@@ -150,3 +150,61 @@ def site_adapters(spec: BaseSpec, seed: int, sites: dict[str, tuple[str, str, fl
                 std * torch.randn(m, h, generator=g), 0.1 * torch.randn(m, generator=g),
                 std * torch.randn(h, m, generator=g), 0.1 * torch.randn(h, generator=g), act, scale, source))
     return Delta(mods)
+
+
+def prompt_forward(model: torch.nn.Module, delta: Delta, spec: BaseSpec, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, T, vocab]`` at the real tokens of ``input_ids`` [B, T] with ``delta`` active, prompt part
+    included, in one no-cache pass: what each library's eval forward computes (delta_store/prompt.py).
+
+    Embeddings: ``inputs_embeds = cat(E, embed(ids))`` at positions 0..N+T-1, first N logits dropped. K/V:
+    the prefix goes in as an HF cache of N slots (no RoPE on it), the real tokens at positions
+    ``position_offset + t``, and every query sees all N slots (the mask has N ones in front).
+    """
+    pp = delta.prompt
+    b, t = input_ids.shape
+    with apply_delta(model, delta, spec):
+        if pp is None:
+            return model(input_ids=input_ids).logits
+        n = pp.num_virtual_tokens
+        mask = torch.ones(b, n + t, dtype=torch.long)
+        if pp.form == "embeddings":
+            tokens = model.get_input_embeddings()(input_ids)  # [B, T, hidden]
+            virtual = pp.embeddings.to(tokens.dtype)[None].expand(b, -1, -1)  # [B, N, hidden]
+            return model(inputs_embeds=torch.cat([virtual, tokens], 1), attention_mask=mask).logits[:, n:]
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        for layer in range(pp.keys.shape[0]):
+            k = pp.keys[layer].permute(1, 0, 2)[None].expand(b, -1, -1, -1)  # [B, n_kv, N, head_dim]
+            v = pp.values[layer].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
+            cache.update(k.contiguous(), v.contiguous(), layer)
+        positions = (torch.arange(t) + pp.position_offset)[None].expand(b, -1)
+        return model(input_ids=input_ids, cache=cache, position_ids=positions, attention_mask=mask).logits
+
+
+def peft_greedy(peft_model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding by PEFT's full-sequence ``forward()`` (no cache), one pass per new token.
+
+    PEFT 0.21.2's ``generate()`` is wrong for every prompt-learning kind under transformers 5.24 (the
+    prefix goes in as ``past_key_values`` where the model reads ``cache``; prompt tuning re-inserts the
+    virtual tokens at every step), so the oracle is what its model computes on the whole sequence.
+    Returns the new tokens and the logits ``[max_new_tokens, vocab]`` each was chosen from.
+    """
+    ids = list(prompt)
+    rows = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            x = torch.tensor([ids])
+            logits = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1]
+            rows.append(logits)
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):], torch.stack(rows)
+
+
+def prompt_greedy(model: torch.nn.Module, delta: Delta, spec: BaseSpec, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by :func:`prompt_forward` over the whole sequence each step (no cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(prompt_forward(model, delta, spec, torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]

@@ -88,6 +88,29 @@ class Served:
                              f"pinned slots {slots.stats().pinned}")
 
 
+def fixture_model(arch: str, dest) -> Path:
+    """A reference-fixture base (tests/fixtures/base/<arch>) as a servable folder: its files plus the demo's
+    byte-level tokenizer (the tests send token ids; the server wants a tokenizer next to the weights)."""
+    import shutil
+
+    from server.engine.tokenizer import byte_level_tokenizer
+    from tests.helpers import FIXTURES
+
+    dest = Path(dest)
+    shutil.copytree(FIXTURES / "base" / arch, dest)
+    byte_level_tokenizer().save_pretrained(dest)
+    return dest
+
+
+def tar_gz(folder) -> bytes:
+    """A delta folder as the tar.gz bytes a tenant uploads."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in sorted(Path(folder).iterdir()):
+            tar.add(f, arcname=f.name)
+    return buf.getvalue()
+
+
 def auth(key: str) -> list[tuple[str, str]]:
     return list(bearer(key))
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from delta_store.base_spec import BaseSpec
 from delta_store.errors import UnsupportedDelta
 from server.deltas import wrap_model
-from tests.helpers import FIXTURES, assert_close, import_delta
+from tests.helpers import FIXTURES, assert_close, fixture_cases, import_delta
 
 ATOL = 1e-5
 # case folder name -> regex of the reason it is refused (at import or by the wrapped model); none today.
@@ -24,7 +24,8 @@ REFUSED: dict[str, str] = {}
 
 
 def _cases(arch: str) -> list:
-    cases = sorted(p for lib in ("adapterhub", "opendelta") for p in (FIXTURES / lib).glob(f"{arch}-*") if p.is_dir())
+    # prompt/prefix cases need the KV prefix the engine adds: tests/test_formats_prompt_fixtures.py (oracle)
+    cases = fixture_cases(arch, prompt=False)
     assert cases, f"no fixture cases for {arch} under {FIXTURES}"
     return cases
 

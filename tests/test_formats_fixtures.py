@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from delta_store import BaseSpec
 from delta_store.formats import detect_format
-from tests.helpers import FIXTURES, import_delta
+from tests.helpers import FIXTURES, fixture_cases, import_delta
 from tests.oracles import apply_delta
 
-CASES = sorted(p for lib in ("adapterhub", "opendelta") for p in (FIXTURES / lib).iterdir() if p.is_dir())
+CASES = fixture_cases(prompt=False)  # the prompt/prefix cases: tests/test_formats_prompt_fixtures.py
 _BASES: dict[str, tuple] = {}
 
 

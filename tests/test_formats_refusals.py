@@ -53,8 +53,8 @@ PEFT_CONFIG_REFUSALS = [
     ("pissa", {"init_lora_weights": "pissa_niter_4"}, "mutated base"),
     ("olora", {"init_lora_weights": "olora"}, "mutated base"),
     ("loftq", {"init_lora_weights": "loftq"}, "mutated base"),
-    ("prefix", {"peft_type": "PREFIX_TUNING"}, "prefix/prompt"),
-    ("prompt", {"peft_type": "PROMPT_TUNING"}, "prefix/prompt"),
+    ("multitask_prompt", {"peft_type": "MULTITASK_PROMPT_TUNING"}, "task id per request"),
+    ("adaption_prompt", {"peft_type": "ADAPTION_PROMPT"}, "gated softmax"),
     ("enable_lora", {"enable_lora": [True, False, True]}, "MergedLinear"),
     ("layer_replication", {"layer_replication": [[0, 2], [1, 2]]}, "duplicates base layers"),
     ("target_parameters", {"target_parameters": ["experts.gate_up_proj"]}, "target_parameters"),
@@ -81,7 +81,7 @@ PEFT_TENSOR_REFUSALS = [
     ("embedding_weight", "base_model.model.model.embed_tokens.base_layer.weight", (256, 64), UnsupportedDelta,
      "full weight"),
     ("lm_head_weight", "base_model.model.lm_head.weight", (256, 64), UnsupportedDelta, "full weight"),
-    ("prompt", "prompt_embeddings", (3, 64), UnsupportedDelta, "prompt"),
+    ("prompt", "prompt_embeddings", (3, 64), DeltaError, "LORA adapter holding prompt_embeddings"),
     ("unknown_key", "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight", (2, 2), DeltaError, "lora_C"),
     ("untargeted", "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", (2, 64), DeltaError, "do not target"),
     ("missing_module", "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight", (2, 64), DeltaError,
@@ -124,8 +124,10 @@ AH_REFUSALS = [
     ("ln_after", {"ln_after": True}, "LayerNorm"),
     ("drops_residual", {"original_ln_after": False}, "residual stream"),
     ("activation", {"non_linearity": "leakyrelu"}, "non_linearity"),
-    ("prefix", {"architecture": "prefix_tuning"}, "prefix/prompt"),
-    ("union", {"architecture": "union"}, "ConfigUnion"),
+    ("prompt_tuning", {"architecture": "prompt_tuning"}, "no library result to match"),
+    ("gated_union", {"architecture": "union", "configs": [{"architecture": "lora", "use_gating": True}]},
+     "UniPELT.*not causal"),
+    ("union_member", {"architecture": "union", "configs": [{"architecture": "reft"}]}, "member of architecture"),
 ]
 
 
@@ -167,8 +169,7 @@ def test_adapterhub_tensor_outside_config_refused(tmp_path, llama_spec):
         import_delta(folder, llama_spec)
 
 
-@pytest.mark.parametrize("kind,reason", [("prefix", "legacy"), ("soft_prompt", "prompt"),
-                                         ("lora_old", "not supported")])
+@pytest.mark.parametrize("kind,reason", [("prefix", "GPT-2 attention only"), ("lora_old", "not supported")])
 def test_opendelta_unsupported_types(tmp_path, llama_spec, kind, reason):
     folder = edited(FIXTURES / "opendelta" / "llama-lora", tmp_path / kind, cfg_name="config.json",
                     config=lambda c: c.update(delta_type=kind))

@@ -3,6 +3,9 @@ and why, exit status 1, and nothing loaded first (the model is never read: these
 exists). Run through ``server.cli.main``, the ``deltaserve`` entry point, in this process."""
 from __future__ import annotations
 
+import logging
+
+import pytest
 import sqlalchemy as sa
 
 from delta_store.catalogue import Catalogue
@@ -10,6 +13,15 @@ from server.cli import main
 from server.config import ServerConfig
 from server.storage import open_blobs, open_catalogue, replica_id
 from tests.services import free_port
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """``serve`` points the deltaserve loggers at this test's captured stderr: give them back afterwards."""
+    root = logging.getLogger("deltaserve")  # server/logs.py routes every deltaserve.* logger through it
+    saved = (list(root.handlers), root.level, root.propagate)
+    yield
+    root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
 
 
 def serve(tmp_path, capsys, monkeypatch, *args, env=None) -> tuple[int, list[str]]:

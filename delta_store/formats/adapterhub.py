@@ -9,6 +9,8 @@ LoRA is ``alpha/r`` (1.0 for
 files from ``adapters`` < 1.1.0 with r != alpha, PR #770); (IA)3 is output scaling by
 ``lora_B * alpha`` on every target, ``down_proj`` included. Keys name the real modules, whatever
 the config flags say (Llama's ``intermediate_lora`` wraps ``down_proj``, Qwen2's wraps ``up_proj``).
+Prefix tuning becomes the delta's prompt part (:mod:`.adapterhub_prefix`); a ``ConfigUnion`` (MAM)
+imports each member by its own rules (:mod:`.adapterhub_union`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from ..delta import AdapterTerm, Delta
 from ..errors import DeltaError, UnsupportedDelta
 from . import adapterhub_phm
 from .adapterhub_config import adapter_source, bottleneck_config, check_lora_config, lora_alpha, map_activation
+from .adapterhub_prefix import load_prefix
+from .adapterhub_union import union_members
 from .builder import DeltaBuilder
 from .files import first_existing, read_json, read_tensors
 from .keys import KeyMapper, layer_of
@@ -49,17 +53,22 @@ def load_adapterhub(path: str | Path, spec: BaseSpec) -> Delta:
     name = meta.get("name") or _only_name(tensors, where)
     arch = cfg.get("architecture") or "bottleneck"
     builder = DeltaBuilder(spec, "adapterhub")
-    if arch == "bottleneck":
-        _bottleneck(cfg, tensors, name, spec, builder, where)
-    elif arch == "lora":
-        _lora(cfg, meta, tensors, name, spec, builder, where)
-    elif arch in ("prefix_tuning", "prompt_tuning"):
-        raise UnsupportedDelta(f"{where}: architecture {arch!r} (prefix/prompt tuning) is not served yet")
-    elif arch == "union":
-        raise UnsupportedDelta(f"{where}: a ConfigUnion (MAM / UniPELT style) combines prefix tuning or gating "
-                               f"with adapters; not supported")
-    else:
-        raise UnsupportedDelta(f"{where}: architecture {arch!r} is not supported (bottleneck, lora, ia3 are)")
+    members = union_members(cfg, meta, tensors, name, where) if arch == "union" else [(cfg, tensors)]
+    for member_cfg, member_tensors in members:
+        member = member_cfg.get("architecture") or "bottleneck"
+        if member == "bottleneck":
+            _bottleneck(member_cfg, member_tensors, name, spec, builder, where)
+        elif member == "lora":
+            _lora(member_cfg, meta, member_tensors, name, spec, builder, where)
+        elif member == "prefix_tuning":
+            builder.prompt(load_prefix(member_cfg, member_tensors, name, spec, where))
+        elif member == "prompt_tuning":
+            raise UnsupportedDelta(f"{where}: architecture 'prompt_tuning': adapters 1.3.0 itself cannot run prompt "
+                                   f"tuning on decoder-only models (Llama and GPT-2 set support_prompt_tuning=False, "
+                                   f"Qwen2's interface leaves it out), so there is no library result to match")
+        else:
+            raise UnsupportedDelta(f"{where}: architecture {member!r} is not supported "
+                                   f"(bottleneck, lora, ia3, prefix_tuning, union (MAM) are)")
     return builder.build(description=f"adapterhub {arch} {name!r} ({meta.get('version', 'unversioned')})")
 
 
@@ -80,7 +89,7 @@ def _check_head(folder: Path, where: str) -> None:
 
 
 def _only_name(tensors: dict[str, torch.Tensor], where: str) -> str:
-    names = {m.group(1) for k in tensors for m in [re.search(r"\.(?:adapters|loras)\.([^.]+)\.", k)] if m}
+    names = {m.group(1) for k in tensors for m in [re.search(r"\.(?:adapters|loras|prefix_tunings)\.([^.]+)\.", k)] if m}
     if len(names) != 1:
         raise DeltaError(f"{where}: adapter_config.json has no 'name' and the tensors name {sorted(names) or 'none'}")
     return names.pop()

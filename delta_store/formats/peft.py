@@ -2,7 +2,8 @@
 
 Served: LoRA (rank/alpha patterns, rsLoRA, ``lora_bias``, ``bias="all"/"lora_only"``, Conv1D
 targets, ``layers_to_transform``, DoRA, trainable tokens), AdaLoRA, (IA)3, BEFT, VeRA (expanded
-into LoRA: ``peft_vera.py``) and trainable tokens (``peft_tokens.py``); refused kinds and their
+into LoRA: ``peft_vera.py``) and trainable tokens (``peft_tokens.py``); prompt tuning, P-tuning, CPT,
+prefix tuning and CARTRIDGE as the delta's prompt part (``peft_prompt.py``); refused kinds and their
 reasons: ``peft_refusals.py``. File keys are
 ``base_model.model.<module path>.<suffix>``; ``<module path>`` is what PEFT matched its config
 against, so targeting and patterns are evaluated on it, and it is mapped onto the served model by
@@ -26,6 +27,7 @@ from .builder import DeltaBuilder
 from .files import first_existing, read_json, read_tensors
 from .keys import KeyMapper
 from .peft_config import check_supported, is_feedforward, is_targeted, lora_scale
+from .peft_prompt import SERVED_PROMPT_TYPES, load_peft_prompt
 from .peft_tokens import take_token_rows
 from .peft_vera import expand as expand_vera
 from .peft_vera import take_projection as take_vera_projection
@@ -64,8 +66,10 @@ def load_peft(path: str | Path, spec: BaseSpec) -> Delta:
     if weights is None:
         raise DeltaError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} next to {CONFIG_NAME}")
     tensors = read_tensors(weights)
+    if peft_type in SERVED_PROMPT_TYPES:
+        return load_peft_prompt(cfg, peft_type, tensors, spec, where)
     if "prompt_embeddings" in tensors:
-        raise UnsupportedDelta(f"{where}: holds prompt_embeddings (prefix/prompt tuning); not served yet")
+        raise DeltaError(f"{where}: a {peft_type} adapter holding prompt_embeddings (a prompt-learning tensor)")
     importer = _PeftImporter(cfg, peft_type, spec, where)
     take_token_rows(tensors, cfg, peft_type, spec, importer.keys, importer.builder, where)
     if peft_type == "VERA":

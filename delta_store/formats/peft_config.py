@@ -10,10 +10,10 @@ import math
 import re
 
 from ..errors import DeltaError, UnsupportedDelta
+from .peft_prompt import REFUSED_PROMPT_TYPES, SERVED_PROMPT_TYPES
 from .peft_refusals import refusal_reason
 
 SERVED_TYPES = ("LORA", "IA3", "BEFT", "ADALORA", "VERA", "TRAINABLE_TOKENS")
-PROMPT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")
 
 # LoRA variants whose forward pass is not plain LoRA (docs/DELTAS.md §2.4 table, last row).
 LORA_VARIANT_FIELDS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "velora_config",
@@ -25,16 +25,17 @@ BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 def check_supported(cfg: dict, where: str) -> str:
     """Raise :class:`UnsupportedDelta` for anything that cannot be served faithfully; return peft_type."""
     peft_type = str(cfg.get("peft_type") or "").upper()
-    if peft_type in PROMPT_TYPES:
-        raise UnsupportedDelta(f"{where}: peft_type {peft_type} (prefix/prompt tuning) changes the attention "
-                               f"context, not the layers; not served yet")
-    if peft_type not in SERVED_TYPES:
+    if peft_type in REFUSED_PROMPT_TYPES:
+        raise UnsupportedDelta(f"{where}: peft_type {peft_type} {REFUSED_PROMPT_TYPES[peft_type]}")
+    if peft_type not in SERVED_TYPES + SERVED_PROMPT_TYPES:
         why = refusal_reason(peft_type)
         raise UnsupportedDelta(f"{where}: peft_type {peft_type or '(missing)'} is not supported"
-                               + (f": {why}" if why else f" (supported: {', '.join(SERVED_TYPES)})"))
+                               + (f": {why}" if why else f" (supported: {', '.join(SERVED_TYPES + SERVED_PROMPT_TYPES)})"))
     if cfg.get("modules_to_save"):
         raise UnsupportedDelta(f"{where}: modules_to_save {cfg['modules_to_save']} stores full trained copies of "
                                f"whole modules (a full-weight payload), not a delta")
+    if peft_type in SERVED_PROMPT_TYPES:
+        return peft_type  # one prompt_embeddings tensor; peft_prompt checks it
     if cfg.get("target_parameters"):
         raise UnsupportedDelta(f"{where}: target_parameters (LoRA on raw parameters) is not supported")
     if peft_type in ("LORA", "ADALORA"):

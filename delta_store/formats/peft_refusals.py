@@ -4,7 +4,7 @@ Served, for comparison: LoRA (with DoRA, ``lora_bias``, trainable tokens), AdaLo
 into LoRA), (IA)3, BEFT and trainable tokens. Everything here either needs a dense per-tenant copy of
 a weight (its update is full rank, or it multiplies or reads the base weight), or mixes in state that
 a per-token delta cannot carry; a few are low-rank in disguise but their expansion is not written.
-Prompt-learning types are refused in ``peft_config.PROMPT_TYPES``.
+Prompt-learning types are served or refused in ``peft_prompt.py`` (``REFUSED_PROMPT_TYPES``).
 """
 from __future__ import annotations
 
@@ -49,7 +49,6 @@ REFUSED_TYPES: dict[str, str] = {
     "XLORA": "X-LoRA mixes LoRA experts with a learned classifier that runs the model twice per token",
     "POLY": "Poly/MHR routes each task id to a learned mixture of LoRA modules; requests carry no task id",
     "SHADOW": "ShadowPEFT runs a parallel shadow network beside the decoder; not a per-layer delta",
-    "CARTRIDGE": "a Cartridge is a trained KV-cache prefix (prompt-style context), not served",
 }
 
 

@@ -14,6 +14,10 @@ Usage (the model runner's step)::
     dm.set_delta(3, delta)                       # load path: validate, copy into every pool
     dm.batch.prepare_sequences([3, -1], [5, 1], head_rows=[4, 5])  # once per step; the rows logits_to_keep keeps
     logits = dm.model(input_ids=...).logits       # the unchanged HF forward
+
+A delta's prompt part (prompt / prefix tuning) is not a layer term: ``set_delta`` keeps it per slot, on the
+device in the model's dtype, and the engine reads it (``prompt_of``) to compute the delta's shared KV
+prefix (``server/engine/prefix_cache.py``); the module terms of the same delta apply as usual.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 from delta_store.base_spec import BaseSpec
 from delta_store.delta import Delta
 from delta_store.errors import DeltaError, InvalidArgument
+from delta_store.prompt import PromptPart
 from delta_store.validate import Limits, validate
 
 from ..config import DEFAULT_TARGETS
@@ -45,6 +50,8 @@ class DeltaModel:
     max_rank: int = 64
     max_bottleneck: int = 256
     max_token_rows: int = 64
+    prompts: dict[int, PromptPart] = field(default_factory=dict)  # slot -> prompt part (device, model dtype)
+    layered: set[int] = field(default_factory=set)  # slots whose delta has module terms (not a prompt part alone)
 
     def check(self, delta: Delta) -> None:
         """Raise DeltaError/BaseMismatch for a delta these pools cannot serve; changes nothing."""
@@ -78,15 +85,40 @@ class DeltaModel:
         except BaseException:  # e.g. a DoRA norm of 0, found only against the base weight: no half-set slot
             self.clear(slot)
             raise
+        self.prompts.pop(slot, None)
+        self.layered.discard(slot)
+        if delta.modules:
+            self.layered.add(slot)
+        if delta.prompt is not None:
+            weight = next(self.model.parameters())
+            pp = delta.prompt
+
+            def dev(t):
+                return None if t is None else t.to(weight.device, weight.dtype).contiguous()
+
+            self.prompts[slot] = PromptPart(dev(pp.embeddings), dev(pp.keys), dev(pp.values), pp.positions)
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
         for layer in self.layers.values():
             layer.clear(slot)
+        self.prompts.pop(slot, None)
+        self.layered.discard(slot)
+
+    def prompt_of(self, slot: int) -> PromptPart | None:
+        """The prompt part of the delta in ``slot`` (None: no delta there, or one without a prompt part)."""
+        return self.prompts.get(slot)
+
+    def layer_slot(self, slot: int) -> int:
+        """The slot id the wrapped layers should see for ``slot``: -1 when its delta is a prompt part alone, so
+        those tokens take the layers' no-delta path (a step of prompt-only deltas runs as fast as the base)."""
+        return slot if slot in self.layered else -1
 
     def pool_bytes(self) -> int:
-        """Device bytes held by every slot pool (LoRA/bias/(IA)3 from wrap time, adapters once allocated)."""
-        return sum(layer.nbytes() for layer in self.layers.values())
+        """Device bytes held by every slot pool (LoRA/bias/(IA)3 from wrap time, adapters once allocated) and
+        the resident prompt parts (their K/V also occupy KV blocks while computed: counted by the KV pool)."""
+        prompts = sum(t.numel() * t.element_size() for pp in self.prompts.values() for t in pp.tensors().values())
+        return sum(layer.nbytes() for layer in self.layers.values()) + prompts
 
     def _check_slot(self, slot: int) -> None:
         if not isinstance(slot, int) or not 0 <= slot < self.max_slots:

@@ -32,7 +32,8 @@ SOURCE_FORMATS = {common_pb2.SOURCE_FORMAT_AUTO: "auto", common_pb2.SOURCE_FORMA
 FORMAT_TO_PB = {v: k for k, v in SOURCE_FORMATS.items()}
 KIND_TO_PB = {"lora": common_pb2.DELTA_KIND_LORA, "bottleneck": common_pb2.DELTA_KIND_BOTTLENECK,
               "bitfit": common_pb2.DELTA_KIND_BITFIT, "ia3": common_pb2.DELTA_KIND_IA3,
-              "dora": common_pb2.DELTA_KIND_DORA, "tokens": common_pb2.DELTA_KIND_TOKENS}
+              "dora": common_pb2.DELTA_KIND_DORA, "tokens": common_pb2.DELTA_KIND_TOKENS,
+              "prompt": common_pb2.DELTA_KIND_PROMPT, "prefix": common_pb2.DELTA_KIND_PREFIX}
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 
 
