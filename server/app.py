@@ -20,12 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+from delta_store.errors import AlreadyExists
+
 from . import discovery
 from .config import ServerConfig
 from .edge.auth import Authenticator
 from .edge.rate_limits import RateLimiter
 from .logs import configure, get_logger
-from .metrics import Metrics
+from .metrics import Metrics, RouterView
+from .storage import describe_blobs, open_blobs, open_catalogue, replica_id
 
 log = get_logger("app")
 KEY_FILE = "admin.key"
@@ -52,6 +55,7 @@ class App:
         self.metrics = metrics or Metrics()
         self.auth = Authenticator(store.tenants)
         self.rate_limiter = RateLimiter()
+        self.replica_id = replica_id(config)  # x-deltaserve-replica on every response
         self.health = None  # set by create_server
         self.openai_front = None  # set by run() when config.openai_listen is set
         self.admin_key_file: Path | None = None
@@ -60,11 +64,27 @@ class App:
         self.metrics.add_refresh(lambda: self.metrics.record_store(store.stats()))
         self.metrics.tier_budget.labels("host").set(config.host_cache_bytes)
         self.metrics.add_refresh(lambda: self.metrics.engine_alive.set(1 if engine.alive else 0))
+        if slots is not None:
+            self.metrics.add_refresh(lambda: self.metrics.record_router_view(self.router_view()))
+            sched = engine.scheduler
+            self.metrics.add_refresh(lambda: self.metrics.record_admissions(sched.delta_admissions_resident,
+                                                                            sched.delta_admissions_waited))
         engine.add_listener(self.metrics.record)
         if slots is not None:  # a deleted version's device slot goes as soon as no request uses it
             store.subscribe(lambda gone: [slots.invalidate(v.key) for v in gone])
         if slots is not None and merges is not None:  # and so do the merges that used it
             store.subscribe(lambda gone: [slots.invalidate(k) for v in gone for k in merges.forget(v.key)])
+
+    def router_view(self) -> RouterView:
+        """Queue, batch, KV pool and resident deltas, read now (from the metrics thread: copies only)."""
+        sched, kv = self.engine.scheduler, self.engine.runner.kv
+        resident = self.slots.resident()
+        waiting = {s.request.delta for queue in list(sched.waiting.values()) for s in list(queue)}
+        waiting.discard(None)
+        return RouterView(sched.num_waiting, sched.num_running, kv.allocator.num_used, kv.allocator.num_blocks,
+                          kv.block_size, tuple(sorted({f"{k.name}@{k.version}" for k in resident})),
+                          tuple(sorted({f"{k.name}@{k.version}" for k in waiting - set(resident)})),
+                          self.slots.num_slots)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -98,7 +118,11 @@ class App:
         self.admin_key_file = path
         if self.store.tenants.list():
             return None
-        _tenant, key = self.store.tenants.create(ADMIN_TENANT, is_admin=True)  # the default quotas
+        try:
+            _tenant, key = self.store.tenants.create(ADMIN_TENANT, is_admin=True)  # the default quotas
+        except AlreadyExists:  # another replica of a shared catalogue created it first: its data dir has the key
+            log.info("admin_exists", tenant=ADMIN_TENANT)
+            return None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key + "\n")
@@ -160,11 +184,15 @@ def build_app(config: ServerConfig) -> App:
 
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    device = _device(config.device)
+    limits, settings = store_config(config, pin_host_memory=device.type == "cuda")
+    # The shared services first: a replica that cannot reach them stops in seconds, not after the model load.
+    catalogue = open_catalogue(config, settings.busy_timeout_s)
+    blobs = open_blobs(config)
     source = resolve_model(config.model_path, data_dir)
     t0 = time.monotonic()
     threads = apply_torch_threads(config)
     dtype = getattr(torch, config.dtype)
-    device = _device(config.device)
     if not sys.stderr.isatty():  # "Loading weights" bars only on a terminal; a server log stays one line per event
         hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()
@@ -175,7 +203,7 @@ def build_app(config: ServerConfig) -> App:
                     max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens,
                     max_token_rows=config.max_token_rows)
     spec = dm.spec  # fingerprinted once, from the unwrapped base
-    store = DeltaStore.open(data_dir, spec, *store_config(config, pin_host_memory=device.type == "cuda"))
+    store = DeltaStore.open(data_dir, spec, limits, settings, blobs=blobs, catalogue=catalogue)
     merges = MergeCache(store.load_key, max_rank=config.max_rank, max_bytes=config.merge_cache_bytes)
     slots = SlotManager(dm, loader=loader(merges, store.load_key), num_slots=config.max_slots)
     runner = ModelRunner(dm, tokenizer, config)
@@ -186,6 +214,8 @@ def build_app(config: ServerConfig) -> App:
              chat_template=chat is not None, sampling_defaults=",".join(
                  f"{k}={v}" for k, v in (defaults.sampling_fields() if defaults else {}).items()) or "-",
              torch_threads=threads, seconds=time.monotonic() - t0)
+    log.info("storage", catalogue=catalogue.where, revision=catalogue.revision, blobs=describe_blobs(blobs),
+             replica=replica_id(config))
     return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size, slots=slots,
                model_name=source.name, generation_defaults=defaults, chat=chat, merges=merges)
 

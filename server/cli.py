@@ -29,6 +29,9 @@ ENV_VARS = (
     ("DELTASERVE_API_KEY", "tenant API key for client commands"),
     ("DELTASERVE_DATA_DIR", "data dir of `serve` (default ./.deltaserve); client commands read its admin.key"),
     ("DELTASERVE_KERNELS", "delta kernel backend of `serve`: auto (default), triton or reference"),
+    ("DELTASERVE_CATALOGUE", "catalogue URL of `serve` (postgresql://...; default SQLite in the data dir)"),
+    ("DELTASERVE_BLOBS", "blob store of `serve` (s3://bucket/prefix; default files in the data dir)"),
+    ("DELTASERVE_REPLICA_ID", "replica name `serve` sends in x-deltaserve-replica (default the host name)"),
 )
 QUOTA_FIELDS = ("max_deltas", "max_delta_bytes", "requests_per_minute", "tokens_per_minute", "max_concurrent")
 
@@ -311,9 +314,13 @@ def cmd_serve(args) -> int:
     from .config import ServerConfig
 
     data_dir = args.data_dir or os.environ.get("DELTASERVE_DATA_DIR")  # the same default the client commands use
+    env = os.environ.get  # flags win over the environment, both over the config file (secrets live in the env)
     overrides = {"model_path": args.model, "data_dir": data_dir, "listen": args.listen,
                  "metrics_listen": args.metrics_listen, "openai_listen": args.openai_listen,
-                 "log_level": args.log_level, "max_model_len": args.max_model_len}
+                 "log_level": args.log_level, "max_model_len": args.max_model_len,
+                 "catalogue": args.catalogue or env("DELTASERVE_CATALOGUE") or None,
+                 "blobs": args.blobs or env("DELTASERVE_BLOBS") or None,
+                 "replica_id": args.replica_id or env("DELTASERVE_REPLICA_ID") or None}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = ServerConfig.from_file(args.config, **overrides) if args.config else ServerConfig.from_dict(overrides)
     return serve(config)
@@ -389,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML or JSON file of ServerConfig fields (flags override it)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    help=f"default {defaults.log_level}: start-up lines and one line per request and upload")
+    p.add_argument("--catalogue", help="postgresql://USER:PASSWORD@HOST:PORT/DB, shared by replicas "
+                   "(env DELTASERVE_CATALOGUE; default SQLite in the data dir)")
+    p.add_argument("--blobs", help="s3://BUCKET/PREFIX, shared by replicas; endpoint, region and keys from the "
+                   "AWS_* environment or ~/.aws (env DELTASERVE_BLOBS; default files in the data dir)")
+    p.add_argument("--replica-id", help="this replica's name in x-deltaserve-replica (env DELTASERVE_REPLICA_ID; "
+                   "default the host name)")
     p.set_defaults(func=cmd_serve)
 
     p = command("generate", "generate text from a prompt, streamed", [common])

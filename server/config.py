@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
                    "c_attn", "c_proj", "c_fc")
 """Leaf names of the modules wrapped by default: every linear of the decoder layers of the Llama
 family and GPT-2. Wrapping happens once at start-up, so any later delta can target any of them."""
+
+
+_REPLICA_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a metadata value and a log field, nothing to escape
 
 
 class ConfigError(ValueError):
@@ -45,10 +49,14 @@ class ServerConfig:
     kv_blocks: int = 0  # 0 -> derived from kv_memory_fraction / a CPU default
     prefix_caching: bool = True  # reuse full KV blocks across requests with the same tokens and delta (D14)
     torch_threads: int = 0  # intra-op CPU threads of the server process; 0 -> torch's default (one per core)
-    # storage (D7)
+    # storage (D7, D12)
     data_dir: str = "./.deltaserve"
     host_cache_bytes: int = 2 << 30  # host-memory tier budget (LRU by bytes)
     max_upload_bytes: int = 512 << 20  # one upload
+    catalogue: str = ""  # "" -> SQLite in data_dir; or postgresql://user:pass@host:port/db (replicas share it)
+    blobs: str = ""  # "" -> files under data_dir; or s3://bucket/prefix (endpoint, region, keys: AWS_* env)
+    blob_cache_bytes: int = 8 << 30  # with s3:// blobs: this replica's disk cache of fetched blobs (data_dir)
+    replica_id: str = ""  # "" -> the host name; sent back in x-deltaserve-replica on every call
     # network
     listen: str = "127.0.0.1:50051"
     metrics_listen: str = "127.0.0.1:9464"
@@ -72,6 +80,7 @@ class ServerConfig:
             "max_batch_tokens": (1, 1 << 20), "max_running": (1, 1 << 16), "max_waiting": (1, 1 << 20),
             "max_model_len": (0, 1 << 20), "kv_block_size": (1, 1024), "kv_blocks": (0, 1 << 24),
             "max_upload_bytes": (1, 1 << 40), "default_max_deltas": (0, 1 << 30), "torch_threads": (0, 1024),
+            "blob_cache_bytes": (0, 1 << 50),
         }
         for key, (lo, hi) in checks.items():
             value = getattr(self, key)
@@ -97,6 +106,17 @@ class ServerConfig:
                 raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
         if self.grace_seconds < 0:
             raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if not isinstance(self.catalogue, str) or (
+                self.catalogue and not self.catalogue.startswith(("postgresql://", "postgres://", "postgresql+",
+                                                                  "sqlite:///"))):
+            shown = self.catalogue.split("@")[-1] if isinstance(self.catalogue, str) else self.catalogue
+            raise ConfigError(f"catalogue must be empty (SQLite in data_dir), sqlite:///PATH or "
+                              f"postgresql://USER:PASSWORD@HOST:PORT/DB, got {shown!r}")
+        if not isinstance(self.blobs, str) or (self.blobs and not self.blobs.startswith("s3://")):
+            raise ConfigError(f"blobs must be empty (files in data_dir) or s3://BUCKET/PREFIX, got {self.blobs!r}")
+        if not isinstance(self.replica_id, str) or not _REPLICA_ID_RE.fullmatch(self.replica_id or "x"):
+            raise ConfigError(f"replica_id must be 1-128 characters of letters, digits, '.', '_' or '-', "
+                              f"got {self.replica_id!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ServerConfig":

@@ -50,3 +50,25 @@ def smollm2(tmp_path_factory):
     from server.models import resolve_model
 
     return resolve_model(None, tmp_path_factory.mktemp("smollm2-data"), announce=lambda line: None)
+
+
+# -- real services on loopback (tests/services.py), started once per session when a test asks ------
+@pytest.fixture(scope="session")
+def postgres():
+    from tests.services import Postgres, missing, postgres_bindir
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        missing("PostgreSQL server binaries (initdb)", "apt-get install -y postgresql")
+    server = Postgres(bindir)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    from tests.services import MotoS3
+
+    server = MotoS3()
+    yield server
+    server.close()

@@ -96,6 +96,21 @@ def test_chat_prompt_is_the_template_and_stops_at_end_of_turn(srv, bob):
         assert tokens.index(2) == len(tokens) - 1
 
 
+def test_every_http_response_names_the_replica(srv, bob):
+    from server.client import REPLICA_HEADER
+
+    _md, key = bob
+    client = openai_client(srv, key)
+    raw = client.completions.with_raw_response.create(model="style", prompt="hi", max_tokens=2, temperature=0)
+    assert raw.headers[REPLICA_HEADER] == srv.app.replica_id != ""
+    with client.completions.with_streaming_response.create(model="style", prompt="hi", max_tokens=2,
+                                                           temperature=0, stream=True) as streamed:
+        assert streamed.headers[REPLICA_HEADER] == srv.app.replica_id
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    assert info.value.response.headers[REPLICA_HEADER] == srv.app.replica_id
+
+
 def test_models_lists_base_and_the_callers_deltas(srv, bob):
     _, key = bob
     client = openai_client(srv, key)

@@ -162,7 +162,8 @@ def test_upload_whose_virtual_tokens_leave_no_room_is_refused_and_not_stored(ser
 
 
 def test_zz_prefix_metrics_after_traffic(servers, tmp_path_factory):
-    """Prompt prefixes computed, cache lookups and hits counted, requests by delta kind; no label names a delta."""
+    """Prompt prefixes computed, cache lookups and hits counted, requests by delta kind; no label names a delta
+    (but the router view's resident-delta list, vllm:lora_requests_info)."""
     import urllib.request
 
     srv, client, _base, _spec = server(servers, tmp_path_factory, "llama")
@@ -180,4 +181,8 @@ def test_zz_prefix_metrics_after_traffic(servers, tmp_path_factory):
     assert "deltaserve_prefix_cache_evictions_total" in samples and "deltaserve_kv_blocks_cached" in samples
     assert samples['deltaserve_requests_by_delta_kind_total{kind="prefix"}'] >= 1
     assert samples['deltaserve_requests_by_delta_kind_total{kind="prompt"}'] >= 1
+    # the one series that names deltas is the router view's resident list (vllm:lora_requests_info, by design)
+    info = [line for line in text.splitlines() if line.startswith("vllm:lora_requests_info{")]
+    assert len(info) == 1 and "metrics-soft@1" in info[0]
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("vllm:lora_requests_info{"))
     assert "metrics-mam" not in text and "metrics-soft" not in text

@@ -106,10 +106,18 @@ def test_delta_not_resident_waits_while_others_run():
         run_step(s)
         steps += 1
     assert steps == 1 + slots.load_steps + 1 and cold.slot == 0 and slots.pins[0] == 1  # the load, then admission
+    assert (s.delta_admissions_resident, s.delta_admissions_waited) == (0, 1), "it waited: no device hit"
+    warm, also_cold = seq("warm", 4, delta=key("x")), seq("late", 4, delta=key("y"))
+    s.add(warm)
+    s.add(also_cold)
+    run_step(s)
+    assert warm.status is SeqStatus.RUNNING and not warm.waited_on_delta and also_cold.waited_on_delta
+    assert (s.delta_admissions_resident, s.delta_admissions_waited) == (1, 1)
     while s.has_work():
         slots.install_ready()
         run_step(s)
     assert slots.total_pins == 0
+    assert (s.delta_admissions_resident, s.delta_admissions_waited) == (1, 2)
 
 
 def test_distinct_deltas_per_step_bounded_by_slots():

@@ -156,6 +156,11 @@ class SlotManager:
         with self._lock:
             return self._where.get(key)
 
+    def resident(self) -> list[DeltaKey]:
+        """The keys in device slots now (for the router view's resident-delta list)."""
+        with self._lock:
+            return list(self._where)
+
     def prompt_of(self, slot: int):
         """The prompt part (``delta_store.prompt.PromptPart``) of the delta in ``slot``, or None."""
         return self.dm.prompt_of(slot)

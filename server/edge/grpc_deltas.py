@@ -22,6 +22,7 @@ from ..logs import get_logger
 from ..pb import common_pb2, deltas_pb2, deltas_pb2_grpc
 from .auth import tenant_name
 from .errors import status_of
+from .routing import check_delta_header
 
 log = get_logger("deltas")
 
@@ -86,6 +87,7 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
             raise InvalidArgument("upload: the first message must carry the header (name, source_format, ...)")
         header = first.header
         check_name(header.name)
+        check_delta_header(context.invocation_metadata(), header.name)
         fmt = SOURCE_FORMATS.get(header.source_format)
         if fmt is None:
             raise InvalidArgument(f"upload: unknown source_format {header.source_format}")
@@ -121,6 +123,7 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
     async def GetDelta(self, request, context):
         tenant = await self._tenant(context)
         name, _ = parse_ref(request.name)
+        check_delta_header(context.invocation_metadata(), request.name)
         versions = await asyncio.to_thread(self.app.store.versions, tenant, name)
         return deltas_pb2.GetDeltaResponse(delta=info_to_pb(versions))
 
@@ -140,12 +143,14 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
     async def DeleteDelta(self, request, context):
         tenant = await self._tenant(context)
         parse_ref(request.name)
+        check_delta_header(context.invocation_metadata(), request.name)
         deleted = await asyncio.to_thread(self.app.store.delete, tenant, request.name)
         log.info("delta_deleted", tenant=tenant_name(tenant), delta=request.name, versions=len(deleted))
         return deltas_pb2.DeleteDeltaResponse(deleted_versions=len(deleted))
 
     async def PreloadDelta(self, request, context):
         tenant = await self._tenant(context)
+        check_delta_header(context.invocation_metadata(), request.delta)
         version = await asyncio.to_thread(self.app.store.resolve, tenant, request.delta)
         t0 = time.monotonic()
         await asyncio.to_thread(self.app.store.load, version)  # host tier (a no-op when already there)

@@ -17,6 +17,7 @@ from ..pb import common_pb2, inference_pb2, inference_pb2_grpc
 from ..types import FinishReason, TokenOutput
 from .errors import status_of
 from .generation import GenerationCall, Prompt
+from .routing import check_delta_header
 
 FINISH_TO_PB = {
     None: common_pb2.FINISH_REASON_NONE,
@@ -75,6 +76,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         status = "ok"
         try:
             tenant = await call.authenticate(context.invocation_metadata())
+            check_delta_header(context.invocation_metadata(), request.delta)
             await call.prepare(tenant, prompt_from_pb(request), sampling_fields(request.sampling), request.delta,
                                request.request_id, merge=[(p.delta, p.weight) for p in request.merge])
             call.admit(tenant)

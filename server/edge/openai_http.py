@@ -24,6 +24,7 @@ import socket
 import uvicorn
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -34,6 +35,7 @@ from ..logs import get_logger
 from . import openai_schema as schema
 from .errors import http_status_of
 from .generation import GenerationCall, Prompt
+from .routing import ReplicaHeaderASGI
 
 log = get_logger("openai")
 MAX_BODY_BYTES = 4 << 20  # a request body; prompts are bounded by max_model_len long before this
@@ -94,7 +96,7 @@ class OpenAIFront:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.model, methods=["GET", "DELETE"]),
             Route("/health", self.health, methods=["GET"]),
-        ])
+        ], middleware=[Middleware(ReplicaHeaderASGI, replica_id=app.replica_id)])
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
 

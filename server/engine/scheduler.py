@@ -103,6 +103,9 @@ class Scheduler:
         self._admit_counter = itertools.count(1)
         self._num_waiting = 0
         self.num_preemptions = 0
+        # admissions of requests with a delta: resident when first asked (a device hit), or after a wait
+        self.delta_admissions_resident = 0
+        self.delta_admissions_waited = 0
 
     # ---- queue state -------------------------------------------------------------------------
     @property
@@ -284,6 +287,7 @@ class Scheduler:
             key = seq.delta
             if key is not None and self.slots is not None:
                 if loading.get(key):
+                    seq.waited_on_delta = True
                     skipped.add(id(seq))
                     continue
                 try:
@@ -294,6 +298,7 @@ class Scheduler:
                     return None, False
                 if acquired is None:
                     loading[key] = True  # loading in the background or no free slot: others go first
+                    seq.waited_on_delta = True
                     skipped.add(id(seq))
                     continue
                 slot = acquired
@@ -316,6 +321,11 @@ class Scheduler:
                 if slot >= 0:
                     self.slots.release(slot)
                 return None, True
+            if key is not None and self.slots is not None:  # admitted with its delta: a device hit, or after a load
+                if seq.waited_on_delta:
+                    self.delta_admissions_waited += 1
+                else:
+                    self.delta_admissions_resident += 1
             queue.remove(seq)
             self._num_waiting -= 1
             if not queue:

@@ -37,6 +37,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # content key of each full block, in order
     pinned_blocks: list[int] = field(default_factory=list)  # referenced outside the table: the prefix's tail
     slot: int | None = None  # device delta slot pinned while running; None = no delta or not admitted
+    waited_on_delta: bool = False  # skipped at admission at least once because its delta was not resident
     admit_order: int = 0  # increasing admission counter; the newest is preempted first
     num_preemptions: int = 0
     finish_reason: str | None = None
