@@ -7,6 +7,12 @@ every write is one ``BEGIN IMMEDIATE`` transaction, so checks inside it (quotas,
 still referenced") cannot race with another writer. ``synchronous=FULL``: an upload that returned
 survives a power cut, and uploads are rare enough that the extra fsync (~ms) does not matter.
 A deployment past one machine swaps this class for PostgreSQL behind the same methods (D12).
+
+Version numbers are never reused for a name (``name@N`` always means one digest, or NOT_FOUND): the
+``version_marks`` table keeps, per tenant and name, the highest version ever given, and it outlives the
+``deltas`` row that a delete of the last version removes (schema 2; a schema-1 catalogue is upgraded at
+open, its marks taken from ``deltas.next_version``). Each version also records ``num_parameters``
+(NULL in rows a schema-1 server wrote: the store fills them from the blobs at start-up).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from typing import Callable, Iterator
 from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from .records import DeltaVersion, TenantQuotas, Tenant
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -39,9 +45,12 @@ CREATE TABLE IF NOT EXISTS versions (
     digest TEXT NOT NULL, size INTEGER NOT NULL, kinds TEXT NOT NULL, max_rank INTEGER NOT NULL,
     max_width INTEGER NOT NULL, source_format TEXT NOT NULL, description TEXT NOT NULL, labels TEXT NOT NULL,
     created REAL NOT NULL, last_used REAL, requests INTEGER NOT NULL DEFAULT 0, tokens INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (delta_id, version));
+    num_parameters INTEGER, PRIMARY KEY (delta_id, version));
 CREATE INDEX IF NOT EXISTS versions_digest ON versions(digest);
 CREATE TABLE IF NOT EXISTS blob_gc (digest TEXT PRIMARY KEY, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS version_marks (
+    tenant_id TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE, name TEXT NOT NULL,
+    last_version INTEGER NOT NULL, PRIMARY KEY (tenant_id, name));
 """
 
 _VERSION_SELECT = """SELECT d.tenant_id, d.name, v.* FROM versions v JOIN deltas d ON d.id = v.delta_id"""
@@ -65,6 +74,16 @@ class Catalogue:
             elif row[0] > SCHEMA_VERSION:
                 raise FailedPrecondition(f"catalogue {self.path} has schema version {row[0]}; this server knows "
                                          f"up to {SCHEMA_VERSION}")
+            elif row[0] == 1:
+                self._upgrade_1_to_2(c)
+
+    @staticmethod
+    def _upgrade_1_to_2(c: sqlite3.Connection) -> None:
+        """Schema 1 -> 2: parameter counts (unknown until the store fills them) and version high-water
+        marks, one per live name (names deleted under schema 1 lost theirs with their ``deltas`` row)."""
+        c.execute("ALTER TABLE versions ADD COLUMN num_parameters INTEGER")
+        c.execute("INSERT OR IGNORE INTO version_marks SELECT tenant_id, name, next_version - 1 FROM deltas")
+        c.execute("UPDATE schema_version SET version = 2")
 
     # -- connections and transactions -------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -160,41 +179,64 @@ class Catalogue:
     # -- versions -----------------------------------------------------------------------------------
     def add_version(self, tenant_id: str, name: str, digest: str, size: int, kinds: list[str], max_rank: int,
                     max_width: int, source_format: str, description: str, labels: dict[str, str],
-                    ensure_blob: Callable[[], None]) -> DeltaVersion:
+                    ensure_blob: Callable[[], None], num_parameters: int = 0) -> DeltaVersion:
         """Commit a new version row. ``ensure_blob`` runs inside the write lock and must leave the blob
         durable (it re-writes it if a concurrent collection removed it); quotas are checked here too."""
         now = time.time()
         with self.write() as c:
-            t = c.execute("SELECT * FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
-            if t is None:
-                raise NotFound(f"tenant {tenant_id!r} not found")
-            row = c.execute("SELECT id, next_version FROM deltas WHERE tenant_id = ? AND name = ?",
-                            (tenant_id, name)).fetchone()
-            if row is None:
-                count = c.execute("SELECT COUNT(*) FROM deltas WHERE tenant_id = ?", (tenant_id,)).fetchone()[0]
-                if count + 1 > t["max_deltas"]:
-                    raise ResourceExhausted(f"tenant {t['name']!r}: delta quota reached ({count} of "
-                                            f"{t['max_deltas']}); delete one first")
-            used = c.execute("SELECT COALESCE(SUM(v.size), 0) FROM versions v JOIN deltas d ON d.id = v.delta_id "
-                             "WHERE d.tenant_id = ?", (tenant_id,)).fetchone()[0]
-            if used + size > t["max_bytes"]:
-                raise ResourceExhausted(f"tenant {t['name']!r}: storage quota exceeded ({used} + {size} bytes > "
-                                        f"{t['max_bytes']})")
+            row = self._check_quotas(c, tenant_id, name, size)
             ensure_blob()
+            version = self._next_version(c, tenant_id, name, row)
             if row is None:
-                delta_id = c.execute("INSERT INTO deltas (tenant_id, name, next_version, created) VALUES (?,?,1,?)",
-                                     (tenant_id, name, now)).lastrowid
-                version = 1
+                delta_id = c.execute("INSERT INTO deltas (tenant_id, name, next_version, created) VALUES (?,?,?,?)",
+                                     (tenant_id, name, version + 1, now)).lastrowid
             else:
-                delta_id, version = row["id"], row["next_version"]
+                delta_id = row["id"]
             c.execute("UPDATE deltas SET next_version = ? WHERE id = ?", (version + 1, delta_id))
             c.execute("INSERT INTO versions (delta_id, version, digest, size, kinds, max_rank, max_width, "
-                      "source_format, description, labels, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                      "source_format, description, labels, created, num_parameters) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                       (delta_id, version, digest, size, json.dumps(sorted(kinds)), max_rank, max_width,
-                       source_format, description, json.dumps(labels, sort_keys=True), now))
+                       source_format, description, json.dumps(labels, sort_keys=True), now, num_parameters))
             c.execute("DELETE FROM blob_gc WHERE digest = ?", (digest,))
         return DeltaVersion(tenant_id, name, version, digest, size, tuple(sorted(kinds)), max_rank, max_width,
-                            source_format, description, dict(labels), now)
+                            source_format, description, dict(labels), now, num_parameters=num_parameters)
+
+    def check_quota(self, tenant_id: str, name: str, size: int = 0) -> None:
+        """ResourceExhausted if a new version of ``name`` of ``size`` bytes would break the tenant's quotas
+        now (before an upload is read: ``add_version`` checks again, atomically, before it commits)."""
+        with self.read() as c:
+            self._check_quotas(c, tenant_id, name, size)
+
+    @staticmethod
+    def _check_quotas(c: sqlite3.Connection, tenant_id: str, name: str, size: int):
+        """The quotas for a new version of ``name``; returns the name's ``deltas`` row (None: a new name)."""
+        t = c.execute("SELECT * FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+        if t is None:
+            raise NotFound(f"tenant {tenant_id!r} not found")
+        row = c.execute("SELECT id, next_version FROM deltas WHERE tenant_id = ? AND name = ?",
+                        (tenant_id, name)).fetchone()
+        if row is None:
+            count = c.execute("SELECT COUNT(*) FROM deltas WHERE tenant_id = ?", (tenant_id,)).fetchone()[0]
+            if count + 1 > t["max_deltas"]:
+                raise ResourceExhausted(f"tenant {t['name']!r}: delta quota reached ({count} of "
+                                        f"{t['max_deltas']}); delete one first")
+        used = c.execute("SELECT COALESCE(SUM(v.size), 0) FROM versions v JOIN deltas d ON d.id = v.delta_id "
+                         "WHERE d.tenant_id = ?", (tenant_id,)).fetchone()[0]
+        if used + max(size, 1) > t["max_bytes"]:  # size 0: before the upload is read, any version needs a byte
+            raise ResourceExhausted(f"tenant {t['name']!r}: storage quota exceeded ({used} + {size} bytes > "
+                                    f"{t['max_bytes']})" if size else
+                                    f"tenant {t['name']!r}: storage quota full ({used} of {t['max_bytes']} bytes)")
+        return row
+
+    # -- version numbers: never reused (the high-water mark outlives every version of the name) --------
+    @staticmethod
+    def _next_version(c: sqlite3.Connection, tenant_id: str, name: str, row) -> int:
+        mark = c.execute("SELECT last_version FROM version_marks WHERE tenant_id = ? AND name = ?",
+                         (tenant_id, name)).fetchone()
+        version = max(row["next_version"] if row is not None else 1, (mark[0] if mark else 0) + 1)
+        c.execute("INSERT INTO version_marks VALUES (?,?,?) ON CONFLICT (tenant_id, name) DO UPDATE SET "
+                  "last_version = MAX(last_version, excluded.last_version)", (tenant_id, name, version))
+        return version
 
     def resolve(self, tenant_id: str, name: str, version: int | None) -> DeltaVersion | None:
         sql = _VERSION_SELECT + " WHERE d.tenant_id = ? AND d.name = ?"
@@ -262,6 +304,15 @@ class Catalogue:
                           "last_used = MAX(COALESCE(last_used, 0), ?) WHERE version = ? AND digest = ? AND "
                           "delta_id = (SELECT id FROM deltas WHERE tenant_id = ? AND name = ?)",
                           (requests, tokens, last_used, version, digest, tenant_id, name))
+
+    def digests_without_parameter_count(self) -> list[str]:
+        """Digests of versions a schema-1 server wrote (no ``num_parameters`` yet)."""
+        return [r[0] for r in self._conn().execute("SELECT DISTINCT digest FROM versions WHERE num_parameters IS NULL")]
+
+    def set_parameter_count(self, digest: str, num_parameters: int) -> None:
+        with self.write() as c:
+            c.execute("UPDATE versions SET num_parameters = ? WHERE digest = ? AND num_parameters IS NULL",
+                      (num_parameters, digest))
 
     # -- blob collection ------------------------------------------------------------------------------
     @staticmethod

@@ -125,7 +125,8 @@ def store_config(config: ServerConfig, *, pin_host_memory: bool):
                           tokens_per_minute=config.default_tokens_per_minute,
                           max_concurrent=config.default_max_concurrent)
     settings = StoreSettings(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
-                             default_quotas=quotas, pin_host_memory=pin_host_memory)
+                             default_quotas=quotas, pin_host_memory=pin_host_memory,
+                             max_archive_bytes=config.max_archive_bytes, max_archive_ratio=config.max_archive_ratio)
     return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck), settings
 
 
