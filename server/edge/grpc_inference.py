@@ -6,6 +6,12 @@ namespace (another tenant's name is NOT_FOUND) -> admit against the tenant's rat
 concurrency cap -> stream engine outputs. A deadline arms a timer that aborts the request in the
 engine (its KV blocks and slot pin are freed at once) and ends the call with DEADLINE_EXCEEDED; a
 client that cancels or disconnects cancels this handler, whose ``finally`` aborts the request too.
+
+Nothing expensive runs before the request is bounded: a text prompt's size is checked in bytes
+against ``max_prompt_bytes`` (a 7.5 MB prompt used to take 15 s of tokenizing on the event loop,
+freezing every tenant's calls and the health checks), a token-id prompt's length against
+``max_model_len``, and tokenization itself runs on a worker thread (the tokenizer releases the GIL).
+A stream the SIGTERM drain has to cut ends UNAVAILABLE "server shutting down" (``App.cut_streams``).
 """
 from __future__ import annotations
 
@@ -13,11 +19,11 @@ import asyncio
 import time
 import uuid
 
-from delta_store.errors import DeadlineExceeded, InvalidArgument, error_for_code
+from delta_store.errors import DeadlineExceeded, InvalidArgument, Unavailable, error_for_code
 
 from ..logs import get_logger
 from ..pb import common_pb2, inference_pb2, inference_pb2_grpc
-from ..types import FinishReason, GenerationRequest, SamplingParams, TokenOutput
+from ..types import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, FinishReason, GenerationRequest, SamplingParams, TokenOutput
 from .auth import rate_limits, tenant_name
 from .errors import status_of
 
@@ -37,9 +43,13 @@ MAX_REQUEST_ID_CHARS = 128
 # cancels a call we still see ~1 ms from its deadline; a cancel that close is counted as a deadline.
 DEADLINE_SLACK_S = 0.05
 UNKNOWN_TENANT = "-"  # metrics label of calls refused before authentication
+DRAIN_RETRY_S = 1.0  # a stream cut by the drain: another replica can take it at once
 
 
 def sampling_from_pb(msg: inference_pb2.SamplingParams) -> SamplingParams:
+    if len(msg.stop_strings) > MAX_STOP_STRINGS or len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:  # before copying
+        raise InvalidArgument(f"sampling: at most {MAX_STOP_STRINGS} stop_strings and {MAX_STOP_TOKEN_IDS} "
+                              f"stop_token_ids")
     try:
         return SamplingParams(
             max_new_tokens=msg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
@@ -74,11 +84,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, app):
         self.app = app
 
-    def _prompt_ids(self, request: inference_pb2.GenerateRequest) -> list[int]:
+    async def _prompt_ids(self, request: inference_pb2.GenerateRequest) -> list[int]:
+        """The prompt's token ids, bounded before any work proportional to its size."""
         which = request.WhichOneof("prompt")
+        config = self.app.config
         if which == "text":
-            ids = self.app.encode(request.text)
+            text, limit = request.text, config.max_prompt_bytes
+            # characters <= UTF-8 bytes: a text longer than the limit in characters is refused without encoding it
+            size = len(text) if len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise InvalidArgument(f"prompt text is {size} bytes or more, over max_prompt_bytes={limit} "
+                                      f"(max_model_len={config.max_model_len} tokens)")
+            ids = await asyncio.to_thread(self.app.encode, text) if text else []
         elif which == "token_ids":
+            if len(request.token_ids.ids) > config.max_model_len:
+                raise InvalidArgument(f"prompt has {len(request.token_ids.ids)} token ids, over "
+                                      f"max_model_len={config.max_model_len}")
             ids = list(request.token_ids.ids)
             vocab = self.app.vocab_size
             bad = next((t for t in ids if t >= vocab), None)
@@ -90,19 +111,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise InvalidArgument("prompt is empty")
         return ids
 
-    async def _request(self, request, tenant) -> tuple[GenerationRequest, object | None]:
+    async def _request(self, request, tenant, request_id: str) -> tuple[GenerationRequest, object | None]:
         sampling = sampling_from_pb(request.sampling)
-        ids = self._prompt_ids(request)
+        ids = await self._prompt_ids(request)
         limit = self.app.config.max_model_len
         if len(ids) + sampling.max_new_tokens > limit:
             raise InvalidArgument(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds "
                                   f"max_model_len={limit}")
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
         version = None
         if request.delta:
             version = await asyncio.to_thread(self.app.store.resolve, tenant, request.delta)
-        request_id = request.request_id or uuid.uuid4().hex
         req = GenerationRequest(request_id=request_id, tenant=tenant_name(tenant), prompt_token_ids=ids,
                                 sampling=sampling, delta=None if version is None else version.key,
                                 arrival_time=time.monotonic())
@@ -111,10 +129,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request, context):
         app = self.app
         name, status, version, lease = UNKNOWN_TENANT, "ok", None, None
+        # The id every log line and the response carry: the client's, or one made here (which the client
+        # reads in each GenerateResponse.request_id), so a response can always be matched to its log line.
+        request_id = request.request_id or uuid.uuid4().hex
         try:
+            if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+                request_id = uuid.uuid4().hex
+                raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
             tenant = await asyncio.to_thread(app.auth.authenticate, context.invocation_metadata())
             name = tenant_name(tenant)
-            req, version = await self._request(request, tenant)
+            req, version = await self._request(request, tenant, request_id)
             lease = app.rate_limiter.admit(name, rate_limits(tenant, app.config),
                                            len(req.prompt_token_ids) + req.sampling.max_new_tokens)
             async for msg in self._stream(req, version, lease, context):
@@ -130,8 +154,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if lease is not None:  # normally released by _stream with the tokens used; a no-op then
                 lease.release()
             app.metrics.request_finished(name, status, version.kinds if version is not None else ())
-            log.info("generate", request_id=request.request_id or "-", tenant=name, status=status,
-                     delta=request.delta or "-")
+            log.info("generate", request_id=request_id, tenant=name, status=status, delta=request.delta or "-")
 
     async def _stream(self, req: GenerationRequest, version, lease, context):
         """Engine outputs as pb chunks; aborts the engine request unless it finished by itself."""
@@ -144,9 +167,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 app.engine.abort(req.request_id)
             timer = asyncio.get_running_loop().call_later(max(0.0, remaining), expire)
         app.metrics.request_started(req.tenant)
+        app.running_streams.add(req.request_id)
         try:
             async for out in app.engine.generate(req):
                 last = out
+                if out.finish_reason == FinishReason.ABORTED and app.cutting and not expired:
+                    raise Unavailable(f"server shutting down: request {req.request_id} was cut by the drain after "
+                                      f"{out.completion_tokens} tokens; retry it", retry_after=DRAIN_RETRY_S)
                 if out.finish_reason == FinishReason.ERROR:
                     # A delta deleted between admission and its load is NOT_FOUND, not INTERNAL: keep the code.
                     raise error_for_code(out.error_code, f"request {req.request_id} failed in the engine: "
@@ -158,6 +185,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if expired:
                 raise DeadlineExceeded(f"request {req.request_id}: deadline passed")
         finally:
+            app.running_streams.discard(req.request_id)
             if timer is not None:
                 timer.cancel()
             if last is None or last.finish_reason is None:  # cancelled, failed or expired mid-stream
