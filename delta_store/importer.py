@@ -28,6 +28,7 @@ from .native import load_native, sniff_native
 from .settings import StoreSettings
 from .validate import Limits, validate
 
+LINK_NAME = "payload"  # a lone spooled file is linked as payload.safetensors / payload.bin for format detection
 MIN_EXPANSION_BYTES = 1 << 20  # tar pads to 10 KiB records: an archive of two small configs expands ~30x
 
 
@@ -111,7 +112,9 @@ class Importer:
 
 def _relabel(message: str, path: Path, dest: Path, label: str) -> str:
     """``message`` with the server's paths (the extraction folder, the spooled file) replaced by ``label``."""
-    for long, short in ((f"{dest}/", f"{label}:"), (str(dest), label), (str(path), label), (path.name, label)):
+    links = [(str(dest / f"{LINK_NAME}{suffix}"), label) for suffix in (".safetensors", ".bin")]
+    links += [(f"{LINK_NAME}{suffix}", label) for suffix in (".safetensors", ".bin")]
+    for long, short in links + [(f"{dest}/", f"{label}:"), (str(dest), label), (str(path), label), (path.name, label)]:
         message = message.replace(long, short)
     return message
 
@@ -125,7 +128,7 @@ def _with_suffix(path: Path, dest: Path) -> Path:
         head = f.read(8)
     suffix = ".bin" if head[:2] == b"PK" else ".safetensors"  # torch.save writes a zip; else try safetensors
     dest.mkdir(parents=True, exist_ok=True)
-    named = dest / f"payload{suffix}"
+    named = dest / f"{LINK_NAME}{suffix}"
     try:
         os.link(path, named)
     except OSError:
