@@ -6,10 +6,13 @@
                         [--seed S] [--json] PROMPT
     deltaserve deltas list | show NAME | delete NAME[@VERSION]
     deltaserve tenants create NAME [--admin] | list | delete NAME | rotate-key NAME
+    deltaserve recover-admin-key [--data-dir DIR] [--tenant NAME]      (offline: the server stopped)
 
 Client commands take ``--server HOST:PORT`` (env DELTASERVE_SERVER, default 127.0.0.1:50051) and
 ``--api-key KEY`` (env DELTASERVE_API_KEY; else, for a local server, the admin key file of the
-default data dir). Errors print one line on stderr and exit 1 (2 for bad usage); no tracebacks.
+default data dir). ``tenants rotate-key`` rewrites that key file when the rotation revoked the key it
+held (an admin rotating their own key is not locked out). Errors print one line on stderr and exit 1
+(2 for bad usage); no tracebacks.
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ import os
 import sys
 from pathlib import Path
 
+from .admin_key import key_path
+
 DEFAULT_SERVER = "127.0.0.1:50051"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
-KEY_FILE = "admin.key"
 
 
 class CliError(Exception):
@@ -34,15 +38,31 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("DELTASERVE_DATA_DIR", ServerConfig().data_dir))
 
 
+def _local_key_file(args) -> Path | None:
+    """The admin key file of the default data dir, when the server is on this host."""
+    return key_path(default_data_dir()) if args.server.rpartition(":")[0] in LOCAL_HOSTS else None
+
+
 def _api_key(args) -> str:
     if args.api_key:
         return args.api_key
-    host = args.server.rpartition(":")[0]
-    key_file = default_data_dir() / KEY_FILE
-    if host in LOCAL_HOSTS and key_file.is_file():
+    key_file = _local_key_file(args)
+    if key_file is not None and key_file.is_file():
         return key_file.read_text().strip()
     raise CliError(f"no API key: pass --api-key, set DELTASERVE_API_KEY, or run a local server whose "
-                   f"key file {key_file} exists")
+                   f"key file {key_path(default_data_dir())} exists")
+
+
+def _key_works(client, key: str) -> bool:
+    import grpc
+
+    try:
+        client.with_key(key).list_deltas(page_size=1)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            return False
+        raise
+    return True
 
 
 def _client(args):
@@ -162,10 +182,33 @@ def cmd_tenants(args) -> int:
             tenant, key = client.create_tenant(args.name, admin=args.admin)
             print(f"tenant={tenant.name} api_key={key}")
         elif args.action == "rotate-key":
-            print(f"tenant={args.name} api_key={client.rotate_key(args.name)}")
+            # The local key file follows a rotation that revoked the key it holds (an admin rotating their own
+            # key, maybe with another admin's): known by asking the server before and after.
+            key_file = _local_key_file(args)
+            held = key_file.read_text().strip() if key_file is not None and key_file.is_file() else ""
+            held_worked = bool(held) and _key_works(client, held)
+            key = client.rotate_key(args.name)
+            print(f"tenant={args.name} api_key={key}")
+            if held_worked and not _key_works(client, held):
+                from .admin_key import write_key
+
+                print(f"updated the key file {write_key(key_file.parent, key)}")
         else:
             client.delete_tenant(args.name)
             print(f"deleted tenant {args.name}")
+    return 0
+
+
+def cmd_recover_admin_key(args) -> int:
+    from .admin_key import RecoveryRefused, recover
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    try:
+        path, created = recover(data_dir, args.tenant)
+    except RecoveryRefused as exc:
+        raise CliError(str(exc)) from None
+    print(f"{'created admin tenant' if created else 'new key for admin tenant'} {args.tenant}; key file {path} "
+          f"(the previous key of {args.tenant} no longer works)")
     return 0
 
 
@@ -230,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--admin", action="store_true", help="create: give the admin role")
     p.set_defaults(func=cmd_tenants)
+
+    p = sub.add_parser("recover-admin-key", help="offline, with the server stopped: issue a new admin key "
+                       "into the data dir's key file")
+    p.add_argument("--data-dir", help="the server's data dir (env DELTASERVE_DATA_DIR, default ./.deltaserve)")
+    p.add_argument("--tenant", default="admin", help="the admin tenant (created if missing; default admin)")
+    p.set_defaults(func=cmd_recover_admin_key)
     return parser
 
 
@@ -248,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
             code = exc.code()
             detail = exc.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE:
+            if code == grpc.StatusCode.UNAVAILABLE and "Cancelling all calls" in detail:  # gRPC's, at a drain's end
+                detail = f"server shutting down: it ended the call before it finished ({detail})"
+            elif code == grpc.StatusCode.UNAVAILABLE and "shutting down" not in detail:
+                # the server's own UNAVAILABLE says why ("server shutting down: ..."); gRPC's means no connection
                 detail = f"cannot reach the server at {args.server} ({detail})" if hasattr(args, "server") else detail
             print(f"deltaserve: error: {code.name}: {detail}", file=sys.stderr)
         else:
