@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import shlex
 import tarfile
 import tempfile
 import threading
@@ -19,7 +21,8 @@ from server.app import build_app, run
 from server.client import Client, bearer, generate_request, upload_messages
 from server.config import ServerConfig
 from server.demo import build_demo_model
-from server.pb import inference_pb2
+from server.logs import KeyValueFormatter
+from server.pb import deltas_pb2, inference_pb2
 
 MAX_UPLOAD = 256 << 10  # the test LoRAs are ~20 KB as tar.gz
 PROMPT = [3 + b for b in b"hello world"]  # byte-level tokenizer: byte b -> id 3 + b
@@ -28,11 +31,16 @@ PROMPT = [3 + b for b in b"hello world"]  # byte-level tokenizer: byte b -> id 3
 class Served:
     """A started server on a background thread: address, metrics URL, admin key, the in-process app."""
 
-    def __init__(self, root):
-        model_dir = build_demo_model(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-        config = ServerConfig(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
-                              metrics_listen="127.0.0.1:0", max_slots=4, max_rank=16, max_batch_tokens=256,
-                              max_running=8, max_model_len=512, max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0)
+    def __init__(self, root, model_dir=None, **overrides):
+        """``model_dir``: an HF folder with a tokenizer (default: a tiny demo-shaped Llama built under ``root``);
+        ``overrides``: ServerConfig fields."""
+        if model_dir is None:
+            model_dir = build_demo_model(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        settings = dict(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
+                        metrics_listen="127.0.0.1:0", max_slots=4, max_rank=16, max_batch_tokens=256,
+                        max_running=8, max_model_len=512, max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0,
+                        health_grace_seconds=0.0)
+        config = ServerConfig(**{**settings, **overrides})
         self.model_dir = model_dir
         self.app = build_app(config)
         self.app.ensure_admin()
@@ -118,10 +126,11 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[0, len(prompt):].tolist()
 
 
-def upload(srv, md, name: str, data: bytes, *, total: int | None = None, chunk: int = 8 << 10):
+def upload(srv, md, name: str, data: bytes, *, total: int | None = None, chunk: int = 8 << 10,
+           timeout: float | None = None):
     """UploadDelta of ``data`` in ``chunk``-byte messages; ``total`` is the header's claim (None: unset)."""
     messages = upload_messages(name, io.BytesIO(data), total_bytes=total, description="test", chunk_bytes=chunk)
-    return srv.deltas.UploadDelta(messages, metadata=md).version
+    return srv.deltas.UploadDelta(messages, metadata=md, timeout=timeout).version
 
 
 def gen_request(delta: str = "", n: int = 8, **sampling) -> inference_pb2.GenerateRequest:
@@ -137,3 +146,59 @@ def code_of(fn) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         fn()
     return info.value
+
+
+class LogLines(logging.Handler):
+    """Every ``deltaserve.*`` log line at info and above, formatted as the server writes them (key=value)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.setFormatter(KeyValueFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def __enter__(self) -> "LogLines":
+        root = logging.getLogger("deltaserve")
+        self._level = root.level
+        root.addHandler(self)
+        root.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        root = logging.getLogger("deltaserve")
+        root.removeHandler(self)
+        root.setLevel(self._level)
+
+    def events(self, event: str) -> list[dict[str, str]]:
+        """The fields of each line of ``event`` (values unquoted as the formatter quoted them)."""
+        out = []
+        for line in list(self.lines):
+            fields = dict(part.split("=", 1) for part in shlex.split(line))
+            if fields.get("event") == event:
+                out.append(fields)
+        return out
+
+
+def held_upload(srv, md, name: str, *, chunks: list[bytes] = (), labels=None, timeout: float = 30.0):
+    """An UploadDelta that sends its header (and ``chunks``) and then holds the stream open until
+    ``release()``: returns (future, release). A server that refuses early answers while it is held."""
+    gate = threading.Event()
+
+    def messages():
+        header = deltas_pb2.UploadHeader(name=name, labels=labels or {})
+        yield deltas_pb2.UploadDeltaRequest(header=header)
+        for c in chunks:
+            yield deltas_pb2.UploadDeltaRequest(chunk=c)
+        gate.wait(timeout)
+
+    return srv.deltas.UploadDelta.future(messages(), metadata=md, timeout=timeout), gate.set
+
+
+def finished_within(future, seconds: float) -> bool:
+    try:
+        future.exception(timeout=seconds)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
