@@ -28,6 +28,7 @@ from .native import load_native, sniff_native
 from .settings import StoreSettings
 from .validate import Limits, validate
 
+LABEL_KEY_CHARS, LABEL_VALUE_CHARS = 128, 1024  # per label; the count is StoreSettings.max_labels
 LINK_NAME = "payload"  # a lone spooled file is linked as payload.safetensors / payload.bin for format detection
 MIN_EXPANSION_BYTES = 1 << 20  # tar pads to 10 KiB records: an archive of two small configs expands ~30x
 
@@ -74,9 +75,10 @@ class Importer:
         if not isinstance(labels, dict) or len(labels) > s.max_labels:
             raise InvalidArgument(f"labels must be a mapping of at most {s.max_labels} pairs")
         for k, v in labels.items():
-            if not isinstance(k, str) or not (1 <= len(k) <= 128) or not isinstance(v, str) or len(v) > 1024:
-                raise InvalidArgument(f"label {str(k)[:40]!r}: keys must be 1-128 characters and values "
-                                      f"strings of at most 1024")
+            if not isinstance(k, str) or not (1 <= len(k) <= LABEL_KEY_CHARS) or not isinstance(v, str) or \
+                    len(v) > LABEL_VALUE_CHARS:
+                raise InvalidArgument(f"label {str(k)[:40]!r}: keys must be 1-{LABEL_KEY_CHARS} characters and values "
+                                      f"strings of at most {LABEL_VALUE_CHARS}")
         return dict(labels)
 
     def _decode(self, path: Path, source_format: str, dest: Path, label: str) -> Delta:

@@ -90,7 +90,7 @@ def test_maximal_prompts_are_refused_while_other_tenants_are_served(srv):
     assert worst < 5.0, f"a Health + small Generate probe took {worst:.1f} s"
 
 
-def test_prompt_limits_are_checked_before_any_tokenization(srv):
+def test_prompt_and_stop_limits_are_checked_before_any_work(srv):
     md = srv.tenant("counter")
     limit = srv.app.config.max_prompt_bytes
     assert 0 < limit < GRPC_MAX_MESSAGE
@@ -100,8 +100,13 @@ def test_prompt_limits_are_checked_before_any_tokenization(srv):
     too_many = [5] * (srv.app.config.max_model_len + 1)
     err = code_of(lambda: list(srv.inference.Generate(generate_request(too_many, max_new_tokens=2), metadata=md)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_model_len" in err.details()
+    for sampling in ({"stop_strings": ["s"] * 17}, {"stop_strings": ["s" * 257]}, {"stop_token_ids": [7] * 257}):
+        err = code_of(lambda: list(srv.inference.Generate(generate_request([5, 6], max_new_tokens=2, **sampling),
+                                                          metadata=md)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "stop" in err.details(), err.details()
     tokens, _ = collect(srv.inference.Generate(generate_request("x" * 100, max_new_tokens=2, temperature=0.0,
-                                                                ignore_eos=True), metadata=md))
+                                                                ignore_eos=True, stop_strings=["s" * 256] * 16),
+                                               metadata=md))
     assert len(tokens) == 2
 
 
