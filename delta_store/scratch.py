@@ -8,7 +8,7 @@ an old one's lock even when it gets the same pid (a container restarts its serve
 pids say nothing). Owner files:
 
     <data_dir>/tmp/<owner>.<purpose>-<hex>[suffix]    spooled uploads, extracted archives, links, key files
-    <data_dir>/tmp/<owner>.pending-<digest>           "this owner is writing blob <digest>, not yet committed"
+    <data_dir>/tmp/<owner>.pending-<digest>.<hex>     "this owner is writing blob <digest>, not yet committed"
     <data_dir>/blobs/ab/.<digest>.tmp-<owner>-<hex>    a blob being written (delta_store/blobs.py)
 
 :meth:`Scratch.sweep` removes every entry of ``tmp/`` whose owner is not alive, and every entry that names no
@@ -77,8 +77,8 @@ class Scratch:
 
     def pending(self, digest: str) -> Path:
         """Mark blob ``digest`` as being written by this owner (remove the marker after the commit)."""
-        marker = self.tmp / f"{self.owner}.pending-{digest}"
-        marker.touch()
+        marker = self.tmp / f"{self.owner}.pending-{digest}.{secrets.token_hex(6)}"  # one per put: two puts of
+        marker.touch()                                                                 # one digest run at once
         return marker
 
     # -- liveness -------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ class Scratch:
         for p in self.tmp.iterdir():
             m = _ENTRY_RE.fullmatch(p.name)
             if m and m["purpose"] == "pending" and self.alive(m["owner"]):
-                out.add(m["rest"])
+                out.add(m["rest"].split(".")[0])
         return out
 
     # -- the sweep ------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ class Scratch:
             if m and self.alive(m["owner"]):
                 continue
             if m and m["purpose"] == "pending":
-                pending.append(m["rest"])
+                pending.append(m["rest"].split(".")[0])
             removed += _remove(p)
         for lock in list(self.locks.iterdir()):
             owner = lock.name.removesuffix(".lock")
