@@ -210,7 +210,7 @@ async def run(app: App, stop: asyncio.Event, announce=print, hurry: asyncio.Even
         log.info("drain_cut", streams=app.cut_streams())
     await stopping
     await app.engine.shutdown(0.0)
-    app.upload_pool.shutdown(wait=True)
+    await asyncio.to_thread(app.upload_pool.shutdown, True)  # conversions of cut uploads end first
     metrics_server.shutdown()
     if app.slots is not None:
         app.slots.close()
