@@ -14,6 +14,11 @@ layer; then the decode step on all seven projections of the CPU benchmark Llama 
 layer-level bound for the engine's target (32 distinct rank-16 deltas <= 25% extra decode time),
 a D3 check (half the slots rank 4, half rank 64, vs all rank 64) and the other kinds.
 
+DoRA (``time_dora``): its delta work is the LoRA op plus ``scale_shift_rows`` on its tokens;
+``dora_overhead_vs_lora`` = (LoRA + column scale) / LoRA at the same rank (target <= 1.10), and
+``dora_mixed_vs_alone`` = the column scale on a batch of 1 DoRA token among 31 plain-LoRA ones / on that
+token alone (1.0 = the other tokens pay nothing; when no DoRA slot is active the layer skips the op).
+
     python benchmarks/bench_kernels.py --quick       # < 1 min on 2 CPU cores
 """
 from __future__ import annotations
@@ -174,7 +179,39 @@ def run_cpu(res, quick: bool) -> dict:
     # other kinds, decode and prefill, on the q_proj shape
     for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
         rows[f"kinds_{label}"] = time_kinds(res, label, slots, n, dt, dev)
+        rows[f"dora_{label}"] = time_dora(res, label, slots, n, dt, dev,
+                                          lora=cpu.cpu_add_lora, scale_shift=cpu.cpu_scale_shift_rows)
     return rows
+
+
+def time_dora(res, label, slots, hidden, dt, dev, *, lora, scale_shift) -> dict:
+    """DoRA's delta work against plain LoRA's at rank 16, and the column scale in a mixed batch."""
+    pt = Point(hidden, hidden, slots, [16] * 64, dtype=dt, device=dev, seed=5)
+    g = torch.Generator().manual_seed(6)
+    scale = (1 + 0.1 * torch.randn(64, hidden, generator=g)).to(dev)  # fp32 [S, out]
+    shift = (0.01 * torch.randn(64, hidden, generator=g)).to(dev)
+    all_on = torch.ones(64, dtype=torch.int32, device=dev)
+    one_on = torch.zeros(64, dtype=torch.int32, device=dev)
+    one_on[slots[0]] = 1
+    first = [i for i, s in enumerate(slots) if s == slots[0]]  # the DoRA slot's tokens, alone in a batch
+    alone_meta = DeltaKernelMeta.build(torch.tensor([slots[0]] * len(first), dtype=torch.int32, device=dev))
+    y_alone = pt.y[:len(first)].clone()
+
+    def dora():
+        lora(pt.y, pt.x, *pt.args, pt.meta)
+        scale_shift(pt.y, scale, shift, all_on, pt.meta)
+
+    times = time_many({
+        "lora": pt.delta(lora), "dora": dora,
+        "rows_mixed": lambda: scale_shift(pt.y, scale, shift, one_on, pt.meta),
+        "rows_alone": lambda: scale_shift(y_alone, scale, shift, one_on, alone_meta)}, device=dev, **TIMING)
+    out = {"dora_overhead_vs_lora": times["dora"]["ms"] / times["lora"]["ms"],
+           "dora_mixed_vs_alone": times["rows_mixed"]["ms"] / times["rows_alone"]["ms"]}
+    row = {"point": f"dora_{label}", "tokens": len(slots), "hidden": hidden, "rank": 16,
+           **{f"{k}_ms": v["ms"] for k, v in times.items()}, **out}
+    res.write(row)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return out
 
 
 def time_kinds(res, label, slots, hidden, dt, dev) -> dict:
@@ -241,6 +278,10 @@ def run_cuda(res, quick: bool) -> dict:
         r = time_point(res, f"decode7_{proj}", pt, ops=ops, flops_rank=16, loop=False)
         base, delta = base + r["base_ms"], delta + r["triton_ms"]
     rows["decode7_overhead"] = delta / base
+    from kernels.scale_shift import triton_scale_shift_rows
+    for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
+        rows[f"dora_{label}"] = time_dora(res, label, slots, n, dt, dev, lora=triton_add_lora,
+                                          scale_shift=triton_scale_shift_rows)
     return rows
 
 
@@ -275,7 +316,10 @@ def main() -> None:
                     prefill_overhead=rows["prefill_t2048_k32"]["triton_overhead"],
                     decode_peak_bw_frac=rows["decode_t32_k32"]["triton_peak_frac"],
                     prefill_peak_bw_frac=rows["prefill_t2048_k32"]["triton_peak_frac"],
-                    rank_mix_vs_64=rows["rank_mix_vs_64"])
+                    rank_mix_vs_64=rows["rank_mix_vs_64"],
+                    dora_overhead_vs_lora=rows["dora_decode"]["dora_overhead_vs_lora"],
+                    dora_overhead_vs_lora_prefill=rows["dora_prefill"]["dora_overhead_vs_lora"],
+                    dora_mixed_vs_alone=rows["dora_decode"]["dora_mixed_vs_alone"])
     else:
         rows = run_cpu(res, args.quick)
         t64 = rows["t64_k32"]
@@ -289,7 +333,10 @@ def main() -> None:
                     prefill_speedup_vs_loop=rows["prefill"]["loop_ms"] / rows["prefill"]["cpu_ms"],
                     rank_mix_vs_64=rows["rank_mix_vs_64"],
                     bottleneck_decode=rows["kinds_decode"]["bottleneck"],
-                    bitfit_decode=rows["kinds_decode"]["bitfit"], ia3_decode=rows["kinds_decode"]["ia3"])
+                    bitfit_decode=rows["kinds_decode"]["bitfit"], ia3_decode=rows["kinds_decode"]["ia3"],
+                    dora_overhead_vs_lora=rows["dora_decode"]["dora_overhead_vs_lora"],
+                    dora_overhead_vs_lora_prefill=rows["dora_prefill"]["dora_overhead_vs_lora"],
+                    dora_mixed_vs_alone=rows["dora_decode"]["dora_mixed_vs_alone"])
 
 
 if __name__ == "__main__":

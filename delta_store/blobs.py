@@ -56,7 +56,7 @@ class LocalBlobs:
     def __init__(self, root: str | os.PathLike, owner: str = ""):
         self.root = Path(root) / "blobs"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.owner = owner  # "" until a store sets its own (a temp name then carries no live owner)
 
     def path(self, digest: str) -> Path:
         _check_digest(digest)
@@ -72,7 +72,7 @@ class LocalBlobs:
         if not shard.exists():
             shard.mkdir(exist_ok=True)
             _fsync_dir(self.root)
-        tmp = shard / f".{digest}.tmp-{self.owner}-{uuid.uuid4().hex[:12]}"
+        tmp = shard / f".{digest}.tmp-{self.owner or os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             with open(tmp, "xb") as f:
                 f.write(data)

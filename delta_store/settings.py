@@ -25,7 +25,10 @@ class StoreSettings:
     max_description: int = 4096  # characters
     max_labels: int = 64  # label pairs per version; keys 1-128 chars, values up to 1024
     orphan_grace_s: float = 3600.0  # unreferenced blobs of no dead writer are kept this long (a live one may commit)
-    busy_timeout_s: float = 30.0  # SQLite: how long a writer waits for the lock before failing
+    # S3 multipart uploads are aborted after this long: a writer on another replica cannot be asked whether it
+    # lives (local scratch files need no grace: their owner's flock says it, delta_store/scratch.py)
+    temp_grace_s: float = 3600.0
+    busy_timeout_s: float = 30.0  # how long a catalogue writer waits for the write lock before failing
 
     def __post_init__(self) -> None:
         for name in ("host_cache_bytes", "max_upload_bytes", "max_archive_members", "max_archive_bytes",
@@ -33,7 +36,7 @@ class StoreSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidArgument(f"store setting {name} must be a non-negative integer, got {value!r}")
-        for name in ("orphan_grace_s", "busy_timeout_s"):
+        for name in ("orphan_grace_s", "temp_grace_s", "busy_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not (value >= 0):
                 raise InvalidArgument(f"store setting {name} must be a non-negative number, got {value!r}")

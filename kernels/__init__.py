@@ -1,4 +1,5 @@
-"""Heterogeneous delta ops for one batched forward pass: LoRA, bottleneck adapters, BitFit, (IA)3.
+"""Heterogeneous delta ops for one batched forward pass: LoRA, bottleneck adapters, BitFit, (IA)3, DoRA's
+column scale and trainable tokens.
 
 Public surface (docs/INTERFACES.md, section kernels/)::
 
@@ -7,17 +8,20 @@ Public surface (docs/INTERFACES.md, section kernels/)::
     add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta)
     add_bias(y, bias, meta)
     mul_rows(t, vec, meta)
+    scale_shift_rows(y, scale, shift, flag, meta)
+    replace_rows(y, ids, index, values, count, meta)
+    head_rows(logits, h, index, values, count, meta)
 
-These four functions are the only entry points of the ops. Each checks its arguments once (ValueError
+These seven functions are the only entry points of the ops. Each checks its arguments once (ValueError
 naming the argument and its shape; ``_checks.py``), then runs one backend, mutates its first argument
 and returns None. Each op comes in three parts:
 
-    Triton kernel + launcher   lora.py, bottleneck.py, rows.py   triton_add_lora, triton_add_bottleneck,
-                                                                 triton_add_bias, triton_mul_rows
-    CPU backend (pure torch)   cpu/                              cpu_add_lora, cpu_add_bottleneck,
-                                                                 cpu_add_bias, cpu_mul_rows
-    exact reference (float64)  reference.py                      ref_add_lora, ref_add_bottleneck,
-                                                                 ref_add_bias, ref_mul_rows
+    Triton kernel + launcher   lora.py, bottleneck.py, rows.py,  triton_add_lora, triton_add_bottleneck,
+                               scale_shift.py, token_rows.py     triton_add_bias, triton_mul_rows,
+                                                                 triton_scale_shift_rows, triton_replace_rows,
+                                                                 triton_head_rows
+    CPU backend (pure torch)   cpu/                              cpu_<op> for each
+    exact reference (float64)  reference.py                      ref_<op> for each
 
 The backend is decided once at import from ``DELTASERVE_KERNELS`` (auto | triton | cpu); ``auto`` runs
 Triton on CUDA tensors or under ``TRITON_INTERPRET=1`` and the CPU backend otherwise (D5).
@@ -32,7 +36,8 @@ from contextlib import contextmanager
 import torch
 
 from . import cpu
-from ._checks import check_bottleneck, check_lora, check_rows_op
+from ._checks import (check_bottleneck, check_head_rows, check_lora, check_replace_rows, check_rows_op,
+                      check_scale_shift)
 from ._triton import HAS_TRITON, INTERPRET, use_triton
 from .activations import ACT_CODES
 from .meta import DeltaKernelMeta, MetaBuffers
@@ -71,9 +76,9 @@ def current_backend(t: torch.Tensor | None = None) -> str:
 
 def _triton():
     """The Triton modules, imported on first use: jit-decorating their kernels costs ~0.1 s."""
-    from . import bottleneck, lora, rows
+    from . import bottleneck, lora, rows, scale_shift, token_rows
 
-    return lora, bottleneck, rows
+    return lora, bottleneck, rows, scale_shift, token_rows
 
 
 def add_lora(y, x, lora_a, lora_b, scale, rank, meta) -> None:
@@ -118,5 +123,38 @@ def mul_rows(t, vec, meta) -> None:
         cpu.cpu_mul_rows(t, vec, meta)
 
 
+def scale_shift_rows(y, scale, shift, flag, meta) -> None:
+    """y[t] = y[t] * scale[s] + shift[s] for tokens whose slot s = slot[t] >= 0 has flag[s] != 0; every other
+    token is left untouched (DoRA's column scale: scale = g, shift = (1 - g) * b0).  y [T, n], scale and
+    shift fp32 [S, n], flag int32 [S]."""
+    check_scale_shift(y, scale, shift, flag, meta)
+    if current_backend(y) == "triton":
+        _triton()[3].triton_scale_shift_rows(y, scale, shift, flag, meta)
+    else:
+        cpu.cpu_scale_shift_rows(y, scale, shift, flag, meta)
+
+
+def replace_rows(y, ids, index, values, count, meta) -> None:
+    """y[t] = values[s, j] when ids[t] == index[s, j] for some j < count[s], s = slot[t] >= 0 (trainable tokens on
+    the input embedding: the rows replace).  y [T, h], ids int64 [T], index int64 [S, R] (distinct ids per
+    slot), values [S, R, h], count int32 [S]."""
+    check_replace_rows(y, ids, index, values, count, meta)
+    if current_backend(y) == "triton":
+        _triton()[4].triton_replace_rows(y, ids, index, values, count, meta)
+    else:
+        cpu.cpu_replace_rows(y, ids, index, values, count, meta)
+
+
+def head_rows(logits, h, index, values, count, meta) -> None:
+    """logits[t, index[s, j]] = h[t] . values[s, j] for j < count[s], s = slot[t] >= 0 (trainable tokens on the
+    output head).  logits [T, V], h [T, H], index int64 [S, R], values [S, R, H], count int32 [S]."""
+    check_head_rows(logits, h, index, values, count, meta)
+    if current_backend(logits) == "triton":
+        _triton()[4].triton_head_rows(logits, h, index, values, count, meta)
+    else:
+        cpu.cpu_head_rows(logits, h, index, values, count, meta)
+
+
 __all__ = ["ACT_CODES", "BACKENDS", "DeltaKernelMeta", "HAS_TRITON", "MetaBuffers", "add_bias", "add_bottleneck",
-           "add_lora", "backend", "cpu", "current_backend", "mul_rows", "use_triton"]
+           "add_lora", "backend", "cpu", "current_backend", "head_rows", "mul_rows", "replace_rows",
+           "scale_shift_rows", "use_triton"]

@@ -82,3 +82,29 @@ def check_rows_op(op: str, tname: str, t, pname: str, pool, meta) -> None:
     t_, n_ = expect(op, tname, t, (None, None), FLOAT_DTYPES, None, contiguous=False)
     expect(op, pname, pool, (None, n_), t.dtype, t.device)
     expect_meta(op, meta, t_, t.device)
+
+
+def check_scale_shift(y, scale, shift, flag, meta, op: str = "scale_shift_rows") -> None:
+    t_, n_ = expect(op, "y", y, (None, None), FLOAT_DTYPES, None, contiguous=False)
+    s_, _ = expect(op, "scale", scale, (None, n_), torch.float32, y.device)
+    expect(op, "shift", shift, (s_, n_), torch.float32, y.device)
+    expect(op, "flag", flag, (s_,), torch.int32, y.device)
+    expect_meta(op, meta, t_, y.device)
+
+
+def check_replace_rows(y, ids, index, values, count, meta, op: str = "replace_rows") -> None:
+    t_, h_ = expect(op, "y", y, (None, None), FLOAT_DTYPES, None)
+    expect(op, "ids", ids, (t_,), torch.int64, y.device)
+    s_, r_ = expect(op, "index", index, (None, None), torch.int64, y.device)
+    expect(op, "values", values, (s_, r_, h_), y.dtype, y.device)
+    expect(op, "count", count, (s_,), torch.int32, y.device)
+    expect_meta(op, meta, t_, y.device)
+
+
+def check_head_rows(logits, h, index, values, count, meta, op: str = "head_rows") -> None:
+    t_, _ = expect(op, "logits", logits, (None, None), FLOAT_DTYPES, None, contiguous=False)
+    _, h_ = expect(op, "h", h, (t_, None), FLOAT_DTYPES, logits.device, contiguous=False)
+    s_, r_ = expect(op, "index", index, (None, None), torch.int64, logits.device)
+    expect(op, "values", values, (s_, r_, h_), h.dtype, logits.device)
+    expect(op, "count", count, (s_,), torch.int32, logits.device)
+    expect_meta(op, meta, t_, logits.device)

@@ -59,10 +59,12 @@ def write_key(data_dir: str | os.PathLike, key: str) -> Path:
     return key_path(data_dir)
 
 
-def recover(data_dir: str | os.PathLike, tenant: str = ADMIN_TENANT) -> tuple[Path, bool]:
+def recover(data_dir: str | os.PathLike, tenant: str = ADMIN_TENANT, *, catalogue: str = "") -> tuple[Path, bool]:
     """Offline: give admin tenant ``tenant`` a new key (creating it as an admin if it does not exist) and
-    write it to the key file. Refused while a server (any store) holds ``data_dir``. Returns
-    (key file, created). The old key of the tenant stops working; other tenants are untouched."""
+    write it to the key file. ``catalogue``: the server's catalogue URL when it is not SQLite in the data
+    dir (a PostgreSQL catalogue shared by replicas: the new key holds on every replica at once, the others
+    may keep running). Refused while a server (any store) holds ``data_dir``. Returns (key file, created).
+    The old key of the tenant stops working; other tenants are untouched."""
     from delta_store.catalogue import Catalogue
     from delta_store.errors import NotFound
     from delta_store.scratch import live_owners
@@ -70,20 +72,23 @@ def recover(data_dir: str | os.PathLike, tenant: str = ADMIN_TENANT) -> tuple[Pa
 
     from .app import store_config
     from .config import ServerConfig
+    from .storage import CATALOGUE_FILE
 
     data_dir = Path(data_dir)
-    catalogue_path = data_dir / "catalogue.sqlite3"
-    if not catalogue_path.is_file():
-        raise RecoveryRefused(f"{data_dir}: no catalogue here (catalogue.sqlite3); is this the server's data dir?")
+    target = catalogue or data_dir / CATALOGUE_FILE
+    if not catalogue and not Path(target).is_file():
+        raise RecoveryRefused(f"{data_dir}: no catalogue here ({CATALOGUE_FILE}); is this the server's data dir? "
+                              f"(a server on PostgreSQL: pass --catalogue)")
     owners = live_owners(data_dir)
     if owners:
         pids = ", ".join(sorted({o.split("-")[0] for o in owners}))
         raise RecoveryRefused(f"{data_dir}: a deltaserve server is running on this data dir (pid {pids}); stop it "
                               f"first, or rotate the key through it (deltaserve tenants rotate-key)")
-    catalogue = Catalogue(catalogue_path)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cat = Catalogue(target)
     try:
         quotas = store_config(ServerConfig(), pin_host_memory=False)[1].default_quotas
-        registry = TenantRegistry(catalogue, quotas, lambda gone: None)
+        registry = TenantRegistry(cat, quotas, lambda gone: None)
         try:
             found = registry.get_by_name(tenant)
         except NotFound:
@@ -96,5 +101,5 @@ def recover(data_dir: str | os.PathLike, tenant: str = ADMIN_TENANT) -> tuple[Pa
         else:
             key = registry.rotate_key(found.id)
     finally:
-        catalogue.close()
+        cat.close()
     return write_key(data_dir, key), found is None

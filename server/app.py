@@ -1,8 +1,9 @@
 """Builds a serving process from one ``ServerConfig`` and runs it until SIGTERM.
 
-    model (a local HF folder, or the demo model generated under the data dir)
+    model (server/models: the embedded SmolLM2 default, the demo model, an HF folder or a .gguf file)
       -> wrap_model (deltas/, BaseSpec) -> DeltaStore.open (store_config) -> SlotManager -> ModelRunner + Engine
       -> Metrics (own HTTP port) -> gRPC server (edge/: Inference, Deltas, Tenants, Health, reflection)
+      -> OpenAI-compatible HTTP front (edge/openai_http.py: own port, same event loop)
 
 First start with an empty catalogue creates an ``admin`` tenant and writes its key to
 ``<data_dir>/admin.key`` (mode 0600, ``server/admin_key.py``). SIGTERM/SIGINT drains in three steps:
@@ -16,29 +17,38 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import signal
 import sys
 import time
 from pathlib import Path
 
-from . import admin_key
+from delta_store.errors import AlreadyExists
+
+from . import admin_key, discovery
 from .config import ServerConfig
 from .edge.auth import Authenticator
+from .edge.generation import CUT_SLACK_S
 from .edge.rate_limits import RateLimiter, UploadSlots
 from .logs import configure, get_logger
-from .metrics import Metrics
+from .metrics import Metrics, RouterView
+from .storage import describe_blobs, open_blobs, open_catalogue, replica_id
 
 log = get_logger("app")
 DEVICE_PRELOAD_WAIT_S = 10.0  # a device preload waits this long for the step loop to install the delta
-CUT_SLACK_S = 1.0  # after the drain cuts the last streams, gRPC waits this long for their statuses to go out
 
 
 class App:
     """Everything a servicer needs, held together; built by :func:`build_app` (tests may pass fakes)."""
 
     def __init__(self, config: ServerConfig, *, engine, store, tokenizer, vocab_size: int, slots=None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, model_name: str = "base", generation_defaults=None, chat=None,
+                 merges=None):
         self.config = config
+        self.model_name = model_name  # the base model's served name (OpenAI `model`, /v1/models)
+        self.generation_defaults = generation_defaults  # server/models/generation.py: GenerationDefaults | None
+        self.chat = chat  # server/models/chat.py: ChatFormat, or None when the model has no chat template
+        self.merges = merges  # server.deltas.merges.MergeCache (GenerateRequest.merge)
         self.engine = engine
         self.store = store
         self.slots = slots
@@ -51,17 +61,39 @@ class App:
         # uploads convert on their own threads, so a burst of them never holds the default executor that
         # authenticates and resolves every other call (one thread per upload slot: no queue behind them)
         self.upload_pool = concurrent.futures.ThreadPoolExecutor(config.max_uploads, thread_name_prefix="upload")
-        self.running_streams: set[str] = set()  # request ids of Generate streams in flight (the drain cuts them)
+        self.running_streams: set[str] = set()  # request ids of generation streams in flight (the drain cuts them)
+        self.draining = False  # SIGTERM seen: health answers NOT_SERVING (gRPC) / 503 (HTTP) from then on
         self.cutting = False
+        self.replica_id = replica_id(config)  # x-deltaserve-replica on every response
         self.health = None  # set by create_server
+        self.openai_front = None  # set by run() when config.openai_listen is set
         self.admin_key_file: Path | None = None
         if slots is not None:
             self.metrics.add_refresh(lambda: self.metrics.record_slots(slots.stats()))
         self.metrics.add_refresh(lambda: self.metrics.record_store(store.stats()))
+        self.metrics.tier_budget.labels("host").set(config.host_cache_bytes)
         self.metrics.add_refresh(lambda: self.metrics.engine_alive.set(1 if engine.alive else 0))
+        if slots is not None:
+            self.metrics.add_refresh(lambda: self.metrics.record_router_view(self.router_view()))
+            sched = engine.scheduler
+            self.metrics.add_refresh(lambda: self.metrics.record_admissions(sched.delta_admissions_resident,
+                                                                            sched.delta_admissions_waited))
         engine.add_listener(self.metrics.record)
         if slots is not None:  # a deleted version's device slot goes as soon as no request uses it
             store.subscribe(lambda gone: [slots.invalidate(v.key) for v in gone])
+        if slots is not None and merges is not None:  # and so do the merges that used it
+            store.subscribe(lambda gone: [slots.invalidate(k) for v in gone for k in merges.forget(v.key)])
+
+    def router_view(self) -> RouterView:
+        """Queue, batch, KV pool and resident deltas, read now (from the metrics thread: copies only)."""
+        sched, kv = self.engine.scheduler, self.engine.runner.kv
+        resident = self.slots.resident()
+        waiting = {s.request.delta for queue in list(sched.waiting.values()) for s in list(queue)}
+        waiting.discard(None)
+        return RouterView(sched.num_waiting, sched.num_running, kv.allocator.num_used, kv.allocator.num_blocks,
+                          kv.block_size, tuple(sorted({f"{k.name}@{k.version}" for k in resident})),
+                          tuple(sorted({f"{k.name}@{k.version}" for k in waiting - set(resident)})),
+                          self.slots.num_slots)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -101,7 +133,11 @@ class App:
         self.admin_key_file = admin_key.key_path(self.config.data_dir)
         if self.store.tenants.list():
             return None
-        _tenant, key = self.store.tenants.create(admin_key.ADMIN_TENANT, is_admin=True)  # the default quotas
+        try:
+            _tenant, key = self.store.tenants.create(admin_key.ADMIN_TENANT, is_admin=True)  # the default quotas
+        except AlreadyExists:  # another replica of a shared catalogue created it first: its data dir has the key
+            log.info("admin_exists", tenant=admin_key.ADMIN_TENANT)
+            return None
         path = admin_key.write_key(self.config.data_dir, key)
         log.info("admin_created", tenant=admin_key.ADMIN_TENANT, key_file=str(path))
         return path
@@ -139,7 +175,8 @@ def store_config(config: ServerConfig, *, pin_host_memory: bool):
     settings = StoreSettings(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
                              default_quotas=quotas, pin_host_memory=pin_host_memory,
                              max_archive_bytes=config.max_archive_bytes, max_archive_ratio=config.max_archive_ratio)
-    return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck), settings
+    return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck,
+                  max_token_rows=config.max_token_rows, max_model_len=config.max_model_len), settings
 
 
 def build_app(config: ServerConfig) -> App:
@@ -149,34 +186,66 @@ def build_app(config: ServerConfig) -> App:
 
     from delta_store.store import DeltaStore
 
+    from transformers.utils import logging as hf_logging
+
     from .deltas import SlotManager, wrap_model
-    from .demo import ensure_demo_model
+    from .deltas.merges import MergeCache, loader
     from .engine import Engine, ModelRunner
+    from .models import resolve_model
+    from .models.chat import ChatFormat
+    from .models.generation import GenerationDefaults, model_max_len
 
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    if config.model_path:
-        model_path = Path(config.model_path)
-        if not (model_path / "config.json").is_file():
-            raise FileNotFoundError(f"--model {model_path}: no config.json there (expected an HF model folder)")
-    else:
-        model_path, created = ensure_demo_model(data_dir)
-        log.info("demo_model", path=str(model_path), created=created)
+    device = _device(config.device)
+    limits, settings = store_config(config, pin_host_memory=device.type == "cuda")
+    # The shared services first: a replica that cannot reach them stops in seconds, not after the model load.
+    catalogue = open_catalogue(config, settings.busy_timeout_s)
+    blobs = open_blobs(config)
+    source = resolve_model(config.model_path, data_dir)
     t0 = time.monotonic()
     threads = apply_torch_threads(config)
     dtype = getattr(torch, config.dtype)
-    device = _device(config.device)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if not sys.stderr.isatty():  # "Loading weights" bars only on a terminal; a server log stays one line per event
+        hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    defaults = GenerationDefaults.from_folder(source.path) if config.generation_config == "auto" else None
+    chat = ChatFormat.from_tokenizer(tokenizer, defaults.eos_token_ids if defaults else ())
     dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_slots, max_rank=config.max_rank,
-                    max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens)
+                    max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens,
+                    max_token_rows=config.max_token_rows)
     spec = dm.spec  # fingerprinted once, from the unwrapped base
-    store = DeltaStore.open(data_dir, spec, *store_config(config, pin_host_memory=device.type == "cuda"))
-    slots = SlotManager(dm, loader=store.load_key, num_slots=config.max_slots)
-    engine = Engine(config, ModelRunner(dm, tokenizer, config), slots)
-    log.info("model_loaded", path=str(model_path), model_type=spec.model_type, layers=spec.num_layers,
-             fingerprint=spec.fingerprint, torch_threads=threads, seconds=time.monotonic() - t0)
-    return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size, slots=slots)
+    store = DeltaStore.open(data_dir, spec, limits, settings, blobs=blobs, catalogue=catalogue)
+    merges = MergeCache(store.load_key, max_rank=config.max_rank, max_bytes=config.merge_cache_bytes)
+    slots = SlotManager(dm, loader=loader(merges, store.load_key), num_slots=config.max_slots)
+    runner = ModelRunner(dm, tokenizer, config)
+    config = with_max_model_len(config, model_max_len(model.config), runner.kv.num_blocks * config.kv_block_size)
+    engine = Engine(config, runner, slots)
+    log.info("model_loaded", model=source.name, origin=source.origin, path=str(source.path),
+             model_type=spec.model_type, layers=spec.num_layers, fingerprint=spec.fingerprint,
+             chat_template=chat is not None, sampling_defaults=",".join(
+                 f"{k}={v}" for k, v in (defaults.sampling_fields() if defaults else {}).items()) or "-",
+             torch_threads=threads, seconds=time.monotonic() - t0)
+    log.info("storage", catalogue=catalogue.where, revision=catalogue.revision, blobs=describe_blobs(blobs),
+             replica=replica_id(config))
+    return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size, slots=slots,
+               model_name=source.name, generation_defaults=defaults, chat=chat, merges=merges)
+
+
+def with_max_model_len(config: ServerConfig, model_limit: int | None, kv_tokens: int) -> ServerConfig:
+    """``config`` with max_model_len resolved: 0 means the model's own limit (``max_position_embeddings``;
+    2048 when the config has none); either way capped by what the KV cache holds, since a longer
+    sequence could never be scheduled. The value and why are logged once."""
+    requested = config.max_model_len
+    value = requested or model_limit or 2048
+    if requested and model_limit and requested > model_limit:
+        log.warning("max_model_len_above_model_limit", max_model_len=requested, model_limit=model_limit)
+    capped = value > kv_tokens
+    value = min(value, kv_tokens)
+    log.info("max_model_len", value=value, requested=requested or "auto", model_limit=model_limit or "-",
+             kv_cache_tokens=kv_tokens, capped_by_kv=capped)
+    return dataclasses.replace(config, max_model_len=value)
 
 
 async def run(app: App, stop: asyncio.Event, announce=print, hurry: asyncio.Event | None = None) -> None:
@@ -191,20 +260,34 @@ async def run(app: App, stop: asyncio.Event, announce=print, hurry: asyncio.Even
     host, _, mport = app.config.metrics_listen.rpartition(":")
     metrics_server, metrics_port = app.metrics.serve(host.strip("[]"), int(mport))
     grpc_host = app.config.listen.rpartition(":")[0]
-    log.info("listening", address=f"{grpc_host}:{port}", metrics=f"http://{host}:{metrics_port}/metrics")
+    front, openai_url = None, "-"
+    if app.config.openai_listen:
+        from .edge.openai_http import OpenAIFront
+
+        front = app.openai_front = OpenAIFront(app)
+        openai_port = await front.start(app.config.openai_listen)
+        openai_url = f"http://{app.config.openai_listen.rpartition(':')[0]}:{openai_port}/v1"
+    log.info("listening", address=f"{grpc_host}:{port}", metrics=f"http://{host}:{metrics_port}/metrics",
+             openai=openai_url, model=app.model_name)
     announce(f"deltaserve listening on {grpc_host}:{port}")
     announce(f"metrics: http://{host}:{metrics_port}/metrics")
+    if front is not None:
+        announce(f"openai: {openai_url}")
     if app.admin_key_file is not None and app.admin_key_file.exists():
         announce(f"admin key file: {app.admin_key_file}")
+    note = discovery.announce(port, f"{grpc_host}:{port}", app.config.data_dir, openai_url)
     await stop.wait()
+    discovery.withdraw(note)
     config = app.config
     log.info("draining", health_grace_seconds=config.health_grace_seconds, grace_seconds=config.grace_seconds)
-    await app.health.drain()  # NOT_SERVING; the listener stays open and keeps serving meanwhile
+    app.draining = True  # the OpenAI front's /health answers 503 from here
+    await app.health.drain()  # NOT_SERVING; both listeners stay open and keep serving meanwhile
     await _wait(hurry, config.health_grace_seconds, lambda: False)
-    # server.stop(grace) refuses new calls at once and cancels what is still running after `grace`. Streams
-    # still running when our grace ends are cut here first, so they end with a status that says why; the
-    # engine's own shutdown then aborts anything left (there should be nothing).
-    stopping = asyncio.create_task(server.stop(config.grace_seconds + CUT_SLACK_S))
+    # server.stop(grace) refuses new calls at once and cancels what is still running after `grace` (the
+    # OpenAI front likewise). Streams still running when our grace ends are cut here first, so they end with
+    # a status that says why; the engine's own shutdown then aborts anything left (there should be nothing).
+    stopping = asyncio.gather(server.stop(config.grace_seconds + CUT_SLACK_S),
+                              front.stop() if front else asyncio.sleep(0))
     await _wait(None, config.grace_seconds, lambda: not app.running_streams)
     if app.running_streams:
         log.info("drain_cut", streams=app.cut_streams())

@@ -36,6 +36,9 @@ class FakeDM:
         self.calls.append(("clear", slot))
         self.pools[slot] = None
 
+    def prompt_of(self, slot):
+        return None  # these deltas have no prompt part
+
 
 def key(name, version=1):
     return DeltaKey("t", name, version, f"{name}-{version}-digest")

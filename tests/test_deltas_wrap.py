@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
+from delta_store.delta import ADAPTER_SOURCES, AdapterTerm, Delta, LoraTerm, ModuleDelta
 from delta_store.errors import DeltaError, DeltaServeError, InvalidArgument
 from kernels.cpu import grouped
-from server.deltas import DeltaBatch, DeltaLinear, DeltaNorm, wrap_model
+from server.deltas import DeltaBatch, DeltaEmbedding, DeltaHead, DeltaLinear, DeltaNorm, wrap_model
 from tests.helpers import assert_close, tiny_gpt2, tiny_llama
 
 ARCHS = {
@@ -64,10 +64,14 @@ def test_base_rows_stay_exact_next_to_delta_rows(arch):
 
 def test_wrapped_modules_llama_and_gpt2():
     dm = wrap_model(tiny_llama(), targets=("q_proj", "v_proj"), max_slots=2, max_rank=4, max_bottleneck=4)
-    leaves = {p.split("layers.")[1].split(".", 1)[1] for p in dm.layers}
+    leaves = {p.split("layers.")[1].split(".", 1)[1] for p in dm.layers if "layers." in p}
     # q/v from the targets, o_proj/down_proj and their pre-norms for adapter sites
     assert leaves == {"self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj",
                       "input_layernorm", "post_attention_layernorm"}
+    # outside the layers: the input embedding and the output head (trainable tokens), nothing else
+    assert {p for p in dm.layers if "layers." not in p} == {"model.embed_tokens", "lm_head"}
+    assert isinstance(dm.model.model.embed_tokens, DeltaEmbedding) and isinstance(dm.model.lm_head, DeltaHead)
+    assert dm.model.model.embed_tokens.nbytes() == 0  # row pools only on the first trainable-token delta
     assert isinstance(dm.model.model.layers[0].self_attn.q_proj, DeltaLinear)
     assert not isinstance(dm.model.model.layers[0].self_attn.k_proj, DeltaLinear)
     assert not isinstance(dm.model.lm_head, DeltaLinear)
@@ -76,6 +80,8 @@ def test_wrapped_modules_llama_and_gpt2():
     dm = wrap_model(tiny_gpt2(), max_slots=2, max_rank=4, max_bottleneck=4)
     assert isinstance(dm.model.transformer.ln_f, DeltaNorm) and dm.model.transformer.ln_f.has_bias_pool
     assert dm.model.lm_head.weight is dm.model.transformer.wte.weight  # tie survives wrapping
+    assert isinstance(dm.model.lm_head, DeltaHead) and isinstance(dm.model.transformer.wte, DeltaEmbedding)
+    assert not isinstance(dm.model.transformer.wpe, DeltaEmbedding)  # positions: not the input embedding
     c_attn = dm.model.transformer.h[0].attn.c_attn
     assert isinstance(c_attn, DeltaLinear) and (c_attn.in_features, c_attn.out_features) == (64, 192)
     assert c_attn.nf == 192  # attribute misses reach the wrapped Conv1D
@@ -95,8 +101,9 @@ def test_pool_bytes_match_documented_formula():
     o = dm.layers["model.layers.0.self_attn.o_proj"]
     ad = AdapterTerm(torch.randn(3, 64), torch.randn(3), torch.randn(64, 3), torch.randn(64), "relu")
     dm.set_delta(1, Delta({o.path: ModuleDelta(adapter=ad)}))
-    # adapter pools appear on first use: down/up [S,M,h] x2, biases [S,M]+[S,h], act [S], scale/width [3,S]
-    assert dm.pool_bytes() - before == (2 * S * 4 * 64 + S * 4 + S * 64) * 4 + S * 4 + 2 * 3 * S * 4
+    # adapter pools appear on first use: down/up [S,M,h] x2, biases [S,M]+[S,h], act [S], scale/width [sources,S]
+    n = len(ADAPTER_SOURCES)
+    assert dm.pool_bytes() - before == (2 * S * 4 * 64 + S * 4 + S * 64) * 4 + S * 4 + 2 * n * S * 4
 
 
 def test_batch_prepare_sequences_and_errors():
@@ -127,7 +134,8 @@ def _lora(path_in: int, path_out: int, r: int = 2) -> ModuleDelta:
 @pytest.mark.parametrize("case, modules, match", [
     ("unknown module", {"model.layers.0.self_attn.nope": ModuleDelta(bias=torch.ones(64))},
      r"model\.layers\.0\.self_attn\.nope: (no such module|not a module of the served llama)"),
-    ("not wrapped", {"lm_head": ModuleDelta(bias=torch.ones(256))}, r"lm_head: linear module is not wrapped"),
+    ("head takes rows only", {"lm_head": ModuleDelta(bias=torch.ones(256))},
+     r"lm_head: only trainable-token rows are served here, found \['bitfit'\]"),
     ("lora A shape", {"model.layers.0.self_attn.q_proj": _lora(65, 64)},
      r"model\.layers\.0\.self_attn\.q_proj: lora\.a expected shape \(2, 64\), found \(2, 65\)"),
     ("lora B shape (GQA v_proj out 32)", {"model.layers.1.self_attn.v_proj": _lora(64, 64)},
@@ -284,3 +292,10 @@ def test_delta_linear_pools_store_b_and_up_as_rows():
     layer.clear(2)
     assert layer.lora_b_rows.eq(0).all() and layer.adapters.up_rows.eq(0).all()
     assert layer.nbytes() == 4 * (8 * (24 + 40) + 2 * 40 + 24) * 4 + 4 * 8 + layer.adapters.nbytes()
+
+
+def test_a_module_outside_the_targets_is_refused_as_not_wrapped():
+    dm = wrap_model(tiny_llama(), targets=("q_proj",), max_slots=2, max_rank=8, max_bottleneck=8)
+    k = "model.layers.0.self_attn.k_proj"
+    with pytest.raises(DeltaError, match=f"{k}: linear module is not wrapped"):
+        dm.set_delta(0, Delta({k: ModuleDelta(bias=torch.ones(32))}))

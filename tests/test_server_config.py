@@ -65,6 +65,27 @@ def test_resource_bounds_are_validated_naming_the_key(key, bad, message):
         ServerConfig(**{key: bad})
 
 
-def test_max_prompt_bytes_defaults_to_16_bytes_per_token_of_max_model_len():
-    assert ServerConfig(max_model_len=1024).max_prompt_bytes == 16 * 1024
-    assert ServerConfig(max_model_len=1024, max_prompt_bytes=100).max_prompt_bytes == 100
+def test_prompt_bytes_default_to_16_per_token_of_the_resolved_max_model_len():
+    from server.app import with_max_model_len
+
+    assert ServerConfig(max_model_len=1024).prompt_bytes_limit == 16 * 1024
+    assert ServerConfig(max_model_len=1024, max_prompt_bytes=100).prompt_bytes_limit == 100
+    resolved = with_max_model_len(ServerConfig(), 8192, 4096)  # max_model_len 0 -> the model's, capped by the KV
+    assert resolved.max_prompt_bytes == 0 and resolved.prompt_bytes_limit == 16 * 4096
+
+
+def test_max_model_len_is_the_models_limit_capped_by_the_kv_cache():
+    from server.app import with_max_model_len
+
+    assert with_max_model_len(ServerConfig(), 8192, 23296).max_model_len == 8192  # SmolLM2 on a 1 GiB CPU cache
+    assert with_max_model_len(ServerConfig(), 8192, 4096).max_model_len == 4096  # capped: logged capped_by_kv=True
+    assert with_max_model_len(ServerConfig(), None, 1 << 20).max_model_len == 2048  # a config without a limit
+    assert with_max_model_len(ServerConfig(max_model_len=512), 8192, 23296).max_model_len == 512
+    assert with_max_model_len(ServerConfig(max_model_len=9000), 8192, 4096).max_model_len == 4096
+
+
+def test_new_config_fields_are_checked():
+    assert ServerConfig(openai_listen="").openai_listen == ""
+    for bad in (dict(openai_listen="nowhere"), dict(generation_config="vllm"), dict(max_model_len=4)):
+        with pytest.raises(ConfigError):
+            ServerConfig(**bad)

@@ -49,7 +49,7 @@ def test_stubs_import_relative_and_expose_services():
 
 def test_documented_limits_are_the_enforced_ones():
     from delta_store.importer import LABEL_KEY_CHARS, LABEL_VALUE_CHARS
-    from server.edge.grpc_inference import MAX_REQUEST_ID_CHARS
+    from server.edge.generation import MAX_REQUEST_ID_CHARS
     from server.types import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
     from tests.helpers import store_settings
 
@@ -61,7 +61,7 @@ def test_documented_limits_are_the_enforced_ones():
     description = re.search(r"Free text kept with the version, at most (\d+) characters", deltas)
     assert description and int(description.group(1)) == settings.max_description
     inference = " ".join((ROOT / "protos" / "deltaserve" / "v1" / "inference.proto").read_text().split())
-    stops = re.search(r"token is included\); at most (\d+)\..*?these strings; at most (\d+), of at most (\d+) "
-                      r"/// characters", inference)
+    stops = re.search(r"token is included in token_ids, not in text\); /// at most (\d+)\..*?these strings; at most "
+                      r"(\d+), of at most (\d+) /// characters", inference)
     assert stops and tuple(map(int, stops.groups())) == (MAX_STOP_TOKEN_IDS, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS)
     assert f"(at most {MAX_REQUEST_ID_CHARS} characters)" in inference

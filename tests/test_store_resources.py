@@ -1,11 +1,12 @@
 """Resource safety in the store (issue 15): quotas before any blob byte, archive expansion bounded by the
 upload's own size, scratch files swept whatever their name (pid reuse included), a dead writer's orphan
-blobs collected at once, version numbers never reused, real parameter counts, honest refusal messages."""
+blobs collected at once, version numbers never reused, real parameter counts, honest refusal messages.
+The catalogue's part (quotas before the payload, versions never reused, revision 0002) runs on SQLite and on
+PostgreSQL (``catalogue_target``, conftest.py)."""
 from __future__ import annotations
 
 import multiprocessing
 import os
-import sqlite3
 import threading
 import time
 import zipfile
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from delta_store import BaseSpec, DeltaStore
+from delta_store.blobs import LocalBlobs
+from delta_store.catalogue import Catalogue
 from delta_store.errors import DeltaError, NotFound, ResourceExhausted
 from delta_store.native import digest_bytes, dump_native
 from delta_store.validate import Limits
@@ -37,6 +40,16 @@ def native(spec, tmp_path):
     return make
 
 
+@pytest.fixture
+def open_store(spec, catalogue_target):
+    """``open_store(data_dir, blobs=None)``: a store whose catalogue is this test's ``catalogue_target``
+    (a SQLite file or a PostgreSQL database), the same one each time it is called."""
+    def make(data, blobs=None) -> DeltaStore:
+        return DeltaStore.open(data, spec, LIMITS, store_settings(), catalogue=Catalogue(catalogue_target),
+                               blobs=blobs)
+    return make
+
+
 def files_under(path) -> list:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
 
@@ -47,8 +60,8 @@ def scratch_left(store) -> list[str]:
 
 
 # ---- 2. quotas before any blob byte -------------------------------------------------------------
-def test_quota_refusals_write_no_blob(tmp_path, spec, native):
-    with DeltaStore.open(tmp_path / "d", spec, LIMITS, store_settings()) as store:
+def test_quota_refusals_write_no_blob(tmp_path, native, open_store):
+    with open_store(tmp_path / "data") as store:
         t, _ = store.tenants.create("t")
         size = store.put(t, "one", native(0)).size
         store.tenants.set_quotas(t.id, max_bytes=size + 10, max_deltas=5)
@@ -62,8 +75,8 @@ def test_quota_refusals_write_no_blob(tmp_path, spec, native):
         assert scratch_left(store) == []
 
 
-def test_quota_check_is_available_before_the_payload(tmp_path, spec, native):
-    with DeltaStore.open(tmp_path / "d", spec, LIMITS, store_settings()) as store:
+def test_quota_check_is_available_before_the_payload(tmp_path, native, open_store):
+    with open_store(tmp_path / "data") as store:
         t, _ = store.tenants.create("t")
         size = store.put(t, "one", native(0)).size
         store.tenants.set_quotas(t.id, max_deltas=1, max_bytes=size)
@@ -75,6 +88,46 @@ def test_quota_check_is_available_before_the_payload(tmp_path, spec, native):
             store.check_quota(t, "two")
         with pytest.raises(ResourceExhausted, match="storage quota exceeded"):
             store.check_quota(t, "one", size=101)
+
+
+def test_racing_uploads_past_a_shared_quota_one_wins_and_the_loser_leaves_no_blob(tmp_path, native, open_store):
+    """Two stores on one catalogue (two replicas, or two processes on one host): both pass the check before
+    the payload, the commit's check under the write lock refuses one, and its blob is removed."""
+    shared = tmp_path / "shared"
+    stores = [open_store(tmp_path / f"r{i}", blobs=LocalBlobs(shared)) for i in range(2)]
+    try:
+        t, _ = stores[0].tenants.create("t")
+        size = stores[0].put(t, "seed", native(0)).size
+        payloads = [native(1), native(2)]  # same size as the first: room for exactly one more
+        stores[0].tenants.set_quotas(t.id, max_bytes=2 * size + size // 2)
+        barrier, results = threading.Barrier(2), [None, None]
+        real = [s.catalogue.add_version for s in stores]
+
+        def racer(i):
+            def add_version(*args, **kwargs):  # both have passed check_quota and written their blob by now
+                barrier.wait(30)
+                return real[i](*args, **kwargs)
+            stores[i].catalogue.add_version = add_version
+            try:
+                results[i] = stores[i].put(t, f"n{i}", payloads[i])
+            except ResourceExhausted as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=racer, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        won = [r for r in results if not isinstance(r, Exception)]
+        lost = [r for r in results if isinstance(r, ResourceExhausted)]
+        assert len(won) == 1 and len(lost) == 1 and "storage quota" in str(lost[0]), results
+        assert set(LocalBlobs(shared).iter()) == stores[0].catalogue.referenced_digests(), "the loser's blob stayed"
+        assert len(stores[0].catalogue.referenced_digests()) == 2
+        for s in stores:
+            assert scratch_left(s) == []
+    finally:
+        for s in stores:
+            s.close()
 
 
 # ---- 4. archive expansion bounded by the upload's size ------------------------------------------
@@ -180,15 +233,15 @@ def test_a_dead_writers_uncommitted_blob_is_collected_at_start_up(tmp_path, spec
 
 
 # ---- 6. version numbers are never reused -----------------------------------------------------------
-def test_version_numbers_are_never_reused(tmp_path, spec, native):
-    data = tmp_path / "d"
-    with DeltaStore.open(data, spec, LIMITS, store_settings()) as store:
+def test_version_numbers_are_never_reused(tmp_path, native, open_store):
+    data = tmp_path / "data"
+    with open_store(data) as store:
         t, _ = store.tenants.create("t")
         v1 = store.put(t, "rep", native(0))
         store.delete(t, "rep")
         assert store.put(t, "rep", native(1)).version == 2
         store.delete(t, "rep@2")  # the last version, by number
-    with DeltaStore.open(data, spec, LIMITS, store_settings()) as store:  # and across a restart
+    with open_store(data) as store:  # and across a restart
         assert store.put(t, "rep", native(2)).version == 3
         with pytest.raises(NotFound):
             store.resolve(t, "rep@1")
@@ -199,20 +252,22 @@ def test_version_numbers_are_never_reused(tmp_path, spec, native):
         assert store.put(t, "a", native(0)).version == 1 and store.put(t, "b", native(1)).version == 1
 
 
-def test_a_schema_1_catalogue_is_upgraded_keeping_version_numbers(tmp_path, spec, native):
-    data = tmp_path / "d"
-    with DeltaStore.open(data, spec, LIMITS, store_settings()) as store:
+def test_a_revision_0001_catalogue_migrates_keeping_version_numbers(tmp_path, spec, native, open_store):
+    """What a server before revision 0002 left (no high-water marks, no parameter counts) is migrated at
+    open: live names keep counting from their last version, and the counts are filled from the blobs."""
+    from alembic import command
+
+    from delta_store.database import _alembic_config, write
+
+    data = tmp_path / "data"
+    with open_store(data) as store:
         t, _ = store.tenants.create("t")
         store.put(t, "kept", native(0))
         store.put(t, "kept", native(1))
-    # what a schema-1 server left: no high-water marks, no parameter counts
-    conn = sqlite3.connect(data / "catalogue.sqlite3")
-    conn.execute("DROP TABLE version_marks")
-    conn.execute("ALTER TABLE versions DROP COLUMN num_parameters")
-    conn.execute("UPDATE schema_version SET version = 1")
-    conn.commit()
-    conn.close()
-    with DeltaStore.open(data, spec, LIMITS, store_settings()) as store:
+        with write(store.catalogue.engine, "test") as conn:
+            command.downgrade(_alembic_config(conn), "0001")
+    with open_store(data) as store:
+        assert store.catalogue.revision == "0002"
         assert [v.num_parameters for v in store.versions(t, "kept")] == [
             random_delta(spec, rank=4, seed=s).num_parameters() for s in (0, 1)]
         store.delete(t, "kept")

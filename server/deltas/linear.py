@@ -6,6 +6,7 @@ Same call signature as the wrapped layer (vLLM ``vllm/lora/layers/base_linear.py
     x_in = x * in_scale[slot]           # (IA)3, PEFT feed-forward modules; on a copy of x
     y    = base(x_in) * out_scale[slot] # (IA)3 output scaling (base bias scaled too)
     y   += lora(x)                      # LoRA, rank read per slot (D3)
+    y    = y * g[slot] + shift[slot]    # DoRA slots only: g = m / ||W + sBA||, shift = (1 - g) b0 (DoraPool)
     y   += bias[slot]                   # BitFit / BEFT / lora_B bias / bias="all" deltas
     y   += adapter(src)                 # bottleneck adapter, only on residual-site output modules
 
@@ -17,7 +18,8 @@ for bit even in a mixed step.
 Pool memory per wrapped layer, ``S`` slots, ``R`` max rank, element size ``e`` bytes:
 ``S * (R * (in + out) + 2 * out + in) * e`` plus 8 bytes per slot (scale, rank); e.g. a 4096x4096
 projection with S=32, R=64, fp16: 32 * (64 * 8192 + 12288) * 2 = 34.3 MB. Adapter pools
-(``AdapterPool``) are added on a module's first adapter delta.
+(``AdapterPool``) and DoRA pools (``DoraPool``: ``S * (2 * out * 4 + 4)`` bytes) are added on a module's first
+adapter or DoRA delta.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from delta_store.errors import DeltaError
 
 from .adapter import AdapterPool, ResidualTap
 from .batch import DeltaBatch
+from .dora import DoraPool, check_dora
 
 
 def linear_features(layer: torch.nn.Module) -> tuple[int, int]:
@@ -64,8 +67,9 @@ class DeltaLinear(torch.nn.Module):
         self.register_buffer("out_scale", torch.ones(S, fout, **kw), persistent=False)  # [S, out]
         self.register_buffer("in_scale", torch.ones(S, fin, **kw), persistent=False)  # [S, in]
         # Host copies of "slot s has this kind here": the per-step skip test reads these, never the device.
-        self.has = {k: [False] * S for k in ("lora", "bias", "out_scale", "in_scale")}
+        self.has = {k: [False] * S for k in ("lora", "bias", "out_scale", "in_scale", "dora")}
         self.adapters: AdapterPool | None = None  # allocated on the first adapter delta (load path)
+        self.dora: DoraPool | None = None  # allocated on the first DoRA delta (load path)
         self.tap: ResidualTap | None = None  # set on residual-site output modules
         self.max_bottleneck = max_bottleneck
 
@@ -98,7 +102,8 @@ class DeltaLinear(torch.nn.Module):
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False)) + (
-            self.adapters.nbytes() if self.adapters is not None else 0)
+            self.adapters.nbytes() if self.adapters is not None else 0) + (
+            self.dora.nbytes() if self.dora is not None else 0)
 
     # ---------------------------------------------------------------- load path
     def check(self, md: ModuleDelta) -> None:
@@ -116,6 +121,8 @@ class DeltaLinear(torch.nn.Module):
             t = getattr(md, name)
             if t is not None and tuple(t.shape) != (n,):
                 raise DeltaError(f"{p}: {name} expected shape ({n},), found {tuple(t.shape)}")
+        if md.dora_magnitude is not None:
+            check_dora(md, fout, p)
         if md.adapter is not None:
             # An adapter on the module output (OpenDelta) fits any wrapped module; one reading the
             # residual stream needs the site's pre-norm tap.
@@ -149,6 +156,13 @@ class DeltaLinear(torch.nn.Module):
                 self.has[name][slot] = True
         if md.adapter is not None:
             self._adapter_pool().set(slot, md.adapter)
+        if md.dora_magnitude is not None:
+            if self.dora is None:  # the load path, never the step loop
+                self.dora = DoraPool(self.max_slots, self.out_features, self.base.weight.device)
+            w = self.base.weight
+            self.dora.set(slot, w.t() if isinstance(self.base, Conv1D) else w, getattr(self.base, "bias", None), md,
+                          self.path)
+            self.has["dora"][slot] = True
 
     @torch.inference_mode()
     def clear(self, slot: int) -> None:
@@ -163,6 +177,8 @@ class DeltaLinear(torch.nn.Module):
             has[slot] = False
         if self.adapters is not None:
             self.adapters.clear(slot)
+        if self.dora is not None:
+            self.dora.clear(slot)
 
     # ---------------------------------------------------------------- step path
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +186,7 @@ class DeltaLinear(torch.nn.Module):
         meta = batch.meta
         if meta.no_delta:
             if self.tap is not None:
-                self.tap.h = None
+                self.tap.h = self.tap.normed = None
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)  # [num_tokens, in]
         batch.check_tokens(x2.shape[0], self.path)
@@ -187,12 +203,14 @@ class DeltaLinear(torch.nn.Module):
             kernels.mul_rows(y2, self.out_scale, meta)
         if any(has["lora"][s] for s in active):
             kernels.add_lora(y2, x2.contiguous(), self.lora_a, self.lora_b, self.lora_scale, self.lora_rank, meta)
+        if any(has["dora"][s] for s in active):  # after the LoRA add, before the bias deltas (not scaled)
+            kernels.scale_shift_rows(y2, self.dora.scale, self.dora.shift, self.dora.flag, meta)
         if any(has["bias"][s] for s in active):
             kernels.add_bias(y2, self.bias_delta, meta)
         if self.adapters is not None:
             self.adapters.apply(y2, self.tap, meta, self.path)
-        if self.tap is not None:
-            self.tap.h = None  # drop the reference: keeping one residual per site alive would cost 2*L*T*h
+        if self.tap is not None:  # drop the references: one residual per site alive would cost 2*L*T*h
+            self.tap.h = self.tap.normed = None
         return y
 
     def extra_repr(self) -> str:

@@ -13,6 +13,9 @@ LRU eviction among slots no running request uses, loads done off the step loop.
   new version, and the old slot is evicted like any other once unpinned (vLLM #42125 / PR #48352: a
   same-name reload reused stale cached state). ``invalidate(key)`` drops a deleted version's slot early.
 * A failed load is raised once, by the next ``acquire`` of that key.
+* A delta with a prompt part: ``prompt_of(slot)`` hands it to the engine, and ``take_installed()`` lists
+  the prompt deltas installed since the last call, so the engine computes their shared KV prefix right away
+  (the load path, D14) rather than in some request's prefill.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class SlotTarget(Protocol):
     def check(self, delta: Delta) -> None: ...
     def set_delta(self, slot: int, delta: Delta, *, checked: bool = False) -> None: ...
     def clear(self, slot: int) -> None: ...
+    def prompt_of(self, slot: int): ...  # the resident delta's PromptPart, or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,7 @@ class SlotManager:
         self._tick = 0
         self._hits = self._misses = self._evictions = self._loads = self._load_errors = 0
         self._load_seconds = self._install_seconds = 0.0
+        self._installed: list[tuple[DeltaKey, int]] = []  # prompt deltas installed since take_installed()
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="delta-load")
 
@@ -150,6 +155,27 @@ class SlotManager:
     def slot_of(self, key: DeltaKey) -> int | None:
         with self._lock:
             return self._where.get(key)
+
+    def resident(self) -> list[DeltaKey]:
+        """The keys in device slots now (for the router view's resident-delta list)."""
+        with self._lock:
+            return list(self._where)
+
+    def prompt_of(self, slot: int):
+        """The prompt part (``delta_store.prompt.PromptPart``) of the delta in ``slot``, or None."""
+        return self.dm.prompt_of(slot)
+
+    def resident_prompt(self, key: DeltaKey):
+        """``(True, prompt part or None)`` for a resident version; ``(False, None)`` while it is not."""
+        with self._lock:
+            slot = self._where.get(key)
+            return (False, None) if slot is None else (True, self.dm.prompt_of(slot))
+
+    def take_installed(self) -> list[tuple[DeltaKey, int]]:
+        """(key, slot) of every version with a prompt part installed since the last call, oldest first."""
+        with self._lock:
+            out, self._installed = self._installed, []
+            return out
 
     def stats(self) -> SlotStats:
         with self._lock:
@@ -232,6 +258,8 @@ class SlotManager:
         self._install_seconds += time.perf_counter() - t0
         self._keys[slot] = key
         self._where[key] = slot
+        if self.dm.prompt_of(slot) is not None:
+            self._installed.append((key, slot))
         self._tick += 1
         self._last_used[slot] = self._tick
         return slot

@@ -28,6 +28,7 @@ from ..logs import get_logger
 from ..pb import common_pb2, deltas_pb2, deltas_pb2_grpc
 from .auth import tenant_name
 from .errors import status_of
+from .routing import check_delta_header
 
 log = get_logger("deltas")
 
@@ -36,7 +37,9 @@ SOURCE_FORMATS = {common_pb2.SOURCE_FORMAT_AUTO: "auto", common_pb2.SOURCE_FORMA
                   common_pb2.SOURCE_FORMAT_BITFIT: "bitfit", common_pb2.SOURCE_FORMAT_NATIVE: "native"}
 FORMAT_TO_PB = {v: k for k, v in SOURCE_FORMATS.items()}
 KIND_TO_PB = {"lora": common_pb2.DELTA_KIND_LORA, "bottleneck": common_pb2.DELTA_KIND_BOTTLENECK,
-              "bitfit": common_pb2.DELTA_KIND_BITFIT, "ia3": common_pb2.DELTA_KIND_IA3}
+              "bitfit": common_pb2.DELTA_KIND_BITFIT, "ia3": common_pb2.DELTA_KIND_IA3,
+              "dora": common_pb2.DELTA_KIND_DORA, "tokens": common_pb2.DELTA_KIND_TOKENS,
+              "prompt": common_pb2.DELTA_KIND_PROMPT, "prefix": common_pb2.DELTA_KIND_PREFIX}
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 
 
@@ -83,13 +86,14 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
             raise InvalidArgument("upload: empty payload")
         return received
 
-    async def _header(self, request_iterator, tenant):
+    async def _header(self, request_iterator, tenant, context):
         """The upload's header, checked with everything known before the payload: (header, format, labels)."""
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("upload: the first message must carry the header (name, source_format, ...)")
         header = first.header
         check_name(header.name)
+        check_delta_header(context.invocation_metadata(), header.name)
         fmt = SOURCE_FORMATS.get(header.source_format)
         if fmt is None:
             raise InvalidArgument(f"upload: unknown source_format {header.source_format}")
@@ -108,9 +112,10 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
         app = self.app
         tenant = await self._tenant(context)
         name, delta, status, received, lease, path, work = tenant_name(tenant), "-", "ok", 0, None, None, None
+        version, reason = None, ""
         t0 = time.monotonic()
         try:
-            header, fmt, labels = await self._header(request_iterator, tenant)
+            header, fmt, labels = await self._header(request_iterator, tenant, context)
             delta = header.name
             lease = app.uploads.admit(name)
             path = Path(app.store.scratch.path("spool", ".payload"))
@@ -123,8 +128,7 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
         except BaseException as exc:
             cancelled = isinstance(exc, asyncio.CancelledError)
             status = "cancelled" if cancelled else status_of(exc)[0].name.lower()
-            log.info("upload_failed", tenant=name, delta=delta, status=status, bytes=received,
-                     reason="the client went away" if cancelled else status_of(exc)[1], seconds=time.monotonic() - t0)
+            reason = "the client went away" if cancelled else status_of(exc)[1]
             raise
         finally:
             def done(_=None):
@@ -139,13 +143,17 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
             else:  # the client gave up while the conversion runs: hold the slot (and the spool) until it ends
                 work.add_done_callback(done)
             app.metrics.upload_finished(name, status, received)
-        log.info("delta_uploaded", tenant=name, delta=version.ref, bytes=received, kinds=",".join(version.kinds),
-                 seconds=time.monotonic() - t0)
+            fields = {"reason": reason} if reason else {}
+            log.info("upload", tenant=name, status=status,  # one line per upload, any outcome, at info
+                     delta=version.ref if version is not None else delta, bytes=received,
+                     kinds=",".join(version.kinds) if version is not None else "-", seconds=time.monotonic() - t0,
+                     **fields)
         return deltas_pb2.UploadDeltaResponse(version=version_to_pb(version))
 
     async def GetDelta(self, request, context):
         tenant = await self._tenant(context)
         name, _ = parse_ref(request.name)
+        check_delta_header(context.invocation_metadata(), request.name)
         versions = await asyncio.to_thread(self.app.store.versions, tenant, name)
         return deltas_pb2.GetDeltaResponse(delta=info_to_pb(versions))
 
@@ -165,12 +173,14 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
     async def DeleteDelta(self, request, context):
         tenant = await self._tenant(context)
         parse_ref(request.name)
+        check_delta_header(context.invocation_metadata(), request.name)
         deleted = await asyncio.to_thread(self.app.store.delete, tenant, request.name)
         log.info("delta_deleted", tenant=tenant_name(tenant), delta=request.name, versions=len(deleted))
         return deltas_pb2.DeleteDeltaResponse(deleted_versions=len(deleted))
 
     async def PreloadDelta(self, request, context):
         tenant = await self._tenant(context)
+        check_delta_header(context.invocation_metadata(), request.delta)
         version = await asyncio.to_thread(self.app.store.resolve, tenant, request.delta)
         t0 = time.monotonic()
         await asyncio.to_thread(self.app.store.load, version)  # host tier (a no-op when already there)
