@@ -79,6 +79,12 @@ class Served:
         _tenant, key = self.client.create_tenant(name, quotas=quotas)
         return auth(key)
 
+    def requests_counted(self, tenant: str, status: str) -> float:
+        """deltaserve_requests_total{tenant, status} as the server's registry holds it now."""
+        value = self.app.metrics.registry.get_sample_value("deltaserve_requests_total",
+                                                           {"tenant": tenant, "status": status})
+        return value or 0.0
+
     def idle(self, timeout: float = 10.0) -> None:
         """Wait until no request holds KV blocks or a slot pin (the engine finished or aborted everything)."""
         engine, slots = self.app.engine, self.app.slots
