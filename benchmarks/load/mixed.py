@@ -99,6 +99,7 @@ class Soak:
         self.records: list[tuple[str, Record, LiveDelta | None]] = []
         self.uploads = self.deletes = 0
         self.counter = 0
+        self.cancels = 0  # cancel-behaviour requests planned (they alternate clock and mid-stream cancels)
         self.t0 = 0.0  # perf_counter at the start of the current load; record times are relative to it
         self.proc = psutil.Process(server.pid)
 
@@ -150,7 +151,15 @@ class Soak:
                              prompt=[rng.randrange(3, 259) for _ in range(s.prompt_len.sample(rng))],
                              max_new_tokens=n_out, seed=rng.randrange(1 << 31))
         if behaviour == "cancel":
-            req.cancel_after_s = rng.uniform(0.02, 1.0)
+            # Every other one by the clock (some land while queued or before the first token; a fast server
+            # often finishes first: a 20 s run once saw no cancel at all), the others once some tokens
+            # streamed: sure to cut the stream in the middle, whatever the load.
+            self.cancels += 1
+            if self.cancels % 2:
+                req.cancel_after_s = rng.uniform(0.02, 1.0)
+            else:
+                req.max_new_tokens = max(req.max_new_tokens, 4)
+                req.cancel_after_tokens = rng.randrange(1, req.max_new_tokens)
         elif behaviour == "deadline":
             req.max_new_tokens = s.output_len.hi  # long enough that most deadlines expire mid-stream
             req.timeout_s = rng.uniform(0.05, 0.6)
