@@ -97,6 +97,9 @@ def test_prompt_and_stop_limits_are_checked_before_any_work(srv):
     err = code_of(lambda: list(srv.inference.Generate(generate_request("é" * (limit // 2 + 1), max_new_tokens=2),
                                                       metadata=md)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and f"{limit}" in err.details(), err.details()
+    chat = [{"role": "user", "content": "a" * (limit // 2 + 1)}] * 2  # the bound is on the messages together
+    err = code_of(lambda: list(srv.inference.Generate(generate_request(chat, max_new_tokens=2), metadata=md)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "chat messages" in err.details(), err.details()
     too_many = [5] * (srv.app.config.max_model_len + 1)
     err = code_of(lambda: list(srv.inference.Generate(generate_request(too_many, max_new_tokens=2), metadata=md)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_model_len" in err.details()
