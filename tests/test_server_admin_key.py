@@ -78,3 +78,31 @@ def test_admin_key_rotation_updates_the_key_file_and_offline_recovery(tmp_path, 
         assert catalogue.tenant(key_sha256=hash_key(bob_key)).name == "bob"
     finally:
         catalogue.close()
+
+
+def test_recovery_on_a_postgresql_catalogue(tmp_path, postgres):
+    """Replicas keep the catalogue in PostgreSQL: ``recover-admin-key --catalogue URL`` rotates the admin key
+    there (every replica sees it at once) and writes it to this replica's key file; a non-admin tenant of that
+    name is refused, and a missing catalogue URL names the option."""
+    from delta_store.catalogue import Catalogue
+    from delta_store.tenants import TenantRegistry
+    from tests.helpers import tenant_quotas
+
+    url = postgres.database()
+    catalogue = Catalogue(url)
+    registry = TenantRegistry(catalogue, tenant_quotas(), lambda gone: None)
+    _admin, old = registry.create("admin", is_admin=True)
+    registry.create("alice")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("DELTASERVE_CATALOGUE", None)
+    data = tmp_path / "replica-data"
+    missing = cli(env, "recover-admin-key", "--data-dir", str(data))
+    assert missing.returncode == 1 and "--catalogue" in missing.stderr, missing.stderr
+    done = cli(env, "recover-admin-key", "--data-dir", str(data), "--catalogue", url)
+    assert done.returncode == 0, done.stderr
+    new = (data / "admin.key").read_text().strip()
+    assert stat.S_IMODE((data / "admin.key").stat().st_mode) == 0o600
+    assert registry.get_by_key(old) is None and registry.get_by_key(new).name == "admin"
+    refused = cli(dict(env, DELTASERVE_CATALOGUE=url), "recover-admin-key", "--data-dir", str(data), "--tenant", "alice")
+    assert refused.returncode == 1 and "is not an admin" in refused.stderr, refused.stderr
+    catalogue.close()
