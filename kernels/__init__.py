@@ -3,10 +3,13 @@
 Public surface (docs/INTERFACES.md, section kernels/)::
 
     meta = DeltaKernelMeta.build(token_slots, token_slots_host=None, buffers=None)   # once per step
-    add_lora(y, x, lora_a, lora_b, scale, rank, meta)
-    add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta)
-    add_bias(y, bias, meta)
-    mul_rows(t, vec, meta)
+    add_lora(y, x, LoraPages(...), meta)
+    add_bottleneck(y, u, AdapterPages(...), meta)
+    add_bias(y, RowPages(...), meta)
+    mul_rows(t, RowPages(...), meta)
+
+The pages (``pages.py``) say where each slot's weights are: row tensors and one int32 row index per slot
+(D13), never pointers; the ops do not care where the rows live.
 
 These four functions are the only entry points of the ops. Each checks its arguments once (ValueError
 naming the argument and its shape; ``_checks.py``), then runs one backend, mutates its first argument
@@ -36,6 +39,7 @@ from ._checks import check_bottleneck, check_lora, check_rows_op
 from ._triton import HAS_TRITON, INTERPRET, use_triton
 from .activations import ACT_CODES
 from .meta import DeltaKernelMeta, MetaBuffers
+from .pages import AdapterPages, LoraPages, RowPages
 
 BACKENDS = ("auto", "triton", "cpu")
 
@@ -76,47 +80,46 @@ def _triton():
     return lora, bottleneck, rows
 
 
-def add_lora(y, x, lora_a, lora_b, scale, rank, meta) -> None:
-    """For every token t with s = slot[t] >= 0 and r = rank[s] > 0:
-        y[t] += scale[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T
-    y [T, out] (in place), x [T, in], lora_a [S, R, in], lora_b [S, out, R], scale fp32 [S], rank int32 [S]
-    (0 = no LoRA at this layer; values must not exceed R)."""
-    check_lora(y, x, lora_a, lora_b, scale, rank, meta)
+def add_lora(y, x, pages: LoraPages, meta) -> None:
+    """For every token t with s = slot[t] >= 0 and r = pages.rank[s] > 0, with A_s and B_s the r rows of
+    ``pages`` from ``pages.start[s]``:  y[t] += scale[s] * (x[t] @ A_s.T) @ B_s.T
+    y [T, out] (in place), x [T, in]; shapes in ``kernels.LoraPages``."""
+    check_lora(y, x, pages, meta)
     if current_backend(y) == "triton":
-        _triton()[0].triton_add_lora(y, x, lora_a, lora_b, scale, rank, meta)
+        _triton()[0].triton_add_lora(y, x, pages, meta)
     else:
-        cpu.cpu_add_lora(y, x, lora_a, lora_b, scale, rank, meta)
+        cpu.cpu_add_lora(y, x, pages, meta)
 
 
-def add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta) -> None:
-    """For every token t with s = slot[t] >= 0 and m = width[s] > 0:
-        y[t] += scale[s] * (act_s(u[t] @ down[s, :m].T + down_bias[s, :m]) @ up[s, :, :m].T + up_bias[s])
-    y, u [T, h]; down [S, M, h], down_bias [S, M], up [S, h, M], up_bias [S, h], scale fp32 [S],
-    width int32 [S] (0 = no adapter at this layer), act int32 [S] (ACT_CODES). ``u`` may be ``y``."""
-    check_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta)
+def add_bottleneck(y, u, pages: AdapterPages, meta) -> None:
+    """For every token t with s = slot[t] >= 0 and m = pages.width[s] > 0 (``kernels.AdapterPages``):
+        y[t] += scale[s] * (act_s(u[t] @ D_s.T + db_s) @ U_s.T + ub_s)
+    y, u [T, h]; ``u`` may be ``y``."""
+    check_bottleneck(y, u, pages, meta)
     if current_backend(y) == "triton":
-        _triton()[1].triton_add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta)
+        _triton()[1].triton_add_bottleneck(y, u, pages, meta)
     else:
-        cpu.cpu_add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta)
+        cpu.cpu_add_bottleneck(y, u, pages, meta)
 
 
-def add_bias(y, bias, meta) -> None:
-    """y[t] += bias[slot[t]] for slot[t] >= 0.  y [T, out], bias [S, out]."""
-    check_rows_op("add_bias", "y", y, "bias", bias, meta)
+def add_bias(y, pages: RowPages, meta) -> None:
+    """y[t] += pages.rows[pages.row[slot[t]]] for slot[t] >= 0.  y [T, out], rows [N, out]."""
+    check_rows_op("add_bias", "y", y, pages, meta)
     if current_backend(y) == "triton":
-        _triton()[2].triton_add_bias(y, bias, meta)
+        _triton()[2].triton_add_bias(y, pages, meta)
     else:
-        cpu.cpu_add_bias(y, bias, meta)
+        cpu.cpu_add_bias(y, pages, meta)
 
 
-def mul_rows(t, vec, meta) -> None:
-    """t[i] *= vec[slot[i]] for slot[i] >= 0.  t [T, n], vec [S, n]."""
-    check_rows_op("mul_rows", "t", t, "vec", vec, meta)
+def mul_rows(t, pages: RowPages, meta) -> None:
+    """t[i] *= pages.rows[pages.row[slot[i]]] for slot[i] >= 0.  t [T, n], rows [N, n]."""
+    check_rows_op("mul_rows", "t", t, pages, meta)
     if current_backend(t) == "triton":
-        _triton()[2].triton_mul_rows(t, vec, meta)
+        _triton()[2].triton_mul_rows(t, pages, meta)
     else:
-        cpu.cpu_mul_rows(t, vec, meta)
+        cpu.cpu_mul_rows(t, pages, meta)
 
 
-__all__ = ["ACT_CODES", "BACKENDS", "DeltaKernelMeta", "HAS_TRITON", "MetaBuffers", "add_bias", "add_bottleneck",
-           "add_lora", "backend", "cpu", "current_backend", "mul_rows", "use_triton"]
+__all__ = ["ACT_CODES", "BACKENDS", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "MetaBuffers",
+           "RowPages", "add_bias", "add_bottleneck", "add_lora", "backend", "cpu", "current_backend", "mul_rows",
+           "use_triton"]
