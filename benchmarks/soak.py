@@ -9,13 +9,13 @@ The load, for ``--duration`` seconds (and at most ``--max-requests`` Generate ca
   * churn: a new delta uploaded every ``--upload-every`` seconds (PEFT LoRA / (IA)3 archives and native
     bottleneck / BitFit files, identical payloads under several names, so blobs are shared), and the
     oldest deleted once a tenant holds more than ``--max-live`` (often while requests still use it);
-  * more live deltas than device slots, so slots are evicted and reloaded all along.
+  * more live deltas than the device budget holds, so deltas are evicted and reloaded all along.
 
 Then it asserts, and exits non-zero with ``soak: FAIL <reason>`` on the first violation:
   1. every request ended, within a bound, with a status its behaviour allows (no UNKNOWN, INTERNAL,
      UNAVAILABLE, no hang; a plain request that finished produced all its tokens);
   2. the server settled: no request in flight, none running or waiting, no slot pinned, KV blocks in
-     use back to the baseline, device slots in use no more than the deltas still listed;
+     use back to the baseline, resident deltas no more than those still listed, within the budget;
   3. resident memory (psutil on the server pid) returned within a tolerance of the baseline taken after
      a warm-up of the same load;
   4. the deltas listed are exactly those uploaded and not deleted, and each one answers GetDelta,

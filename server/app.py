@@ -1,7 +1,7 @@
 """Builds a serving process from one ``ServerConfig`` and runs it until SIGTERM.
 
-    model (a local HF folder, or the demo model generated under the data dir)
-      -> wrap_model (deltas/, BaseSpec) -> DeltaStore.open (store_config) -> SlotManager -> ModelRunner + Engine
+    model (a local HF folder, or the demo model generated under the data dir) -> memory budgets (memory.py)
+      -> wrap_model (deltas/, BaseSpec) -> DeltaStore.open (store_config) -> Residency -> ModelRunner + Engine
       -> Metrics (own HTTP port) -> gRPC server (edge/: Inference, Deltas, Tenants, Health, reflection)
 
 First start with an empty catalogue creates an ``admin`` tenant and writes its key to
@@ -33,12 +33,13 @@ DEVICE_PRELOAD_WAIT_S = 10.0  # a device preload waits this long for the step lo
 class App:
     """Everything a servicer needs, held together; built by :func:`build_app` (tests may pass fakes)."""
 
-    def __init__(self, config: ServerConfig, *, engine, store, tokenizer, vocab_size: int, slots=None,
-                 metrics: Metrics | None = None):
+    def __init__(self, config: ServerConfig, *, engine, store, tokenizer, vocab_size: int, residency=None,
+                 metrics: Metrics | None = None, budgets=None):
         self.config = config
         self.engine = engine
         self.store = store
-        self.slots = slots
+        self.residency = residency
+        self.budgets = budgets  # memory.Budgets resolved at start-up
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.metrics = metrics or Metrics()
@@ -46,13 +47,13 @@ class App:
         self.rate_limiter = RateLimiter()
         self.health = None  # set by create_server
         self.admin_key_file: Path | None = None
-        if slots is not None:
-            self.metrics.add_refresh(lambda: self.metrics.record_slots(slots.stats()))
+        if residency is not None:
+            self.metrics.add_refresh(lambda: self.metrics.record_residency(residency.stats()))
         self.metrics.add_refresh(lambda: self.metrics.record_store(store.stats()))
         self.metrics.add_refresh(lambda: self.metrics.engine_alive.set(1 if engine.alive else 0))
         engine.add_listener(self.metrics.record)
-        if slots is not None:  # a deleted version's device slot goes as soon as no request uses it
-            store.subscribe(lambda gone: [slots.invalidate(v.key) for v in gone])
+        if residency is not None:  # a deleted version's device memory goes as soon as no request uses it
+            store.subscribe(lambda gone: [residency.invalidate(v.key) for v in gone])
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -61,24 +62,22 @@ class App:
         return bool(self.engine.alive)
 
     async def preload_device(self, key) -> bool:
-        """Load ``key`` into a device slot (unpinned, LRU like any other); True once it is installed.
-
-        While requests run, the engine's step loop installs finished loads between forwards. An idle
-        engine runs no steps, so then the install happens here: this coroutine runs on the engine's
-        event-loop thread, and with no sequence scheduled no forward can be reading the pools.
-        """
-        if self.slots is None:
+        """Make ``key`` resident on the device (unpinned, LRU like any other); True once it is, False if it is
+        still on its way after DEVICE_PRELOAD_WAIT_S. The step loop installs it between forwards, busy or idle
+        (an idle engine steps while a load is pending). A failed load raises its error."""
+        if self.residency is None:
             return False
-        if self.slots.prefetch(key):
-            return True
-        deadline = time.monotonic() + DEVICE_PRELOAD_WAIT_S
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-            if not self.engine.scheduler.has_work():
-                self.slots.install_ready()
-            if self.slots.slot_of(key) is not None:
-                return True
-        return False
+        future = self.residency.request(key, notify=True)
+        self.engine.wake()
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), DEVICE_PRELOAD_WAIT_S)
+        except asyncio.TimeoutError:
+            return False
+        except asyncio.CancelledError:
+            if future.cancelled():  # the version was deleted meanwhile
+                return False
+            raise
+        return True
 
     def ensure_admin(self) -> Path | None:
         """Create the admin tenant on an empty catalogue; write its key to ``<data_dir>/admin.key`` (0600)."""
@@ -113,9 +112,11 @@ def apply_torch_threads(config: ServerConfig) -> int:
     return torch.get_num_threads()
 
 
-def store_config(config: ServerConfig, *, pin_host_memory: bool):
+def store_config(config: ServerConfig, *, pin_host_memory: bool, device_bytes=None, device_budget_bytes: int = 0):
     """The delta store's ``(Limits, StoreSettings)`` from ``config``: the one place they are built, so each
-    serving default is written once, in ``ServerConfig``. ``pin_host_memory``: the caller serves on CUDA."""
+    serving default is written once, in ``ServerConfig``. ``pin_host_memory``: the caller serves on CUDA;
+    ``device_bytes`` (``DeltaModel.footprint``) and ``device_budget_bytes`` (the delta budget): an upload whose
+    footprint exceeds the whole budget is refused at once, never at serve time."""
     from delta_store.records import TenantQuotas
     from delta_store.settings import StoreSettings
     from delta_store.validate import Limits
@@ -126,7 +127,9 @@ def store_config(config: ServerConfig, *, pin_host_memory: bool):
                           max_concurrent=config.default_max_concurrent)
     settings = StoreSettings(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
                              default_quotas=quotas, pin_host_memory=pin_host_memory)
-    return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck), settings
+    limits = Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck, device_bytes=device_bytes,
+                    device_budget_bytes=device_budget_bytes)
+    return limits, settings
 
 
 def build_app(config: ServerConfig) -> App:
@@ -136,9 +139,12 @@ def build_app(config: ServerConfig) -> App:
 
     from delta_store.store import DeltaStore
 
-    from .deltas import SlotManager, wrap_model
+    from .deltas import wrap_model
+    from .deltas.residency import Residency
     from .demo import ensure_demo_model
     from .engine import Engine, ModelRunner
+    from .engine.kv_cache import kv_layout_for
+    from .memory import resolve
 
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -155,15 +161,22 @@ def build_app(config: ServerConfig) -> App:
     device = _device(config.device)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_slots, max_rank=config.max_rank,
+    layout = kv_layout_for(model.config, config.kv_block_size, 1, dtype)
+    budgets = resolve(config, device, kv_block_bytes=layout.bytes_per_block(dtype))  # ConfigError: one line
+    # max_slots sizes the step's index buffers: one delta per running sequence at most
+    dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_running, max_rank=config.max_rank,
                     max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens)
     spec = dm.spec  # fingerprinted once, from the unwrapped base
-    store = DeltaStore.open(data_dir, spec, *store_config(config, pin_host_memory=device.type == "cuda"))
-    slots = SlotManager(dm, loader=store.load_key, num_slots=config.max_slots)
-    engine = Engine(config, ModelRunner(dm, tokenizer, config), slots)
+    cuda = device.type == "cuda"
+    store = DeltaStore.open(data_dir, spec, *store_config(config, pin_host_memory=cuda, device_bytes=dm.footprint,
+                                                          device_budget_bytes=budgets.delta_bytes))
+    residency = Residency(dm, store.load_key, budgets.delta_bytes, pin_memory=cuda)
+    engine = Engine(config, ModelRunner(dm, tokenizer, config, kv_bytes=budgets.kv_bytes), residency)
     log.info("model_loaded", path=str(model_path), model_type=spec.model_type, layers=spec.num_layers,
-             fingerprint=spec.fingerprint, torch_threads=threads, seconds=time.monotonic() - t0)
-    return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size, slots=slots)
+             fingerprint=spec.fingerprint, torch_threads=threads, delta_memory_bytes=budgets.delta_bytes,
+             kv_blocks=engine.runner.kv.num_blocks, free_bytes=budgets.free_bytes, seconds=time.monotonic() - t0)
+    return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size,
+               residency=residency, budgets=budgets)
 
 
 async def run(app: App, stop: asyncio.Event, announce=print) -> None:
@@ -190,8 +203,8 @@ async def run(app: App, stop: asyncio.Event, announce=print) -> None:
     await server.stop(app.config.grace_seconds)
     await app.engine.shutdown(0.0)
     metrics_server.shutdown()
-    if app.slots is not None:
-        app.slots.close()
+    if app.residency is not None:
+        app.residency.close()
     app.store.close()
     log.info("stopped")
 

@@ -28,17 +28,20 @@ class ServerConfig:
     dtype: str = "float32"  # float32 | float16 | bfloat16
     device: str = "auto"  # auto -> cuda if available else cpu
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    # delta pools (D2): device slots and per-slot maxima
-    max_slots: int = 32  # distinct deltas resident on the device at once
-    max_rank: int = 64  # LoRA rank ceiling (storage padded to it; compute is not, D3)
-    max_bottleneck: int = 256  # bottleneck adapter width ceiling
+    # delta memory (D13): a byte budget; how many deltas are resident follows from their sizes
+    delta_memory_bytes: int = 0  # 0 -> delta_memory_fraction of the memory free after the weights (server/memory.py)
+    delta_memory_fraction: float = 0.0  # 0 -> the device default: 0.10 on CUDA, 0.25 (at most 4 GiB) on the CPU
+    max_rank: int = 256  # LoRA rank limit checked at upload; costs nothing until such a delta is resident
+    max_bottleneck: int = 256  # bottleneck adapter width limit, likewise
     # engine budgets (D6)
     max_batch_tokens: int = 512  # token budget per step (prefill chunks + decode tokens)
     max_running: int = 64  # sequences in the running batch
     max_waiting: int = 1024  # bounded waiting queue; past it, RESOURCE_EXHAUSTED
     max_model_len: int = 2048  # prompt + generated tokens per sequence
     kv_block_size: int = 16  # tokens per KV block
-    kv_blocks: int = 0  # 0 -> derived from kv_memory_fraction / a CPU default
+    kv_blocks: int = 0  # > 0: exactly this many blocks; 0 -> sized by kv_memory_bytes
+    kv_memory_bytes: int = 0  # 0 -> kv_memory_fraction of the memory free after the weights
+    kv_memory_fraction: float = 0.0  # 0 -> the device default: 0.60 on CUDA; 1 GiB (at most 0.25) on the CPU
     torch_threads: int = 0  # intra-op CPU threads of the server process; 0 -> torch's default (one per core)
     # storage (D7)
     data_dir: str = "./.deltaserve"
@@ -61,7 +64,8 @@ class ServerConfig:
             self.target_modules = tuple([self.target_modules] if isinstance(self.target_modules, str)
                                         else self.target_modules)
         checks = {
-            "max_slots": (1, 4096), "max_rank": (1, 1024), "max_bottleneck": (1, 16384),
+            "max_rank": (1, 16384), "max_bottleneck": (1, 16384), "delta_memory_bytes": (0, 1 << 50),
+            "kv_memory_bytes": (0, 1 << 50),
             "max_batch_tokens": (1, 1 << 20), "max_running": (1, 1 << 16), "max_waiting": (1, 1 << 20),
             "max_model_len": (8, 1 << 20), "kv_block_size": (1, 1024), "kv_blocks": (0, 1 << 24),
             "max_upload_bytes": (1, 1 << 40), "default_max_deltas": (0, 1 << 30), "torch_threads": (0, 1024),
@@ -70,6 +74,13 @@ class ServerConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or not (lo <= value <= hi):
                 raise ConfigError(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+        for key in ("delta_memory_fraction", "kv_memory_fraction"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must be a number in [0, 1), got {value!r}")
+        if self.delta_memory_fraction + self.kv_memory_fraction >= 1.0:
+            raise ConfigError(f"delta_memory_fraction ({self.delta_memory_fraction}) + kv_memory_fraction "
+                              f"({self.kv_memory_fraction}) must stay below 1: activations need the rest")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_batch_tokens < self.max_running:

@@ -23,6 +23,8 @@ from server.pb import inference_pb2
 
 MAX_UPLOAD = 256 << 10  # the test LoRAs are ~20 KB as tar.gz
 PROMPT = [3 + b for b in b"hello world"]  # byte-level tokenizer: byte b -> id 3 + b
+DELTA_BUDGET = 96 << 10  # device memory for deltas: ~7 of peft_lora()s (13.7 KB each), not one rank-16 LoRA on all
+# seven projections (132 KB), so uploads beyond the budget and evictions are exercised end to end
 
 
 class Served:
@@ -31,7 +33,8 @@ class Served:
     def __init__(self, root):
         model_dir = build_demo_model(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
         config = ServerConfig(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
-                              metrics_listen="127.0.0.1:0", max_slots=4, max_rank=16, max_batch_tokens=256,
+                              metrics_listen="127.0.0.1:0", delta_memory_bytes=DELTA_BUDGET, max_rank=16,
+                              max_batch_tokens=256,
                               max_running=8, max_model_len=512, max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0)
         self.model_dir = model_dir
         self.app = build_app(config)
@@ -71,15 +74,16 @@ class Served:
         return auth(key)
 
     def idle(self, timeout: float = 10.0) -> None:
-        """Wait until no request holds KV blocks or a slot pin (the engine finished or aborted everything)."""
-        engine, slots = self.app.engine, self.app.slots
+        """Wait until no request holds KV blocks or pins a delta (the engine finished or aborted everything)."""
+        engine, residency = self.app.engine, self.app.residency
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if engine.runner.kv.allocator.num_used == 0 and slots.stats().pinned == 0 and not engine.scheduler.has_work():
+            if (engine.runner.kv.allocator.num_used == 0 and residency.stats().pinned == 0
+                    and not engine.scheduler.has_work()):
                 return
             time.sleep(0.01)
         raise AssertionError(f"still busy: kv blocks {engine.runner.kv.allocator.num_used}, "
-                             f"pinned slots {slots.stats().pinned}")
+                             f"pinned deltas {residency.stats().pinned}")
 
 
 def auth(key: str) -> list[tuple[str, str]]:

@@ -43,12 +43,14 @@ def test_clusters_of_evenly_spaced_runs_one_per_rank():
     groups = grouped.groups(meta, ranks, starts, work)
     assert [(g.size, g.members) for g in groups] == [(4, [1, 4, 6]), (4, [5]), (4 * 4, [2])]
     g4 = groups[0]
-    assert (g4.first, g4.stride, g4.num_cells) == (40, 8, 4)  # cells at rows 40, 48 (empty), 56, 64
+    assert (starts[g4.members[0]], g4.stride, g4.num_cells) == (40, 8, 4)  # cells at rows 40, 48 (empty), 56, 64
     assert g4.offs.tolist() == [2, 2, 4, 5]
     assert g4.slots.tolist() == [1, 1, 4, 4, 6] and g4.ids.tolist() == [3, 8, 0, 5, 9]
     assert groups[2].ids.tolist() == [2, 6]  # the rank-0 slot's token (4) and the -1 tokens are in no group
     assert grouped.groups(meta, ranks, starts, work) is groups  # built once per step, shared by the layers
     assert grouped.groups(_meta(slots), ranks, starts, work) is not groups
+    shifted = {s: a + 1000 for s, a in starts.items()}  # another layer: the same cells in a region further on
+    assert grouped.groups(meta, ranks, shifted, work) is groups
     moved = {**starts, 6: 65}  # a start off the lattice: 6 leaves the cluster, and pairs with 5 (335 rows apart)
     assert [g.members for g in grouped.groups(meta, ranks, moved, work)] == [[1, 4], [6, 5], [2]]
 

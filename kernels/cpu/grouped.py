@@ -121,25 +121,26 @@ MAX_EMPTY = 4
 
 class _Group:
     """One grouped_mm pair's tokens: those of a cluster of slots of one rank (or width) ``size`` whose runs
-    start at ``first + k * stride`` rows, k < ``num_cells`` (cells without a member are empty groups)."""
+    start at ``first + k * stride`` rows, k < ``num_cells`` (cells without a member are empty groups), with
+    ``first`` the start of ``members[0]`` (looked up per layer: layers place the same cells at other rows)."""
 
-    __slots__ = ("size", "members", "ids", "slots", "offs", "num_tokens", "first", "stride", "num_cells")
+    __slots__ = ("size", "members", "ids", "slots", "offs", "num_tokens", "stride", "num_cells")
 
     def __init__(self, size: int, members: list[int], ids: torch.Tensor | None, slots: torch.Tensor,
-                 offs: torch.Tensor, n: int, first: int, stride: int, num_cells: int):
+                 offs: torch.Tensor, n: int, stride: int, num_cells: int):
         self.size = size
         self.members = members  # slots in cell order
         self.ids = ids  # int64 [n] token ids grouped by cell; None: all T tokens, already in that order
         self.slots = slots  # int64 [n] slot of each row
         self.offs = offs  # int32 [num_cells] cumulative token counts per cell
         self.num_tokens = n
-        self.first, self.stride, self.num_cells = first, stride, num_cells
+        self.stride, self.num_cells = stride, num_cells
 
-    def view(self, rows: torch.Tensor) -> torch.Tensor:
-        """[num_cells, size, K] cells of ``rows`` [N, K] (unit last stride): strided, no copy."""
+    def view(self, rows: torch.Tensor, first: int) -> torch.Tensor:
+        """[num_cells, size, K] cells of ``rows`` [N, K] (unit last stride) from row ``first``: strided, no copy."""
         rs = rows.stride(0)
         return rows.as_strided((self.num_cells, self.size, rows.shape[1]), (self.stride * rs, rs, 1),
-                               rows.storage_offset() + self.first * rs)
+                               rows.storage_offset() + first * rs)
 
 
 _GROUPS: "weakref.WeakKeyDictionary[DeltaKernelMeta, dict]" = weakref.WeakKeyDictionary()
@@ -147,15 +148,21 @@ _GROUPS: "weakref.WeakKeyDictionary[DeltaKernelMeta, dict]" = weakref.WeakKeyDic
 
 def groups(meta: DeltaKernelMeta, sizes: dict[int, int], starts: dict[int, int], work: list[int]) -> list[_Group]:
     """The token groups of ``meta`` for per-slot ``sizes`` (rank or width) and run ``starts`` (host dicts over
-    the active slots) restricted to ``work`` (active slots with size > 0). Cached on the step's meta: the 28
-    wrapped projections of a 4-layer Llama usually share one layout, so the index tensors are built once."""
-    key = tuple((s, sizes[s], starts[s]) for s in work)
+    the active slots) restricted to ``work`` (active slots with size > 0). Cached on the step's meta by the
+    layout *relative to each rank's first run*: the wrapped projections of a model usually hold the same
+    deltas in the same cells of regions that start at different rows, so the index tensors are built once
+    per step, not once per layer."""
+    by_size: dict[int, list[int]] = {}
+    for s in work:
+        by_size.setdefault(sizes[s], []).append(s)
+    key = []
+    for r, group in sorted(by_size.items()):
+        base = min(starts[s] for s in group)
+        key.append((r, tuple(sorted((starts[s] - base, s) for s in group))))
+    key = tuple(key)
     cache = _GROUPS.setdefault(meta, {})
     hit = cache.get(key)
     if hit is None:
-        by_size: dict[int, list[int]] = {}
-        for s in work:
-            by_size.setdefault(sizes[s], []).append(s)
         hit = cache[key] = [_build(meta, r, members, first, stride, cells, starts)
                             for r, group in sorted(by_size.items())
                             for members, first, stride, cells in _clusters(group, starts, r)]
@@ -206,7 +213,7 @@ def _build(meta: DeltaKernelMeta, size: int, members: list[int], first: int, str
         ids = meta.sorted_active_ids
     else:
         ids = meta.sorted_active_ids.index_select(0, torch.tensor(pos, dtype=torch.int64, device=dev))
-    return _Group(size, members, ids, slots, offs, n, first, stride, cells)
+    return _Group(size, members, ids, slots, offs, n, stride, cells)
 
 
 def _in_member_order(meta: DeltaKernelMeta, members: list[int]) -> bool:
@@ -247,9 +254,10 @@ def grouped_lora(y: torch.Tensor, x: torch.Tensor, pages, ranks: dict[int, int],
     and ``starts`` the host values of the pages' tables). Shapes as ``kernels.add_lora``."""
     for grp in groups(meta, ranks, starts, work):
         xs = _rows(x, grp.ids)  # [n, in]
-        h = F.grouped_mm(xs, grp.view(pages.a_rows).transpose(1, 2), offs=grp.offs)  # [n, r]
+        first = starts[grp.members[0]]
+        h = F.grouped_mm(xs, grp.view(pages.a_rows, first).transpose(1, 2), offs=grp.offs)  # [n, r]
         h.mul_(pages.scale.index_select(0, grp.slots).unsqueeze(1))  # [n, 1] fp32 scale; rounded once if fp16
-        d = F.grouped_mm(h, grp.view(pages.b_rows), offs=grp.offs)  # [n, out]
+        d = F.grouped_mm(h, grp.view(pages.b_rows, first), offs=grp.offs)  # [n, out]
         add_rows(y, grp.ids, d)
 
 
@@ -261,13 +269,13 @@ def grouped_bottleneck(y: torch.Tensor, u: torch.Tensor, pages, widths: dict[int
     grps = groups(meta, widths, starts, work)
     inputs = [_rows(u, g.ids) for g in grps]  # [n, h] each; copies unless one group covers every token
     for grp, us in zip(grps, inputs):
-        m = grp.size
-        h = f32(F.grouped_mm(us, grp.view(pages.down_rows).transpose(1, 2), offs=grp.offs))  # [n, m] fp32
+        m, first = grp.size, starts[grp.members[0]]
+        h = f32(F.grouped_mm(us, grp.view(pages.down_rows, first).transpose(1, 2), offs=grp.offs))  # [n, m] fp32
         h.add_(f32(pages.down_bias.index_select(0, _bias_index(pages.start, grp.slots, m))).view(-1, m))
         codes = sorted({acts[s] for s in grp.members})
         hp = aligned_empty(grp.num_tokens, m, pages.up_rows.dtype, y.device)  # [n, m], row stride 16-byte aligned
         hp.copy_(apply_act(h, codes, pages.act.index_select(0, grp.slots) if len(codes) > 1 else None))
-        d = f32(F.grouped_mm(hp, grp.view(pages.up_rows), offs=grp.offs))  # [n, h] fp32
+        d = f32(F.grouped_mm(hp, grp.view(pages.up_rows, first), offs=grp.offs))  # [n, h] fp32
         ub = pages.up_bias_rows.index_select(0, pages.up_bias_row.index_select(0, grp.slots).long())  # [n, h]
         d.add_(f32(ub)).mul_(pages.scale.index_select(0, grp.slots).unsqueeze(1))
         add_rows(y, grp.ids, d)

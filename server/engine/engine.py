@@ -1,6 +1,7 @@
 """The generation engine: continuous batching over a paged KV cache, one packed forward per step (D6).
 
-    step():  schedule -> make deltas resident -> run the model on one packed batch -> sample -> emit
+    step():  residency.step (the one place deltas become resident) -> schedule -> run the model on one packed
+             batch -> sample -> emit
 
 ``step()`` is synchronous (tests drive it directly); ``start()`` runs it in a loop on the asyncio event loop
 with the forward (and sampling) in a one-thread executor, so gRPC handlers keep running while the model
@@ -30,7 +31,7 @@ from .stats import RequestStats, StepStats
 
 log = logging.getLogger("deltaserve.engine")
 
-IDLE_POLL_S = 0.002  # work is waiting only for a delta load: poll install_ready() this often
+IDLE_POLL_S = 0.002  # work is waiting only for a delta load (or a preload is on its way): step this often
 
 
 @dataclass(slots=True, eq=False)
@@ -54,11 +55,13 @@ class _Plan:
 
 
 class Engine:
-    def __init__(self, config: ServerConfig, runner: ModelRunner, slots=None):
+    def __init__(self, config: ServerConfig, runner: ModelRunner, residency=None):
+        """``residency``: the owner of device residency (``server/deltas/residency.py``), None for a base-only
+        engine."""
         self.config = config
         self.runner = runner
-        self.slots = slots
-        self.scheduler = Scheduler(SchedulerConfig.from_server(config), runner.kv.allocator, slots)
+        self.residency = residency
+        self.scheduler = Scheduler(SchedulerConfig.from_server(config), runner.kv.allocator, residency)
         self._live: dict[str, _Live] = {}
         self._listeners: list[Callable] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -66,6 +69,7 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._accepting = True
         self._running = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self.step_count = 0
         self._step_time_ema = 0.05
         self._eos = runner.eos_token_ids
@@ -84,8 +88,8 @@ class Engine:
             raise Unavailable("engine is shutting down; retry on another replica", retry_after=1.0)
         if req.request_id in self._live:
             raise InvalidArgument(f"request {req.request_id}: a request with this id is already running")
-        if req.delta is not None and self.slots is None:
-            raise FailedPrecondition(f"request {req.request_id}: this engine serves the base model only (no slots)")
+        if req.delta is not None and self.residency is None:
+            raise FailedPrecondition(f"request {req.request_id}: this engine serves the base model only (no deltas)")
         vocab = self.runner.model.config.get_text_config().vocab_size
         if any(not (0 <= t < vocab) for t in req.prompt_token_ids):
             raise InvalidArgument(f"request {req.request_id}: prompt token id out of range [0, {vocab})")
@@ -102,11 +106,19 @@ class Engine:
             detok = IncrementalDetokenizer(self.runner.tokenizer, req.prompt_token_ids, p.stop_strings)
         self._retry_hint()
         self.scheduler.add(seq)  # may raise ResourceExhausted with a retry hint
+        if req.delta is not None:
+            self.residency.request(req.delta)  # prefetch: the load starts now, not when the request is admitted
         live = _Live(seq, row, detok, frozenset(p.stop_token_ids))
         self._live[req.request_id] = live
         if self._wake is not None:
             self._wake.set()
         return live
+
+    def wake(self) -> None:
+        """Wake an idle step loop (any thread): a delta load finished, or a preload wants an install."""
+        loop, wake = self._event_loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenOutput]:
         """Stream TokenOutput chunks; leaving the iteration early (client gone) aborts the request."""
@@ -128,7 +140,8 @@ class Engine:
                 self.abort(req.request_id)
 
     def abort(self, request_id: str) -> bool:
-        """Free the request's KV blocks and slot pin now; its stream ends with finish_reason "aborted".
+        """Free the request's KV blocks now (its delta is unpinned at the next step); its stream ends with
+        finish_reason "aborted".
         Call it on the event loop's thread (gRPC handlers do), like every other engine method."""
         live = self._live.get(request_id)
         if live is None:
@@ -141,6 +154,9 @@ class Engine:
             return
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltaserve-forward")
         self._wake = asyncio.Event()
+        self._event_loop = asyncio.get_running_loop()
+        if self.residency is not None:
+            self.residency.on_ready = self.wake
         self._running = True
         self._task = asyncio.create_task(self._loop(), name="deltaserve-engine")
 
@@ -180,7 +196,7 @@ class Engine:
         while self._running:
             try:
                 plan = self._schedule()
-            except Exception as exc:  # noqa: BLE001 - e.g. a slot install failed: fail what is queued, keep serving
+            except Exception as exc:  # noqa: BLE001 - e.g. an install failed: fail what is queued, keep serving
                 log.exception("engine schedule failed")
                 for request_id in list(self._live):
                     live = self._live[request_id]
@@ -188,8 +204,8 @@ class Engine:
                 continue
             if plan is None:
                 self._wake.clear()
-                if self.scheduler.has_work():  # waiting only for a delta to load
-                    await asyncio.sleep(IDLE_POLL_S)
+                if self.scheduler.has_work() or (self.residency is not None and self.residency.busy()):
+                    await asyncio.sleep(IDLE_POLL_S)  # waiting for a delta to load, or a preload to install
                 else:
                     await self._wake.wait()
                 continue
@@ -205,8 +221,8 @@ class Engine:
 
     def _schedule(self) -> _Plan | None:
         started = time.monotonic()
-        if self.slots is not None:
-            self.slots.install_ready()  # finished background loads -> free device slots
+        if self.residency is not None:  # pins, frees and installs: the only device writes of the delta tier
+            self.residency.step(self.scheduler.running_deltas(), self.scheduler.waiting_deltas())
         sched = self.scheduler.schedule()
         for seq, exc in sched.failed:  # its delta could not be loaded: only this request fails
             live = self._live.get(seq.request_id)
