@@ -168,8 +168,9 @@ def build_app(config: ServerConfig) -> App:
                     max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens)
     spec = dm.spec  # fingerprinted once, from the unwrapped base
     cuda = device.type == "cuda"
-    store = DeltaStore.open(data_dir, spec, *store_config(config, pin_host_memory=cuda, device_bytes=dm.footprint,
-                                                          device_budget_bytes=budgets.delta_bytes))
+    store = DeltaStore.open(data_dir, spec, *store_config(
+        config, pin_host_memory=cuda, device_bytes=lambda d: dm.footprint(d) + dm.slot_bytes,
+        device_budget_bytes=budgets.delta_bytes))
     residency = Residency(dm, store.load_key, budgets.delta_bytes, pin_memory=cuda)
     engine = Engine(config, ModelRunner(dm, tokenizer, config, kv_bytes=budgets.kv_bytes), residency)
     log.info("model_loaded", path=str(model_path), model_type=spec.model_type, layers=spec.num_layers,

@@ -19,13 +19,18 @@ from server.deltas.residency import Residency
 
 
 class FakeDM:
-    """Footprints from the delta's description ("name:bytes"); install / clear recorded."""
+    """Footprints from the delta's description ("name:bytes"); install / clear recorded; slot tables free."""
+
+    slot_bytes = 0
 
     def __init__(self):
         self.slots: dict[int, str] = {}
         self.calls: list = []
         self.slot_capacity = 0
         self.threads: set[str] = set()
+
+    def next_slot_capacity(self, n):
+        return max(n, self.slot_capacity)
 
     def stage(self, delta, *, checked=False, pin=False):
         if delta.description.startswith("bad"):

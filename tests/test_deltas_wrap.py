@@ -109,8 +109,7 @@ def test_no_delta_memory_until_a_delta_arrives_then_each_term_its_bucketed_rows(
     assert ad.held_bytes == bucket_rows(3) * (2 * o.w_out + 4) * 4  # down | up column | down bias
     assert o.rows.arenas["vec_out"].held_bytes == 64 * 4  # the up bias row (no neutral row: none needed)
     cells = sum(a.held_bytes for layer in dm.layers.values() for a in layer.rows.arenas.values())
-    one_slot = sum(layer.rows.fields.bytes_for(1) for layer in (q, o))  # each layer's table entry for the slot
-    assert cells + one_slot == dm.footprint(delta)
+    assert cells == dm.footprint(delta)
     assert dm.held_bytes() == cells + sum(layer.rows.fields.nbytes for layer in (q, o))
     assert cells <= 1.25 * dm.real_bytes(delta) + 4 * 16  # + padding columns of the A|B rows
     assert all(layer.nbytes() == 0 for path, layer in dm.layers.items() if path not in (q.path, o.path))

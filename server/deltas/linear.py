@@ -175,7 +175,7 @@ class DeltaLinear(torch.nn.Module):
 
     # ---- the step loop's writes (between forwards) -------------------------------------------
     def place(self, slot: int, staged: Staged, capacity: int) -> None:
-        self.clear(slot)
+        self.clear(slot, keep_neutrals=True)  # the install's demand counted on this layer's neutral rows
         values = {k: v for k, v in staged.values.items() if k != "ad_source"}
         self.rows.place(slot, staged.rows, capacity, **values)
         for kind in ("lora", "bias", "out_scale", "in_scale"):
@@ -188,7 +188,7 @@ class DeltaLinear(torch.nn.Module):
             self.has_adapter[i].add(slot)
             self._widths[staged.values[f"ad_width{i}"]] += 1
 
-    def clear(self, slot: int) -> None:
+    def clear(self, slot: int, *, keep_neutrals: bool = False) -> None:
         if slot not in self.rows.cells:
             return
         host = self.rows.fields.host
@@ -200,7 +200,7 @@ class DeltaLinear(torch.nn.Module):
                 self._drop(self._widths, host[f"ad_width{i}"][slot])
         for has in self.has.values():
             has.discard(slot)
-        self.rows.clear(slot)
+        self.rows.clear(slot, keep_neutrals=keep_neutrals)
 
     @staticmethod
     def _drop(counter: Counter, value: int) -> None:

@@ -66,8 +66,8 @@ class DeltaModel:
         return next(self.model.parameters()).element_size()
 
     def footprint(self, delta: Delta) -> int:
-        """Device bytes ``delta`` holds once resident: its bucketed cells, the neutral rows of the arenas it uses
-        and its entry in each layer's slot table (shapes only; the upload check and the owner's budget use it)."""
+        """Device bytes ``delta``'s cells hold once resident: its bucketed rows and the neutral rows of the arenas
+        it uses (shapes only; the upload check and the owner's budget use it, with ``slot_bytes``)."""
         total = 0
         for path, md in delta.modules.items():
             layer = self.layers.get(path)
@@ -90,10 +90,11 @@ class DeltaModel:
     def pool_bytes(self) -> int:
         return self.capacity_bytes()
 
-    def slot_table_bytes(self, capacity: int) -> int:
-        """Bytes the slot tables of the layers holding terms take at ``capacity`` slots."""
-        return sum(layer.rows.fields.bytes_for(capacity) for layer in self.layers.values()
-                   if layer.rows.fields.allocated)
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one slot number costs in the per-slot tables if every layer had one (an upper bound: a layer
+        gets its table with its first term): the owner budgets the tables by this."""
+        return sum(layer.rows.fields.bytes_for(1) for layer in self.layers.values())
 
     # ---- load path (host only) -----------------------------------------------------------------
     def check(self, delta: Delta) -> None:

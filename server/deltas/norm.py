@@ -96,15 +96,15 @@ class DeltaNorm(torch.nn.Module):
         return Staged(rows, {}, set(rows))
 
     def place(self, slot: int, staged: Staged, capacity: int) -> None:
-        self.clear(slot)
+        self.clear(slot, keep_neutrals=True)  # the install's demand counted on this layer's neutral rows
         self.rows.place(slot, staged.rows, capacity)
         if "bias" in staged.kinds:
             self.has_bias.add(slot)
 
-    def clear(self, slot: int) -> None:
+    def clear(self, slot: int, *, keep_neutrals: bool = False) -> None:
         if slot in self.rows.cells:
             self.has_bias.discard(slot)
-            self.rows.clear(slot)
+            self.rows.clear(slot, keep_neutrals=keep_neutrals)
 
     def bias_pages(self) -> kernels.RowPages:
         arena, f = self.rows.arenas["vec"], self.rows.fields

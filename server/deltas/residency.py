@@ -53,7 +53,7 @@ READY_BYTES_MAX = 512 << 20
 class ResidencyStats:
     budget_bytes: int  # delta_memory_bytes
     capacity_bytes: int  # allocated arenas and slot tables (live cells, free cells, neutral rows)
-    held_bytes: int  # what the resident deltas hold (the sum of their footprints)
+    held_bytes: int  # what the resident deltas' cells hold (the sum of their footprints)
     real_bytes: int  # the resident deltas' own bytes in the served dtype
     resident: int
     pinned: int  # resident deltas a running request uses
@@ -223,7 +223,7 @@ class Residency:
         t0 = time.perf_counter()
         try:
             staged = self.dm.stage(self.loader(key), pin=self.pin_memory)
-            if staged.footprint > self.budget:  # refused at upload by the same measure; a budget lowered since
+            if staged.footprint + self.dm.slot_bytes > self.budget:  # refused at upload by the same measure
                 raise ResourceExhausted(f"delta {key.name}@{key.version} needs {staged.footprint} bytes of device "
                                         f"memory, more than delta_memory_bytes={self.budget}")
         except BaseException as exc:  # surfaced to the waiting requests by lookup
@@ -283,12 +283,15 @@ class Residency:
         t0 = time.perf_counter()
         self.dm.ensure_slots(max(slot for _, slot, _ in batch) + 1)
         items = [(slot, staged) for _, slot, staged in batch]
+        compacted = False
         while True:
             try:
                 self.dm.install(items, room=self.budget - self.dm.capacity_bytes())
                 break
             except NoRoom:
-                if self.dm.compact():
+                if not compacted:  # free cells and slack of other arenas back first (once: a relayout copies)
+                    compacted = True
+                    self.dm.compact()
                     continue
                 # arenas hold exactly their live cells and still do not fit: the footprints undercount the
                 # slot tables' slack; evict one more unpinned delta (not one being installed) and retry
@@ -299,6 +302,7 @@ class Residency:
                     self._install_seconds += time.perf_counter() - t0
                     return 0
                 self._evict(victim)
+                compacted = False
         for key, slot, staged in batch:
             self._where[key] = slot
             self._lru[key] = None
@@ -316,12 +320,14 @@ class Residency:
         heapq.heappush(self._free_slots, slot)
 
     def _make_room(self, need: int, waiting: set[DeltaKey], exclude: set[DeltaKey]) -> bool:
-        """Evict LRU unpinned deltas until ``need`` more bytes fit the budget; False (nothing evicted) if
-        the pinned deltas hold too much."""
+        """Evict LRU unpinned deltas until ``need`` more bytes fit the budget with the slot tables at the
+        capacity one more delta needs; False (nothing evicted) if the pinned deltas hold too much."""
+        tables = self.dm.slot_bytes * self.dm.next_slot_capacity(len(self._where) + len(exclude) + 1)
+        budget = self.budget - tables
         evictable = sum(self._footprint[k][0] for k in self._lru if k not in self._pinned and k not in exclude)
-        if self._held + need - evictable > self.budget:
+        if self._held + need - evictable > budget:
             return False
-        while self._held + need > self.budget:
+        while self._held + need > budget:
             self._evict(self._victim(waiting, exclude))
         return True
 

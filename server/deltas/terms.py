@@ -73,10 +73,9 @@ class TermRows:
         return need
 
     def footprint(self, term_rows: dict[str, int]) -> int:
-        """Bytes terms of ``term_rows`` rows hold once placed: bucketed cells, neutral rows, one slot's fields."""
-        cells = sum(self.arenas[a].cell_bytes(n) for a, sizes in self.demand(term_rows, all_neutrals=True).items()
-                    for n in sizes)
-        return cells + self.fields.bytes_for(1)
+        """Bytes terms of ``term_rows`` rows hold once placed: bucketed cells and the neutral rows they use."""
+        return sum(self.arenas[a].cell_bytes(n) for a, sizes in self.demand(term_rows, all_neutrals=True).items()
+                   for n in sizes)
 
     @property
     def capacity_bytes(self) -> int:
@@ -88,10 +87,17 @@ class TermRows:
 
     # ---- the step loop's writes ----------------------------------------------------------------
     def grow(self, demand: dict[str, list[int]], room: int) -> int:
-        """Grow arenas so that ``demand`` can be placed, adding at most ``room`` bytes; returns bytes added."""
-        added = 0
+        """Grow arenas so that ``demand`` can be placed, adding at most ``room`` bytes (each arena its exact
+        growth plus a share of the rest as slack); NoRoom, nothing changed, if the exact growth exceeds it."""
+        exact = {name: self.arenas[name].growth_rows(sizes) * self.arenas[name].row_bytes
+                 for name, sizes in demand.items()}
+        total = sum(exact.values())
+        if total > room:
+            raise NoRoom(f"arenas need {total} more bytes, {room} left")
+        spare, added = room - total, 0
         for name, sizes in demand.items():
-            added += self.arenas[name].grow(sizes, room - added)
+            if exact[name]:
+                added += self.arenas[name].grow(sizes, exact[name] + spare * exact[name] // total)
         self._after_relayout()
         return added
 
@@ -111,7 +117,7 @@ class TermRows:
         the other ``values`` (ranks, scales, ...); every field of the slot not given goes to its default."""
         self.ensure(capacity)
         if slot in self.cells:
-            self.clear(slot)
+            self.clear(slot, keep_neutrals=True)  # the demand counted on them
         cells: dict[str, Cell] = {}
         for term, rows in staged.items():
             spec = self.terms[term]
@@ -129,14 +135,15 @@ class TermRows:
         rows = {self.terms[t].field: self.arenas[self.terms[t].arena].start(c) for t, c in cells.items()}
         self.fields.set(slot, **{**self.fields.defaults, **self._defaults(), **values, **rows})
 
-    def clear(self, slot: int) -> None:
+    def clear(self, slot: int, *, keep_neutrals: bool = False) -> None:
         """Free ``slot``'s cells; its fields go back to the defaults (neutral rows where the arena lives)."""
         cells = self.cells.pop(slot, None)
         if cells is None:
             return  # nothing here: its fields hold the defaults already
         for term, cell in cells.items():
             self.arenas[self.terms[term].arena].free(cell)
-        self._drop_unused_neutrals()
+        if not keep_neutrals:
+            self._drop_unused_neutrals()
         self.fields.set(slot, **{**self.fields.defaults, **self._defaults()})
 
     def compact(self) -> int:
