@@ -184,13 +184,22 @@ def parse_args(argv=None):
     p.add_argument("--num-deltas", type=int, help="distinct deltas uploaded (default 500 quick, 2000 full)")
     p.add_argument("--rounds", type=int, help="rounds of phases")
     p.add_argument("--no-rss", action="store_true", help="skip the real-sized model's start-up memory")
+    p.add_argument("--shape", choices=("cpu", "demo", "gpu"), help="served random Llama (default cpu)")
+    p.add_argument("--layers", type=int, help="decoder layers of the --shape model")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="server dtype")
+    p.add_argument("--requests", type=int, help="most requests per phase")
+    p.add_argument("--duration", type=float, help="seconds of arrivals per phase")
     p.add_argument("--out-dir", help="results folder (default benchmarks/results, or BENCH_RESULTS_DIR)")
     args = p.parse_args(argv)
     s = replace(QUICK if args.quick else FULL)
     try:
-        s = replace(s, num_deltas=args.num_deltas or s.num_deltas, rounds=args.rounds or s.rounds)
+        s = replace(s, num_deltas=args.num_deltas or s.num_deltas, rounds=args.rounds or s.rounds,
+                    shape=args.shape or s.shape, max_requests=args.requests or s.max_requests,
+                    duration_s=args.duration or s.duration_s)
     except ValueError as exc:
         p.error(str(exc))
+    if args.dtype:
+        s.server = {**s.server, "dtype": args.dtype}
     return args, s
 
 
@@ -199,7 +208,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="deltaserve-scale-") as tmp:
         data_dir = Path(tmp)
-        mdir = build_model(data_dir, s.shape)
+        mdir = build_model(data_dir, s.shape, args.layers)
         server = ServerProcess(data_dir / "data", s.server, model=str(mdir)).launch()
         try:
             from load.payloads import SCALE_MIX, DeltaFactory, recipe_mix
@@ -209,7 +218,8 @@ def main(argv=None) -> int:
             refs = [DeltaRef(i % s.tenants, f"s{i:05d}-{r}", r)
                     for i, r in enumerate(recipe_mix(s.num_deltas, mix=SCALE_MIX))]
             server.wait_ready()
-            results = Results(__file__, {**asdict(s), "quick": args.quick, "model": f"random llama, shape {s.shape}",
+            results = Results(__file__, {**asdict(s), "quick": args.quick,
+                                         "model": f"random llama, shape {s.shape}, layers {args.layers or 'default'}",
                                          "kernels": "cpu" if not cuda_present() else "auto"}, out_dir=args.out_dir)
             tag = f"r{int(time.time()) % 100000}"
             keys = asyncio.run(create_tenants(server.address, server.admin_key,
