@@ -324,6 +324,8 @@ class Residency:
         capacity one more delta needs; False (nothing evicted) if the pinned deltas hold too much."""
         tables = self.dm.slot_bytes * self.dm.next_slot_capacity(len(self._where) + len(exclude) + 1)
         budget = self.budget - tables
+        if self._held + need <= budget:
+            return True
         evictable = sum(self._footprint[k][0] for k in self._lru if k not in self._pinned and k not in exclude)
         if self._held + need - evictable > budget:
             return False

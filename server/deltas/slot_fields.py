@@ -30,13 +30,15 @@ class SlotFields:
     def bytes_for(self, capacity: int) -> int:
         return 4 * capacity * len(self.defaults)
 
-    def ensure(self, capacity: int) -> None:
-        """Room for slots [0, capacity), new ones holding the defaults (called on the first term and by growth)."""
+    def ensure(self, capacity: int, defaults: dict | None = None) -> None:
+        """Room for slots [0, capacity), new ones holding ``defaults`` (the fields' own by default; the layer
+        passes its neutral rows' positions). Called on the first term and by growth."""
         if capacity <= self.capacity and self._ints is not None:
             return
         capacity = max(capacity, self.capacity)
-        for name, default in self.defaults.items():
-            self.host[name].extend([default] * (capacity - len(self.host[name])))
+        defaults = defaults or self.defaults
+        for name in self.defaults:
+            self.host[name].extend([defaults[name]] * (capacity - len(self.host[name])))
         ints = torch.tensor([self.host[n] for n in self.int_names], dtype=torch.int32).reshape(-1, capacity)
         floats = torch.tensor([self.host[n] for n in self.float_names], dtype=torch.float32).reshape(-1, capacity)
         self._ints, self._floats = ints.to(self.device), floats.to(self.device)

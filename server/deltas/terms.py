@@ -108,9 +108,7 @@ class TermRows:
         """Fields for slots [0, capacity); new slots point at the neutral rows."""
         if self.fields.allocated and capacity <= self.fields.capacity:
             return
-        self.fields.ensure(capacity)
-        for name in self.arenas:
-            self._refresh_fields(name)
+        self.fields.ensure(capacity, defaults={**self.fields.defaults, **self._defaults()})
 
     def place(self, slot: int, staged: dict[str, torch.Tensor], capacity: int, **values) -> None:
         """Put ``slot``'s staged terms into free cells (``grow`` made room), point its row fields at them and set
@@ -191,8 +189,10 @@ class TermRows:
         for term, spec in self.terms.items():
             if spec.arena != arena_name:
                 continue
-            host = self.fields.host[spec.field]
-            for s in range(self.fields.capacity):
-                cell = self.cells.get(s, {}).get(term)
-                host[s] = arena.start(cell) if cell is not None else defaults[spec.field]
+            host = [defaults[spec.field]] * self.fields.capacity  # every slot without the term: O(capacity) in C
+            for s, cells in self.cells.items():
+                cell = cells.get(term)
+                if cell is not None:
+                    host[s] = arena.start(cell)
+            self.fields.host[spec.field] = host
             self.fields.refresh(spec.field)
