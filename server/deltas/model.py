@@ -87,9 +87,6 @@ class DeltaModel:
         """Device bytes of the live cells and the slot tables."""
         return sum(layer.rows.held_bytes for layer in self.layers.values())
 
-    def pool_bytes(self) -> int:
-        return self.capacity_bytes()
-
     @property
     def slot_bytes(self) -> int:
         """Bytes one slot number costs in the per-slot tables if every layer had one (an upper bound: a layer
@@ -131,10 +128,6 @@ class DeltaModel:
 
     def next_slot_capacity(self, n: int) -> int:
         return self.slot_capacity if n <= self.slot_capacity else max(n, int(self.slot_capacity * SLOT_GROWTH) + 1)
-
-    def growth_bytes(self, items: list[tuple[int, StagedDelta]]) -> int:
-        """Bytes the arenas must add before ``items`` can be placed (without slack)."""
-        return sum(layer.rows.growth_bytes(demand) for layer, demand in self._demands(items).values())
 
     @torch.inference_mode()
     def install(self, items: list[tuple[int, StagedDelta]], room: int) -> int:
