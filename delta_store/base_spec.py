@@ -33,9 +33,9 @@ def layer_index(path: str) -> int | None:
 @dataclass(frozen=True, slots=True)
 class ModuleInfo:
     path: str
-    kind: str  # "linear" | "conv1d" | "layernorm" | "rmsnorm"
-    in_features: int  # norms: normalized size
-    out_features: int
+    kind: str  # "linear" | "conv1d" | "layernorm" | "rmsnorm" | "embedding"
+    in_features: int  # norms: normalized size; embeddings: num_embeddings (the vocabulary)
+    out_features: int  # embeddings: embedding_dim
     has_bias: bool
     layer: int | None  # decoder layer index, None outside the decoder layers
 
@@ -53,6 +53,14 @@ class BaseSpec:
     modules: dict[str, ModuleInfo] = field(default_factory=dict)
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> base bias [out] (CPU fp32 copy)
     fingerprint: str = ""
+    input_embedding: str = ""  # path of get_input_embeddings() ("model.embed_tokens", "transformer.wte")
+    output_head: str = ""  # path of get_output_embeddings() ("lm_head")
+    tied_embeddings: bool = False  # the head's weight *is* the input embedding's (GPT-2)
+    # Attention geometry, what a prompt/prefix delta must fit (its K/V go into the served KV cache):
+    num_attention_heads: int = 0
+    num_kv_heads: int = 0  # < num_attention_heads for grouped-query attention (Llama-family configs)
+    head_dim: int = 0
+    max_positions: int = 0  # max_position_embeddings / GPT-2 n_positions (0 = unknown)
 
     @property
     def arch(self) -> str:
@@ -88,6 +96,8 @@ class BaseSpec:
             elif type(mod).__name__.endswith("RMSNorm") and hasattr(mod, "weight"):
                 kind, fin = "rmsnorm", int(mod.weight.shape[-1])
                 fout = fin
+            elif isinstance(mod, torch.nn.Embedding):
+                kind, fin, fout = "embedding", mod.num_embeddings, mod.embedding_dim
             if kind is None:
                 continue
             bias = getattr(mod, "bias", None)
@@ -95,16 +105,36 @@ class BaseSpec:
             modules[path] = ModuleInfo(path, kind, int(fin), int(fout), has_bias, layer_index(path))
             if has_bias:
                 biases[path] = bias.detach().to("cpu", torch.float32).clone()
+        hidden = int(getattr(text_cfg, "hidden_size", getattr(text_cfg, "n_embd", 0)))
+        heads = int(getattr(text_cfg, "num_attention_heads", getattr(text_cfg, "n_head", 0)) or 0)
+        kv_heads = int(getattr(text_cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text_cfg, "head_dim", None) or (hidden // heads if heads else 0))
         spec = cls(
             model_type=str(text_cfg.model_type),
             num_layers=int(getattr(text_cfg, "num_hidden_layers", getattr(text_cfg, "n_layer", 0))),
-            hidden_size=int(getattr(text_cfg, "hidden_size", getattr(text_cfg, "n_embd", 0))),
+            hidden_size=hidden,
             vocab_size=int(text_cfg.vocab_size),
             modules=modules,
             biases=biases,
+            num_attention_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_positions=int(getattr(text_cfg, "max_position_embeddings", 0) or 0),
         )
+        spec.input_embedding, spec.output_head, spec.tied_embeddings = _embeddings(model)
         spec.fingerprint = fingerprint(model)
         return spec
+
+
+def _embeddings(model: torch.nn.Module) -> tuple[str, str, bool]:
+    """(input embedding path, output head path, tied): "" where the model has no such module."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    paths = {id(m): p for p, m in model.named_modules()}
+    tied = emb is not None and head is not None and getattr(emb, "weight", None) is getattr(head, "weight", 0)
+    return paths.get(id(emb), ""), paths.get(id(head), ""), bool(tied)
 
 
 def fingerprint(model: torch.nn.Module, sample_bytes: int = 1 << 16) -> str:

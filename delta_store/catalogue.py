@@ -1,158 +1,112 @@
-"""The catalogue: tenants, delta names and immutable versions in SQLite (WAL mode).
+"""The catalogue: tenants, delta names and immutable versions, in SQLite or PostgreSQL (D7, D12).
 
-SQLite is an embedded, real database (D7): WAL lets readers run beside one writer, across
-threads and processes on one host; ``busy_timeout`` makes writers queue instead of failing.
-Each thread gets its own connection (sqlite3 connections must not be shared mid-transaction);
-every write is one ``BEGIN IMMEDIATE`` transaction, so checks inside it (quotas, "is this blob
-still referenced") cannot race with another writer. ``synchronous=FULL``: an upload that returned
-survives a power cut, and uploads are rare enough that the extra fsync (~ms) does not matter.
-A deployment past one machine swaps this class for PostgreSQL behind the same methods (D12).
+SQLAlchemy Core statements over the tables of ``catalogue_schema``, one text for both dialects;
+``database`` owns the engines, the transactions and the migrations. Every write is one transaction
+that holds the catalogue's write lock from its first statement (SQLite ``BEGIN IMMEDIATE``, a
+PostgreSQL advisory lock), so the checks inside it (quotas, "is this blob still referenced") cannot
+race with another writer, in this process or in another replica. Versions are immutable: only their
+usage counters change after the insert.
 """
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
+import os
 import time
 import uuid
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
-from .records import DeltaVersion, TenantQuotas, Tenant
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
-SCHEMA_VERSION = 1
+from . import database
+from .catalogue_schema import blob_gc, deltas, tenants, versions
+from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from .records import DeltaVersion, Tenant, TenantQuotas
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS tenants (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, key_sha256 TEXT NOT NULL UNIQUE,
-    is_admin INTEGER NOT NULL, max_deltas INTEGER NOT NULL, max_bytes INTEGER NOT NULL,
-    requests_per_minute INTEGER NOT NULL, tokens_per_minute INTEGER NOT NULL, max_concurrent INTEGER NOT NULL,
-    created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS deltas (
-    id INTEGER PRIMARY KEY, tenant_id TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
-    name TEXT NOT NULL, next_version INTEGER NOT NULL, created REAL NOT NULL, UNIQUE (tenant_id, name));
-CREATE TABLE IF NOT EXISTS versions (
-    delta_id INTEGER NOT NULL REFERENCES deltas(id) ON DELETE CASCADE, version INTEGER NOT NULL,
-    digest TEXT NOT NULL, size INTEGER NOT NULL, kinds TEXT NOT NULL, max_rank INTEGER NOT NULL,
-    max_width INTEGER NOT NULL, source_format TEXT NOT NULL, description TEXT NOT NULL, labels TEXT NOT NULL,
-    created REAL NOT NULL, last_used REAL, requests INTEGER NOT NULL DEFAULT 0, tokens INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (delta_id, version));
-CREATE INDEX IF NOT EXISTS versions_digest ON versions(digest);
-CREATE TABLE IF NOT EXISTS blob_gc (digest TEXT PRIMARY KEY, since REAL NOT NULL);
-"""
+_VERSION_COLUMNS = (deltas.c.tenant_id, deltas.c.name, *[c for c in versions.c if c.name != "delta_id"])
+_TENANT_COLUMNS = frozenset(c.name for c in tenants.c) - {"id", "created"}
 
-_VERSION_SELECT = """SELECT d.tenant_id, d.name, v.* FROM versions v JOIN deltas d ON d.id = v.delta_id"""
+
+def _versions_select() -> sa.Select:
+    return sa.select(*_VERSION_COLUMNS).select_from(versions.join(deltas, deltas.c.id == versions.c.delta_id))
+
+
+def _version(row) -> DeltaVersion:
+    return DeltaVersion.from_row(row._mapping)
+
+
+def _tenant(row) -> Tenant:
+    m = row._mapping
+    q = TenantQuotas(m["max_deltas"], m["max_bytes"], m["requests_per_minute"], m["tokens_per_minute"], m["max_concurrent"])
+    return Tenant(m["id"], m["name"], bool(m["is_admin"]), q, m["created"])
 
 
 class Catalogue:
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0):
-        self.path = Path(path)
+    def __init__(self, target: str | os.PathLike | sa.URL, *, busy_timeout_s: float = 30.0):
+        """``target``: a SQLite file path, or a database URL (``sqlite:///...``, ``postgresql://...``)."""
+        self.url = database.catalogue_url(target)
+        self.where = database.describe(self.url)
         self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
-        conn = self._conn()
-        conn.execute("PRAGMA journal_mode=WAL")
-        with self.write() as c:
-            for statement in filter(str.strip, _SCHEMA.split(";")):  # executescript would COMMIT our BEGIN
-                c.execute(statement)
-            row = c.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                c.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise FailedPrecondition(f"catalogue {self.path} has schema version {row[0]}; this server knows "
-                                         f"up to {SCHEMA_VERSION}")
-
-    # -- connections and transactions -------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
-                                   check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
-
-    @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; takes the database write lock at BEGIN, so checks inside cannot race."""
-        c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
+        self.engine = database.create_engine(self.url, busy_timeout_s=busy_timeout_s)
         try:
-            yield c
+            self.revision = database.migrate(self.engine, self.where)
         except BaseException:
-            c.execute("ROLLBACK")
+            self.engine.dispose()
             raise
-        c.execute("COMMIT")
+        self._insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
 
-    @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """A read snapshot spanning several statements (WAL readers never block the writer)."""
-        c = self._conn()
-        c.execute("BEGIN")
-        try:
-            yield c
-        finally:
-            c.execute("COMMIT")
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def write(self):
+        """One write transaction holding the write lock (``with catalogue.write() as conn``)."""
+        return database.write(self.engine, self.where)
+
+    def read(self):
+        """A read snapshot spanning several statements."""
+        return database.read(self.engine, self.where)
 
     def close(self) -> None:
-        with self._conns_lock:
-            for conn in self._conns:
-                try:
-                    conn.close()
-                except sqlite3.ProgrammingError:
-                    pass
-            self._conns.clear()
-        self._local = threading.local()
+        self.engine.dispose()
 
     # -- tenants ------------------------------------------------------------------------------------
-    @staticmethod
-    def _tenant(row) -> Tenant:
-        q = TenantQuotas(row["max_deltas"], row["max_bytes"], row["requests_per_minute"], row["tokens_per_minute"],
-                   row["max_concurrent"])
-        return Tenant(row["id"], row["name"], bool(row["is_admin"]), q, row["created"])
-
     def create_tenant(self, name: str, key_sha256: str, is_admin: bool, quotas: TenantQuotas) -> Tenant:
         tid = "t_" + uuid.uuid4().hex[:16]
         now = time.time()
         with self.write() as c:
-            if c.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
+            if c.execute(sa.select(tenants.c.id).where(tenants.c.name == name)).first():
                 raise AlreadyExists(f"tenant {name!r} already exists")
-            c.execute("INSERT INTO tenants VALUES (?,?,?,?,?,?,?,?,?,?)",
-                      (tid, name, key_sha256, int(is_admin), quotas.max_deltas, quotas.max_bytes,
-                       quotas.requests_per_minute, quotas.tokens_per_minute, quotas.max_concurrent, now))
+            c.execute(tenants.insert().values(
+                id=tid, name=name, key_sha256=key_sha256, is_admin=int(is_admin), max_deltas=quotas.max_deltas,
+                max_bytes=quotas.max_bytes, requests_per_minute=quotas.requests_per_minute,
+                tokens_per_minute=quotas.tokens_per_minute, max_concurrent=quotas.max_concurrent, created=now))
         return Tenant(tid, name, is_admin, quotas, now)
 
     def tenant(self, *, id: str | None = None, name: str | None = None, key_sha256: str | None = None) -> Tenant | None:
         col, value = next((c, v) for c, v in (("id", id), ("name", name), ("key_sha256", key_sha256)) if v is not None)
-        row = self._conn().execute(f"SELECT * FROM tenants WHERE {col} = ?", (value,)).fetchone()
-        return None if row is None else self._tenant(row)
+        with self.read() as c:
+            row = c.execute(sa.select(tenants).where(tenants.c[col] == value)).first()
+        return None if row is None else _tenant(row)
 
     def list_tenants(self) -> list[Tenant]:
-        return [self._tenant(r) for r in self._conn().execute("SELECT * FROM tenants ORDER BY name")]
+        with self.read() as c:
+            return [_tenant(r) for r in c.execute(sa.select(tenants).order_by(tenants.c.name))]
 
     def update_tenant(self, tenant_id: str, **columns) -> Tenant:
-        sets = ", ".join(f"{k} = ?" for k in columns)
+        unknown = sorted(set(columns) - _TENANT_COLUMNS)
+        if unknown:
+            raise InvalidArgument(f"unknown tenant column(s): {', '.join(unknown)}")
         with self.write() as c:
-            cur = c.execute(f"UPDATE tenants SET {sets} WHERE id = ?", (*columns.values(), tenant_id))
-            if cur.rowcount == 0:
+            if c.execute(tenants.update().where(tenants.c.id == tenant_id).values(**columns)).rowcount == 0:
                 raise NotFound(f"tenant {tenant_id!r} not found")
-            return self._tenant(c.execute("SELECT * FROM tenants WHERE id = ?", (tenant_id,)).fetchone())
+            return _tenant(c.execute(sa.select(tenants).where(tenants.c.id == tenant_id)).one())
 
     def delete_tenant(self, tenant_id: str) -> list[DeltaVersion]:
         """Delete a tenant and all its deltas (blobs queued for collection); returns the versions gone."""
         with self.write() as c:
-            gone = [DeltaVersion.from_row(r) for r in c.execute(_VERSION_SELECT + " WHERE d.tenant_id = ?",
-                                                                (tenant_id,))]
-            if c.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,)).rowcount == 0:
+            gone = [_version(r) for r in c.execute(_versions_select().where(deltas.c.tenant_id == tenant_id))]
+            if c.execute(tenants.delete().where(tenants.c.id == tenant_id)).rowcount == 0:
                 raise NotFound(f"tenant {tenant_id!r} not found")
             self._queue_gc(c, [v.digest for v in gone])
         return gone
@@ -165,124 +119,139 @@ class Catalogue:
         durable (it re-writes it if a concurrent collection removed it); quotas are checked here too."""
         now = time.time()
         with self.write() as c:
-            t = c.execute("SELECT * FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+            t = c.execute(sa.select(tenants).where(tenants.c.id == tenant_id)).first()
             if t is None:
                 raise NotFound(f"tenant {tenant_id!r} not found")
-            row = c.execute("SELECT id, next_version FROM deltas WHERE tenant_id = ? AND name = ?",
-                            (tenant_id, name)).fetchone()
+            t = t._mapping
+            row = c.execute(sa.select(deltas.c.id, deltas.c.next_version)
+                            .where(deltas.c.tenant_id == tenant_id, deltas.c.name == name)).first()
             if row is None:
-                count = c.execute("SELECT COUNT(*) FROM deltas WHERE tenant_id = ?", (tenant_id,)).fetchone()[0]
+                count = c.execute(sa.select(sa.func.count()).select_from(deltas)
+                                  .where(deltas.c.tenant_id == tenant_id)).scalar_one()
                 if count + 1 > t["max_deltas"]:
                     raise ResourceExhausted(f"tenant {t['name']!r}: delta quota reached ({count} of "
                                             f"{t['max_deltas']}); delete one first")
-            used = c.execute("SELECT COALESCE(SUM(v.size), 0) FROM versions v JOIN deltas d ON d.id = v.delta_id "
-                             "WHERE d.tenant_id = ?", (tenant_id,)).fetchone()[0]
+            used = self._bytes_used(c, tenant_id)
             if used + size > t["max_bytes"]:
                 raise ResourceExhausted(f"tenant {t['name']!r}: storage quota exceeded ({used} + {size} bytes > "
                                         f"{t['max_bytes']})")
             ensure_blob()
             if row is None:
-                delta_id = c.execute("INSERT INTO deltas (tenant_id, name, next_version, created) VALUES (?,?,1,?)",
-                                     (tenant_id, name, now)).lastrowid
+                delta_id = c.execute(deltas.insert().values(tenant_id=tenant_id, name=name, next_version=1,
+                                                            created=now)).inserted_primary_key[0]
                 version = 1
             else:
-                delta_id, version = row["id"], row["next_version"]
-            c.execute("UPDATE deltas SET next_version = ? WHERE id = ?", (version + 1, delta_id))
-            c.execute("INSERT INTO versions (delta_id, version, digest, size, kinds, max_rank, max_width, "
-                      "source_format, description, labels, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                      (delta_id, version, digest, size, json.dumps(sorted(kinds)), max_rank, max_width,
-                       source_format, description, json.dumps(labels, sort_keys=True), now))
-            c.execute("DELETE FROM blob_gc WHERE digest = ?", (digest,))
+                delta_id, version = row.id, row.next_version
+            c.execute(deltas.update().where(deltas.c.id == delta_id).values(next_version=version + 1))
+            c.execute(versions.insert().values(
+                delta_id=delta_id, version=version, digest=digest, size=size, kinds=json.dumps(sorted(kinds)),
+                max_rank=max_rank, max_width=max_width, source_format=source_format, description=description,
+                labels=json.dumps(labels, sort_keys=True), created=now))
+            c.execute(blob_gc.delete().where(blob_gc.c.digest == digest))
         return DeltaVersion(tenant_id, name, version, digest, size, tuple(sorted(kinds)), max_rank, max_width,
                             source_format, description, dict(labels), now)
 
+    @staticmethod
+    def _bytes_used(c: sa.Connection, tenant_id: str) -> int:
+        q = (sa.select(sa.func.coalesce(sa.func.sum(versions.c.size), 0))
+             .select_from(versions.join(deltas, deltas.c.id == versions.c.delta_id)).where(deltas.c.tenant_id == tenant_id))
+        return int(c.execute(q).scalar_one())  # PostgreSQL's SUM(bigint) is numeric
+
     def resolve(self, tenant_id: str, name: str, version: int | None) -> DeltaVersion | None:
-        sql = _VERSION_SELECT + " WHERE d.tenant_id = ? AND d.name = ?"
-        args: tuple = (tenant_id, name)
-        if version is None:
-            sql += " ORDER BY v.version DESC LIMIT 1"
-        else:
-            sql += " AND v.version = ?"
-            args += (version,)
-        row = self._conn().execute(sql, args).fetchone()
-        return None if row is None else DeltaVersion.from_row(row)
+        q = _versions_select().where(deltas.c.tenant_id == tenant_id, deltas.c.name == name)
+        q = q.order_by(versions.c.version.desc()).limit(1) if version is None else q.where(versions.c.version == version)
+        with self.read() as c:
+            row = c.execute(q).first()
+        return None if row is None else _version(row)
 
     def versions(self, tenant_id: str, name: str) -> list[DeltaVersion]:
-        rows = self._conn().execute(_VERSION_SELECT + " WHERE d.tenant_id = ? AND d.name = ? ORDER BY v.version",
-                                    (tenant_id, name))
-        return [DeltaVersion.from_row(r) for r in rows]
+        q = _versions_select().where(deltas.c.tenant_id == tenant_id, deltas.c.name == name).order_by(versions.c.version)
+        with self.read() as c:
+            return [_version(r) for r in c.execute(q)]
 
     def list_latest(self, tenant_id: str, after: str, limit: int) -> list[DeltaVersion]:
         """The latest version of each delta of a tenant, by name, starting after ``after``."""
-        rows = self._conn().execute(
-            _VERSION_SELECT + " WHERE d.tenant_id = ? AND d.name > ? AND v.version = "
-            "(SELECT MAX(version) FROM versions WHERE delta_id = d.id) ORDER BY d.name LIMIT ?",
-            (tenant_id, after, limit))
-        return [DeltaVersion.from_row(r) for r in rows]
+        inner = versions.alias("latest")
+        latest = sa.select(sa.func.max(inner.c.version)).where(inner.c.delta_id == deltas.c.id).scalar_subquery()
+        q = (_versions_select().where(deltas.c.tenant_id == tenant_id, deltas.c.name > after,
+                                      versions.c.version == latest)
+             .order_by(deltas.c.name).limit(limit))
+        with self.read() as c:
+            return [_version(r) for r in c.execute(q)]
 
     def usage(self, tenant_id: str) -> tuple[int, int]:
-        """(number of deltas, bytes stored) for a tenant."""
-        c = self._conn()
-        n = c.execute("SELECT COUNT(*) FROM deltas WHERE tenant_id = ?", (tenant_id,)).fetchone()[0]
-        b = c.execute("SELECT COALESCE(SUM(v.size), 0) FROM versions v JOIN deltas d ON d.id = v.delta_id "
-                      "WHERE d.tenant_id = ?", (tenant_id,)).fetchone()[0]
-        return n, b
+        """(number of deltas, bytes stored) for a tenant, from one snapshot."""
+        with self.read() as c:
+            n = c.execute(sa.select(sa.func.count()).select_from(deltas)
+                          .where(deltas.c.tenant_id == tenant_id)).scalar_one()
+            return n, self._bytes_used(c, tenant_id)
 
     def delete(self, tenant_id: str, name: str, version: int | None) -> list[DeltaVersion]:
         """Delete one version, or every version of ``name``; returns what was deleted."""
         with self.write() as c:
-            sql = _VERSION_SELECT + " WHERE d.tenant_id = ? AND d.name = ?"
-            args: tuple = (tenant_id, name)
+            q = _versions_select().where(deltas.c.tenant_id == tenant_id, deltas.c.name == name)
             if version is not None:
-                sql, args = sql + " AND v.version = ?", args + (version,)
-            gone = [DeltaVersion.from_row(r) for r in c.execute(sql, args)]
+                q = q.where(versions.c.version == version)
+            gone = [_version(r) for r in c.execute(q)]
             if not gone:
                 return []
-            delta_id = c.execute("SELECT id FROM deltas WHERE tenant_id = ? AND name = ?",
-                                 (tenant_id, name)).fetchone()[0]
+            delta_id = c.execute(sa.select(deltas.c.id).where(deltas.c.tenant_id == tenant_id,
+                                                              deltas.c.name == name)).scalar_one()
             if version is None:
-                c.execute("DELETE FROM deltas WHERE id = ?", (delta_id,))
+                c.execute(deltas.delete().where(deltas.c.id == delta_id))
             else:
-                c.execute("DELETE FROM versions WHERE delta_id = ? AND version = ?", (delta_id, version))
-                if c.execute("SELECT 1 FROM versions WHERE delta_id = ?", (delta_id,)).fetchone() is None:
-                    c.execute("DELETE FROM deltas WHERE id = ?", (delta_id,))
+                c.execute(versions.delete().where(versions.c.delta_id == delta_id, versions.c.version == version))
+                if c.execute(sa.select(versions.c.version).where(versions.c.delta_id == delta_id).limit(1)).first() is None:
+                    c.execute(deltas.delete().where(deltas.c.id == delta_id))
             self._queue_gc(c, [v.digest for v in gone])
         return gone
 
     def exists(self, tenant_id: str, name: str, version: int, digest: str) -> bool:
-        return self._conn().execute(
-            "SELECT 1 FROM versions v JOIN deltas d ON d.id = v.delta_id WHERE d.tenant_id = ? AND d.name = ? "
-            "AND v.version = ? AND v.digest = ?", (tenant_id, name, version, digest)).fetchone() is not None
+        q = (_versions_select().where(deltas.c.tenant_id == tenant_id, deltas.c.name == name,
+                                      versions.c.version == version, versions.c.digest == digest).limit(1))
+        with self.read() as c:
+            return c.execute(q).first() is not None
 
     def add_usage(self, usage: dict[tuple[str, str, int, str], tuple[int, int, float]]) -> None:
         """Add request/token counters and bump last-used, for many versions in one transaction."""
-        with self.write() as c:
-            for (tenant_id, name, version, digest), (requests, tokens, last_used) in usage.items():
-                c.execute("UPDATE versions SET requests = requests + ?, tokens = tokens + ?, "
-                          "last_used = MAX(COALESCE(last_used, 0), ?) WHERE version = ? AND digest = ? AND "
-                          "delta_id = (SELECT id FROM deltas WHERE tenant_id = ? AND name = ?)",
-                          (requests, tokens, last_used, version, digest, tenant_id, name))
+        delta_id = (sa.select(deltas.c.id).where(deltas.c.tenant_id == sa.bindparam("t"),
+                                                 deltas.c.name == sa.bindparam("n")).scalar_subquery())
+        last = sa.bindparam("last", type_=sa.Double)
+        stmt = (versions.update()
+                .where(versions.c.version == sa.bindparam("v"), versions.c.digest == sa.bindparam("d"),
+                       versions.c.delta_id == delta_id)
+                .values(requests=versions.c.requests + sa.bindparam("r"), tokens=versions.c.tokens + sa.bindparam("k"),
+                        last_used=sa.case((sa.func.coalesce(versions.c.last_used, 0) > last, versions.c.last_used),
+                                          else_=last)))
+        rows = [dict(t=t, n=n, v=v, d=d, r=r, k=k, last=last_used)
+                for (t, n, v, d), (r, k, last_used) in usage.items()]
+        if rows:
+            with self.write() as c:
+                c.execute(stmt, rows)
 
     # -- blob collection ------------------------------------------------------------------------------
-    @staticmethod
-    def _queue_gc(c: sqlite3.Connection, digests: list[str]) -> None:
-        now = time.time()
-        c.executemany("INSERT OR IGNORE INTO blob_gc VALUES (?, ?)", [(d, now) for d in set(digests)])
+    def _queue_gc(self, c: sa.Connection, digests: list[str]) -> None:
+        if digests:
+            now = time.time()
+            c.execute(self._insert(blob_gc).on_conflict_do_nothing(index_elements=["digest"]),
+                      [dict(digest=d, since=now) for d in sorted(set(digests))])
 
     def referenced_digests(self) -> set[str]:
-        return {r[0] for r in self._conn().execute("SELECT DISTINCT digest FROM versions")}
+        with self.read() as c:
+            return set(c.execute(sa.select(versions.c.digest).distinct()).scalars())
 
     def gc_queue(self) -> list[str]:
-        return [r[0] for r in self._conn().execute("SELECT digest FROM blob_gc")]
+        with self.read() as c:
+            return list(c.execute(sa.select(blob_gc.c.digest)).scalars())
 
     def collect(self, digest: str, delete_blob: Callable[[str], None]) -> bool:
         """Delete the blob if no version references it, under the write lock (so no put can race in
-        between the check and the delete); True if deleted. A crash after the unlink and before the
-        commit leaves a queue entry for a missing blob, which the next collection just drops."""
+        between the check and the delete); True if deleted. A crash after the blob's deletion and before
+        the commit leaves a queue entry for a missing blob, which the next collection just drops."""
         with self.write() as c:
-            if c.execute("SELECT 1 FROM versions WHERE digest = ? LIMIT 1", (digest,)).fetchone():
-                c.execute("DELETE FROM blob_gc WHERE digest = ?", (digest,))
+            if c.execute(sa.select(versions.c.digest).where(versions.c.digest == digest).limit(1)).first():
+                c.execute(blob_gc.delete().where(blob_gc.c.digest == digest))
                 return False
             delete_blob(digest)
-            c.execute("DELETE FROM blob_gc WHERE digest = ?", (digest,))
+            c.execute(blob_gc.delete().where(blob_gc.c.digest == digest))
             return True

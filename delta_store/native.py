@@ -9,6 +9,11 @@ little-endian header length, a JSON header, then the tensor bytes. Tensors are t
      "modules": {"model.layers.0.self_attn.q_proj": {"tensors": ["lora.a", "lora.b"],
                                                     "lora": {"rank": 16, "scale": 2.0}}, ...}}
 
+A delta with a prompt part adds ``"prompt": {"form": "kv", "num_virtual_tokens": 20, "positions":
+"after_prefix"}`` and its tensors under the reserved keys ``__prompt__.keys`` / ``__prompt__.values``
+(or ``__prompt__.embeddings``); a delta without one has exactly the bytes it had before prompts existed,
+so stored digests do not change.
+
 We write the container ourselves rather than through ``safetensors.torch.save``: the header is
 dumped with sorted keys and fixed separators and the data laid out in sorted key order, so the
 same delta always gives the same bytes and therefore the same sha256 (the blob's address).
@@ -24,16 +29,21 @@ from pathlib import Path
 
 import torch
 
-from .delta import ACTIVATIONS, ADAPTER_SOURCES, AdapterTerm, Delta, LoraTerm, ModuleDelta
+from .delta import ACTIVATIONS, ADAPTER_SOURCES, AdapterTerm, Delta, LoraTerm, ModuleDelta, RowsTerm
 from .errors import DeltaError
+from .prompt import FORMS, POSITIONS, PromptPart
 
 FORMAT_NAME = "deltaserve.native"
 FORMAT_VERSION = 1
 _HEADER_LIMIT = 16 << 20  # a header past 16 MiB is malformed (a 7B all-module delta needs ~100 KiB)
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64"}  # I64: trainable-token ids (rows.index) only
 _SUFFIXES = ("lora.a", "lora.b", "bias", "out_scale", "in_scale",
-             "adapter.down", "adapter.down_bias", "adapter.up", "adapter.up_bias")
+             "adapter.down", "adapter.down_bias", "adapter.up", "adapter.up_bias",
+             "dora.magnitude", "rows.index", "rows.values")
+PROMPT_KEY = "__prompt__"  # never a module path: HF module names are Python identifiers joined by dots
+_PROMPT_TENSORS = {"embeddings": ("embeddings",), "kv": ("keys", "values")}
 
 
 def digest_bytes(data: bytes) -> str:
@@ -73,10 +83,17 @@ def dump_native(delta: Delta) -> bytes:
               "base_fingerprint": delta.base_fingerprint, "description": delta.description,
               "modules": {path: _module_config(path, md) for path, md in delta.modules.items()}}
     tensors: dict[str, torch.Tensor] = {}
-    for path, md in delta.modules.items():
-        for suffix, t in md.tensors().items():
-            if t.dtype not in _DTYPES:
-                raise DeltaError(f"{path}.{suffix}: dtype {t.dtype} not storable (float32/16, bfloat16, float64)")
+    parts = [(path, md.tensors()) for path, md in delta.modules.items()]
+    if delta.prompt is not None:
+        pp = delta.prompt
+        pp.check_structure()
+        config["prompt"] = {"form": pp.form, "num_virtual_tokens": pp.num_virtual_tokens, "positions": pp.positions}
+        parts.append((PROMPT_KEY, pp.tensors()))
+    for path, named in parts:
+        for suffix, t in named.items():
+            if t.dtype not in _DTYPES or (t.dtype == torch.int64) != (suffix == "rows.index"):
+                raise DeltaError(f"{path}.{suffix}: dtype {t.dtype} not storable (float32/16, bfloat16, float64; "
+                                 f"int64 for rows.index only)")
             tensors[f"{path}.{suffix}"] = t
     header: dict = {"__metadata__": {"format": FORMAT_NAME, "deltaserve": canonical_json(config)}}
     chunks: list[bytes] = []
@@ -167,6 +184,10 @@ def load_native(source: bytes | str | os.PathLike) -> Delta:
     for path, cfg in modules_cfg.items():
         modules[path] = _build_module(path, cfg, tensors, where)
         claimed.update(f"{path}.{s}" for s in cfg["tensors"])
+    prompt = None
+    if "prompt" in config:
+        prompt, names = _build_prompt(config["prompt"], tensors, where)
+        claimed.update(names)
     extra = sorted(set(tensors) - claimed)
     if extra:
         raise DeltaError(f"{where}: tensor {extra[0]!r} is not described in the metadata")
@@ -174,7 +195,24 @@ def load_native(source: bytes | str | os.PathLike) -> Delta:
     for k, v in fields.items():
         if not isinstance(v, str):
             raise DeltaError(f"{where}: metadata '{k}' must be a string")
-    return Delta(modules, **fields)
+    return Delta(modules, **fields, prompt=prompt)
+
+
+def _build_prompt(cfg: object, tensors: dict[str, torch.Tensor], where: str) -> tuple[PromptPart, list[str]]:
+    at = f"{where}: prompt"
+    if not isinstance(cfg, dict) or cfg.get("form") not in FORMS or cfg.get("positions") not in POSITIONS:
+        raise DeltaError(f"{at}: config must name a form in {FORMS} and positions in {POSITIONS}")
+    names = [f"{PROMPT_KEY}.{n}" for n in _PROMPT_TENSORS[cfg["form"]]]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise DeltaError(f"{at}: tensor {missing[0]!r} listed by form {cfg['form']!r} is missing from the file")
+    got = {n.split(".", 1)[1]: tensors[n] for n in names}
+    part = PromptPart(positions=cfg["positions"], **got)
+    part.check_structure()
+    if cfg.get("num_virtual_tokens") != part.num_virtual_tokens:
+        raise DeltaError(f"{at}: num_virtual_tokens {cfg.get('num_virtual_tokens')!r} does not match the tensors "
+                         f"({', '.join(f'{k} {tuple(v.shape)}' for k, v in got.items())})")
+    return part, names
 
 
 def _load_tensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
@@ -232,6 +270,18 @@ def _build_module(path: str, cfg: object, tensors: dict[str, torch.Tensor], wher
         if ad_cfg.get("width") != m or down_bias.shape[0] != m or up.shape[1] != m or up.shape[0] != up_bias.shape[0]:
             raise DeltaError(f"{at}.adapter: inconsistent shapes down {tuple(down.shape)} up {tuple(up.shape)}")
         md.adapter = AdapterTerm(down, down_bias, up, up_bias, act, _number(ad_cfg, "scale", at + ".adapter"), src)
+    md.dora_magnitude = get("dora.magnitude", 1)
+    index, values = get("rows.index", 1), get("rows.values", 2)
+    if (index is None) != (values is None):
+        raise DeltaError(f"{at}: rows.index and rows.values must come together")
+    if index is not None:
+        if index.dtype != torch.int64 or values.dtype == torch.int64:
+            raise DeltaError(f"{at}: rows.index must be int64 and rows.values floating, found {index.dtype} / "
+                             f"{values.dtype}")
+        md.rows = RowsTerm(index, values)
+    for suffix in names:
+        if suffix != "rows.index" and tensors[f"{path}.{suffix}"].dtype == torch.int64:
+            raise DeltaError(f"{at}.{suffix}: int64 is allowed for rows.index only")
     if not md.kinds():
         raise DeltaError(f"{at}: module has no delta terms")
     return md

@@ -25,7 +25,7 @@ class StoreSettings:
     max_labels: int = 64  # label pairs per version; keys 1-128 chars, values up to 1024
     orphan_grace_s: float = 3600.0  # blobs no row references are kept this long (a writer may be mid-put)
     temp_grace_s: float = 3600.0  # temp files of a writer whose process is still alive are kept this long
-    busy_timeout_s: float = 30.0  # SQLite: how long a writer waits for the lock before failing
+    busy_timeout_s: float = 30.0  # how long a catalogue writer waits for the write lock before failing
 
     def __post_init__(self) -> None:
         for name in ("host_cache_bytes", "max_upload_bytes", "max_archive_members", "max_archive_bytes",

@@ -22,7 +22,7 @@ from typing import Callable
 from .blobs import BlobBackend, LocalBlobs, pid_alive
 from .catalogue import Catalogue
 from .delta import Delta
-from .errors import CorruptBlob, DeltaError, InvalidArgument, NotFound
+from .errors import CorruptBlob, DeltaError, InvalidArgument, NotFound, Unavailable
 from .host_cache import HostCache, HostCacheStats
 from .importer import UPLOAD_RE, Importer
 from .names import check_name, parse_ref
@@ -31,7 +31,10 @@ from .records import DeltaKey, DeltaVersion, Tenant
 from .settings import StoreSettings
 from .tenants import TenantRegistry
 
-_USAGE_FLUSH_S = 1.0  # usage counters reach SQLite at most once a second, not once per request
+_USAGE_FLUSH_S = 1.0  # usage counters reach the catalogue at most once a second, not once per request
+# A blob found missing or corrupt is refused from memory for this long before its store is asked again:
+# its requests fail at once instead of each paying a fetch, and a restored blob serves within a minute.
+DAMAGED_RECHECK_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,18 +44,20 @@ class StoreStats:
     disk_load_seconds: float
     imports: int
     import_seconds: float
+    damaged: int = 0  # blobs this process found missing or corrupt (refused until re-checked)
 
 
 class DeltaStore:
     def __init__(self, data_dir: str | os.PathLike, spec, limits, settings: StoreSettings, *,
-                 blobs: BlobBackend | None = None):
+                 blobs: BlobBackend | None = None, catalogue: Catalogue | None = None):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.spec = spec  # BaseSpec of the served base
         self.limits = limits  # delta_store.validate.Limits
         self.settings = settings
         self.blobs: BlobBackend = blobs if blobs is not None else LocalBlobs(self.data_dir)
-        self.catalogue = Catalogue(self.data_dir / "catalogue.sqlite3", busy_timeout_s=self.settings.busy_timeout_s)
+        self.catalogue = catalogue if catalogue is not None else Catalogue(self.data_dir / "catalogue.sqlite3",
+                                                                           busy_timeout_s=self.settings.busy_timeout_s)
         self.host = HostCache(self.settings.host_cache_bytes, pin_memory=self.settings.pin_host_memory)
         self.tenants = TenantRegistry(self.catalogue, self.settings.default_quotas, self._deleted)
         self._tmp = self.data_dir / "tmp"
@@ -64,6 +69,7 @@ class DeltaStore:
         self._disk_loads = self._imports = 0
         self._disk_seconds = self._import_seconds = 0.0
         self._listeners: list[Callable[[list[DeltaVersion]], None]] = []
+        self._damaged: dict[str, tuple[str, float]] = {}  # digest -> (why, when found): see DAMAGED_RECHECK_S
         self.recover()
 
     @classmethod
@@ -77,14 +83,18 @@ class DeltaStore:
         self.close()
 
     def close(self) -> None:
-        self.flush_usage()
-        self.catalogue.close()
+        try:
+            self.flush_usage()
+        except Unavailable:  # shutting down with the catalogue unreachable: the last second's counters are lost
+            pass
+        finally:
+            self.catalogue.close()
 
     # -- housekeeping -------------------------------------------------------------------------------
     def recover(self) -> dict[str, int]:
         """Start-up sweep: temp files and upload folders of dead writers, queued and orphan blobs."""
         removed = {"temp": 0, "uploads": 0, "blobs": 0}
-        if isinstance(self.blobs, LocalBlobs):
+        if hasattr(self.blobs, "remove_temp"):  # local temp files, S3 multipart uploads
             removed["temp"] = self.blobs.remove_temp(self.settings.temp_grace_s)
         now = time.time()
         for p in self._tmp.iterdir():
@@ -207,18 +217,37 @@ class DeltaStore:
         """For the slot manager: a ``DeltaKey``'s Delta; NotFound once the version is deleted."""
         if not self.catalogue.exists(key.tenant, key.name, key.version, key.digest):
             raise NotFound(f"delta {key.name}@{key.version} not found (deleted or replaced)")
-        return self._load_digest(key.digest)
+        try:
+            return self._load_digest(key.digest)
+        except CorruptBlob as exc:  # name the delta, not only its blob
+            raise CorruptBlob(f"delta {key.name}@{key.version} cannot be served: {exc}") from None
+
+    def damaged(self) -> dict[str, str]:
+        """Blobs this process found missing or corrupt, digest -> what was wrong (until re-checked)."""
+        with self._lock:
+            return {d: message for d, (message, _t) in self._damaged.items()}
 
     def _load_digest(self, digest: str) -> Delta:
         delta = self.host.get(digest)
         if delta is not None:
             return delta
+        with self._lock:
+            marked = self._damaged.get(digest)
+        if marked is not None and time.monotonic() - marked[1] < DAMAGED_RECHECK_S:
+            raise CorruptBlob(marked[0])
         t0 = time.perf_counter()
-        data = self.blobs.get(digest)
         try:
-            delta = load_native(data)
-        except DeltaError as exc:  # the bytes hash right but do not parse: written by a broken build
-            raise CorruptBlob(f"blob {digest[:12]} does not parse: {exc}") from None
+            data = self.blobs.get(digest)
+            try:
+                delta = load_native(data)
+            except DeltaError as exc:  # the bytes hash right but do not parse: written by a broken build
+                raise CorruptBlob(f"blob {digest[:12]} does not parse: {exc}") from None
+        except CorruptBlob as exc:
+            with self._lock:
+                self._damaged[digest] = (str(exc), time.monotonic())
+            raise
+        with self._lock:
+            self._damaged.pop(digest, None)
         self.host.put(digest, delta)
         with self._lock:
             self._disk_loads += 1
@@ -235,19 +264,33 @@ class DeltaStore:
             entry[2] = time.time()
             due = time.monotonic() - self._usage_flushed >= _USAGE_FLUSH_S
         if due:
-            self.flush_usage()
+            try:
+                self.flush_usage()
+            except Unavailable:  # the catalogue is down: the counters wait for a later flush, the request is fine
+                pass
 
     def flush_usage(self) -> None:
+        """Write the buffered counters; if the catalogue cannot take them they stay buffered (and it raises)."""
         with self._lock:
             pending, self._usage = self._usage, {}
             self._usage_flushed = time.monotonic()
-        if pending:
+        if not pending:
+            return
+        try:
             self.catalogue.add_usage({k: tuple(v) for k, v in pending.items()})
+        except Unavailable:
+            with self._lock:
+                for k, (requests, tokens, last) in pending.items():
+                    entry = self._usage.setdefault(k, [0, 0, 0.0])
+                    entry[0] += requests
+                    entry[1] += tokens
+                    entry[2] = max(entry[2], last)
+            raise
 
     def stats(self) -> StoreStats:
         with self._lock:
             return StoreStats(self.host.stats(), self._disk_loads, self._disk_seconds, self._imports,
-                              self._import_seconds)
+                              self._import_seconds, len(self._damaged))
 
 
 def _tid(tenant: Tenant | str) -> str:

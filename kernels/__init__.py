@@ -1,4 +1,5 @@
-"""Heterogeneous delta ops for one batched forward pass: LoRA, bottleneck adapters, BitFit, (IA)3.
+"""Heterogeneous delta ops for one batched forward pass: LoRA, bottleneck adapters, BitFit, (IA)3, DoRA's
+column scale and trainable tokens.
 
 Public surface (docs/INTERFACES.md, section kernels/)::
 
@@ -7,20 +8,23 @@ Public surface (docs/INTERFACES.md, section kernels/)::
     add_bottleneck(y, u, AdapterPages(...), meta)
     add_bias(y, RowPages(...), meta)
     mul_rows(t, RowPages(...), meta)
+    scale_shift_rows(y, ScaleShiftPages(...), meta)
+    replace_rows(y, ids, TokenPages(...), meta)
+    head_rows(logits, h, TokenPages(...), meta)
 
 The pages (``pages.py``) say where each slot's weights are: row tensors and one int32 row index per slot
 (D13), never pointers; the ops do not care where the rows live.
 
-These four functions are the only entry points of the ops. Each checks its arguments once (ValueError
+These seven functions are the only entry points of the ops. Each checks its arguments once (ValueError
 naming the argument and its shape; ``_checks.py``), then runs one backend, mutates its first argument
 and returns None. Each op comes in three parts:
 
-    Triton kernel + launcher   lora.py, bottleneck.py, rows.py   triton_add_lora, triton_add_bottleneck,
-                                                                 triton_add_bias, triton_mul_rows
-    CPU backend (pure torch)   cpu/                              cpu_add_lora, cpu_add_bottleneck,
-                                                                 cpu_add_bias, cpu_mul_rows
-    exact reference (float64)  reference.py                      ref_add_lora, ref_add_bottleneck,
-                                                                 ref_add_bias, ref_mul_rows
+    Triton kernel + launcher   lora.py, bottleneck.py, rows.py,  triton_add_lora, triton_add_bottleneck,
+                               scale_shift.py, token_rows.py     triton_add_bias, triton_mul_rows,
+                                                                 triton_scale_shift_rows, triton_replace_rows,
+                                                                 triton_head_rows
+    CPU backend (pure torch)   cpu/                              cpu_<op> for each
+    exact reference (float64)  reference.py                      ref_<op> for each
 
 The backend is decided once at import from ``DELTASERVE_KERNELS`` (auto | triton | cpu); ``auto`` runs
 Triton on CUDA tensors or under ``TRITON_INTERPRET=1`` and the CPU backend otherwise (D5).
@@ -35,11 +39,12 @@ from contextlib import contextmanager
 import torch
 
 from . import cpu
-from ._checks import check_bottleneck, check_lora, check_rows_op
+from ._checks import (check_bottleneck, check_head_rows, check_lora, check_replace_rows, check_rows_op,
+                      check_scale_shift)
 from ._triton import HAS_TRITON, INTERPRET, use_triton
 from .activations import ACT_CODES
 from .meta import DeltaKernelMeta, MetaBuffers
-from .pages import AdapterPages, LoraPages, RowPages
+from .pages import AdapterPages, LoraPages, RowPages, ScaleShiftPages, TokenPages
 
 BACKENDS = ("auto", "triton", "cpu")
 
@@ -75,9 +80,9 @@ def current_backend(t: torch.Tensor | None = None) -> str:
 
 def _triton():
     """The Triton modules, imported on first use: jit-decorating their kernels costs ~0.1 s."""
-    from . import bottleneck, lora, rows
+    from . import bottleneck, lora, rows, scale_shift, token_rows
 
-    return lora, bottleneck, rows
+    return lora, bottleneck, rows, scale_shift, token_rows
 
 
 def add_lora(y, x, pages: LoraPages, meta) -> None:
@@ -120,6 +125,38 @@ def mul_rows(t, pages: RowPages, meta) -> None:
         cpu.cpu_mul_rows(t, pages, meta)
 
 
+def scale_shift_rows(y, pages: ScaleShiftPages, meta) -> None:
+    """y[t] = y[t] * scale_s + shift_s for tokens whose slot s = slot[t] >= 0 has pages.flag[s] != 0, with
+    scale_s / shift_s the rows ``pages.row[s]`` of ``pages.scale_rows`` / ``pages.shift_rows``; every other
+    token is left untouched (DoRA's column scale: scale = g, shift = (1 - g) * b0).  y [T, n]."""
+    check_scale_shift(y, pages, meta)
+    if current_backend(y) == "triton":
+        _triton()[3].triton_scale_shift_rows(y, pages, meta)
+    else:
+        cpu.cpu_scale_shift_rows(y, pages, meta)
+
+
+def replace_rows(y, ids, pages: TokenPages, meta) -> None:
+    """y[t] = V_s[j] when ids[t] == I_s[j] for some j < count[s], s = slot[t] >= 0, with V_s / I_s the slot's
+    runs of ``pages.values`` / ``pages.ids`` (trainable tokens on the input embedding: the rows replace).
+    y [T, h], ids int64 [T]; the ids of one slot are distinct."""
+    check_replace_rows(y, ids, pages, meta)
+    if current_backend(y) == "triton":
+        _triton()[4].triton_replace_rows(y, ids, pages, meta)
+    else:
+        cpu.cpu_replace_rows(y, ids, pages, meta)
+
+
+def head_rows(logits, h, pages: TokenPages, meta) -> None:
+    """logits[t, I_s[j]] = h[t] . V_s[j] for j < count[s], s = slot[t] >= 0 (trainable tokens on the output
+    head; V_s / I_s as in ``replace_rows``).  logits [T, V], h [T, H]."""
+    check_head_rows(logits, h, pages, meta)
+    if current_backend(logits) == "triton":
+        _triton()[4].triton_head_rows(logits, h, pages, meta)
+    else:
+        cpu.cpu_head_rows(logits, h, pages, meta)
+
+
 __all__ = ["ACT_CODES", "BACKENDS", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "MetaBuffers",
-           "RowPages", "add_bias", "add_bottleneck", "add_lora", "backend", "cpu", "current_backend", "mul_rows",
-           "use_triton"]
+           "RowPages", "ScaleShiftPages", "TokenPages", "add_bias", "add_bottleneck", "add_lora", "backend", "cpu",
+           "current_backend", "head_rows", "mul_rows", "replace_rows", "scale_shift_rows", "use_triton"]

@@ -112,3 +112,44 @@ def check_rows_op(op: str, tname: str, t, pages, meta) -> None:
     _rows(op, "pages.rows", pages.rows, n_, t.dtype, t.device)
     expect(op, "pages.row", pages.row, (None,), torch.int32, t.device)
     expect_meta(op, meta, t_, t.device)
+
+
+def check_scale_shift(y, pages, meta, op: str = "scale_shift_rows") -> None:
+    from .pages import ScaleShiftPages
+
+    if not isinstance(pages, ScaleShiftPages):
+        raise ValueError(f"{op}: pages must be a kernels.ScaleShiftPages, got {type(pages).__name__}")
+    t_, n_ = expect(op, "y", y, (None, None), FLOAT_DTYPES, None, contiguous=False)
+    n_rows = _rows(op, "pages.scale_rows", pages.scale_rows, n_, torch.float32, y.device)
+    expect(op, "pages.shift_rows", pages.shift_rows, (n_rows, n_), torch.float32, y.device, contiguous=False)
+    _rows(op, "pages.shift_rows", pages.shift_rows, n_, torch.float32, y.device)
+    s_, = expect(op, "pages.flag", pages.flag, (None,), torch.int32, y.device)
+    expect(op, "pages.row", pages.row, (s_,), torch.int32, y.device)
+    expect_meta(op, meta, t_, y.device)
+
+
+def _token_pages(op, pages, h_, dtype, device) -> None:
+    from .pages import TokenPages
+
+    if not isinstance(pages, TokenPages):
+        raise ValueError(f"{op}: pages must be a kernels.TokenPages, got {type(pages).__name__}")
+    _rows(op, "pages.values", pages.values, h_, dtype, device)
+    expect(op, "pages.ids", pages.ids, (None,), torch.int64, device, contiguous="any")
+    s_, = expect(op, "pages.count", pages.count, (None,), torch.int32, device)
+    for name in ("start", "id_start"):
+        expect(op, f"pages.{name}", getattr(pages, name), (s_,), torch.int32, device)
+    _bound(op, "pages.max_count", pages.max_count)
+
+
+def check_replace_rows(y, ids, pages, meta, op: str = "replace_rows") -> None:
+    t_, h_ = expect(op, "y", y, (None, None), FLOAT_DTYPES, None)
+    expect(op, "ids", ids, (t_,), torch.int64, y.device)
+    _token_pages(op, pages, h_, y.dtype, y.device)
+    expect_meta(op, meta, t_, y.device)
+
+
+def check_head_rows(logits, h, pages, meta, op: str = "head_rows") -> None:
+    t_, _ = expect(op, "logits", logits, (None, None), FLOAT_DTYPES, None, contiguous=False)
+    _, h_ = expect(op, "h", h, (t_, None), FLOAT_DTYPES, logits.device, contiguous=False)
+    _token_pages(op, pages, h_, h.dtype, logits.device)
+    expect_meta(op, meta, t_, logits.device)

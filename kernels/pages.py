@@ -63,3 +63,27 @@ class RowPages:
 
     rows: torch.Tensor  # [N, n]
     row: torch.Tensor  # int32 [S] row of each slot; slots without the term point at a neutral row
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleShiftPages:
+    """DoRA's column scale at one layer: y[t] = y[t] * scale_rows[row[s]] + shift_rows[row[s]] for the tokens of
+    slots with flag[s] != 0 (the rows of other slots are never read)."""
+
+    scale_rows: torch.Tensor  # fp32 [N, n]
+    shift_rows: torch.Tensor  # fp32 [N, n]
+    row: torch.Tensor  # int32 [S] row of each flagged slot (anything for the others)
+    flag: torch.Tensor  # int32 [S]; 0 = no DoRA term here
+
+
+@dataclass(frozen=True, eq=False)
+class TokenPages:
+    """Trainable tokens at one layer (input embedding or output head): slot s replaces the ids
+    ids[id_start[s] : id_start[s] + count[s]] by the rows values[start[s] : start[s] + count[s]] (same order)."""
+
+    values: torch.Tensor  # [N, h] replacement rows (the model's dtype)
+    ids: torch.Tensor  # int64 [M] replaced ids, distinct within a slot (any stride)
+    start: torch.Tensor  # int32 [S] first row of each slot's run in values
+    id_start: torch.Tensor  # int32 [S] first entry of each slot's run in ids
+    count: torch.Tensor  # int32 [S]; 0 = no trainable tokens here
+    max_count: int  # host bound on count[s]

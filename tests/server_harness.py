@@ -30,12 +30,16 @@ DELTA_BUDGET = 96 << 10  # device memory for deltas: ~7 of peft_lora()s (13.7 KB
 class Served:
     """A started server on a background thread: address, metrics URL, admin key, the in-process app."""
 
-    def __init__(self, root):
-        model_dir = build_demo_model(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-        config = ServerConfig(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
-                              metrics_listen="127.0.0.1:0", delta_memory_bytes=DELTA_BUDGET, max_rank=16,
-                              max_batch_tokens=256,
-                              max_running=8, max_model_len=512, max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0)
+    def __init__(self, root, model_dir=None, **overrides):
+        """``model_dir``: the model to serve (default: a tiny 2-layer demo-shaped Llama built under ``root``);
+        ``overrides``: ServerConfig fields replacing the test defaults below."""
+        if model_dir is None:
+            model_dir = build_demo_model(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        values = dict(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
+                      metrics_listen="127.0.0.1:0", openai_listen="127.0.0.1:0", delta_memory_bytes=DELTA_BUDGET,
+                      max_rank=16, max_batch_tokens=256, max_running=8, max_model_len=512,
+                      max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0)
+        config = ServerConfig(**{**values, **overrides})
         self.model_dir = model_dir
         self.app = build_app(config)
         self.app.ensure_admin()
@@ -46,11 +50,12 @@ class Served:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
-        while len(self.lines) < 2 and time.monotonic() < deadline:
+        while len(self.lines) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(self.lines) >= 2, f"server did not start: {self.lines}"
+        assert len(self.lines) >= 3, f"server did not start: {self.lines}"
         self.address = self.lines[0].split()[-1]
         self.metrics_url = self.lines[1].split()[-1]
+        self.openai_url = self.lines[2].removeprefix("openai: ")  # http://127.0.0.1:PORT/v1
         self.client = Client(self.address, self.admin_key)
         # the raw stubs, for tests that send exact messages with their own metadata
         self.inference, self.deltas, self.tenants = self.client.inference, self.client.deltas, self.client.tenants
@@ -84,6 +89,29 @@ class Served:
             time.sleep(0.01)
         raise AssertionError(f"still busy: kv blocks {engine.runner.kv.allocator.num_used}, "
                              f"pinned deltas {residency.stats().pinned}")
+
+
+def fixture_model(arch: str, dest) -> Path:
+    """A reference-fixture base (tests/fixtures/base/<arch>) as a servable folder: its files plus the demo's
+    byte-level tokenizer (the tests send token ids; the server wants a tokenizer next to the weights)."""
+    import shutil
+
+    from server.engine.tokenizer import byte_level_tokenizer
+    from tests.helpers import FIXTURES
+
+    dest = Path(dest)
+    shutil.copytree(FIXTURES / "base" / arch, dest)
+    byte_level_tokenizer().save_pretrained(dest)
+    return dest
+
+
+def tar_gz(folder) -> bytes:
+    """A delta folder as the tar.gz bytes a tenant uploads."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in sorted(Path(folder).iterdir()):
+            tar.add(f, arcname=f.name)
+    return buf.getvalue()
 
 
 def auth(key: str) -> list[tuple[str, str]]:
@@ -141,3 +169,25 @@ def code_of(fn) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         fn()
     return info.value
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chat_model_dir(root: Path) -> Path:
+    """The tiny demo-shaped model, with a chat template on its tokenizer (turns end with <eos>)."""
+    from transformers import AutoTokenizer
+
+    model_dir = build_demo_model(root / "chat-model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def openai_client(srv: Served, key: str):
+    """The official ``openai`` client against the server's HTTP front (no retries: tests see every status)."""
+    import openai
+
+    return openai.OpenAI(base_url=srv.openai_url, api_key=key, max_retries=0, timeout=60)

@@ -16,15 +16,16 @@ from transformers import AutoModelForCausalLM
 from delta_store.base_spec import BaseSpec
 from delta_store.errors import UnsupportedDelta
 from server.deltas import wrap_model
-from tests.helpers import FIXTURES, assert_close, import_delta
+from tests.helpers import FIXTURES, assert_close, fixture_cases, import_delta
 
 ATOL = 1e-5
-# case folder name -> regex of the reason it is refused; none today (every fixture case is servable).
+# case folder name -> regex of the reason it is refused (at import or by the wrapped model); none today.
 REFUSED: dict[str, str] = {}
 
 
 def _cases(arch: str) -> list:
-    cases = sorted(p for lib in ("adapterhub", "opendelta") for p in (FIXTURES / lib).glob(f"{arch}-*") if p.is_dir())
+    # prompt/prefix cases need the KV prefix the engine adds: tests/test_formats_prompt_fixtures.py (oracle)
+    cases = fixture_cases(arch, prompt=False)
     assert cases, f"no fixture cases for {arch} under {FIXTURES}"
     return cases
 
@@ -33,13 +34,13 @@ def _cases(arch: str) -> list:
 def test_all_fixture_cases_in_one_packed_batch(arch):
     base = AutoModelForCausalLM.from_pretrained(FIXTURES / "base" / arch, dtype=torch.float32).eval()
     spec = BaseSpec.from_model(base)
-    dm = wrap_model(base, max_slots=16, max_rank=16, max_bottleneck=64)
+    dm = wrap_model(base, max_slots=32, max_rank=16, max_bottleneck=64)
     ids, expected, slots, names = [], [], [], []
     for slot, case in enumerate(_cases(arch)):
         exp = load_file(case / "expected.safetensors")
         if case.name in REFUSED:
             with pytest.raises(UnsupportedDelta, match=REFUSED[case.name]):
-                import_delta(case, spec)
+                dm.set_delta(slot, import_delta(case, spec))
             continue
         dm.set_delta(slot, import_delta(case, spec))
         ids.append(exp["input_ids"])

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
+from delta_store.delta import ADAPTER_SOURCES, AdapterTerm, Delta, LoraTerm, ModuleDelta
 from delta_store.errors import DeltaError, DeltaServeError, InvalidArgument
 from kernels.cpu import grouped
-from server.deltas import DeltaBatch, DeltaLinear, DeltaNorm, wrap_model
+from server.deltas import DeltaBatch, DeltaEmbedding, DeltaHead, DeltaLinear, DeltaNorm, wrap_model
 from server.deltas.pages import bucket_rows
 from tests.helpers import assert_close, tiny_gpt2, tiny_llama
 
@@ -72,10 +72,14 @@ def test_base_rows_stay_exact_next_to_delta_rows(arch):
 
 def test_wrapped_modules_llama_and_gpt2():
     dm = wrap_model(tiny_llama(), targets=("q_proj", "v_proj"), max_slots=2, max_rank=4, max_bottleneck=4)
-    leaves = {p.split("layers.")[1].split(".", 1)[1] for p in dm.layers}
+    leaves = {p.split("layers.")[1].split(".", 1)[1] for p in dm.layers if "layers." in p}
     # q/v from the targets, o_proj/down_proj and their pre-norms for adapter sites
     assert leaves == {"self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj",
                       "input_layernorm", "post_attention_layernorm"}
+    # outside the layers: the input embedding and the output head (trainable tokens), nothing else
+    assert {p for p in dm.layers if "layers." not in p} == {"model.embed_tokens", "lm_head"}
+    assert isinstance(dm.model.model.embed_tokens, DeltaEmbedding) and isinstance(dm.model.lm_head, DeltaHead)
+    assert dm.model.model.embed_tokens.nbytes() == 0  # row pools only on the first trainable-token delta
     assert isinstance(dm.model.model.layers[0].self_attn.q_proj, DeltaLinear)
     assert not isinstance(dm.model.model.layers[0].self_attn.k_proj, DeltaLinear)
     assert not isinstance(dm.model.lm_head, DeltaLinear)
@@ -84,6 +88,8 @@ def test_wrapped_modules_llama_and_gpt2():
     dm = wrap_model(tiny_gpt2(), max_slots=2, max_rank=4, max_bottleneck=4)
     assert isinstance(dm.model.transformer.ln_f, DeltaNorm) and dm.model.transformer.ln_f.has_bias_pool
     assert dm.model.lm_head.weight is dm.model.transformer.wte.weight  # tie survives wrapping
+    assert isinstance(dm.model.lm_head, DeltaHead) and isinstance(dm.model.transformer.wte, DeltaEmbedding)
+    assert not isinstance(dm.model.transformer.wpe, DeltaEmbedding)  # positions: not the input embedding
     c_attn = dm.model.transformer.h[0].attn.c_attn
     assert isinstance(c_attn, DeltaLinear) and (c_attn.in_features, c_attn.out_features) == (64, 192)
     assert c_attn.nf == 192  # attribute misses reach the wrapped Conv1D
@@ -149,7 +155,8 @@ def _lora(path_in: int, path_out: int, r: int = 2) -> ModuleDelta:
 @pytest.mark.parametrize("case, modules, match", [
     ("unknown module", {"model.layers.0.self_attn.nope": ModuleDelta(bias=torch.ones(64))},
      r"model\.layers\.0\.self_attn\.nope: (no such module|not a module of the served llama)"),
-    ("not wrapped", {"lm_head": ModuleDelta(bias=torch.ones(256))}, r"lm_head: linear module is not wrapped"),
+    ("head takes rows only", {"lm_head": ModuleDelta(bias=torch.ones(256))},
+     r"lm_head: only trainable-token rows are served here, found \['bitfit'\]"),
     ("lora A shape", {"model.layers.0.self_attn.q_proj": _lora(65, 64)},
      r"model\.layers\.0\.self_attn\.q_proj: lora\.a expected shape \(2, 64\), found \(2, 65\)"),
     ("lora B shape (GQA v_proj out 32)", {"model.layers.1.self_attn.v_proj": _lora(64, 64)},
@@ -320,3 +327,10 @@ def test_delta_linear_stores_terms_as_rows_the_kernels_read():
         layer.clear(2)
     assert layer.rows.held_bytes == layer.rows.fields.nbytes and not layer.has["lora"]
     assert lp.rank.tolist() == [0, 0, 0, 0]
+
+
+def test_a_module_outside_the_targets_is_refused_as_not_wrapped():
+    dm = wrap_model(tiny_llama(), targets=("q_proj",), max_slots=2, max_rank=8, max_bottleneck=8)
+    k = "model.layers.0.self_attn.k_proj"
+    with pytest.raises(DeltaError, match=f"{k}: linear module is not wrapped"):
+        dm.set_delta(0, Delta({k: ModuleDelta(bias=torch.ones(32))}))

@@ -2,6 +2,7 @@
 a tiny demo-shaped Llama, a tmp data dir, real uploads of PEFT LoRAs and a real Prometheus scrape."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import urllib.request
@@ -9,6 +10,7 @@ import urllib.request
 import grpc
 import pytest
 
+from server.client import DELTA_HEADER, REPLICA_HEADER, upload_messages
 from server.pb import common_pb2, deltas_pb2, inference_pb2, tenants_pb2
 from tests.server_harness import (MAX_UPLOAD, PROMPT, Served, auth, code_of, collect, gen_request, greedy, peft_lora,
                                   upload)
@@ -276,6 +278,34 @@ def test_bad_requests_are_invalid_argument(srv, alice):
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (req, err.details())
 
 
+# ---- routing metadata ------------------------------------------------------------------------------
+def test_routing_header_must_agree_with_the_body_and_every_reply_names_the_replica(srv, alice):
+    md, _version, _merged = alice
+    call = srv.client.with_key(md[0][1].split()[1]).generate(PROMPT, delta="style", max_new_tokens=2, temperature=0.0)
+    assert len(list(call)) >= 1
+    assert dict(call.initial_metadata())[REPLICA_HEADER] == srv.app.replica_id != ""
+    for header in ([], [(DELTA_HEADER, "style")]):  # the header is optional; when sent it must match
+        assert collect(srv.inference.Generate(gen_request("style", n=2), metadata=md + header))[0]
+    for header, request in (([(DELTA_HEADER, "other")], gen_request("style", n=2)),
+                            ([(DELTA_HEADER, "style@1")], gen_request("style", n=2)),
+                            ([(DELTA_HEADER, "style")], gen_request("", n=2)),
+                            ([(DELTA_HEADER, "style"), (DELTA_HEADER, "other")], gen_request("style", n=2))):
+        err = code_of(lambda: list(srv.inference.Generate(request, metadata=md + header)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and DELTA_HEADER in err.details(), err.details()
+    err = code_of(lambda: srv.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name="style"),
+                                                 metadata=md + [(DELTA_HEADER, "styl")]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    data, _ = peft_lora(srv.model_dir, seed=9)
+    with pytest.raises(grpc.RpcError) as info:
+        srv.deltas.UploadDelta(upload_messages("fresh", io.BytesIO(data)), metadata=md + [(DELTA_HEADER, "style")])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reply, call = srv.deltas.GetDelta.with_call(deltas_pb2.GetDeltaRequest(name="style"), metadata=md)
+    assert dict(call.initial_metadata())[REPLICA_HEADER] == srv.app.replica_id and reply.delta.name == "style"
+    err = code_of(lambda: srv.deltas.GetDelta(deltas_pb2.GetDeltaRequest(name="nope"), metadata=md))
+    assert err.code() == grpc.StatusCode.NOT_FOUND  # errors carry the replica too: sent before the handler runs
+    assert dict(err.initial_metadata())[REPLICA_HEADER] == srv.app.replica_id
+
+
 # ---- metrics (last: it reads what the traffic above produced) ----------------------------------
 def test_zz_metrics_scrape_after_traffic(srv, alice):
     collect(srv.inference.Generate(gen_request("style", n=4), metadata=alice[0]))
@@ -295,7 +325,7 @@ def test_zz_metrics_scrape_after_traffic(srv, alice):
                    "deltaserve_queue_wait_seconds_count", "deltaserve_generated_tokens_total",
                    "deltaserve_batch_size_count", "deltaserve_step_duration_seconds_count",
                    "deltaserve_delta_cache_hits_total", "deltaserve_delta_cache_misses_total",
-                   "deltaserve_delta_loads_total", "deltaserve_rpcs_total"):
+                   "deltaserve_delta_loads_total", "deltaserve_rpcs_total", "deltaserve_delta_admissions_total"):
         assert total(series) > 0, f"{series} is zero or missing"
     assert samples['deltaserve_requests_total{status="ok",tenant="alice"}'] >= 2
     assert any(k.startswith('deltaserve_requests_total{status="resource_exhausted"') for k in samples)
@@ -306,6 +336,15 @@ def test_zz_metrics_scrape_after_traffic(srv, alice):
     assert 0 < samples['deltaserve_delta_device_memory_bytes{state="held"}'] <= samples[
         'deltaserve_delta_device_memory_bytes{state="capacity"}'] <= srv.app.budgets.delta_bytes
     assert samples['deltaserve_delta_resident{tier="device"}'] >= 1
+    assert samples['deltaserve_delta_bytes_budget{tier="device"}'] == srv.app.budgets.delta_bytes
+    # the router view (vLLM names): queue, batch and KV gauges, and the resident deltas as its one info series
+    assert samples["vllm:num_requests_waiting"] == 0 and samples["vllm:num_requests_running"] == 0
+    assert 0 <= samples["vllm:kv_cache_usage_perc"] <= 1
+    (info,) = [k for k in samples if k.startswith("vllm:lora_requests_info{")]
+    resident = re.search(r'running_lora_adapters="([^"]*)"', info).group(1).split(",")
+    # max_lora: the most distinct deltas one step serves (max_running); residency itself is by bytes
+    assert "style@1" in resident and f'max_lora="{srv.app.config.max_running}"' in info
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("vllm:lora_requests_info"))
     labels = set(re.findall(r'="([^"]*)"', text))
     for forbidden in ("style", "swap", "warm", "one", "two"):
         assert forbidden not in labels, f"label value {forbidden!r} is a delta name"

@@ -10,7 +10,9 @@ from delta_store.errors import (AlreadyExists, BaseMismatch, DeltaError, Invalid
 from server.edge.auth import bearer_key, rate_limits
 from server.config import ServerConfig
 from server.edge.errors import RETRY_AFTER_KEY, status_of
-from server.edge.grpc_inference import output_to_pb, sampling_from_pb
+from server.edge.generation import sampling_params
+from server.edge.grpc_inference import output_to_pb, sampling_fields
+from server.models.generation import GenerationDefaults
 from server.pb import common_pb2, inference_pb2
 from server.edge.rate_limits import CONCURRENCY_RETRY_S, RateLimiter, RateLimits
 from server.types import TokenOutput
@@ -129,6 +131,10 @@ def test_resource_exhausted_carries_retry_after_ms():
     assert status_of(ResourceExhausted("queue full"))[2] == ()  # no hint when none is known
 
 
+def sampling_from_pb(msg, defaults=None, chat=False, stops=()):
+    return sampling_params(sampling_fields(msg), defaults, chat=chat, extra_stop_ids=stops)
+
+
 def test_sampling_defaults_and_validation():
     s = sampling_from_pb(inference_pb2.SamplingParams())
     assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (64, 1.0, 1.0, 0, None)
@@ -137,6 +143,23 @@ def test_sampling_defaults_and_validation():
     for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(repetition_penalty=0.0), dict(max_new_tokens=1 << 17)):
         with pytest.raises(InvalidArgument, match="sampling"):
             sampling_from_pb(inference_pb2.SamplingParams(**bad))
+
+
+def test_unset_sampling_fields_take_the_models_generation_config():
+    model = GenerationDefaults.from_dict({"do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": 20,
+                                          "max_new_tokens": 100})
+    s = sampling_from_pb(inference_pb2.SamplingParams(), model)
+    assert (s.temperature, s.top_p, s.top_k, s.max_new_tokens, s.repetition_penalty) == (0.2, 0.9, 20, 100, 1.0)
+    # what the request sets wins, including an explicit 0 (greedy, top_k off)
+    s = sampling_from_pb(inference_pb2.SamplingParams(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=5), model)
+    assert (s.temperature, s.top_k, s.top_p, s.max_new_tokens) == (0.0, 0, 1.0, 5)
+    greedy = GenerationDefaults.from_dict({"do_sample": False})
+    assert sampling_from_pb(inference_pb2.SamplingParams(), greedy).greedy
+
+
+def test_chat_prompts_get_a_longer_default_and_the_end_of_turn_stop():
+    s = sampling_from_pb(inference_pb2.SamplingParams(stop_token_ids=[9]), None, chat=True, stops=[2, 9])
+    assert s.max_new_tokens == 512 and s.stop_token_ids == [9, 2]
 
 
 def test_output_to_pb_sets_timings_only_on_the_last_chunk():

@@ -10,7 +10,7 @@ import pytest
 
 from delta_store.errors import InvalidArgument, ResourceExhausted
 from delta_store.records import DeltaKey
-from server.engine.kv_cache import BlockAllocator
+from server.engine.block_pool import BlockPool
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SeqStatus
 from server.types import GenerationRequest, SamplingParams
@@ -31,7 +31,7 @@ def make(blocks: int = 64, budget: int = 32, running: int = 8, waiting: int = 10
          block_size: int = 4, max_len: int = 256) -> Scheduler:
     cfg = SchedulerConfig(max_batch_tokens=budget, max_running=running, max_waiting=waiting, max_model_len=max_len,
                           block_size=block_size)
-    return Scheduler(cfg, BlockAllocator(blocks), residency)
+    return Scheduler(cfg, BlockPool(blocks), residency)
 
 
 def run_step(s: Scheduler):
@@ -110,12 +110,19 @@ def test_delta_not_resident_waits_while_others_run():
         steps += 1
     # asked at the first lookup; installed by the owner's step load_steps + 1 later, admitted in that step
     assert steps == 1 + res.load_steps + 1 and cold.slot == 0
+    assert (s.delta_admissions_resident, s.delta_admissions_waited) == (0, 1), "it waited: no device hit"
+    warm, also_cold = seq("warm", 4, delta=key("x")), seq("late", 4, delta=key("y"))
+    s.add(warm)
+    s.add(also_cold)
     run_step(s)
     assert res.pinned == {key("x")}  # a running request pins its delta at the owner's next step
+    assert warm.status is SeqStatus.RUNNING and not warm.waited_on_delta and also_cold.waited_on_delta
+    assert (s.delta_admissions_resident, s.delta_admissions_waited) == (1, 1)
     while s.has_work():
         run_step(s)
     run_step(s)
     assert res.pinned == set() and not s.running_deltas()
+    assert (s.delta_admissions_resident, s.delta_admissions_waited) == (1, 2)
 
 
 def test_scheduler_only_asks_never_writes():
@@ -227,3 +234,34 @@ def test_chunks_grouped_by_slot_inside_decode_and_prefill_groups():
     assert sizes == sorted(sizes) and sizes[-1] == 5
     decode_slots = [c.seq.slot for c in out.chunks if c.num_tokens == 1]
     assert decode_slots == sorted(decode_slots) and len(set(decode_slots)) == 4
+
+
+class _Prompt:  # the part of a PromptPart the scheduler reads
+    def __init__(self, n: int, offset: int):
+        self.num_virtual_tokens, self.position_offset = n, offset
+
+
+def test_prompt_delta_admission_shares_the_prefix_and_counts_virtual_tokens():
+    prompts = {0: _Prompt(6, 6)}
+    slots = FakeSlots(2, prompts=prompts.get)
+    s = make(slots=slots, max_len=32)
+    a, b = seq("a", 5, max_new=4, delta=key("p")), seq("b", 3, max_new=4, delta=key("p"))
+    s.add(a)
+    s.add(b)
+    out = run_step(s)
+    jobs, copies = s.prefix.take_jobs()
+    assert len(jobs) == 1 and len(copies) == 2  # one prefix for both; each copies the 2-row tail into its block
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks] == [("a", 6, 5), ("b", 6, 3)]
+    assert a.block_table[0] == b.block_table[0] and a.num_tokens == 6 + 5 + 1
+    assert s.allocator.refs(a.block_table[0]) == 3  # a, b and the pending job
+    s.prefix.commit([a, b])
+    long = seq("long", 20, max_new=8, delta=key("p"))  # 20 + 6 virtual + 8 new = 34 > 32
+    s.add(long)
+    out = run_step(s)
+    assert out.failed and out.failed[0][0] is long and "6 virtual tokens" in str(out.failed[0][1])
+    assert long.is_finished and slots.total_pins == 2  # a and b; long's pin was given back
+    small = make(blocks=5, slots=FakeSlots(2, prompts=prompts.get), max_len=32)
+    wide = seq("wide", 10, max_new=8, delta=key("p"))  # 6 + 10 + 8 = 24 slots = 6 blocks of 4: never fits in 5
+    small.add(wide)
+    out = run_step(small)
+    assert out.failed and "need 6 KV blocks, the cache has 5" in str(out.failed[0][1])

@@ -47,19 +47,24 @@ def edited(src, dst, *, config=None, tensors=None, cfg_name="adapter_config.json
 
 
 PEFT_CONFIG_REFUSALS = [
-    ("use_dora", {"use_dora": True}, "DoRA"),
+    ("dora_lora_bias", {"use_dora": True, "lora_bias": True}, "PEFT refuses"),
+    ("dora_variant", {"use_dora": "kernel"}, "not a DoRA variant"),
     ("modules_to_save", {"modules_to_save": ["lm_head"]}, "full-weight"),
     ("pissa", {"init_lora_weights": "pissa_niter_4"}, "mutated base"),
     ("olora", {"init_lora_weights": "olora"}, "mutated base"),
     ("loftq", {"init_lora_weights": "loftq"}, "mutated base"),
-    ("prefix", {"peft_type": "PREFIX_TUNING"}, "prefix/prompt"),
-    ("prompt", {"peft_type": "PROMPT_TUNING"}, "prefix/prompt"),
+    ("multitask_prompt", {"peft_type": "MULTITASK_PROMPT_TUNING"}, "task id per request"),
+    ("adaption_prompt", {"peft_type": "ADAPTION_PROMPT"}, "gated softmax"),
     ("enable_lora", {"enable_lora": [True, False, True]}, "MergedLinear"),
     ("layer_replication", {"layer_replication": [[0, 2], [1, 2]]}, "duplicates base layers"),
     ("target_parameters", {"target_parameters": ["experts.gate_up_proj"]}, "target_parameters"),
     ("variant", {"alora_invocation_tokens": [5, 6]}, "LoRA variant"),
-    ("trainable_tokens", {"trainable_token_indices": [3, 7]}, "embedding rows"),
-    ("other_method", {"peft_type": "LOKR"}, "not supported"),
+    ("lokr", {"peft_type": "LOKR"}, "LOKR is not supported: LoKr.s update kron.*Kronecker product"),
+    ("loha", {"peft_type": "LOHA"}, "LOHA is not supported: LoHa's update .* Hadamard"),
+    ("oft", {"peft_type": "OFT"}, "OFT is not supported: OFT multiplies the base weight"),
+    ("boft", {"peft_type": "BOFT"}, "BOFT is not supported: BOFT multiplies the base weight"),
+    ("fourierft", {"peft_type": "FOURIERFT"}, "FOURIERFT is not supported: .*inverse 2-D FFT"),
+    ("unknown_method", {"peft_type": "NOT_A_METHOD"}, r"not supported \(supported: LORA"),
 ]
 
 
@@ -71,12 +76,12 @@ def test_peft_config_refusals(tmp_path, peft_dir, spec, name, change, reason):
 
 
 PEFT_TENSOR_REFUSALS = [
-    ("dora_vector", "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", (64,), UnsupportedDelta,
-     "DoRA"),
+    ("dora_vector_without_use_dora", "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", (64,),
+     DeltaError, "use_dora=False but the file has a lora_magnitude_vector"),
     ("embedding_weight", "base_model.model.model.embed_tokens.base_layer.weight", (256, 64), UnsupportedDelta,
      "full weight"),
     ("lm_head_weight", "base_model.model.lm_head.weight", (256, 64), UnsupportedDelta, "full weight"),
-    ("prompt", "prompt_embeddings", (3, 64), UnsupportedDelta, "prompt"),
+    ("prompt", "prompt_embeddings", (3, 64), DeltaError, "LORA adapter holding prompt_embeddings"),
     ("unknown_key", "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight", (2, 2), DeltaError, "lora_C"),
     ("untargeted", "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", (2, 64), DeltaError, "do not target"),
     ("missing_module", "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight", (2, 64), DeltaError,
@@ -117,11 +122,12 @@ AH_REFUSALS = [
     ("post_add", {"residual_before_ln": "post_add"}, "post_add"),
     ("ln_before", {"ln_before": True}, "LayerNorm"),
     ("ln_after", {"ln_after": True}, "LayerNorm"),
-    ("phm", {"phm_layer": True}, "Compacter"),
     ("drops_residual", {"original_ln_after": False}, "residual stream"),
     ("activation", {"non_linearity": "leakyrelu"}, "non_linearity"),
-    ("prefix", {"architecture": "prefix_tuning"}, "prefix/prompt"),
-    ("union", {"architecture": "union"}, "ConfigUnion"),
+    ("prompt_tuning", {"architecture": "prompt_tuning"}, "no library result to match"),
+    ("gated_union", {"architecture": "union", "configs": [{"architecture": "lora", "use_gating": True}]},
+     "UniPELT.*not causal"),
+    ("union_member", {"architecture": "union", "configs": [{"architecture": "reft"}]}, "member of architecture"),
 ]
 
 
@@ -163,8 +169,7 @@ def test_adapterhub_tensor_outside_config_refused(tmp_path, llama_spec):
         import_delta(folder, llama_spec)
 
 
-@pytest.mark.parametrize("kind,reason", [("prefix", "legacy"), ("compacter", "PHM"),
-                                         ("parallel_adapter", "positional input"), ("soft_prompt", "prompt")])
+@pytest.mark.parametrize("kind,reason", [("prefix", "GPT-2 attention only"), ("lora_old", "not supported")])
 def test_opendelta_unsupported_types(tmp_path, llama_spec, kind, reason):
     folder = edited(FIXTURES / "opendelta" / "llama-lora", tmp_path / kind, cfg_name="config.json",
                     config=lambda c: c.update(delta_type=kind))

@@ -30,8 +30,8 @@ class Server:
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--data-dir", str(data_dir), "--listen", self.address,
-             "--metrics-listen", "127.0.0.1:0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "server", "serve", "--model", "demo", "--data-dir", str(data_dir), "--listen",
+             self.address, "--metrics-listen", "127.0.0.1:0", "--openai-listen", "127.0.0.1:0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -127,11 +127,17 @@ def test_cli_walkthrough(env, tmp_path):
         assert r.returncode == 0 and "style" in r.stdout and "lora" in r.stdout, r.stdout
         r = cli(e, "deltas", "show", "style", "--api-key", alice_key)
         assert r.returncode == 0 and "version=1" in r.stdout and "requests=1" in r.stdout, r.stdout
+        # a merge of one part at weight 1 is that delta itself (and counts as a request on it)
+        r = cli(e, "generate", "--json", "--temperature", "0", "--max-new-tokens", "8", "--merge", "style=1",
+                "--api-key", alice_key, "hello")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["token_ids"] == expected and json.loads(r.stdout)["delta_version"] == 0
 
         # errors: one line, non-zero, no traceback
         for args, expect in ((("generate", "--api-key", "ds_wrong", "hi"), "UNAUTHENTICATED"),
                              (("deltas", "show", "nope", "--api-key", alice_key), "NOT_FOUND"),
                              (("tenants", "list", "--api-key", alice_key), "PERMISSION_DENIED"),
+                             (("generate", "--merge", "style", "--api-key", alice_key, "hi"), "NAME=WEIGHT"),
                              (("upload", str(tmp_path / "missing"), "--name", "x", "--api-key", alice_key), "no such")):
             r = cli(e, *args)
             assert r.returncode == 1, (args, r.stdout, r.stderr)

@@ -104,3 +104,20 @@ def test_store_config_carries_the_device_budget_check():
     limits, _ = store_config(ServerConfig(), pin_host_memory=False, device_bytes=lambda d: 10, device_budget_bytes=9)
     assert limits.device_budget_bytes == 9 and limits.device_bytes(None) == 10
     assert store_config(ServerConfig(), pin_host_memory=False)[0].device_budget_bytes == 0
+
+
+def test_max_model_len_is_the_models_limit_capped_by_the_kv_cache():
+    from server.app import with_max_model_len
+
+    assert with_max_model_len(ServerConfig(), 8192, 23296).max_model_len == 8192  # SmolLM2 on a 1 GiB CPU cache
+    assert with_max_model_len(ServerConfig(), 8192, 4096).max_model_len == 4096  # capped: logged capped_by_kv=True
+    assert with_max_model_len(ServerConfig(), None, 1 << 20).max_model_len == 2048  # a config without a limit
+    assert with_max_model_len(ServerConfig(max_model_len=512), 8192, 23296).max_model_len == 512
+    assert with_max_model_len(ServerConfig(max_model_len=9000), 8192, 4096).max_model_len == 4096
+
+
+def test_new_config_fields_are_checked():
+    assert ServerConfig(openai_listen="").openai_listen == ""
+    for bad in (dict(openai_listen="nowhere"), dict(generation_config="vllm"), dict(max_model_len=4)):
+        with pytest.raises(ConfigError):
+            ServerConfig(**bad)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from delta_store import BaseSpec, DeltaStore
 from delta_store.validate import Limits
 from server.deltas import wrap_model
-from tests.helpers import FIXTURES, assert_close, store_settings
+from tests.helpers import FIXTURES, assert_close, fixture_cases, store_settings
 
 
 def pack(case, out, kind):
@@ -34,7 +34,7 @@ def pack(case, out, kind):
 def test_fixture_archives_through_the_store_equal_the_libraries(arch, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(FIXTURES / "base" / arch, dtype=torch.float32).eval()
     spec = BaseSpec.from_model(base)
-    cases = sorted(p for lib in ("adapterhub", "opendelta") for p in (FIXTURES / lib).glob(f"{arch}-*") if p.is_dir())
+    cases = fixture_cases(arch, prompt=False)  # prompt cases: tests/test_formats_prompt_fixtures.py
     assert len(cases) >= 4
     dm = wrap_model(base, max_slots=len(cases), max_rank=16, max_bottleneck=64)
     ids, expected, slots, names = [], [], [], []

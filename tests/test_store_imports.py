@@ -16,7 +16,8 @@ from delta_store.delta import LoraTerm, ModuleDelta
 from delta_store.errors import BaseMismatch, DeltaError, InvalidArgument, NotFound, ResourceExhausted
 from delta_store.native import digest_bytes, dump_native
 from delta_store.validate import Limits
-from tests.helpers import assert_close, import_delta, random_delta, store_settings, tiny_llama
+from tests.helpers import (assert_close, assert_nothing_stored, import_delta, random_delta, store_settings,
+                           tiny_llama)
 
 IDS = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
 
@@ -57,12 +58,6 @@ def tar_folder(folder, path, mode="w:gz"):
     with tarfile.open(path, mode) as tar:
         tar.add(folder, arcname=folder.name)
     return path
-
-
-def assert_nothing_stored(store, tenant):
-    assert store.list(tenant) == ([], "")
-    assert list(store.blobs.iter()) == []
-    assert list((store.data_dir / "tmp").iterdir()) == []
 
 
 def test_peft_archives_round_trip_to_the_same_digest(store, spec, peft_folder, tmp_path):

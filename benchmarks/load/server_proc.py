@@ -87,9 +87,7 @@ class ServerProcess:
         """Start the process and return at once (build payloads meanwhile), then call :meth:`wait_ready`."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = {"data_dir": str(self.data_dir), "listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
-                  **self.settings}
-        if self.model:
-            config["model_path"] = self.model
+                  "openai_listen": "", "model_path": self.model or "demo", **self.settings}
         config_path = self.data_dir / "server.json"
         config_path.write_text(json.dumps(config, indent=1))
         env = {**os.environ, **(self.env or {})}

@@ -3,10 +3,14 @@
 Bottleneck adapters land on the residual-site output module of their layer (``o_proj`` /
 ``down_proj``, GPT-2 ``attn.c_proj`` / ``mlp.c_proj``) with the input their flags imply on a pre-LN
 model (§3.4): Pfeiffer ``seq_bn`` reads ``h + a`` ("output+residual"), Houlsby ``double_seq_bn``
-reads ``a`` ("output"), ``par_bn`` reads ``h`` ("residual", scale 4.0). LoRA is ``alpha/r`` (1.0 for
+reads ``a`` ("output"), ``par_bn`` reads ``h`` ("residual", scale 4.0); Compacter / Compacter++
+(``phm_layer``) are those placements with PHM projections multiplied out (``adapterhub_phm.py``).
+LoRA is ``alpha/r`` (1.0 for
 files from ``adapters`` < 1.1.0 with r != alpha, PR #770); (IA)3 is output scaling by
 ``lora_B * alpha`` on every target, ``down_proj`` included. Keys name the real modules, whatever
 the config flags say (Llama's ``intermediate_lora`` wraps ``down_proj``, Qwen2's wraps ``up_proj``).
+Prefix tuning becomes the delta's prompt part (:mod:`.adapterhub_prefix`); a ``ConfigUnion`` (MAM)
+imports each member by its own rules (:mod:`.adapterhub_union`).
 """
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ import torch
 from ..base_spec import BaseSpec
 from ..delta import AdapterTerm, Delta
 from ..errors import DeltaError, UnsupportedDelta
+from . import adapterhub_phm
 from .adapterhub_config import adapter_source, bottleneck_config, check_lora_config, lora_alpha, map_activation
+from .adapterhub_prefix import load_prefix
+from .adapterhub_union import union_members
 from .builder import DeltaBuilder
 from .files import first_existing, read_json, read_tensors
 from .keys import KeyMapper, layer_of
@@ -46,17 +53,22 @@ def load_adapterhub(path: str | Path, spec: BaseSpec) -> Delta:
     name = meta.get("name") or _only_name(tensors, where)
     arch = cfg.get("architecture") or "bottleneck"
     builder = DeltaBuilder(spec, "adapterhub")
-    if arch == "bottleneck":
-        _bottleneck(cfg, tensors, name, spec, builder, where)
-    elif arch == "lora":
-        _lora(cfg, meta, tensors, name, spec, builder, where)
-    elif arch in ("prefix_tuning", "prompt_tuning"):
-        raise UnsupportedDelta(f"{where}: architecture {arch!r} (prefix/prompt tuning) is not served yet")
-    elif arch == "union":
-        raise UnsupportedDelta(f"{where}: a ConfigUnion (MAM / UniPELT style) combines prefix tuning or gating "
-                               f"with adapters; not supported")
-    else:
-        raise UnsupportedDelta(f"{where}: architecture {arch!r} is not supported (bottleneck, lora, ia3 are)")
+    members = union_members(cfg, meta, tensors, name, where) if arch == "union" else [(cfg, tensors)]
+    for member_cfg, member_tensors in members:
+        member = member_cfg.get("architecture") or "bottleneck"
+        if member == "bottleneck":
+            _bottleneck(member_cfg, member_tensors, name, spec, builder, where)
+        elif member == "lora":
+            _lora(member_cfg, meta, member_tensors, name, spec, builder, where)
+        elif member == "prefix_tuning":
+            builder.prompt(load_prefix(member_cfg, member_tensors, name, spec, where))
+        elif member == "prompt_tuning":
+            raise UnsupportedDelta(f"{where}: architecture 'prompt_tuning': adapters 1.3.0 itself cannot run prompt "
+                                   f"tuning on decoder-only models (Llama and GPT-2 set support_prompt_tuning=False, "
+                                   f"Qwen2's interface leaves it out), so there is no library result to match")
+        else:
+            raise UnsupportedDelta(f"{where}: architecture {member!r} is not supported "
+                                   f"(bottleneck, lora, ia3, prefix_tuning, union (MAM) are)")
     return builder.build(description=f"adapterhub {arch} {name!r} ({meta.get('version', 'unversioned')})")
 
 
@@ -77,7 +89,7 @@ def _check_head(folder: Path, where: str) -> None:
 
 
 def _only_name(tensors: dict[str, torch.Tensor], where: str) -> str:
-    names = {m.group(1) for k in tensors for m in [re.search(r"\.(?:adapters|loras)\.([^.]+)\.", k)] if m}
+    names = {m.group(1) for k in tensors for m in [re.search(r"\.(?:adapters|loras|prefix_tunings)\.([^.]+)\.", k)] if m}
     if len(names) != 1:
         raise DeltaError(f"{where}: adapter_config.json has no 'name' and the tensors name {sorted(names) or 'none'}")
     return names.pop()
@@ -90,6 +102,8 @@ def _bottleneck(cfg: dict, tensors: dict, name: str, spec: BaseSpec, builder: De
     key_re = re.compile(rf"^(?P<prefix>.+)\.(?P<site>attention_adapters|output_adapters)\.adapters\."
                         rf"{re.escape(name)}\.(?P<rest>.+)$")
     groups: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    tensors = dict(tensors)
+    shared = adapterhub_phm.take_shared(tensors, name) if cfg.get("phm_layer") else {}
     for key, t in tensors.items():
         m = key_re.match(key)
         layer = layer_of(m.group("prefix")) if m else None
@@ -104,6 +118,13 @@ def _bottleneck(cfg: dict, tensors: dict, name: str, spec: BaseSpec, builder: De
             raise DeltaError(f"{where}: tensor {key0!r} is for an adapter the config does not create "
                              f"({flag}={cfg.get(flag)}, leave_out={sorted(leave_out)}); the library would ignore it")
         info = keys.site_module(layer, _SITES[site], key=key0)
+        if cfg.get("phm_layer"):  # Compacter: PHM projections, multiplied out once here
+            m = _width(cfg, spec, layer, key0, where)
+            down, down_bias, up, up_bias = adapterhub_phm.projections(cfg, params, shared, spec.hidden_size, m,
+                                                                      f"{where} layer {layer} {site}")
+            scale, up, up_bias = _scaling(cfg, params, up, up_bias, key0, where)
+            builder.adapter(info, AdapterTerm(down, down_bias, up, up_bias, activation, scale, source), key=key0)
+            continue
         downs = {k: v for k, v in params.items() if k.startswith("adapter_down.")}
         linear = [k.rsplit(".", 1)[0] for k, (_, t) in downs.items() if k.endswith(".weight") and t.dim() == 2]
         if len(linear) != 1 or "adapter_up.weight" not in params or "adapter_up.bias" not in params \
@@ -113,7 +134,8 @@ def _bottleneck(cfg: dict, tensors: dict, name: str, spec: BaseSpec, builder: De
         known = {f"{linear[0]}.weight", f"{linear[0]}.bias", "adapter_up.weight", "adapter_up.bias", "scaling"}
         extra = sorted(set(params) - known)
         if extra:
-            raise DeltaError(f"{where}: unknown tensor {params[extra[0]][0]!r} (gates, norms and PHM are not supported)")
+            raise DeltaError(f"{where}: unknown tensor {params[extra[0]][0]!r} (gates and norms are not supported; "
+                             f"PHM tensors need phm_layer=true)")
         down, down_bias = params[f"{linear[0]}.weight"][1], params[f"{linear[0]}.bias"][1]
         up, up_bias = params["adapter_up.weight"][1], params["adapter_up.bias"][1]
         _check_width(cfg, spec, layer, int(down.shape[0]), key0, where)
@@ -122,16 +144,28 @@ def _bottleneck(cfg: dict, tensors: dict, name: str, spec: BaseSpec, builder: De
                                           up_bias.contiguous(), activation, scale, source), key=key0)
 
 
-def _check_width(cfg: dict, spec: BaseSpec, layer: int, width: int, key: str, where: str) -> None:
+def _reduction(cfg: dict, layer: int):
     rf = cfg.get("reduction_factor", 16)
     if isinstance(rf, dict):  # {"0": 4, "default": 16}: per-layer reduction factors
         rf = rf.get(str(layer), rf.get("default"))
+    return rf
+
+
+def _width(cfg: dict, spec: BaseSpec, layer: int, key: str, where: str) -> int | None:
+    """The bottleneck width the config implies for ``layer`` (None when it does not say)."""
+    rf = _reduction(cfg, layer)
     if rf is None:
-        return
-    want = max(1, int(spec.hidden_size // float(rf)))
-    if width != want:
-        raise DeltaError(f"{where}: {key!r}: reduction_factor {rf} on hidden {spec.hidden_size} gives width {want}, "
-                         f"the tensor has {width}")
+        if cfg.get("phm_layer"):
+            raise DeltaError(f"{where}: {key!r}: a PHM adapter needs reduction_factor to size its projections")
+        return None
+    return max(1, int(spec.hidden_size // float(rf)))
+
+
+def _check_width(cfg: dict, spec: BaseSpec, layer: int, width: int, key: str, where: str) -> None:
+    want = _width(cfg, spec, layer, key, where)
+    if want is not None and width != want:
+        raise DeltaError(f"{where}: {key!r}: reduction_factor {_reduction(cfg, layer)} on hidden {spec.hidden_size} "
+                         f"gives width {want}, the tensor has {width}")
 
 
 def _scaling(cfg: dict, params: dict, up: torch.Tensor, up_bias: torch.Tensor, key: str, where: str):

@@ -7,20 +7,25 @@ flag algebra are docs/DELTAS.md §3.2-§3.4 and ``adapters/methods/modeling.py``
 from __future__ import annotations
 
 from ..errors import DeltaError, UnsupportedDelta
+from .adapterhub_phm import PHM_DEFAULTS
 
 _BN_DEFAULTS = dict(original_ln_before=False, original_ln_after=True, residual_before_ln=True,
                     adapter_residual_before_ln=False, ln_before=False, ln_after=False, is_parallel=False,
                     scaling=1.0, use_gating=False, leave_out=[], phm_layer=False, inv_adapter=None,
-                    cross_adapter=False)
+                    cross_adapter=False, **PHM_DEFAULTS)
 _SEQ = dict(mh_adapter=False, output_adapter=True, non_linearity="relu", reduction_factor=16,
             original_ln_before=True)
 _DOUBLE = dict(mh_adapter=True, output_adapter=True, non_linearity="swish", reduction_factor=16)
 _PAR = dict(mh_adapter=False, output_adapter=True, non_linearity="relu", reduction_factor=2, is_parallel=True,
             scaling=4.0)
+_COMPACTER = dict(mh_adapter=True, output_adapter=True, non_linearity="gelu", reduction_factor=32, phm_layer=True)
+_COMPACTER_PP = dict(mh_adapter=False, output_adapter=True, non_linearity="gelu", reduction_factor=32,
+                     original_ln_before=True, phm_layer=True)
 _LORA = dict(architecture="lora", r=8, alpha=8, attn_matrices=["q", "v"], composition_mode="add")
 _IA3 = dict(architecture="lora", r=1, alpha=1, attn_matrices=["k", "v"], composition_mode="scale")
 PRESETS = {"seq_bn": _SEQ, "pfeiffer": _SEQ, "double_seq_bn": _DOUBLE, "houlsby": _DOUBLE, "par_bn": _PAR,
            "parallel": _PAR, "scaled_par_bn": {**_PAR, "scaling": "learned"}, "lora": _LORA, "ia3": _IA3,
+           "compacter": _COMPACTER, "compacter++": _COMPACTER_PP,
            "prefix_tuning": dict(architecture="prefix_tuning"), "mam": dict(architecture="union"),
            "unipelt": dict(architecture="union")}
 
@@ -65,7 +70,6 @@ def adapter_source(cfg: dict, where: str) -> str:
     for (residual_before_ln, original_ln_after) = (True, True) or, with original_ln_before, (False, False).
     """
     for flag, why in (("use_gating", "its gate averages over the whole sequence, which is not causal"),
-                      ("phm_layer", "Compacter/PHM layers are not supported"),
                       ("ln_before", "adapter LayerNorms are not supported"),
                       ("ln_after", "adapter LayerNorms are not supported"),
                       ("inv_adapter", "invertible embedding adapters are not supported"),

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..base_spec import BaseSpec, ModuleInfo
-from ..delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
+from ..delta import AdapterTerm, Delta, LoraTerm, ModuleDelta, RowsTerm
 from ..errors import DeltaError
+from ..prompt import PromptPart
 
 
 class DeltaBuilder:
@@ -19,6 +20,7 @@ class DeltaBuilder:
         self.spec = spec
         self.source_format = source_format
         self.modules: dict[str, ModuleDelta] = {}
+        self._prompt: PromptPart | None = None
 
     def _md(self, info: ModuleInfo) -> ModuleDelta:
         return self.modules.setdefault(info.path, ModuleDelta())
@@ -68,6 +70,24 @@ class DeltaBuilder:
             raise DeltaError(f"{self.source_format}: tensor {key!r} adds a second bottleneck adapter to {info.path}")
         md.adapter = term
 
+    def dora(self, info: ModuleInfo, magnitude: torch.Tensor, *, key: str) -> None:
+        md = self._md(info)
+        if md.dora_magnitude is not None:
+            raise DeltaError(f"{self.source_format}: tensor {key!r} adds a second DoRA magnitude to {info.path}")
+        md.dora_magnitude = magnitude.contiguous()
+
+    def rows(self, info: ModuleInfo, term: RowsTerm, *, key: str) -> None:
+        md = self._md(info)
+        if md.rows is not None:
+            raise DeltaError(f"{self.source_format}: tensor {key!r} adds a second set of token rows to {info.path}")
+        md.rows = term
+    def prompt(self, part: PromptPart) -> None:
+        """The delta's prompt part (virtual tokens / prefix K/V); a delta holds at most one."""
+        if self._prompt is not None:
+            raise DeltaError(f"{self.source_format}: a second prompt/prefix part in one delta")
+        self._prompt = part
+
     def build(self, description: str = "") -> Delta:
         mods = {p: md for p, md in self.modules.items() if md.kinds()}
-        return Delta(dict(sorted(mods.items())), source_format=self.source_format, description=description)
+        return Delta(dict(sorted(mods.items())), source_format=self.source_format, description=description,
+                     prompt=self._prompt)

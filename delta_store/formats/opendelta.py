@@ -4,8 +4,11 @@
 delta config classes (lora_r 8, lora_alpha 16, bottleneck_dim 24, non_linearity gelu_new). Keys in
 ``pytorch_model.bin`` are plain backbone module paths; they, not ``modified_modules``, say what was
 changed. Served: ``lora`` (``y += x A^T B^T * alpha/r``), ``adapter`` (on the OUTPUT o of the named
-module: ``o' = o + up(act(down(o)))``, source "output") and ``bitfit`` (absolute biases: the delta is
-``stored - base``; bias-less Linear layers got a new bias, so there the value is the delta).
+module: ``o' = o + up(act(down(o)))``, source "output"), ``bitfit`` (absolute biases: the delta is
+``stored - base``; bias-less Linear layers got a new bias, so there the value is the delta), and
+``compacter``, ``low_rank_adapter``, ``parallel_adapter`` (expanded into adapters:
+``opendelta_adapters.py``), and ``soft_prompt`` / ``prefix`` as the delta's prompt part
+(:mod:`.opendelta_prompt`).
 """
 from __future__ import annotations
 
@@ -21,16 +24,15 @@ from .adapterhub_config import map_activation
 from .builder import DeltaBuilder
 from .files import first_existing, read_json, read_tensors
 from .keys import KeyMapper
+from .opendelta_adapters import load_kind
+from .opendelta_prompt import load_prefix, load_soft_prompt
 
 CONFIG_NAME = "config.json"
 WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.safetensors", "model.safetensors")
-SERVED = ("lora", "adapter", "bitfit")
-_WHY_NOT = {
-    "prefix": "uses the legacy layer_past attention API, unusable with Llama or modern transformers caches",
-    "soft_prompt": "prepends learned embeddings (prompt tuning); not served yet",
-    "parallel_adapter": "reads a module's positional input, which HF Llama never passes; and its scale is ignored",
-    "compacter": "PHM (Kronecker) projections are not supported",
-    "low_rank_adapter": "rank-1 factorised adapters are not supported",
+SERVED = ("lora", "adapter", "bitfit", "compacter", "low_rank_adapter", "parallel_adapter", "soft_prompt", "prefix")
+_EXPANDED = ("compacter", "low_rank_adapter", "parallel_adapter")
+_WHY_NOT: dict[str, str] = {  # delta types refused with a reason of their own (none today: every other type
+    # gets "not supported" with the list of the served ones)
 }
 _LORA_RE = re.compile(r"^(?P<mod>.+)\.lora\.(?P<param>lora_A|lora_B)$")
 _ADAPTER_RE = re.compile(r"^(?P<mod>.+)\.adapter\.modulelist\.(?P<proj>down_proj|up_proj)\.(?P<leaf>weight|bias)$")
@@ -48,8 +50,15 @@ def load_opendelta(path: str | Path, spec: BaseSpec) -> Delta:
     if weights is None:
         raise DeltaError(f"{folder}: no {WEIGHT_NAMES[0]} next to {CONFIG_NAME}")
     tensors = read_tensors(weights)
-    keys = KeyMapper(spec, where)
     builder = DeltaBuilder(spec, "opendelta")
+    description = f"opendelta {kind} ({cfg.get('backbone_class', 'unknown backbone')})"
+    if kind in ("soft_prompt", "prefix"):
+        builder.prompt((load_soft_prompt if kind == "soft_prompt" else load_prefix)(cfg, tensors, spec, where))
+        return builder.build(description=description)
+    keys = KeyMapper(spec, where)
+    if kind in _EXPANDED:
+        load_kind(kind, cfg, tensors, spec, keys, builder, where)
+        return builder.build(description=description)
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         m = (_LORA_RE if kind == "lora" else _ADAPTER_RE).match(key) if kind != "bitfit" else None
@@ -73,7 +82,7 @@ def load_opendelta(path: str | Path, spec: BaseSpec) -> Delta:
             _lora(cfg, info, params, builder, where)
         else:
             _adapter(cfg, info, params, builder, where)
-    return builder.build(description=f"opendelta {kind} ({cfg.get('backbone_class', 'unknown backbone')})")
+    return builder.build(description=description)
 
 
 def _lora(cfg: dict, info, params: dict, builder: DeltaBuilder, where: str) -> None:

@@ -1,7 +1,10 @@
 """HF PEFT adapter folders -> canonical :class:`Delta` (peft 0.21.2 semantics, docs/DELTAS.md §2).
 
 Served: LoRA (rank/alpha patterns, rsLoRA, ``lora_bias``, ``bias="all"/"lora_only"``, Conv1D
-targets, ``layers_to_transform``), AdaLoRA, (IA)3 and BEFT. File keys are
+targets, ``layers_to_transform``, DoRA, trainable tokens), AdaLoRA, (IA)3, BEFT, VeRA (expanded
+into LoRA: ``peft_vera.py``) and trainable tokens (``peft_tokens.py``); prompt tuning, P-tuning, CPT,
+prefix tuning and CARTRIDGE as the delta's prompt part (``peft_prompt.py``); refused kinds and their
+reasons: ``peft_refusals.py``. File keys are
 ``base_model.model.<module path>.<suffix>``; ``<module path>`` is what PEFT matched its config
 against, so targeting and patterns are evaluated on it, and it is mapped onto the served model by
 :class:`KeyMapper` (layer index + name, never the prefix).
@@ -24,6 +27,10 @@ from .builder import DeltaBuilder
 from .files import first_existing, read_json, read_tensors
 from .keys import KeyMapper
 from .peft_config import check_supported, is_feedforward, is_targeted, lora_scale
+from .peft_prompt import SERVED_PROMPT_TYPES, load_peft_prompt
+from .peft_tokens import take_token_rows
+from .peft_vera import expand as expand_vera
+from .peft_vera import take_projection as take_vera_projection
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
@@ -33,7 +40,8 @@ _PREFIX = "base_model.model."
 # <module>.<param>[.<adapter name>][.weight|.bias]: the in-memory adapter name is stripped on disk,
 # but tolerated here for state dicts saved by hand.
 _LORA_RE = re.compile(r"^(?P<mod>.+)\.(?P<param>lora_A|lora_B|lora_E|lora_magnitude_vector|lora_embedding_A|"
-                      r"lora_embedding_B|ia3_l|beft_bias)(?:\.(?P<name>[^.]+))??(?:\.(?P<leaf>weight|bias))?$")
+                      r"lora_embedding_B|ia3_l|beft_bias|vera_lambda_b|vera_lambda_d)"
+                      r"(?:\.(?P<name>[^.]+))??(?:\.(?P<leaf>weight|bias))?$")
 _BIAS_RE = re.compile(r"^(?P<mod>.+?)(?:\.base_layer)?\.bias$")
 
 
@@ -58,9 +66,14 @@ def load_peft(path: str | Path, spec: BaseSpec) -> Delta:
     if weights is None:
         raise DeltaError(f"{folder}: no {' or '.join(WEIGHT_NAMES)} next to {CONFIG_NAME}")
     tensors = read_tensors(weights)
+    if peft_type in SERVED_PROMPT_TYPES:
+        return load_peft_prompt(cfg, peft_type, tensors, spec, where)
     if "prompt_embeddings" in tensors:
-        raise UnsupportedDelta(f"{where}: holds prompt_embeddings (prefix/prompt tuning); not served yet")
+        raise DeltaError(f"{where}: a {peft_type} adapter holding prompt_embeddings (a prompt-learning tensor)")
     importer = _PeftImporter(cfg, peft_type, spec, where)
+    take_token_rows(tensors, cfg, peft_type, spec, importer.keys, importer.builder, where)
+    if peft_type == "VERA":
+        importer.vera = take_vera_projection(tensors, cfg, where)
     importer.run(tensors)
     base = cfg.get("base_model_name_or_path") or "unknown base"
     note = ""
@@ -77,6 +90,7 @@ class _PeftImporter:
         self.cfg, self.peft_type, self.spec, self.where = cfg, peft_type, spec, where
         self.keys = KeyMapper(spec, where)
         self.builder = DeltaBuilder(spec, "peft")
+        self.vera = None  # VeraProjection of a VERA adapter, taken from the file before run()
 
     def run(self, tensors: dict[str, torch.Tensor]) -> None:
         groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # module path -> param -> (key, tensor)
@@ -88,7 +102,7 @@ class _PeftImporter:
                 groups.setdefault(m.group("mod"), {})[param] = (key, t)
                 continue
             b = _BIAS_RE.match(rel)
-            if b is not None and self.cfg.get("bias", "none") in ("all", "lora_only"):
+            if b is not None and self.cfg.get("bias", "none") in ("all", "lora_only", "vera_only"):
                 self.builder.absolute_bias(self.keys.module(b.group("mod"), key=key), t, key=key)
                 continue
             if rel.endswith(".weight"):
@@ -100,9 +114,6 @@ class _PeftImporter:
 
     def _module(self, mod: str, params: dict[str, tuple[str, torch.Tensor]]) -> None:
         any_key = next(iter(params.values()))[0]
-        if "lora_magnitude_vector" in params:
-            raise UnsupportedDelta(f"{self.where}: {any_key!r}: DoRA magnitude vector; DoRA needs the base "
-                                   f"weight's row norms and cannot be served as a low-rank add-on")
         if "lora_embedding_A" in params or "lora_embedding_B" in params:
             raise UnsupportedDelta(f"{self.where}: {any_key!r}: LoRA on an embedding layer is not supported")
         if not is_targeted(self.cfg, mod):
@@ -110,14 +121,18 @@ class _PeftImporter:
             raise DeltaError(f"{self.where}: tensor {any_key!r} is for module {mod!r}, which the config's "
                              f"target_modules/exclude_modules/layers_to_transform do not target")
         info = self.keys.module(mod, key=any_key)
-        allowed = {"LORA": {"lora_A", "lora_B", "lora_B_bias"}, "ADALORA": {"lora_A", "lora_B", "lora_E"},
-                   "IA3": {"ia3_l"}, "BEFT": {"beft_bias"}}[self.peft_type]
+        allowed = {"LORA": {"lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector"},
+                   "ADALORA": {"lora_A", "lora_B", "lora_E"}, "IA3": {"ia3_l"}, "BEFT": {"beft_bias"},
+                   "VERA": {"vera_lambda_b", "vera_lambda_d"}, "TRAINABLE_TOKENS": set()}[self.peft_type]
         extra = sorted(set(params) - allowed)
         if extra:
             raise DeltaError(f"{self.where}: tensor {params[extra[0]][0]!r} does not belong in a "
                              f"{self.peft_type} adapter")
         if self.peft_type in ("LORA", "ADALORA"):
             self._lora(mod, info, params)
+        elif self.peft_type == "VERA":  # y += lambda_b * (lambda_d * x A_s^T) B_s^T: a LoRA at scale 1
+            a, b = expand_vera(self.vera, params, info, self.where)
+            self.builder.lora(info, a, b, 1.0, key=any_key)
         elif self.peft_type == "IA3":
             key, vec = params["ia3_l"]
             ff = is_feedforward(self.cfg, mod)
@@ -157,6 +172,17 @@ class _PeftImporter:
             return
         scale = lora_scale(self.cfg, mod, int(a.shape[0]), where=self.where)
         self.builder.lora(info, a, b, scale, key=key_a)
+        if bool(self.cfg.get("use_dora")) != ("lora_magnitude_vector" in params):
+            raise DeltaError(f"{self.where}: module {mod!r}: use_dora={bool(self.cfg.get('use_dora'))} but the file "
+                             f"{'has no' if self.cfg.get('use_dora') else 'has a'} lora_magnitude_vector for it")
+        if "lora_magnitude_vector" in params:
+            # DoRA: y = (m / ||W + s B A||) * (x W^T + s x A^T B^T) + b0 (delta_store/dora.py); the base bias b0
+            # (and any bias="all"/"lora_only" delta) is not scaled
+            key_m, mag = params["lora_magnitude_vector"]
+            if tuple(mag.shape) != (info.out_features,):
+                raise DeltaError(f"{self.where}: {key_m!r}: DoRA magnitude must have one entry per output feature of "
+                                 f"{info.path} ({info.out_features},), found {tuple(mag.shape)}")
+            self.builder.dora(info, mag, key=key_m)
         if "lora_B_bias" in params:  # lora_bias=true: y += s * b_B, folded into the additive bias (§2.4.1)
             key_bb, bb = params["lora_B_bias"]
             if bb.numel() != b.shape[0]:

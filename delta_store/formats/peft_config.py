@@ -10,9 +10,10 @@ import math
 import re
 
 from ..errors import DeltaError, UnsupportedDelta
+from .peft_prompt import REFUSED_PROMPT_TYPES, SERVED_PROMPT_TYPES
+from .peft_refusals import refusal_reason
 
-SERVED_TYPES = ("LORA", "IA3", "BEFT", "ADALORA")
-PROMPT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")
+SERVED_TYPES = ("LORA", "IA3", "BEFT", "ADALORA", "VERA", "TRAINABLE_TOKENS")
 
 # LoRA variants whose forward pass is not plain LoRA (docs/DELTAS.md §2.4 table, last row).
 LORA_VARIANT_FIELDS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "velora_config",
@@ -24,26 +25,30 @@ BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 def check_supported(cfg: dict, where: str) -> str:
     """Raise :class:`UnsupportedDelta` for anything that cannot be served faithfully; return peft_type."""
     peft_type = str(cfg.get("peft_type") or "").upper()
-    if peft_type in PROMPT_TYPES:
-        raise UnsupportedDelta(f"{where}: peft_type {peft_type} (prefix/prompt tuning) changes the attention "
-                               f"context, not the layers; not served yet")
-    if peft_type not in SERVED_TYPES:
-        raise UnsupportedDelta(f"{where}: peft_type {peft_type or '(missing)'} is not supported "
-                               f"(supported: {', '.join(SERVED_TYPES)})")
+    if peft_type in REFUSED_PROMPT_TYPES:
+        raise UnsupportedDelta(f"{where}: peft_type {peft_type} {REFUSED_PROMPT_TYPES[peft_type]}")
+    if peft_type not in SERVED_TYPES + SERVED_PROMPT_TYPES:
+        why = refusal_reason(peft_type)
+        raise UnsupportedDelta(f"{where}: peft_type {peft_type or '(missing)'} is not supported"
+                               + (f": {why}" if why else f" (supported: {', '.join(SERVED_TYPES + SERVED_PROMPT_TYPES)})"))
     if cfg.get("modules_to_save"):
         raise UnsupportedDelta(f"{where}: modules_to_save {cfg['modules_to_save']} stores full trained copies of "
                                f"whole modules (a full-weight payload), not a delta")
+    if peft_type in SERVED_PROMPT_TYPES:
+        return peft_type  # one prompt_embeddings tensor; peft_prompt checks it
     if cfg.get("target_parameters"):
         raise UnsupportedDelta(f"{where}: target_parameters (LoRA on raw parameters) is not supported")
-    if cfg.get("trainable_token_indices"):
-        raise UnsupportedDelta(f"{where}: trainable_token_indices replaces embedding rows; not supported")
     if peft_type in ("LORA", "ADALORA"):
         if cfg.get("enable_lora") is not None:
             raise UnsupportedDelta(f"{where}: enable_lora is the PEFT <=0.2 MergedLinear format, which PEFT itself "
                                    f"can no longer load")
-        if cfg.get("use_dora"):
-            raise UnsupportedDelta(f"{where}: use_dora (DoRA) rescales by the base weight's row norms; "
-                                   f"it cannot be served as a low-rank add-on")
+        if cfg.get("use_dora") and cfg.get("lora_bias"):
+            raise UnsupportedDelta(f"{where}: use_dora with lora_bias, which PEFT refuses ('lora_bias=True is not "
+                                   f"supported for DoRA'), so no PEFT output defines it")
+        if cfg.get("use_dora") and peft_type == "ADALORA":
+            raise UnsupportedDelta(f"{where}: use_dora with AdaLoRA, which PEFT itself does not support")
+        if cfg.get("use_dora") not in (None, False, True):
+            raise UnsupportedDelta(f"{where}: use_dora={cfg['use_dora']!r} is not a DoRA variant this server knows")
         if cfg.get("layer_replication"):
             raise UnsupportedDelta(f"{where}: layer_replication duplicates base layers; not supported")
         for name in LORA_VARIANT_FIELDS:
@@ -54,6 +59,8 @@ def check_supported(cfg: dict, where: str) -> str:
             raise UnsupportedDelta(f"{where}: init_lora_weights={init!r} subtracts the initial adapter from the "
                                    f"base weights, so it only reproduces training on a mutated base; convert it "
                                    f"to plain LoRA with PEFT (path_initial_model_for_weight_conversion) first")
+    if peft_type == "VERA" and cfg.get("bias", "none") not in ("none", "all", "vera_only"):
+        raise DeltaError(f"{where}: VeRA bias={cfg['bias']!r} is not one of none, all, vera_only")
     return peft_type
 
 

@@ -3,9 +3,10 @@
 Placements (docs/DELTAS.md §3.4, §4.3; tests/fixtures/README.md "Semantic traps"), with ``h`` the residual stream
 entering the sub-block and ``y`` the sub-block output (``o_proj``/``down_proj``/GPT-2 ``c_proj``)::
 
-    "output"           BN(y)       Houlsby double_seq_bn, OpenDelta adapter
-    "output+residual"  BN(h + y)   Pfeiffer seq_bn
+    "output"           BN(y)       Houlsby double_seq_bn, OpenDelta adapter / compacter / low-rank adapter
+    "output+residual"  BN(h + y)   Pfeiffer seq_bn, Compacter++
     "residual"         BN(h)       par_bn (scale 4.0)
+    "normed"           BN(norm(h)) OpenDelta parallel adapter: the sub-block's input (its pre-norm's output)
 
 and the block adds ``h + y + BN(src)``. Each slot has one source per site, but one step may mix slots of
 different sources, so the layer keeps a ``width``/``scale`` field per source (0 for slots of the other
@@ -24,16 +25,18 @@ from delta_store.errors import DeltaError, DeltaServeError
 
 
 class ResidualTap:
-    """Carries ``h`` (the pre-norm's input, by reference) from a site's DeltaNorm to its output DeltaLinear.
+    """Carries ``h`` (the pre-norm's input) and ``normed`` (its output), by reference, from a site's DeltaNorm
+    to its output DeltaLinear.
 
     A plain object, not an ``nn.Module``, so it adds nothing to ``named_modules()`` or the state dict.
     """
 
-    __slots__ = ("h", "norm_path")
+    __slots__ = ("h", "normed", "norm_path")
 
     def __init__(self, norm_path: str):
         self.norm_path = norm_path
         self.h: torch.Tensor | None = None  # [num_tokens, hidden], set by the norm, cleared by the reader
+        self.normed: torch.Tensor | None = None  # [num_tokens, hidden], likewise
 
 
 def check(path: str, term: AdapterTerm, hidden: int, max_bottleneck: int) -> None:
@@ -88,10 +91,10 @@ def apply(layer, y: torch.Tensor, sources: list[int], meta) -> None:
         if src == "output":
             inputs.append(y_before)
             continue
-        h = None if tap is None else tap.h
+        h = None if tap is None else (tap.normed if src == "normed" else tap.h)
         if h is None:
             raise DeltaServeError(f"{layer.path}: adapter source {src!r} needs the residual stream, but "
                                   f"{tap.norm_path if tap else 'no pre-norm'} did not record it this step")
-        inputs.append(h if src == "residual" else h + y_before)
+        inputs.append(h + y_before if src == "output+residual" else h)
     for i, u in zip(sources, inputs):
         kernels.add_bottleneck(y, u, layer.adapter_pages(i), meta)

@@ -9,6 +9,10 @@ follow each step's counts, so this alone does not make a step CUDA-graph captura
 
 Running example: three sequences of lengths [3, 1, 2] using slots [5, -1, 0] give the per-token ids
 [5, 5, 5, -1, 0, 0]; ``meta.active_slots_host`` is then [0, 5] and token 3 runs the base model only.
+
+The output head sees only the rows the model runner keeps (``logits_to_keep``, the last token of each
+sampled chunk): ``head_rows=[2, 3, 5]`` above gives ``head_meta`` for the head's 3 rows, slots [5, -1, 0],
+built on first use (only a head serving trainable tokens asks for it).
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ class DeltaBatch:
         # Before the first prepare() the model is the bare base, so an HF forward outside the engine
         # (generate(), a test) works unchanged.
         self.meta = DeltaKernelMeta.build(self._slots[:0], [], buffers=self._index)
+        self._head_rows: list[int] | None = None  # packed indices of the rows the head computes; None = all
+        self._head_meta: DeltaKernelMeta | None = None
 
     @property
     def capacity(self) -> int:
@@ -48,7 +54,17 @@ class DeltaBatch:
     def no_delta(self) -> bool:
         return bool(self.meta.no_delta)
 
-    def prepare(self, token_slots_host: list[int]) -> None:
+    @property
+    def head_meta(self) -> DeltaKernelMeta:
+        """The kernels' metadata for the output head's rows (``head_rows`` of the last prepare; all tokens if None)."""
+        if self._head_rows is None:
+            return self.meta
+        if self._head_meta is None:
+            host = [self.token_slots_host[i] for i in self._head_rows]
+            self._head_meta = DeltaKernelMeta.build(torch.tensor(host, dtype=torch.int32, device=self.device), host)
+        return self._head_meta
+
+    def prepare(self, token_slots_host: list[int], head_rows: list[int] | None = None) -> None:
         """Refill the per-token slot ids for the next forward: one id per token of the packed batch, -1 = base.
 
         Called once per step, before ``model(...)``. Only grows the buffer when a step has more tokens
@@ -65,18 +81,23 @@ class DeltaBatch:
         if num_tokens > self.capacity:
             self._slots = torch.full((max(num_tokens, 2 * self.capacity),), -1, dtype=torch.int32, device=self.device)
             self._index = MetaBuffers(self.capacity, self.max_slots, self.device)
+        if head_rows is not None and any(not 0 <= i < num_tokens for i in head_rows):
+            raise InvalidArgument(f"DeltaBatch.prepare: head_rows {head_rows} outside [0, {num_tokens})")
         view = self._slots[:num_tokens]  # [num_tokens]
         view.copy_(torch.tensor(token_slots_host, dtype=torch.int32))
         self.token_slots_host = token_slots_host
         self.meta = DeltaKernelMeta.build(view, token_slots_host, buffers=self._index)
+        self._head_rows, self._head_meta = (None if head_rows is None else list(head_rows)), None
 
-    def prepare_sequences(self, slots: list[int], lengths: list[int]) -> None:
-        """Per-sequence slots of a packed batch -> per-token ids (sequence i contributes ``lengths[i]`` tokens)."""
+    def prepare_sequences(self, slots: list[int], lengths: list[int], head_rows: list[int] | None = None) -> None:
+        """Per-sequence slots of a packed batch -> per-token ids (sequence i contributes ``lengths[i]`` tokens);
+        ``head_rows``: the packed token indices whose logits the model computes (``logits_to_keep``)."""
         if len(slots) != len(lengths):
             raise InvalidArgument(f"DeltaBatch.prepare_sequences: {len(slots)} slots for {len(lengths)} sequences")
         if any(n < 0 for n in lengths):
             raise InvalidArgument(f"DeltaBatch.prepare_sequences: negative sequence length in {lengths}")
-        self.prepare(list(itertools.chain.from_iterable(itertools.repeat(s, n) for s, n in zip(slots, lengths))))
+        self.prepare(list(itertools.chain.from_iterable(itertools.repeat(s, n) for s, n in zip(slots, lengths))),
+                     head_rows)
 
     def reset(self) -> None:
         """Back to "no delta": the next forward runs the bare base whatever its token count."""

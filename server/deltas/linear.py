@@ -6,6 +6,7 @@ Same call signature as the wrapped layer (vLLM ``vllm/lora/layers/base_linear.py
     x_in = x * in_scale[slot]           # (IA)3, PEFT feed-forward modules; on a copy of x
     y    = base(x_in) * out_scale[slot] # (IA)3 output scaling (base bias scaled too)
     y   += lora(x)                      # LoRA, rank read per slot (D3)
+    y    = y * g[slot] + shift[slot]    # DoRA slots only: g = m / ||W + sBA||, shift = (1 - g) b0 (dora.py)
     y   += bias[slot]                   # BitFit / BEFT / lora_B bias / bias="all" deltas
     y   += adapter(src)                 # bottleneck adapter (adapter.py), residual sources on site outputs
 
@@ -15,6 +16,7 @@ Storage is paged by real size (D13, ``pages.py``): four row arenas, none allocat
     vec_out   [*, out]              one row per bias / out_scale / adapter up bias, + neutral rows 0 and 1
     vec_in    [*, in]               one row per in_scale, + a neutral row of ones
     adapter   [*, 2 out_pad + pad]  a width-m adapter = m rows: down row | up column | down bias
+    dora      fp32 [*, 2 out_pad]   a DoRA term = 1 row: g | (1 - g) b0 (``dora.py``; fp32 whatever the model)
 
 and a per-slot table (``slot_fields.py``) with each slot's rank, scale and first rows. A resident rank-16
 LoRA on a 4096 x 4096 fp16 projection holds 16 * 8192 * 2 = 256 KiB here, a rank-4 one 64 KiB: its own size.
@@ -37,6 +39,7 @@ from delta_store.errors import DeltaError
 from . import adapter as adapters
 from .adapter import ResidualTap
 from .batch import DeltaBatch
+from . import dora as doras
 from .pages import RowArena
 from .slot_fields import SlotFields
 from .terms import Staged, TermRows, TermSpec, align
@@ -48,9 +51,11 @@ TERMS = {
     "in_scale": TermSpec("vec_in", "in_scale_row", 1.0),
     "adapter": TermSpec("adapter", "ad_start"),
     "up_bias": TermSpec("vec_out", "ad_up_bias_row"),
+    "dora": TermSpec("dora", "dora_row"),
 }
 INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "bias_row": 0, "out_scale_row": 0, "in_scale_row": 0, "ad_start": 0,
-              "ad_up_bias_row": 0, "ad_act": 0, **{f"ad_width{i}": 0 for i in range(len(ADAPTER_SOURCES))}}
+              "ad_up_bias_row": 0, "ad_act": 0,
+              "dora_row": 0, "dora_flag": 0, **{f"ad_width{i}": 0 for i in range(len(ADAPTER_SOURCES))}}
 FLOAT_FIELDS = {"lora_scale": 0.0, **{f"ad_scale{i}": 0.0 for i in range(len(ADAPTER_SOURCES))}}
 
 
@@ -75,14 +80,16 @@ class DeltaLinear(torch.nn.Module):
         dev, dt = base.weight.device, base.weight.dtype
         self.w_in, self.w_out = align(self.in_features, dt), align(self.out_features, dt)
         arenas = {"lora": RowArena(self.w_in + self.w_out, dt, dev), "vec_out": RowArena(self.w_out, dt, dev),
-                  "vec_in": RowArena(self.w_in, dt, dev), "adapter": RowArena(2 * self.w_out + align(1, dt), dt, dev)}
+                  "vec_in": RowArena(self.w_in, dt, dev), "adapter": RowArena(2 * self.w_out + align(1, dt), dt, dev),
+                  "dora": RowArena(2 * align(self.out_features, torch.float32), torch.float32, dev)}
         self.rows = TermRows(arenas, TERMS, SlotFields(INT_FIELDS, FLOAT_FIELDS, dev))
         # Host sets of "slot s has this kind here": the per-step skip test reads these, never the device.
-        self.has = {k: set() for k in ("lora", "bias", "out_scale", "in_scale")}
+        self.has = {k: set() for k in ("lora", "bias", "out_scale", "in_scale", "dora")}
         self.has_adapter: list[set[int]] = [set() for _ in ADAPTER_SOURCES]  # per source
         self._ranks: Counter = Counter()
         self._widths: Counter = Counter()
         self._pages: dict[str, tuple] = {}  # kind -> (key, pages) rebuilt when arenas or fields move
+        self._dora_base_sq: torch.Tensor | None = None  # ||W_o||^2 [out], on the first DoRA delta
         self.tap: ResidualTap | None = None  # set on residual-site output modules
 
     @classmethod
@@ -127,6 +134,8 @@ class DeltaLinear(torch.nn.Module):
             t = getattr(md, name)
             if t is not None and tuple(t.shape) != (n,):
                 raise DeltaError(f"{p}: {name} expected shape ({n},), found {tuple(t.shape)}")
+        if md.dora_magnitude is not None:
+            doras.check(md, fout, p)
         if md.adapter is not None:
             # An adapter on the module output (OpenDelta) fits any wrapped module; one reading the
             # residual stream needs the site's pre-norm tap.
@@ -143,6 +152,8 @@ class DeltaLinear(torch.nn.Module):
             rows["lora"] = md.lora.rank
         if md.adapter is not None:
             rows["adapter"], rows["up_bias"] = md.adapter.width, 1
+        if md.dora_magnitude is not None:
+            rows["dora"] = 1
         return rows
 
     def stage(self, md: ModuleDelta, pin: bool = False) -> Staged:
@@ -169,6 +180,13 @@ class DeltaLinear(torch.nn.Module):
             rows.update(adapters.stage(md.adapter, self.w_out, dt))
             values.update(adapters.values(md.adapter))
             kinds.add("adapter")
+        if md.dora_magnitude is not None:
+            w = self.base.weight
+            rows["dora"], self._dora_base_sq = doras.stage(w.t() if isinstance(self.base, Conv1D) else w,
+                                                           getattr(self.base, "bias", None), md, self.path,
+                                                           align(self.out_features, torch.float32), self._dora_base_sq)
+            values["dora_flag"] = 1
+            kinds.add("dora")
         if pin:
             rows = {k: v.pin_memory() for k, v in rows.items()}
         return Staged(rows, values, kinds)
@@ -178,7 +196,7 @@ class DeltaLinear(torch.nn.Module):
         self.clear(slot, keep_neutrals=True)  # the install's demand counted on this layer's neutral rows
         values = {k: v for k, v in staged.values.items() if k != "ad_source"}
         self.rows.place(slot, staged.rows, capacity, **values)
-        for kind in ("lora", "bias", "out_scale", "in_scale"):
+        for kind in ("lora", "bias", "out_scale", "in_scale", "dora"):
             if kind in staged.kinds:
                 self.has[kind].add(slot)
         if "lora" in staged.kinds:
@@ -240,12 +258,20 @@ class DeltaLinear(torch.nn.Module):
             return adapters.pages(self.rows, self.out_features, self.w_out, source, max(self._widths, default=0))
         return self._cached(f"adapter{source}", ("adapter", "vec_out"), max(self._widths, default=0), build)
 
+    def dora_pages(self) -> kernels.ScaleShiftPages:
+        def build():
+            rows, w = self.rows.arenas["dora"].rows, align(self.out_features, torch.float32)
+            f = self.rows.fields
+            return kernels.ScaleShiftPages(rows[:, :self.out_features], rows[:, w:w + self.out_features],
+                                           f.view("dora_row"), f.view("dora_flag"))
+        return self._cached("dora", ("dora",), 0, build)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.batch
         meta = batch.meta
         if meta.no_delta:
             if self.tap is not None:
-                self.tap.h = None
+                self.tap.h = self.tap.normed = None
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)  # [num_tokens, in]
         batch.check_tokens(x2.shape[0], self.path)
@@ -262,13 +288,15 @@ class DeltaLinear(torch.nn.Module):
             kernels.mul_rows(y2, self.row_pages("out_scale"), meta)
         if has["lora"] and any(s in has["lora"] for s in active):
             kernels.add_lora(y2, x2.contiguous(), self.lora_pages(), meta)
+        if has["dora"] and any(s in has["dora"] for s in active):  # after the LoRA add, before the bias deltas
+            kernels.scale_shift_rows(y2, self.dora_pages(), meta)
         if has["bias"] and any(s in has["bias"] for s in active):
             kernels.add_bias(y2, self.row_pages("bias"), meta)
         sources = [i for i, has_i in enumerate(self.has_adapter) if has_i and any(s in has_i for s in active)]
         if sources:
             adapters.apply(self, y2, sources, meta)
-        if self.tap is not None:
-            self.tap.h = None  # drop the reference: keeping one residual per site alive would cost 2*L*T*h
+        if self.tap is not None:  # drop the references: one residual per site alive would cost 2*L*T*h
+            self.tap.h = self.tap.normed = None
         return y
 
     def extra_repr(self) -> str:

@@ -3,18 +3,24 @@
 Which modules are wrapped comes from the server's target list (``ServerConfig.target_modules``,
 default every linear of the decoder layers), plus what residual adapters and BitFit need whatever
 the list says: each residual site's output module and pre-norm (``SITES`` in
-``delta_store/base_spec.py``) and every LayerNorm (GPT-2 ``ln_1``/``ln_2``/``ln_f``). So any delta
-that validates against the base loads later without re-wrapping. The model's ``forward`` is never
-edited; ``lm_head`` and the embeddings stay untouched (GPT-2's tied ``lm_head`` keeps sharing ``wte``).
-Wrapping allocates no delta memory: every layer's arenas and slot table appear with its first term.
+``delta_store/base_spec.py``), every LayerNorm (GPT-2 ``ln_1``/``ln_2``/``ln_f``), and the input embedding
+and output head (trainable tokens: ``token_rows.py``). So any delta that validates against the base
+loads later without re-wrapping. The model's ``forward`` is never edited; the wrappers keep the base
+modules, so GPT-2's tied ``lm_head`` keeps sharing ``wte``. Wrapping allocates no delta memory: every
+layer's arenas and slot table appear with its first term.
 
 Usage (the residency owner, ``residency.py``, does the installs; tests and benchmarks may call set_delta)::
 
     dm = wrap_model(model, targets=config.target_modules, max_slots=64, max_rank=64, max_bottleneck=256)
     staged = dm.stage(delta)                     # a load thread: validate, convert to rows on the host
     dm.ensure_slots(4); dm.install([(3, staged)], room=budget - dm.capacity_bytes())   # the step loop
-    dm.batch.prepare_sequences([3, -1], [5, 1])  # once per step
+    dm.batch.prepare_sequences([3, -1], [5, 1], head_rows=[4, 5])  # once per step; the rows logits_to_keep keeps
     logits = dm.model(input_ids=...).logits       # the unchanged HF forward
+
+A delta's prompt part (prompt / prefix tuning) is not a layer term: ``install`` keeps it whole per slot, on the
+device in the model's dtype (its bytes are in the delta's footprint, so the residency budget counts them), and
+the engine reads it (``prompt_of``) to compute the delta's shared KV prefix (``server/engine/prefix_cache.py``);
+the module terms of the same delta apply as usual.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import torch
 from delta_store.base_spec import BaseSpec
 from delta_store.delta import Delta
 from delta_store.errors import DeltaError, InvalidArgument
+from delta_store.prompt import PromptPart
 from delta_store.validate import Limits, validate
 
 from ..config import DEFAULT_TARGETS
@@ -35,6 +42,7 @@ from .linear import DeltaLinear
 from .norm import DeltaNorm
 from .pages import NoRoom
 from .terms import Staged
+from .token_rows import DeltaEmbedding, DeltaHead
 
 SLOT_GROWTH = 1.25
 """The per-slot tables grow by this factor (at least one slot) when the owner needs a new slot number."""
@@ -47,6 +55,7 @@ class StagedDelta:
     modules: dict[str, Staged]  # served path -> rows per term
     footprint: int  # device bytes once placed (``DeltaModel.footprint``)
     real_bytes: int  # the delta's own bytes in the served dtype
+    prompt: PromptPart | None = None  # on the host in the model's dtype; its tensors are its device bytes
 
 
 @dataclass(eq=False)
@@ -54,11 +63,14 @@ class DeltaModel:
     model: torch.nn.Module  # the same HF model object, target modules replaced in place
     spec: BaseSpec  # of the unwrapped base
     batch: DeltaBatch  # shared by every wrapper
-    layers: dict[str, DeltaLinear | DeltaNorm] = field(default_factory=dict)  # served path -> wrapper
+    layers: dict[str, DeltaLinear | DeltaNorm | DeltaEmbedding | DeltaHead] = field(default_factory=dict)
     max_slots: int = 32  # most distinct deltas in one step (sizes the step's index buffers)
     max_rank: int = 64  # validation limits, not storage sizes
     max_bottleneck: int = 256
+    max_token_rows: int = 64
     slot_capacity: int = 0  # slot numbers [0, slot_capacity) have table entries in every layer with terms
+    prompts: dict[int, PromptPart] = field(default_factory=dict)  # slot -> prompt part (device, model dtype)
+    layered: set[int] = field(default_factory=set)  # slots whose delta has module terms (not a prompt part alone)
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -73,19 +85,34 @@ class DeltaModel:
             layer = self.layers.get(path)
             if layer is not None:
                 total += layer.rows.footprint(layer.term_rows(md))
+        if delta.prompt is not None:  # kept whole, in the model's dtype: exactly its real bytes
+            total += sum(t.numel() for t in delta.prompt.tensors().values()) * self.element_size
         return total
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @staticmethod
+    def prompt_bytes(part: PromptPart | None) -> int:
+        """Device bytes of a prompt part held beside the layers (its K/V also occupy KV blocks once computed:
+        the KV pool counts those)."""
+        return 0 if part is None else sum(t.numel() * t.element_size() for t in part.tensors().values())
 
     def real_bytes(self, delta: Delta) -> int:
         """The delta's own bytes in the served dtype (what 1.25x is measured against)."""
         return delta.num_parameters() * self.element_size
 
     def capacity_bytes(self) -> int:
-        """Device bytes of every arena and slot table (live cells, free cells and neutral rows)."""
-        return sum(layer.rows.capacity_bytes for layer in self.layers.values())
+        """Device bytes of every arena and slot table (live cells, free cells and neutral rows) and the resident
+        prompt parts."""
+        return (sum(layer.rows.capacity_bytes for layer in self.layers.values())
+                + sum(self.prompt_bytes(pp) for pp in self.prompts.values()))
 
     def held_bytes(self) -> int:
-        """Device bytes of the live cells and the slot tables."""
-        return sum(layer.rows.held_bytes for layer in self.layers.values())
+        """Device bytes of the live cells, the slot tables and the resident prompt parts."""
+        return (sum(layer.rows.held_bytes for layer in self.layers.values())
+                + sum(self.prompt_bytes(pp) for pp in self.prompts.values()))
 
     @property
     def slot_bytes(self) -> int:
@@ -98,7 +125,8 @@ class DeltaModel:
         """Raise DeltaError/BaseMismatch for a delta these layers cannot serve; changes nothing."""
         # validate() checks the delta against the base (paths, shapes, dtypes, fingerprint, finiteness);
         # the wrappers then check what only they know (wrapped or not, sites, widths).
-        validate(delta, self.spec, Limits(max_rank=self.max_rank, max_bottleneck=self.max_bottleneck))
+        validate(delta, self.spec, Limits(max_rank=self.max_rank, max_bottleneck=self.max_bottleneck,
+                                          max_token_rows=self.max_token_rows))
         for path, md in delta.modules.items():
             layer = self.layers.get(path)
             if layer is None:
@@ -111,7 +139,18 @@ class DeltaModel:
         if not checked:
             self.check(delta)
         modules = {path: self.layers[path].stage(md, pin=pin) for path, md in delta.modules.items()}
-        return StagedDelta(modules, self.footprint(delta), self.real_bytes(delta))
+        prompt = None
+        if delta.prompt is not None:
+            dt, pp = self.model_dtype, delta.prompt
+
+            def host(x):
+                if x is None:
+                    return None
+                x = x.to(dt).contiguous()
+                return x.pin_memory() if pin else x
+
+            prompt = PromptPart(host(pp.embeddings), host(pp.keys), host(pp.values), pp.positions)
+        return StagedDelta(modules, self.footprint(delta), self.real_bytes(delta), prompt)
 
     # ---- the step loop's writes (between forwards) ---------------------------------------------
     @torch.inference_mode()
@@ -152,13 +191,39 @@ class DeltaModel:
                     layer.clear(slot)
                 else:
                     layer.place(slot, st, self.slot_capacity)
+            self._place_prompt(slot, staged)
         return added
+
+    def _place_prompt(self, slot: int, staged: StagedDelta) -> None:
+        self.prompts.pop(slot, None)
+        self.layered.discard(slot)
+        if staged.modules:
+            self.layered.add(slot)
+        pp = staged.prompt
+        if pp is not None:
+            dev = next(self.model.parameters()).device
+
+            def to_dev(t):
+                return None if t is None else t.to(dev, non_blocking=True)
+
+            self.prompts[slot] = PromptPart(to_dev(pp.embeddings), to_dev(pp.keys), to_dev(pp.values), pp.positions)
 
     @torch.inference_mode()
     def clear(self, slot: int) -> None:
         """Free ``slot``'s cells in every layer (no zeroing: nothing reads them again)."""
         for layer in self.layers.values():
             layer.clear(slot)
+        self.prompts.pop(slot, None)
+        self.layered.discard(slot)
+
+    def prompt_of(self, slot: int) -> PromptPart | None:
+        """The prompt part of the delta in ``slot`` (None: no delta there, or one without a prompt part)."""
+        return self.prompts.get(slot)
+
+    def layer_slot(self, slot: int) -> int:
+        """The slot id the wrapped layers should see for ``slot``: -1 when its delta is a prompt part alone, so
+        those tokens take the layers' no-delta path (a step of prompt-only deltas runs as fast as the base)."""
+        return slot if slot in self.layered else -1
 
     @torch.inference_mode()
     def compact(self) -> int:
@@ -206,26 +271,30 @@ def _replace_submodule(model: torch.nn.Module, path: str, new: torch.nn.Module) 
 
 
 def wrap_model(model: torch.nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, max_slots: int = 32,
-               max_rank: int = 64, max_bottleneck: int = 256, *, max_tokens: int = 4096) -> DeltaModel:
+               max_rank: int = 64, max_bottleneck: int = 256, *, max_tokens: int = 4096,
+               max_token_rows: int = 64) -> DeltaModel:
     """Replace the target modules of ``model`` by delta-aware wrappers sharing one DeltaBatch; returns a DeltaModel.
 
     ``max_slots``: the most distinct deltas one step may use (sizes the step's index buffers; the server passes
-    ``max_running``); ``max_rank`` / ``max_bottleneck``: validation limits. No delta memory is allocated here.
+    ``max_running``); ``max_rank`` / ``max_bottleneck`` / ``max_token_rows``: validation limits. No delta memory
+    is allocated here.
     """
     targets = tuple(targets)
     if not targets:
         raise InvalidArgument("wrap_model: empty target module list")
     for name, value, lo in (("max_slots", max_slots, 1), ("max_rank", max_rank, 1),
-                            ("max_bottleneck", max_bottleneck, 1), ("max_tokens", max_tokens, 1)):
+                            ("max_bottleneck", max_bottleneck, 1), ("max_tokens", max_tokens, 1),
+                            ("max_token_rows", max_token_rows, 1)):
         if not isinstance(value, int) or value < lo:
             raise InvalidArgument(f"wrap_model: {name} must be an integer >= {lo}, got {value!r}")
-    if any(isinstance(m, (DeltaLinear, DeltaNorm)) for m in model.modules()):
+    if any(isinstance(m, (DeltaLinear, DeltaNorm, DeltaEmbedding, DeltaHead)) for m in model.modules()):
         raise InvalidArgument("wrap_model: model is already wrapped")
 
     spec = BaseSpec.from_model(model)
     weight = next(model.parameters())
     batch = DeltaBatch(max_slots, weight.device, max_tokens)
-    dm = DeltaModel(model, spec, batch, max_slots=max_slots, max_rank=max_rank, max_bottleneck=max_bottleneck)
+    dm = DeltaModel(model, spec, batch, max_slots=max_slots, max_rank=max_rank, max_bottleneck=max_bottleneck,
+                    max_token_rows=max_token_rows)
 
     # Residual sites: pre-norm path -> output-module path, per decoder layer.
     site_of_norm: dict[str, str] = {}
@@ -251,6 +320,13 @@ def wrap_model(model: torch.nn.Module, targets: Iterable[str] = DEFAULT_TARGETS,
             dm.layers[path] = DeltaNorm.from_layer(module, batch, path=path, tap=tap)
     for out_path, tap in taps.items():
         dm.layers[out_path].make_site(tap)
+    rows = dict(batch=batch, max_rows=max_token_rows)
+    if isinstance(model.get_submodule(spec.input_embedding) if spec.input_embedding else None, torch.nn.Embedding):
+        dm.layers[spec.input_embedding] = DeltaEmbedding.from_layer(model.get_submodule(spec.input_embedding),
+                                                                    path=spec.input_embedding, **rows)
+    head = model.get_submodule(spec.output_head) if spec.output_head else None
+    if type(head) is torch.nn.Linear:
+        dm.layers[spec.output_head] = DeltaHead.from_layer(head, path=spec.output_head, **rows)
     for path, wrapper in dm.layers.items():
         _replace_submodule(model, path, wrapper)
     return dm

@@ -120,6 +120,7 @@ class DeltaNorm(torch.nn.Module):
             return y
         if self.tap is not None:
             self.tap.h = x.reshape(-1, self.features)  # [num_tokens, hidden]; a view, no copy
+            self.tap.normed = y.view(-1, self.features)  # its output (BitFit below lands in it too)
         if self.has_bias and any(s in self.has_bias for s in meta.active_slots_host):
             y2 = y.view(-1, self.features)  # [num_tokens, n]
             self.batch.check_tokens(y2.shape[0], self.path)

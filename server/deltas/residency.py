@@ -4,8 +4,11 @@ step, between forwards; every device write of the delta tier happens there, on t
     scheduler    residency.lookup(key) -> slot | None      resident? (None: ask for it and wait; may raise)
     engine       residency.request(key)                    a queued request names a delta: start its load now
                  residency.step(running, waiting)          once per step: pins, frees, evictions, installs
+                 residency.take_installed()                prompt deltas installed by this step: their KV prefix
+                                                           is computed in this step's forward (D14)
     edge         residency.request(key, notify=True)       PreloadDelta: a future set when it is resident
                  residency.invalidate(key)                 a deleted version (any thread): freed once unused
+                 residency.resident()                      the router view's resident list
 
 Tiers (S-LoRA, LoRAX): disk or the host tier (``delta_store/host_cache.py``, LRU by bytes) -> a load thread
 validates the delta and converts it to host rows (``DeltaModel.stage``, pinned on CUDA) -> ``step`` installs
@@ -99,6 +102,7 @@ class Residency:
         self._waiters: dict[DeltaKey, list[concurrent.futures.Future]] = {}
         self._blocked: DeltaKey | None = None
         self._ahead: set[DeltaKey] = set()  # waiting deltas before the blocked one: they may still be pinned
+        self._installed: list[tuple[DeltaKey, int]] = []  # prompt deltas installed since take_installed()
         self._held = self._real = 0
         self._capacity = 0
         self._steps = 0
@@ -144,6 +148,29 @@ class Residency:
         with self._lock:
             slot = self._where.get(key)
             return None if key in self._doomed else slot
+
+    def resident(self) -> list[DeltaKey]:
+        """The versions resident now and still served (for the router view's resident-delta list)."""
+        with self._lock:
+            return [k for k in self._where if k not in self._doomed]
+
+    def prompt_of(self, slot: int):
+        """The prompt part (``delta_store.prompt.PromptPart``, on the device) of the delta in ``slot``, or None."""
+        return self.dm.prompt_of(slot)
+
+    def resident_prompt(self, key: DeltaKey):
+        """``(True, prompt part or None)`` for a resident version; ``(False, None)`` while it is not."""
+        with self._lock:
+            slot = self.slot_of(key)
+            return (False, None) if slot is None else (True, self.dm.prompt_of(slot))
+
+    def take_installed(self) -> list[tuple[DeltaKey, int]]:
+        """(key, slot) of every version with a prompt part installed since the last call, oldest first. The engine
+        computes their shared KV prefix in the forward of the step that installed them: nothing is evicted or
+        moved before the next ``step``, so no pin is needed while it runs."""
+        with self._lock:
+            out, self._installed = self._installed, []
+            return out
 
     def busy(self) -> bool:
         """Loads queued, running or waiting for an install: the engine keeps stepping (an idle engine too)."""
@@ -307,6 +334,8 @@ class Residency:
             self._where[key] = slot
             self._lru[key] = None
             self._footprint[key] = (staged.footprint, staged.real_bytes)
+            if staged.prompt is not None:
+                self._installed.append((key, slot))
             for future in self._waiters.pop(key, []):
                 future.set_result(slot)
         self._install_seconds += time.perf_counter() - t0
@@ -347,6 +376,7 @@ class Residency:
     def _evict(self, key: DeltaKey, *, counted: bool = True) -> None:
         slot = self._where.pop(key)
         self._lru.pop(key, None)
+        self._installed = [(k, s) for k, s in self._installed if k != key]
         self._doomed.discard(key)
         footprint, real = self._footprint.pop(key)
         self._held -= footprint

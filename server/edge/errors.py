@@ -1,15 +1,17 @@
-"""Typed errors -> gRPC status codes, in one place (DESIGN D9).
+"""Typed errors -> gRPC status codes and HTTP statuses, in one place (DESIGN D9).
 
 Every error in ``delta_store/errors.py`` names its status in ``code``; :class:`ErrorInterceptor`
 wraps every handler of the server, so a servicer just raises. Anything that is not a
 ``DeltaServeError`` becomes INTERNAL with a generic message (and one log line): internals never
 leak to a client. RESOURCE_EXHAUSTED carries ``retry-after-ms`` in the trailing metadata.
+The OpenAI front maps the same codes to HTTP statuses (:func:`http_status_of`), with ``Retry-After``.
 
 Source: grpc ``examples/python/errors/server.py``; TGI ``server/text_generation_server/interceptor.py``.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 import grpc
@@ -33,6 +35,26 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", ()
     return grpc.StatusCode.INTERNAL, "internal error", ()
+
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+"""gRPC code -> HTTP status (as grpc-gateway maps them); anything else is 500. 499 is nginx's "client closed"."""
+
+
+def http_status_of(exc: BaseException) -> tuple[int, grpc.StatusCode, str, dict[str, str]]:
+    """(HTTP status, gRPC code, one-line message, headers) for an exception raised by an HTTP handler;
+    a RESOURCE_EXHAUSTED with a retry hint gets ``Retry-After`` in whole seconds (rounded up)."""
+    code, details, _ = status_of(exc)
+    headers = {}
+    retry = getattr(exc, "retry_after", None)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry)))
+    return HTTP_STATUS.get(code, 500), code, details, headers
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

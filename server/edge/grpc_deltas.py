@@ -22,6 +22,7 @@ from ..logs import get_logger
 from ..pb import common_pb2, deltas_pb2, deltas_pb2_grpc
 from .auth import tenant_name
 from .errors import status_of
+from .routing import check_delta_header
 
 log = get_logger("deltas")
 
@@ -30,7 +31,9 @@ SOURCE_FORMATS = {common_pb2.SOURCE_FORMAT_AUTO: "auto", common_pb2.SOURCE_FORMA
                   common_pb2.SOURCE_FORMAT_BITFIT: "bitfit", common_pb2.SOURCE_FORMAT_NATIVE: "native"}
 FORMAT_TO_PB = {v: k for k, v in SOURCE_FORMATS.items()}
 KIND_TO_PB = {"lora": common_pb2.DELTA_KIND_LORA, "bottleneck": common_pb2.DELTA_KIND_BOTTLENECK,
-              "bitfit": common_pb2.DELTA_KIND_BITFIT, "ia3": common_pb2.DELTA_KIND_IA3}
+              "bitfit": common_pb2.DELTA_KIND_BITFIT, "ia3": common_pb2.DELTA_KIND_IA3,
+              "dora": common_pb2.DELTA_KIND_DORA, "tokens": common_pb2.DELTA_KIND_TOKENS,
+              "prompt": common_pb2.DELTA_KIND_PROMPT, "prefix": common_pb2.DELTA_KIND_PREFIX}
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 
 
@@ -84,6 +87,7 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
             raise InvalidArgument("upload: the first message must carry the header (name, source_format, ...)")
         header = first.header
         check_name(header.name)
+        check_delta_header(context.invocation_metadata(), header.name)
         fmt = SOURCE_FORMATS.get(header.source_format)
         if fmt is None:
             raise InvalidArgument(f"upload: unknown source_format {header.source_format}")
@@ -95,7 +99,7 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
         spool_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="upload-", suffix=".payload", dir=spool_dir)
         os.close(fd)
-        path, received, status = Path(name), 0, "ok"
+        path, received, status, version = Path(name), 0, "ok", None
         t0 = time.monotonic()
         try:
             received = await self._spool(request_iterator, path, limit, declared)
@@ -111,13 +115,15 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
         finally:
             path.unlink(missing_ok=True)
             self.app.metrics.upload_finished(tenant_name(tenant), status, received)
-        log.info("delta_uploaded", tenant=tenant_name(tenant), delta=version.ref, bytes=received,
-                 kinds=",".join(version.kinds), seconds=time.monotonic() - t0)
+            log.info("upload", tenant=tenant_name(tenant), status=status,  # one line per upload, any outcome
+                     delta=version.ref if version is not None else header.name, bytes=received,
+                     kinds=",".join(version.kinds) if version is not None else "-", seconds=time.monotonic() - t0)
         return deltas_pb2.UploadDeltaResponse(version=version_to_pb(version))
 
     async def GetDelta(self, request, context):
         tenant = await self._tenant(context)
         name, _ = parse_ref(request.name)
+        check_delta_header(context.invocation_metadata(), request.name)
         versions = await asyncio.to_thread(self.app.store.versions, tenant, name)
         return deltas_pb2.GetDeltaResponse(delta=info_to_pb(versions))
 
@@ -137,12 +143,14 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
     async def DeleteDelta(self, request, context):
         tenant = await self._tenant(context)
         parse_ref(request.name)
+        check_delta_header(context.invocation_metadata(), request.name)
         deleted = await asyncio.to_thread(self.app.store.delete, tenant, request.name)
         log.info("delta_deleted", tenant=tenant_name(tenant), delta=request.name, versions=len(deleted))
         return deltas_pb2.DeleteDeltaResponse(deleted_versions=len(deleted))
 
     async def PreloadDelta(self, request, context):
         tenant = await self._tenant(context)
+        check_delta_header(context.invocation_metadata(), request.delta)
         version = await asyncio.to_thread(self.app.store.resolve, tenant, request.delta)
         t0 = time.monotonic()
         await asyncio.to_thread(self.app.store.load, version)  # host tier (a no-op when already there)

@@ -1,5 +1,5 @@
-"""The Inference servicer: Generate, streamed (DESIGN D9). Thin: pb -> GenerationRequest, submit to
-the engine, TokenOutput -> pb. No torch here.
+"""The Inference servicer: Generate, streamed (DESIGN D9). Thin: pb -> the protocol-neutral call of
+``generation.py`` (shared with the OpenAI front), TokenOutput -> pb. No torch here.
 
 Lifecycle of one call: authenticate -> parse and validate -> resolve the delta in the caller's
 namespace (another tenant's name is NOT_FOUND) -> admit against the tenant's rate limits and
@@ -10,18 +10,14 @@ client that cancels or disconnects cancels this handler, whose ``finally`` abort
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 
-from delta_store.errors import DeadlineExceeded, InvalidArgument, error_for_code
+from delta_store.errors import InvalidArgument
 
-from ..logs import get_logger
 from ..pb import common_pb2, inference_pb2, inference_pb2_grpc
-from ..types import FinishReason, GenerationRequest, SamplingParams, TokenOutput
-from .auth import rate_limits, tenant_name
+from ..types import FinishReason, TokenOutput
 from .errors import status_of
-
-log = get_logger("inference")
+from .generation import GenerationCall, Prompt
+from .routing import check_delta_header
 
 FINISH_TO_PB = {
     None: common_pb2.FINISH_REASON_NONE,
@@ -31,30 +27,31 @@ FINISH_TO_PB = {
     FinishReason.ABORTED: common_pb2.FINISH_REASON_ABORTED,
     FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
 }
-DEFAULT_MAX_NEW_TOKENS = 64
-MAX_REQUEST_ID_CHARS = 128
 # The client's deadline runs ahead of ours by the request's transit time, so when it gives up it
 # cancels a call we still see ~1 ms from its deadline; a cancel that close is counted as a deadline.
 DEADLINE_SLACK_S = 0.05
-UNKNOWN_TENANT = "-"  # metrics label of calls refused before authentication
 
 
-def sampling_from_pb(msg: inference_pb2.SamplingParams) -> SamplingParams:
-    try:
-        return SamplingParams(
-            max_new_tokens=msg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-            temperature=msg.temperature if msg.HasField("temperature") else 1.0,
-            top_k=msg.top_k,
-            top_p=msg.top_p if msg.HasField("top_p") else 1.0,
-            repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
-            seed=msg.seed if msg.HasField("seed") else None,
-            stop_token_ids=list(msg.stop_token_ids),
-            stop_strings=list(msg.stop_strings),
-            ignore_eos=msg.ignore_eos,
-            logprobs=msg.logprobs,
-        )
-    except ValueError as exc:
-        raise InvalidArgument(f"sampling: {exc}") from None
+def sampling_fields(msg: inference_pb2.SamplingParams) -> dict:
+    """The fields a request set (proto3 optional: HasField; 0 / empty for the others means unset)."""
+    def opt(name):
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    return {"max_new_tokens": msg.max_new_tokens or None, "temperature": opt("temperature"), "top_k": opt("top_k"),
+            "top_p": opt("top_p"), "repetition_penalty": opt("repetition_penalty"), "seed": opt("seed"),
+            "stop_token_ids": list(msg.stop_token_ids), "stop_strings": list(msg.stop_strings),
+            "ignore_eos": msg.ignore_eos, "logprobs": msg.logprobs}
+
+
+def prompt_from_pb(request: inference_pb2.GenerateRequest) -> Prompt:
+    which = request.WhichOneof("prompt")
+    if which == "text":
+        return Prompt(text=request.text)
+    if which == "token_ids":
+        return Prompt(token_ids=list(request.token_ids.ids))
+    if which == "chat":
+        return Prompt(messages=list(request.chat.messages))
+    raise InvalidArgument("GenerateRequest needs a prompt: set text, token_ids or chat")
 
 
 def output_to_pb(out: TokenOutput, delta_version: int) -> inference_pb2.GenerateResponse:
@@ -74,51 +71,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, app):
         self.app = app
 
-    def _prompt_ids(self, request: inference_pb2.GenerateRequest) -> list[int]:
-        which = request.WhichOneof("prompt")
-        if which == "text":
-            ids = self.app.encode(request.text)
-        elif which == "token_ids":
-            ids = list(request.token_ids.ids)
-            vocab = self.app.vocab_size
-            bad = next((t for t in ids if t >= vocab), None)
-            if bad is not None:
-                raise InvalidArgument(f"prompt token id {bad} is out of range [0, {vocab})")
-        else:
-            raise InvalidArgument("GenerateRequest needs a prompt: set text or token_ids")
-        if not ids:
-            raise InvalidArgument("prompt is empty")
-        return ids
-
-    async def _request(self, request, tenant) -> tuple[GenerationRequest, object | None]:
-        sampling = sampling_from_pb(request.sampling)
-        ids = self._prompt_ids(request)
-        limit = self.app.config.max_model_len
-        if len(ids) + sampling.max_new_tokens > limit:
-            raise InvalidArgument(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds "
-                                  f"max_model_len={limit}")
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
-        version = None
-        if request.delta:
-            version = await asyncio.to_thread(self.app.store.resolve, tenant, request.delta)
-        request_id = request.request_id or uuid.uuid4().hex
-        req = GenerationRequest(request_id=request_id, tenant=tenant_name(tenant), prompt_token_ids=ids,
-                                sampling=sampling, delta=None if version is None else version.key,
-                                arrival_time=time.monotonic())
-        return req, version
-
     async def Generate(self, request, context):
-        app = self.app
-        name, status, version, lease = UNKNOWN_TENANT, "ok", None, None
+        call = GenerationCall(self.app, api="grpc")
+        status = "ok"
         try:
-            tenant = await asyncio.to_thread(app.auth.authenticate, context.invocation_metadata())
-            name = tenant_name(tenant)
-            req, version = await self._request(request, tenant)
-            lease = app.rate_limiter.admit(name, rate_limits(tenant, app.config),
-                                           len(req.prompt_token_ids) + req.sampling.max_new_tokens)
-            async for msg in self._stream(req, version, lease, context):
-                yield msg
+            tenant = await call.authenticate(context.invocation_metadata())
+            check_delta_header(context.invocation_metadata(), request.delta)
+            await call.prepare(tenant, prompt_from_pb(request), sampling_fields(request.sampling), request.delta,
+                               request.request_id, merge=[(p.delta, p.weight) for p in request.merge])
+            call.admit(tenant)
+            async for out in call.stream(context.time_remaining()):
+                yield output_to_pb(out, call.delta_version)
         except asyncio.CancelledError:  # the client went away, or gRPC ended the call at its deadline
             remaining = context.time_remaining()
             status = "deadline_exceeded" if remaining is not None and remaining <= DEADLINE_SLACK_S else "cancelled"
@@ -127,43 +90,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             status = status_of(exc)[0].name.lower()
             raise
         finally:
-            if lease is not None:  # normally released by _stream with the tokens used; a no-op then
-                lease.release()
-            app.metrics.request_finished(name, status, version.kinds if version is not None else ())
-            log.info("generate", request_id=request.request_id or "-", tenant=name, status=status,
-                     delta=request.delta or "-")
-
-    async def _stream(self, req: GenerationRequest, version, lease, context):
-        """Engine outputs as pb chunks; aborts the engine request unless it finished by itself."""
-        app = self.app
-        last, expired, timer = None, [], None
-        remaining = context.time_remaining()
-        if remaining is not None:
-            def expire():
-                expired.append(True)
-                app.engine.abort(req.request_id)
-            timer = asyncio.get_running_loop().call_later(max(0.0, remaining), expire)
-        app.metrics.request_started(req.tenant)
-        try:
-            async for out in app.engine.generate(req):
-                last = out
-                if out.finish_reason == FinishReason.ERROR:
-                    # A delta deleted between admission and its load is NOT_FOUND, not INTERNAL: keep the code.
-                    raise error_for_code(out.error_code, f"request {req.request_id} failed in the engine: "
-                                                          f"{out.error or 'unknown'}")
-                if expired and out.finish_reason is not None:
-                    raise DeadlineExceeded(f"request {req.request_id}: deadline passed after "
-                                           f"{out.completion_tokens} generated tokens")
-                yield output_to_pb(out, 0 if version is None else version.version)
-            if expired:
-                raise DeadlineExceeded(f"request {req.request_id}: deadline passed")
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if last is None or last.finish_reason is None:  # cancelled, failed or expired mid-stream
-                app.engine.abort(req.request_id)
-            app.metrics.request_ended(req.tenant)
-            used = last.completion_tokens if last is not None else 0
-            lease.release(len(req.prompt_token_ids) + used)
-            if version is not None and last is not None:
-                app.store.record_usage(version.key, requests=1, tokens=used)
+            call.finish(status, request.delta or ("merge:" + ",".join(p.delta for p in request.merge)
+                                                  if request.merge else ""), request.request_id)

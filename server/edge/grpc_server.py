@@ -18,6 +18,7 @@ from .errors import ErrorInterceptor
 from .grpc_deltas import DeltasServicer
 from .grpc_inference import InferenceServicer
 from .grpc_tenants import TenantsServicer
+from .routing import ReplicaInterceptor
 
 SERVICES = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
             deltas_pb2.DESCRIPTOR.services_by_name["Deltas"].full_name,
@@ -63,7 +64,7 @@ class HealthReporter:
 def create_server(app) -> tuple[grpc.aio.Server, int]:
     """Build the server with every service registered and bind ``app.config.listen``; not started yet."""
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(app.metrics.on_rpc)],
+        interceptors=[ReplicaInterceptor(app.replica_id), ErrorInterceptor(app.metrics.on_rpc)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(app), server)
     deltas_pb2_grpc.add_DeltasServicer_to_server(DeltasServicer(app), server)

@@ -5,7 +5,9 @@
     sequence.py      Sequence: one request's tokens, KV blocks and state
     model_runner.py  ModelRunner: packed batch -> HF forward with logits_to_keep -> sampled tokens
     attention.py     PagedCache + the paged attention function registered with transformers
-    kv_cache.py      KVCache, BlockAllocator: the paged KV pool
+    kv_cache.py      KVCache: the paged K/V pools of every layer
+    block_pool.py    BlockPool: refcounted block ids, idle cached blocks in an LRU
+    prefix_cache.py  PrefixCache: shared KV prefixes of prompt deltas, automatic prefix caching (D14)
     sampling.py      per-row sampling (seeded, top-k/top-p, repetition penalty)
     detokenizer.py   IncrementalDetokenizer: streamed text that never splits a character
     tokenizer.py     the byte-level tokenizer of the demo model

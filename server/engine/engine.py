@@ -24,6 +24,7 @@ from ..config import ServerConfig
 from ..types import FinishReason, GenerationRequest, TokenOutput
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, StepInput, StepResult
+from .prefix_cache import PrefixCache, delta_seed
 from .sampling import SampleRow, make_generator
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
@@ -58,10 +59,15 @@ class Engine:
     def __init__(self, config: ServerConfig, runner: ModelRunner, residency=None):
         """``residency``: the owner of device residency (``server/deltas/residency.py``), None for a base-only
         engine."""
+        if not config.max_model_len:  # 0 = "the model's limit", resolved by server.app.with_max_model_len
+            raise ValueError("Engine needs a resolved max_model_len (got 0)")
         self.config = config
         self.runner = runner
         self.residency = residency
-        self.scheduler = Scheduler(SchedulerConfig.from_server(config), runner.kv.allocator, residency)
+        base_seed = runner.dm.spec.fingerprint if runner.dm is not None else type(runner.model).__name__
+        self.prefix = PrefixCache(runner.kv.allocator, config.kv_block_size, enabled=config.prefix_caching,
+                                  base_seed=base_seed)
+        self.scheduler = Scheduler(SchedulerConfig.from_server(config), runner.kv.allocator, residency, self.prefix)
         self._live: dict[str, _Live] = {}
         self._listeners: list[Callable] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -98,6 +104,10 @@ class Engine:
         if not req.arrival_time:
             req.arrival_time = time.monotonic()
         seq = Sequence(req, arrival_step=self.step_count)
+        if req.delta is not None:  # a resident prompt delta's virtual tokens are known now (else: at admission)
+            too_long = self.scheduler.too_long(seq, self.residency.resident_prompt(req.delta)[1])
+            if too_long is not None:
+                raise too_long
         p = req.sampling
         history = list(req.prompt_token_ids) if p.repetition_penalty != 1.0 else None
         row = SampleRow(p, make_generator(p), history)
@@ -223,25 +233,45 @@ class Engine:
         started = time.monotonic()
         if self.residency is not None:  # pins, frees and installs: the only device writes of the delta tier
             self.residency.step(self.scheduler.running_deltas(), self.scheduler.waiting_deltas())
+            self._prepare_prefixes()
         sched = self.scheduler.schedule()
-        for seq, exc in sched.failed:  # its delta could not be loaded: only this request fails
+        for seq, exc in sched.failed:  # its delta could not be loaded (or its prompt is too long): it fails alone
             live = self._live.get(seq.request_id)
             if live is not None:
-                self._finish(live, FinishReason.ERROR, TokenOutput(seq.request_id, [], error=f"delta load: {exc}",
+                error = str(exc) if isinstance(exc, InvalidArgument) else f"delta load: {exc}"
+                self._finish(live, FinishReason.ERROR, TokenOutput(seq.request_id, [], error=error,
                                                                   error_code=getattr(exc, "code", None)))
-        if sched.is_empty:
-            return None
         inp = StepInput()
+        inp.prompt_jobs, inp.block_copies = self.prefix.take_jobs()
+        if sched.is_empty and not inp.prompt_jobs:
+            return None
         for chunk in sched.chunks:
             seq = chunk.seq
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
             row = self._live[seq.request_id].row if chunk.sample else None
             inp.add(seq.token_ids(chunk.start, chunk.start + chunk.num_tokens), chunk.start, seq.block_table,
-                    seq.slot if seq.slot is not None else -1, row)
+                    seq.slot if seq.slot is not None else -1, row, seq.position_offset - seq.num_virtual)
         return _Plan(sched, inp, started)
 
+    def _prepare_prefixes(self) -> None:
+        """The load path of a prompt delta (D14): once its version is resident, queue its shared KV prefix for the
+        step being planned. No pin is needed: the residency owner writes only in ``step``, which runs once per
+        step before the plan, so a delta installed there stays in its slot until this step's forward is done."""
+        for key, slot in self.residency.take_installed():
+            part = self.residency.prompt_of(slot)
+            if part is None or self.residency.slot_of(key) != slot:
+                continue  # deleted meanwhile; a later version's request computes its own prefix
+            self.prefix.prepare(delta_seed(key.digest), slot, part)
+
+    def _step_ended(self, ok: bool, plan: _Plan) -> None:
+        if ok:
+            self.prefix.commit([c.seq for c in plan.sched.chunks])
+        else:
+            self.prefix.abort()
+
     def _emit(self, plan: _Plan, result: StepResult) -> list[TokenOutput]:
+        self._step_ended(True, plan)  # register the full blocks this step wrote, before any sequence leaves
         now = time.monotonic()
         emitted: list[TokenOutput] = []
         sampled = [c for c in plan.sched.chunks if c.sample]
@@ -304,6 +334,7 @@ class Engine:
                                    n_out, out.queue_time, out.ttft, tpot, out.total_time, seq.num_preemptions))
 
     def _fail(self, plan: _Plan, exc: Exception) -> list[TokenOutput]:
+        self._step_ended(False, plan)  # the prefixes it was to compute were not written
         outs = []
         for chunk in plan.sched.chunks:
             live = self._live.get(chunk.seq.request_id)
@@ -336,7 +367,10 @@ class Engine:
             prefill_tokens=plan.sched.num_tokens - decode, decode_tokens=decode, num_seqs=len(chunks),
             num_deltas=len({s for s in plan.step_input.slots if s >= 0}), num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting, waiting_on_delta=plan.sched.waiting_on_delta,
-            num_preempted=len(plan.sched.preempted), kv_blocks_used=alloc.num_used, kv_blocks_total=alloc.num_blocks))
+            num_preempted=len(plan.sched.preempted), kv_blocks_used=alloc.num_used, kv_blocks_total=alloc.num_blocks,
+            kv_blocks_cached=alloc.num_cached, prefix_lookups=self.prefix.stats.lookups,
+            prefix_hits=self.prefix.stats.hits, prefix_evictions=alloc.evictions,
+            prompt_prefixes=self.prefix.stats.prompt_computes))
 
     def _retry_hint(self) -> None:
         # A full queue drains at about max_running requests per max_new_tokens steps; 32 steps is a

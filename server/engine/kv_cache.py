@@ -1,13 +1,14 @@
-"""Paged KV cache: a free-block allocator (pure Python) and the per-layer K/V block pools (torch).
+"""Paged KV cache: the per-layer K/V block pools (torch) and their refcounted block ids (``block_pool.py``).
 
 Layout follows vLLM's PagedAttention: the cache of every layer is cut into fixed-size blocks of
 ``block_size`` token positions; a sequence owns a *block table* (list of block ids, in token order), so a
 sequence's position p lives at flat row ``block_table[p // block_size] * block_size + p % block_size``.
-Blocks are allocated as a sequence grows and returned the moment it finishes, is aborted or preempted,
-so memory is never reserved for ``max_model_len`` tokens per request. The pools are sized by a byte budget
-(``server/memory.py``) and allocated uninitialised: nothing reads a row before it is written (decode reads
-past a sequence's length are clamped to its last row, ``attention.build_step``), so on the CPU the pages of a
-1 GiB cache are mapped only as blocks are first used.
+Blocks are allocated as a sequence grows and released the moment it finishes, is aborted or preempted,
+so memory is never reserved for ``max_model_len`` tokens per request. A block may be in several tables
+(a delta's prompt prefix, a cached run of prompt tokens): it is freed with its last reference. The pools are
+sized by a byte budget (``server/memory.py``) and allocated uninitialised: nothing reads a row before it is
+written (decode reads past a sequence's length are clamped to its last row, ``attention.build_step``), so on
+the CPU the pages of a 1 GiB cache are mapped only as blocks are first used.
 """
 from __future__ import annotations
 
@@ -15,45 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from delta_store.errors import InvalidArgument
-
-
-class BlockAllocator:
-    """LIFO free list of block ids. Counts are exact so tests can check that nothing leaks."""
-
-    __slots__ = ("num_blocks", "_free")
-
-    def __init__(self, num_blocks: int):
-        if num_blocks < 1:
-            raise InvalidArgument(f"kv cache: num_blocks must be >= 1, got {num_blocks}")
-        self.num_blocks = num_blocks
-        # Reversed so that pop() hands out 0, 1, 2, ... first: deterministic layouts in tests.
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"kv cache: asked for {n} blocks, {len(self._free)} free")  # scheduler checks first
-        if n == 0:
-            return []
-        blocks = self._free[-n:]
-        del self._free[-n:]
-        blocks.reverse()
-        return blocks
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-        assert len(self._free) <= self.num_blocks, "kv cache: a block was freed twice"
+from .block_pool import BlockPool
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -100,7 +63,7 @@ class KVCache:
     def __init__(self, layout: KVLayout, dtype: torch.dtype, device: torch.device | str):
         self.layout = layout
         self.block_size = layout.block_size
-        self.allocator = BlockAllocator(layout.num_blocks)
+        self.allocator = BlockPool(layout.num_blocks)
         rows = layout.num_blocks * layout.block_size
         shape = (layout.num_layers, rows, layout.num_kv_heads, layout.head_dim)
         # uninitialised: never zero-filled, so untouched blocks cost no resident memory on the CPU

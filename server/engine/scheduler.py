@@ -14,6 +14,10 @@ builds one packed step (Orca's iteration-level scheduling; vLLM's chunked prefil
    the delta loads in the background (the request waits; others pass it) or while the memory it needs is
    held by running requests' deltas (S-LoRA, D6). The scheduler only asks: it never loads, installs,
    pins or frees anything (the residency owner does, once per step, ``server/deltas/residency.py``).
+   An admitted sequence first takes its shared blocks (``prefix_cache.py``): the delta's prompt prefix
+   (virtual tokens, computed once per delta version) and every cached full block of its tokens; only the
+   rest is prefilled. Shared blocks are references: one sequence's end, preemption or cancellation never
+   frees a block another sequence uses.
 3. A bounded waiting queue: past ``max_waiting`` new work is refused with ``ResourceExhausted`` and a retry hint.
 """
 from __future__ import annotations
@@ -26,10 +30,11 @@ from typing import TYPE_CHECKING, Protocol
 from delta_store.errors import InvalidArgument, ResourceExhausted
 from delta_store.records import DeltaKey
 
+from .prefix_cache import PrefixCache, PromptInfo
 from .sequence import Sequence, SeqStatus
 
-if TYPE_CHECKING:  # the allocator lives beside the torch pools; the scheduler only counts blocks
-    from .kv_cache import BlockAllocator
+if TYPE_CHECKING:  # the pool lives beside the torch tensors; the scheduler only moves block ids
+    from .block_pool import BlockPool
 
 # VTC weights: a generated token costs about twice a prompt token of service (decode is memory-bound and
 # holds KV for the whole output), the weights S-LoRA's VTC queue ships with (input 1, output 2).
@@ -41,6 +46,7 @@ class SlotSource(Protocol):
     """What the scheduler asks of the residency owner: resident (its slot)? None: not yet (it is asked for)."""
 
     def lookup(self, key: DeltaKey) -> int | None: ...
+    def prompt_of(self, slot: int) -> PromptInfo | None: ...  # the resident delta's prompt part, if any
 
 
 @dataclass(slots=True)
@@ -87,16 +93,21 @@ def _blocks(num_tokens: int, block_size: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: "BlockAllocator", residency: SlotSource | None = None):
+    def __init__(self, config: SchedulerConfig, allocator: "BlockPool", residency: SlotSource | None = None,
+                 prefix: PrefixCache | None = None):
         self.config = config
         self.allocator = allocator
         self.residency = residency
+        self.prefix = prefix if prefix is not None else PrefixCache(allocator, config.block_size, enabled=False)
         self.waiting: dict[str, collections.deque[Sequence]] = {}  # tenant -> FIFO (preempted at the front)
         self.running: list[Sequence] = []
         self.counters: dict[str, float] = {}  # tenant -> virtual tokens served (VTC)
         self._admit_counter = itertools.count(1)
         self._num_waiting = 0
         self.num_preemptions = 0
+        # admissions of requests with a delta: resident when first asked (a device hit), or after a wait
+        self.delta_admissions_resident = 0
+        self.delta_admissions_waited = 0
 
     # ---- queue state -------------------------------------------------------------------------
     @property
@@ -156,9 +167,9 @@ class Scheduler:
 
     # ---- leaving ----------------------------------------------------------------------------
     def _free(self, seq: Sequence) -> None:
-        if seq.block_table:
-            self.allocator.free(seq.block_table)
-            seq.block_table = []
+        if seq.block_table or seq.pinned_blocks:
+            self.allocator.free(seq.block_table + seq.pinned_blocks)  # references: shared blocks live on
+            seq.block_table, seq.pinned_blocks, seq.block_hashes = [], [], []
         seq.slot = None  # no pin to give back: the residency owner pins the running set's deltas each step
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -182,7 +193,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free(seq)
-        seq.num_computed = 0  # recompute prompt + output on re-admission
+        seq.num_computed = 0  # recompute prompt + output on re-admission (less what is still cached then)
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.waiting.setdefault(seq.tenant, collections.deque()).appendleft(seq)
@@ -203,7 +214,7 @@ class Scheduler:
         return True
 
     def _charge(self, seq: Sequence, start: int, num_tokens: int) -> None:
-        n_prompt = len(seq.prompt_ids)
+        n_prompt = seq.num_virtual + len(seq.prompt_ids)  # slot space: the prompt ends after the virtual slots
         prompt_part = max(0, min(start + num_tokens, n_prompt) - start)
         self.counters[seq.tenant] = (self.counters.get(seq.tenant, 0.0) + prompt_part * PROMPT_TOKEN_COST
                                      + (num_tokens - prompt_part) * OUTPUT_TOKEN_COST)
@@ -277,16 +288,15 @@ class Scheduler:
     def _admit_one(self, tenant: str, budget: int, loading: dict, skipped: set, out: SchedulerOutput):
         """Admit the first request of ``tenant`` whose delta is resident. Returns (seq | None, stop_all)."""
         queue = self.waiting[tenant]
+        bs = self.config.block_size
         for seq in queue:
-            n = min(seq.num_uncomputed, budget)
-            free_rows = self.allocator.num_free * self.config.block_size
-            if free_rows < 1:
+            if self.allocator.num_free < 1:
                 return None, True  # out of KV: nobody else can be admitted this step either
-            n = min(n, free_rows)
             slot = -1
             key = seq.delta
             if key is not None and self.residency is not None:
                 if loading.get(key):
+                    seq.waited_on_delta = True
                     skipped.add(id(seq))
                     continue
                 try:
@@ -297,9 +307,29 @@ class Scheduler:
                     return None, False
                 if acquired is None:
                     loading[key] = True  # loading in the background or waiting for memory: others go first
+                    seq.waited_on_delta = True
                     skipped.add(id(seq))
                     continue
                 slot = acquired
+            part = self.residency.prompt_of(slot) if slot >= 0 else None
+            too_long = self.too_long(seq, part)
+            if too_long is not None:
+                self.finish(seq, "error")
+                out.failed.append((seq, too_long))
+                return None, False
+            if not self.prefix.attach(seq, slot, part):
+                return None, True  # its prompt prefix does not fit now; neither does anyone behind it
+            room = len(seq.block_table) * bs - seq.num_computed + self.allocator.num_free * bs
+            n = min(seq.num_uncomputed, budget, room)
+            if n <= 0:
+                self._free(seq)
+                seq.num_computed = 0
+                return None, True
+            if key is not None and self.residency is not None:  # admitted with its delta: a device hit, or after a load
+                if seq.waited_on_delta:
+                    self.delta_admissions_waited += 1
+                else:
+                    self.delta_admissions_resident += 1
             queue.remove(seq)
             self._num_waiting -= 1
             if not queue:
@@ -313,3 +343,18 @@ class Scheduler:
             self._take(out, seq, n)
             return seq, False
         return None, False
+
+    def too_long(self, seq: Sequence, part: PromptInfo | None) -> InvalidArgument | None:
+        """The delta's virtual tokens hold KV slots like prompt tokens, so they count against max_model_len: the
+        edge's rule (prompt + max_new_tokens <= max_model_len, checked before the delta is known) with them added."""
+        n_virtual = part.num_virtual_tokens if part is not None else 0
+        n_prompt, n_new, limit = len(seq.prompt_ids), seq.sampling.max_new_tokens, self.config.max_model_len
+        if n_virtual and n_prompt + n_virtual + n_new > limit:
+            return InvalidArgument(f"request {seq.request_id}: prompt of {n_prompt} tokens plus the delta's {n_virtual} "
+                                   f"virtual tokens plus max_new_tokens {n_new} = {n_prompt + n_virtual + n_new} "
+                                   f"exceeds max_model_len={limit}")
+        need = _blocks(n_virtual + n_prompt + n_new, self.config.block_size)
+        if n_virtual and need > self.allocator.num_blocks:  # it would wait for blocks forever
+            return InvalidArgument(f"request {seq.request_id}: {n_prompt} tokens, {n_virtual} virtual tokens and "
+                                   f"{n_new} new ones need {need} KV blocks, the cache has {self.allocator.num_blocks}")
+        return None

@@ -1,9 +1,13 @@
 """One request's life inside the engine: its tokens, its KV block table, its delta slot and its timings.
 
 Pure Python (no torch) so the scheduler that moves sequences around stays testable without a model.
-A sequence's tokens are ``prompt + output``; ``num_computed`` of them have K/V in the paged cache.
-Preemption by recompute (vLLM's RECOMPUTE mode) resets ``num_computed`` to 0 and frees the blocks: the
-next prefill recomputes prompt and output together, which costs FLOPs but no host copy of the cache.
+A sequence lives in *cache slots*: ``num_virtual`` slots of its delta's prompt part first (0 without
+one; shared blocks, see ``prefix_cache.py``), then its ``prompt + output`` tokens; ``num_computed`` slots
+have K/V in the paged cache. Slot ``s >= num_virtual`` holds token ``s - num_virtual``, at position id
+``s - num_virtual + position_offset`` (the producing library's: PEFT and soft prompts put the first real
+token at N, AdapterHub and OpenDelta prefixes at 0). Preemption by recompute (vLLM's RECOMPUTE mode) resets
+``num_computed`` to 0 and drops the block references: the next admission takes what is still cached and
+recomputes the rest, which costs FLOPs but no host copy of the cache.
 """
 from __future__ import annotations
 
@@ -26,9 +30,14 @@ class Sequence:
     request: GenerationRequest
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V are in the cache
-    block_table: list[int] = field(default_factory=list)  # physical KV block ids, in token order
+    num_computed: int = 0  # cache slots whose K/V are in the cache (virtual slots included)
+    block_table: list[int] = field(default_factory=list)  # physical KV block ids, in slot order (some shared)
+    num_virtual: int = 0  # slots of the delta's prompt part in front of the tokens; set at admission
+    position_offset: int = 0  # position id of the first real token (num_virtual or 0)
+    block_hashes: list[bytes] = field(default_factory=list)  # content key of each full block, in order
+    pinned_blocks: list[int] = field(default_factory=list)  # referenced outside the table: the prefix's tail
     slot: int | None = None  # device delta slot pinned while running; None = no delta or not admitted
+    waited_on_delta: bool = False  # skipped at admission at least once because its delta was not resident
     admit_order: int = 0  # increasing admission counter; the newest is preempted first
     num_preemptions: int = 0
     finish_reason: str | None = None
@@ -62,10 +71,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.request.prompt_token_ids) + len(self.output_ids)
+        """Cache slots of the whole sequence: virtual + prompt + output (what max_model_len bounds)."""
+        return self.num_virtual + len(self.request.prompt_token_ids) + len(self.output_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output without building the concatenation."""
+        """Token ids of slots [start, end) (never virtual ones) without building the concatenation."""
+        assert start >= self.num_virtual, f"slot {start} is a virtual token of the delta's prompt part"
+        start, end = start - self.num_virtual, end - self.num_virtual
         prompt = self.request.prompt_token_ids
         n = len(prompt)
         if end <= n:

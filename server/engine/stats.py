@@ -24,6 +24,12 @@ class StepStats:
     num_preempted: int  # sequences preempted by this step
     kv_blocks_used: int
     kv_blocks_total: int
+    kv_blocks_cached: int = 0  # idle blocks kept for their content (prefix cache), evictable
+    # running totals of the prefix cache (server/engine/prefix_cache.py), turned into counters by metrics
+    prefix_lookups: int = 0  # full token blocks looked up
+    prefix_hits: int = 0  # ... found cached: their prefill was skipped
+    prefix_evictions: int = 0  # cached blocks reclaimed for new content
+    prompt_prefixes: int = 0  # delta prompt prefixes computed (first use of a version, or after eviction)
 
 
 @dataclass(slots=True)

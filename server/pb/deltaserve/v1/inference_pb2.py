@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as deltaserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64\x65ltaserve/v1/inference.proto\x12\rdeltaserve.v1\x1a\x1a\x64\x65ltaserve/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa7\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x14\n\x0cstop_strings\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xad\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.deltaserve.v1.TokenIdsH\x00\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\t\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.deltaserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\xf2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.deltaserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.deltaserve.v1.Usage\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.deltaserve.v1.Timings\x12\x15\n\rdelta_version\x18\x08 \x01(\r2Z\n\tInference\x12M\n\x08Generate\x12\x1e.deltaserve.v1.GenerateRequest\x1a\x1f.deltaserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64\x65ltaserve/v1/inference.proto\x12\rdeltaserve.v1\x1a\x1a\x64\x65ltaserve/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\nChatPrompt\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.deltaserve.v1.ChatMessage\"\xb6\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x14\n\x0cstop_strings\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x81\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.deltaserve.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x19.deltaserve.v1.ChatPromptH\x00\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\t\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.deltaserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\'\n\x05merge\x18\x07 \x03(\x0b\x32\x18.deltaserve.v1.MergePartB\x08\n\x06prompt\"*\n\tMergePart\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\xf2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.deltaserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.deltaserve.v1.Usage\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.deltaserve.v1.Timings\x12\x15\n\rdelta_version\x18\x08 \x01(\r2Z\n\tInference\x12M\n\x08Generate\x12\x1e.deltaserve.v1.GenerateRequest\x1a\x1f.deltaserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENIDS']._serialized_start=76
   _globals['_TOKENIDS']._serialized_end=99
-  _globals['_SAMPLINGPARAMS']._serialized_start=102
-  _globals['_SAMPLINGPARAMS']._serialized_end=397
-  _globals['_GENERATEREQUEST']._serialized_start=400
-  _globals['_GENERATEREQUEST']._serialized_end=573
-  _globals['_GENERATERESPONSE']._serialized_start=576
-  _globals['_GENERATERESPONSE']._serialized_end=818
-  _globals['_INFERENCE']._serialized_start=820
-  _globals['_INFERENCE']._serialized_end=910
+  _globals['_CHATMESSAGE']._serialized_start=101
+  _globals['_CHATMESSAGE']._serialized_end=145
+  _globals['_CHATPROMPT']._serialized_start=147
+  _globals['_CHATPROMPT']._serialized_end=205
+  _globals['_SAMPLINGPARAMS']._serialized_start=208
+  _globals['_SAMPLINGPARAMS']._serialized_end=518
+  _globals['_GENERATEREQUEST']._serialized_start=521
+  _globals['_GENERATEREQUEST']._serialized_end=778
+  _globals['_MERGEPART']._serialized_start=780
+  _globals['_MERGEPART']._serialized_end=822
+  _globals['_GENERATERESPONSE']._serialized_start=825
+  _globals['_GENERATERESPONSE']._serialized_end=1067
+  _globals['_INFERENCE']._serialized_start=1069
+  _globals['_INFERENCE']._serialized_end=1159
 # @@protoc_insertion_point(module_scope)
