@@ -140,6 +140,22 @@ def peft_lora(model_dir, seed: int) -> tuple[bytes, torch.nn.Module]:
     return buf.getvalue(), peft_model.merge_and_unload().eval()
 
 
+def peft_lora_footprint(model_dir) -> int:
+    """Device bytes one ``peft_lora`` delta takes on the server serving ``model_dir`` (its cells and its slot in the
+    per-slot tables): what a delta budget of "k resident deltas" is k times."""
+    from transformers import AutoModelForCausalLM
+
+    from delta_store.delta import Delta, LoraTerm, ModuleDelta
+    from server.deltas import DeltaLinear, wrap_model
+
+    dm = wrap_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    modules = {path: ModuleDelta(lora=LoraTerm(torch.zeros(4, layer.in_features), torch.zeros(layer.out_features, 4),
+                                               2.0))
+               for path, layer in dm.layers.items()
+               if isinstance(layer, DeltaLinear) and path.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "down_proj")}
+    return dm.footprint(Delta(modules)) + dm.slot_bytes
+
+
 def greedy(model, prompt: list[int], n: int) -> list[int]:
     """The parity oracle: HF forward on the merged model, argmax token by token, no EOS stop."""
     ids = torch.tensor([prompt])
