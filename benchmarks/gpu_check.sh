@@ -3,8 +3,10 @@
 #   1. kernel_tests   every tests/test_kernels_*.py on CUDA (the Triton kernels against the exact float64
 #                     reference, kernels/reference.py, fp32/fp16/bf16, the @pytest.mark.gpu large grids
 #                     included; the weights laid out as pages - packed, scattered, fragmented bucket
-#                     regions - with NaN in unowned rows; the CPU backend's tests too), log + JUnit XML;
-#   2. bench_kernels  Triton vs the CPU backend's torch code vs a loop over deltas, bandwidth vs peak;
+#                     regions - with NaN in unowned rows; LoRA, adapters, BitFit/(IA)3, DoRA's column scale
+#                     and trainable tokens; the CPU backend's tests too), log + JUnit XML;
+#   2. bench_kernels  Triton vs the CPU backend's torch code vs a loop over deltas, bandwidth vs peak (DoRA's
+#                     column scale on paged fp32 rows included);
 #   3. bench_model    bare vs wrapped vs 1/8/32 LoRA deltas, prefill and decode (hidden 4096, bf16);
 #   4. bench_engine   continuous batching with mixed deltas vs base vs PEFT (hidden 4096, bf16);
 #   5. bench_serving  the real gRPC server on a random Llama of hidden 4096 (bf16), open-loop load,

@@ -124,6 +124,40 @@ def test_no_delta_memory_until_a_delta_arrives_then_each_term_its_bucketed_rows(
     assert dm.compact() > 0 and dm.capacity_bytes() == dm.held_bytes()
 
 
+def test_dora_and_trainable_tokens_hold_their_own_rows_and_nothing_before():
+    """DoRA: its LoRA's rows + one fp32 row (g | (1 - g) b0); trainable tokens: n value rows + n int64 ids per
+    wrapped embedding / head; max_token_rows reserves nothing; clearing gives every cell back."""
+    from delta_store.delta import RowsTerm
+
+    dm = wrap_model(tiny_llama(), targets=("q_proj",), max_slots=4, max_rank=8, max_bottleneck=4,
+                    max_token_rows=4096)
+    assert dm.capacity_bytes() == 0
+    q = dm.layers["model.layers.0.self_attn.q_proj"]
+    emb = next(layer for layer in dm.layers.values() if isinstance(layer, DeltaEmbedding))
+    md = _lora(q.in_features, q.out_features, r=4)
+    md.dora_magnitude = torch.rand(q.out_features) + 0.5
+    ids = torch.tensor([5, 9, 200], dtype=torch.int64)
+    tokens = ModuleDelta(rows=RowsTerm(ids, torch.randn(3, emb.hidden)))
+    delta = Delta({q.path: md, emb.path: tokens})
+    dm.set_delta(2, delta)
+    w_out32 = -(-q.out_features // 4) * 4  # fp32 columns, 16-byte aligned
+    assert q.rows.arenas["dora"].held_bytes == 2 * w_out32 * 4  # one row: g | (1 - g) b0
+    assert q.rows.arenas["lora"].held_bytes == 4 * (q.w_in + q.w_out) * 4
+    assert emb.rows.arenas["values"].held_bytes == bucket_rows(3) * emb.hidden * 4
+    assert emb.rows.arenas["ids"].held_bytes == bucket_rows(3) * 8
+    cells = sum(a.held_bytes for layer in dm.layers.values() for a in layer.rows.arenas.values())
+    assert cells == dm.footprint(delta)
+    pages = emb.token_pages()
+    start, id_start = int(pages.start[2]), int(pages.id_start[2])
+    assert int(pages.count[2]) == 3 and pages.ids[id_start:id_start + 3].tolist() == [5, 9, 200]
+    assert torch.equal(pages.values[start:start + 3], tokens.rows.values)
+    dp = q.dora_pages()
+    assert int(dp.flag[2]) == 1 and int(dp.flag[0]) == 0
+    dm.clear(2)
+    assert not emb.has and not q.has["dora"]
+    assert dm.held_bytes() == sum(layer.rows.fields.nbytes for layer in dm.layers.values())
+
+
 def test_batch_prepare_sequences_and_errors():
     dm = wrap_model(tiny_llama(), max_slots=6, max_rank=4, max_bottleneck=4, max_tokens=4)
     b = dm.batch

@@ -243,11 +243,12 @@ class _Prompt:  # the part of a PromptPart the scheduler reads
 
 def test_prompt_delta_admission_shares_the_prefix_and_counts_virtual_tokens():
     prompts = {0: _Prompt(6, 6)}
-    slots = FakeSlots(2, prompts=prompts.get)
-    s = make(slots=slots, max_len=32)
+    res = FakeResidency(2, prompts=prompts.get)
+    s = make(residency=res, max_len=32)
     a, b = seq("a", 5, max_new=4, delta=key("p")), seq("b", 3, max_new=4, delta=key("p"))
     s.add(a)
     s.add(b)
+    res.request(key("p"))  # the engine's prefetch at add_request: the owner's next step installs it
     out = run_step(s)
     jobs, copies = s.prefix.take_jobs()
     assert len(jobs) == 1 and len(copies) == 2  # one prefix for both; each copies the 2-row tail into its block
@@ -259,8 +260,9 @@ def test_prompt_delta_admission_shares_the_prefix_and_counts_virtual_tokens():
     s.add(long)
     out = run_step(s)
     assert out.failed and out.failed[0][0] is long and "6 virtual tokens" in str(out.failed[0][1])
-    assert long.is_finished and slots.total_pins == 2  # a and b; long's pin was given back
-    small = make(blocks=5, slots=FakeSlots(2, prompts=prompts.get), max_len=32)
+    assert long.is_finished and s.running_deltas() == [key("p"), key("p")]  # a and b; long holds nothing
+    small = make(blocks=5, residency=FakeResidency(2, prompts=prompts.get), max_len=32)
+    small.residency.request(key("p"))
     wide = seq("wide", 10, max_new=8, delta=key("p"))  # 6 + 10 + 8 = 24 slots = 6 blocks of 4: never fits in 5
     small.add(wide)
     out = run_step(small)
