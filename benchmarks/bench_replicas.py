@@ -110,7 +110,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the CI-sized run, under 5 minutes on 2 cores")
     ap.add_argument("--replicas", type=int, default=3)
     ap.add_argument("--device-deltas", type=int, default=4,
-                    help="deltas each replica's device memory holds (delta_memory_bytes = this x one delta's footprint)")
+                    help="deltas each replica's device memory holds (delta_memory_bytes = this x one delta's "
+                         "footprint)")
     ap.add_argument("--deltas", type=int, default=None, help="distinct deltas per phase")
     ap.add_argument("--requests", type=int, default=None, help="requests per phase")
     ap.add_argument("--zipf", type=float, default=1.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delta_store.delta import ADAPTER_SOURCES, AdapterTerm, Delta, LoraTerm, ModuleDelta
+from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
 from delta_store.errors import DeltaError, DeltaServeError, InvalidArgument
 from kernels.cpu import grouped
 from server.deltas import DeltaBatch, DeltaEmbedding, DeltaHead, DeltaLinear, DeltaNorm, wrap_model

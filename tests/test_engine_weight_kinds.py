@@ -3,8 +3,9 @@ for token, and the sampled tokens' logprobs agree with PEFT's logits, in stagger
 them with plain LoRA, bottleneck adapters, BitFit (BEFT / bias="all"), (IA)3 and no-delta requests.
 
 Twelve requests arrive two per step (prompts of 4-24 tokens, each holding some trainable-token ids), through
-the real residency owner (background loads, a budget of the 5 largest of 8 deltas: evictions too) and wrap_model. References: the
-live PeftModel for every PEFT kind, forward hooks for the hand-made adapters (tests/oracles.py).
+the real residency owner (background loads, a budget of the 3 largest of 7 deltas: evictions too) and
+wrap_model. References: the live PeftModel for every PEFT kind, forward hooks for the hand-made adapters
+(tests/oracles.py).
 """
 from __future__ import annotations
 
@@ -92,8 +93,8 @@ def test_staggered_mixed_batches_equal_peft_generate(arch, tmp_path):
 
     config = ServerConfig(max_batch_tokens=40, max_running=16, kv_block_size=4, kv_blocks=256, max_model_len=64)
     served = copy.deepcopy(base)
-    dm = wrap_model(served, max_slots=5, max_rank=16, max_bottleneck=16)
-    slots = residency_for(dm, deltas, hold=5)
+    dm = wrap_model(served, max_slots=config.max_running, max_rank=16, max_bottleneck=16)  # as the server does
+    slots = residency_for(dm, deltas, hold=3)  # the 3 largest of 7 deltas at once: evictions
     engine = Engine(config, ModelRunner(dm, None, config), slots)
     requests = [GenerationRequest(f"r{i}", f"tenant{i % 3}", p,
                                   SamplingParams(max_new_tokens=MAX_NEW, temperature=0, logprobs=True),
