@@ -4,20 +4,32 @@ Every member is checked before anything is written: no absolute paths, no ``..``
 no links, devices or FIFOs, at most ``max_members`` members and ``max_bytes`` in total (the
 declared sizes, and again while copying, so a lying header cannot overrun the limit). Members
 are copied by hand into ``dest`` instead of ``extractall`` so that nothing but regular files and
-directories can ever be created (CVE-2007-4559 and its zip-slip cousins).
+directories can ever be created (CVE-2007-4559 and its zip-slip cousins). The caller sizes
+``max_bytes`` from the archive itself (the importer: ``max_archive_ratio`` times its size, within
+``max_archive_bytes``), so a 1.5 MB zip bomb stops after a few MB, not 1.5 GiB.
+
+Integrity: a compressed tar is read to the end of its stream after the last member, so the gzip /
+bzip2 / xz checksum and length trailer are checked (tarfile alone stops at the end-of-archive block
+and would take a bit-flipped or cut archive as good); zip members are CRC-checked as they are read.
+Every decoder error is a :class:`DeltaError` naming the archive, never an internal error.
 """
 from __future__ import annotations
 
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from .errors import DeltaError
 
 _COPY_CHUNK = 1 << 20
+# What a corrupt archive raises from the readers and the decompressors underneath them.
+_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError,
+            UnicodeDecodeError, NotImplementedError)
 
 
 def archive_kind(path: str | os.PathLike) -> str | None:
@@ -58,18 +70,20 @@ def _copy(src, dst: Path, budget: int, where: str, name: str) -> int:
         while chunk := src.read(_COPY_CHUNK):
             written += len(chunk)
             if written > budget:
-                raise DeltaError(f"{where}: member {name!r} expands past the archive size limit")
+                raise DeltaError(f"{where}: member {name!r} expands past the {budget}-byte extraction limit")
             out.write(chunk)
     return written
 
 
-def extract_archive(path: str | os.PathLike, dest: str | os.PathLike, *, max_members: int, max_bytes: int) -> Path:
+def extract_archive(path: str | os.PathLike, dest: str | os.PathLike, *, max_members: int, max_bytes: int,
+                    label: str | None = None) -> Path:
     """Extract the archive at ``path`` into the empty directory ``dest``; return the adapter folder.
 
     The adapter folder is ``dest`` itself, or its only top-level directory when the archive wraps
     the files in one (``tar czf a.tgz my_adapter/``), which is how people usually pack them.
+    ``label`` names the archive in messages (default: its file name; a spooled upload's is meaningless).
     """
-    where = f"archive {Path(path).name}"
+    where = f"archive {label or Path(path).name}"
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     kind = archive_kind(path)
@@ -80,10 +94,12 @@ def extract_archive(path: str | os.PathLike, dest: str | os.PathLike, *, max_mem
             _extract_tar(path, dest, max_members, max_bytes, where)
         else:
             raise DeltaError(f"{where}: not a tar or zip archive")
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+    except DeltaError:
         shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True, exist_ok=True)
-        raise DeltaError(f"{where}: corrupt archive ({exc})") from None
+        raise
+    except _CORRUPT as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise DeltaError(f"{where}: corrupt or truncated archive ({_first_line(exc)})") from None
     entries = list(dest.iterdir())
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
@@ -103,7 +119,7 @@ def _extract_tar(path, dest: Path, max_members: int, max_bytes: int, where: str)
                 raise DeltaError(f"{where}: member {member.name!r} is a {what}; only files and folders are allowed")
             total += member.size if member.isreg() else 0
             if total > max_bytes:
-                raise DeltaError(f"{where}: members total more than {max_bytes} bytes")
+                raise DeltaError(f"{where}: members expand to more than {max_bytes} bytes")
             if rel is not None:
                 plan.append((member, rel))
         left = max_bytes
@@ -116,6 +132,19 @@ def _extract_tar(path, dest: Path, max_members: int, max_bytes: int, where: str)
             src = tar.extractfile(member)
             assert src is not None  # regular files always have data
             left -= _copy(src, target, left, where, member.name)
+        _read_to_end(tar.fileobj)
+
+
+def _read_to_end(stream) -> None:
+    """Decompress what follows the end-of-archive block: the decompressor checks its CRC and length
+    trailer only when it reaches them, and raises on a corrupt or cut stream (a plain tar just ends)."""
+    while stream.read(_COPY_CHUNK):
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _extract_zip(path, dest: Path, max_members: int, max_bytes: int, where: str) -> None:
@@ -132,7 +161,7 @@ def _extract_zip(path, dest: Path, max_members: int, max_bytes: int, where: str)
                 raise DeltaError(f"{where}: member {info.filename!r} is a link or special file")
             total += info.file_size
             if total > max_bytes:
-                raise DeltaError(f"{where}: members total more than {max_bytes} bytes")
+                raise DeltaError(f"{where}: members expand to more than {max_bytes} bytes")
             if rel is not None:
                 plan.append((info, rel))
         left = max_bytes

@@ -15,15 +15,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 from .errors import CorruptBlob, InvalidArgument
+from .scratch import owner_of_temp
 
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
-_TMP_RE = re.compile(r"\.tmp-(\d+)-[0-9a-f]+$")
 
 
 def _check_digest(digest: str) -> str:
@@ -50,23 +49,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (temp names carry their writer's pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class LocalBlobs:
-    """Blobs as files on a local (or network) filesystem."""
+    """Blobs as files on a local (or network) filesystem. ``owner``: the writing store's scratch owner id
+    (``delta_store/scratch.py``), carried in temp names so a sweep can tell a live writer's temp file."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, owner: str = ""):
         self.root = Path(root) / "blobs"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.owner = owner  # "" until a store sets its own (a temp name then carries no live owner)
 
     def path(self, digest: str) -> Path:
         _check_digest(digest)
@@ -82,7 +72,7 @@ class LocalBlobs:
         if not shard.exists():
             shard.mkdir(exist_ok=True)
             _fsync_dir(self.root)
-        tmp = shard / f".{digest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        tmp = shard / f".{digest}.tmp-{self.owner or os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
@@ -126,25 +116,21 @@ class LocalBlobs:
     def mtime(self, digest: str) -> float:
         return self.path(digest).stat().st_mtime
 
-    def remove_temp(self, grace_s: float) -> int:
-        """Remove temp files of interrupted writes: their writer is dead, or they are older than ``grace_s``.
-
-        Temp names carry the writer's pid, so a live writer in another process keeps its file.
-        """
+    def remove_temp(self, alive: Callable[[str], bool]) -> int:
+        """Remove every file under the blob root that is not a blob, except the temp files of live writers
+        (``alive(owner)``, the owner id in the temp name): interrupted writes, whatever their names."""
         removed = 0
-        now = time.time()
-        for shard in self.root.iterdir():
-            if not shard.is_dir():
-                continue
-            for p in shard.iterdir():
-                m = _TMP_RE.search(p.name)
-                if m is None:
+        for entry in list(self.root.iterdir()):
+            files = [entry] if not entry.is_dir() else list(entry.iterdir()) if len(entry.name) == 2 else []
+            for p in files:
+                if DIGEST_RE.fullmatch(p.name) and p.parent != self.root:
+                    continue
+                owner = owner_of_temp(p.name)
+                if owner is not None and alive(owner):
                     continue
                 try:
-                    stale = not pid_alive(int(m.group(1))) or now - p.stat().st_mtime > grace_s
-                    if stale:
-                        p.unlink()
-                        removed += 1
-                except FileNotFoundError:
+                    p.unlink()
+                    removed += 1
+                except (FileNotFoundError, IsADirectoryError):
                     continue  # its writer renamed or removed it meanwhile
         return removed

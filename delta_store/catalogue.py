@@ -6,6 +6,15 @@ that holds the catalogue's write lock from its first statement (SQLite ``BEGIN I
 PostgreSQL advisory lock), so the checks inside it (quotas, "is this blob still referenced") cannot
 race with another writer, in this process or in another replica. Versions are immutable: only their
 usage counters change after the insert.
+
+Version numbers are never reused for a name (``name@N`` always means one digest, or NOT_FOUND): the
+``version_marks`` table keeps, per tenant and name, the highest version ever given, and it outlives the
+``deltas`` row that a delete of the last version removes (revision 0002; a catalogue migrated to it takes
+its marks from ``deltas.next_version``). Each version also records ``num_parameters`` (NULL in rows
+written before 0002: the store fills them from the blobs at start-up). Quotas are checked twice: by
+:meth:`Catalogue.check_quota` before an upload's payload is read (a snapshot, so a refusal costs the
+tenant nothing), and again inside ``add_version``'s write transaction, which is what holds across
+replicas.
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import database
-from .catalogue_schema import blob_gc, deltas, tenants, versions
+from .catalogue_schema import blob_gc, deltas, tenants, version_marks, versions
 from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from .records import DeltaVersion, Tenant, TenantQuotas
 
@@ -114,42 +123,64 @@ class Catalogue:
     # -- versions -----------------------------------------------------------------------------------
     def add_version(self, tenant_id: str, name: str, digest: str, size: int, kinds: list[str], max_rank: int,
                     max_width: int, source_format: str, description: str, labels: dict[str, str],
-                    ensure_blob: Callable[[], None]) -> DeltaVersion:
+                    ensure_blob: Callable[[], None], num_parameters: int = 0) -> DeltaVersion:
         """Commit a new version row. ``ensure_blob`` runs inside the write lock and must leave the blob
         durable (it re-writes it if a concurrent collection removed it); quotas are checked here too."""
         now = time.time()
         with self.write() as c:
-            t = c.execute(sa.select(tenants).where(tenants.c.id == tenant_id)).first()
-            if t is None:
-                raise NotFound(f"tenant {tenant_id!r} not found")
-            t = t._mapping
-            row = c.execute(sa.select(deltas.c.id, deltas.c.next_version)
-                            .where(deltas.c.tenant_id == tenant_id, deltas.c.name == name)).first()
-            if row is None:
-                count = c.execute(sa.select(sa.func.count()).select_from(deltas)
-                                  .where(deltas.c.tenant_id == tenant_id)).scalar_one()
-                if count + 1 > t["max_deltas"]:
-                    raise ResourceExhausted(f"tenant {t['name']!r}: delta quota reached ({count} of "
-                                            f"{t['max_deltas']}); delete one first")
-            used = self._bytes_used(c, tenant_id)
-            if used + size > t["max_bytes"]:
-                raise ResourceExhausted(f"tenant {t['name']!r}: storage quota exceeded ({used} + {size} bytes > "
-                                        f"{t['max_bytes']})")
+            row = self._check_quotas(c, tenant_id, name, size)
             ensure_blob()
+            version = self._next_version(c, tenant_id, name, row)
             if row is None:
-                delta_id = c.execute(deltas.insert().values(tenant_id=tenant_id, name=name, next_version=1,
+                delta_id = c.execute(deltas.insert().values(tenant_id=tenant_id, name=name, next_version=version + 1,
                                                             created=now)).inserted_primary_key[0]
-                version = 1
             else:
-                delta_id, version = row.id, row.next_version
-            c.execute(deltas.update().where(deltas.c.id == delta_id).values(next_version=version + 1))
+                delta_id = row.id
+                c.execute(deltas.update().where(deltas.c.id == delta_id).values(next_version=version + 1))
             c.execute(versions.insert().values(
                 delta_id=delta_id, version=version, digest=digest, size=size, kinds=json.dumps(sorted(kinds)),
                 max_rank=max_rank, max_width=max_width, source_format=source_format, description=description,
-                labels=json.dumps(labels, sort_keys=True), created=now))
+                labels=json.dumps(labels, sort_keys=True), created=now, num_parameters=num_parameters))
             c.execute(blob_gc.delete().where(blob_gc.c.digest == digest))
         return DeltaVersion(tenant_id, name, version, digest, size, tuple(sorted(kinds)), max_rank, max_width,
-                            source_format, description, dict(labels), now)
+                            source_format, description, dict(labels), now, num_parameters=num_parameters)
+
+    def check_quota(self, tenant_id: str, name: str, size: int = 0) -> None:
+        """ResourceExhausted if a new version of ``name`` of ``size`` bytes would break the tenant's quotas
+        now (before an upload is read: ``add_version`` checks again, under the write lock, before it commits)."""
+        with self.read() as c:
+            self._check_quotas(c, tenant_id, name, size)
+
+    def _check_quotas(self, c: sa.Connection, tenant_id: str, name: str, size: int):
+        """The quotas for a new version of ``name``; returns the name's ``deltas`` row (None: a new name)."""
+        t = c.execute(sa.select(tenants).where(tenants.c.id == tenant_id)).first()
+        if t is None:
+            raise NotFound(f"tenant {tenant_id!r} not found")
+        t = t._mapping
+        row = c.execute(sa.select(deltas.c.id, deltas.c.next_version)
+                        .where(deltas.c.tenant_id == tenant_id, deltas.c.name == name)).first()
+        if row is None:
+            count = c.execute(sa.select(sa.func.count()).select_from(deltas)
+                              .where(deltas.c.tenant_id == tenant_id)).scalar_one()
+            if count + 1 > t["max_deltas"]:
+                raise ResourceExhausted(f"tenant {t['name']!r}: delta quota reached ({count} of "
+                                        f"{t['max_deltas']}); delete one first")
+        used = self._bytes_used(c, tenant_id)
+        if used + max(size, 1) > t["max_bytes"]:  # size 0: before the upload is read, any version needs a byte
+            raise ResourceExhausted(f"tenant {t['name']!r}: storage quota exceeded ({used} + {size} bytes > "
+                                    f"{t['max_bytes']})" if size else
+                                    f"tenant {t['name']!r}: storage quota full ({used} of {t['max_bytes']} bytes)")
+        return row
+
+    # -- version numbers: never reused (the high-water mark outlives every version of the name) --------
+    def _next_version(self, c: sa.Connection, tenant_id: str, name: str, row) -> int:
+        mark = c.execute(sa.select(version_marks.c.last_version)
+                         .where(version_marks.c.tenant_id == tenant_id, version_marks.c.name == name)).scalar()
+        version = max(row.next_version if row is not None else 1, (mark or 0) + 1)
+        stmt = self._insert(version_marks).values(tenant_id=tenant_id, name=name, last_version=version)
+        c.execute(stmt.on_conflict_do_update(index_elements=["tenant_id", "name"],
+                                             set_={"last_version": stmt.excluded.last_version}))
+        return version
 
     @staticmethod
     def _bytes_used(c: sa.Connection, tenant_id: str) -> int:
@@ -228,6 +259,17 @@ class Catalogue:
         if rows:
             with self.write() as c:
                 c.execute(stmt, rows)
+
+    def digests_without_parameter_count(self) -> list[str]:
+        """Digests of versions written before revision 0002 (no ``num_parameters`` yet)."""
+        with self.read() as c:
+            return list(c.execute(sa.select(versions.c.digest).where(versions.c.num_parameters.is_(None))
+                                  .distinct()).scalars())
+
+    def set_parameter_count(self, digest: str, num_parameters: int) -> None:
+        with self.write() as c:
+            c.execute(versions.update().where(versions.c.digest == digest, versions.c.num_parameters.is_(None))
+                      .values(num_parameters=num_parameters))
 
     # -- blob collection ------------------------------------------------------------------------------
     def _queue_gc(self, c: sa.Connection, digests: list[str]) -> None:

@@ -1,7 +1,8 @@
 """The catalogue's tables as SQLAlchemy Core objects: one schema for SQLite and PostgreSQL.
 
-The columns are those of the first (pre-SQLAlchemy) SQLite catalogue, so a catalogue written by it
-opens unchanged (``database.migrate`` stamps it as revision 0001). Types are chosen to mean the same
+Revision 0001 has the columns of the first (pre-SQLAlchemy) SQLite catalogue, so a catalogue written
+by it opens (``database.migrate`` stamps it as revision 0001, then upgrades it); 0002 added
+``versions.num_parameters`` and ``version_marks``. Types are chosen to mean the same
 on both: 64-bit integers for sizes, counters and quotas (PostgreSQL's INTEGER is 32-bit; quotas go
 to 2^62), double precision for Unix timestamps, text for JSON lists/maps (compared as written).
 Changing a table means a new Alembic revision in ``delta_store/migrations/versions/`` too.
@@ -56,7 +57,17 @@ versions = sa.Table(
     sa.Column("last_used", sa.Double),
     sa.Column("requests", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("num_parameters", sa.BigInteger),  # scalars in the delta's tensors; NULL: written before 0002
     sa.Index("versions_digest", "digest"),
+)
+
+# The highest version ever given to a tenant's name: it outlives the ``deltas`` row (gone with the last
+# version), so a name deleted and uploaded again continues its numbers and ``name@N`` never changes weights.
+version_marks = sa.Table(
+    "version_marks", metadata,
+    sa.Column("tenant_id", sa.Text, sa.ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("last_version", sa.BigInteger, nullable=False),
 )
 
 blob_gc = sa.Table(

@@ -67,6 +67,7 @@ class DeltaVersion:
     last_used: float | None = None
     requests: int = 0
     tokens: int = 0
+    num_parameters: int = 0  # scalars in the delta's tensors
 
     @property
     def ref(self) -> str:
@@ -83,4 +84,4 @@ class DeltaVersion:
                    size=row["size"], kinds=tuple(json.loads(row["kinds"])), max_rank=row["max_rank"],
                    max_width=row["max_width"], source_format=row["source_format"], description=row["description"],
                    labels=json.loads(row["labels"]), created=row["created"], last_used=row["last_used"],
-                   requests=row["requests"], tokens=row["tokens"])
+                   requests=row["requests"], tokens=row["tokens"], num_parameters=row["num_parameters"] or 0)

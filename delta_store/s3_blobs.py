@@ -179,7 +179,7 @@ class S3Blobs:
             raise FileNotFoundError(self.key(digest)) from None
         return head["LastModified"].timestamp()
 
-    def remove_temp(self, grace_s: float) -> int:
+    def abort_stale_uploads(self, grace_s: float) -> int:
         """Abort multipart uploads under the prefix started more than ``grace_s`` ago: the parts of a writer
         that died mid-upload (invisible as objects, but billed). A bucket lifecycle rule
         ``AbortIncompleteMultipartUpload`` does the same on the store's side."""

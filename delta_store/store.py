@@ -5,29 +5,32 @@ archive of a PEFT / AdapterHub / OpenDelta folder) into a validated canonical :c
 as a native blob and commits an immutable version row; ``resolve`` maps ``name`` / ``name@N`` to that
 version; ``load`` returns the Delta from the host tier or from disk (digest checked). The order
 blob-durable-then-row (D7) means a crash at any moment leaves either no version or a complete one;
-start-up sweeps what an interrupted writer left behind. Tiers as in S-LoRA and LoRAX (a fixed device
+start-up sweeps what an interrupted writer left behind: every scratch file of a dead writer whatever its
+name (``delta_store/scratch.py``), and the blobs it had marked pending. Quotas are checked before the
+payload is read (``check_upload``) and again before the first blob byte is written, so a refused upload
+leaves nothing on disk. Tiers as in S-LoRA and LoRAX (a fixed device
 pool, a host-memory LRU, disk): device slots (``server/deltas/slots.py``) -> host LRU by bytes (here)
 -> disk.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .blobs import BlobBackend, LocalBlobs, pid_alive
+from .blobs import BlobBackend, LocalBlobs
 from .catalogue import Catalogue
 from .delta import Delta
-from .errors import CorruptBlob, DeltaError, InvalidArgument, NotFound, Unavailable
+from .errors import CorruptBlob, DeltaError, DeltaServeError, InvalidArgument, NotFound, Unavailable
 from .host_cache import HostCache, HostCacheStats
-from .importer import UPLOAD_RE, Importer
+from .importer import Importer
 from .names import check_name, parse_ref
 from .native import digest_bytes, dump_native, load_native
 from .records import DeltaKey, DeltaVersion, Tenant
+from .scratch import Scratch
 from .settings import StoreSettings
 from .tenants import TenantRegistry
 
@@ -55,14 +58,15 @@ class DeltaStore:
         self.spec = spec  # BaseSpec of the served base
         self.limits = limits  # delta_store.validate.Limits
         self.settings = settings
+        self.scratch = Scratch(self.data_dir)  # this process's owner lock and tmp/ names
         self.blobs: BlobBackend = blobs if blobs is not None else LocalBlobs(self.data_dir)
+        if isinstance(self.blobs, LocalBlobs) and not self.blobs.owner:
+            self.blobs.owner = self.scratch.owner  # blob temp names carry it, so a sweep can see we live
         self.catalogue = catalogue if catalogue is not None else Catalogue(self.data_dir / "catalogue.sqlite3",
                                                                            busy_timeout_s=self.settings.busy_timeout_s)
         self.host = HostCache(self.settings.host_cache_bytes, pin_memory=self.settings.pin_host_memory)
         self.tenants = TenantRegistry(self.catalogue, self.settings.default_quotas, self._deleted)
-        self._tmp = self.data_dir / "tmp"
-        self._tmp.mkdir(exist_ok=True)
-        self.importer = Importer(spec, limits, self.settings, self._tmp)
+        self.importer = Importer(spec, limits, self.settings, self.scratch)
         self._lock = threading.Lock()
         self._usage: dict[tuple[str, str, int, str], list] = {}
         self._usage_flushed = time.monotonic()
@@ -89,24 +93,26 @@ class DeltaStore:
             pass
         finally:
             self.catalogue.close()
+            self.scratch.close()
 
     # -- housekeeping -------------------------------------------------------------------------------
     def recover(self) -> dict[str, int]:
-        """Start-up sweep: temp files and upload folders of dead writers, queued and orphan blobs."""
-        removed = {"temp": 0, "uploads": 0, "blobs": 0}
-        if hasattr(self.blobs, "remove_temp"):  # local temp files, S3 multipart uploads
-            removed["temp"] = self.blobs.remove_temp(self.settings.temp_grace_s)
-        now = time.time()
-        for p in self._tmp.iterdir():
-            m = UPLOAD_RE.fullmatch(p.name)
-            if m and (not pid_alive(int(m.group(1))) or now - p.stat().st_mtime > self.settings.temp_grace_s):
-                shutil.rmtree(p, ignore_errors=True)
-                removed["uploads"] += 1
-        for digest in self.catalogue.gc_queue():
+        """Start-up sweep: every scratch file of a dead writer, the blobs dead writers left uncommitted,
+        queued and orphan blobs, stale S3 multipart uploads; then parameter counts rows from before
+        catalogue revision 0002 lack."""
+        removed = {"temp": 0, "scratch": 0, "blobs": 0}
+        removed["scratch"], dead_pending = self.scratch.sweep()
+        if isinstance(self.blobs, LocalBlobs):
+            removed["temp"] = self.blobs.remove_temp(self.scratch.alive)
+        elif hasattr(self.blobs, "abort_stale_uploads"):  # S3: multipart uploads of writers on any replica
+            removed["temp"] = self.blobs.abort_stale_uploads(self.settings.temp_grace_s)
+        for digest in sorted(set(dead_pending)) + self.catalogue.gc_queue():
             removed["blobs"] += self.catalogue.collect(digest, self.blobs.delete)
         referenced = self.catalogue.referenced_digests()
+        in_flight = self.scratch.pending_digests()  # live writers in other processes, mid-put
+        now = time.time()
         for digest in list(self.blobs.iter()):
-            if digest in referenced:
+            if digest in referenced or digest in in_flight:
                 continue
             try:
                 old = now - self.blobs.mtime(digest) > self.settings.orphan_grace_s
@@ -114,6 +120,11 @@ class DeltaStore:
                 continue
             if old:
                 removed["blobs"] += self.catalogue.collect(digest, self.blobs.delete)
+        for digest in self.catalogue.digests_without_parameter_count():
+            try:
+                self.catalogue.set_parameter_count(digest, load_native(self.blobs.get(digest)).num_parameters())
+            except DeltaServeError:  # damaged (verify() reports it) or the store unreachable: unknown (0) for now
+                continue
         return removed
 
     def verify(self) -> list[str]:
@@ -142,24 +153,50 @@ class DeltaStore:
         self._listeners.append(fn)
 
     # -- imports ------------------------------------------------------------------------------------
-    def put(self, tenant: Tenant | str, name: str, payload_path: str | os.PathLike, source_format: str = "auto",
-            description: str = "", labels: dict[str, str] | None = None) -> DeltaVersion:
-        """Import, validate and store a new immutable version of ``name``; nothing is stored on error."""
-        t0 = time.perf_counter()
+    def check_upload(self, tenant: Tenant | str, name: str, description: str = "",
+                     labels: dict[str, str] | None = None) -> dict[str, str]:
+        """Everything about an upload that is known before its payload: the name, description and labels,
+        and the tenant's quotas (a new name within max_deltas, room for one more byte). Returns the labels."""
         tid = self.tenants.get(_tid(tenant)).id
         check_name(name)
         labels = self.importer.check_meta(description, labels or {})
-        delta = self.importer.read(Path(payload_path), source_format)
+        self.catalogue.check_quota(tid, name)
+        return labels
+
+    def check_quota(self, tenant: Tenant | str, name: str, size: int = 0) -> None:
+        """ResourceExhausted if a new ``size``-byte version of ``name`` would break the tenant's quotas now."""
+        self.catalogue.check_quota(_tid(tenant), name, size)
+
+    def put(self, tenant: Tenant | str, name: str, payload_path: str | os.PathLike, source_format: str = "auto",
+            description: str = "", labels: dict[str, str] | None = None, *, label: str | None = None) -> DeltaVersion:
+        """Import, validate and store a new immutable version of ``name``; nothing is stored on error.
+        ``label`` names the payload in error messages (default: its file name)."""
+        t0 = time.perf_counter()
+        tid = self.tenants.get(_tid(tenant)).id
+        labels = self.check_upload(tid, name, description, labels)
+        delta = self.importer.read(Path(payload_path), source_format, label=label)
         data = dump_native(delta)
         digest = digest_bytes(data)
-        self.blobs.put(digest, data)
+        self.catalogue.check_quota(tid, name, len(data))  # before the first blob byte is written
 
         def ensure_blob() -> None:  # under the catalogue write lock: a concurrent collection may have run
             if not self.blobs.exists(digest):
                 self.blobs.put(digest, data)
 
-        version = self.catalogue.add_version(tid, name, digest, len(data), sorted(delta.kinds()), delta.max_rank,
-                                             delta.max_width, delta.source_format, description, labels, ensure_blob)
+        pending = self.scratch.pending(digest)  # a crash from here on: the sweep collects the blob at once
+        try:
+            self.blobs.put(digest, data)
+            version = self.catalogue.add_version(tid, name, digest, len(data), sorted(delta.kinds()),
+                                                 delta.max_rank, delta.max_width, delta.source_format, description,
+                                                 labels, ensure_blob, num_parameters=delta.num_parameters())
+        except BaseException:
+            try:  # refused at commit (a quota raced us, ...): no blob without a row stays behind
+                self._collect([digest])
+            except Exception:  # noqa: BLE001 - the first error is the one to report; the sweep retries
+                pass
+            raise
+        finally:
+            pending.unlink(missing_ok=True)
         self.host.put(digest, delta)  # used the moment the upload returns: keep it warm
         with self._lock:
             self._imports += 1

@@ -7,15 +7,18 @@
       -> OpenAI-compatible HTTP front (edge/openai_http.py: own port, same event loop)
 
 First start with an empty catalogue creates an ``admin`` tenant and writes its key to
-``<data_dir>/admin.key`` (mode 0600). SIGTERM/SIGINT: health turns NOT_SERVING, the server stops
-accepting calls, in-flight ones get ``grace_seconds`` to finish, then the engine stops and the
-process exits 0.
+``<data_dir>/admin.key`` (mode 0600, ``server/admin_key.py``). SIGTERM/SIGINT drains in three steps:
+health turns NOT_SERVING and stays so for ``health_grace_seconds`` while the listener still serves (a
+Kubernetes readiness probe sees the drain and the endpoint is removed before anything is refused); then
+the listener closes and running calls get ``grace_seconds`` to finish; streams still running then are
+ended UNAVAILABLE "server shutting down" (retryable, and named so by the CLI). The engine stops and the
+process exits 0. A second signal skips what is left of the health grace.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
-import os
 import signal
 import sys
 import time
@@ -23,17 +26,16 @@ from pathlib import Path
 
 from delta_store.errors import AlreadyExists
 
-from . import discovery
+from . import admin_key, discovery
 from .config import ServerConfig
 from .edge.auth import Authenticator
-from .edge.rate_limits import RateLimiter
+from .edge.generation import CUT_SLACK_S
+from .edge.rate_limits import RateLimiter, UploadSlots
 from .logs import configure, get_logger
 from .metrics import Metrics, RouterView
 from .storage import describe_blobs, open_blobs, open_catalogue, replica_id
 
 log = get_logger("app")
-KEY_FILE = "admin.key"
-ADMIN_TENANT = "admin"
 DEVICE_PRELOAD_WAIT_S = 10.0  # a device preload waits this long for the step loop to install the delta
 
 
@@ -57,6 +59,13 @@ class App:
         self.metrics = metrics or Metrics()
         self.auth = Authenticator(store.tenants)
         self.rate_limiter = RateLimiter()
+        self.uploads = UploadSlots(config.max_uploads, config.max_uploads_per_tenant)
+        # uploads convert on their own threads, so a burst of them never holds the default executor that
+        # authenticates and resolves every other call (one thread per upload slot: no queue behind them)
+        self.upload_pool = concurrent.futures.ThreadPoolExecutor(config.max_uploads, thread_name_prefix="upload")
+        self.running_streams: set[str] = set()  # request ids of generation streams in flight (the drain cuts them)
+        self.draining = False  # SIGTERM seen: health answers NOT_SERVING (gRPC) / 503 (HTTP) from then on
+        self.cutting = False
         self.replica_id = replica_id(config)  # x-deltaserve-replica on every response
         self.health = None  # set by create_server
         self.openai_front = None  # set by run() when config.openai_listen is set
@@ -96,6 +105,13 @@ class App:
     def ready(self) -> bool:
         return bool(self.engine.alive)
 
+    def cut_streams(self) -> int:
+        """End every Generate stream still running (the drain's grace is over): each one's handler answers
+        UNAVAILABLE "server shutting down" instead of being cancelled by gRPC mid-stream."""
+        self.cutting = True
+        cut = [rid for rid in list(self.running_streams) if self.engine.abort(rid)]
+        return len(cut)
+
     async def preload_device(self, key) -> bool:
         """Make ``key`` resident on the device (unpinned, LRU like any other); True once it is, False if it is
         still on its way after DEVICE_PRELOAD_WAIT_S. The step loop installs it between forwards, busy or idle
@@ -116,20 +132,16 @@ class App:
 
     def ensure_admin(self) -> Path | None:
         """Create the admin tenant on an empty catalogue; write its key to ``<data_dir>/admin.key`` (0600)."""
-        path = Path(self.config.data_dir) / KEY_FILE
-        self.admin_key_file = path
+        self.admin_key_file = admin_key.key_path(self.config.data_dir)
         if self.store.tenants.list():
             return None
         try:
-            _tenant, key = self.store.tenants.create(ADMIN_TENANT, is_admin=True)  # the default quotas
+            _tenant, key = self.store.tenants.create(admin_key.ADMIN_TENANT, is_admin=True)  # the default quotas
         except AlreadyExists:  # another replica of a shared catalogue created it first: its data dir has the key
-            log.info("admin_exists", tenant=ADMIN_TENANT)
+            log.info("admin_exists", tenant=admin_key.ADMIN_TENANT)
             return None
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
-        os.chmod(path, 0o600)  # O_CREAT's mode does not apply to a file that already existed
-        log.info("admin_created", tenant=ADMIN_TENANT, key_file=str(path))
+        path = admin_key.write_key(self.config.data_dir, key)
+        log.info("admin_created", tenant=admin_key.ADMIN_TENANT, key_file=str(path))
         return path
 
 
@@ -165,7 +177,8 @@ def store_config(config: ServerConfig, *, pin_host_memory: bool, device_bytes=No
                           tokens_per_minute=config.default_tokens_per_minute,
                           max_concurrent=config.default_max_concurrent)
     settings = StoreSettings(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
-                             default_quotas=quotas, pin_host_memory=pin_host_memory)
+                             default_quotas=quotas, pin_host_memory=pin_host_memory,
+                             max_archive_bytes=config.max_archive_bytes, max_archive_ratio=config.max_archive_ratio)
     limits = Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck,
                     max_token_rows=config.max_token_rows, max_model_len=config.max_model_len,
                     device_bytes=device_bytes, device_budget_bytes=device_budget_bytes)
@@ -252,8 +265,9 @@ def with_max_model_len(config: ServerConfig, model_limit: int | None, kv_tokens:
     return dataclasses.replace(config, max_model_len=value)
 
 
-async def run(app: App, stop: asyncio.Event, announce=print) -> None:
-    """Serve until ``stop`` is set, then drain: NOT_SERVING, refuse new calls, finish in-flight ones."""
+async def run(app: App, stop: asyncio.Event, announce=print, hurry: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set, then drain: NOT_SERVING for the health grace (``hurry`` set: at once),
+    close the listener, let running calls finish for ``grace_seconds``, cut the streams still running."""
     from .edge.grpc_server import create_server
 
     await app.engine.start()
@@ -281,12 +295,22 @@ async def run(app: App, stop: asyncio.Event, announce=print) -> None:
     note = discovery.announce(port, f"{grpc_host}:{port}", app.config.data_dir, openai_url)
     await stop.wait()
     discovery.withdraw(note)
-    log.info("draining", grace_seconds=app.config.grace_seconds)
-    await app.health.drain()
-    # server.stop(grace) refuses new calls at once and cancels what is still running after `grace`;
-    # the engine's own shutdown then aborts anything left (there should be nothing).
-    await asyncio.gather(server.stop(app.config.grace_seconds), front.stop() if front else asyncio.sleep(0))
+    config = app.config
+    log.info("draining", health_grace_seconds=config.health_grace_seconds, grace_seconds=config.grace_seconds)
+    app.draining = True  # the OpenAI front's /health answers 503 from here
+    await app.health.drain()  # NOT_SERVING; both listeners stay open and keep serving meanwhile
+    await _wait(hurry, config.health_grace_seconds, lambda: False)
+    # server.stop(grace) refuses new calls at once and cancels what is still running after `grace` (the
+    # OpenAI front likewise). Streams still running when our grace ends are cut here first, so they end with
+    # a status that says why; the engine's own shutdown then aborts anything left (there should be nothing).
+    stopping = asyncio.gather(server.stop(config.grace_seconds + CUT_SLACK_S),
+                              front.stop() if front else asyncio.sleep(0))
+    await _wait(None, config.grace_seconds, lambda: not app.running_streams)
+    if app.running_streams:
+        log.info("drain_cut", streams=app.cut_streams())
+    await stopping
     await app.engine.shutdown(0.0)
+    await asyncio.to_thread(app.upload_pool.shutdown, True)  # conversions of cut uploads end first
     metrics_server.shutdown()
     if app.residency is not None:
         app.residency.close()
@@ -294,18 +318,29 @@ async def run(app: App, stop: asyncio.Event, announce=print) -> None:
     log.info("stopped")
 
 
+async def _wait(event: asyncio.Event | None, seconds: float, done) -> None:
+    """Up to ``seconds``, until ``event`` is set or ``done()`` is true (polled every 10 ms)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not done() and not (event is not None and event.is_set()):
+        await asyncio.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+
+
 def serve(config: ServerConfig) -> int:
-    """``deltaserve serve``: build, serve, exit 0 after a clean SIGTERM drain."""
+    """``deltaserve serve``: build, serve, exit 0 after a clean SIGTERM drain (a second signal hurries it)."""
     configure(config.log_level)
     app = build_app(config)
     app.ensure_admin()
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stop, hurry = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            (hurry if stop.is_set() else stop).set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run(app, stop, announce=lambda line: print(line, flush=True))
+            loop.add_signal_handler(sig, on_signal)
+        await run(app, stop, announce=lambda line: print(line, flush=True), hurry=hurry)
 
     asyncio.run(main())
     print("deltaserve stopped", file=sys.stderr, flush=True)

@@ -6,12 +6,15 @@
     deltaserve upload PATH --name NAME
     deltaserve deltas list | show NAME | delete NAME[@VERSION] | preload NAME[@VERSION] [--host]
     deltaserve tenants create NAME [--admin] | list | delete NAME | rotate-key NAME | quotas NAME [--... N]
+    deltaserve recover-admin-key [--data-dir DIR] [--catalogue URL] [--tenant NAME]   (offline: server stopped)
 
 Client commands take ``--server HOST:PORT`` (env DELTASERVE_SERVER, default 127.0.0.1:50051) and
 ``--api-key KEY`` (env DELTASERVE_API_KEY; else, for a local server, its admin key file: see
-:func:`_api_key`). Errors print one line on stderr and exit 1 (2 for bad usage); no tracebacks. Text
-from the model written to a terminal shows control characters as escapes (``\\x1b``), so a model can
-never move the cursor or retitle the window; piped output is the text as generated.
+:func:`_api_key`). ``tenants rotate-key`` rewrites that key file when the rotation revoked the key it
+held (an admin rotating their own key is not locked out). Errors print one line on stderr and exit 1
+(2 for bad usage); no tracebacks. Text from the model written to a terminal shows control characters as
+escapes (``\\x1b``), so a model can never move the cursor or retitle the window; piped output is the text
+as generated.
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ import os
 import sys
 from pathlib import Path
 
+from .admin_key import key_path
+
 DEFAULT_SERVER = "127.0.0.1:50051"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
-KEY_FILE = "admin.key"
 ENV_VARS = (
     ("DELTASERVE_SERVER", f"gRPC HOST:PORT of the server for client commands (default {DEFAULT_SERVER})"),
     ("DELTASERVE_API_KEY", "tenant API key for client commands"),
@@ -46,30 +50,52 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("DELTASERVE_DATA_DIR", ServerConfig().data_dir))
 
 
+def _local_key_files(args) -> list[Path]:
+    """Where a server on this machine keeps its admin key, in the order tried: DELTASERVE_DATA_DIR's, the
+    data dir the server on that port noted (server/discovery.py), ./.deltaserve's. Empty for a remote server."""
+    host, _, port = args.server.rpartition(":")
+    if host not in LOCAL_HOSTS:
+        return []
+    from .discovery import data_dir_of
+
+    dirs = []
+    if os.environ.get("DELTASERVE_DATA_DIR"):
+        dirs.append(Path(os.environ["DELTASERVE_DATA_DIR"]))
+    noted = data_dir_of(int(port)) if port.isdigit() else None
+    if noted is not None:
+        dirs.append(noted)
+    dirs.append(default_data_dir())
+    return list(dict.fromkeys(key_path(d) for d in dirs))
+
+
+def _local_key_file(args) -> Path | None:
+    """The key file :func:`_api_key` reads when no key is given: the first of those that exists."""
+    return next((f for f in _local_key_files(args) if f.is_file()), None)
+
+
 def _api_key(args) -> str:
     """--api-key / DELTASERVE_API_KEY; else, for a server on this machine, the admin key of its data dir:
     DELTASERVE_DATA_DIR's, the one the server on that port noted (server/discovery.py), ./.deltaserve's."""
     if args.api_key:
         return args.api_key
-    host, _, port = args.server.rpartition(":")
-    tried = []
-    if host in LOCAL_HOSTS:
-        from .discovery import data_dir_of
-
-        dirs = []
-        if os.environ.get("DELTASERVE_DATA_DIR"):
-            dirs.append(Path(os.environ["DELTASERVE_DATA_DIR"]))
-        noted = data_dir_of(int(port)) if port.isdigit() else None
-        if noted is not None:
-            dirs.append(noted)
-        dirs.append(default_data_dir())
-        for d in dirs:
-            key_file = d / KEY_FILE
-            tried.append(str(key_file))
-            if key_file.is_file():
-                return key_file.read_text().strip()
-    where = f" (looked in {', '.join(dict.fromkeys(tried))})" if tried else ""
+    key_file = _local_key_file(args)
+    if key_file is not None:
+        return key_file.read_text().strip()
+    tried = [str(f) for f in _local_key_files(args)]
+    where = f" (looked in {', '.join(tried)})" if tried else ""
     raise CliError(f"no API key: pass --api-key or set DELTASERVE_API_KEY{where}")
+
+
+def _key_works(client, key: str) -> bool:
+    import grpc
+
+    try:
+        client.with_key(key).list_deltas(page_size=1)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            return False
+        raise
+    return True
 
 
 def _client(args):
@@ -293,7 +319,17 @@ def cmd_tenants(args) -> int:
             tenant, key = client.create_tenant(args.name, admin=args.admin)
             print(f"tenant={tenant.name} api_key={key}")
         elif args.action == "rotate-key":
-            print(f"tenant={args.name} api_key={client.rotate_key(args.name)}")
+            # The local key file follows a rotation that revoked the key it holds (an admin rotating their own
+            # key, maybe with another admin's): known by asking the server before and after.
+            key_file = _local_key_file(args)
+            held = key_file.read_text().strip() if key_file is not None else ""
+            held_worked = bool(held) and _key_works(client, held)
+            key = client.rotate_key(args.name)
+            print(f"tenant={args.name} api_key={key}")
+            if held_worked and not _key_works(client, held):
+                from .admin_key import write_key
+
+                print(f"updated the key file {write_key(key_file.parent, key)}")
         elif args.action == "quotas":
             changes = {f: getattr(args, f) for f in QUOTA_FIELDS if getattr(args, f) is not None}
             if changes:
@@ -306,6 +342,20 @@ def cmd_tenants(args) -> int:
         else:
             client.delete_tenant(args.name)
             print(f"deleted tenant {args.name}")
+    return 0
+
+
+def cmd_recover_admin_key(args) -> int:
+    from .admin_key import RecoveryRefused, recover
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    catalogue = args.catalogue or os.environ.get("DELTASERVE_CATALOGUE") or ""
+    try:
+        path, created = recover(data_dir, args.tenant, catalogue=catalogue)
+    except RecoveryRefused as exc:
+        raise CliError(str(exc)) from None
+    print(f"{'created admin tenant' if created else 'new key for admin tenant'} {args.tenant}; key file {path} "
+          f"(the previous key of {args.tenant} no longer works)")
     return 0
 
 
@@ -438,6 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{field.replace('_', '-')}", dest=field, type=int, metavar="N",
                        help=f"quotas: set {field} (without any: show them)")
     p.set_defaults(func=cmd_tenants)
+
+    p = command("recover-admin-key", "offline, with the server stopped: issue a new admin key into the data "
+                "dir's key file")
+    p.add_argument("--data-dir", help=f"the server's data dir (env DELTASERVE_DATA_DIR, default {defaults.data_dir})")
+    p.add_argument("--catalogue", help="the catalogue the server uses, when not SQLite in the data dir "
+                   "(postgresql://...; env DELTASERVE_CATALOGUE)")
+    p.add_argument("--tenant", default="admin", help="the admin tenant (created if missing; default admin)")
+    p.set_defaults(func=cmd_recover_admin_key)
     return parser
 
 
@@ -456,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
             code = exc.code()
             detail = exc.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE:
+            if code == grpc.StatusCode.UNAVAILABLE and "Cancelling all calls" in detail:  # gRPC's, at a drain's end
+                detail = f"server shutting down: it ended the call before it finished ({detail})"
+            elif code == grpc.StatusCode.UNAVAILABLE and "shutting down" not in detail:
+                # the server's own UNAVAILABLE says why ("server shutting down: ..."); gRPC's means no connection
                 detail = f"cannot reach the server at {args.server} ({detail})" if hasattr(args, "server") else detail
             print(f"deltaserve: error: {code.name}: {detail}", file=sys.stderr)
         else:

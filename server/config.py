@@ -18,6 +18,10 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 family and GPT-2. Wrapping happens once at start-up, so any later delta can target any of them."""
 
 
+PROMPT_BYTES_PER_TOKEN = 16
+"""Default text-prompt bound per token of ``max_model_len``: English BPE averages ~4 bytes a token and long
+whitespace or symbol runs stay under 16, so a prompt past it cannot fit; 2048 tokens -> 32 KiB, which the
+byte-level demo tokenizer encodes in ~60 ms (a 7.5 MB prompt took 15 s, on the event loop, before issue 15)."""
 _REPLICA_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a metadata value and a log field, nothing to escape
 
 
@@ -46,6 +50,7 @@ class ServerConfig:
     max_running: int = 64  # sequences in the running batch
     max_waiting: int = 1024  # bounded waiting queue; past it, RESOURCE_EXHAUSTED
     max_model_len: int = 0  # prompt + generated tokens per sequence; 0 -> the model's limit, capped by the KV cache
+    max_prompt_bytes: int = 0  # UTF-8 bytes of a text prompt, checked before tokenizing; 0 -> 16 per max_model_len token
     kv_block_size: int = 16  # tokens per KV block
     kv_blocks: int = 0  # > 0: exactly this many blocks; 0 -> sized by kv_memory_bytes
     kv_memory_bytes: int = 0  # 0 -> kv_memory_fraction of the memory free after the weights
@@ -56,6 +61,10 @@ class ServerConfig:
     data_dir: str = "./.deltaserve"
     host_cache_bytes: int = 2 << 30  # host-memory tier budget (LRU by bytes)
     max_upload_bytes: int = 512 << 20  # one upload
+    max_archive_bytes: int = 1 << 30  # what one uploaded archive may expand to on disk, whatever its size
+    max_archive_ratio: float = 8.0  # ... and per byte of the archive (fp32 weights compress ~1.1x, zip bombs ~1000x)
+    max_uploads: int = 4  # uploads in progress at once (spool + conversion: disk, memory and a thread each)
+    max_uploads_per_tenant: int = 2  # ... of one tenant; past either, RESOURCE_EXHAUSTED with a retry hint
     catalogue: str = ""  # "" -> SQLite in data_dir; or postgresql://user:pass@host:port/db (replicas share it)
     blobs: str = ""  # "" -> files under data_dir; or s3://bucket/prefix (endpoint, region, keys: AWS_* env)
     blob_cache_bytes: int = 8 << 30  # with s3:// blobs: this replica's disk cache of fetched blobs (data_dir)
@@ -65,6 +74,7 @@ class ServerConfig:
     metrics_listen: str = "127.0.0.1:9464"
     openai_listen: str = "127.0.0.1:8000"  # the OpenAI-compatible HTTP front; "" turns it off
     grace_seconds: float = 10.0  # SIGTERM: in-flight requests get this long to finish
+    health_grace_seconds: float = 5.0  # SIGTERM: Health says NOT_SERVING this long before the listener closes
     # tenancy defaults (D10), per tenant unless set on the tenant
     default_max_deltas: int = 100
     default_max_delta_bytes: int = 4 << 30
@@ -84,7 +94,8 @@ class ServerConfig:
             "max_batch_tokens": (1, 1 << 20), "max_running": (1, 1 << 16), "max_waiting": (1, 1 << 20),
             "max_model_len": (0, 1 << 20), "kv_block_size": (1, 1024), "kv_blocks": (0, 1 << 24),
             "max_upload_bytes": (1, 1 << 40), "default_max_deltas": (0, 1 << 30), "torch_threads": (0, 1024),
-            "blob_cache_bytes": (0, 1 << 50),
+            "max_prompt_bytes": (0, 1 << 30), "max_archive_bytes": (1, 1 << 42), "max_uploads": (1, 4096),
+            "max_uploads_per_tenant": (1, 4096), "blob_cache_bytes": (0, 1 << 50),
         }
         for key, (lo, hi) in checks.items():
             value = getattr(self, key)
@@ -115,8 +126,13 @@ class ServerConfig:
             host, _, port = value.rpartition(":")
             if not host or not port.isdigit() or not (0 <= int(port) <= 65535):
                 raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
-        if self.grace_seconds < 0:
-            raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        for key in ("grace_seconds", "health_grace_seconds"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
+        if isinstance(self.max_archive_ratio, bool) or not isinstance(self.max_archive_ratio, (int, float)) or \
+                not 1 <= self.max_archive_ratio <= 1e6:
+            raise ConfigError(f"max_archive_ratio must be a number in [1, 1e6], got {self.max_archive_ratio!r}")
         if not isinstance(self.catalogue, str) or (
                 self.catalogue and not self.catalogue.startswith(("postgresql://", "postgres://", "postgresql+",
                                                                   "sqlite:///"))):
@@ -128,6 +144,12 @@ class ServerConfig:
         if not isinstance(self.replica_id, str) or not _REPLICA_ID_RE.fullmatch(self.replica_id or "x"):
             raise ConfigError(f"replica_id must be 1-128 characters of letters, digits, '.', '_' or '-', "
                               f"got {self.replica_id!r}")
+
+    @property
+    def prompt_bytes_limit(self) -> int:
+        """UTF-8 bytes a text prompt (or a chat's messages) may have: max_prompt_bytes, or 16 per token of the
+        resolved max_model_len (a token is rarely more than 16 bytes of text; the check is before tokenizing)."""
+        return self.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len
 
     @classmethod
     def from_dict(cls, values: dict) -> "ServerConfig":

@@ -66,4 +66,6 @@ def ensure_demo_model(data_dir: str | os.PathLike) -> tuple[Path, bool]:
         return path, False
     if path.exists():  # a half-built folder from an older, interrupted version: rebuild it
         shutil.rmtree(path)
+    for leftover in Path(data_dir).glob(f".{DEMO_DIR}-*"):  # build_demo_model's temp dir of a killed first start
+        shutil.rmtree(leftover, ignore_errors=True)
     return build_demo_model(path), True

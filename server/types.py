@@ -18,6 +18,11 @@ class FinishReason:
     ERROR = "error"
 
 
+MAX_STOP_STRINGS = 16  # each is searched in the pending text after every token: bounded, or one request stalls steps
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_new_tokens: int = 64
@@ -42,8 +47,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not (self.repetition_penalty > 0.0):
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids and {MAX_STOP_STRINGS} stop_strings, got "
+                             f"{len(self.stop_token_ids)} and {len(self.stop_strings)}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be at most {MAX_STOP_STRING_CHARS} characters each")
 
     @property
     def greedy(self) -> bool:

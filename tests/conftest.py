@@ -72,3 +72,13 @@ def moto_s3():
     server = MotoS3()
     yield server
     server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalogue_target(request, tmp_path):
+    """Where a fresh catalogue lives: a SQLite file in ``tmp_path/data``, or a new database on the session's
+    PostgreSQL (tests that take it run on both dialects)."""
+    if request.param == "sqlite":
+        (tmp_path / "data").mkdir(exist_ok=True)
+        return tmp_path / "data" / "catalogue.sqlite3"
+    return request.getfixturevalue("postgres").database()

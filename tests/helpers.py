@@ -153,9 +153,11 @@ def import_delta(path, spec, source_format: str = "auto", *, limits=None):
     import tempfile
 
     from delta_store.importer import Importer
+    from delta_store.scratch import Scratch
     from delta_store.validate import Limits
 
-    return Importer(spec, limits or Limits(), store_settings(), tempfile.gettempdir()).read(path, source_format)
+    with tempfile.TemporaryDirectory() as tmp, Scratch(tmp) as scratch:
+        return Importer(spec, limits or Limits(), store_settings(), scratch).read(path, source_format)
 
 
 def assert_nothing_stored(store, tenant) -> None:

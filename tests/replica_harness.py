@@ -150,6 +150,9 @@ class ReplicaSet:
                     delta_memory_bytes=DELTA_BUDGET, max_rank=16, max_batch_tokens=256, max_running=8, max_model_len=512,
                     max_upload_bytes=256 << 10, grace_seconds=2.0, torch_threads=1, blob_cache_bytes=64 << 20,
                     openai_listen="",  # gRPC only: every replica would want the same default HTTP port
+                    # scenarios race 3 uploads of one tenant on one replica: its quotas must decide, not the
+                    # per-tenant upload bound (2 by default; test_edge_resources tests that one)
+                    max_uploads_per_tenant=4,
                     log_level="warning")
         base.update(config)
         self.replicas = []

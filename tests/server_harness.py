@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import shlex
 import tarfile
 import tempfile
 import threading
@@ -19,7 +21,8 @@ from server.app import build_app, run
 from server.client import Client, bearer, generate_request, upload_messages
 from server.config import ServerConfig
 from server.demo import build_demo_model
-from server.pb import inference_pb2
+from server.logs import KeyValueFormatter
+from server.pb import deltas_pb2, inference_pb2
 
 MAX_UPLOAD = 256 << 10  # the test LoRAs are ~20 KB as tar.gz
 PROMPT = [3 + b for b in b"hello world"]  # byte-level tokenizer: byte b -> id 3 + b
@@ -38,7 +41,7 @@ class Served:
         values = dict(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
                       metrics_listen="127.0.0.1:0", openai_listen="127.0.0.1:0", delta_memory_bytes=DELTA_BUDGET,
                       max_rank=16, max_batch_tokens=256, max_running=8, max_model_len=512,
-                      max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0)
+                      max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0, health_grace_seconds=0.0)
         config = ServerConfig(**{**values, **overrides})
         self.model_dir = model_dir
         self.app = build_app(config)
@@ -77,6 +80,12 @@ class Served:
     def tenant(self, name: str, **quotas) -> list[tuple[str, str]]:
         _tenant, key = self.client.create_tenant(name, quotas=quotas)
         return auth(key)
+
+    def requests_counted(self, tenant: str, status: str) -> float:
+        """deltaserve_requests_total{tenant, status} as the server's registry holds it now."""
+        value = self.app.metrics.registry.get_sample_value("deltaserve_requests_total",
+                                                           {"tenant": tenant, "status": status})
+        return value or 0.0
 
     def idle(self, timeout: float = 10.0) -> None:
         """Wait until no request holds KV blocks or pins a delta (the engine finished or aborted everything)."""
@@ -166,10 +175,11 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[0, len(prompt):].tolist()
 
 
-def upload(srv, md, name: str, data: bytes, *, total: int | None = None, chunk: int = 8 << 10):
+def upload(srv, md, name: str, data: bytes, *, total: int | None = None, chunk: int = 8 << 10,
+           timeout: float | None = None):
     """UploadDelta of ``data`` in ``chunk``-byte messages; ``total`` is the header's claim (None: unset)."""
     messages = upload_messages(name, io.BytesIO(data), total_bytes=total, description="test", chunk_bytes=chunk)
-    return srv.deltas.UploadDelta(messages, metadata=md).version
+    return srv.deltas.UploadDelta(messages, metadata=md, timeout=timeout).version
 
 
 def gen_request(delta: str = "", n: int = 8, **sampling) -> inference_pb2.GenerateRequest:
@@ -185,6 +195,62 @@ def code_of(fn) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         fn()
     return info.value
+
+
+class LogLines(logging.Handler):
+    """Every ``deltaserve.*`` log line at info and above, formatted as the server writes them (key=value)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.setFormatter(KeyValueFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def __enter__(self) -> "LogLines":
+        root = logging.getLogger("deltaserve")
+        self._level = root.level
+        root.addHandler(self)
+        root.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        root = logging.getLogger("deltaserve")
+        root.removeHandler(self)
+        root.setLevel(self._level)
+
+    def events(self, event: str) -> list[dict[str, str]]:
+        """The fields of each line of ``event`` (values unquoted as the formatter quoted them)."""
+        out = []
+        for line in list(self.lines):
+            fields = dict(part.split("=", 1) for part in shlex.split(line))
+            if fields.get("event") == event:
+                out.append(fields)
+        return out
+
+
+def held_upload(srv, md, name: str, *, chunks: list[bytes] = (), labels=None, timeout: float = 30.0):
+    """An UploadDelta that sends its header (and ``chunks``) and then holds the stream open until
+    ``release()``: returns (future, release). A server that refuses early answers while it is held."""
+    gate = threading.Event()
+
+    def messages():
+        header = deltas_pb2.UploadHeader(name=name, labels=labels or {})
+        yield deltas_pb2.UploadDeltaRequest(header=header)
+        for c in chunks:
+            yield deltas_pb2.UploadDeltaRequest(chunk=c)
+        gate.wait(timeout)
+
+    return srv.deltas.UploadDelta.future(messages(), metadata=md, timeout=timeout), gate.set
+
+
+def finished_within(future, seconds: float) -> bool:
+    try:
+        future.exception(timeout=seconds)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"

@@ -65,7 +65,8 @@ def test_replicas_deployment_has_gpu_probes_drain_and_scrape_annotations(docs):
     config = tomllib.loads((KUSTOMIZE_BASE / "config.toml").read_text())
     ServerConfig.from_dict(config)  # every key is a ServerConfig field, every value in range
     assert config["blobs"].startswith("s3://") and "catalogue" not in config, "the URL with a password is a Secret"
-    assert pod["spec"]["terminationGracePeriodSeconds"] > int(sleep[1]) + config["grace_seconds"], \
+    drain = config.get("health_grace_seconds", ServerConfig().health_grace_seconds) + config["grace_seconds"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] > int(sleep[1]) + drain, \
         "the kubelet must not SIGKILL a replica before its drain ends"
     ann = pod["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == ports["metrics"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 import urllib.request
 
 import grpc
@@ -178,10 +179,21 @@ def test_delta_count_quota_and_rate_and_concurrency_limits(srv):
 
 # ---- deadlines and cancellation ----------------------------------------------------------------
 def test_short_deadline_is_deadline_exceeded_and_frees_the_request(srv, alice):
+    """The server ends such calls itself and counts them as deadlines, several at once too (the client's own
+    deadline fires first under load when the server waits for it: those were counted 'cancelled')."""
     md, _, _ = alice
-    err = code_of(lambda: list(srv.inference.Generate(gen_request("style", n=400), metadata=md, timeout=0.3)))
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    before = {s: srv.requests_counted("alice", s) for s in ("deadline_exceeded", "cancelled")}
+    calls = [srv.inference.Generate(gen_request("style", n=400), metadata=md, timeout=0.3) for _ in range(4)]
+    for call in calls:
+        err = code_of(lambda: list(call))
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     srv.idle()
+    deadline = time.monotonic() + 5  # the handler counts the call in its finally, after the status went out
+    while srv.requests_counted("alice", "deadline_exceeded") < before["deadline_exceeded"] + 4 and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.requests_counted("alice", "deadline_exceeded") == before["deadline_exceeded"] + 4
+    assert srv.requests_counted("alice", "cancelled") == before["cancelled"]
 
 
 def test_cancel_mid_stream_frees_kv_blocks_and_delta_pin(srv, alice):

@@ -3,6 +3,7 @@ not, a delta as ``model``, equal to the gRPC path's output; every error status w
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 
 import openai
@@ -209,3 +210,68 @@ def _requests(srv, tenant) -> float:
     text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("deltaserve_requests_total{") and f'tenant="{tenant}"' in line)
+
+
+def test_prompts_and_bodies_are_bounded_before_any_work(srv, bob):
+    """Issue 15 on this front: a prompt (or a chat's contents) past max_prompt_bytes is a 400 naming the bound,
+    decided before tokenizing or rendering; a body past 4 MiB is refused, announced or chunked."""
+    from server.edge.openai_http import MAX_BODY_BYTES
+
+    md, key = bob
+    base, limit = srv.app.model_name, srv.app.config.prompt_bytes_limit
+    client = openai_client(srv, key)
+    err, body = _error(lambda: client.completions.create(model=base, prompt="a" * (limit + 1)), openai.BadRequestError)
+    assert "max_prompt_bytes" in body["message"] and str(limit) in body["message"], body
+    halves = [{"role": "user", "content": "é" * (limit // 4 + 1)}] * 2  # each under, both over the bound
+    err, body = _error(lambda: client.chat.completions.create(model=base, messages=halves), openai.BadRequestError)
+    assert "chat messages" in body["message"] and "max_prompt_bytes" in body["message"], body
+    # a body announced past the bound is refused before a byte of it is read (the client is still sending it)
+    host, port = srv.openai_url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n{{".encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            part = sock.recv(65536)
+            if not part:
+                break
+            reply += part
+    assert reply.startswith(b"HTTP/1.1 400") and f"larger than {MAX_BODY_BYTES} bytes".encode() in reply, reply[:300]
+
+
+def test_a_chunked_body_is_read_only_up_to_the_bound():
+    """Without a length, reading stops at the first chunk past MAX_BODY_BYTES (never the whole body)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from delta_store.errors import InvalidArgument
+    from server.edge import openai_http, openai_schema
+
+    chunk, sent = b"x" * (1 << 20), []
+
+    async def receive():
+        sent.append(len(chunk))
+        return {"type": "http.request", "body": chunk, "more_body": len(sent) < 64}  # 64 MiB offered
+
+    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/v1/completions"}, receive)
+    with pytest.raises(InvalidArgument, match="larger than"):
+        asyncio.run(openai_http._body(request, openai_schema.CompletionRequest))
+    assert sum(sent) <= openai_http.MAX_BODY_BYTES + len(chunk)
+
+
+def test_health_is_503_from_the_sigterm_while_generations_are_still_served(srv, bob):
+    """During the drain's health grace (App.draining, before the front stops) /health tells the load balancer
+    to go away, and calls already routed here are still answered."""
+    _, key = bob
+    health = srv.openai_url.removesuffix("/v1") + "/health"
+    srv.app.draining = True
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(health, timeout=10)
+        assert info.value.code == 503
+        reply = openai_client(srv, key).completions.create(model=srv.app.model_name, prompt="x", max_tokens=2)
+        assert reply.usage.completion_tokens >= 1
+    finally:
+        srv.app.draining = False
+    assert urllib.request.urlopen(health, timeout=10).status == 200

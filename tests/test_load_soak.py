@@ -1,6 +1,7 @@
 """The soak test in the suite: ``benchmarks/soak.py`` for a short, bounded time against a real server
-on loopback (its own process), and it must pass: every request ended with an allowed status, the
-server settled back to its baseline (KV blocks, delta pins, memory), every listed delta verifies, and
+on loopback (its own process), and it must pass: every request ended with an allowed status (the abusive
+ones of load/abuse.py too: maximal prompts, zip bombs, cancelled and over-quota uploads, upload bursts),
+the server settled back to its baseline (KV blocks, delta pins, memory, disk), every listed delta verifies, and
 SIGTERM drained cleanly. About a minute on 2 cores: server start ~20 s, warm-up 4 s, soak 20 s."""
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ BOUND_S = 420  # server start on a busy 2-core box + warm-up + soak + verificati
 def test_soak_passes_for_a_short_bounded_run(tmp_path):
     env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path), "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--duration", str(SOAK_S),
-                           "--rate", "4", "--upload-every", "1.0", "--max-live", "3"],
+                           "--rate", "4", "--upload-every", "1.0", "--max-live", "3", "--abuse-every", "1.0"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=BOUND_S)
     out = proc.stdout.strip().splitlines()
     tail = "\n".join(out[-5:] + proc.stderr.strip().splitlines()[-15:])
@@ -29,8 +30,10 @@ def test_soak_passes_for_a_short_bounded_run(tmp_path):
     assert out and out[-1].startswith("summary: result=pass "), f"last line is not a passing summary:\n{tail}"
     summary = dict(kv.split("=", 1) for kv in out[-1].removeprefix("summary: ").split())
     # the run exercised what it claims to: completions, cancellations, deadlines, churn, verification
-    for key in ("ok", "cancelled", "deadline_exceeded", "uploads", "deletes", "verified_deltas"):
+    for key in ("ok", "cancelled", "deadline_exceeded", "uploads", "deletes", "verified_deltas", "big_prompts",
+                "zip_bombs", "garbage_uploads", "upload_cancels", "over_quota", "upload_bursts"):
         assert int(summary[key]) > 0, f"soak exercised no {key}: {out[-1]}"
+    assert summary["tmp_entries_end"] == "0" and summary["orphan_blobs_end"] == "0"
     rows = [json.loads(line) for f in tmp_path.glob("soak-*.jsonl") for line in f.read_text().splitlines()]
     verdict = [r for r in rows if r.get("phase") == "verdict"]
     assert verdict and verdict[-1]["verdict"] == "pass", verdict

@@ -1,5 +1,7 @@
-"""The committed stubs in server/pb/ are exactly what protos/build.py generates from protos/."""
+"""The committed stubs in server/pb/ are exactly what protos/build.py generates from protos/, and the limits
+the protos document are the ones the server enforces."""
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -43,3 +45,23 @@ def test_stubs_import_relative_and_expose_services():
     assert hasattr(deltas_pb2_grpc, "DeltasServicer") and hasattr(tenants_pb2_grpc, "TenantsServicer")
     # relative imports: the generated package never needs a top-level `deltaserve` module
     assert "deltaserve.v1" not in sys.modules
+
+
+def test_documented_limits_are_the_enforced_ones():
+    from delta_store.importer import LABEL_KEY_CHARS, LABEL_VALUE_CHARS
+    from server.edge.generation import MAX_REQUEST_ID_CHARS
+    from server.types import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+    from tests.helpers import store_settings
+
+    deltas = " ".join((ROOT / "protos" / "deltaserve" / "v1" / "deltas.proto").read_text().split())
+    labels = re.search(r"labels kept with the version: at most (\d+) pairs, keys of 1-(\d+) characters, /// values "
+                       r"of at most (\d+) characters", deltas)
+    settings = store_settings()
+    assert labels and tuple(map(int, labels.groups())) == (settings.max_labels, LABEL_KEY_CHARS, LABEL_VALUE_CHARS)
+    description = re.search(r"Free text kept with the version, at most (\d+) characters", deltas)
+    assert description and int(description.group(1)) == settings.max_description
+    inference = " ".join((ROOT / "protos" / "deltaserve" / "v1" / "inference.proto").read_text().split())
+    stops = re.search(r"token is included in token_ids, not in text\); /// at most (\d+)\..*?these strings; at most "
+                      r"(\d+), of at most (\d+) /// characters", inference)
+    assert stops and tuple(map(int, stops.groups())) == (MAX_STOP_TOKEN_IDS, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS)
+    assert f"(at most {MAX_REQUEST_ID_CHARS} characters)" in inference

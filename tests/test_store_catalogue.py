@@ -1,5 +1,6 @@
 """Catalogue and tenants: keys stored as hashes, versions and ``name@N``, isolation, paging, usage, deletes;
-schema revisions. Each store test runs on SQLite and on PostgreSQL (a real server, tests/services.py)."""
+schema revisions. Each store test runs on SQLite and on PostgreSQL (a real server, tests/services.py;
+the ``catalogue_target`` fixture of conftest.py)."""
 from __future__ import annotations
 
 import sqlite3
@@ -21,15 +22,6 @@ from tests.helpers import random_delta, store_settings, tenant_quotas, tiny_llam
 @pytest.fixture(scope="module")
 def spec():
     return BaseSpec.from_model(tiny_llama(seed=4))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def catalogue_target(request, tmp_path):
-    """Where a fresh catalogue lives: a SQLite file, or a new database on the session's PostgreSQL."""
-    if request.param == "sqlite":
-        (tmp_path / "data").mkdir()
-        return tmp_path / "data" / "catalogue.sqlite3"
-    return request.getfixturevalue("postgres").database()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Durability: corrupt blobs refused, leftovers swept at start-up, SIGKILL at many random points
+"""Durability: corrupt blobs refused, leftovers swept at start-up (by owner lock, not by pid), SIGKILL at many random points
 leaves a consistent store, and parallel writers/readers (threads and processes) lose nothing.
 
 Child processes are forked (not spawned): a spawned child would re-import torch and transformers
@@ -19,6 +19,7 @@ import pytest
 from delta_store import BaseSpec, DeltaStore
 from delta_store.errors import CorruptBlob
 from delta_store.native import digest_bytes, dump_native
+from delta_store.scratch import Scratch
 from delta_store.validate import Limits
 from tests.helpers import random_delta, store_settings, tiny_llama
 
@@ -92,20 +93,24 @@ def test_startup_sweeps_temp_files_upload_dirs_and_orphans(tmp_path, spec, paylo
         kept = store.put(t, "qa", payloads[0])
         orphan = digest_bytes(b"orphan")
         store.blobs.put(orphan, b"orphan")
+        dead_owner = store.scratch.owner
     dead = FORK.Process(target=os._exit, args=(0,))
     dead.start()
     dead.join()
     shard = tmp_path / "blobs" / kept.digest[:2]
-    stale_tmp = shard / f".{kept.digest}.tmp-{dead.pid}-abcdef"
-    live_tmp = shard / f".{kept.digest}.tmp-{os.getpid()}-abcdef"  # a live writer's file stays
-    stale_tmp.write_bytes(b"half")
-    live_tmp.write_bytes(b"half")
+    live = Scratch(tmp_path)  # another writer on this data dir, alive: its temp file stays
+    stale_tmps = [shard / f".{kept.digest}.tmp-{dead.pid}-abcdef", shard / f".{kept.digest}.tmp-{dead_owner}-abcdef",
+                  shard / f".{kept.digest}.tmp-{os.getpid()}-abcdef"]  # a pid is no proof of life (pid reuse)
+    live_tmp = shard / f".{kept.digest}.tmp-{live.owner}-abcdef"
+    for p in stale_tmps + [live_tmp]:
+        p.write_bytes(b"half")
     (tmp_path / "tmp" / f"upload-{dead.pid}-abc123").mkdir()
     with DeltaStore.open(tmp_path, spec, LIMITS, store_settings(orphan_grace_s=3600)) as store:
-        assert not stale_tmp.exists() and live_tmp.exists()
+        assert not any(p.exists() for p in stale_tmps) and live_tmp.exists()
         assert store.blobs.exists(orphan), "young orphan kept: its writer may be about to commit"
         assert list((tmp_path / "tmp").iterdir()) == []
     live_tmp.unlink()
+    live.close()
     with DeltaStore.open(tmp_path, spec, LIMITS, store_settings(orphan_grace_s=0)) as store:
         assert not store.blobs.exists(orphan) and store.blobs.exists(kept.digest)
         check_consistent(store, t.id)

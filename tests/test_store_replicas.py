@@ -248,3 +248,43 @@ def test_sigkilled_writers_leave_catalogue_and_bucket_consistent(tmp_path, spec,
             for (name, version), digest in expected.items():
                 assert store.resolve(tenant_id, f"{name}@{version}").digest == digest
     assert puts_logged(log_path) >= 4, "the writers did no real work; the test proved little"
+
+
+def _put_and_die_before_commit(url, bucket, endpoint, root, spec, tenant_id, payload):
+    store = DeltaStore(root, spec, LIMITS, store_settings(),
+                       blobs=S3Blobs(bucket, "deltas/", client=MotoS3.client_for(endpoint)), catalogue=Catalogue(url))
+
+    def die(*args, **kwargs):
+        os._exit(9)  # the blob is in the bucket, its row never commits
+
+    store.catalogue.add_version = die
+    store.put(tenant_id, "half", payload)
+
+
+def test_a_dead_writers_blob_in_the_bucket_is_collected_when_its_replica_restarts(tmp_path, spec, payloads, postgres,
+                                                                                   moto_s3):
+    """The scratch markers work with S3 blobs too: the replica's own data dir says which blob its dead
+    writer left uncommitted, so the restart removes it at once (not after orphan_grace_s) and leaves no
+    scratch file; another replica's blobs are not touched."""
+    url, bucket = postgres.database(), moto_s3.bucket()
+
+    def open_store(root):
+        blobs = S3Blobs(bucket, "deltas/", client=moto_s3.client())
+        return DeltaStore(root, spec, LIMITS, store_settings(orphan_grace_s=3600), blobs=blobs,
+                          catalogue=Catalogue(url))
+
+    with open_store(tmp_path / "other") as other:
+        tenant_id = other.tenants.create("t")[0].id
+        kept = other.put(tenant_id, "kept", payloads[0])
+    root = tmp_path / "replica"
+    child = FORK.Process(target=_put_and_die_before_commit,
+                         args=(url, bucket, moto_s3.endpoint, root, spec, tenant_id, payloads[1]))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 9
+    with open_store(tmp_path / "probe") as probe:  # another replica's start leaves a young orphan alone
+        assert len(set(probe.blobs.iter())) == 2
+    with open_store(root) as store:
+        assert set(store.blobs.iter()) == {kept.digest}, "the dead writer's blob waited for orphan_grace_s"
+        assert [p for p in (root / "tmp").iterdir()] == []
+        assert store.resolve(tenant_id, "kept").digest == kept.digest

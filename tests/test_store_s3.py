@@ -114,8 +114,8 @@ def test_dead_writers_multipart_uploads_are_aborted_after_the_grace(s3):
     s3.client.create_multipart_upload(Bucket=s3.bucket, Key="elsewhere/" + digest)  # not ours: kept
     # moto reports every upload as initiated in 2010: the grace is measured from what the store says
     initiated = s3.client.list_multipart_uploads(Bucket=s3.bucket)["Uploads"][0]["Initiated"].timestamp()
-    assert s3.remove_temp(time.time() - initiated + 3600) == 0, "a young upload's writer may still be sending parts"
-    assert s3.remove_temp(0) == 1
+    assert s3.abort_stale_uploads(time.time() - initiated + 3600) == 0, "a young upload's writer may still be sending parts"
+    assert s3.abort_stale_uploads(0) == 1
     left = s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
     assert [u["Key"] for u in left] == ["elsewhere/" + digest]
 

@@ -1,6 +1,8 @@
 """The soak's mixed load and its invariants: Poisson Generate calls of five behaviours (plain, base,
-client-cancelled, deadline too short, deleted delta) beside a churn of uploads and deletes, and the
-checks run afterwards (allowed statuses, server settled, deltas listed and served, memory).
+client-cancelled, deadline too short, deleted delta) beside a churn of uploads and deletes and the abusive
+attempts of ``abuse.py`` (maximal prompts, zip bombs, garbage, cancelled and over-quota uploads, upload
+bursts), and the checks run afterwards (allowed statuses, server settled, deltas listed and served,
+memory, disk: no scratch file, no orphan or missing blob, the data dir grown only by the live blobs).
 
 ``benchmarks/soak.py`` drives it; the settings dataclass is the one place its defaults live.
 """
@@ -8,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
 
 from server.client import AsyncClient
 
+from .abuse import Abuser
 from .prom import Scrape, scrape
 from .record import Record, timed_generate
 from .server_proc import ServerProcess
@@ -54,11 +59,15 @@ class SoakSettings:
     settle_timeout_s: float = 30.0
     rss_tolerance_frac: float = 0.10
     rss_tolerance_mb: float = 64.0
+    abuse_every_s: float = 2.0  # seconds between abusive attempts (0: none)
+    disk_slack_mb: float = 16.0  # data-dir growth allowed beyond the live blobs' (catalogue rows, WAL)
     seed: int = 0
     # 8 MiB of delta memory: the largest recipe (rank-64 LoRA on every projection of the demo model, 4.7 MB) fits,
     # about four average deltas do, so deltas are evicted and reloaded all along
     server: dict = field(default_factory=lambda: {"delta_memory_bytes": 8 << 20, "max_bottleneck": 64,
-                                                  "kv_blocks": 512, "grace_seconds": 5.0})
+                                                  "kv_blocks": 512, "grace_seconds": 5.0,
+                                                  "health_grace_seconds": 1.0, "max_uploads": 8,
+                                                  "max_uploads_per_tenant": 2})
 
     def __post_init__(self) -> None:
         if not (0 < self.duration_s <= 24 * 3600):
@@ -84,13 +93,16 @@ class LiveDelta:
 
 
 class Soak:
-    def __init__(self, s: SoakSettings, server: ServerProcess, keys: list[str], payloads: dict, results: Results):
+    def __init__(self, s: SoakSettings, server: ServerProcess, keys: list[str], payloads: dict, results: Results,
+                 abuser: Abuser | None = None):
         self.s, self.server, self.keys, self.payloads, self.results = s, server, keys, payloads, results
+        self.abuser = abuser
         self.rng = random.Random(s.seed)
         self.deltas: list[LiveDelta] = []
         self.records: list[tuple[str, Record, LiveDelta | None]] = []
         self.uploads = self.deletes = 0
         self.counter = 0
+        self.cancels = 0  # cancel-behaviour requests planned (they alternate clock and mid-stream cancels)
         self.t0 = 0.0  # perf_counter at the start of the current load; record times are relative to it
         self.proc = psutil.Process(server.pid)
 
@@ -142,7 +154,15 @@ class Soak:
                              prompt=[rng.randrange(3, 259) for _ in range(s.prompt_len.sample(rng))],
                              max_new_tokens=n_out, seed=rng.randrange(1 << 31))
         if behaviour == "cancel":
-            req.cancel_after_s = rng.uniform(0.02, 1.0)
+            # Every other one by the clock (some land while queued or before the first token; a fast server
+            # often finishes first: a 20 s run once saw no cancel at all), the others once some tokens
+            # streamed: sure to cut the stream in the middle, whatever the load.
+            self.cancels += 1
+            if self.cancels % 2:
+                req.cancel_after_s = rng.uniform(0.02, 1.0)
+            else:
+                req.max_new_tokens = max(req.max_new_tokens, 4)
+                req.cancel_after_tokens = rng.randrange(1, req.max_new_tokens)
         elif behaviour == "deadline":
             req.max_new_tokens = s.output_len.hi  # long enough that most deadlines expire mid-stream
             req.timeout_s = rng.uniform(0.05, 0.6)
@@ -154,6 +174,7 @@ class Soak:
         t0 = self.t0 = time.perf_counter()
         until = t0 + duration_s
         churn = asyncio.create_task(self.churn(c, until))
+        abuse = asyncio.create_task(self.abuser.run(c, until)) if self.abuser and self.s.abuse_every_s else None
         tasks, sent = [], 0
         behaviours, weights = zip(*self.s.mix.items())
         next_at = t0
@@ -168,6 +189,8 @@ class Soak:
                 timed_generate(c.with_key(self.keys[req.tenant]), req, t0, hard_timeout_s=self.s.hard_timeout_s))))
             sent += 1
         await churn
+        if abuse is not None:
+            await abuse
         for behaviour, target, task in tasks:
             self.records.append((behaviour, await task, target))
         return sent
@@ -188,7 +211,26 @@ class Soak:
                                                                         or rec.finish != "length"):
                 raise Violation(f"request {rec.index} ({behaviour}) ended OK with {rec.tokens}/{rec.max_new_tokens} "
                                 f"tokens, finish {rec.finish!r} (ignore_eos: expected all, 'length')")
+        if self.abuser is not None:
+            bad = self.abuser.violations()
+            if bad:
+                raise Violation(f"abusive attempt: {bad[0]} ({len(bad)} in all)")
+            outcomes.update({f"abuse:{k}": v for k, v in self.abuser.counts().items()})
         return outcomes
+
+    def disk(self) -> dict:
+        """The data dir as the server left it: scratch entries, blobs against the catalogue's digests, bytes."""
+        data = Path(self.server.data_dir)
+        blobs = {p.name: p.stat().st_size for p in (data / "blobs").glob("*/*") if p.is_file()}
+        conn = sqlite3.connect(f"file:{data / 'catalogue.sqlite3'}?mode=ro", uri=True)
+        try:
+            referenced = {r[0] for r in conn.execute("SELECT DISTINCT digest FROM versions")}
+        finally:
+            conn.close()
+        total = sum(p.stat().st_size for p in data.rglob("*") if p.is_file())
+        return {"tmp_entries": sum(1 for _ in (data / "tmp").iterdir()), "blob_files": len(blobs),
+                "blob_mb": sum(blobs.values()) / 2**20, "orphan_blobs": len(set(blobs) - referenced),
+                "missing_blobs": len(referenced - set(blobs)), "data_mb": total / 2**20}
 
     def gauges(self, m: Scrape) -> dict:
         return {"in_flight": m.value("deltaserve_requests_in_flight"), "running": m.value("deltaserve_scheduler_running"),
@@ -203,12 +245,14 @@ class Soak:
         return self.proc.memory_info().rss / 2**20
 
     async def settle(self) -> dict:
-        """Wait (bounded) until nothing is in flight, running or waiting; return the gauges."""
+        """Wait (bounded) until nothing is in flight, running or waiting; return the gauges and the disk."""
         deadline = time.monotonic() + self.s.settle_timeout_s
         while True:
             g = self.gauges(await asyncio.to_thread(scrape, self.server.metrics_url))
             if g["in_flight"] == 0 and g["running"] == 0 and g["waiting"] == 0 and g["pinned"] == 0:
-                return g
+                g.update(await asyncio.to_thread(self.disk))
+                if g["tmp_entries"] == 0 or time.monotonic() > deadline:  # uploads cut by a client end their work
+                    return g
             if time.monotonic() > deadline:
                 raise Violation(f"server did not settle within {self.s.settle_timeout_s:.0f} s after the load: {g}")
             await asyncio.sleep(0.25)
@@ -232,10 +276,22 @@ class Soak:
         if end["rss_mb"] > limit:
             raise Violation(f"server RSS {end['rss_mb']:.0f} MB after the soak, baseline {base['rss_mb']:.0f} MB "
                             f"(limit {limit:.0f} MB)")
+        for state, when in ((base, "at the baseline"), (end, "after the soak")):
+            if state["tmp_entries"] or state["orphan_blobs"] or state["missing_blobs"]:
+                raise Violation(f"data dir {when}: {state['tmp_entries']} scratch entries, {state['orphan_blobs']} "
+                                f"orphan and {state['missing_blobs']} missing blobs")
+        grown = (end["data_mb"] - base["data_mb"]) - (end["blob_mb"] - base["blob_mb"])
+        if grown > self.s.disk_slack_mb:
+            raise Violation(f"data dir grew {grown:.1f} MB beyond its live blobs (limit {self.s.disk_slack_mb} MB)")
         return limit
 
     async def verify_deltas(self, c: AsyncClient) -> int:
         checked = 0
+        if self.abuser is not None:  # refused, cancelled and deleted attempts stored nothing
+            for key in (self.abuser.abuse_key, self.abuser.tight_key):
+                left = [d.name for d in await c.with_key(key).list_deltas()]
+                if left:
+                    raise Violation(f"abusive uploads left deltas behind: {left[:5]}")
         for tenant in range(self.s.tenants):
             tc = c.with_key(self.keys[tenant])
             listed = {d.name: d for d in await tc.list_deltas(page_size=3)}  # small pages exercise paging

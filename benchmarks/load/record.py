@@ -73,14 +73,17 @@ async def timed_generate(client: AsyncClient, req: PlannedRequest, t0: float, *,
     call = client.generate(req.prompt, delta=req.delta, request_id=f"load-{req.index}-{req.seed}",
                            timeout=req.timeout_s if req.timeout_s is not None else hard_timeout_s,
                            max_new_tokens=req.max_new_tokens, temperature=1.0, seed=req.seed, ignore_eos=True)
+
+    def cancel() -> None:
+        rec.cancelled_by_client = True
+        call.cancel()
+
     canceller = None
     if req.cancel_after_s is not None:
-        def cancel() -> None:
-            rec.cancelled_by_client = True
-            call.cancel()
         canceller = asyncio.get_running_loop().call_later(req.cancel_after_s, cancel)
     try:
-        await asyncio.wait_for(_consume(call, rec, t0), timeout=hard_timeout_s + 5.0)
+        await asyncio.wait_for(_consume(call, rec, t0, req.cancel_after_tokens, cancel),
+                               timeout=hard_timeout_s + 5.0)
     except asyncio.TimeoutError:
         call.cancel()
         rec.status, rec.detail = "HANG", f"no end of stream within {hard_timeout_s + 5.0:.0f} s"
@@ -100,7 +103,7 @@ async def timed_generate(client: AsyncClient, req: PlannedRequest, t0: float, *,
     return rec
 
 
-async def _consume(call, rec: Record, t0: float) -> None:
+async def _consume(call, rec: Record, t0: float, cancel_after_tokens: int | None = None, cancel=None) -> None:
     async for chunk in call:
         now = time.perf_counter() - t0
         if chunk.token_ids and rec.first is None:
@@ -112,3 +115,5 @@ async def _consume(call, rec: Record, t0: float) -> None:
             rec.server_ttft = chunk.timings.ttft_seconds
             rec.server_total = chunk.timings.total_seconds
             rec.server_queue = chunk.timings.queue_seconds
+        elif cancel_after_tokens is not None and rec.tokens >= cancel_after_tokens:
+            cancel()  # the stream raises CancelledError at its next read

@@ -5,7 +5,7 @@
 
 It runs ``python -m server serve --config <data_dir>/server.json`` with both ports 0 (the OS picks
 free ones) and reads the bound ports from the two lines the server announces on stdout. Stop is
-SIGTERM, then the server's own drain; a server that outlives ``grace_seconds`` + 30 s is killed and
+SIGTERM, then the server's own drain; a server that outlives its two graces + 30 s is killed and
 that is reported.
 """
 from __future__ import annotations
@@ -131,7 +131,11 @@ class ServerProcess:
             return 0
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            grace = float(self.settings.get("grace_seconds", 10.0))
+            from server.config import ServerConfig  # plain dataclass: no torch
+
+            defaults = ServerConfig()
+            grace = float(self.settings.get("grace_seconds", defaults.grace_seconds)) + \
+                float(self.settings.get("health_grace_seconds", defaults.health_grace_seconds))
             try:
                 self.proc.wait(timeout_s if timeout_s is not None else grace + 30.0)
             except subprocess.TimeoutExpired:

@@ -106,6 +106,7 @@ class PlannedRequest:
     seed: int
     timeout_s: float | None = None  # gRPC deadline; None = the driver's bound
     cancel_after_s: float | None = None  # the client cancels the call after this long
+    cancel_after_tokens: int | None = None  # ... or once this many tokens streamed (mid-stream for sure)
 
 
 def expected_cold(cfg: WorkloadConfig) -> int:
@@ -163,4 +164,4 @@ def make_plan(cfg: WorkloadConfig, warm: list[DeltaRef], cold: list[DeltaRef] = 
 def as_base(plan: list[PlannedRequest]) -> list[PlannedRequest]:
     """The same arrivals, prompts and lengths against the base model alone (the in-run baseline)."""
     return [PlannedRequest(p.index, p.at, p.tenant, "", "base", False, p.prompt, p.max_new_tokens, p.seed,
-                           p.timeout_s, p.cancel_after_s) for p in plan]
+                           p.timeout_s, p.cancel_after_s, p.cancel_after_tokens) for p in plan]

@@ -2,16 +2,22 @@
 to the caller's namespace: the store resolves names inside the caller's tenant only, so another
 tenant's delta is NOT_FOUND exactly like a missing one (no enumeration).
 
-Uploads are spooled to a temp file under ``<data_dir>/tmp`` while the bytes are counted; past
-``ServerConfig.max_upload_bytes`` (or the header's ``total_bytes``) the call fails at once with
-INVALID_ARGUMENT, before anything reaches the store. Only a complete payload goes to ``store.put``,
-which converts and validates it and writes the version atomically (DESIGN D7).
+An upload is bounded before its payload is read: the header's name, description and labels and the
+tenant's quotas are checked first (``store.check_upload``), and the upload takes a slot of
+``app.uploads`` (at most ``max_uploads`` at once, ``max_uploads_per_tenant`` per tenant; past either,
+RESOURCE_EXHAUSTED with a retry hint). The payload is then spooled to a scratch file of the store
+(``store.scratch``: swept after any crash) while the bytes are counted; past ``max_upload_bytes`` (or
+the header's ``total_bytes``) the call fails at once with INVALID_ARGUMENT. Only a complete payload
+goes to ``store.put``, on the app's upload threads (``app.upload_pool``, so conversions never starve the
+threads every other call uses), which converts and validates it and writes the version atomically
+(DESIGN D7). The slot is held until that thread is done, even when the client gave up first; a client
+that cancels after its whole payload arrived may still find the version stored. Refusals name the
+payload "upload", never the server's scratch files; every failed upload is logged at info.
 """
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
+import functools
 import time
 from pathlib import Path
 
@@ -41,7 +47,7 @@ def version_to_pb(v) -> deltas_pb2.DeltaVersion:
     return deltas_pb2.DeltaVersion(
         name=v.name, version=v.version, digest=v.digest, kinds=[KIND_TO_PB[k] for k in v.kinds if k in KIND_TO_PB],
         source_format=FORMAT_TO_PB.get(v.source_format, common_pb2.SOURCE_FORMAT_NATIVE), size_bytes=v.size,
-        num_parameters=getattr(v, "num_parameters", 0), max_rank=v.max_rank, created_unix_ms=int(v.created * 1000),
+        num_parameters=v.num_parameters, max_rank=v.max_rank, created_unix_ms=int(v.created * 1000),
         description=v.description, labels=v.labels)
 
 
@@ -64,7 +70,7 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
     async def _spool(self, requests, path: Path, limit: int, declared: int | None) -> int:
         """Write the chunks to ``path``, counting bytes; raise as soon as the limit is passed."""
         received = 0
-        with open(path, "wb") as f:
+        with open(path, "xb") as f:
             async for msg in requests:
                 if msg.WhichOneof("part") != "chunk":
                     raise InvalidArgument("upload: only the first message may be a header; later ones carry chunks")
@@ -80,8 +86,8 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
             raise InvalidArgument("upload: empty payload")
         return received
 
-    async def UploadDelta(self, request_iterator, context):
-        tenant = await self._tenant(context)
+    async def _header(self, request_iterator, tenant, context):
+        """The upload's header, checked with everything known before the payload: (header, format, labels)."""
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("upload: the first message must carry the header (name, source_format, ...)")
@@ -92,32 +98,56 @@ class DeltasServicer(deltas_pb2_grpc.DeltasServicer):
         if fmt is None:
             raise InvalidArgument(f"upload: unknown source_format {header.source_format}")
         limit = self.app.config.max_upload_bytes
-        declared = header.total_bytes if header.HasField("total_bytes") else None
-        if declared is not None and declared > limit:
-            raise InvalidArgument(f"upload: announced total_bytes={declared} exceeds the size limit of {limit} bytes")
-        spool_dir = Path(self.app.config.data_dir) / "tmp"
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".payload", dir=spool_dir)
-        os.close(fd)
-        path, received, status, version = Path(name), 0, "ok", None
+        if header.HasField("total_bytes") and header.total_bytes > limit:
+            raise InvalidArgument(f"upload: announced total_bytes={header.total_bytes} exceeds the size limit of "
+                                  f"{limit} bytes")
+        max_labels = self.app.store.settings.max_labels
+        if len(header.labels) > max_labels:  # before copying the map
+            raise InvalidArgument(f"labels must be a mapping of at most {max_labels} pairs")
+        labels = await asyncio.to_thread(self.app.store.check_upload, tenant, header.name, header.description,
+                                         dict(header.labels))
+        return header, fmt, labels
+
+    async def UploadDelta(self, request_iterator, context):
+        app = self.app
+        tenant = await self._tenant(context)
+        name, delta, status, received, lease, path, work = tenant_name(tenant), "-", "ok", 0, None, None, None
+        version, reason = None, ""
         t0 = time.monotonic()
         try:
-            received = await self._spool(request_iterator, path, limit, declared)
-            version = await asyncio.to_thread(
-                self.app.store.put, tenant, header.name, path, source_format=fmt,
-                description=header.description, labels=dict(header.labels))
-        except asyncio.CancelledError:
-            status = "cancelled"
-            raise
-        except Exception as exc:
-            status = status_of(exc)[0].name.lower()
+            header, fmt, labels = await self._header(request_iterator, tenant, context)
+            delta = header.name
+            lease = app.uploads.admit(name)
+            path = Path(app.store.scratch.path("spool", ".payload"))
+            declared = header.total_bytes if header.HasField("total_bytes") else None
+            received = await self._spool(request_iterator, path, app.config.max_upload_bytes, declared)
+            put = functools.partial(app.store.put, tenant, header.name, path, source_format=fmt,
+                                    description=header.description, labels=labels, label="upload")
+            work = asyncio.get_running_loop().run_in_executor(app.upload_pool, put)
+            version = await asyncio.shield(work)
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            status = "cancelled" if cancelled else status_of(exc)[0].name.lower()
+            reason = "the client went away" if cancelled else status_of(exc)[1]
             raise
         finally:
-            path.unlink(missing_ok=True)
-            self.app.metrics.upload_finished(tenant_name(tenant), status, received)
-            log.info("upload", tenant=tenant_name(tenant), status=status,  # one line per upload, any outcome
-                     delta=version.ref if version is not None else header.name, bytes=received,
-                     kinds=",".join(version.kinds) if version is not None else "-", seconds=time.monotonic() - t0)
+            def done(_=None):
+                if work is not None and not work.cancelled():
+                    work.exception()  # retrieved: the client that would have read it is gone
+                if path is not None:
+                    path.unlink(missing_ok=True)
+                if lease is not None:
+                    lease.release()
+            if work is None or work.done():
+                done()
+            else:  # the client gave up while the conversion runs: hold the slot (and the spool) until it ends
+                work.add_done_callback(done)
+            app.metrics.upload_finished(name, status, received)
+            fields = {"reason": reason} if reason else {}
+            log.info("upload", tenant=name, status=status,  # one line per upload, any outcome, at info
+                     delta=version.ref if version is not None else delta, bytes=received,
+                     kinds=",".join(version.kinds) if version is not None else "-", seconds=time.monotonic() - t0,
+                     **fields)
         return deltas_pb2.UploadDeltaResponse(version=version_to_pb(version))
 
     async def GetDelta(self, request, context):

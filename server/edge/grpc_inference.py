@@ -6,6 +6,8 @@ namespace (another tenant's name is NOT_FOUND) -> admit against the tenant's rat
 concurrency cap -> stream engine outputs. A deadline arms a timer that aborts the request in the
 engine (its KV blocks and slot pin are freed at once) and ends the call with DEADLINE_EXCEEDED; a
 client that cancels or disconnects cancels this handler, whose ``finally`` aborts the request too.
+Prompt bounds, off-loop tokenizing and the drain's cut are the call's (``generation.py``); the stop
+lists are bounded here before protobuf's repeated fields are copied.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import asyncio
 from delta_store.errors import InvalidArgument
 
 from ..pb import common_pb2, inference_pb2, inference_pb2_grpc
-from ..types import FinishReason, TokenOutput
+from ..types import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, FinishReason, TokenOutput
 from .errors import status_of
 from .generation import GenerationCall, Prompt
 from .routing import check_delta_header
@@ -27,8 +29,10 @@ FINISH_TO_PB = {
     FinishReason.ABORTED: common_pb2.FINISH_REASON_ABORTED,
     FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
 }
-# The client's deadline runs ahead of ours by the request's transit time, so when it gives up it
-# cancels a call we still see ~1 ms from its deadline; a cancel that close is counted as a deadline.
+# The server ends a call with a deadline itself, a margin before it (generation.deadline_margin). A cancel
+# that arrives within that margin plus this slack of the deadline is the client's deadline timer having
+# fired first anyway (the client runs ahead of us by the request's transit time, ~1 ms idle, over 50 ms on a
+# loaded 2-core machine), not a client giving up: it is counted as a deadline.
 DEADLINE_SLACK_S = 0.05
 
 
@@ -36,6 +40,10 @@ def sampling_fields(msg: inference_pb2.SamplingParams) -> dict:
     """The fields a request set (proto3 optional: HasField; 0 / empty for the others means unset)."""
     def opt(name):
         return getattr(msg, name) if msg.HasField(name) else None
+
+    if len(msg.stop_strings) > MAX_STOP_STRINGS or len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:  # before copying
+        raise InvalidArgument(f"sampling: at most {MAX_STOP_STRINGS} stop_strings and {MAX_STOP_TOKEN_IDS} "
+                              f"stop_token_ids")
 
     return {"max_new_tokens": msg.max_new_tokens or None, "temperature": opt("temperature"), "top_k": opt("top_k"),
             "top_p": opt("top_p"), "repetition_penalty": opt("repetition_penalty"), "seed": opt("seed"),
@@ -84,7 +92,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 yield output_to_pb(out, call.delta_version)
         except asyncio.CancelledError:  # the client went away, or gRPC ended the call at its deadline
             remaining = context.time_remaining()
-            status = "deadline_exceeded" if remaining is not None and remaining <= DEADLINE_SLACK_S else "cancelled"
+            near = remaining is not None and remaining <= call.margin_s + DEADLINE_SLACK_S
+            status = "deadline_exceeded" if call.expired or near else "cancelled"
             raise
         except Exception as exc:
             status = status_of(exc)[0].name.lower()

@@ -5,7 +5,7 @@
     GET  /v1/models             the base model and the caller's deltas
     GET  /v1/models/{model}     one of them
     DELETE /v1/models/{model}   delete a delta (every version, or name@N); the base model: 403
-    GET  /health                200 while the engine runs, 503 otherwise (for load balancers)
+    GET  /health                200 while the engine runs and no drain began, 503 otherwise (load balancers)
 
 ``model`` names a delta of the caller (``name`` or ``name@N``) or the base model (its served name, as
 /v1/models lists it; a delta of that name is shadowed). ``Authorization: Bearer <tenant key>``.
@@ -34,7 +34,7 @@ from delta_store.errors import InvalidArgument, NotFound, PermissionDenied, Unav
 from ..logs import get_logger
 from . import openai_schema as schema
 from .errors import http_status_of
-from .generation import GenerationCall, Prompt
+from .generation import CUT_SLACK_S, GenerationCall, Prompt
 from .routing import ReplicaHeaderASGI
 
 log = get_logger("openai")
@@ -63,9 +63,16 @@ class ModelNotFound(NotFound):
 
 
 async def _body(request: Request, kind):
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before a byte of it is read
         raise InvalidArgument(f"request body is larger than {MAX_BODY_BYTES} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked bodies have no length: stop reading at the bound
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise InvalidArgument(f"request body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         data = json.loads(raw or b"null")
     except ValueError as exc:
@@ -102,7 +109,7 @@ class OpenAIFront:
 
     # ---- routes -----------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        ok = self.app.ready() and not self.draining
+        ok = self.app.ready() and not self.draining and not self.app.draining  # 503 from the SIGTERM on
         return Response(status_code=200 if ok else 503)
 
     async def models(self, request: Request) -> Response:
@@ -255,7 +262,9 @@ class OpenAIFront:
         except OSError as exc:
             raise OSError(f"cannot listen on {listen} (openai_listen): {exc.strerror}") from None
         config = uvicorn.Config(self.starlette, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=self.app.config.grace_seconds)
+                                # the drain cuts streams at grace_seconds (App.cut_streams): let their
+                                # last event go out before uvicorn cancels what is left
+                                timeout_graceful_shutdown=self.app.config.grace_seconds + CUT_SLACK_S)
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="openai-http")
         while not self._server.started:

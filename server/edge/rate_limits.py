@@ -1,4 +1,5 @@
-"""Per-tenant rate limits and concurrency caps (DESIGN D10): token buckets, checked at admission.
+"""Per-tenant rate limits and concurrency caps (DESIGN D10): token buckets, checked at admission; and
+:class:`UploadSlots`, the bound on uploads in progress per tenant and per server.
 
 A Generate call takes one unit from the tenant's request bucket and ``prompt + max_new_tokens``
 from its token bucket, and holds one concurrency unit until it ends; tokens it did not generate
@@ -18,6 +19,8 @@ from delta_store.errors import ResourceExhausted
 # A concurrency slot frees when some running request ends; nothing predicts when, so the hint
 # is a short poll interval rather than a promise.
 CONCURRENCY_RETRY_S = 0.25
+# An upload takes about a second per 10 MB (spool, convert, fsync); a shorter hint just spins.
+UPLOAD_RETRY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,3 +149,52 @@ class RateLimiter:
         """Drop a deleted tenant's buckets."""
         with self._lock:
             self._tenants.pop(tenant, None)
+
+
+class UploadSlots:
+    """How many uploads run at once, per tenant and in all (DESIGN D10). Each upload holds disk (its spool,
+    an extraction), memory (its tensors) and a conversion thread until it ends, so past ``max_total`` or a
+    tenant's ``max_per_tenant`` a new one is refused with ResourceExhausted and a retry hint, before any
+    payload byte is read. Thread-safe; a lease is released exactly once."""
+
+    def __init__(self, max_total: int, max_per_tenant: int):
+        if max_total < 1 or max_per_tenant < 1:
+            raise ValueError(f"upload limits must be >= 1, got {max_total} and {max_per_tenant}")
+        self.max_total, self.max_per_tenant = max_total, max_per_tenant
+        self._lock = threading.Lock()
+        self._running: dict[str, int] = {}
+
+    def admit(self, tenant: str) -> "UploadLease":
+        with self._lock:
+            total = sum(self._running.values())
+            mine = self._running.get(tenant, 0)
+            if mine >= self.max_per_tenant:
+                raise ResourceExhausted(f"tenant {tenant!r}: {mine} uploads in progress, limit "
+                                        f"max_uploads_per_tenant={self.max_per_tenant}", retry_after=UPLOAD_RETRY_S)
+            if total >= self.max_total:
+                raise ResourceExhausted(f"server busy: {total} uploads in progress, limit max_uploads="
+                                        f"{self.max_total}", retry_after=UPLOAD_RETRY_S)
+            self._running[tenant] = mine + 1
+        return UploadLease(self, tenant)
+
+    def running(self, tenant: str | None = None) -> int:
+        with self._lock:
+            return sum(self._running.values()) if tenant is None else self._running.get(tenant, 0)
+
+    def _release(self, tenant: str) -> None:
+        with self._lock:
+            left = self._running.get(tenant, 0) - 1
+            if left > 0:
+                self._running[tenant] = left
+            else:
+                self._running.pop(tenant, None)
+
+
+class UploadLease:
+    def __init__(self, slots: UploadSlots, tenant: str):
+        self._slots, self._tenant, self._released = slots, tenant, False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._slots._release(self._tenant)

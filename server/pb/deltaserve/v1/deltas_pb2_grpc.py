@@ -72,8 +72,13 @@ class DeltasServicer:
         """/ Client stream: first an UploadDeltaRequest with `header`, then the payload in `chunk`
         / messages. The payload is a native or BitFit file, or a tar / tar.gz / zip of a PEFT,
         / AdapterHub or OpenDelta folder. Each upload of a name creates a new immutable version.
-        / Oversize (RESOURCE_EXHAUSTED past the tenant's quota, INVALID_ARGUMENT past the server's
-        / upload limit), truncated or malformed payloads are refused and nothing is stored.
+        / The header is checked before any payload byte is read: a bad name, description or labels are
+        / INVALID_ARGUMENT; a tenant at its delta count or byte quota, or with too many uploads in
+        / progress (the server's max_uploads_per_tenant, or max_uploads in all), is RESOURCE_EXHAUSTED
+        / (the last two with a `retry-after-ms` trailer). Oversize (RESOURCE_EXHAUSTED past the tenant's
+        / quota, INVALID_ARGUMENT past the server's upload limit or an archive expanding past its
+        / limit), truncated or malformed payloads are refused and nothing is stored. A call the client
+        / cancels after its whole payload was sent may still store the version (list to know).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
