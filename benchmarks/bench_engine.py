@@ -48,7 +48,7 @@ from server.config import ServerConfig  # noqa: E402
 from server.deltas import DeltaLinear, wrap_model  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from server.engine.model_runner import ModelRunner  # noqa: E402
-from server.deltas.slots import SlotManager  # noqa: E402
+from server.deltas.residency import Residency  # noqa: E402
 from server.engine.stats import StepStats  # noqa: E402
 from server.types import GenerationRequest, SamplingParams  # noqa: E402
 
@@ -92,18 +92,18 @@ class Bench:
         torch.set_grad_enabled(False)
         self.bare = build_model(self.device, self.dtype, args.layers)
         self.peft_base = copy.deepcopy(self.bare)
-        dm = wrap_model(self.bare, max_slots=NUM_DELTAS + 8, max_rank=32, max_bottleneck=64, max_tokens=1024)
+        dm = wrap_model(self.bare, max_slots=64, max_rank=32, max_bottleneck=64, max_tokens=1024)
         self.dm = dm
         deltas = {key(i): random_lora_delta(dm, 16, seed=i) for i in range(NUM_DELTAS)}
         deltas.update({key(s): d for s, d in zip(MIX_SLOTS, mixed_deltas(dm))})
-        self.slots = SlotManager(dm, deltas.__getitem__, num_slots=NUM_DELTAS + 8)
-        for k in deltas:  # make every delta resident before timing: this benchmark measures serving
-            while self.slots.acquire(k) is None:
-                time.sleep(0.001)
-                self.slots.install_ready()
-            self.slots.release(self.slots.slot_of(k))
+        budget = 2 * sum(dm.footprint(d) for d in deltas.values())  # every delta fits: this measures serving
+        self.slots = Residency(dm, deltas.__getitem__, budget)
+        futures = [self.slots.request(k, notify=True) for k in deltas]
+        while not all(f.done() for f in futures):  # make every delta resident before timing
+            time.sleep(0.001)
+            self.slots.step()
         self.config = ServerConfig(max_batch_tokens=512, max_running=64, max_waiting=1024, kv_block_size=16,
-                                   kv_blocks=2048, max_model_len=512, max_slots=NUM_DELTAS + 8)
+                                   kv_blocks=2048, max_model_len=512)
         self.engine = Engine(self.config, ModelRunner(dm, None, self.config), self.slots)
         self.steps: list[StepStats] = []
         self.engine.add_listener(lambda s: self.steps.append(s) if isinstance(s, StepStats) else None)
