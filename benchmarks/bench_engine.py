@@ -53,7 +53,7 @@ from server.config import ServerConfig  # noqa: E402
 from server.deltas import DeltaLinear, wrap_model  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from server.engine.model_runner import ModelRunner  # noqa: E402
-from server.deltas.slots import SlotManager  # noqa: E402
+from server.deltas.residency import Residency  # noqa: E402
 from server.engine.stats import StepStats  # noqa: E402
 from server.types import GenerationRequest, SamplingParams  # noqa: E402
 
@@ -92,14 +92,14 @@ def key(i: int) -> DeltaKey:
     return DeltaKey("bench", f"d{i}", 1, f"d{i}")
 
 
-def resident_slots(dm, deltas: dict, num_slots: int) -> SlotManager:
-    """A slot manager holding every delta of ``deltas`` before timing: these benchmarks measure serving."""
-    slots = SlotManager(dm, deltas.__getitem__, num_slots=num_slots)
-    for k in deltas:
-        while slots.acquire(k) is None:
-            time.sleep(0.001)
-            slots.install_ready()
-        slots.release(slots.slot_of(k))
+def resident_slots(dm, deltas: dict) -> Residency:
+    """The residency owner holding every delta of ``deltas`` before timing (these benchmarks measure serving)."""
+    budget = 2 * sum(dm.footprint(d) for d in deltas.values())  # every delta fits
+    slots = Residency(dm, deltas.__getitem__, budget)
+    futures = [slots.request(k, notify=True) for k in deltas]
+    while not all(f.done() for f in futures):
+        time.sleep(0.001)
+        slots.step()
     return slots
 
 
@@ -129,13 +129,13 @@ class Bench:
         torch.set_grad_enabled(False)
         self.bare = build_model(self.device, self.dtype, args.layers)
         self.peft_base = copy.deepcopy(self.bare)
-        dm = wrap_model(self.bare, max_slots=NUM_DELTAS + 8, max_rank=32, max_bottleneck=64, max_tokens=1024)
+        dm = wrap_model(self.bare, max_slots=64, max_rank=32, max_bottleneck=64, max_tokens=1024)
         self.dm = dm
         deltas = {key(i): random_lora_delta(dm, 16, seed=i) for i in range(NUM_DELTAS)}
         deltas.update({key(s): d for s, d in zip(MIX_SLOTS, mixed_deltas(dm))})
-        self.slots = resident_slots(dm, deltas, NUM_DELTAS + 8)
+        self.slots = resident_slots(dm, deltas)
         self.config = ServerConfig(max_batch_tokens=512, max_running=64, max_waiting=1024, kv_block_size=16,
-                                   kv_blocks=2048, max_model_len=512, max_slots=NUM_DELTAS + 8)
+                                   kv_blocks=2048, max_model_len=512)
         self.engine = Engine(self.config, ModelRunner(dm, None, self.config), self.slots)
         self.steps: list[StepStats] = []
         self.engine.add_listener(lambda s: self.steps.append(s) if isinstance(s, StepStats) else None)
@@ -221,9 +221,9 @@ class Bench:
                 b = torch.randn(layer.out_features, 8, generator=g) * 0.01
                 mods[path] = ModuleDelta(lora=LoraTerm(a, b, 2.0))
         deep_key = DeltaKey("bench", "deep", 1, "deep")
-        slots = resident_slots(dm, {deep_key: Delta(mods)}, 2)
+        slots = resident_slots(dm, {deep_key: Delta(mods)})
         config = ServerConfig(max_batch_tokens=512, max_running=8, max_waiting=64, kv_block_size=16, kv_blocks=64,
-                              max_model_len=512, max_slots=2)
+                              max_model_len=512)
         engine = Engine(config, ModelRunner(dm, None, config), slots)
         steps: list = []
         new_tokens = 64

@@ -14,6 +14,12 @@ layer; then the decode step on all seven projections of the CPU benchmark Llama 
 layer-level bound for the engine's target (32 distinct rank-16 deltas <= 25% extra decode time),
 a D3 check (half the slots rank 4, half rank 64, vs all rank 64) and the other kinds.
 
+The weights are pages (``kernels.LoraPages``, D13): by default 64 resident deltas' runs packed back to back in
+slot order (the layout of the fixed pools before D13, so figures compare across that change); the seven-
+projection decode step runs again with the runs in the server's rank-bucket regions with holes (``regions``)
+and with 2,000 resident deltas of which the step's 32 are scattered (``scattered2k``): the cost of paging at
+scale, where the CPU's grouped plan cuts the step's runs into clusters.
+
 DoRA (``time_dora``): its delta work is the LoRA op plus ``scale_shift_rows`` on its tokens;
 ``dora_overhead_vs_lora`` = (LoRA + column scale) / LoRA at the same rank (target <= 1.10), and
 ``dora_mixed_vs_alone`` = the column scale on a batch of 1 DoRA token among 31 plain-LoRA ones / on that
@@ -46,7 +52,8 @@ import kernels  # noqa: E402
 from benchmarks.common import Results, time_many  # noqa: E402
 from kernels import DeltaKernelMeta, MetaBuffers, cpu  # noqa: E402
 from kernels.reference import ref_add_lora  # noqa: E402
-from tests.kernel_cases import bottleneck_pools, lora_pools  # noqa: E402
+from tests.kernel_cases import (adapter_pages, bottleneck_pools, lora_pages, lora_pools, row_pages,  # noqa: E402
+                                scale_shift_pages)
 
 # (name, in, out): the seven projections of the CPU benchmark Llama (DESIGN.md: hidden 1024,
 # intermediate 2816, 16 heads, 4 KV heads -> k/v out 256); on a GPU the 4096/11008 model.
@@ -57,23 +64,24 @@ PROJ_GPU = (("q", 4096, 4096), ("k", 4096, 1024), ("v", 4096, 1024), ("o", 4096,
             ("gate", 4096, 11008), ("up", 4096, 11008), ("down", 11008, 4096))
 
 
-def loop_over_deltas(y, x, lora_a, lora_b, scale, rank, slots_long, active_host, ranks_host, scales_host):
-    """The naive baseline: one mask/gather/matmul/scatter per distinct delta (PEFT mixed batch)."""
+def loop_over_deltas(y, x, lora_a, lora_b, slots_long, active_host, ranks_host, scales_host):
+    """The naive baseline: one mask/gather/matmul/scatter per distinct delta (PEFT mixed batch), on each
+    delta's own dense A [r, in] and B [out, r] (``lora_a[s]``, ``lora_b[s]``)."""
     for s in active_host:
         rows = torch.nonzero(slots_long == s).flatten()
-        r = ranks_host[s]
-        h = x.index_select(0, rows) @ lora_a[s, :r].T
-        y.index_add_(0, rows, (h @ lora_b[s, :, :r].T) * scales_host[s])
+        h = x.index_select(0, rows) @ lora_a[s].T
+        y.index_add_(0, rows, (h @ lora_b[s].T) * scales_host[s])
 
 
 class Point:
     """One layer shape and slot map with its pools, ready to time the base, the delta and the loop."""
 
     def __init__(self, n_in, n_out, slots, ranks, *, dtype, device, max_rank=64, num_slots=64, seed=0,
-                 b_transposed=False):
+                 layout="packed"):
         self.slots = slots
         self.pools = lora_pools(num_slots, n_in, n_out, ranks, max_rank=max_rank, dtype=dtype, device=device,
-                                seed=seed, b_transposed=b_transposed)
+                                seed=seed)  # dense, for the exact reference and the loop
+        self.pages = lora_pages(self.pools, layout=layout, seed=seed)
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(len(slots), n_in, generator=g).to(device, dtype)  # [T, in]
         self.w = (torch.randn(n_out, n_in, generator=g) / n_in ** 0.5).to(device, dtype)  # [out, in]
@@ -81,24 +89,27 @@ class Point:
         self.meta = DeltaKernelMeta.build(torch.tensor(slots, dtype=torch.int32, device=device), slots)
         self.slots_long = self.meta.token_slots.long()
         self.ranks_host, self.scales_host = self.pools["rank"].tolist(), self.pools["scale"].tolist()
-        self.args = (self.pools["lora_a"], self.pools["lora_b"], self.pools["scale"], self.pools["rank"])
+        self.dense = (self.pools["lora_a"], self.pools["lora_b"], self.pools["scale"], self.pools["rank"])
+        used = sorted(set(slots) - {-1})
+        self.own = ({s: self.pools["lora_a"][s, :self.ranks_host[s]].contiguous() for s in used},
+                    {s: self.pools["lora_b"][s, :, :self.ranks_host[s]].contiguous() for s in used})
         self.device = device
 
     def base(self):
         return F.linear(self.x, self.w, out=self.y)
 
     def delta(self, op):
-        return lambda: op(self.y, self.x, *self.args, self.meta)
+        return lambda: op(self.y, self.x, self.pages, self.meta)
 
     def loop(self):
-        loop_over_deltas(self.y, self.x, *self.args, self.slots_long, self.meta.active_slots_host, self.ranks_host,
+        loop_over_deltas(self.y, self.x, *self.own, self.slots_long, self.meta.active_slots_host, self.ranks_host,
                          self.scales_host)
 
     def check(self, op) -> float:
         """Max |op - exact reference| on a fresh y (CPU fp32 runs only; the timings reuse y)."""
         y = torch.randn_like(self.y)
-        want = ref_add_lora(y, self.x, *self.args, self.slots)
-        op(y, self.x, *self.args, self.meta)
+        want = ref_add_lora(y, self.x, *self.dense, self.slots)
+        op(y, self.x, self.pages, self.meta)
         return (y.double().cpu() - want).abs().max().item()
 
 
@@ -200,14 +211,18 @@ def run_cpu(res, quick: bool) -> dict:
     r_full = time_point(res, "decode_rank_64", full, ops=ops, flops_rank=64, loop=False)
     rows["rank_mix_vs_64"] = r_mixed["cpu_ms"] / r_full["cpu_ms"]
 
-    # decode step on all seven projections: the engine's layer-level budget, with lora_b stored
-    # [S, out, R] (the contract's shape, contiguous) and [S, R, out] (a transpose view: contiguous gather)
-    for tag, bt in (("", False), ("_bT", True)):
+    # decode step on all seven projections: the engine's layer-level budget, with the runs packed (the
+    # pre-D13 pool order), in rank-bucket regions with holes, and 32 active among 2,000 resident deltas
+    many = 1000 if quick else 2000  # resident deltas of the last variant (--quick: less memory to fill)
+    for tag, layout, num_slots, active in (("", "packed", 64, list(range(32))),
+                                           ("_regions", "regions", 64, list(range(32))),
+                                           ("_scattered2k", "scattered", many, list(range(3, many, many // 32))[:32])):
         base = delta = floor = 0.0
         for proj, n_in, n_out in PROJ_CPU:
-            pt = Point(n_in, n_out, list(range(32)), [16] * 64, dtype=dt, device=dev, seed=n_out, b_transposed=bt)
+            pt = Point(n_in, n_out, active, [16] * num_slots, dtype=dt, device=dev, seed=n_out, layout=layout,
+                       num_slots=num_slots, max_rank=16)
             r = time_point(res, f"decode7{tag}_{proj}", pt, ops=ops, flops_rank=16, loop=False,
-                           extra={"b_transposed": bt})
+                           extra={"layout": layout, "resident": num_slots})
             base, delta = base + r["base_ms"], delta + r["cpu_ms"]
             floor += bytes_lora(pt) / (rows["copy_gbs"] * 1e9) * 1e3
         rows[f"decode7{tag}_overhead"] = delta / base
@@ -234,18 +249,20 @@ def time_dora(res, label, slots, hidden, dt, dev, *, lora, scale_shift) -> dict:
     all_on = torch.ones(64, dtype=torch.int32, device=dev)
     one_on = torch.zeros(64, dtype=torch.int32, device=dev)
     one_on[slots[0]] = 1
+    on_all = scale_shift_pages(scale, shift, all_on, layout="regions", seed=5)  # the server's fp32 arena layout
+    on_one = scale_shift_pages(scale, shift, one_on, layout="regions", seed=5)
     first = [i for i, s in enumerate(slots) if s == slots[0]]  # the DoRA slot's tokens, alone in a batch
     alone_meta = DeltaKernelMeta.build(torch.tensor([slots[0]] * len(first), dtype=torch.int32, device=dev))
     y_alone = pt.y[:len(first)].clone()
 
     def dora():
-        lora(pt.y, pt.x, *pt.args, pt.meta)
-        scale_shift(pt.y, scale, shift, all_on, pt.meta)
+        lora(pt.y, pt.x, pt.pages, pt.meta)
+        scale_shift(pt.y, on_all, pt.meta)
 
     times = time_many({
         "lora": pt.delta(lora), "dora": dora,
-        "rows_mixed": lambda: scale_shift(pt.y, scale, shift, one_on, pt.meta),
-        "rows_alone": lambda: scale_shift(y_alone, scale, shift, one_on, alone_meta)}, device=dev, **TIMING)
+        "rows_mixed": lambda: scale_shift(pt.y, on_one, pt.meta),
+        "rows_alone": lambda: scale_shift(y_alone, on_one, alone_meta)}, device=dev, **TIMING)
     out = {"dora_overhead_vs_lora": times["dora"]["ms"] / times["lora"]["ms"],
            "dora_mixed_vs_alone": times["rows_mixed"]["ms"] / times["rows_alone"]["ms"]}
     row = {"point": f"dora_{label}", "tokens": len(slots), "hidden": hidden, "rank": 16,
@@ -261,15 +278,14 @@ def time_kinds(res, label, slots, hidden, dt, dev) -> dict:
     x = torch.randn(len(slots), hidden, generator=g).to(dev, dt)
     w = (torch.randn(hidden, hidden, generator=g) / hidden ** 0.5).to(dev, dt)
     y = F.linear(x, w)
-    bp = bottleneck_pools(64, hidden, [16] * 64, [kernels.ACT_CODES["gelu"]] * 64, max_width=64, dtype=dt,
-                          device=dev)
-    vec = (1 + torch.rand(64, hidden, generator=g)).to(dev, dt)
+    bp = adapter_pages(bottleneck_pools(64, hidden, [16] * 64, [kernels.ACT_CODES["gelu"]] * 64, max_width=64,
+                                        dtype=dt, device=dev), layout="packed")
+    vec = row_pages((1 + torch.rand(64, hidden, generator=g)).to(dev, dt), layout="packed")
     u = y.clone()
     buffers = MetaBuffers(len(slots), 64, dev)  # the serving path: index tensors refilled in place
     times = time_many({
         "base": lambda: F.linear(x, w, out=y),
-        "bottleneck": lambda: cpu.cpu_add_bottleneck(y, u, bp["down"], bp["down_bias"], bp["up"], bp["up_bias"],
-                                                     bp["scale"], bp["width"], bp["act"], meta),
+        "bottleneck": lambda: cpu.cpu_add_bottleneck(y, u, bp, meta),
         "bitfit": lambda: cpu.cpu_add_bias(y, vec, meta),
         "ia3": lambda: cpu.cpu_mul_rows(y, vec, meta),
         "meta_build": lambda: DeltaKernelMeta.build(meta.token_slots, slots),
@@ -372,9 +388,10 @@ def main() -> None:
                     **{f"overhead_t64_k{k}": rows[f"t64_k{k}"]["cpu_overhead"] for k in (1, 8, 64)},
                     decode_overhead=rows["decode"]["cpu_overhead"],
                     decode_speedup_vs_loop=rows["decode"]["loop_ms"] / rows["decode"]["cpu_ms"],
-                    decode7_overhead=rows["decode7_overhead"], decode7_bT_overhead=rows["decode7_bT_overhead"],
+                    decode7_overhead=rows["decode7_overhead"], decode7_regions_overhead=rows["decode7_regions_overhead"],
+                    decode7_scattered2k_overhead=rows["decode7_scattered2k_overhead"],
                     copy_gbs=rows["copy_gbs"], decode_floor_ratio=rows["decode"]["floor_ratio"],
-                    decode7_floor_ratio=rows["decode7_bT_floor_ratio"],
+                    decode7_floor_ratio=rows["decode7_regions_floor_ratio"],
                     prefill_overhead=rows["prefill"]["cpu_overhead"],
                     prefill_speedup_vs_loop=rows["prefill"]["loop_ms"] / rows["prefill"]["cpu_ms"],
                     rank_mix_vs_64=rows["rank_mix_vs_64"],

@@ -48,7 +48,7 @@ from delta_store.prompt import PromptPart  # noqa: E402
 from delta_store.records import DeltaKey  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.deltas import wrap_model  # noqa: E402
-from server.deltas.slots import SlotManager  # noqa: E402
+from server.deltas.residency import Residency  # noqa: E402
 from server.engine import Engine  # noqa: E402
 from server.engine.model_runner import ModelRunner  # noqa: E402
 from server.engine.stats import StepStats  # noqa: E402
@@ -90,12 +90,14 @@ class Bench:
         spec = self.dm.spec
         self.deltas = {key(i): d for i, d in enumerate(prompt_deltas(spec, NUM_PROMPT_DELTAS, VIRTUAL_TOKENS))}
         self.deltas.update({key(NUM_PROMPT_DELTAS + i): random_lora_delta(self.dm, 16, seed=i) for i in range(NUM_LORA)})
-        self.slots = SlotManager(self.dm, self.deltas.__getitem__, num_slots=len(self.deltas))
-        for k in self.deltas:  # every delta resident before timing
-            while self.slots.acquire(k) is None:
-                time.sleep(0.001)
-                self.slots.install_ready()
-            self.slots.release(self.slots.slot_of(k))
+        budget = 2 * sum(self.dm.footprint(d) for d in self.deltas.values()) + (1 << 20)  # all of them, with room
+        self.slots = Residency(self.dm, self.deltas.__getitem__, budget)
+        futures = [self.slots.request(k, notify=True) for k in self.deltas]  # every delta resident before timing
+        while not all(f.done() for f in futures):
+            time.sleep(0.001)
+            self.slots.step()
+        for f in futures:
+            f.result()
         self.clock = time.perf_counter if self.device.type == "cuda" else time.process_time
         self.res = Results(__file__, settings=dict(
             quick=args.quick, layers=args.layers, dtype=str(self.dtype), hidden=spec.hidden_size,
@@ -104,7 +106,7 @@ class Bench:
 
     def engine(self, *, caching: bool) -> tuple[Engine, list[StepStats]]:
         config = ServerConfig(max_batch_tokens=512, max_running=64, max_waiting=1024, kv_block_size=16,
-                              kv_blocks=2048, max_model_len=1024, max_slots=len(self.deltas), prefix_caching=caching)
+                              kv_blocks=2048, max_model_len=1024, prefix_caching=caching)
         engine = Engine(config, ModelRunner(self.dm, None, config), self.slots)
         steps: list[StepStats] = []
         engine.add_listener(lambda s: steps.append(s) if isinstance(s, StepStats) else None)

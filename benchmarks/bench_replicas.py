@@ -3,7 +3,7 @@
 Three ``deltaserve serve`` replicas (subprocesses) share one PostgreSQL catalogue and one S3 bucket
 (moto's server), all on loopback, and sit behind two nginx fronts started from the shipped
 ``deploy/nginx/deltaserve.conf``: one as shipped (``hash ... consistent`` on the delta header), one
-with the hash line removed (nginx's round robin). Each replica's device memory holds ``--slots``
+with the hash line removed (nginx's round robin). Each replica's device memory holds ``--device-deltas``
 deltas; the workload is a zipf draw over ``--deltas`` distinct deltas, more than one replica holds,
 so where a request lands decides whether its delta is resident there.
 
@@ -44,7 +44,7 @@ from benchmarks.common import Results  # noqa: E402
 from server.client import REPLICA_HEADER, AsyncClient, Client  # noqa: E402
 from server.demo import build_demo_model  # noqa: E402
 from tests.replica_harness import ReplicaSet  # noqa: E402
-from tests.server_harness import peft_lora  # noqa: E402
+from tests.server_harness import peft_lora, peft_lora_footprint  # noqa: E402
 from tests.services import MotoS3, Postgres, postgres_bindir  # noqa: E402
 
 PROMPT = [3 + b for b in b"tell me"]  # the demo model's byte-level tokenizer: byte b -> id 3 + b
@@ -109,7 +109,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the CI-sized run, under 5 minutes on 2 cores")
     ap.add_argument("--replicas", type=int, default=3)
-    ap.add_argument("--slots", type=int, default=4, help="device delta slots per replica (max_slots)")
+    ap.add_argument("--device-deltas", type=int, default=4,
+                    help="deltas each replica's device memory holds (delta_memory_bytes = this x one delta's "
+                         "footprint)")
     ap.add_argument("--deltas", type=int, default=None, help="distinct deltas per phase")
     ap.add_argument("--requests", type=int, default=None, help="requests per phase")
     ap.add_argument("--zipf", type=float, default=1.0)
@@ -132,7 +134,8 @@ def main() -> None:
     replicas = None
     try:
         replicas = ReplicaSet(root / "set", model_dir, postgres, moto, n=args.replicas, round_robin_front=True,
-                              max_slots=args.slots, max_running=args.concurrency * 2)
+                              delta_memory_bytes=args.device_deltas * peft_lora_footprint(model_dir),
+                              max_running=args.concurrency * 2)
         print(f"{args.replicas} replicas up in {time.perf_counter() - t_start:.0f} s; front {replicas.front}, "
               f"round robin {replicas.round_robin.address}")
         with Client(replicas.front, replicas.admin_key, timeout=60) as admin:

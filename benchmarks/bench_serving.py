@@ -57,19 +57,12 @@ if not cuda_present():
 from common import Results  # noqa: E402
 from server.client import AsyncClient  # noqa: E402
 from load.driver import LoadDriver  # noqa: E402
+from load.models import build_model  # noqa: E402
 from load.phases import PhaseRunner  # noqa: E402
 from load.record import CALL_TIMEOUT_S, GENEROUS_QUOTAS  # noqa: E402
 from load.report import percentile  # noqa: E402
 from load.workload import OUTPUT_LEN, PROMPT_LEN, DeltaRef, LengthDist, WorkloadConfig, as_base, make_plan  # noqa: E402
 
-SHAPES = {
-    "demo": {},
-    # DESIGN "Benchmark conventions": the CPU benchmark model, and a realistic-width one for a GPU
-    "cpu": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
-                num_key_value_heads=4),
-    "gpu": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
-                num_key_value_heads=8),
-}
 POPULARITIES = ("uniform", "zipf", "hot")
 UPLOAD_CONCURRENCY = 4  # parallel UploadDelta streams: enough to overlap client and server work on 2 cores
 
@@ -90,8 +83,7 @@ class BenchSettings:
     prompt_len: LengthDist = PROMPT_LEN
     output_len: LengthDist = OUTPUT_LEN
     hard_timeout_s: float = 120.0
-    server: dict = field(default_factory=lambda: {"max_slots": 48, "max_bottleneck": 64, "kv_blocks": 4096,
-                                                  "grace_seconds": 5.0})
+    server: dict = field(default_factory=lambda: {"max_bottleneck": 64, "kv_blocks": 4096, "grace_seconds": 5.0})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -123,7 +115,7 @@ QUICK = BenchSettings()
 FULL = BenchSettings(sweep=(1, 2, 4, 8, 16, 32, 64), sat_duration_s=30.0, sat_max_requests=400, sat_repeats=3,
                      lat_duration_s=40.0, lat_max_requests=600, prompt_len=LengthDist(128, 0.8, 8, 1024),
                      output_len=LengthDist(64, 0.6, 4, 256), hard_timeout_s=600.0,
-                     server={"max_slots": 80, "grace_seconds": 10.0})
+                     server={"grace_seconds": 10.0})
 
 
 # ---- gRPC setup ---------------------------------------------------------------------------------
@@ -234,7 +226,7 @@ def parse_args(argv=None):
     p.add_argument("--api-key", help="admin API key of --server")
     p.add_argument("--metrics-url", help="Prometheus URL of --server, for the cross-check (skipped without it)")
     p.add_argument("--model", help="HF model folder the server serves (default: a random Llama of --shape)")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="demo",
+    p.add_argument("--shape", choices=("cpu", "demo", "gpu"), default="demo",
                    help="random Llama built under the data dir: demo (hidden 256, the built-in demo model), "
                         "cpu (hidden 1024, DESIGN's CPU benchmark shape), gpu (hidden 4096)")
     p.add_argument("--layers", type=int, help="decoder layers of the --shape model (default 4)")
@@ -283,13 +275,8 @@ def start_py_spy(pid: int, out: str) -> subprocess.Popen:
 def model_dir(args, data_dir: Path) -> Path:
     if args.model:
         return Path(args.model)
-    from server.demo import build_demo_model, ensure_demo_model
-
-    if args.shape == "demo" and not args.layers:
-        return ensure_demo_model(data_dir)[0]  # the server finds it there and does not rebuild it
     # the demo builder with a wider shape: same byte-level tokenizer (vocab 259), random weights, fixed seed
-    shape = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
-    return build_demo_model(data_dir / f"model-{args.shape}", **shape)
+    return build_model(data_dir, args.shape, args.layers)
 
 
 def main(argv=None) -> int:
@@ -341,7 +328,7 @@ def main(argv=None) -> int:
                                   verbose=args.verbose)
                 run.add({"phase": "setup", "group": "setup", "server_startup_s": startup, "build_s": build_s,
                          "upload": up, "recipes": {r.name: r.kind for r in warm}})
-                # warm-up: every warm delta once (host tier, device slots, code paths)
+                # warm-up: every warm delta once (host tier, device memory, code paths)
                 wplan = make_plan(s.workload(rate=50.0, popularity="uniform", num_deltas=s.warm_pool, seed=1,
                                              vocab=vocab, latency=False, max_requests=s.warm_pool), warm)
                 for req, ref in zip(wplan, warm):

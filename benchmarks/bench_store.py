@@ -7,11 +7,11 @@ Points (each a JSON line; ratios are the result, DESIGN.md "Benchmark convention
   (extract, convert, validate, serialise, hash, fsync, commit). MB/s of the native bytes.
 * ``raw_read``: the baseline: read the same blob file and ``safetensors.torch.load`` it, nothing else.
 * ``load_disk``: ``store.load`` with the host tier empty (read, sha256, parse); ``load_host``: a hit.
-* ``ready_cold`` (disk) / ``ready_warm`` (host) / ``ready_hot`` (slot): from ``slots.acquire(key)``
-  to a slot id, through the background load and ``install_ready`` (the copy into the DeltaModel's
-  pools), as the engine's step loop sees it. The OS page cache is not dropped (that needs root):
+* ``ready_cold`` (disk) / ``ready_warm`` (host) / ``ready_hot`` (resident): from ``residency.lookup(key)``
+  to a slot id, through the background load (validation and staging included) and the owner's ``step``
+  (the copy into the DeltaModel's arenas), as the engine's step loop sees it. The OS page cache is not dropped (that needs root):
   "disk" means the blob is read and verified from a file, not that the bytes come off the platter.
-  ``install_ms`` is the mean ``dm.set_delta`` copy (it re-validates the delta: NaN scan included).
+  ``install_ms`` is the mean time of the owner's install (the copy into the arenas).
 
     python benchmarks/bench_store.py --quick     # < 1 min on 2 CPU cores
 """
@@ -38,7 +38,7 @@ from delta_store import BaseSpec, DeltaStore  # noqa: E402
 from delta_store.native import dump_native  # noqa: E402
 from delta_store.validate import Limits  # noqa: E402
 from server.deltas import wrap_model  # noqa: E402
-from server.deltas.slots import SlotManager  # noqa: E402
+from server.deltas.residency import Residency  # noqa: E402
 from tests.helpers import random_delta, store_settings  # noqa: E402
 
 RANK = 16
@@ -114,19 +114,19 @@ def main() -> None:
         disk = median_ms(lambda: store.load(version), repeats, before=lambda: store.host.discard(version.digest))
         host = median_ms(lambda: store.load(version), repeats)
 
-        slots = SlotManager(dm, store.load_key, num_slots=4)
+        slots = Residency(dm, store.load_key, 4 * dm.footprint(delta))
         key = version.key
 
         def ready() -> None:
-            """What the step loop sees: acquire until a slot comes back (then unpin it again)."""
-            while (slot := slots.acquire(key)) is None:
-                slots.install_ready()
+            """What the step loop sees: lookup until the delta is resident (the owner's step installs it)."""
+            while slots.lookup(key) is None:
+                slots.step()
                 time.sleep(0.0002)  # yield the GIL to the load worker, as the engine's other work would
             sync(device)
-            slots.release(slot)
 
         def evict(cold: bool) -> None:
-            slots.invalidate(key)  # unpinned: the slot is cleared at once
+            slots.invalidate(key)  # unpinned: freed by the next step
+            slots.step()
             if cold:
                 store.host.discard(key.digest)
 
@@ -143,7 +143,7 @@ def main() -> None:
                            for v in samples.values())
         slot_stats = slots.stats()
         slots.close()
-        res.write({"point": "slot_stats", "loads": slot_stats.loads, "load_seconds": slot_stats.load_seconds,
+        res.write({"point": "residency_stats", "loads": slot_stats.loads, "load_seconds": slot_stats.load_seconds,
                    "install_seconds": slot_stats.install_seconds, "hits": slot_stats.hits,
                    "misses": slot_stats.misses})
         install_ms = slot_stats.install_seconds * 1e3 / max(1, slot_stats.loads)

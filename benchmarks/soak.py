@@ -9,7 +9,7 @@ The load, for ``--duration`` seconds (and at most ``--max-requests`` Generate ca
   * churn: a new delta uploaded every ``--upload-every`` seconds (PEFT LoRA / (IA)3 archives and native
     bottleneck / BitFit files, identical payloads under several names, so blobs are shared), and the
     oldest deleted once a tenant holds more than ``--max-live`` (often while requests still use it);
-  * more live deltas than device slots, so slots are evicted and reloaded all along;
+  * more live deltas than the device budget holds, so deltas are evicted and reloaded all along;
   * abuse, one attempt every ``--abuse-every`` seconds (``load/abuse.py``): maximal text prompts, zip bombs,
     garbage uploads, uploads cancelled half-way, uploads past a byte quota, bursts past the upload slots.
 
@@ -18,7 +18,7 @@ Then it asserts, and exits non-zero with ``soak: FAIL <reason>`` on the first vi
      UNAVAILABLE, no hang; a plain request that finished produced all its tokens), every abusive attempt
      with the refusal it must get (a burst: exactly one refused, with a retry hint), storing nothing;
   2. the server settled: no request in flight, none running or waiting, no slot pinned, KV blocks in
-     use back to the baseline, device slots in use no more than the deltas still listed;
+     use back to the baseline, resident deltas no more than those still listed, within the budget;
   3. resident memory (psutil on the server pid) returned within a tolerance of the baseline taken after
      a warm-up of the same load, and the disk too: no scratch entry, no orphan or missing blob, the data
      dir grown by no more than its live blobs (plus ``disk_slack_mb`` for catalogue rows);

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -21,17 +22,25 @@ _PROJ_KINDS = ("linear", "conv1d")
 
 @dataclass(slots=True)
 class Limits:
-    """Pool ceilings a delta must fit. Defaults accept anything structurally valid (they are the upper
-    bounds ``ServerConfig`` allows); the server passes its own, built in ``server/app.py`` ``store_config``."""
+    """What a delta must fit. Defaults accept anything structurally valid (they are the upper bounds
+    ``ServerConfig`` allows); the server passes its own, built in ``server/app.py`` ``store_config``.
 
-    max_rank: int = 1024
+    ``device_bytes`` / ``device_budget_bytes``: the server's measure of the device memory a delta would take
+    once resident and its whole delta budget (0: no check). This module knows nothing of devices: the
+    server hands its decision over as a function."""
+
+    max_rank: int = 16384
     max_bottleneck: int = 16384
     max_token_rows: int = 65536  # replaced embedding rows (trainable tokens) of one module
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     max_tensor_bytes: int = 1 << 30  # one tensor; a 7B model's largest LoRA B at r=64 is ~3.5 MiB
     max_model_len: int = 0  # a prompt part's virtual tokens must leave room under it (0 = not checked)
+    device_bytes: Callable[[Delta], int] | None = None
+    device_budget_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if self.device_budget_bytes and self.device_bytes is None:
+            raise ValueError("Limits.device_budget_bytes needs device_bytes, the measure it bounds")
         for name in ("max_rank", "max_bottleneck", "max_token_rows", "max_tensor_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -136,7 +145,25 @@ def validate(delta: Delta, spec: BaseSpec, limits: Limits | None = None) -> None
                                  f"sit on a residual-site output module ({sites}), found {info.kind} {path}")
             if not math.isfinite(ad.scale):
                 raise DeltaError(f"{path}: adapter.scale {ad.scale} is not finite")
+    if limits.device_budget_bytes:
+        _fits_budget(delta, limits)
     delta.check_finite()
+
+
+def _fits_budget(delta: Delta, limits: Limits) -> None:
+    """A delta that could never be resident, even alone, is refused now: never at serve time."""
+    need = limits.device_bytes(delta)
+    if need <= limits.device_budget_bytes:
+        return
+    tail = (f"the delta needs {need} bytes of device memory, more than the server's whole delta budget "
+            f"delta_memory_bytes={limits.device_budget_bytes}")
+    if not delta.modules:
+        raise DeltaError(f"prompt part of {delta.num_virtual_tokens} virtual tokens: {tail}")
+    path, md = max(delta.modules.items(), key=lambda kv: sum(t.numel() for t in kv[1].tensors().values()))
+    what = (f"LoRA rank {md.lora.rank}" if md.lora is not None else
+            f"adapter width {md.adapter.width}" if md.adapter is not None else
+            f"{md.rows.count} token rows" if md.rows is not None else "its vectors")
+    raise DeltaError(f"{path}: {what} (the largest of {len(delta.modules)} modules): {tail}")
 
 
 def _dora(md, fout: int, path: str) -> None:

@@ -4,13 +4,16 @@ column scale and trainable tokens.
 Public surface (docs/INTERFACES.md, section kernels/)::
 
     meta = DeltaKernelMeta.build(token_slots, token_slots_host=None, buffers=None)   # once per step
-    add_lora(y, x, lora_a, lora_b, scale, rank, meta)
-    add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta)
-    add_bias(y, bias, meta)
-    mul_rows(t, vec, meta)
-    scale_shift_rows(y, scale, shift, flag, meta)
-    replace_rows(y, ids, index, values, count, meta)
-    head_rows(logits, h, index, values, count, meta)
+    add_lora(y, x, LoraPages(...), meta)
+    add_bottleneck(y, u, AdapterPages(...), meta)
+    add_bias(y, RowPages(...), meta)
+    mul_rows(t, RowPages(...), meta)
+    scale_shift_rows(y, ScaleShiftPages(...), meta)
+    replace_rows(y, ids, TokenPages(...), meta)
+    head_rows(logits, h, TokenPages(...), meta)
+
+The pages (``pages.py``) say where each slot's weights are: row tensors and one int32 row index per slot
+(D13), never pointers; the ops do not care where the rows live.
 
 These seven functions are the only entry points of the ops. Each checks its arguments once (ValueError
 naming the argument and its shape; ``_checks.py``), then runs one backend, mutates its first argument
@@ -41,6 +44,7 @@ from ._checks import (check_bottleneck, check_head_rows, check_lora, check_repla
 from ._triton import HAS_TRITON, INTERPRET, use_triton
 from .activations import ACT_CODES
 from .meta import DeltaKernelMeta, MetaBuffers
+from .pages import AdapterPages, LoraPages, RowPages, ScaleShiftPages, TokenPages
 
 BACKENDS = ("auto", "triton", "cpu")
 
@@ -81,80 +85,78 @@ def _triton():
     return lora, bottleneck, rows, scale_shift, token_rows
 
 
-def add_lora(y, x, lora_a, lora_b, scale, rank, meta) -> None:
-    """For every token t with s = slot[t] >= 0 and r = rank[s] > 0:
-        y[t] += scale[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T
-    y [T, out] (in place), x [T, in], lora_a [S, R, in], lora_b [S, out, R], scale fp32 [S], rank int32 [S]
-    (0 = no LoRA at this layer; values must not exceed R)."""
-    check_lora(y, x, lora_a, lora_b, scale, rank, meta)
+def add_lora(y, x, pages: LoraPages, meta) -> None:
+    """For every token t with s = slot[t] >= 0 and r = pages.rank[s] > 0, with A_s and B_s the r rows of
+    ``pages`` from ``pages.start[s]``:  y[t] += scale[s] * (x[t] @ A_s.T) @ B_s.T
+    y [T, out] (in place), x [T, in]; shapes in ``kernels.LoraPages``."""
+    check_lora(y, x, pages, meta)
     if current_backend(y) == "triton":
-        _triton()[0].triton_add_lora(y, x, lora_a, lora_b, scale, rank, meta)
+        _triton()[0].triton_add_lora(y, x, pages, meta)
     else:
-        cpu.cpu_add_lora(y, x, lora_a, lora_b, scale, rank, meta)
+        cpu.cpu_add_lora(y, x, pages, meta)
 
 
-def add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta) -> None:
-    """For every token t with s = slot[t] >= 0 and m = width[s] > 0:
-        y[t] += scale[s] * (act_s(u[t] @ down[s, :m].T + down_bias[s, :m]) @ up[s, :, :m].T + up_bias[s])
-    y, u [T, h]; down [S, M, h], down_bias [S, M], up [S, h, M], up_bias [S, h], scale fp32 [S],
-    width int32 [S] (0 = no adapter at this layer), act int32 [S] (ACT_CODES). ``u`` may be ``y``."""
-    check_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta)
+def add_bottleneck(y, u, pages: AdapterPages, meta) -> None:
+    """For every token t with s = slot[t] >= 0 and m = pages.width[s] > 0 (``kernels.AdapterPages``):
+        y[t] += scale[s] * (act_s(u[t] @ D_s.T + db_s) @ U_s.T + ub_s)
+    y, u [T, h]; ``u`` may be ``y``."""
+    check_bottleneck(y, u, pages, meta)
     if current_backend(y) == "triton":
-        _triton()[1].triton_add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta)
+        _triton()[1].triton_add_bottleneck(y, u, pages, meta)
     else:
-        cpu.cpu_add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta)
+        cpu.cpu_add_bottleneck(y, u, pages, meta)
 
 
-def add_bias(y, bias, meta) -> None:
-    """y[t] += bias[slot[t]] for slot[t] >= 0.  y [T, out], bias [S, out]."""
-    check_rows_op("add_bias", "y", y, "bias", bias, meta)
+def add_bias(y, pages: RowPages, meta) -> None:
+    """y[t] += pages.rows[pages.row[slot[t]]] for slot[t] >= 0.  y [T, out], rows [N, out]."""
+    check_rows_op("add_bias", "y", y, pages, meta)
     if current_backend(y) == "triton":
-        _triton()[2].triton_add_bias(y, bias, meta)
+        _triton()[2].triton_add_bias(y, pages, meta)
     else:
-        cpu.cpu_add_bias(y, bias, meta)
+        cpu.cpu_add_bias(y, pages, meta)
 
 
-def mul_rows(t, vec, meta) -> None:
-    """t[i] *= vec[slot[i]] for slot[i] >= 0.  t [T, n], vec [S, n]."""
-    check_rows_op("mul_rows", "t", t, "vec", vec, meta)
+def mul_rows(t, pages: RowPages, meta) -> None:
+    """t[i] *= pages.rows[pages.row[slot[i]]] for slot[i] >= 0.  t [T, n], rows [N, n]."""
+    check_rows_op("mul_rows", "t", t, pages, meta)
     if current_backend(t) == "triton":
-        _triton()[2].triton_mul_rows(t, vec, meta)
+        _triton()[2].triton_mul_rows(t, pages, meta)
     else:
-        cpu.cpu_mul_rows(t, vec, meta)
+        cpu.cpu_mul_rows(t, pages, meta)
 
 
-def scale_shift_rows(y, scale, shift, flag, meta) -> None:
-    """y[t] = y[t] * scale[s] + shift[s] for tokens whose slot s = slot[t] >= 0 has flag[s] != 0; every other
-    token is left untouched (DoRA's column scale: scale = g, shift = (1 - g) * b0).  y [T, n], scale and
-    shift fp32 [S, n], flag int32 [S]."""
-    check_scale_shift(y, scale, shift, flag, meta)
+def scale_shift_rows(y, pages: ScaleShiftPages, meta) -> None:
+    """y[t] = y[t] * scale_s + shift_s for tokens whose slot s = slot[t] >= 0 has pages.flag[s] != 0, with
+    scale_s / shift_s the rows ``pages.row[s]`` of ``pages.scale_rows`` / ``pages.shift_rows``; every other
+    token is left untouched (DoRA's column scale: scale = g, shift = (1 - g) * b0).  y [T, n]."""
+    check_scale_shift(y, pages, meta)
     if current_backend(y) == "triton":
-        _triton()[3].triton_scale_shift_rows(y, scale, shift, flag, meta)
+        _triton()[3].triton_scale_shift_rows(y, pages, meta)
     else:
-        cpu.cpu_scale_shift_rows(y, scale, shift, flag, meta)
+        cpu.cpu_scale_shift_rows(y, pages, meta)
 
 
-def replace_rows(y, ids, index, values, count, meta) -> None:
-    """y[t] = values[s, j] when ids[t] == index[s, j] for some j < count[s], s = slot[t] >= 0 (trainable tokens on
-    the input embedding: the rows replace).  y [T, h], ids int64 [T], index int64 [S, R] (distinct ids per
-    slot), values [S, R, h], count int32 [S]."""
-    check_replace_rows(y, ids, index, values, count, meta)
+def replace_rows(y, ids, pages: TokenPages, meta) -> None:
+    """y[t] = V_s[j] when ids[t] == I_s[j] for some j < count[s], s = slot[t] >= 0, with V_s / I_s the slot's
+    runs of ``pages.values`` / ``pages.ids`` (trainable tokens on the input embedding: the rows replace).
+    y [T, h], ids int64 [T]; the ids of one slot are distinct."""
+    check_replace_rows(y, ids, pages, meta)
     if current_backend(y) == "triton":
-        _triton()[4].triton_replace_rows(y, ids, index, values, count, meta)
+        _triton()[4].triton_replace_rows(y, ids, pages, meta)
     else:
-        cpu.cpu_replace_rows(y, ids, index, values, count, meta)
+        cpu.cpu_replace_rows(y, ids, pages, meta)
 
 
-def head_rows(logits, h, index, values, count, meta) -> None:
-    """logits[t, index[s, j]] = h[t] . values[s, j] for j < count[s], s = slot[t] >= 0 (trainable tokens on the
-    output head).  logits [T, V], h [T, H], index int64 [S, R], values [S, R, H], count int32 [S]."""
-    check_head_rows(logits, h, index, values, count, meta)
+def head_rows(logits, h, pages: TokenPages, meta) -> None:
+    """logits[t, I_s[j]] = h[t] . V_s[j] for j < count[s], s = slot[t] >= 0 (trainable tokens on the output
+    head; V_s / I_s as in ``replace_rows``).  logits [T, V], h [T, H]."""
+    check_head_rows(logits, h, pages, meta)
     if current_backend(logits) == "triton":
-        _triton()[4].triton_head_rows(logits, h, index, values, count, meta)
+        _triton()[4].triton_head_rows(logits, h, pages, meta)
     else:
-        cpu.cpu_head_rows(logits, h, index, values, count, meta)
+        cpu.cpu_head_rows(logits, h, pages, meta)
 
 
-__all__ = ["ACT_CODES", "BACKENDS", "DeltaKernelMeta", "HAS_TRITON", "MetaBuffers", "add_bias", "add_bottleneck",
-           "add_lora", "backend", "cpu", "current_backend", "head_rows", "mul_rows", "replace_rows",
-           "scale_shift_rows", "use_triton"]
+__all__ = ["ACT_CODES", "BACKENDS", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "MetaBuffers",
+           "RowPages", "ScaleShiftPages", "TokenPages", "add_bias", "add_bottleneck", "add_lora", "backend", "cpu",
+           "current_backend", "head_rows", "mul_rows", "replace_rows", "scale_shift_rows", "use_triton"]

@@ -17,8 +17,7 @@ def expect(op: str, name: str, t, shape: tuple, dtype: torch.dtype | tuple, devi
            *, contiguous: bool | str = True) -> tuple[int, ...]:
     """Check ``t`` against ``shape`` (None = any size), ``dtype`` (one or a tuple), ``device`` and layout.
     ``contiguous=False`` still needs unit stride on the last dimension (row-strided views are fine);
-    ``"or_transposed"`` also accepts a ``transpose(1, 2)`` view of a contiguous pool (up-projection pools
-    stored [S, R, out] make the CPU decode gather contiguous: see ``cpu.gather.up_rows``)."""
+    ``"any"`` checks no layout (a column of a row arena, e.g. the adapters' down bias)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     got = tuple(t.shape)
@@ -30,11 +29,9 @@ def expect(op: str, name: str, t, shape: tuple, dtype: torch.dtype | tuple, devi
                          f"{' or '.join(str(d) for d in dtypes)}")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} (shape {list(got)}) is on {t.device}, expected {device}")
-    if contiguous == "or_transposed":
-        if not (t.is_contiguous() or t.transpose(-1, -2).is_contiguous()):
-            raise ValueError(f"{op}: {name} (shape {list(got)}, strides {list(t.stride())}) must be contiguous, "
-                             "or a transpose(1, 2) view of a contiguous tensor")
-    elif contiguous and not t.is_contiguous():
+    if contiguous == "any":
+        return got
+    if contiguous and not t.is_contiguous():
         raise ValueError(f"{op}: {name} (shape {list(got)}, strides {list(t.stride())}) must be contiguous")
     if not contiguous and t.dim() and t.numel() and t.stride(-1) != 1:
         raise ValueError(f"{op}: {name} (shape {list(got)}, strides {list(t.stride())}) needs unit stride "
@@ -53,58 +50,106 @@ def expect_meta(op: str, meta, num_tokens: int, device: torch.device) -> None:
         raise ValueError(f"{op}: meta.token_slots is on {meta.token_slots.device}, activations on {device}")
 
 
-def check_lora(y, x, lora_a, lora_b, scale, rank, meta, op: str = "add_lora") -> None:
+def _rows(op, name, t, width, dtype, device):
+    """A row tensor [N, width]: unit stride on the last dim, any row stride (column slices of a wider
+    arena are fine); returns N."""
+    n, w = expect(op, name, t, (None, width), dtype, device, contiguous=False)
+    if n > 1 and t.stride(0) < w:
+        raise ValueError(f"{op}: {name} (shape {list(t.shape)}, strides {list(t.stride())}) has overlapping rows")
+    return n
+
+
+def _bound(op, name, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{op}: {name} must be a non-negative int (a host bound), got {value!r}")
+
+
+def check_lora(y, x, pages, meta, op: str = "add_lora") -> None:
+    from .pages import LoraPages
+
+    if not isinstance(pages, LoraPages):
+        raise ValueError(f"{op}: pages must be a kernels.LoraPages, got {type(pages).__name__}")
     t_, n_out = expect(op, "y", y, (None, None), FLOAT_DTYPES, None, contiguous=False)
     dev, dt = y.device, y.dtype
-    s_, r_, n_in = expect(op, "lora_a", lora_a, (None, None, None), dt, dev)
-    expect(op, "x", x, (t_, n_in), dt, dev, contiguous=False)
-    expect(op, "lora_b", lora_b, (s_, n_out, r_), dt, dev, contiguous="or_transposed")
-    expect(op, "scale", scale, (s_,), torch.float32, dev)
-    expect(op, "rank", rank, (s_,), torch.int32, dev)
+    n_rows = _rows(op, "pages.a_rows", pages.a_rows, None, dt, dev)
+    expect(op, "x", x, (t_, pages.a_rows.shape[1]), dt, dev, contiguous=False)
+    expect(op, "pages.b_rows", pages.b_rows, (n_rows, n_out), dt, dev, contiguous=False)
+    _rows(op, "pages.b_rows", pages.b_rows, n_out, dt, dev)
+    s_, = expect(op, "pages.rank", pages.rank, (None,), torch.int32, dev)
+    expect(op, "pages.start", pages.start, (s_,), torch.int32, dev)
+    expect(op, "pages.scale", pages.scale, (s_,), torch.float32, dev)
+    _bound(op, "pages.max_rank", pages.max_rank)
     expect_meta(op, meta, t_, dev)
 
 
-def check_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, meta, op: str = "add_bottleneck") -> None:
+def check_bottleneck(y, u, pages, meta, op: str = "add_bottleneck") -> None:
+    from .pages import AdapterPages
+
+    if not isinstance(pages, AdapterPages):
+        raise ValueError(f"{op}: pages must be a kernels.AdapterPages, got {type(pages).__name__}")
     t_, h_ = expect(op, "y", y, (None, None), FLOAT_DTYPES, None, contiguous=False)
     dev, dt = y.device, y.dtype
     expect(op, "u", u, (t_, h_), dt, dev, contiguous=False)
-    s_, m_, _ = expect(op, "down", down, (None, None, h_), dt, dev)
-    expect(op, "down_bias", down_bias, (s_, m_), dt, dev)
-    expect(op, "up", up, (s_, h_, m_), dt, dev, contiguous="or_transposed")
-    expect(op, "up_bias", up_bias, (s_, h_), dt, dev)
-    expect(op, "scale", scale, (s_,), torch.float32, dev)
-    expect(op, "width", width, (s_,), torch.int32, dev)
-    expect(op, "act", act, (s_,), torch.int32, dev)
+    n_rows = _rows(op, "pages.down_rows", pages.down_rows, h_, dt, dev)
+    expect(op, "pages.up_rows", pages.up_rows, (n_rows, h_), dt, dev, contiguous=False)
+    _rows(op, "pages.up_rows", pages.up_rows, h_, dt, dev)
+    expect(op, "pages.down_bias", pages.down_bias, (n_rows,), dt, dev, contiguous="any")
+    _rows(op, "pages.up_bias_rows", pages.up_bias_rows, h_, dt, dev)
+    s_, = expect(op, "pages.width", pages.width, (None,), torch.int32, dev)
+    for name in ("start", "up_bias_row", "act"):
+        expect(op, f"pages.{name}", getattr(pages, name), (s_,), torch.int32, dev)
+    expect(op, "pages.scale", pages.scale, (s_,), torch.float32, dev)
+    _bound(op, "pages.max_width", pages.max_width)
     expect_meta(op, meta, t_, dev)
 
 
-def check_rows_op(op: str, tname: str, t, pname: str, pool, meta) -> None:
+def check_rows_op(op: str, tname: str, t, pages, meta) -> None:
+    from .pages import RowPages
+
+    if not isinstance(pages, RowPages):
+        raise ValueError(f"{op}: pages must be a kernels.RowPages, got {type(pages).__name__}")
     t_, n_ = expect(op, tname, t, (None, None), FLOAT_DTYPES, None, contiguous=False)
-    expect(op, pname, pool, (None, n_), t.dtype, t.device)
+    _rows(op, "pages.rows", pages.rows, n_, t.dtype, t.device)
+    expect(op, "pages.row", pages.row, (None,), torch.int32, t.device)
     expect_meta(op, meta, t_, t.device)
 
 
-def check_scale_shift(y, scale, shift, flag, meta, op: str = "scale_shift_rows") -> None:
+def check_scale_shift(y, pages, meta, op: str = "scale_shift_rows") -> None:
+    from .pages import ScaleShiftPages
+
+    if not isinstance(pages, ScaleShiftPages):
+        raise ValueError(f"{op}: pages must be a kernels.ScaleShiftPages, got {type(pages).__name__}")
     t_, n_ = expect(op, "y", y, (None, None), FLOAT_DTYPES, None, contiguous=False)
-    s_, _ = expect(op, "scale", scale, (None, n_), torch.float32, y.device)
-    expect(op, "shift", shift, (s_, n_), torch.float32, y.device)
-    expect(op, "flag", flag, (s_,), torch.int32, y.device)
+    n_rows = _rows(op, "pages.scale_rows", pages.scale_rows, n_, torch.float32, y.device)
+    expect(op, "pages.shift_rows", pages.shift_rows, (n_rows, n_), torch.float32, y.device, contiguous=False)
+    _rows(op, "pages.shift_rows", pages.shift_rows, n_, torch.float32, y.device)
+    s_, = expect(op, "pages.flag", pages.flag, (None,), torch.int32, y.device)
+    expect(op, "pages.row", pages.row, (s_,), torch.int32, y.device)
     expect_meta(op, meta, t_, y.device)
 
 
-def check_replace_rows(y, ids, index, values, count, meta, op: str = "replace_rows") -> None:
+def _token_pages(op, pages, h_, dtype, device) -> None:
+    from .pages import TokenPages
+
+    if not isinstance(pages, TokenPages):
+        raise ValueError(f"{op}: pages must be a kernels.TokenPages, got {type(pages).__name__}")
+    _rows(op, "pages.values", pages.values, h_, dtype, device)
+    expect(op, "pages.ids", pages.ids, (None,), torch.int64, device, contiguous="any")
+    s_, = expect(op, "pages.count", pages.count, (None,), torch.int32, device)
+    for name in ("start", "id_start"):
+        expect(op, f"pages.{name}", getattr(pages, name), (s_,), torch.int32, device)
+    _bound(op, "pages.max_count", pages.max_count)
+
+
+def check_replace_rows(y, ids, pages, meta, op: str = "replace_rows") -> None:
     t_, h_ = expect(op, "y", y, (None, None), FLOAT_DTYPES, None)
     expect(op, "ids", ids, (t_,), torch.int64, y.device)
-    s_, r_ = expect(op, "index", index, (None, None), torch.int64, y.device)
-    expect(op, "values", values, (s_, r_, h_), y.dtype, y.device)
-    expect(op, "count", count, (s_,), torch.int32, y.device)
+    _token_pages(op, pages, h_, y.dtype, y.device)
     expect_meta(op, meta, t_, y.device)
 
 
-def check_head_rows(logits, h, index, values, count, meta, op: str = "head_rows") -> None:
+def check_head_rows(logits, h, pages, meta, op: str = "head_rows") -> None:
     t_, _ = expect(op, "logits", logits, (None, None), FLOAT_DTYPES, None, contiguous=False)
     _, h_ = expect(op, "h", h, (t_, None), FLOAT_DTYPES, logits.device, contiguous=False)
-    s_, r_ = expect(op, "index", index, (None, None), torch.int64, logits.device)
-    expect(op, "values", values, (s_, r_, h_), h.dtype, logits.device)
-    expect(op, "count", count, (s_,), torch.int32, logits.device)
+    _token_pages(op, pages, h_, h.dtype, logits.device)
     expect_meta(op, meta, t_, logits.device)

@@ -1,6 +1,6 @@
 """Bottleneck adapters (Houlsby / Pfeiffer / parallel) in Triton, on the LoRA tiling (``lora.py``).
 
-    y[t] += scale[s] * (act_s(u[t] @ down[s, :m].T + down_bias[s, :m]) @ up[s, :, :m].T + up_bias[s])
+    y[t] += scale[s] * (act_s(u[t] @ D_s.T + db_s) @ U_s.T + ub_s)      (kernels.AdapterPages: runs of width rows)
 
 The down-projection is the LoRA shrink with the bias and the slot's activation in its epilogue (an
 adapter is LoRA's shrink/expand pair with a nonlinearity between the two, so it belongs where the
@@ -16,15 +16,16 @@ import torch
 from ._triton import require_triton
 from .lora import expand, shrink
 from .meta import DeltaKernelMeta
+from .pages import AdapterPages
 
 
-def triton_add_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
-                          up: torch.Tensor, up_bias: torch.Tensor, scale: torch.Tensor, width: torch.Tensor,
-                          act: torch.Tensor, meta: DeltaKernelMeta) -> None:
+def triton_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, meta: DeltaKernelMeta) -> None:
     """The Triton backend of ``kernels.add_bottleneck`` (which checks the arguments; semantics and shapes
     there): the shrink with bias and activation into the fp32 ``h``, then the expand with the up bias."""
     require_triton(y, "add_bottleneck")
-    if meta.no_delta:
+    if meta.no_delta or pages.max_width == 0:
         return
-    h = shrink(u, down, width, meta, w_bias=down_bias, act=act)  # [N, M] fp32, activated
-    expand(y, h, up, scale, width, meta, w_bias=up_bias)
+    h = shrink(u, pages.down_rows, pages.start, pages.width, pages.max_width, meta, w_bias=pages.down_bias,
+               act=pages.act)  # [N, M] fp32, activated
+    expand(y, h, pages.up_rows, pages.start, pages.scale, pages.width, meta, up_bias=pages.up_bias_rows,
+           up_bias_row=pages.up_bias_row)

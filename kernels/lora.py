@@ -7,8 +7,9 @@ to ``max_lora_rank``, compute is bounded by each slot's real rank, as SGLang's c
 loads past ``rank[w]``) and S-LoRA's MBGMV (its shrink exits for rank rows ``j >= rank``) do: shrink
 programs whose 16-wide rank tile starts past ``rank[slot]`` exit at once, and the expand K-loop stops
 at ``rank[slot]`` - a rank-4 slot costs one 16-wide tile next to a rank-64 slot's four.
-Pools are indexed by slot id times a stride (never a table of pointers: the interpreter cannot
-load pointers). The shrink result stays in an fp32 buffer ``h [N, R]`` in segment order, as
+Weights are read through each slot's int32 first row, ``start[slot]``, into row tensors (D13, ``pages.py``;
+never a table of pointers: the interpreter cannot load pointers), so one launch serves every slot wherever
+its rows live. The shrink result stays in an fp32 buffer ``h [N, R]`` in segment order, as
 vLLM's fp32 shrink buffer; the expand adds ``scale * h @ B.T`` into ``y`` in place.
 
 The shrink also serves bottleneck adapters (``HAS_BIAS``/``HAS_ACT``: down-projection bias and the
@@ -20,6 +21,7 @@ import torch
 
 from ._triton import DOT_MIN, INTERPRET, block, next_pow2, require_triton, tl, triton
 from .meta import DeltaKernelMeta
+from .pages import LoraPages
 
 RANK_TILE = DOT_MIN
 """Rank tile of both kernels: the tl.dot minimum, so a rank-r slot runs ceil(r / 16) tiles."""
@@ -41,11 +43,11 @@ def _activation(h, code):
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, w_ptr, wb_ptr, h_ptr, rank_ptr, act_ptr, sorted_ptr, active_ptr, seg_start_ptr,
-                   K, stride_xt, stride_ws, stride_wr, stride_wbs, stride_ht, M_HINT,
+def _shrink_kernel(x_ptr, w_ptr, wb_ptr, h_ptr, start_ptr, rank_ptr, act_ptr, sorted_ptr, active_ptr, seg_start_ptr,
+                   K, stride_xt, stride_wr, stride_wb, stride_ht, M_HINT,
                    HAS_BIAS: tl.constexpr, HAS_ACT: tl.constexpr, CAST_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h[seg0 + m, r] = act(x[tok] @ w[slot, r].T + wb[slot, r]) for r < rank[slot]."""
+    """h[seg0 + m, r] = act(x[tok] @ w[row0 + r].T + wb[row0 + r]) for r < rank[slot], row0 = start[slot]."""
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -62,21 +64,21 @@ def _shrink_kernel(x_ptr, w_ptr, wb_ptr, h_ptr, rank_ptr, act_ptr, sorted_ptr, a
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
         offs_k = tl.arange(0, BLOCK_K)
-        w_base = w_ptr + slot.to(tl.int64) * stride_ws
+        row0 = tl.load(start_ptr + slot).to(tl.int64)  # the slot's first row: an index, not a pointer
+        w_rows = w_ptr + (row0 + offs_r)[None, :] * stride_wr  # [1, BLOCK_R]
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < K
             xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :],
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-            wt = tl.load(w_base + offs_r[None, :] * stride_wr + kk[:, None],
-                         mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
+            wt = tl.load(w_rows + kk[:, None], mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
             if CAST_FP32:  # fp32 inputs, or the interpreter (bf16 tl.dot is wrong there)
                 acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xt, wt, acc)
         if HAS_BIAS:
-            b = tl.load(wb_ptr + slot.to(tl.int64) * stride_wbs + offs_r, mask=mask_r, other=0.0)
+            b = tl.load(wb_ptr + (row0 + offs_r) * stride_wb, mask=mask_r, other=0.0)
             acc += b.to(tl.float32)[None, :]
         if HAS_ACT:
             acc = _activation(acc, tl.load(act_ptr + slot))
@@ -85,11 +87,11 @@ def _shrink_kernel(x_ptr, w_ptr, wb_ptr, h_ptr, rank_ptr, act_ptr, sorted_ptr, a
 
 
 @triton.jit
-def _expand_kernel(h_ptr, w_ptr, wb_ptr, y_ptr, scale_ptr, rank_ptr, sorted_ptr, active_ptr, seg_start_ptr,
-                   N, stride_ht, stride_ws, stride_wn, stride_wk, stride_wbs, stride_yt, M_HINT,
+def _expand_kernel(h_ptr, w_ptr, ub_ptr, y_ptr, scale_ptr, start_ptr, rank_ptr, ub_row_ptr, sorted_ptr, active_ptr,
+                   seg_start_ptr, N, stride_ht, stride_wr, stride_ub, stride_yt, M_HINT,
                    HAS_BIAS: tl.constexpr, CAST_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[tok, n] += scale[slot] * (h[seg0 + m, :rank] @ w[slot, n, :rank].T + wb[slot, n])."""
+    """y[tok, n] += scale[slot] * (h[seg0 + m, :rank] @ w[row0 : row0 + rank, n] + ub[ub_row[slot], n])."""
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -104,21 +106,22 @@ def _expand_kernel(h_ptr, w_ptr, wb_ptr, y_ptr, scale_ptr, rank_ptr, sorted_ptr,
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
-        w_base = w_ptr + slot.to(tl.int64) * stride_ws
+        row0 = tl.load(start_ptr + slot).to(tl.int64)
         h_rows = h_ptr + (seg0 + offs_m).to(tl.int64)[:, None] * stride_ht
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, rank, BLOCK_K):  # the slot's own rank, not the pool's (D3)
+        for k0 in range(0, rank, BLOCK_K):  # the slot's own rank, not a pool's (D3)
             kk = k0 + offs_k
             mask_k = kk < rank
             ht = tl.load(h_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK] fp32
-            wt = tl.load(w_base + offs_n[None, :] * stride_wn + kk[:, None] * stride_wk,
+            wt = tl.load(w_ptr + (row0 + kk)[:, None] * stride_wr + offs_n[None, :],
                          mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
             if CAST_FP32:
                 acc = tl.dot(ht, wt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(ht.to(wt.dtype), wt, acc)
         if HAS_BIAS:
-            b = tl.load(wb_ptr + slot.to(tl.int64) * stride_wbs + offs_n, mask=mask_n, other=0.0)
+            ub_row = tl.load(ub_row_ptr + slot).to(tl.int64)
+            b = tl.load(ub_ptr + ub_row * stride_ub + offs_n, mask=mask_n, other=0.0)
             acc += b.to(tl.float32)[None, :]
         acc = acc * tl.load(scale_ptr + slot)
         tok = tl.load(sorted_ptr + seg0 + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -140,41 +143,44 @@ _expand_tuned = triton.autotune(_EXPAND_CONFIGS, key=["N", "M_HINT", "CAST_FP32"
                                 restore_value=["y_ptr"])(_expand_kernel)
 
 
-def shrink(x: torch.Tensor, w: torch.Tensor, rank: torch.Tensor, meta: DeltaKernelMeta,
-           w_bias: torch.Tensor | None = None, act: torch.Tensor | None = None) -> torch.Tensor:
-    """h [N, R] fp32 in segment order: h[p, r] = act(x[tok_p] @ w[s, r].T + w_bias[s, r]) for r < rank[s],
-    rows of slots with rank 0 and columns past a slot's rank left unwritten. x [T, K], w [S, R, K]."""
-    num_rows, r_pool = meta.num_active_tokens, w.shape[1]
-    h = torch.empty((num_rows, r_pool), dtype=torch.float32, device=x.device)  # [N, R]
+def shrink(x: torch.Tensor, w_rows: torch.Tensor, start: torch.Tensor, rank: torch.Tensor, r_bound: int,
+           meta: DeltaKernelMeta, w_bias: torch.Tensor | None = None, act: torch.Tensor | None = None) -> torch.Tensor:
+    """h [N, r_bound] fp32 in segment order: h[p, r] = act(x[tok_p] @ w_rows[start[s] + r] + w_bias[start[s] + r])
+    for r < rank[s] (<= r_bound); rows of slots with rank 0 and columns past a slot's rank left unwritten.
+    x [T, K], w_rows [N, K] (any row stride), w_bias [N] (any stride)."""
+    num_rows, r_pad = meta.num_active_tokens, max(1, r_bound)
+    h = torch.empty((num_rows, r_pad), dtype=torch.float32, device=x.device)  # [N, R]
     cast = INTERPRET or x.dtype == torch.float32
     m_hint = next_pow2(max(meta.max_seg_len, 1))
-    args = (x, w, w_bias if w_bias is not None else w, h, rank, act if act is not None else rank,
+    args = (x, w_rows, w_bias if w_bias is not None else w_rows, h, start, rank, act if act is not None else rank,
             meta.sorted_token_ids, meta.active_slots, meta.seg_start,
-            x.shape[1], x.stride(0), w.stride(0), w.stride(1), w_bias.stride(0) if w_bias is not None else 0,
+            x.shape[1], x.stride(0), w_rows.stride(0), w_bias.stride(0) if w_bias is not None else 0,
             h.stride(0), m_hint)
     flags = dict(HAS_BIAS=w_bias is not None, HAS_ACT=act is not None, CAST_FP32=cast)
     if x.is_cuda and not INTERPRET:
         grid = lambda META: (triton.cdiv(meta.max_seg_len, META["BLOCK_M"]), meta.num_active,  # noqa: E731
-                             triton.cdiv(r_pool, META["BLOCK_R"]))
+                             triton.cdiv(r_pad, META["BLOCK_R"]))
         _shrink_tuned[grid](*args, **flags)
     else:  # interpreter: few, large programs (each program costs ~ms of numpy)
         bm, bk = block(meta.max_seg_len, 64), block(x.shape[1], 128)
-        grid = (triton.cdiv(meta.max_seg_len, bm), meta.num_active, triton.cdiv(r_pool, RANK_TILE))
+        grid = (triton.cdiv(meta.max_seg_len, bm), meta.num_active, triton.cdiv(r_pad, RANK_TILE))
         _shrink_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_R=RANK_TILE, BLOCK_K=bk)
     return h
 
 
-def expand(y: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, rank: torch.Tensor,
-           meta: DeltaKernelMeta, w_bias: torch.Tensor | None = None) -> None:
-    """y[tok_p] += scale[s] * (h[p, :rank[s]] @ w[s, :, :rank[s]].T + w_bias[s]), in place. w [S, N, R],
-    contiguous or a transpose(1, 2) view of a contiguous [S, R, N] (read through its strides)."""
+def expand(y: torch.Tensor, h: torch.Tensor, w_rows: torch.Tensor, start: torch.Tensor, scale: torch.Tensor,
+           rank: torch.Tensor, meta: DeltaKernelMeta, up_bias: torch.Tensor | None = None,
+           up_bias_row: torch.Tensor | None = None) -> None:
+    """y[tok_p] += scale[s] * (h[p, :rank[s]] @ w_rows[start[s] : start[s] + rank[s]] + up_bias[up_bias_row[s]]),
+    in place. w_rows [N, out] (any row stride), up_bias [Nv, out]."""
     n_out = y.shape[1]
     cast = INTERPRET or y.dtype == torch.float32
     m_hint = next_pow2(max(meta.max_seg_len, 1))
-    args = (h, w, w_bias if w_bias is not None else w, y, scale, rank, meta.sorted_token_ids, meta.active_slots,
-            meta.seg_start, n_out, h.stride(0), w.stride(0), w.stride(1), w.stride(2),
-            w_bias.stride(0) if w_bias is not None else 0, y.stride(0), m_hint)
-    flags = dict(HAS_BIAS=w_bias is not None, CAST_FP32=cast)
+    has_bias = up_bias is not None
+    args = (h, w_rows, up_bias if has_bias else w_rows, y, scale, start, rank, up_bias_row if has_bias else start,
+            meta.sorted_token_ids, meta.active_slots, meta.seg_start, n_out, h.stride(0), w_rows.stride(0),
+            up_bias.stride(0) if has_bias else 0, y.stride(0), m_hint)
+    flags = dict(HAS_BIAS=has_bias, CAST_FP32=cast)
     if y.is_cuda and not INTERPRET:
         grid = lambda META: (triton.cdiv(meta.max_seg_len, META["BLOCK_M"]), meta.num_active,  # noqa: E731
                              triton.cdiv(n_out, META["BLOCK_N"]))
@@ -185,12 +191,11 @@ def expand(y: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: torch.Tenso
         _expand_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=RANK_TILE)
 
 
-def triton_add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                    scale: torch.Tensor, rank: torch.Tensor, meta: DeltaKernelMeta) -> None:
+def triton_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: DeltaKernelMeta) -> None:
     """The Triton backend of ``kernels.add_lora`` (which checks the arguments; semantics and shapes there):
-    two launches, shrink into the fp32 ``h`` then expand into ``y``."""
+    two launches, shrink into the fp32 ``h`` then expand into ``y``, both reading rows through ``pages.start``."""
     require_triton(y, "add_lora")
-    if meta.no_delta:
+    if meta.no_delta or pages.max_rank == 0:
         return
-    h = shrink(x, lora_a, rank, meta)  # [N, R] fp32
-    expand(y, h, lora_b, scale, rank, meta)
+    h = shrink(x, pages.a_rows, pages.start, pages.rank, pages.max_rank, meta)  # [N, R] fp32
+    expand(y, h, pages.b_rows, pages.start, pages.scale, pages.rank, meta)

@@ -3,7 +3,8 @@
 DoRA (PEFT ``use_dora=True``) serves as ``y = g * (x W^T + s x A^T B^T) + b0`` with ``g = m / ||W + s B A||``
 per output column (``delta_store/dora.py``). The wrapped layer has ``base(x) + lora(x)`` already, which
 contains ``b0``, so one affine row op finishes it: ``y * g + (1 - g) * b0`` (``shift`` holds ``(1 - g) b0``,
-zero where the base has no bias). Only slots with ``flag[s] != 0`` are touched: the grid walks the step's
+zero where the base has no bias). A slot's g and shift are one row each of ``kernels.ScaleShiftPages``
+(``row[s]``, an index into the layer's fp32 arena, D13). Only slots with ``flag[s] != 0`` are touched: the grid walks the step's
 active slots (as the LoRA kernels do) and a program of an unflagged slot exits after one scalar load,
 so plain-LoRA, other kinds' and base tokens in the same batch pay nothing for it and keep their values
 bit for bit. Memory-bound: one read and one write of each DoRA token's row, computed in fp32 and
@@ -15,12 +16,14 @@ import torch
 
 from ._triton import INTERPRET, next_pow2, require_triton, tl, triton
 from .meta import DeltaKernelMeta
+from .pages import ScaleShiftPages
 
 
 @triton.jit
-def _scale_shift_kernel(y_ptr, scale_ptr, shift_ptr, flag_ptr, sorted_ptr, active_ptr, seg_start_ptr, N,
+def _scale_shift_kernel(y_ptr, scale_ptr, shift_ptr, row_ptr, flag_ptr, sorted_ptr, active_ptr, seg_start_ptr, N,
                         stride_yt, stride_ss, stride_bs, M_HINT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[tok, n] = y[tok, n] * scale[slot, n] + shift[slot, n] for the tokens of slot = active[pid_a] if flagged."""
+    """y[tok, n] = y[tok, n] * scale[r, n] + shift[r, n], r = row[slot], for the tokens of slot = active[pid_a] if
+    flagged."""
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
     slot = tl.load(active_ptr + pid_a)
@@ -33,8 +36,9 @@ def _scale_shift_kernel(y_ptr, scale_ptr, shift_ptr, flag_ptr, sorted_ptr, activ
         offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         tok = tl.load(sorted_ptr + seg0 + offs_m, mask=mask_m, other=0).to(tl.int64)  # [BLOCK_M]
-        g = tl.load(scale_ptr + slot.to(tl.int64) * stride_ss + offs_n, mask=mask_n, other=1.0).to(tl.float32)
-        c = tl.load(shift_ptr + slot.to(tl.int64) * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        r = tl.load(row_ptr + slot).to(tl.int64)
+        g = tl.load(scale_ptr + r * stride_ss + offs_n, mask=mask_n, other=1.0).to(tl.float32)
+        c = tl.load(shift_ptr + r * stride_bs + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         mask = mask_m[:, None] & mask_n[None, :]
         y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :]
         y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -46,16 +50,15 @@ _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
 _tuned = triton.autotune(_CONFIGS, key=["N", "M_HINT"], restore_value=["y_ptr"])(_scale_shift_kernel)
 
 
-def triton_scale_shift_rows(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, flag: torch.Tensor,
-                            meta: DeltaKernelMeta) -> None:
+def triton_scale_shift_rows(y: torch.Tensor, pages: ScaleShiftPages, meta: DeltaKernelMeta) -> None:
     """The Triton backend of ``kernels.scale_shift_rows`` (which checks the arguments; semantics there)."""
     require_triton(y, "scale_shift_rows")
     if meta.no_delta:
         return
     n = y.shape[1]
     m_hint = next_pow2(max(meta.max_seg_len, 1))
-    args = (y, scale, shift, flag, meta.sorted_token_ids, meta.active_slots, meta.seg_start, n,
-            y.stride(0), scale.stride(0), shift.stride(0), m_hint)
+    args = (y, pages.scale_rows, pages.shift_rows, pages.row, pages.flag, meta.sorted_token_ids, meta.active_slots,
+            meta.seg_start, n, y.stride(0), pages.scale_rows.stride(0), pages.shift_rows.stride(0), m_hint)
     if y.is_cuda and not INTERPRET:
         grid = lambda META: (triton.cdiv(meta.max_seg_len, META["BLOCK_M"]), meta.num_active,  # noqa: E731
                              triton.cdiv(n, META["BLOCK_N"]))

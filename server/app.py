@@ -1,7 +1,8 @@
 """Builds a serving process from one ``ServerConfig`` and runs it until SIGTERM.
 
     model (server/models: the embedded SmolLM2 default, the demo model, an HF folder or a .gguf file)
-      -> wrap_model (deltas/, BaseSpec) -> DeltaStore.open (store_config) -> SlotManager -> ModelRunner + Engine
+      -> memory budgets (memory.py) -> wrap_model (deltas/, BaseSpec) -> DeltaStore.open (store_config)
+      -> Residency -> ModelRunner + Engine
       -> Metrics (own HTTP port) -> gRPC server (edge/: Inference, Deltas, Tenants, Health, reflection)
       -> OpenAI-compatible HTTP front (edge/openai_http.py: own port, same event loop)
 
@@ -41,9 +42,9 @@ DEVICE_PRELOAD_WAIT_S = 10.0  # a device preload waits this long for the step lo
 class App:
     """Everything a servicer needs, held together; built by :func:`build_app` (tests may pass fakes)."""
 
-    def __init__(self, config: ServerConfig, *, engine, store, tokenizer, vocab_size: int, slots=None,
-                 metrics: Metrics | None = None, model_name: str = "base", generation_defaults=None, chat=None,
-                 merges=None):
+    def __init__(self, config: ServerConfig, *, engine, store, tokenizer, vocab_size: int, residency=None,
+                 metrics: Metrics | None = None, budgets=None, model_name: str = "base", generation_defaults=None,
+                 chat=None, merges=None):
         self.config = config
         self.model_name = model_name  # the base model's served name (OpenAI `model`, /v1/models)
         self.generation_defaults = generation_defaults  # server/models/generation.py: GenerationDefaults | None
@@ -51,7 +52,8 @@ class App:
         self.merges = merges  # server.deltas.merges.MergeCache (GenerateRequest.merge)
         self.engine = engine
         self.store = store
-        self.slots = slots
+        self.residency = residency
+        self.budgets = budgets  # memory.Budgets resolved at start-up
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.metrics = metrics or Metrics()
@@ -68,32 +70,34 @@ class App:
         self.health = None  # set by create_server
         self.openai_front = None  # set by run() when config.openai_listen is set
         self.admin_key_file: Path | None = None
-        if slots is not None:
-            self.metrics.add_refresh(lambda: self.metrics.record_slots(slots.stats()))
+        if residency is not None:
+            self.metrics.add_refresh(lambda: self.metrics.record_residency(residency.stats()))
         self.metrics.add_refresh(lambda: self.metrics.record_store(store.stats()))
         self.metrics.tier_budget.labels("host").set(config.host_cache_bytes)
         self.metrics.add_refresh(lambda: self.metrics.engine_alive.set(1 if engine.alive else 0))
-        if slots is not None:
+        if residency is not None:
             self.metrics.add_refresh(lambda: self.metrics.record_router_view(self.router_view()))
             sched = engine.scheduler
             self.metrics.add_refresh(lambda: self.metrics.record_admissions(sched.delta_admissions_resident,
                                                                             sched.delta_admissions_waited))
         engine.add_listener(self.metrics.record)
-        if slots is not None:  # a deleted version's device slot goes as soon as no request uses it
-            store.subscribe(lambda gone: [slots.invalidate(v.key) for v in gone])
-        if slots is not None and merges is not None:  # and so do the merges that used it
-            store.subscribe(lambda gone: [slots.invalidate(k) for v in gone for k in merges.forget(v.key)])
+        if residency is not None:  # a deleted version's device memory goes as soon as no request uses it
+            store.subscribe(lambda gone: [residency.invalidate(v.key) for v in gone])
+        if residency is not None and merges is not None:  # and so does that of the merges that used it
+            store.subscribe(lambda gone: [residency.invalidate(k) for v in gone for k in merges.forget(v.key)])
 
     def router_view(self) -> RouterView:
         """Queue, batch, KV pool and resident deltas, read now (from the metrics thread: copies only)."""
         sched, kv = self.engine.scheduler, self.engine.runner.kv
-        resident = self.slots.resident()
+        resident = self.residency.resident()
         waiting = {s.request.delta for queue in list(sched.waiting.values()) for s in list(queue)}
         waiting.discard(None)
+        # max_deltas: vLLM's max_loras, the most distinct deltas one step serves; how many are resident follows
+        # from their sizes and the byte budget (D13), so there is no fixed count of resident deltas to report
         return RouterView(sched.num_waiting, sched.num_running, kv.allocator.num_used, kv.allocator.num_blocks,
                           kv.block_size, tuple(sorted({f"{k.name}@{k.version}" for k in resident})),
                           tuple(sorted({f"{k.name}@{k.version}" for k in waiting - set(resident)})),
-                          self.slots.num_slots)
+                          self.residency.dm.max_slots)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -109,24 +113,22 @@ class App:
         return len(cut)
 
     async def preload_device(self, key) -> bool:
-        """Load ``key`` into a device slot (unpinned, LRU like any other); True once it is installed.
-
-        While requests run, the engine's step loop installs finished loads between forwards. An idle
-        engine runs no steps, so then the install happens here: this coroutine runs on the engine's
-        event-loop thread, and with no sequence scheduled no forward can be reading the pools.
-        """
-        if self.slots is None:
+        """Make ``key`` resident on the device (unpinned, LRU like any other); True once it is, False if it is
+        still on its way after DEVICE_PRELOAD_WAIT_S. The step loop installs it between forwards, busy or idle
+        (an idle engine steps while a load is pending). A failed load raises its error."""
+        if self.residency is None:
             return False
-        if self.slots.prefetch(key):
-            return True
-        deadline = time.monotonic() + DEVICE_PRELOAD_WAIT_S
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-            if not self.engine.scheduler.has_work():
-                self.slots.install_ready()
-            if self.slots.slot_of(key) is not None:
-                return True
-        return False
+        future = self.residency.request(key, notify=True)
+        self.engine.wake()
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), DEVICE_PRELOAD_WAIT_S)
+        except asyncio.TimeoutError:
+            return False
+        except asyncio.CancelledError:
+            if future.cancelled():  # the version was deleted meanwhile
+                return False
+            raise
+        return True
 
     def ensure_admin(self) -> Path | None:
         """Create the admin tenant on an empty catalogue; write its key to ``<data_dir>/admin.key`` (0600)."""
@@ -161,9 +163,11 @@ def apply_torch_threads(config: ServerConfig) -> int:
     return torch.get_num_threads()
 
 
-def store_config(config: ServerConfig, *, pin_host_memory: bool):
+def store_config(config: ServerConfig, *, pin_host_memory: bool, device_bytes=None, device_budget_bytes: int = 0):
     """The delta store's ``(Limits, StoreSettings)`` from ``config``: the one place they are built, so each
-    serving default is written once, in ``ServerConfig``. ``pin_host_memory``: the caller serves on CUDA."""
+    serving default is written once, in ``ServerConfig``. ``pin_host_memory``: the caller serves on CUDA;
+    ``device_bytes`` (``DeltaModel.footprint``) and ``device_budget_bytes`` (the delta budget): an upload whose
+    footprint exceeds the whole budget is refused at once, never at serve time."""
     from delta_store.records import TenantQuotas
     from delta_store.settings import StoreSettings
     from delta_store.validate import Limits
@@ -175,8 +179,10 @@ def store_config(config: ServerConfig, *, pin_host_memory: bool):
     settings = StoreSettings(host_cache_bytes=config.host_cache_bytes, max_upload_bytes=config.max_upload_bytes,
                              default_quotas=quotas, pin_host_memory=pin_host_memory,
                              max_archive_bytes=config.max_archive_bytes, max_archive_ratio=config.max_archive_ratio)
-    return Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck,
-                  max_token_rows=config.max_token_rows, max_model_len=config.max_model_len), settings
+    limits = Limits(max_rank=config.max_rank, max_bottleneck=config.max_bottleneck,
+                    max_token_rows=config.max_token_rows, max_model_len=config.max_model_len,
+                    device_bytes=device_bytes, device_budget_bytes=device_budget_bytes)
+    return limits, settings
 
 
 def build_app(config: ServerConfig) -> App:
@@ -188,9 +194,12 @@ def build_app(config: ServerConfig) -> App:
 
     from transformers.utils import logging as hf_logging
 
-    from .deltas import SlotManager, wrap_model
+    from .deltas import wrap_model
     from .deltas.merges import MergeCache, loader
+    from .deltas.residency import Residency
     from .engine import Engine, ModelRunner
+    from .engine.kv_cache import kv_layout_for
+    from .memory import resolve
     from .models import resolve_model
     from .models.chat import ChatFormat
     from .models.generation import GenerationDefaults, model_max_len
@@ -212,25 +221,33 @@ def build_app(config: ServerConfig) -> App:
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     defaults = GenerationDefaults.from_folder(source.path) if config.generation_config == "auto" else None
     chat = ChatFormat.from_tokenizer(tokenizer, defaults.eos_token_ids if defaults else ())
-    dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_slots, max_rank=config.max_rank,
+    layout = kv_layout_for(model.config, config.kv_block_size, 1, dtype)
+    budgets = resolve(config, device, kv_block_bytes=layout.bytes_per_block(dtype))  # ConfigError: one line
+    # max_slots sizes the step's index buffers: one delta per running sequence at most
+    dm = wrap_model(model, targets=config.target_modules, max_slots=config.max_running, max_rank=config.max_rank,
                     max_bottleneck=config.max_bottleneck, max_tokens=config.max_batch_tokens,
                     max_token_rows=config.max_token_rows)
     spec = dm.spec  # fingerprinted once, from the unwrapped base
+    # an upload whose footprint exceeds the whole delta budget is refused at once, never at serve time
+    limits = dataclasses.replace(limits, device_bytes=lambda d: dm.footprint(d) + dm.slot_bytes,
+                                 device_budget_bytes=budgets.delta_bytes)
     store = DeltaStore.open(data_dir, spec, limits, settings, blobs=blobs, catalogue=catalogue)
     merges = MergeCache(store.load_key, max_rank=config.max_rank, max_bytes=config.merge_cache_bytes)
-    slots = SlotManager(dm, loader=loader(merges, store.load_key), num_slots=config.max_slots)
-    runner = ModelRunner(dm, tokenizer, config)
+    residency = Residency(dm, loader(merges, store.load_key), budgets.delta_bytes, pin_memory=device.type == "cuda")
+    runner = ModelRunner(dm, tokenizer, config, kv_bytes=budgets.kv_bytes)
     config = with_max_model_len(config, model_max_len(model.config), runner.kv.num_blocks * config.kv_block_size)
-    engine = Engine(config, runner, slots)
+    engine = Engine(config, runner, residency)
     log.info("model_loaded", model=source.name, origin=source.origin, path=str(source.path),
              model_type=spec.model_type, layers=spec.num_layers, fingerprint=spec.fingerprint,
              chat_template=chat is not None, sampling_defaults=",".join(
                  f"{k}={v}" for k, v in (defaults.sampling_fields() if defaults else {}).items()) or "-",
-             torch_threads=threads, seconds=time.monotonic() - t0)
+             torch_threads=threads, delta_memory_bytes=budgets.delta_bytes, kv_blocks=runner.kv.num_blocks,
+             free_bytes=budgets.free_bytes, seconds=time.monotonic() - t0)
     log.info("storage", catalogue=catalogue.where, revision=catalogue.revision, blobs=describe_blobs(blobs),
              replica=replica_id(config))
-    return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size, slots=slots,
-               model_name=source.name, generation_defaults=defaults, chat=chat, merges=merges)
+    return App(config, engine=engine, store=store, tokenizer=tokenizer, vocab_size=spec.vocab_size,
+               residency=residency, budgets=budgets, model_name=source.name, generation_defaults=defaults, chat=chat,
+               merges=merges)
 
 
 def with_max_model_len(config: ServerConfig, model_limit: int | None, kv_tokens: int) -> ServerConfig:
@@ -295,8 +312,8 @@ async def run(app: App, stop: asyncio.Event, announce=print, hurry: asyncio.Even
     await app.engine.shutdown(0.0)
     await asyncio.to_thread(app.upload_pool.shutdown, True)  # conversions of cut uploads end first
     metrics_server.shutdown()
-    if app.slots is not None:
-        app.slots.close()
+    if app.residency is not None:
+        app.residency.close()
     app.store.close()
     log.info("stopped")
 

@@ -37,11 +37,12 @@ class ServerConfig:
     dtype: str = "float32"  # float32 | float16 | bfloat16
     device: str = "auto"  # auto -> cuda if available else cpu
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    # delta pools (D2): device slots and per-slot maxima
-    max_slots: int = 32  # distinct deltas resident on the device at once
-    max_rank: int = 64  # LoRA rank ceiling (storage padded to it; compute is not, D3)
-    max_bottleneck: int = 256  # bottleneck adapter width ceiling
-    max_token_rows: int = 64  # trainable-token rows per delta (replaced embedding/head rows), pooled on first use
+    # delta memory (D13): a byte budget; how many deltas are resident follows from their sizes
+    delta_memory_bytes: int = 0  # 0 -> delta_memory_fraction of the memory free after the weights (server/memory.py)
+    delta_memory_fraction: float = 0.0  # 0 -> the device default: 0.10 on CUDA, 0.25 (at most 4 GiB) on the CPU
+    max_rank: int = 256  # LoRA rank limit checked at upload; costs nothing until such a delta is resident
+    max_bottleneck: int = 256  # bottleneck adapter width limit, likewise
+    max_token_rows: int = 64  # trainable-token rows per module of one delta (a limit, not a storage size)
     max_merge_parts: int = 8  # deltas one GenerateRequest.merge may name (the merged rank is their sum)
     merge_cache_bytes: int = 256 << 20  # merged deltas kept built in host memory (LRU by bytes; rebuilt on a miss)
     # engine budgets (D6)
@@ -51,7 +52,9 @@ class ServerConfig:
     max_model_len: int = 0  # prompt + generated tokens per sequence; 0 -> the model's limit, capped by the KV cache
     max_prompt_bytes: int = 0  # UTF-8 bytes of a text prompt, checked before tokenizing; 0 -> 16 per max_model_len token
     kv_block_size: int = 16  # tokens per KV block
-    kv_blocks: int = 0  # 0 -> derived from kv_memory_fraction / a CPU default
+    kv_blocks: int = 0  # > 0: exactly this many blocks; 0 -> sized by kv_memory_bytes
+    kv_memory_bytes: int = 0  # 0 -> kv_memory_fraction of the memory free after the weights
+    kv_memory_fraction: float = 0.0  # 0 -> the device default: 0.60 on CUDA; 1 GiB (at most 0.25) on the CPU
     prefix_caching: bool = True  # reuse full KV blocks across requests with the same tokens and delta (D14)
     torch_threads: int = 0  # intra-op CPU threads of the server process; 0 -> torch's default (one per core)
     # storage (D7, D12)
@@ -85,8 +88,9 @@ class ServerConfig:
             self.target_modules = tuple([self.target_modules] if isinstance(self.target_modules, str)
                                         else self.target_modules)
         checks = {
-            "max_slots": (1, 4096), "max_rank": (1, 1024), "max_bottleneck": (1, 16384),
-            "max_token_rows": (1, 65536), "max_merge_parts": (1, 16), "merge_cache_bytes": (0, 1 << 40),
+            "max_rank": (1, 16384), "max_bottleneck": (1, 16384), "delta_memory_bytes": (0, 1 << 50),
+            "kv_memory_bytes": (0, 1 << 50), "max_token_rows": (1, 65536), "max_merge_parts": (1, 16),
+            "merge_cache_bytes": (0, 1 << 40),
             "max_batch_tokens": (1, 1 << 20), "max_running": (1, 1 << 16), "max_waiting": (1, 1 << 20),
             "max_model_len": (0, 1 << 20), "kv_block_size": (1, 1024), "kv_blocks": (0, 1 << 24),
             "max_upload_bytes": (1, 1 << 40), "default_max_deltas": (0, 1 << 30), "torch_threads": (0, 1024),
@@ -97,6 +101,13 @@ class ServerConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or not (lo <= value <= hi):
                 raise ConfigError(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+        for key in ("delta_memory_fraction", "kv_memory_fraction"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must be a number in [0, 1), got {value!r}")
+        if self.delta_memory_fraction + self.kv_memory_fraction >= 1.0:
+            raise ConfigError(f"delta_memory_fraction ({self.delta_memory_fraction}) + kv_memory_fraction "
+                              f"({self.kv_memory_fraction}) must stay below 1: activations need the rest")
         if not isinstance(self.prefix_caching, bool):
             raise ConfigError(f"prefix_caching must be true or false, got {self.prefix_caching!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):

@@ -25,11 +25,13 @@ def demo_config(**overrides):
 
     from .engine.tokenizer import VOCAB_SIZE
 
-    shape = {**DEMO_SHAPE, **overrides}
     # initializer_range 0.1 (HF default 0.02): larger random weights give peakier logits, so greedy
-    # continuations vary with the prompt and a delta visibly changes the output.
-    return LlamaConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=2048, initializer_range=0.1,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **shape)
+    # continuations vary with the prompt and a delta visibly changes the output. Overrides may change any of
+    # these too (a benchmark builds a real model's shape: vocab, tied embeddings).
+    params = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=2048, initializer_range=0.1, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **DEMO_SHAPE)
+    params.update(overrides)
+    return LlamaConfig(**params)
 
 
 def build_demo_model(path: str | os.PathLike, **overrides) -> Path:

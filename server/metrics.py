@@ -1,12 +1,12 @@
 """Prometheus metrics on a private registry (DESIGN D11, STYLE habit 14).
 
-The engine, the slot manager and the store emit plain stats dataclasses; this is the only module
+The engine, the residency owner and the store emit plain stats dataclasses; this is the only module
 that imports ``prometheus_client``. Every collector is declared here, named ``deltaserve_*``, and
 labelled only by bounded values: tenant, delta kind, cache tier, status, RPC method. Never a delta
 id: per-delta usage is served by ``Deltas.GetDelta``, not as one time series per delta. The one
 exception is the router view (``vllm:*``, the names the Gateway API Inference Extension reads): its
 ``vllm:lora_requests_info`` names the resident deltas in label values, as vLLM's does, in one series
-that is replaced at every scrape (at most ``max_slots`` names).
+that is replaced at every scrape (one name per resident delta).
 
 Source: vLLM ``vllm/v1/metrics/loggers.py`` (``PrometheusStatLogger``), but with a registry per
 instance instead of unregistering from the global one.
@@ -104,16 +104,16 @@ class Metrics:
         self.prompt_prefixes = Counter("deltaserve_prompt_prefix_computations", "Shared KV prefixes of prompt/"
                                        "prefix-tuning deltas computed (first use of a version, or after eviction).",
                                        registry=r)
-        # delta residency (slot manager + store host tier)
+        # delta residency (the device tier's owner + the store's host tier)
         self.cache_hits = Counter("deltaserve_delta_cache_hits", "Delta lookups served by a tier.", ["tier"], registry=r)
         self.cache_misses = Counter("deltaserve_delta_cache_misses", "Delta lookups a tier could not serve.",
                                     ["tier"], registry=r)
         self.cache_evictions = Counter("deltaserve_delta_cache_evictions", "Deltas evicted from a tier.",
                                        ["tier"], registry=r)
-        # Loads are reported as running sums by the slot manager and the store, so the mean load time is
+        # Loads are reported as running sums by the residency owner and the store, so the mean load time is
         # rate(deltaserve_delta_load_seconds_total) / rate(deltaserve_delta_loads_total), a summary without quantiles.
-        self.loads = Counter("deltaserve_delta_loads", "Deltas brought into a tier (device: host/disk -> slot; host: "
-                             "disk -> memory).", ["tier"], registry=r)
+        self.loads = Counter("deltaserve_delta_loads", "Deltas brought into a tier (device: host/disk -> device "
+                             "memory; host: disk -> memory).", ["tier"], registry=r)
         self.load_time = Counter("deltaserve_delta_load_seconds", "Time spent bringing deltas into a tier.", ["tier"],
                                  registry=r)
         self.delta_admissions = Counter("deltaserve_delta_admissions", "Requests with a delta admitted to the batch, "
@@ -122,12 +122,17 @@ class Metrics:
                                         registry=r)
         self.tier_bytes = Gauge("deltaserve_delta_bytes", "Bytes of deltas resident in a tier.", ["tier"], registry=r)
         self.tier_deltas = Gauge("deltaserve_delta_resident", "Deltas resident in a tier.", ["tier"], registry=r)
-        self.tier_budget = Gauge("deltaserve_delta_bytes_budget", "Byte budget of a tier (host: host_cache_bytes).",
-                                 ["tier"], registry=r)
-        self.slots_used = Gauge("deltaserve_delta_slots_in_use", "Device delta slots holding a delta.", registry=r)
-        self.slots_pinned = Gauge("deltaserve_delta_slots_pinned", "Device delta slots pinned by running requests.",
-                                  registry=r)
-        self.slots_total = Gauge("deltaserve_delta_slots_total", "Device delta slots.", registry=r)
+        self.tier_budget = Gauge("deltaserve_delta_bytes_budget", "Byte budget of a tier (device: "
+                                 "delta_memory_bytes; host: host_cache_bytes).", ["tier"], registry=r)
+        self.device_memory = Gauge("deltaserve_delta_device_memory_bytes",
+                                   "Device memory of the delta tier: budget (delta_memory_bytes), capacity (arenas "
+                                   "allocated), held (by resident deltas, bucketed), real (their own bytes).",
+                                   ["state"], registry=r)
+        self.device_pinned = Gauge("deltaserve_delta_pinned", "Resident deltas a running request uses.", registry=r)
+        self.device_loading = Gauge("deltaserve_delta_loading", "Device loads queued, running or awaiting install.",
+                                    registry=r)
+        self.device_blocked = Gauge("deltaserve_delta_blocked", "1 while a waiting request's delta waits for memory "
+                                    "that running requests' deltas hold.", registry=r)
         self.uploads = Counter("deltaserve_uploads", "UploadDelta calls by status.", ["tenant", "status"], registry=r)
         self.upload_bytes = Counter("deltaserve_upload_bytes", "Payload bytes received by UploadDelta.", ["tenant"],
                                     registry=r)
@@ -174,7 +179,7 @@ class Metrics:
         self.uploads.labels(tenant, status).inc()
         self.upload_bytes.labels(tenant).inc(nbytes)
 
-    # ---- engine / slots / store stats -----------------------------------------------------------
+    # ---- engine / residency / store stats -------------------------------------------------------
     def _increase(self, counter, labels: tuple, total: float) -> None:
         """Feed a cumulative count from a stats snapshot into a Counter as an increment."""
         key = (counter._name, labels)
@@ -218,12 +223,16 @@ class Metrics:
         if req.tpot is not None:
             self.tpot.labels(tenant).observe(req.tpot)
 
-    def record_slots(self, stats) -> None:
-        """The slot manager's snapshot (``server/deltas/slots.py: SlotStats``): the device tier."""
-        self.slots_used.set(stats.slots_in_use)
-        self.slots_pinned.set(stats.pinned)
-        self.slots_total.set(stats.num_slots)
-        self.tier_deltas.labels("device").set(stats.slots_in_use)
+    def record_residency(self, stats) -> None:
+        """The residency owner's snapshot (``server/deltas/residency.py: ResidencyStats``): the device tier."""
+        for state in ("budget", "capacity", "held", "real"):
+            self.device_memory.labels(state).set(getattr(stats, f"{state}_bytes"))
+        self.device_pinned.set(stats.pinned)
+        self.device_loading.set(stats.queued + stats.loading + stats.ready)
+        self.device_blocked.set(stats.blocked)
+        self.tier_deltas.labels("device").set(stats.resident)
+        self.tier_bytes.labels("device").set(stats.held_bytes)
+        self.tier_budget.labels("device").set(stats.budget_bytes)
         self._tier_counts("device", stats.hits, stats.misses, stats.evictions, stats.loads,
                           stats.load_seconds + stats.install_seconds)
 
@@ -259,7 +268,7 @@ class Metrics:
             self._increase(counter, (tier,), float(total))
 
     def add_refresh(self, fn) -> None:
-        """Call ``fn()`` at every scrape, before the series are read (slot and host-tier snapshots)."""
+        """Call ``fn()`` at every scrape, before the series are read (device- and host-tier snapshots)."""
         self.registry.hooks.append(fn)
 
     # ---- export ---------------------------------------------------------------------------------
@@ -274,7 +283,7 @@ class Metrics:
 
 class _Registry(CollectorRegistry):
     """A private registry that runs refresh hooks before every collection, so snapshot gauges and
-    counters (slots, host tier) are current in the same scrape rather than the next one."""
+    counters (device and host tiers) are current in the same scrape rather than the next one."""
 
     def __init__(self) -> None:
         super().__init__(auto_describe=True)

@@ -1,4 +1,4 @@
-"""Engine test helpers: a fake slot manager with observable pins, and a synchronous driver of Engine.step."""
+"""Engine test helpers: a fake residency owner with observable pins, and a synchronous driver of Engine.step."""
 from __future__ import annotations
 
 import collections
@@ -9,43 +9,44 @@ from server.engine import Engine
 from server.types import GenerationRequest
 
 
-class FakeSlots:
-    """The slot-manager contract (acquire/release/install_ready) with observable pins.
+class FakeResidency:
+    """The residency contract (lookup / request / step / busy) with observable state, for engine and scheduler
+    tests: ``capacity`` deltas fit the device; a requested delta is installed by the ``load_steps + 1``-th
+    ``step()`` after it was asked for (0: the next one), into a free slot or over the least recently used
+    unpinned one; pins are the running deltas given to the last ``step()``. ``install(slot, key)`` lets
+    engine tests copy a real delta into the model when a load lands."""
 
-    A key not resident starts a load that completes after ``load_steps`` calls of install_ready(); a finished
-    load takes a free slot (or evicts the least recently used unpinned one). ``install`` (slot, key) lets
-    engine tests copy a real delta into the model when a load lands; ``prompts`` (slot -> prompt part, e.g. a
-    DeltaModel's ``prompt_of``) tells the engine which resident deltas carry virtual tokens.
-    """
-
-    def __init__(self, num_slots: int, load_steps: int = 0, install=None, prompts=None):
-        self.num_slots = num_slots
+    def __init__(self, capacity: int, load_steps: int = 0, install=None, prompts=None):
+        """``prompts`` (slot -> prompt part, e.g. a DeltaModel's ``prompt_of``) tells the engine which resident
+        deltas carry virtual tokens."""
+        self.capacity = capacity
         self.load_steps = load_steps
         self.install = install
         self.prompts = prompts or (lambda slot: None)
         self.installed: list[tuple[DeltaKey, int]] = []
         self.resident: collections.OrderedDict[DeltaKey, int] = collections.OrderedDict()  # LRU order
-        self.pins: dict[int, int] = {}
-        self.loading: dict[DeltaKey, int] = {}  # key -> install_ready calls left
-        self.acquire_calls = 0
+        self.pinned: set[DeltaKey] = set()
+        self.loading: dict[DeltaKey, int] = {}  # key -> step() calls left
+        self.lookups = self.steps = 0
 
-    def acquire(self, key: DeltaKey) -> int | None:
-        self.acquire_calls += 1
+    def lookup(self, key: DeltaKey) -> int | None:
+        self.lookups += 1
         slot = self.resident.get(key)
         if slot is not None:
             self.resident.move_to_end(key)
-            self.pins[slot] = self.pins.get(slot, 0) + 1
             return slot
-        if key not in self.loading:
-            self.loading[key] = self.load_steps
-            if self.load_steps == 0:
-                self.install_ready()
-                return self.acquire(key) if key in self.resident else None
+        self.request(key)
         return None
 
-    def release(self, slot: int) -> None:
-        assert self.pins.get(slot, 0) > 0, f"slot {slot} released more often than acquired"
-        self.pins[slot] -= 1
+    def request(self, key: DeltaKey, **_kw) -> None:
+        if key not in self.resident and key not in self.loading:
+            self.loading[key] = self.load_steps
+
+    def busy(self) -> bool:
+        return bool(self.loading)
+
+    def slot_of(self, key: DeltaKey) -> int | None:
+        return self.resident.get(key)
 
     def prompt_of(self, slot: int):
         return self.prompts(slot)
@@ -58,28 +59,28 @@ class FakeSlots:
         out, self.installed = [(k, s) for k, s in self.installed if self.prompts(s) is not None], []
         return out
 
-    def install_ready(self) -> None:
+    def step(self, running=(), waiting=()) -> int:
+        self.steps += 1
+        self.pinned = set(running) & self.resident.keys()
+        installed = 0
         for key in list(self.loading):
             if self.loading[key] > 0:
                 self.loading[key] -= 1
                 continue
             used = set(self.resident.values())
-            free = [s for s in range(self.num_slots) if s not in used]
+            free = [s for s in range(self.capacity) if s not in used]
             if not free:
-                victims = [k for k, s in self.resident.items() if self.pins.get(s, 0) == 0]
+                victims = [k for k in self.resident if k not in self.pinned]
                 if not victims:
-                    continue  # every slot pinned: the load waits
+                    continue  # every resident delta is pinned: the load waits
                 free = [self.resident.pop(victims[0])]
-            slot = free[0]
             if self.install is not None:
-                self.install(slot, key)
-            self.resident[key] = slot
-            self.installed.append((key, slot))
+                self.install(free[0], key)
+            self.resident[key] = free[0]
+            self.installed.append((key, free[0]))
             del self.loading[key]
-
-    @property
-    def total_pins(self) -> int:
-        return sum(self.pins.values())
+            installed += 1
+        return installed
 
 
 def run_engine(engine: Engine, requests: list[GenerationRequest], per_step: int = 2, limit_s: float = 60.0,
@@ -156,3 +157,14 @@ def run_engine_logits(engine: Engine, requests: list[GenerationRequest], per_ste
             time.sleep(0.002)
     rec = engine.runner.logits
     return {rid: (tokens[rid], torch.stack(rec[id(row)])) for rid, row in rows.items()}
+
+
+def residency_for(dm, deltas: dict, hold: int | None = None):
+    """The real residency owner serving ``deltas`` (DeltaKey.name -> Delta) into ``dm``, with a delta budget that
+    holds the ``hold`` largest of them at once (fewer than there are: evictions), or all of them (None)."""
+    from server.deltas.residency import Residency
+
+    sizes = sorted((dm.footprint(d) for d in deltas.values()), reverse=True)
+    k = len(sizes) if hold is None else hold
+    budget = sum(sizes[:k]) + dm.slot_bytes * 2 * (k + 1)  # the per-slot tables grow by 1.25x: 2x is room
+    return Residency(dm, lambda key: deltas[key.name], budget)

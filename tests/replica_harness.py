@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.deploy_helpers import NGINX_CONF, nginx_binary, nginx_main_conf
+from tests.server_harness import DELTA_BUDGET
 from tests.services import free_port, wait_port
 
 START_TIMEOUT_S = 180.0  # three replicas importing torch and transformers at once on 2 busy cores
@@ -146,7 +147,7 @@ class ReplicaSet:
         env.update(moto_s3.env)
         env["PYTHONPATH"] = str(REPO)
         base = dict(model_path=str(model_dir), catalogue=self.catalogue_url, blobs=f"s3://{self.bucket}/deltas",
-                    max_slots=4, max_rank=16, max_batch_tokens=256, max_running=8, max_model_len=512,
+                    delta_memory_bytes=DELTA_BUDGET, max_rank=16, max_batch_tokens=256, max_running=8, max_model_len=512,
                     max_upload_bytes=256 << 10, grace_seconds=2.0, torch_threads=1, blob_cache_bytes=64 << 20,
                     openai_listen="",  # gRPC only: every replica would want the same default HTTP port
                     # scenarios race 3 uploads of one tenant on one replica: its quotas must decide, not the

@@ -26,6 +26,8 @@ from server.pb import deltas_pb2, inference_pb2
 
 MAX_UPLOAD = 256 << 10  # the test LoRAs are ~20 KB as tar.gz
 PROMPT = [3 + b for b in b"hello world"]  # byte-level tokenizer: byte b -> id 3 + b
+DELTA_BUDGET = 96 << 10  # device memory for deltas: ~7 of peft_lora()s (13.7 KB each), not one rank-16 LoRA on all
+# seven projections (132 KB), so uploads beyond the budget and evictions are exercised end to end
 
 
 class Served:
@@ -37,9 +39,9 @@ class Served:
         if model_dir is None:
             model_dir = build_demo_model(root / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
         values = dict(model_path=str(model_dir), data_dir=str(root / "data"), listen="127.0.0.1:0",
-                      metrics_listen="127.0.0.1:0", openai_listen="127.0.0.1:0", max_slots=4, max_rank=16,
-                      max_batch_tokens=256, max_running=8, max_model_len=512, max_upload_bytes=MAX_UPLOAD,
-                      grace_seconds=1.0, health_grace_seconds=0.0)
+                      metrics_listen="127.0.0.1:0", openai_listen="127.0.0.1:0", delta_memory_bytes=DELTA_BUDGET,
+                      max_rank=16, max_batch_tokens=256, max_running=8, max_model_len=512,
+                      max_upload_bytes=MAX_UPLOAD, grace_seconds=1.0, health_grace_seconds=0.0)
         config = ServerConfig(**{**values, **overrides})
         self.model_dir = model_dir
         self.app = build_app(config)
@@ -86,15 +88,16 @@ class Served:
         return value or 0.0
 
     def idle(self, timeout: float = 10.0) -> None:
-        """Wait until no request holds KV blocks or a slot pin (the engine finished or aborted everything)."""
-        engine, slots = self.app.engine, self.app.slots
+        """Wait until no request holds KV blocks or pins a delta (the engine finished or aborted everything)."""
+        engine, residency = self.app.engine, self.app.residency
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if engine.runner.kv.allocator.num_used == 0 and slots.stats().pinned == 0 and not engine.scheduler.has_work():
+            if (engine.runner.kv.allocator.num_used == 0 and residency.stats().pinned == 0
+                    and not engine.scheduler.has_work()):
                 return
             time.sleep(0.01)
         raise AssertionError(f"still busy: kv blocks {engine.runner.kv.allocator.num_used}, "
-                             f"pinned slots {slots.stats().pinned}")
+                             f"pinned deltas {residency.stats().pinned}")
 
 
 def fixture_model(arch: str, dest) -> Path:
@@ -144,6 +147,22 @@ def peft_lora(model_dir, seed: int) -> tuple[bytes, torch.nn.Module]:
             for f in sorted(Path(tmp).iterdir()):
                 tar.add(f, arcname=f.name)
     return buf.getvalue(), peft_model.merge_and_unload().eval()
+
+
+def peft_lora_footprint(model_dir) -> int:
+    """Device bytes one ``peft_lora`` delta takes on the server serving ``model_dir`` (its cells and its slot in the
+    per-slot tables): what a delta budget of "k resident deltas" is k times."""
+    from transformers import AutoModelForCausalLM
+
+    from delta_store.delta import Delta, LoraTerm, ModuleDelta
+    from server.deltas import DeltaLinear, wrap_model
+
+    dm = wrap_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    modules = {path: ModuleDelta(lora=LoraTerm(torch.zeros(4, layer.in_features), torch.zeros(layer.out_features, 4),
+                                               2.0))
+               for path, layer in dm.layers.items()
+               if isinstance(layer, DeltaLinear) and path.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "down_proj")}
+    return dm.footprint(Delta(modules)) + dm.slot_bytes
 
 
 def greedy(model, prompt: list[int], n: int) -> list[int]:

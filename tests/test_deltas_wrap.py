@@ -1,4 +1,5 @@
-"""wrap_model structure, the DeltaBatch, exact no-delta equality and the load-path refusals."""
+"""wrap_model structure, the DeltaBatch, exact no-delta equality, the load-path refusals, and where a layer keeps
+its terms (paged rows: nothing before the first delta, each term its bucketed rows)."""
 from __future__ import annotations
 
 import copy
@@ -7,11 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delta_store.delta import ADAPTER_SOURCES, AdapterTerm, Delta, LoraTerm, ModuleDelta
+from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
 from delta_store.errors import DeltaError, DeltaServeError, InvalidArgument
 from kernels.cpu import grouped
 from server.deltas import DeltaBatch, DeltaEmbedding, DeltaHead, DeltaLinear, DeltaNorm, wrap_model
+from server.deltas.pages import bucket_rows
 from tests.helpers import assert_close, tiny_gpt2, tiny_llama
+
+
+def _bias_of(layer, slot: int) -> torch.Tensor:
+    """The bias row ``slot`` reads at ``layer`` (its own, or the neutral zero row)."""
+    pages = layer.row_pages("bias") if isinstance(layer, DeltaLinear) else layer.bias_pages()
+    return pages.rows[pages.row[slot]]
 
 ARCHS = {
     "llama": lambda: tiny_llama(),
@@ -91,24 +99,71 @@ def test_wrapped_modules_llama_and_gpt2():
         wrap_model(dm.model)
 
 
-def test_pool_bytes_match_documented_formula():
-    S, R = 4, 8
-    dm = wrap_model(tiny_llama(), targets=("q_proj",), max_slots=S, max_rank=R, max_bottleneck=4)
+def test_no_delta_memory_until_a_delta_arrives_then_each_term_its_bucketed_rows():
+    dm = wrap_model(tiny_llama(), targets=("q_proj",), max_slots=4, max_rank=256, max_bottleneck=4)
+    assert dm.capacity_bytes() == 0 and dm.held_bytes() == 0  # max_rank=256 reserved nothing
     q = dm.layers["model.layers.0.self_attn.q_proj"]
-    fin, fout = q.in_features, q.out_features
-    assert q.nbytes() == S * (R * (fin + fout) + 2 * fout + fin) * 4 + S * 8
-    before = dm.pool_bytes()
     o = dm.layers["model.layers.0.self_attn.o_proj"]
-    ad = AdapterTerm(torch.randn(3, 64), torch.randn(3), torch.randn(64, 3), torch.randn(64), "relu")
-    dm.set_delta(1, Delta({o.path: ModuleDelta(adapter=ad)}))
-    # adapter pools appear on first use: down/up [S,M,h] x2, biases [S,M]+[S,h], act [S], scale/width [sources,S]
-    n = len(ADAPTER_SOURCES)
-    assert dm.pool_bytes() - before == (2 * S * 4 * 64 + S * 4 + S * 64) * 4 + S * 4 + 2 * n * S * 4
+    fin, fout = q.in_features, q.out_features
+    delta = Delta({q.path: _lora(fin, fout, r=5), o.path: ModuleDelta(adapter=AdapterTerm(
+        torch.randn(3, 64), torch.randn(3), torch.randn(64, 3), torch.randn(64), "relu"))})
+    dm.set_delta(1, delta)
+    width = q.w_in + q.w_out  # one LoRA row: A row | B column, 16-byte aligned halves
+    assert q.rows.arenas["lora"].held_bytes == bucket_rows(5) * width * 4 == 6 * 128 * 4
+    assert q.rows.arenas["vec_out"].nbytes == 0 and q.rows.arenas["adapter"].nbytes == 0  # untouched kinds
+    ad = o.rows.arenas["adapter"]
+    assert ad.held_bytes == bucket_rows(3) * (2 * o.w_out + 4) * 4  # down | up column | down bias
+    assert o.rows.arenas["vec_out"].held_bytes == 64 * 4  # the up bias row (no neutral row: none needed)
+    cells = sum(a.held_bytes for layer in dm.layers.values() for a in layer.rows.arenas.values())
+    assert cells == dm.footprint(delta)
+    assert dm.held_bytes() == cells + sum(layer.rows.fields.nbytes for layer in (q, o))
+    assert cells <= 1.25 * dm.real_bytes(delta) + 4 * 16  # + padding columns of the A|B rows
+    assert all(layer.nbytes() == 0 for path, layer in dm.layers.items() if path not in (q.path, o.path))
+    dm.clear(1)
+    assert dm.held_bytes() == sum(layer.rows.fields.nbytes for layer in dm.layers.values())  # only slot tables
+    assert dm.compact() > 0 and dm.capacity_bytes() == dm.held_bytes()
+
+
+def test_dora_and_trainable_tokens_hold_their_own_rows_and_nothing_before():
+    """DoRA: its LoRA's rows + one fp32 row (g | (1 - g) b0); trainable tokens: n value rows + n int64 ids per
+    wrapped embedding / head; max_token_rows reserves nothing; clearing gives every cell back."""
+    from delta_store.delta import RowsTerm
+
+    dm = wrap_model(tiny_llama(), targets=("q_proj",), max_slots=4, max_rank=8, max_bottleneck=4,
+                    max_token_rows=4096)
+    assert dm.capacity_bytes() == 0
+    q = dm.layers["model.layers.0.self_attn.q_proj"]
+    emb = next(layer for layer in dm.layers.values() if isinstance(layer, DeltaEmbedding))
+    md = _lora(q.in_features, q.out_features, r=4)
+    md.dora_magnitude = torch.rand(q.out_features) + 0.5
+    ids = torch.tensor([5, 9, 200], dtype=torch.int64)
+    tokens = ModuleDelta(rows=RowsTerm(ids, torch.randn(3, emb.hidden)))
+    delta = Delta({q.path: md, emb.path: tokens})
+    dm.set_delta(2, delta)
+    w_out32 = -(-q.out_features // 4) * 4  # fp32 columns, 16-byte aligned
+    assert q.rows.arenas["dora"].held_bytes == 2 * w_out32 * 4  # one row: g | (1 - g) b0
+    assert q.rows.arenas["lora"].held_bytes == 4 * (q.w_in + q.w_out) * 4
+    assert emb.rows.arenas["values"].held_bytes == bucket_rows(3) * emb.hidden * 4
+    assert emb.rows.arenas["ids"].held_bytes == bucket_rows(3) * 8
+    cells = sum(a.held_bytes for layer in dm.layers.values() for a in layer.rows.arenas.values())
+    assert cells == dm.footprint(delta)
+    pages = emb.token_pages()
+    start, id_start = int(pages.start[2]), int(pages.id_start[2])
+    assert int(pages.count[2]) == 3 and pages.ids[id_start:id_start + 3].tolist() == [5, 9, 200]
+    assert torch.equal(pages.values[start:start + 3], tokens.rows.values)
+    dp = q.dora_pages()
+    assert int(dp.flag[2]) == 1 and int(dp.flag[0]) == 0
+    dm.clear(2)
+    assert not emb.has and not q.has["dora"]
+    assert dm.held_bytes() == sum(layer.rows.fields.nbytes for layer in dm.layers.values())
 
 
 def test_batch_prepare_sequences_and_errors():
     dm = wrap_model(tiny_llama(), max_slots=6, max_rank=4, max_bottleneck=4, max_tokens=4)
     b = dm.batch
+    with pytest.raises(InvalidArgument, match=r"slot id 0 out of range \[-1, 0\)"):
+        b.prepare([0])  # no slot handed out yet
+    dm.ensure_slots(6)
     b.prepare_sequences([5, -1, 0], [3, 1, 2])
     assert b.token_slots_host == [5, 5, 5, -1, 0, 0]
     assert b.meta.active_slots_host == [0, 5] and not b.no_delta
@@ -164,9 +219,9 @@ def test_refusals_name_module_and_shapes(case, modules, match):
     with pytest.raises(DeltaError, match=match):
         dm.set_delta(1, Delta({**good, **modules}))
     # a refused delta leaves the slot as it was
-    assert dm.layers["model.layers.0.self_attn.q_proj"].bias_delta[1, 0].item() == 0.5
-    with pytest.raises(InvalidArgument, match="slot 2 out of range"):
-        dm.set_delta(2, Delta(good))
+    assert _bias_of(dm.layers["model.layers.0.self_attn.q_proj"], 1)[0].item() == 0.5
+    with pytest.raises(InvalidArgument, match="slot -1 must be an integer >= 0"):
+        dm.set_delta(-1, Delta(good))
 
 
 def test_clear_resets_slot():
@@ -201,6 +256,7 @@ def test_layer_checks_hold_without_validate():
 def test_batch_buffer_is_refilled_in_place():
     """CUDA-graph friendly: steps of up to max_tokens tokens reuse the same slot-id storage."""
     dm = wrap_model(tiny_llama(), max_slots=4, max_rank=4, max_bottleneck=4, max_tokens=16)
+    dm.ensure_slots(4)
     ptr = dm.batch._slots.data_ptr()
     index_ptr = dm.batch._index.storage.data_ptr()  # the kernels' index tensors (kernels.MetaBuffers)
     for slots in ([0] * 16, [1, -1, 3], [2] * 7):
@@ -261,27 +317,39 @@ def test_pools_load_inside_and_outside_inference_mode():
     with torch.inference_mode():
         dm2.set_delta(1, Delta(md))
         dm2.clear(1)
-    assert dm.layers["model.layers.0.self_attn.q_proj"].bias_delta[0, 0].item() == 1.0
+    dm2.set_delta(0, Delta(md))  # arenas made inside inference mode, written outside it
+    for d in (dm, dm2):
+        assert _bias_of(d.layers["model.layers.0.self_attn.q_proj"], 0)[0].item() == 1.0
 
 
 @pytest.mark.skipif(not grouped.supported(torch.empty(0)), reason="F.grouped_mm does not run on this torch")
-def test_delta_linear_pools_store_b_and_up_as_rows():
-    """LoRA B and adapter up pools are stored [S, R, out] rows, the kernels' [S, out, R] views transposes of
-    them: the layout the CPU backend's grouped plan reads in place (kernels/cpu/grouped.py)."""
+def test_delta_linear_stores_terms_as_rows_the_kernels_read():
+    """A LoRA is rank rows of A next to B's columns; an adapter is width rows of down next to up's columns and the
+    down bias: the layout the CPU backend's grouped plan reads in place (kernels/cpu/grouped.py)."""
     base = torch.nn.Linear(24, 40)
-    layer = DeltaLinear(base, DeltaBatch(4), path="p", max_slots=4, max_rank=8, max_bottleneck=8)
+    batch = DeltaBatch(4)
+    layer = DeltaLinear(base, batch, path="p", max_rank=8, max_bottleneck=8)
     g = torch.Generator().manual_seed(0)
     lora = LoraTerm(torch.randn(3, 24, generator=g), torch.randn(40, 3, generator=g), 0.5)
     ad = AdapterTerm(torch.randn(5, 40, generator=g), torch.randn(5, generator=g), torch.randn(40, 5, generator=g),
                      torch.randn(40, generator=g), "silu", 2.0, "output")
-    layer.set_delta(2, ModuleDelta(lora=lora, adapter=ad))
-    for view, rows, want, r in ((layer.lora_b, layer.lora_b_rows, lora.b, 3),
-                                (layer.adapters.up, layer.adapters.up_rows, ad.up, 5)):
-        assert rows.is_contiguous() and view.data_ptr() == rows.data_ptr()  # a view, nothing copied
-        assert torch.equal(view[2, :, :r], want) and view[2, :, r:].eq(0).all() and view[[0, 1, 3]].eq(0).all()
-    assert grouped.lora_ok(torch.empty(1, 24), layer.lora_a, layer.lora_b)
+    staged = layer.stage(ModuleDelta(lora=lora, adapter=ad))
+    with torch.inference_mode():
+        layer.rows.grow(layer.rows.demand({t: r.shape[0] for t, r in staged.rows.items()}), 1 << 30)
+        layer.place(2, staged, capacity=4)
+    batch.slot_capacity = 4
+    lp = layer.lora_pages()
+    st = lp.start[2].item()
+    assert torch.equal(lp.a_rows[st:st + 3], lora.a) and torch.equal(lp.b_rows[st:st + 3], lora.b.t())
+    assert lp.rank.tolist() == [0, 0, 3, 0] and lp.max_rank == 3
+    assert grouped.lora_ok(torch.empty(1, 24), lp.a_rows, lp.b_rows)
+    apg = layer.adapter_pages(0)
+    st = apg.start[2].item()
+    assert torch.equal(apg.down_rows[st:st + 5], ad.down) and torch.equal(apg.up_rows[st:st + 5], ad.up.t())
+    assert torch.equal(apg.down_bias[st:st + 5], ad.down_bias)
+    assert torch.equal(apg.up_bias_rows[apg.up_bias_row[2]], ad.up_bias)
     x = torch.randn(6, 24, generator=g)
-    layer.batch.prepare([2, -1, 2, 0, -1, 2])
+    batch.prepare([2, -1, 2, 0, -1, 2])
     with torch.no_grad():
         y = layer(x)
         want = base(x)
@@ -289,9 +357,10 @@ def test_delta_linear_pools_store_b_and_up_as_rows():
         want[rows] += 0.5 * (x[rows] @ lora.a.T) @ lora.b.T
         want[rows] += 2.0 * (F.silu(want[rows] @ ad.down.T + ad.down_bias) @ ad.up.T + ad.up_bias)
     assert_close(y, want, atol=2e-5, rtol=2e-5, what="DeltaLinear forward")
-    layer.clear(2)
-    assert layer.lora_b_rows.eq(0).all() and layer.adapters.up_rows.eq(0).all()
-    assert layer.nbytes() == 4 * (8 * (24 + 40) + 2 * 40 + 24) * 4 + 4 * 8 + layer.adapters.nbytes()
+    with torch.inference_mode():
+        layer.clear(2)
+    assert layer.rows.held_bytes == layer.rows.fields.nbytes and not layer.has["lora"]
+    assert lp.rank.tolist() == [0, 0, 0, 0]
 
 
 def test_a_module_outside_the_targets_is_refused_as_not_wrapped():

@@ -196,15 +196,15 @@ def test_short_deadline_is_deadline_exceeded_and_frees_the_request(srv, alice):
     assert srv.requests_counted("alice", "cancelled") == before["cancelled"]
 
 
-def test_cancel_mid_stream_frees_kv_blocks_and_slot_pin(srv, alice):
+def test_cancel_mid_stream_frees_kv_blocks_and_delta_pin(srv, alice):
     md, _, _ = alice
-    engine, slots = srv.app.engine, srv.app.slots
+    engine, residency = srv.app.engine, srv.app.residency
     call = srv.inference.Generate(gen_request("style", n=400), metadata=md)
     next(call)
     next(call)
-    assert engine.runner.kv.allocator.num_used > 0 and slots.stats().pinned == 1
+    assert engine.runner.kv.allocator.num_used > 0 and residency.stats().pinned == 1
     call.cancel()
-    srv.idle()  # raises if the KV blocks or the slot pin are still held
+    srv.idle()  # raises if the KV blocks or the delta pin are still held
 
 
 # ---- hot swap ----------------------------------------------------------------------------------
@@ -239,6 +239,40 @@ def test_preload_and_delete(srv, alice):
     assert srv.deltas.DeleteDelta(deltas_pb2.DeleteDeltaRequest(name="warm"), metadata=md).deleted_versions == 1
     err = code_of(lambda: list(srv.inference.Generate(gen_request("warm"), metadata=md)))
     assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_preload_to_device_while_the_engine_is_busy(srv, alice):
+    md, _, _ = alice
+    other = srv.tenant("jill")
+    data, _ = peft_lora(srv.model_dir, seed=8)
+    upload(srv, other, "busy", data)
+    call = srv.inference.Generate(gen_request("style", n=300), metadata=md)
+    next(call)
+    reply = srv.deltas.PreloadDelta(deltas_pb2.PreloadDeltaRequest(delta="busy", tier=deltas_pb2.CACHE_TIER_DEVICE),
+                                    metadata=other)
+    assert reply.tier == deltas_pb2.CACHE_TIER_DEVICE, "installed between forwards of the running request"
+    assert srv.app.engine.scheduler.num_running >= 1, "the running request finished before the preload answered"
+    key = srv.app.store.resolve(srv.app.store.tenants.get_by_name("jill"), "busy").key
+    assert srv.app.residency.slot_of(key) is not None
+    call.cancel()
+    srv.idle()
+
+
+def test_a_delta_larger_than_the_whole_budget_is_refused_at_upload(srv):
+    from delta_store.native import dump_native
+    from tests.helpers import random_delta
+
+    md = srv.tenant("kim")
+    spec = srv.app.engine.runner.dm.spec
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    big = random_delta(spec, rank=16, targets=targets, seed=3)
+    assert srv.app.engine.runner.dm.footprint(big) > srv.app.budgets.delta_bytes
+    err = code_of(lambda: upload(srv, md, "huge", dump_native(big)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    msg = err.details()
+    assert re.search(r"model\.layers\.\d\.mlp\.\w+_proj: LoRA rank 16 ", msg), msg
+    assert f"delta_memory_bytes={srv.app.budgets.delta_bytes}" in msg, msg
+    assert not srv.app.store.list(srv.app.store.tenants.get_by_name("kim"))[0], "nothing stored"
 
 
 def test_bad_requests_are_invalid_argument(srv, alice):
@@ -309,13 +343,19 @@ def test_zz_metrics_scrape_after_traffic(srv, alice):
     assert any(k.startswith('deltaserve_requests_total{status="resource_exhausted"') for k in samples)
     assert any(k.startswith('deltaserve_requests_total{status="deadline_exceeded"') for k in samples)
     assert samples['deltaserve_requests_by_delta_kind_total{kind="lora"}'] >= 1
-    assert samples["deltaserve_kv_blocks_total"] > 0 and samples["deltaserve_delta_slots_total"] == 4
+    assert samples["deltaserve_kv_blocks_total"] > 0
+    assert samples['deltaserve_delta_device_memory_bytes{state="budget"}'] == srv.app.budgets.delta_bytes
+    assert 0 < samples['deltaserve_delta_device_memory_bytes{state="held"}'] <= samples[
+        'deltaserve_delta_device_memory_bytes{state="capacity"}'] <= srv.app.budgets.delta_bytes
+    assert samples['deltaserve_delta_resident{tier="device"}'] >= 1
+    assert samples['deltaserve_delta_bytes_budget{tier="device"}'] == srv.app.budgets.delta_bytes
     # the router view (vLLM names): queue, batch and KV gauges, and the resident deltas as its one info series
     assert samples["vllm:num_requests_waiting"] == 0 and samples["vllm:num_requests_running"] == 0
     assert 0 <= samples["vllm:kv_cache_usage_perc"] <= 1
     (info,) = [k for k in samples if k.startswith("vllm:lora_requests_info{")]
     resident = re.search(r'running_lora_adapters="([^"]*)"', info).group(1).split(",")
-    assert "style@1" in resident and 'max_lora="4"' in info
+    # max_lora: the most distinct deltas one step serves (max_running); residency itself is by bytes
+    assert "style@1" in resident and f'max_lora="{srv.app.config.max_running}"' in info
     text = "\n".join(line for line in text.splitlines() if not line.startswith("vllm:lora_requests_info"))
     labels = set(re.findall(r'="([^"]*)"', text))
     for forbidden in ("style", "swap", "warm", "one", "two"):

@@ -1,5 +1,6 @@
-"""The async engine: streaming, abort and client cancellation free KV blocks and slot pins at once, completion
-returns them too, overload refusal, graceful shutdown, stats listeners and a failing delta load."""
+"""The async engine: streaming, abort and client cancellation free KV blocks at once and unpin the delta at the
+next step, completion returns them too, overload refusal, graceful shutdown, stats listeners, a failing
+delta load, and an idle engine that still installs a requested delta."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,7 @@ from server.engine.model_runner import ModelRunner
 from server.engine.stats import RequestStats, StepStats
 from server.types import FinishReason, GenerationRequest, SamplingParams
 from tests.helpers import tiny_llama
-from tests.engine_helpers import FakeSlots
+from tests.engine_helpers import FakeResidency
 
 KEY = DeltaKey("t", "d", 1, "d")
 
@@ -25,11 +26,11 @@ def model():
     return tiny_llama(seed=6)
 
 
-def _engine(model, slots=None, **kw) -> Engine:
+def _engine(model, residency=None, **kw) -> Engine:
     values = dict(max_batch_tokens=64, max_running=8, kv_block_size=4, kv_blocks=64, max_model_len=128)
     values.update(kw)
     config = ServerConfig(**values)
-    return Engine(config, ModelRunner(copy.deepcopy(model), None, config), slots)
+    return Engine(config, ModelRunner(copy.deepcopy(model), None, config), residency)
 
 
 def _req(rid: str, n_new: int = 8, delta=None, tenant: str = "a", prompt=(5, 6, 7, 8, 9, 10)) -> GenerationRequest:
@@ -66,18 +67,20 @@ def test_streams_equal_synchronous_steps(model):
     assert engine.runner.kv.allocator.num_used == 0
 
 
-def test_abort_and_client_cancel_free_blocks_and_pins_at_once(model):
+def test_abort_and_client_cancel_free_blocks_at_once_and_unpin(model):
     async def main():
-        slots = FakeSlots(num_slots=2)
-        engine = _engine(model, slots)
+        res = FakeResidency(capacity=2)
+        engine = _engine(model, res)
         await engine.start()
         free0 = engine.runner.kv.allocator.num_free
         # abort by id after the first token
         stream = engine.generate(_req("abort-me", 100, KEY))
         first = await stream.__anext__()
-        assert first.token_ids and engine.runner.kv.allocator.num_free < free0 and slots.total_pins == 1
+        await asyncio.sleep(0.05)  # a few decode steps: the owner has seen the request running
+        assert first.token_ids and engine.runner.kv.allocator.num_free < free0 and res.pinned == {KEY}
         assert engine.abort("abort-me")
-        assert engine.runner.kv.allocator.num_free == free0 and slots.total_pins == 0  # at once, not next step
+        assert engine.runner.kv.allocator.num_free == free0  # at once, not next step
+        assert engine.scheduler.running_deltas() == []  # nothing pins KEY at the owner's next step
         rest = [o async for o in stream]
         assert rest[-1].finish_reason == FinishReason.ABORTED
         assert not engine.abort("abort-me")
@@ -89,16 +92,37 @@ def test_abort_and_client_cancel_free_blocks_and_pins_at_once(model):
                 seen.set()
         task = asyncio.create_task(client())
         await seen.wait()
-        assert slots.total_pins == 1
+        assert engine.scheduler.running_deltas() == [KEY]
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert engine.runner.kv.allocator.num_free == free0 and slots.total_pins == 0
+        assert engine.runner.kv.allocator.num_free == free0 and engine.scheduler.running_deltas() == []
         assert not engine.scheduler.has_work()
         # completion returns everything too
         outs = [o async for o in engine.generate(_req("done", 5, KEY))]
         assert outs[-1].finish_reason == FinishReason.LENGTH
-        assert engine.runner.kv.allocator.num_free == free0 and slots.total_pins == 0
+        engine.step()
+        assert engine.runner.kv.allocator.num_free == free0 and res.pinned == set()
+        await engine.shutdown(0)
+    asyncio.run(main())
+
+
+def test_idle_engine_installs_a_requested_delta(model):
+    # PreloadDelta on an idle engine: the loop steps while the owner has a load pending, then sleeps again
+    async def main():
+        res = FakeResidency(capacity=2, load_steps=3)
+        engine = _engine(model, res)
+        await engine.start()
+        res.request(KEY)
+        engine.wake()
+        for _ in range(200):
+            if KEY in res.resident:
+                break
+            await asyncio.sleep(0.01)
+        assert KEY in res.resident and not engine.scheduler.has_work()
+        steps = res.steps
+        await asyncio.sleep(0.05)
+        assert res.steps == steps, "an idle engine with nothing pending does not spin"
         await engine.shutdown(0)
     asyncio.run(main())
 
@@ -134,14 +158,14 @@ def test_shutdown_lets_running_finish_then_refuses(model):
 
 
 def test_stats_listeners_and_failed_delta_load(model):
-    class Failing(FakeSlots):
-        def acquire(self, key):
+    class Failing(FakeResidency):
+        def lookup(self, key):
             if key.name == "broken":
                 raise OSError("blob missing on disk")
-            return super().acquire(key)
+            return super().lookup(key)
 
-    slots = Failing(num_slots=2)
-    engine = _engine(model, slots)
+    res = Failing(capacity=2)
+    engine = _engine(model, res)
     seen: list = []
     engine.add_listener(seen.append)
     engine.add_listener(lambda s: 1 / 0)  # a broken listener does not stop serving
@@ -159,21 +183,22 @@ def test_stats_listeners_and_failed_delta_load(model):
     assert steps[-1].kv_blocks_used == 0 and steps[0].kv_blocks_total == 64
     assert reqs["ok"].completion_tokens == 3 and reqs["ok"].has_delta and reqs["ok"].ttft >= reqs["ok"].queue_time
     assert reqs["bad"].finish_reason == FinishReason.ERROR and reqs["base"].tpot is not None
-    assert slots.total_pins == 0
+    engine.step()
+    assert res.pinned == set()
 
 
 def test_loop_survives_a_failing_schedule(model):
-    class Flaky(FakeSlots):
+    class Flaky(FakeResidency):
         fail = True
 
-        def install_ready(self):
+        def step(self, running=(), waiting=()):
             if self.fail:
                 self.fail = False
                 raise RuntimeError("device copy failed")
-            super().install_ready()
+            return super().step(running, waiting)
 
     async def main():
-        engine = _engine(model, Flaky(num_slots=2))
+        engine = _engine(model, Flaky(capacity=2))
         await engine.start()
         first = [o async for o in engine.generate(_req("a", 3))]
         assert first[-1].finish_reason == FinishReason.ERROR and "device copy failed" in first[-1].error

@@ -3,7 +3,7 @@
 Ten requests arrive two per step with prompts of 3-30 tokens; they use deltas of every kind (LoRA of ranks 2,
 4 and 16, LoRA + BitFit bias, (IA)3, BEFT bias, bottleneck adapters) or none, one delta shared by two requests.
 Each delta is made with PEFT (random weights, saved, imported with ``import_delta``, the store's import path: the upload path) and served
-through the real SlotManager (background loads) and wrap_model. References: PEFT ``merge_and_unload`` for LoRA
+through the real residency owner (background loads, a byte budget) and wrap_model. References: PEFT ``merge_and_unload`` for LoRA
 and (IA)3, the unmerged PeftModel for BEFT, and forward hooks applying the adapters for the bottleneck delta.
 The same run with a KV cache of 14 blocks of 4 tokens forces preemption (recompute) and must not change a token.
 """
@@ -21,7 +21,7 @@ from server.config import ServerConfig
 from server.deltas import wrap_model
 from server.engine import Engine
 from server.engine.model_runner import ModelRunner
-from server.deltas.slots import SlotManager
+from server.deltas.residency import Residency
 from server.types import GenerationRequest, SamplingParams
 from tests.engine_helpers import run_engine
 from tests.helpers import import_delta, tiny_gpt2, tiny_llama
@@ -73,9 +73,11 @@ def _reference(model, prompt: list[int]) -> list[int]:
 
 
 def _serve(base, deltas: dict, config: ServerConfig, num_slots: int):
-    dm = wrap_model(base, max_slots=num_slots, max_rank=16, max_bottleneck=16)
+    """The engine with a delta budget that holds the ``num_slots`` largest deltas (fewer than there are: evictions)."""
+    dm = wrap_model(base, max_slots=config.max_running, max_rank=16, max_bottleneck=16)
     by_name = {name: d for name, (d, _) in deltas.items()}
-    slots = SlotManager(dm, lambda key: by_name[key.name], num_slots)
+    budget = sum(sorted((dm.footprint(d) for d in by_name.values()), reverse=True)[:num_slots])
+    slots = Residency(dm, lambda key: by_name[key.name], budget)
     return Engine(config, ModelRunner(dm, None, config), slots), slots
 
 
@@ -88,8 +90,8 @@ def test_mixed_deltas_greedy_equals_hf_generate(tmp_path, kv_blocks):
     changed = [name for name, p, e in zip(ROWS, prompts, expected) if name != "none" and e != _reference(base, p)]
     assert len(changed) == sum(name != "none" for name in ROWS), f"some deltas do not change greedy output: {changed}"
     config = ServerConfig(max_batch_tokens=48, max_running=16, kv_block_size=4, kv_blocks=kv_blocks,
-                          max_model_len=64, max_slots=8)
-    engine, slots = _serve(copy.deepcopy(base), deltas, config, num_slots=4)  # 6 deltas, 4 slots: eviction too
+                          max_model_len=64)
+    engine, slots = _serve(copy.deepcopy(base), deltas, config, num_slots=4)  # 6 deltas, room for 4: eviction too
     requests = [GenerationRequest(f"r{i}", f"tenant{i % 3}", p, SamplingParams(max_new_tokens=MAX_NEW, temperature=0),
                                   delta=None if name == "none" else DeltaKey("t", name, 1, name))
                 for i, (name, p) in enumerate(zip(ROWS, prompts))]
@@ -99,6 +101,7 @@ def test_mixed_deltas_greedy_equals_hf_generate(tmp_path, kv_blocks):
     if kv_blocks == 14:
         assert engine.scheduler.num_preemptions > 0, "the small KV budget was meant to force preemption"
     assert engine.runner.kv.allocator.num_used == 0
+    engine.step()  # the owner's step after the last request: it unpins what nothing runs
     assert slots.stats().pinned == 0
     slots.close()
 
@@ -143,5 +146,6 @@ def test_gpt2_conv1d_deltas_equal_hf_generate(tmp_path):
                 for i, (n, p) in enumerate(zip(rows, prompts))]
     got = run_engine(engine, requests, per_step=3)
     assert [got[f"r{i}"] for i in range(len(rows))] == expected
+    engine.step()  # the owner's step after the last request: it unpins what nothing runs
     assert engine.runner.kv.allocator.num_used == 0 and slots.stats().pinned == 0
     slots.close()

@@ -19,12 +19,11 @@ from delta_store.base_spec import BaseSpec
 from delta_store.records import DeltaKey
 from server.config import ServerConfig
 from server.deltas import wrap_model
-from server.deltas.slots import SlotManager
 from server.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.engine.stats import StepStats
 from server.types import GenerationRequest, SamplingParams
-from tests.engine_helpers import LogitsRunner
+from tests.engine_helpers import LogitsRunner, residency_for
 from tests.helpers import assert_close, import_delta, tiny_llama
 from tests.oracles import randomise_peft
 
@@ -51,9 +50,9 @@ def _deltas(tmp_path):
 class Served:
     def __init__(self, base, deltas, *, caching: bool):
         config = ServerConfig(max_batch_tokens=64, max_running=8, kv_block_size=4, kv_blocks=128, max_model_len=64,
-                              max_slots=4, prefix_caching=caching)
+                              prefix_caching=caching)
         self.dm = wrap_model(copy.deepcopy(base), max_slots=4, max_rank=8)
-        self.slots = SlotManager(self.dm, lambda key: deltas[key.name], 4)
+        self.slots = residency_for(self.dm, deltas, hold=4)
         self.engine = Engine(config, LogitsRunner(ModelRunner(self.dm, None, config)), self.slots)
         self.computed = 0  # tokens that went through a forward
         self.engine.add_listener(lambda s: self._count(s) if isinstance(s, StepStats) else None)

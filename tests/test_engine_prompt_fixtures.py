@@ -19,11 +19,10 @@ from delta_store.base_spec import BaseSpec
 from delta_store.records import DeltaKey
 from server.config import ServerConfig
 from server.deltas import wrap_model
-from server.deltas.slots import SlotManager
 from server.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.types import GenerationRequest, SamplingParams
-from tests.engine_helpers import LogitsRunner, run_engine_logits
+from tests.engine_helpers import LogitsRunner, residency_for, run_engine_logits
 from tests.helpers import FIXTURES, assert_close, fixture_cases, import_delta
 
 
@@ -36,9 +35,8 @@ def test_prompt_fixture_cases_through_the_engine(arch):
     name = lambda c: f"{c.parent.name}-{c.name}"  # noqa: E731 - AdapterHub and OpenDelta share case names
     deltas = {name(c): import_delta(c, spec) for c in prompt_cases + layer_cases}
     dm = wrap_model(base, max_slots=len(deltas), max_rank=16, max_bottleneck=64)
-    slots = SlotManager(dm, lambda key: deltas[key.name], len(deltas))
-    config = ServerConfig(max_batch_tokens=96, max_running=48, kv_block_size=4, kv_blocks=512, max_model_len=32,
-                          max_slots=len(deltas))
+    slots = residency_for(dm, deltas)
+    config = ServerConfig(max_batch_tokens=96, max_running=48, kv_block_size=4, kv_blocks=512, max_model_len=32)
     engine = Engine(config, LogitsRunner(ModelRunner(dm, None, config)), slots)
     sampling = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
     requests, expected = [], {}
@@ -57,5 +55,6 @@ def test_prompt_fixture_cases_through_the_engine(arch):
         assert_close(got[rid][1][0], want, atol=1e-5, what=f"{arch} {rid}")
     assert engine.prefix.stats.prompt_computes == len(prompt_cases)
     assert engine.prefix.stats.hits > 0  # the rows' growing prompts share their first blocks
+    engine.step()  # the owner's step after the last request: it unpins what nothing runs
     assert engine.runner.kv.allocator.num_used == 0 and slots.stats().pinned == 0
     slots.close()

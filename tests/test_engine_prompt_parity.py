@@ -23,11 +23,10 @@ from delta_store.base_spec import BaseSpec
 from delta_store.records import DeltaKey
 from server.config import ServerConfig
 from server.deltas import wrap_model
-from server.deltas.slots import SlotManager
 from server.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.types import GenerationRequest, SamplingParams
-from tests.engine_helpers import LogitsRunner, run_engine_logits
+from tests.engine_helpers import LogitsRunner, residency_for, run_engine_logits
 from tests.helpers import assert_close, import_delta, tiny_gpt2, tiny_llama
 from tests.oracles import hooked_copy, peft_greedy, randomise_peft, site_adapters
 
@@ -88,9 +87,9 @@ def _references(arch: str, tmp_path_factory):
 @pytest.mark.parametrize("arch", list(BASES))
 def test_prompt_deltas_in_mixed_batches_equal_peft(arch, setup, tmp_path_factory):
     base, deltas, prompts, expected = _references(arch, tmp_path_factory)
-    config = ServerConfig(kv_block_size=4, max_model_len=64, max_slots=8, **CONFIGS[setup])
+    config = ServerConfig(kv_block_size=4, max_model_len=64, **CONFIGS[setup])
     dm = wrap_model(copy.deepcopy(base), max_slots=8, max_rank=8, max_bottleneck=8)
-    slots = SlotManager(dm, lambda key: deltas[key.name], 8)
+    slots = residency_for(dm, deltas, hold=8)
     engine = Engine(config, LogitsRunner(ModelRunner(dm, None, config)), slots)
     sampling = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, ignore_eos=True)  # the oracle runs past EOS
     requests = [GenerationRequest(f"r{i}", f"tenant{i % 3}", p, sampling,
@@ -110,5 +109,6 @@ def test_prompt_deltas_in_mixed_batches_equal_peft(arch, setup, tmp_path_factory
         assert stats.prompt_computes >= 4 and engine.runner.kv.allocator.evictions > 0
     else:
         assert stats.prompt_computes == 4, "each prompt delta's prefix is computed once (its load), then shared"
+    engine.step()  # the owner's step after the last request: it unpins what nothing runs
     assert engine.runner.kv.allocator.num_used == 0 and slots.stats().pinned == 0
     slots.close()

@@ -1,6 +1,7 @@
-"""Scheduler policy, pure Python: token budget, chunked prefill, KV admission and preemption, delta-slot
-admission, tenant fairness (VTC) and the bounded queue. No model: each "step" marks the scheduled chunks as
-computed and, for chunks that reach the end, appends one output token, as the engine would."""
+"""Scheduler policy, pure Python: token budget, chunked prefill, KV admission and preemption, admission by
+delta residency, tenant fairness (VTC) and the bounded queue. No model: each "step" runs the residency owner's
+step, then marks the scheduled chunks as computed and, for chunks that reach the end, appends one output
+token, as the engine would."""
 from __future__ import annotations
 
 import collections
@@ -13,7 +14,7 @@ from server.engine.block_pool import BlockPool
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SeqStatus
 from server.types import GenerationRequest, SamplingParams
-from tests.engine_helpers import FakeSlots
+from tests.engine_helpers import FakeResidency
 
 
 def key(name: str) -> DeltaKey:
@@ -26,15 +27,18 @@ def seq(rid: str, n_prompt: int, max_new: int = 8, tenant: str = "a", delta: Del
     return Sequence(req)
 
 
-def make(blocks: int = 64, budget: int = 32, running: int = 8, waiting: int = 100, slots=None, block_size: int = 4,
-         max_len: int = 256) -> Scheduler:
+def make(blocks: int = 64, budget: int = 32, running: int = 8, waiting: int = 100, residency=None,
+         block_size: int = 4, max_len: int = 256) -> Scheduler:
     cfg = SchedulerConfig(max_batch_tokens=budget, max_running=running, max_waiting=waiting, max_model_len=max_len,
                           block_size=block_size)
-    return Scheduler(cfg, BlockPool(blocks), slots)
+    return Scheduler(cfg, BlockPool(blocks), residency)
 
 
 def run_step(s: Scheduler):
-    """Schedule, then play the engine: sampled chunks get a token; finished sequences leave."""
+    """The residency owner's step, schedule, then play the engine: sampled chunks get a token; finished
+    sequences leave."""
+    if s.residency is not None:
+        s.residency.step(s.running_deltas(), s.waiting_deltas())
     out = s.schedule()
     for c in out.chunks:
         if c.sample:
@@ -93,8 +97,8 @@ def test_preemption_by_recompute_when_blocks_run_out():
 
 
 def test_delta_not_resident_waits_while_others_run():
-    slots = FakeSlots(num_slots=2, load_steps=3)
-    s = make(slots=slots)
+    res = FakeResidency(capacity=2, load_steps=3)
+    s = make(residency=res)
     cold = seq("cold", 4, delta=key("x"))
     s.add(cold)
     s.add(seq("base", 4))
@@ -102,36 +106,50 @@ def test_delta_not_resident_waits_while_others_run():
     assert [c.seq.request_id for c in out.chunks] == ["base"] and out.waiting_on_delta == 1
     steps = 1
     while cold.status is SeqStatus.WAITING:
-        slots.install_ready()
         run_step(s)
         steps += 1
-    assert steps == 1 + slots.load_steps + 1 and cold.slot == 0 and slots.pins[0] == 1  # the load, then admission
+    # asked at the first lookup; installed by the owner's step load_steps + 1 later, admitted in that step
+    assert steps == 1 + res.load_steps + 1 and cold.slot == 0
     assert (s.delta_admissions_resident, s.delta_admissions_waited) == (0, 1), "it waited: no device hit"
     warm, also_cold = seq("warm", 4, delta=key("x")), seq("late", 4, delta=key("y"))
     s.add(warm)
     s.add(also_cold)
     run_step(s)
+    assert res.pinned == {key("x")}  # a running request pins its delta at the owner's next step
     assert warm.status is SeqStatus.RUNNING and not warm.waited_on_delta and also_cold.waited_on_delta
     assert (s.delta_admissions_resident, s.delta_admissions_waited) == (1, 1)
     while s.has_work():
-        slots.install_ready()
         run_step(s)
-    assert slots.total_pins == 0
+    run_step(s)
+    assert res.pinned == set() and not s.running_deltas()
     assert (s.delta_admissions_resident, s.delta_admissions_waited) == (1, 2)
 
 
-def test_distinct_deltas_per_step_bounded_by_slots():
-    slots = FakeSlots(num_slots=3)
-    s = make(slots=slots, running=16, budget=64)
-    for i in range(8):
-        s.add(seq(f"r{i}", 2, max_new=3, delta=key(f"d{i}")))
+def test_scheduler_only_asks_never_writes():
+    # the scheduler looks deltas up; it never installs, evicts or pins (no such calls exist on the contract)
+    res = FakeResidency(capacity=1)
+    s = make(residency=res)
+    s.add(seq("a", 4, delta=key("x")))
+    s.schedule()
+    assert res.lookups == 1 and res.steps == 0 and res.loading == {key("x"): 0} and not res.resident
+
+
+def test_more_distinct_deltas_than_fit_all_complete():
+    # 3 deltas fit, 8 are asked for: the running set's deltas are pinned; the others wait and get in as they go
+    res = FakeResidency(capacity=3)
+    s = make(residency=res, running=16, budget=64)
+    seqs = [seq(f"r{i}", 2, max_new=3, delta=key(f"d{i}")) for i in range(8)]
+    for q in seqs:
+        s.add(q)
     seen_max = 0
-    while s.has_work():
-        slots.install_ready()
+    for _ in range(200):
+        if not s.has_work():
+            break
         out = run_step(s)
         seen_max = max(seen_max, len({c.seq.slot for c in out.chunks}))
-        assert slots.total_pins <= 3 * 16
-    assert seen_max == 3 and slots.total_pins == 0
+        assert len(res.pinned) <= 3
+    assert not s.has_work() and all(len(q.output_ids) == 3 for q in seqs)
+    assert seen_max == 3
 
 
 def test_fairness_one_tenant_flood_does_not_delay_another():
@@ -182,22 +200,28 @@ def test_overload_refused_with_retry_hint_and_impossible_requests():
 
 
 def test_finish_of_waiting_and_running_returns_everything():
-    slots = FakeSlots(num_slots=2)
-    s = make(slots=slots, blocks=16)
+    res = FakeResidency(capacity=2)
+    s = make(residency=res, blocks=16)
     r, w = seq("r", 6, delta=key("x")), seq("w", 6)
     s.add(r)
-    run_step(s)
+    run_step(s)  # asks for x
+    run_step(s)  # x installed and r admitted
     s.add(w)
-    assert slots.total_pins == 1 and s.allocator.num_used == 2
+    assert s.running_deltas() == [key("x")] and s.allocator.num_used == 2
     s.finish(r, "aborted")
     s.finish(w, "aborted")
-    assert slots.total_pins == 0 and s.allocator.num_used == 0 and not s.has_work()
+    assert s.running_deltas() == [] and r.slot is None and s.allocator.num_used == 0 and not s.has_work()
+    res.step(s.running_deltas(), s.waiting_deltas())
+    assert res.pinned == set()  # nothing to release: the next owner step sees no running request on x
     s.finish(r, "aborted")  # idempotent
 
 
 def test_chunks_grouped_by_slot_inside_decode_and_prefill_groups():
-    slots = FakeSlots(num_slots=4)
-    s = make(slots=slots, budget=64, running=16)
+    res = FakeResidency(capacity=4)
+    for i in range(3):
+        res.request(key(f"d{i}"))
+    res.step()  # resident before the requests come
+    s = make(residency=res, budget=64, running=16)
     for i in range(8):
         s.add(seq(f"r{i}", 3, delta=key(f"d{i % 3}") if i % 4 else None))
     first = run_step(s)
@@ -219,11 +243,12 @@ class _Prompt:  # the part of a PromptPart the scheduler reads
 
 def test_prompt_delta_admission_shares_the_prefix_and_counts_virtual_tokens():
     prompts = {0: _Prompt(6, 6)}
-    slots = FakeSlots(2, prompts=prompts.get)
-    s = make(slots=slots, max_len=32)
+    res = FakeResidency(2, prompts=prompts.get)
+    s = make(residency=res, max_len=32)
     a, b = seq("a", 5, max_new=4, delta=key("p")), seq("b", 3, max_new=4, delta=key("p"))
     s.add(a)
     s.add(b)
+    res.request(key("p"))  # the engine's prefetch at add_request: the owner's next step installs it
     out = run_step(s)
     jobs, copies = s.prefix.take_jobs()
     assert len(jobs) == 1 and len(copies) == 2  # one prefix for both; each copies the 2-row tail into its block
@@ -235,8 +260,9 @@ def test_prompt_delta_admission_shares_the_prefix_and_counts_virtual_tokens():
     s.add(long)
     out = run_step(s)
     assert out.failed and out.failed[0][0] is long and "6 virtual tokens" in str(out.failed[0][1])
-    assert long.is_finished and slots.total_pins == 2  # a and b; long's pin was given back
-    small = make(blocks=5, slots=FakeSlots(2, prompts=prompts.get), max_len=32)
+    assert long.is_finished and s.running_deltas() == [key("p"), key("p")]  # a and b; long holds nothing
+    small = make(blocks=5, residency=FakeResidency(2, prompts=prompts.get), max_len=32)
+    small.residency.request(key("p"))
     wide = seq("wide", 10, max_new=8, delta=key("p"))  # 6 + 10 + 8 = 24 slots = 6 blocks of 4: never fits in 5
     small.add(wide)
     out = run_step(small)

@@ -3,8 +3,9 @@ for token, and the sampled tokens' logprobs agree with PEFT's logits, in stagger
 them with plain LoRA, bottleneck adapters, BitFit (BEFT / bias="all"), (IA)3 and no-delta requests.
 
 Twelve requests arrive two per step (prompts of 4-24 tokens, each holding some trainable-token ids), through
-the real SlotManager (background loads, 5 slots for 8 deltas: evictions too) and wrap_model. References: the
-live PeftModel for every PEFT kind, forward hooks for the hand-made adapters (tests/oracles.py).
+the real residency owner (background loads, a budget of the 3 largest of 7 deltas: evictions too) and
+wrap_model. References: the live PeftModel for every PEFT kind, forward hooks for the hand-made adapters
+(tests/oracles.py).
 """
 from __future__ import annotations
 
@@ -18,11 +19,10 @@ from delta_store.base_spec import BaseSpec
 from delta_store.records import DeltaKey
 from server.config import ServerConfig
 from server.deltas import wrap_model
-from server.deltas.slots import SlotManager
 from server.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.types import GenerationRequest, SamplingParams
-from tests.engine_helpers import run_engine
+from tests.engine_helpers import residency_for, run_engine
 from tests.helpers import import_delta, tiny_gpt2, tiny_llama
 from tests.oracles import hooked_copy, randomise_peft, site_adapters
 
@@ -91,11 +91,10 @@ def test_staggered_mixed_batches_equal_peft_generate(arch, tmp_path):
     changed = [n for n, p, e in zip(rows, prompts, expected) if n != "none" and e[0] != _reference(base, p)[0]]
     assert set(changed) >= {"dora", "tokens", "vera"}, f"deltas that leave greedy output unchanged: {changed}"
 
-    config = ServerConfig(max_batch_tokens=40, max_running=16, kv_block_size=4, kv_blocks=256, max_model_len=64,
-                          max_slots=8)
+    config = ServerConfig(max_batch_tokens=40, max_running=16, kv_block_size=4, kv_blocks=256, max_model_len=64)
     served = copy.deepcopy(base)
-    dm = wrap_model(served, max_slots=5, max_rank=16, max_bottleneck=16)
-    slots = SlotManager(dm, lambda key: deltas[key.name], 5)
+    dm = wrap_model(served, max_slots=config.max_running, max_rank=16, max_bottleneck=16)  # as the server does
+    slots = residency_for(dm, deltas, hold=3)  # the 3 largest of 7 deltas at once: evictions
     engine = Engine(config, ModelRunner(dm, None, config), slots)
     requests = [GenerationRequest(f"r{i}", f"tenant{i % 3}", p,
                                   SamplingParams(max_new_tokens=MAX_NEW, temperature=0, logprobs=True),
@@ -108,6 +107,7 @@ def test_staggered_mixed_batches_equal_peft_generate(arch, tmp_path):
         assert got[f"r{i}"] == want_tokens, f"request {i} ({name}, prompt {len(prompts[i])} tokens)"
         assert torch.allclose(torch.tensor(logprobs[f"r{i}"]), torch.tensor(want_lp), atol=LOGPROB_ATOL, rtol=0), \
             f"request {i} ({name}): logprobs {logprobs[f'r{i}']} vs {want_lp}"
+    engine.step()  # the owner's step after the last request: it unpins what nothing runs
     assert slots.stats().evictions > 0 and slots.stats().pinned == 0
     assert engine.runner.kv.allocator.num_used == 0
     slots.close()

@@ -1,17 +1,18 @@
 """Bottleneck adapters: the Triton kernels (interpreter, fp32/fp16) and the CPU backend, each against the
-exact float64 reference; every activation mixed in one batch, per-slot widths, and ``u`` aliasing ``y``."""
+exact float64 reference; every activation mixed in one batch, per-slot widths, ``u`` aliasing ``y``, and the
+weights as pages in every layout with NaN in the rows no run owns."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import kernels
-from kernels import ACT_CODES, DeltaKernelMeta
+from kernels import ACT_CODES, AdapterPages, DeltaKernelMeta
 from kernels.cpu import choose_plan, cpu_add_bottleneck, force_plan, grouped, plans
 from kernels.reference import ref_add_bottleneck
 from tests.helpers import TOLERANCES, assert_close
-from tests.kernel_cases import (BACKENDS, DEVICE, FP32_TOL, PATTERNS, bottleneck_pools, on, slot_ids, slots_tensor,
-                                transposed_storage)
+from tests.kernel_cases import (BACKENDS, DEVICE, FP32_TOL, LAYOUTS, PATTERNS, adapter_pages, bottleneck_pools, on,
+                                slot_ids, slots_tensor)
 
 WIDTHS = (1, 4, 8, 16, 32)
 KEYS = ("down", "down_bias", "up", "up_bias", "scale", "width", "act")
@@ -30,7 +31,12 @@ def _case(num_tokens, num_deltas, pattern, hidden, dtype, *, seed=0, none_fracti
 
 
 def _args(p):
+    """The dense pools as the exact reference reads them."""
     return [p[k] for k in KEYS]
+
+
+def _pages(pools, layout="scattered", seed=0, fill=float("nan")):
+    return adapter_pages(pools, layout=layout, seed=seed, fill=fill)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 17, 64])
@@ -40,9 +46,10 @@ def test_cpu_matches_reference(num_tokens, num_deltas, pattern):
     slots, pools, y, u = _case(num_tokens, num_deltas, pattern, 40, torch.float32, seed=num_deltas, device="cpu")
     expected = ref_add_bottleneck(y, u, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots))
+    layout = LAYOUTS[(num_tokens + num_deltas) % len(LAYOUTS)]
     with on("cpu"):
-        kernels.add_bottleneck(y, u, *_args(pools), meta)
-    assert_close(y, expected, **FP32_TOL, what=f"cpu plan={choose_plan(meta)} slots={slots}")
+        kernels.add_bottleneck(y, u, _pages(pools, layout), meta)
+    assert_close(y, expected, **FP32_TOL, what=f"cpu plan={choose_plan(meta)} {layout} slots={slots}")
 
 
 @pytest.mark.parametrize("slots", [[0] * 6 + [1] * 6 + [-1, 2, 2, 2, 2], [0, 1, 2] * 6, [2, 0, -1, 1]],
@@ -56,12 +63,12 @@ def test_output_placement_reads_y_before_writing_it(slots):
     for name in BACKENDS:
         out = y.clone()
         with on(name):
-            kernels.add_bottleneck(out, out, *_args(pools), meta)
+            kernels.add_bottleneck(out, out, _pages(pools), meta)
         assert_close(out, expected, **FP32_TOL, what=f"{name} aliased")
     for plan in plans.PLANS:
         out = y.clone()
         with force_plan(plan):
-            cpu_add_bottleneck(out, out, *_args(pools), meta)
+            cpu_add_bottleneck(out, out, _pages(pools, "regions"), meta)
         assert_close(out, expected, **FP32_TOL, what=f"cpu {plan} aliased")
 
 
@@ -77,7 +84,7 @@ def test_triton_matches_reference(num_tokens, num_deltas, pattern, dtype):
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
     expected = ref_add_bottleneck(y, u, *_args(pools), slots)
     with on("triton"):
-        kernels.add_bottleneck(y, u, *_args(pools), meta)
+        kernels.add_bottleneck(y, u, _pages(pools, LAYOUTS[num_tokens % len(LAYOUTS)]), meta)
     tol = TOLERANCES[dtype] if dtype != torch.float32 else FP32_TOL
     assert_close(y, expected, **tol, what=f"triton {dtype} slots={slots}")
 
@@ -93,7 +100,7 @@ def test_each_activation_alone(name, code):
     for backend_name in BACKENDS:
         out = y.clone()
         with on(backend_name):
-            kernels.add_bottleneck(out, u, *_args(pools), meta)
+            kernels.add_bottleneck(out, u, _pages(pools), meta)
         assert_close(out, expected, atol=5e-5, rtol=2e-5, what=f"{name} {backend_name}")
 
 
@@ -106,7 +113,7 @@ def test_width_zero_slot_adds_nothing_not_even_up_bias():
     for name in BACKENDS:
         out = y.clone()
         with on(name):
-            kernels.add_bottleneck(out, u, *_args(pools), meta)
+            kernels.add_bottleneck(out, u, _pages(pools), meta)
         assert torch.equal(out[[0, 2, 4, 5]], y[[0, 2, 4, 5]]), name
 
 
@@ -114,7 +121,7 @@ def test_unknown_activation_code_is_refused():
     pools = bottleneck_pools(2, 24, [4, 4], [0, 7])
     meta = DeltaKernelMeta.build(slots_tensor([0, 1]))
     with pytest.raises(ValueError, match=r"act\[1\] = 7"), on("cpu"):
-        kernels.add_bottleneck(torch.randn(2, 24), torch.randn(2, 24), *_args(pools), meta)
+        kernels.add_bottleneck(torch.randn(2, 24), torch.randn(2, 24), _pages(pools), meta)
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -123,20 +130,28 @@ def test_bad_input_raises_value_error_naming_argument(backend_name):
     pools = bottleneck_pools(3, 24, [4, 8, 16], [0, 1, 2], device=DEVICE)
     y, u = torch.randn(5, 24, device=DEVICE), torch.randn(5, 24, device=DEVICE)
     meta = DeltaKernelMeta.build(slots_tensor([0, 1, 2, -1, 0], DEVICE))
-    good = dict(y=y, u=u, **pools, meta=meta)
+    p = _pages(pools)
+    fields = ("down_rows", "up_rows", "down_bias", "up_bias_rows", "start", "up_bias_row", "width", "scale", "act",
+              "max_width")
+
+    def pages(**change):
+        return AdapterPages(**{**{k: getattr(p, k) for k in fields}, **change})
+
+    good = dict(y=y, u=u, pages=p, meta=meta)
     cases = [
         ("u", dict(u=torch.randn(5, 23, device=DEVICE)), "[5, 23]"),
-        ("down_bias", dict(down_bias=pools["down_bias"][:, :8]), "[3, 8]"),
-        ("up", dict(up=pools["up"].half()), "dtype torch.float16"),
-        ("up_bias", dict(up_bias=pools["up_bias"][:2]), "[2, 24]"),
-        ("width", dict(width=pools["width"].long()), "dtype torch.int64"),
-        ("act", dict(act=pools["act"][:2]), "[2]"),
-        ("scale", dict(scale=pools["scale"].double()), "torch.float64"),
-        ("down", dict(down=pools["down"].transpose(1, 2).contiguous().transpose(1, 2)), "contiguous"),
+        ("pages.down_bias", dict(pages=pages(down_bias=p.down_bias[:8])), "[8]"),
+        ("pages.up_rows", dict(pages=pages(up_rows=p.up_rows.half())), "dtype torch.float16"),
+        ("pages.up_bias_rows", dict(pages=pages(up_bias_rows=p.up_bias_rows[:, :8])), "[*, 24]"),
+        ("pages.width", dict(pages=pages(width=p.width.long())), "dtype torch.int64"),
+        ("pages.act", dict(pages=pages(act=p.act[:2])), "[2]"),
+        ("pages.scale", dict(pages=pages(scale=p.scale.double())), "torch.float64"),
+        ("pages.down_rows", dict(pages=pages(down_rows=p.down_rows.t().contiguous().t())), "unit stride"),
+        ("pages.max_width", dict(pages=pages(max_width=1.5)), "non-negative int"),
         ("meta", dict(meta=DeltaKernelMeta.build(slots_tensor([0], DEVICE))), "1 tokens"),
     ]
     for name, change, fragment in cases:
-        with pytest.raises(ValueError, match=name) as info, on(backend_name):
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")) as info, on(backend_name):
             kernels.add_bottleneck(**{**good, **change})
         assert fragment in str(info.value), (name, str(info.value))
 
@@ -150,7 +165,7 @@ def test_triton_large_grid_on_gpu(num_tokens, pattern, dtype):
     meta = DeltaKernelMeta.build(slots_tensor(slots, "cuda"))
     expected = ref_add_bottleneck(y, u, *_args(pools), slots)
     with on("triton"):
-        kernels.add_bottleneck(y, u, *_args(pools), meta)
+        kernels.add_bottleneck(y, u, _pages(pools, "regions", seed=num_tokens), meta)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close(y, expected, **tol, what=f"cuda {dtype} T={num_tokens} {pattern}")
 
@@ -164,22 +179,24 @@ def test_every_plan_on_every_pattern(plan, pattern, dtype):
     if plan == "grouped":  # the forced plan really runs (it falls back to "gather" where it cannot)
         if not grouped.supported(y):
             pytest.skip(f"F.grouped_mm does not run on this torch for {dtype}")
-        assert grouped.bottleneck_ok(y, pools["down"], pools["up"]), dtype
+        pg = _pages(pools)
+        assert grouped.bottleneck_ok(y, pg.down_rows, pg.up_rows), dtype
     with force_plan(plan):
-        cpu_add_bottleneck(y, y, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
+        cpu_add_bottleneck(y, y, _pages(pools, LAYOUTS[len(pattern) % len(LAYOUTS)]), DeltaKernelMeta.build(slots_tensor(slots)))
     tol = FP32_TOL if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close(y, expected, **tol, what=f"forced {plan} {dtype}")
 
 
-def test_up_stored_transposed():
-    slots = [0, 1, 2, 0, -1, 2, 1, 1]
-    pools = bottleneck_pools(3, 40, [8, 32, 3], [0, 1, 3], device=DEVICE)
-    pools["up"] = transposed_storage(pools["up"])
-    y, u = torch.randn(8, 40, device=DEVICE), torch.randn(8, 40, device=DEVICE)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_with_nan_in_unowned_rows(layout):
+    slots = [0, 1, 2, 0, -1, 2, 1, 1, 5, 4, 3, 5]
+    widths, acts = [8, 32, 3, 16, 1, 5], [0, 1, 3, 2, 1, 0]
+    pools = bottleneck_pools(6, 40, widths, acts, device=DEVICE)
+    y, u = torch.randn(12, 40, device=DEVICE), torch.randn(12, 40, device=DEVICE)
     expected = ref_add_bottleneck(y, u, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
     for name in BACKENDS:
         out = y.clone()
         with on(name):
-            kernels.add_bottleneck(out, u, *_args(pools), meta)
-        assert_close(out, expected, **FP32_TOL, what=name)
+            kernels.add_bottleneck(out, u, _pages(pools, layout, seed=3), meta)
+        assert_close(out, expected, **FP32_TOL, what=f"{name} {layout}")

@@ -11,7 +11,7 @@ import kernels
 from kernels import DeltaKernelMeta, cpu
 from kernels.cpu.threads import on_op_threads
 from kernels.reference import ref_add_bias
-from tests.kernel_cases import on, slots_tensor
+from tests.kernel_cases import on, row_pages, slots_tensor
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_cpu_op_result_unchanged_and_threads_restored(two_threads):
     bias, y = torch.randn(3, 16, generator=g), torch.randn(len(slots), 16, generator=g)
     expected = ref_add_bias(y, bias, slots)
     with on("cpu"):
-        kernels.add_bias(y, bias, DeltaKernelMeta.build(slots_tensor(slots)))
+        kernels.add_bias(y, row_pages(bias), DeltaKernelMeta.build(slots_tensor(slots)))
     assert torch.allclose(y, expected.float(), atol=1e-6)
     assert torch.get_num_threads() == 2
 

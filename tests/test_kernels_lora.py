@@ -1,17 +1,21 @@
 """LoRA: the Triton kernels (interpreter on CPU, fp32 and fp16) and the CPU backend, each against the exact
-float64 reference, over odd sizes, mixed ranks, slot counts and popularity patterns; the CPU plans one by one."""
+float64 reference, over odd sizes, mixed ranks, slot counts and popularity patterns, with the weights laid out as
+pages packed, scattered, in fragmented rank-bucket regions or reversed, and NaN in every row no run owns; the
+CPU plans one by one."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import kernels
-from kernels import DeltaKernelMeta
+from kernels import DeltaKernelMeta, LoraPages
 from kernels.cpu import choose_plan, cpu_add_lora, force_plan, gather, grouped, plans
 from kernels.reference import ref_add_lora
 from tests.helpers import TOLERANCES, assert_close
-from tests.kernel_cases import (BACKENDS, DEVICE, FP32_TOL, GARBAGE, PATTERNS, RANKS, lora_pools, on, slot_ids,
-                                slots_tensor)
+from tests.kernel_cases import (BACKENDS, DEVICE, FP32_TOL, GARBAGE, LAYOUTS, PATTERNS, RANKS, lora_pages,
+                                lora_pools, on, slot_ids, slots_tensor)
+
+NAN = float("nan")
 
 SHAPES = ((24, 40), (72, 24), (40, 40))  # (in, out): none a power of two
 
@@ -28,7 +32,12 @@ def _case(num_tokens, num_deltas, pattern, n_in, n_out, dtype, *, none_fraction=
 
 
 def _args(pools):
+    """The dense pools as the exact reference reads them."""
     return pools["lora_a"], pools["lora_b"], pools["scale"], pools["rank"]
+
+
+def _pages(pools, layout="scattered", seed=0, fill=NAN):
+    return lora_pages(pools, layout=layout, seed=seed, fill=fill)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 17, 64])
@@ -39,9 +48,25 @@ def test_cpu_matches_reference(num_tokens, num_deltas, pattern):
     slots, pools, x, y = _case(num_tokens, num_deltas, pattern, n_in, n_out, torch.float32, device="cpu")
     expected = ref_add_lora(y, x, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots))
+    layout = LAYOUTS[(num_tokens + num_deltas) % len(LAYOUTS)]
     with on("cpu"):
-        kernels.add_lora(y, x, *_args(pools), meta)
-    assert_close(y, expected, **FP32_TOL, what=f"cpu plan={choose_plan(meta)} slots={slots}")
+        kernels.add_lora(y, x, _pages(pools, layout), meta)
+    assert_close(y, expected, **FP32_TOL, what=f"cpu plan={choose_plan(meta)} {layout} slots={slots}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_every_layout_with_nan_in_unowned_rows(layout, name):
+    # 40 resident slots, 12 of them active, every rank 1-64 in one batch: the ops follow the starts wherever the
+    # runs are, and never read a row no run owns (NaN there would poison the output, even multiplied by 0)
+    ranks = [1 + (7 * s) % 64 for s in range(40)]
+    pools = lora_pools(40, 40, 24, ranks, seed=5)
+    slots = slot_ids(29, 12, "zipf", pool_slots=40, seed=6, none_fraction=0.2)
+    x, y = torch.randn(29, 40), torch.randn(29, 24)
+    expected = ref_add_lora(y, x, *_args(pools), slots)
+    with on(name):
+        kernels.add_lora(y, x, _pages(pools, layout, seed=2), DeltaKernelMeta.build(slots_tensor(slots)))
+    assert_close(y, expected, **FP32_TOL, what=f"{name} {layout}")
 
 
 @pytest.mark.parametrize("slots, plan, without_grouped", [
@@ -59,12 +84,12 @@ def test_each_cpu_plan(slots, plan, without_grouped, monkeypatch):
     assert choose_plan(meta, grouped_ok=False) == without_grouped
     assert choose_plan(meta, dtype=torch.float16) == without_grouped  # slower in half types on the CPU
     out = y.clone()
-    cpu_add_lora(out, x, *_args(pools), meta)
+    cpu_add_lora(out, x, _pages(pools), meta)
     assert_close(out, expected, **FP32_TOL, what=plan)
     # where grouped_mm is missing (the probe said no), the same call takes the older plan
     monkeypatch.setitem(grouped._SUPPORTED, ("cpu", torch.float32), False)
     out = y.clone()
-    cpu_add_lora(out, x, *_args(pools), meta)
+    cpu_add_lora(out, x, _pages(pools), meta)
     assert_close(out, expected, **FP32_TOL, what=without_grouped)
 
 
@@ -82,7 +107,7 @@ def test_triton_matches_reference(num_tokens, num_deltas, pattern, dtype):
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
     expected = ref_add_lora(y, x, *_args(pools), slots)
     with on("triton"):
-        kernels.add_lora(y, x, *_args(pools), meta)
+        kernels.add_lora(y, x, _pages(pools, LAYOUTS[num_tokens % len(LAYOUTS)], seed=num_deltas), meta)
     tol = TOLERANCES[dtype] if dtype != torch.float32 else FP32_TOL
     assert_close(y, expected, **tol, what=f"triton {dtype} slots={slots}")
 
@@ -95,24 +120,26 @@ def test_untouched_tokens_and_rank_zero_slots_are_bit_exact():
     for name in BACKENDS:
         out = y.clone()
         with on(name):
-            kernels.add_lora(out, x, *_args(pools), meta)
+            kernels.add_lora(out, x, _pages(pools), meta)
         untouched = [1, 2, 3, 4]
         assert torch.equal(out[untouched], y[untouched]), name
         assert not torch.equal(out[[0, 5]], y[[0, 5]]), name
 
 
-def test_padding_past_rank_is_never_read():
-    # The pools' padding holds GARBAGE (1e3); a kernel that used rows past a slot's rank would be off by ~1e3.
+@pytest.mark.parametrize("fill", [GARBAGE, NAN], ids=["garbage", "nan"])
+def test_rows_past_rank_are_never_read(fill):
+    # Rows no run owns hold GARBAGE (1e3) or NaN; a kernel that used rows past a slot's rank would be off by ~1e3
+    # or NaN. The runs are packed back to back here, so the row after a run is the next slot's.
     slots = [0, 1, 2, 0]
     pools = lora_pools(3, 24, 24, [1, 4, 16], device=DEVICE)
-    assert pools["lora_a"][0, 1:].eq(GARBAGE).all()
+    pages = _pages(pools, "regions", fill=fill)
     x, y = torch.randn(4, 24, device=DEVICE), torch.randn(4, 24, device=DEVICE)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
     expected = ref_add_lora(y, x, *_args(pools), slots)
     for name in BACKENDS:
         out = y.clone()
         with on(name):
-            kernels.add_lora(out, x, *_args(pools), meta)
+            kernels.add_lora(out, x, pages, meta)
         assert_close(out, expected, **FP32_TOL, what=name)
 
 
@@ -123,7 +150,7 @@ def test_no_delta_returns_without_work():
     out = y.clone()
     for name in BACKENDS:
         with on(name):
-            kernels.add_lora(out, x, *_args(pools), meta)
+            kernels.add_lora(out, x, _pages(pools), meta)
     assert torch.equal(out, y)
 
 
@@ -135,7 +162,7 @@ def test_dispatch_follows_backend():
         with kernels.backend(name):
             assert kernels.current_backend(y) == name
             outs[name] = y.clone()
-            kernels.add_lora(outs[name], x, *_args(pools), meta)
+            kernels.add_lora(outs[name], x, _pages(pools), meta)
     assert_close(outs["triton"], outs["cpu"], **FP32_TOL, what="dispatch")
 
 
@@ -143,17 +170,25 @@ def _bad_inputs():
     pools = lora_pools(3, 24, 40, [4, 8, 16], device=DEVICE)
     x, y = torch.randn(5, 24, device=DEVICE), torch.randn(5, 40, device=DEVICE)
     meta = DeltaKernelMeta.build(slots_tensor([0, 1, 2, -1, 0], DEVICE))
-    a, b, s, r = _args(pools)
-    good = dict(y=y, x=x, lora_a=a, lora_b=b, scale=s, rank=r, meta=meta)
+    p = _pages(pools)
+    good = dict(y=y, x=x, pages=p, meta=meta)
+
+    def pages(**change):
+        return LoraPages(**{**{k: getattr(p, k) for k in ("a_rows", "b_rows", "start", "rank", "scale", "max_rank")},
+                            **change})
+
     return good, [
         ("x", dict(x=torch.randn(5, 23)), "[5, 23]"),
         ("x", dict(x=x.half()), "dtype torch.float16"),
         ("y", dict(y=y.to(torch.int32)), "dtype torch.int32"),
-        ("lora_a", dict(lora_a=a.transpose(1, 2).contiguous().transpose(1, 2)), "contiguous"),
-        ("lora_b", dict(lora_b=b[:, :, :8]), "[3, 40, 8]"),
-        ("lora_b", dict(lora_b=b[:2]), "[2, 40, 64]"),
-        ("scale", dict(scale=s.half()), "dtype torch.float16"),
-        ("rank", dict(rank=r.long()), "dtype torch.int64"),
+        ("pages.a_rows", dict(pages=pages(a_rows=p.a_rows.t().contiguous().t())), "unit stride"),
+        ("pages.b_rows", dict(pages=pages(b_rows=p.b_rows[:, :8])), "expected [32, 40]"),
+        ("pages.b_rows", dict(pages=pages(b_rows=p.b_rows[:3])), "has shape [3, 40], expected [32, 40]"),
+        ("pages.scale", dict(pages=pages(scale=p.scale.half())), "dtype torch.float16"),
+        ("pages.rank", dict(pages=pages(rank=p.rank.long())), "dtype torch.int64"),
+        ("pages.start", dict(pages=pages(start=p.start[:2])), "[2]"),
+        ("pages.max_rank", dict(pages=pages(max_rank=-1)), "non-negative int"),
+        ("pages", dict(pages=(p.a_rows, p.b_rows)), "LoraPages"),
         ("meta", dict(meta=DeltaKernelMeta.build(slots_tensor([0, 1], DEVICE))), "2 tokens"),
         ("x", dict(x=x.t()), "[24, 5]"),
         ("x", dict(x=torch.empty(5, 24, device="meta")), "is on meta"),
@@ -166,17 +201,19 @@ def test_bad_input_raises_value_error_naming_argument(name):
     good, cases = _bad_inputs()
     for arg, change, fragment in cases:
         args = {**good, **change}
-        with pytest.raises(ValueError, match=arg) as info, on(name):
+        with pytest.raises(ValueError, match=arg.replace(".", r"\.")) as info, on(name):
             kernels.add_lora(**args)
         assert fragment in str(info.value), (arg, str(info.value))
 
 
-def test_rank_beyond_pool_is_refused_by_cpu_backend():
+def test_run_leaving_the_pages_is_refused_by_cpu_backend():
     pools = lora_pools(2, 24, 24, [4, 4], max_rank=16)
-    pools["rank"][1] = 17
+    p = _pages(pools, "packed")
+    bad = LoraPages(p.a_rows, p.b_rows, torch.tensor([0, p.a_rows.shape[0] - 2], dtype=torch.int32), p.rank, p.scale,
+                    4)
     meta = DeltaKernelMeta.build(slots_tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"rank\[1\] = 17"), on("cpu"):
-        kernels.add_lora(torch.randn(2, 24), torch.randn(2, 24), *_args(pools), meta)
+    with pytest.raises(ValueError, match=r"slot 1: rank 4 from row 6 leaves the 8 rows"), on("cpu"):
+        kernels.add_lora(torch.randn(2, 24), torch.randn(2, 24), bad, meta)
 
 
 @pytest.mark.gpu
@@ -190,7 +227,7 @@ def test_triton_large_grid_on_gpu(num_tokens, num_deltas, pattern, dtype):
     meta = DeltaKernelMeta.build(slots_tensor(slots, "cuda"))
     expected = ref_add_lora(y, x, *_args(pools), slots)
     with on("triton"):
-        kernels.add_lora(y, x, *_args(pools), meta)
+        kernels.add_lora(y, x, _pages(pools, "regions", seed=num_tokens), meta)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close(y, expected, **tol, what=f"cuda {dtype} T={num_tokens} deltas={num_deltas} {pattern}")
 
@@ -199,14 +236,16 @@ def test_gathered_groups_split_by_rank():
     # decode-like batch mixing rank 4 and rank 64: the CPU backend gathers each rank group separately
     slots = [0, 1, 2, 3, -1, 4, 5]
     ranks = [4, 64, 4, 64, 0, 16]
-    groups = list(gather.groups(DeltaKernelMeta.build(slots_tensor(slots)), ranks, [s for s in range(6) if ranks[s]]))
+    groups = list(gather.groups(DeltaKernelMeta.build(slots_tensor(slots)), dict(enumerate(ranks)),
+                                [s for s in range(6) if ranks[s]]))
     assert [(size, sl.tolist(), same) for size, _, sl, same in groups] == [(4, [0, 2], True), (16, [5], True),
                                                                       (64, [1, 3], True)]
     assert [ids.tolist() for _, ids, _, _ in groups] == [[0, 2], [6], [1, 3]]
     pools = lora_pools(6, 24, 40, ranks)
     x, y = torch.randn(7, 24), torch.randn(7, 40)
     expected = ref_add_lora(y, x, *_args(pools), slots)
-    cpu_add_lora(y, x, *_args(pools), DeltaKernelMeta.build(slots_tensor(slots)))
+    with force_plan("gather"):
+        cpu_add_lora(y, x, _pages(pools, fill=NAN), DeltaKernelMeta.build(slots_tensor(slots)))
     assert_close(y, expected, **FP32_TOL, what="rank groups")
 
 
@@ -220,28 +259,29 @@ def test_every_plan_on_every_pattern(plan, pattern, dtype):
     if plan == "grouped":  # the forced plan really runs (it falls back to "gather" where it cannot)
         if not grouped.supported(x):
             pytest.skip(f"F.grouped_mm does not run on this torch for {dtype}")
-        assert grouped.lora_ok(x, pools["lora_a"], pools["lora_b"]), dtype
+        assert grouped.lora_ok(x, _pages(pools).a_rows, _pages(pools).b_rows), dtype
     with force_plan(plan):
-        cpu_add_lora(y, x, *_args(pools), meta)
+        cpu_add_lora(y, x, _pages(pools, LAYOUTS[len(pattern) % len(LAYOUTS)]), meta)
     tol = FP32_TOL if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close(y, expected, **tol, what=f"forced {plan} {dtype}")
 
 
 @pytest.mark.parametrize("plan", plans.PLANS)
-def test_lora_b_stored_transposed(plan):
-    # lora_b may be a transpose view of a contiguous [S, R, out] pool: same semantics, either backend.
+def test_separate_row_tensors_for_a_and_b(plan):
+    # a_rows and b_rows may be two tensors as well as two column ranges of one (only the row index is shared)
     slots = slot_ids(17, 8, "uniform", seed=4, none_fraction=0.2)
     ranks = [RANKS[s % len(RANKS)] for s in range(10)]
-    pools = lora_pools(10, 40, 24, ranks, b_transposed=True, device=DEVICE)
-    assert not pools["lora_b"].is_contiguous() and pools["lora_b"].transpose(1, 2).is_contiguous()
+    pools = lora_pools(10, 40, 24, ranks, device=DEVICE)
+    p = _pages(pools, "scattered")
+    pages = LoraPages(p.a_rows.contiguous(), p.b_rows.contiguous(), p.start, p.rank, p.scale, p.max_rank)
     x, y = torch.randn(17, 40, device=DEVICE), torch.randn(17, 24, device=DEVICE)
     expected = ref_add_lora(y, x, *_args(pools), slots)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
     out = y.clone()
     with force_plan(plan), on("cpu"):
-        kernels.add_lora(out, x, *_args(pools), meta)
+        kernels.add_lora(out, x, pages, meta)
     assert_close(out, expected, **FP32_TOL, what=f"cpu {plan}")
     out = y.clone()
     with on("triton"):
-        kernels.add_lora(out, x, *_args(pools), meta)
+        kernels.add_lora(out, x, pages, meta)
     assert_close(out, expected, **FP32_TOL, what="triton")

@@ -1,6 +1,7 @@
 """Every delta kind in one batch (D4): tokens of LoRA-only, LoRA+BitFit, bottleneck-only, (IA)³-only and
 all-kinds deltas, plus tokens with no delta, through the op sequence a wrapped linear layer runs
-(``delta_store/delta.py`` semantics), on both backends against a float64 per-token loop."""
+(``delta_store/delta.py`` semantics), on both backends against a float64 per-token loop, every kind's
+weights as pages in its own layout."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import ACT_CODES, DeltaKernelMeta
 from tests.helpers import TOLERANCES, assert_close
-from tests.kernel_cases import DEVICE, bottleneck_pools, lora_pools, slots_tensor
+from tests.kernel_cases import DEVICE, adapter_pages, bottleneck_pools, lora_pages, lora_pools, row_pages, slots_tensor
 
 N_IN, N_OUT, SLOTS = 40, 72, 6
 # slot -> kinds it carries; slot 5 is resident but unused this step
@@ -34,22 +35,26 @@ def _pools(dtype):
     w = torch.randn(N_OUT, N_IN, generator=g) / N_IN ** 0.5
     b0 = torch.randn(N_OUT, generator=g) / 4
     x = torch.randn(len(TOKENS), N_IN, generator=g)
-    return dict(lp=lp, bp=bp, bias=bias.to(DEVICE, dtype), l_in=l_in.to(DEVICE, dtype), l_out=l_out.to(DEVICE, dtype),
-                w=w.to(DEVICE, dtype), b0=b0.to(DEVICE, dtype), x=x.to(DEVICE, dtype))
+    bias, l_in, l_out = bias.to(DEVICE, dtype), l_in.to(DEVICE, dtype), l_out.to(DEVICE, dtype)
+    nan = float("nan")
+    pages = dict(lora=lora_pages(lp, layout="regions", fill=nan), adapter=adapter_pages(bp, layout="reversed", fill=nan),
+                 bias=row_pages(bias, layout="scattered", seed=1, fill=nan),
+                 l_in=row_pages(l_in, layout="scattered", seed=2, fill=nan),
+                 l_out=row_pages(l_out, layout="packed", fill=nan))
+    return dict(lp=lp, bp=bp, bias=bias, l_in=l_in, l_out=l_out, w=w.to(DEVICE, dtype), b0=b0.to(DEVICE, dtype),
+                x=x.to(DEVICE, dtype), pages=pages)
 
 
 def _layer(p, meta):
     """What a wrapped linear runs: (IA)3 on the input, base, (IA)3 on the output, LoRA, BitFit, adapter."""
-    x = p["x"]
+    x, pg = p["x"], p["pages"]
     x_in = x.clone()
-    kernels.mul_rows(x_in, p["l_in"], meta)
+    kernels.mul_rows(x_in, pg["l_in"], meta)
     y = F.linear(x_in, p["w"], p["b0"])  # [T, out]
-    kernels.mul_rows(y, p["l_out"], meta)
-    lp, bp = p["lp"], p["bp"]
-    kernels.add_lora(y, x, lp["lora_a"], lp["lora_b"], lp["scale"], lp["rank"], meta)
-    kernels.add_bias(y, p["bias"], meta)
-    kernels.add_bottleneck(y, y, bp["down"], bp["down_bias"], bp["up"], bp["up_bias"], bp["scale"], bp["width"],
-                           bp["act"], meta)  # "output" placement: reads the y it adds to
+    kernels.mul_rows(y, pg["l_out"], meta)
+    kernels.add_lora(y, x, pg["lora"], meta)
+    kernels.add_bias(y, pg["bias"], meta)
+    kernels.add_bottleneck(y, y, pg["adapter"], meta)  # "output" placement: reads the y it adds to
     return y
 
 
@@ -110,13 +115,12 @@ def test_per_kind_maps_equal_one_shared_map():
         ids = [s if s >= 0 and kind in KINDS[s] else -1 for s in TOKENS]
         return DeltaKernelMeta.build(slots_tensor(ids, DEVICE), ids)
 
-    lp, bp = p["lp"], p["bp"]
+    pg = p["pages"]
     x_in = p["x"].clone()
-    kernels.mul_rows(x_in, p["l_in"], per_kind("ia3"))
+    kernels.mul_rows(x_in, pg["l_in"], per_kind("ia3"))
     y = F.linear(x_in, p["w"], p["b0"])
-    kernels.mul_rows(y, p["l_out"], per_kind("ia3"))
-    kernels.add_lora(y, p["x"], lp["lora_a"], lp["lora_b"], lp["scale"], lp["rank"], per_kind("lora"))
-    kernels.add_bias(y, p["bias"], per_kind("bitfit"))
-    kernels.add_bottleneck(y, y, *(bp[k] for k in ("down", "down_bias", "up", "up_bias", "scale", "width", "act")),
-                           per_kind("bottleneck"))
+    kernels.mul_rows(y, pg["l_out"], per_kind("ia3"))
+    kernels.add_lora(y, p["x"], pg["lora"], per_kind("lora"))
+    kernels.add_bias(y, pg["bias"], per_kind("bitfit"))
+    kernels.add_bottleneck(y, y, pg["adapter"], per_kind("bottleneck"))
     assert_close(y, y_shared, **TOLERANCES[torch.float32], what="per-kind maps")

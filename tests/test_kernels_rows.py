@@ -1,16 +1,21 @@
 """The row ops (``kernels/rows.py``): BitFit's gathered add and (IA)3's gathered scale, on outputs and on
 inputs. The Triton kernels and the CPU backend against the exact float64 reference; both take the sum or
-product in fp32 and round once, which is the reference rounded to the dtype, bit for bit."""
+product in fp32 and round once, which is the reference rounded to the dtype, bit for bit. The rows are pages
+(``kernels.RowPages``): one row per slot placed anywhere among rows holding NaN."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import kernels
-from kernels import DeltaKernelMeta
+from kernels import DeltaKernelMeta, RowPages
 from kernels.reference import ref_add_bias, ref_mul_rows
 from tests.helpers import TOLERANCES, assert_close
-from tests.kernel_cases import BACKENDS, DEVICE, PATTERNS, on, slot_ids, slots_tensor
+from tests.kernel_cases import BACKENDS, DEVICE, LAYOUTS, PATTERNS, on, row_pages, slot_ids, slots_tensor
+
+
+def _pages(vec, layout="scattered", seed=0):
+    return row_pages(vec, layout=layout, seed=seed, fill=float("nan"))
 
 TRITON_CASES = [(1, 1, "identical"), (3, 3, "distinct"), (17, 8, "uniform"), (64, 8, "zipf"), (64, 3, "skewed")]
 
@@ -39,7 +44,7 @@ def test_add_bias_cpu_matches_reference(num_tokens, num_deltas, pattern):
     slots, bias, y = _bias_case(num_tokens, num_deltas, pattern, 40, torch.float32, seed=num_tokens, device="cpu")
     expected = ref_add_bias(y, bias, slots)
     with on("cpu"):
-        kernels.add_bias(y, bias, DeltaKernelMeta.build(slots_tensor(slots)))
+        kernels.add_bias(y, _pages(bias, LAYOUTS[num_deltas % len(LAYOUTS)]), DeltaKernelMeta.build(slots_tensor(slots)))
     assert_close(y, expected, atol=1e-6, rtol=1e-6, what=f"slots={slots}")
 
 
@@ -54,7 +59,7 @@ def test_add_bias_triton_matches_reference(num_tokens, num_deltas, pattern, dtyp
     for name in BACKENDS:
         outs[name] = y.clone()
         with on(name):
-            kernels.add_bias(outs[name], bias, meta)
+            kernels.add_bias(outs[name], _pages(bias), meta)
         assert_close(outs[name], expected, atol=0.0, rtol=0.0, what=f"{name} {dtype} slots={slots}")
     untouched = [i for i, s in enumerate(slots) if s < 0]
     assert torch.equal(outs["triton"][untouched], y[untouched])
@@ -69,23 +74,26 @@ def test_add_bias_few_and_many_runs_agree():
         for name in BACKENDS:
             out = y.clone()
             with on(name):
-                kernels.add_bias(out, bias, DeltaKernelMeta.build(slots_tensor(slots, DEVICE)))
+                kernels.add_bias(out, _pages(bias), DeltaKernelMeta.build(slots_tensor(slots, DEVICE)))
             assert_close(out, expected, **TOLERANCES[torch.float32], what=f"{name} runs")
 
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_add_bias_bad_input_raises_value_error_naming_argument(name):
     y, bias = torch.randn(4, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    p = _pages(bias)
     meta = DeltaKernelMeta.build(slots_tensor([0, 1, -1, 2], DEVICE))
     for kwargs, arg, fragment in [
-        (dict(y=y, bias=torch.randn(3, 25, device=DEVICE), meta=meta), "bias", "[3, 25]"),
-        (dict(y=y, bias=bias.half(), meta=meta), "bias", "torch.float16"),
-        (dict(y=y, bias=bias.t().contiguous().t(), meta=meta), "bias", "contiguous"),
-        (dict(y=y[:, None], bias=bias, meta=meta), "y", "[4, 1, 24]"),
-        (dict(y=y.t(), bias=bias, meta=meta), "y", "[24, 4]"),
-        (dict(y=y, bias=bias, meta=DeltaKernelMeta.build(slots_tensor([0], DEVICE))), "meta", "1 tokens"),
+        (dict(y=y, pages=_pages(torch.randn(3, 25, device=DEVICE)), meta=meta), "pages.rows", "[*, 24]"),
+        (dict(y=y, pages=RowPages(p.rows.half(), p.row), meta=meta), "pages.rows", "torch.float16"),
+        (dict(y=y, pages=RowPages(p.rows.t().contiguous().t(), p.row), meta=meta), "pages.rows", "unit stride"),
+        (dict(y=y, pages=RowPages(p.rows, p.row.long()), meta=meta), "pages.row", "torch.int64"),
+        (dict(y=y, pages=bias, meta=meta), "pages", "RowPages"),
+        (dict(y=y[:, None], pages=p, meta=meta), "y", "[4, 1, 24]"),
+        (dict(y=y.t(), pages=p, meta=meta), "y", "[24, 4]"),
+        (dict(y=y, pages=p, meta=DeltaKernelMeta.build(slots_tensor([0], DEVICE))), "meta", "1 tokens"),
     ]:
-        with pytest.raises(ValueError, match=arg) as info, on(name):
+        with pytest.raises(ValueError, match=arg.replace(".", r"\.")) as info, on(name):
             kernels.add_bias(**kwargs)
         assert fragment in str(info.value), str(info.value)
 
@@ -98,7 +106,7 @@ def test_add_bias_triton_large_on_gpu(num_tokens, dtype):
     meta = DeltaKernelMeta.build(slots_tensor(slots, "cuda"))
     expected = ref_add_bias(y, bias, slots)
     with on("triton"):
-        kernels.add_bias(y, bias, meta)
+        kernels.add_bias(y, _pages(bias), meta)
     assert_close(y, expected, **TOLERANCES[dtype], what=f"cuda {dtype} T={num_tokens}")
 
 
@@ -110,7 +118,7 @@ def test_mul_rows_cpu_matches_reference(num_tokens, num_deltas, pattern):
     slots, vec, t = _vec_case(num_tokens, num_deltas, pattern, 72, torch.float32, seed=num_tokens, device="cpu")
     expected = ref_mul_rows(t, vec, slots)
     with on("cpu"):
-        kernels.mul_rows(t, vec, DeltaKernelMeta.build(slots_tensor(slots)))
+        kernels.mul_rows(t, _pages(vec, LAYOUTS[num_deltas % len(LAYOUTS)]), DeltaKernelMeta.build(slots_tensor(slots)))
     assert_close(t, expected, atol=1e-6, rtol=1e-6, what=f"slots={slots}")
 
 
@@ -125,7 +133,7 @@ def test_mul_rows_triton_matches_reference(num_tokens, num_deltas, pattern, dtyp
     for name in BACKENDS:
         outs[name] = t.clone()
         with on(name):
-            kernels.mul_rows(outs[name], vec, meta)
+            kernels.mul_rows(outs[name], _pages(vec), meta)
         assert_close(outs[name], expected, atol=0.0, rtol=0.0, what=f"{name} {dtype} slots={slots}")
     assert torch.equal(outs["triton"], outs["cpu"])
 
@@ -141,9 +149,9 @@ def test_mul_rows_input_and_output_variants_compose_like_peft():
     for name in BACKENDS:
         x_in = x.clone()
         with on(name):
-            kernels.mul_rows(x_in, l_in, meta)
+            kernels.mul_rows(x_in, _pages(l_in), meta)
             y = x_in @ w.T
-            kernels.mul_rows(y, l_out, meta)
+            kernels.mul_rows(y, _pages(l_out), meta)
         for i, s in enumerate(slots):
             want = x[i] @ w.T if s < 0 else ((x[i] * l_in[s]) @ w.T) * l_out[s]
             assert_close(y[i], want, **TOLERANCES[torch.float32], what=f"{name} token {i}")
@@ -152,14 +160,15 @@ def test_mul_rows_input_and_output_variants_compose_like_peft():
 @pytest.mark.parametrize("name", BACKENDS)
 def test_mul_rows_bad_input_raises_value_error_naming_argument(name):
     t, vec = torch.randn(4, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    p = _pages(vec)
     meta = DeltaKernelMeta.build(slots_tensor([0, 1, -1, 2], DEVICE))
     for kwargs, arg, fragment in [
-        (dict(t=t, vec=torch.randn(3, 12, device=DEVICE), meta=meta), "vec", "[3, 12]"),
-        (dict(t=t.half(), vec=vec, meta=meta), "vec", "expected torch.float16"),
-        (dict(t=t.long(), vec=vec, meta=meta), "t", "torch.int64"),
-        (dict(t=t, vec=vec, meta="slots"), "meta", "str"),
+        (dict(t=t, pages=_pages(torch.randn(3, 12, device=DEVICE)), meta=meta), "pages.rows", "[*, 24]"),
+        (dict(t=t.half(), pages=p, meta=meta), "pages.rows", "expected torch.float16"),
+        (dict(t=t.long(), pages=p, meta=meta), "t", "torch.int64"),
+        (dict(t=t, pages=p, meta="slots"), "meta", "str"),
     ]:
-        with pytest.raises(ValueError, match=arg) as info, on(name):
+        with pytest.raises(ValueError, match=arg.replace(".", r"\.")) as info, on(name):
             kernels.mul_rows(**kwargs)
         assert fragment in str(info.value), str(info.value)
 
@@ -172,5 +181,5 @@ def test_mul_rows_triton_large_on_gpu(num_tokens, dtype):
     meta = DeltaKernelMeta.build(slots_tensor(slots, "cuda"))
     expected = ref_mul_rows(t, vec, slots)
     with on("triton"):
-        kernels.mul_rows(t, vec, meta)
+        kernels.mul_rows(t, _pages(vec), meta)
     assert_close(t, expected, **TOLERANCES[dtype], what=f"cuda {dtype} T={num_tokens}")

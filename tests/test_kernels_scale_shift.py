@@ -1,6 +1,8 @@
 """``kernels.scale_shift_rows`` (DoRA's column scale): the Triton kernel and the CPU backend against the exact
 float64 reference, over odd sizes, popularity patterns and runs; tokens of unflagged slots (plain LoRA or
-other kinds in the same batch) and base tokens must come out bit for bit as they went in."""
+other kinds in the same batch) and base tokens must come out bit for bit as they went in. The ops read paged
+rows (``kernels.ScaleShiftPages``) placed packed, scattered or in fragmented regions; the reference reads the
+dense [S, n] tables."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +12,9 @@ import kernels
 from kernels import DeltaKernelMeta
 from kernels.reference import ref_scale_shift_rows
 from tests.helpers import TOLERANCES, assert_close
-from tests.kernel_cases import BACKENDS, DEVICE, PATTERNS, on, slot_ids, slots_tensor
+from kernels import ScaleShiftPages
+from tests.kernel_cases import (BACKENDS, DEVICE, LAYOUTS, PATTERNS, on, scale_shift_pages, slot_ids,
+                                slots_tensor)
 
 TRITON_CASES = [(1, 1, "identical"), (3, 3, "distinct"), (17, 8, "uniform"), (64, 8, "zipf"), (64, 3, "skewed"),
                 (130, 5, "uniform")]
@@ -42,7 +46,8 @@ def test_cpu_matches_reference(num_tokens, num_deltas, pattern):
     expected = ref_scale_shift_rows(y, scale, shift, flag, slots)
     out = y.clone()
     with on("cpu"):
-        kernels.scale_shift_rows(out, scale, shift, flag, DeltaKernelMeta.build(slots_tensor(slots)))
+        pages = scale_shift_pages(scale, shift, flag, layout=LAYOUTS[num_tokens % len(LAYOUTS)], seed=num_deltas)
+        kernels.scale_shift_rows(out, pages, DeltaKernelMeta.build(slots_tensor(slots)))
     assert_close(out, expected, atol=1e-6, rtol=1e-6, what=f"slots={slots}")
     keep = _untouched(slots, flag)
     assert torch.equal(out[keep], y[keep]), "an unflagged or base token changed"
@@ -57,10 +62,11 @@ def test_triton_and_cpu_match_reference(num_tokens, num_deltas, pattern, dtype):
     expected = ref_scale_shift_rows(y, scale, shift, flag, slots)
     tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else TOLERANCES[dtype]
     keep = _untouched(slots, flag)
+    pages = scale_shift_pages(scale, shift, flag, layout=LAYOUTS[num_tokens % len(LAYOUTS)])
     for name in BACKENDS:
         out = y.clone()
         with on(name):
-            kernels.scale_shift_rows(out, scale, shift, flag, meta)
+            kernels.scale_shift_rows(out, pages, meta)
         assert_close(out, expected, **tol, what=f"{name} {dtype} slots={slots}")
         assert torch.equal(out[keep], y[keep]), f"{name}: an unflagged or base token changed"
 
@@ -72,10 +78,11 @@ def test_no_flagged_slot_changes_nothing_and_runs_agree():
     for flags in ([0] * 8, [0, 0, 0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 1, 0, 0]):
         flag = torch.tensor(flags, dtype=torch.int32, device=DEVICE)
         expected = ref_scale_shift_rows(y, scale, shift, flag, slots)
+        pages = scale_shift_pages(scale, shift, flag, layout="regions")
         for name in BACKENDS:
             out = y.clone()
             with on(name):
-                kernels.scale_shift_rows(out, scale, shift, flag, meta)
+                kernels.scale_shift_rows(out, pages, meta)
             assert_close(out, expected, atol=2e-6, rtol=2e-6, what=f"{name} flags={flags}")
             if not any(flags):
                 assert torch.equal(out, y)
@@ -84,20 +91,26 @@ def test_no_flagged_slot_changes_nothing_and_runs_agree():
 @pytest.mark.parametrize("name", BACKENDS)
 def test_bad_input_raises_value_error_naming_argument(name):
     y = torch.randn(4, 24, device=DEVICE)
-    scale, shift = torch.ones(3, 24, device=DEVICE), torch.zeros(3, 24, device=DEVICE)
+    rows = torch.ones(5, 24, device=DEVICE)
     flag = torch.ones(3, dtype=torch.int32, device=DEVICE)
+    row = torch.tensor([0, 2, 4], dtype=torch.int32, device=DEVICE)
     meta = DeltaKernelMeta.build(slots_tensor([0, 1, -1, 2], DEVICE))
-    for kwargs, arg, fragment in [
-        (dict(y=y, scale=torch.ones(3, 25, device=DEVICE), shift=shift, flag=flag, meta=meta), "scale", "[3, 25]"),
-        (dict(y=y, scale=scale.half(), shift=shift, flag=flag, meta=meta), "scale", "torch.float16"),
-        (dict(y=y, scale=scale, shift=shift[:2], flag=flag, meta=meta), "shift", "[2, 24]"),
-        (dict(y=y, scale=scale, shift=shift, flag=flag.long(), meta=meta), "flag", "torch.int64"),
-        (dict(y=y, scale=scale, shift=shift, flag=flag, meta=DeltaKernelMeta.build(slots_tensor([0], DEVICE))),
-         "meta", "1 tokens"),
+    good = dict(scale_rows=rows, shift_rows=rows.clone(), row=row, flag=flag)
+    for change, arg, fragment in [
+        (dict(scale_rows=torch.ones(5, 25, device=DEVICE)), "scale_rows", "[5, 25]"),
+        (dict(scale_rows=rows.half()), "scale_rows", "torch.float16"),
+        (dict(shift_rows=rows[:2]), "shift_rows", "[2, 24]"),
+        (dict(flag=flag.long()), "flag", "torch.int64"),
+        (dict(row=row[:2]), "row", "[2]"),
     ]:
         with pytest.raises(ValueError, match=arg) as info, on(name):
-            kernels.scale_shift_rows(**kwargs)
+            kernels.scale_shift_rows(y, ScaleShiftPages(**{**good, **change}), meta)
         assert fragment in str(info.value), str(info.value)
+    with pytest.raises(ValueError, match="meta") as info, on(name):
+        kernels.scale_shift_rows(y, ScaleShiftPages(**good), DeltaKernelMeta.build(slots_tensor([0], DEVICE)))
+    assert "1 tokens" in str(info.value)
+    with pytest.raises(ValueError, match="ScaleShiftPages"), on(name):
+        kernels.scale_shift_rows(y, rows, meta)
 
 
 @pytest.mark.gpu
@@ -108,5 +121,5 @@ def test_triton_large_on_gpu(num_tokens, dtype):
     meta = DeltaKernelMeta.build(slots_tensor(slots, "cuda"))
     expected = ref_scale_shift_rows(y, scale, shift, flag, slots)
     with on("triton"):
-        kernels.scale_shift_rows(y, scale, shift, flag, meta)
+        kernels.scale_shift_rows(y, scale_shift_pages(scale, shift, flag, layout="regions"), meta)
     assert_close(y, expected, **TOLERANCES[dtype], what=f"cuda {dtype} T={num_tokens}")

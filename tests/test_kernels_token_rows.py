@@ -1,6 +1,8 @@
 """``kernels.replace_rows`` and ``kernels.head_rows`` (trainable tokens): the Triton kernels and the CPU backend
 against the exact float64 reference, over odd sizes, popularity patterns, slots with 0..R replaced ids and
-ids that miss; tokens whose id is not replaced (and base tokens) keep the base row bit for bit."""
+ids that miss; tokens whose id is not replaced (and base tokens) keep the base row bit for bit. The ops read paged
+runs (``kernels.TokenPages``: rows and ids placed packed, scattered or in fragmented regions, independently);
+the reference reads the dense [S, R] pools."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +12,8 @@ import kernels
 from kernels import DeltaKernelMeta
 from kernels.reference import ref_head_rows, ref_replace_rows
 from tests.helpers import TOLERANCES, assert_close
-from tests.kernel_cases import BACKENDS, DEVICE, PATTERNS, on, slot_ids, slots_tensor
+from kernels import TokenPages
+from tests.kernel_cases import BACKENDS, DEVICE, LAYOUTS, PATTERNS, on, slot_ids, slots_tensor, token_pages
 
 VOCAB = 50
 TRITON_CASES = [(1, 1, "identical"), (3, 3, "distinct"), (17, 8, "uniform"), (64, 8, "zipf"), (64, 3, "skewed")]
@@ -56,7 +59,8 @@ def test_replace_rows_cpu_matches_reference(num_tokens, num_deltas, pattern):
     expected = ref_replace_rows(y, ids, index, values, count, slots)
     out = y.clone()
     with on("cpu"):
-        kernels.replace_rows(out, ids, index, values, count, DeltaKernelMeta.build(slots_tensor(slots)))
+        pages = token_pages(index, values, count, layout=LAYOUTS[num_tokens % len(LAYOUTS)], seed=num_deltas)
+        kernels.replace_rows(out, ids, pages, DeltaKernelMeta.build(slots_tensor(slots)))
     assert_close(out, expected, atol=0.0, rtol=0.0, what=f"slots={slots}")
     hit = set(_replaced(slots, ids, index, count))
     keep = [t for t in range(num_tokens) if t not in hit]
@@ -72,10 +76,11 @@ def test_replace_rows_triton_and_cpu_match_reference(num_tokens, num_deltas, pat
                                                         max_rows=min(max_rows, VOCAB), seed=num_deltas)
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
     expected = ref_replace_rows(y, ids, index, values, count, slots).to(dtype)  # a copy: exact
+    pages = token_pages(index, values, count, layout=LAYOUTS[num_tokens % len(LAYOUTS)])
     for name in BACKENDS:
         out = y.clone()
         with on(name):
-            kernels.replace_rows(out, ids, index, values, count, meta)
+            kernels.replace_rows(out, ids, pages, meta)
         assert_close(out, expected, atol=0.0, rtol=0.0, what=f"{name} {dtype} R={max_rows} slots={slots}")
 
 
@@ -97,7 +102,8 @@ def test_head_rows_cpu_matches_reference(num_tokens, num_deltas, pattern):
     expected = ref_head_rows(logits, h, index, values, count, slots)
     out = logits.clone()
     with on("cpu"):
-        kernels.head_rows(out, h, index, values, count, DeltaKernelMeta.build(slots_tensor(slots)))
+        pages = token_pages(index, values, count, layout=LAYOUTS[num_tokens % len(LAYOUTS)], seed=num_deltas)
+        kernels.head_rows(out, h, pages, DeltaKernelMeta.build(slots_tensor(slots)))
     assert_close(out, expected, atol=1e-5, rtol=1e-5, what=f"slots={slots}")
     changed = torch.zeros_like(out, dtype=torch.bool)
     for t, s in enumerate(slots):
@@ -116,10 +122,11 @@ def test_head_rows_triton_and_cpu_match_reference(num_tokens, num_deltas, patter
     meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
     expected = ref_head_rows(logits, h, index, values, count, slots)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else TOLERANCES[dtype]
+    pages = token_pages(index, values, count, layout=LAYOUTS[num_tokens % len(LAYOUTS)])
     for name in BACKENDS:
         out = logits.clone()
         with on(name):
-            kernels.head_rows(out, h, index, values, count, meta)
+            kernels.head_rows(out, h, pages, meta)
         assert_close(out, expected, **tol, what=f"{name} {dtype} R={max_rows} slots={slots}")
 
 
@@ -127,20 +134,30 @@ def test_head_rows_triton_and_cpu_match_reference(num_tokens, num_deltas, patter
 def test_bad_input_raises_value_error_naming_argument(name):
     y, ids = torch.randn(4, 24, device=DEVICE), torch.zeros(4, dtype=torch.int64, device=DEVICE)
     index, values, count = _pools(3, 5, 24, torch.float32, DEVICE, 0)
+    good = token_pages(index, values, count)
     meta = DeltaKernelMeta.build(slots_tensor([0, 1, -1, 2], DEVICE))
-    for kwargs, arg, fragment in [
-        (dict(y=y, ids=ids.int(), index=index, values=values, count=count, meta=meta), "ids", "torch.int32"),
-        (dict(y=y, ids=ids, index=index.int(), values=values, count=count, meta=meta), "index", "torch.int32"),
-        (dict(y=y, ids=ids, index=index, values=values[:, :4], count=count, meta=meta), "values", "[3, 4, 24]"),
-        (dict(y=y, ids=ids, index=index, values=values.half(), count=count, meta=meta), "values", "float16"),
-        (dict(y=y, ids=ids, index=index, values=values, count=count.long(), meta=meta), "count", "torch.int64"),
+
+    def pages(**change):
+        fields = dict(values=good.values, ids=good.ids, start=good.start, id_start=good.id_start, count=good.count,
+                      max_count=good.max_count)
+        return TokenPages(**{**fields, **change})
+
+    for args, arg, fragment in [
+        ((y, ids.int(), good), "ids", "torch.int32"),
+        ((y, ids, pages(ids=good.ids.int())), "pages.ids", "torch.int32"),
+        ((y, ids, pages(values=good.values[:, :20])), "pages.values", "[*, 24]"),
+        ((y, ids, pages(values=good.values.half())), "pages.values", "float16"),
+        ((y, ids, pages(count=good.count.long())), "pages.count", "torch.int64"),
+        ((y, ids, pages(id_start=good.id_start[:2])), "pages.id_start", "[2]"),
+        ((y, ids, pages(max_count=-1)), "pages.max_count", "-1"),
+        ((y, ids, values), "pages", "TokenPages"),
     ]:
         with pytest.raises(ValueError, match=arg) as info, on(name):
-            kernels.replace_rows(**kwargs)
+            kernels.replace_rows(*args, meta)
         assert fragment in str(info.value), str(info.value)
     logits = torch.randn(4, VOCAB, device=DEVICE)
     with pytest.raises(ValueError, match="h") as info, on(name):
-        kernels.head_rows(logits, y[:3], index, values, count, meta)
+        kernels.head_rows(logits, y[:3], good, meta)
     assert "[3, 24]" in str(info.value)
 
 
@@ -152,11 +169,12 @@ def test_token_rows_large_on_gpu(dtype):
     meta = DeltaKernelMeta.build(slots_tensor(slots, "cuda"))
     expected = ref_replace_rows(y, ids, index, values, count, slots)
     with on("triton"):
-        kernels.replace_rows(y, ids, index, values, count, meta)
+        kernels.replace_rows(y, ids, token_pages(index, values, count, layout="regions"), meta)
     assert_close(y, expected, atol=0.0, rtol=0.0, what=f"replace {dtype}")
     slots, h, index, values, count, logits = _head_case(133, 32, "uniform", 4096, dtype, max_rows=20, seed=4,
                                                         device="cuda")
     expected = ref_head_rows(logits, h, index, values, count, slots)
     with on("triton"):
-        kernels.head_rows(logits, h, index, values, count, DeltaKernelMeta.build(slots_tensor(slots, "cuda")))
+        kernels.head_rows(logits, h, token_pages(index, values, count, layout="regions"),
+                          DeltaKernelMeta.build(slots_tensor(slots, "cuda")))
     assert_close(logits, expected, **TOLERANCES[dtype], what=f"head {dtype}")

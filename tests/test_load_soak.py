@@ -1,7 +1,7 @@
 """The soak test in the suite: ``benchmarks/soak.py`` for a short, bounded time against a real server
 on loopback (its own process), and it must pass: every request ended with an allowed status (the abusive
 ones of load/abuse.py too: maximal prompts, zip bombs, cancelled and over-quota uploads, upload bursts),
-the server settled back to its baseline (KV blocks, slots, memory, disk), every listed delta verifies, and
+the server settled back to its baseline (KV blocks, delta pins, memory, disk), every listed delta verifies, and
 SIGTERM drained cleanly. About a minute on 2 cores: server start ~20 s, warm-up 4 s, soak 20 s."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_soak_passes_for_a_short_bounded_run(tmp_path):
     rows = [json.loads(line) for f in tmp_path.glob("soak-*.jsonl") for line in f.read_text().splitlines()]
     verdict = [r for r in rows if r.get("phase") == "verdict"]
     assert verdict and verdict[-1]["verdict"] == "pass", verdict
-    assert verdict[-1]["end"]["in_flight"] == 0 and verdict[-1]["end"]["slots_pinned"] == 0
+    assert verdict[-1]["end"]["in_flight"] == 0 and verdict[-1]["end"]["pinned"] == 0
 
 
 # ---- the soak's verdict logic (load/mixed.py) on hand-made records: no server, milliseconds -----------

@@ -52,6 +52,60 @@ def test_store_config_takes_every_store_value_from_the_server_config():
     assert store_config(ServerConfig(), pin_host_memory=False)[1].pin_host_memory is False
 
 
+# ---- memory budgets (server/memory.py) ----------------------------------------------------------
+def test_budgets_default_to_fractions_of_free_memory_per_device():
+    from server.memory import resolve
+
+    gib = 1 << 30
+    cpu = resolve(ServerConfig(), torch.device("cpu"), free_bytes=20 * gib)
+    assert (cpu.delta_bytes, cpu.kv_bytes) == (4 * gib, gib)  # 0.25 of free capped at 4 GiB; 1 GiB of KV
+    small = resolve(ServerConfig(), torch.device("cpu"), free_bytes=2 * gib)
+    assert (small.delta_bytes, small.kv_bytes) == (gib // 2, gib // 2)
+    cuda = resolve(ServerConfig(), torch.device("cuda"), free_bytes=70 * gib)
+    assert (cuda.delta_bytes, cuda.kv_bytes) == (int(0.1 * 70 * gib), int(0.6 * 70 * gib))
+    frac = resolve(ServerConfig(delta_memory_fraction=0.5, kv_memory_fraction=0.25), torch.device("cpu"),
+                   free_bytes=8 * gib)
+    assert (frac.delta_bytes, frac.kv_bytes) == (4 * gib, 2 * gib)
+    blocks = resolve(ServerConfig(kv_blocks=10), torch.device("cpu"), kv_block_bytes=1000, free_bytes=8 * gib)
+    assert blocks.kv_bytes == 0  # kv_blocks sizes the cache itself
+
+
+@pytest.mark.parametrize("values, fragment", [
+    (dict(delta_memory_bytes=7 << 30), "delta_memory_bytes=7516192768 + the default KV cache"),
+    (dict(kv_memory_bytes=7 << 30, delta_memory_bytes=1 << 30), "+ kv_memory_bytes=7516192768"),
+    (dict(kv_blocks=1 << 20), "kv_blocks=1048576 (1048576000 bytes)"),
+])
+def test_budgets_that_do_not_fit_fail_with_one_line(values, fragment):
+    from server.memory import resolve
+
+    with pytest.raises(ConfigError) as err:
+        resolve(ServerConfig(**values), torch.device("cpu"), kv_block_bytes=1000, free_bytes=1 << 30)
+    msg = str(err.value)
+    assert fragment in msg and "exceed the 1073741824 bytes free on cpu" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("values, match", [
+    (dict(delta_memory_fraction=1.0), r"delta_memory_fraction must be a number in \[0, 1\)"),
+    (dict(kv_memory_fraction=-0.1), r"kv_memory_fraction must be a number in \[0, 1\)"),
+    (dict(delta_memory_fraction=0.5, kv_memory_fraction=0.5), "must stay below 1"),
+    (dict(delta_memory_bytes=-1), r"delta_memory_bytes must be an integer in \[0, "),
+    (dict(max_rank=0), r"max_rank must be an integer in \[1, 16384\]"),
+])
+def test_bad_budget_settings_are_config_errors(values, match):
+    with pytest.raises(ConfigError, match=match):
+        ServerConfig(**values)
+
+
+def test_max_slots_is_gone_and_max_rank_costs_nothing():
+    with pytest.raises(ConfigError, match="unknown config key.*max_slots"):
+        ServerConfig.from_dict({"max_slots": 32})
+    assert ServerConfig().max_rank == 256
+
+
+def test_store_config_carries_the_device_budget_check():
+    limits, _ = store_config(ServerConfig(), pin_host_memory=False, device_bytes=lambda d: 10, device_budget_bytes=9)
+    assert limits.device_budget_bytes == 9 and limits.device_bytes(None) == 10
+    assert store_config(ServerConfig(), pin_host_memory=False)[0].device_budget_bytes == 0
 @pytest.mark.parametrize("key,bad,message", [
     ("health_grace_seconds", -1.0, "health_grace_seconds must be a number >= 0"),
     ("grace_seconds", "5", "grace_seconds must be a number >= 0"),

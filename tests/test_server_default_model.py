@@ -27,7 +27,7 @@ def srv(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("default")
     (root / "data").mkdir()
     (root / "data" / "models").symlink_to(smollm2.path.parent)  # the session's conversion, found by name
-    s = Served(root, smollm2.path, model_path=None, max_model_len=0, max_slots=2, max_rank=16)
+    s = Served(root, smollm2.path, model_path=None, max_model_len=0, delta_memory_bytes=8 << 20, max_rank=16)
     s.md = s.tenant("reader")
     s.client_md = s.client.with_key(s.md[0][1].removeprefix("Bearer "))
     s.client_md.upload("pirate", PIRATE)

@@ -31,12 +31,14 @@ def test_metrics_translate_engine_stats_and_cumulative_snapshots():
     m.request_ended("acme")
     m.request_finished("acme", "ok", ("lora", "bitfit"))
 
-    class Slots:
-        num_slots, slots_in_use, pinned, hits, misses, evictions, loads = 8, 2, 1, 5, 2, 0, 2
+    class Device:
+        budget_bytes, capacity_bytes, held_bytes, real_bytes = 1000, 600, 500, 450
+        resident, pinned, loading, ready, queued, blocked = 2, 1, 1, 0, 1, 0
+        hits, misses, evictions, loads = 5, 2, 0, 2
         load_seconds, install_seconds = 0.5, 0.1
 
-    m.record_slots(Slots())
-    m.record_slots(Slots())  # the same snapshot twice must not double the counters
+    m.record_residency(Device())
+    m.record_residency(Device())  # the same snapshot twice must not double the counters
     s = _samples(m)
     assert s['deltaserve_batch_size_count'] == 1 and s['deltaserve_batch_size_sum'] == 3
     assert s['deltaserve_step_distinct_deltas_sum'] == 2 and s['deltaserve_kv_blocks_in_use'] == 5
@@ -48,8 +50,12 @@ def test_metrics_translate_engine_stats_and_cumulative_snapshots():
     assert s['deltaserve_requests_in_flight{tenant="acme"}'] == 0
     assert s['deltaserve_delta_cache_hits_total{tier="device"}'] == 5
     assert s['deltaserve_delta_load_seconds_total{tier="device"}'] == pytest.approx(0.6)
-    Slots.hits = 9
-    m.record_slots(Slots())
+    assert s['deltaserve_delta_device_memory_bytes{state="held"}'] == 500
+    assert s['deltaserve_delta_device_memory_bytes{state="budget"}'] == 1000
+    assert s['deltaserve_delta_resident{tier="device"}'] == 2 and s['deltaserve_delta_bytes{tier="device"}'] == 500
+    assert s['deltaserve_delta_pinned'] == 1 and s['deltaserve_delta_loading'] == 2
+    Device.hits = 9
+    m.record_residency(Device())
     assert _samples(m)['deltaserve_delta_cache_hits_total{tier="device"}'] == 9
     assert all(name.startswith("deltaserve_") or name.split("{")[0] in ROUTER_METRICS for name in s)
 

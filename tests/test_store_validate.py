@@ -81,6 +81,21 @@ def test_limits(llama):
         Limits(max_rank=0)
 
 
+def test_a_delta_larger_than_the_device_budget_is_refused_naming_module_rank_and_limit(llama):
+    d = Delta({"model.layers.0.self_attn.q_proj": ModuleDelta(lora=lora(4, 64, 64)),
+               "model.layers.1.mlp.up_proj": ModuleDelta(lora=lora(16, 64, 128)),
+               "model.layers.1.self_attn.k_proj": ModuleDelta(bias=torch.zeros(32))})
+    nbytes = d.nbytes()
+    validate(d, llama, Limits(device_bytes=lambda x: x.nbytes(), device_budget_bytes=nbytes))  # fits exactly
+    with pytest.raises(DeltaError) as err:
+        validate(d, llama, Limits(device_bytes=lambda x: x.nbytes() + 1, device_budget_bytes=nbytes))
+    msg = str(err.value)
+    assert msg.startswith("model.layers.1.mlp.up_proj: LoRA rank 16 (the largest of 3 modules)"), msg
+    assert f"needs {nbytes + 1} bytes of device memory" in msg and f"delta_memory_bytes={nbytes}" in msg
+    with pytest.raises(ValueError, match="needs device_bytes"):
+        Limits(device_budget_bytes=5)
+
+
 def test_fingerprint_mismatch_and_empty(llama):
     d = Delta({"model.layers.0.self_attn.q_proj": ModuleDelta(bias=torch.ones(64))}, base_fingerprint="0" * 32)
     with pytest.raises(BaseMismatch, match="built for base 0000"):

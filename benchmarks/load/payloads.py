@@ -38,6 +38,13 @@ RECIPES: dict[str, dict] = {
     "bottleneck_w64_gelu": dict(method="bottleneck", width=64, activation="gelu"),
 }
 MIX = tuple(RECIPES)
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+RECIPES.update({f"lora_r{r}_qkvo": dict(method="native_lora", r=r, targets=QKVO) for r in (4, 8, 16, 32, 64)})
+SCALE_MIX = ("lora_r4_qkvo", "lora_r8_qkvo", "lora_r16_qkvo", "lora_r32_qkvo", "lora_r64_qkvo") * 3 + (
+    "lora_r16_qkvo", "bottleneck_w32", "bitfit", "ia3")
+"""bench_scale's cycle of 19: ranks 4-64 on q/k/v/o (LoRA, 16 of 19), a bottleneck adapter, BitFit, (IA)3. The LoRAs
+are written in the native format (random A and B of PEFT-trained magnitudes): building and uploading thousands
+of PEFT folders would take most of the benchmark's time on 2 cores, and the format does not change the serving."""
 
 
 @dataclass(slots=True)
@@ -58,9 +65,9 @@ def _tar(folder: Path) -> bytes:
     return buf.getvalue()
 
 
-def recipe_mix(n: int, offset: int = 0) -> list[str]:
-    """``n`` recipe names cycling through every kind, so any prefix of 10 holds each once."""
-    return [MIX[(offset + i) % len(MIX)] for i in range(n)]
+def recipe_mix(n: int, offset: int = 0, mix: tuple[str, ...] = MIX) -> list[str]:
+    """``n`` recipe names cycling through ``mix`` (default every kind, so any prefix of 10 holds each once)."""
+    return [mix[(offset + i) % len(mix)] for i in range(n)]
 
 
 class DeltaFactory:
@@ -88,6 +95,8 @@ class DeltaFactory:
             return Payload(recipe, self._peft(recipe, cfg, seed), "peft")
         if method == "bottleneck":
             return Payload(recipe, self._bottleneck(cfg, seed), "native")
+        if method == "native_lora":
+            return Payload(recipe, self._native_lora(cfg, seed), "native")
         return Payload(recipe, self._bitfit(seed), "native")
 
     # ---- PEFT ---------------------------------------------------------------------------------
@@ -138,6 +147,21 @@ class DeltaFactory:
                     cfg["activation"], 1.0, "output"))
         return dump_native(Delta(mods, source_format="native", base_fingerprint=self.spec.fingerprint,
                                  description=f"bottleneck width {m}"))
+
+    def _native_lora(self, cfg: dict, seed: int) -> bytes:
+        """LoRA of rank r on the recipe's projections of every layer, scale alpha/r = 2, A and B of std 0.02 (as
+        ``randomise_peft`` gives PEFT's LoRAs)."""
+        from delta_store.delta import Delta, LoraTerm, ModuleDelta
+        from delta_store.native import dump_native
+
+        g = torch.Generator().manual_seed(seed)
+        r, mods = cfg["r"], {}
+        for info in self.spec.modules.values():
+            if info.kind == "linear" and info.layer is not None and info.leaf in cfg["targets"]:
+                mods[info.path] = ModuleDelta(lora=LoraTerm(0.02 * torch.randn(r, info.in_features, generator=g),
+                                                            0.02 * torch.randn(info.out_features, r, generator=g), 2.0))
+        return dump_native(Delta(mods, source_format="native", base_fingerprint=self.spec.fingerprint,
+                                 description=f"lora rank {r}"))
 
     def _bitfit(self, seed: int) -> bytes:
         """Additive bias deltas on every projection of every layer (BitFit on a bias-less Llama)."""

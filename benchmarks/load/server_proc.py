@@ -1,6 +1,6 @@
 """A deltaserve server as a child process on loopback, for benchmarks and the soak.
 
-    with ServerProcess(data_dir, settings={"max_slots": 48}) as srv:
+    with ServerProcess(data_dir, settings={"delta_memory_bytes": 1 << 30}) as srv:
         srv.address, srv.metrics_url, srv.admin_key, srv.pid
 
 It runs ``python -m server serve --config <data_dir>/server.json`` with both ports 0 (the OS picks

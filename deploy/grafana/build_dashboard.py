@@ -95,10 +95,14 @@ ROWS = [
     ("Memory", [
         ("KV cache use", "percentunit", "KV-cache blocks in use over blocks in the pool.",
          [q(f"sum(deltaserve_kv_blocks_in_use{{{SEL}}}) / sum(deltaserve_kv_blocks_total{{{SEL}}})", "KV blocks")]),
-        ("Device delta slots", "short", "Slots holding a delta, pinned by running requests, and in all.",
-         [q(f"sum(deltaserve_delta_slots_in_use{{{SEL}}})", "in use"),
-          q(f"sum(deltaserve_delta_slots_pinned{{{SEL}}})", "pinned"),
-          q(f"sum(deltaserve_delta_slots_total{{{SEL}}})", "total")]),
+        ("Device delta memory", "bytes", "Bytes the resident deltas hold (bucketed rows), the arenas allocated, "
+         "and the budget (delta_memory_bytes); how many deltas are resident follows from their sizes.",
+         [q(f'sum(deltaserve_delta_bytes{{{SEL}, tier="device"}})', "held"),
+          q(f'sum(deltaserve_delta_device_memory_bytes{{{SEL}, state="capacity"}})', "allocated"),
+          q(f'sum(deltaserve_delta_bytes_budget{{{SEL}, tier="device"}})', "budget")]),
+        ("Device deltas", "short", "Deltas resident in device memory, and those a running request uses (pinned).",
+         [q(f'sum(deltaserve_delta_resident{{{SEL}, tier="device"}})', "resident"),
+          q(f"sum(deltaserve_delta_pinned{{{SEL}}})", "pinned")]),
         ("Host delta memory", "bytes", "Bytes of deltas in the host-memory tier, and its budget (host_cache_bytes).",
          [q(f'sum(deltaserve_delta_bytes{{{SEL}, tier="host"}})', "resident"),
           q(f'sum(deltaserve_delta_bytes_budget{{{SEL}, tier="host"}})', "budget")]),

@@ -15,20 +15,21 @@ T=32 on 32 deltas, and 0.43x at prefill, T=2048 on 32 deltas, on an idle 2-core 
   views add into ``y`` with no gather or scatter (prefill, one run per sequence: ~0.1x at T=2048).
   Chosen first whenever runs average RUN_MIN_TOKENS tokens: one big group costs grouped_mm 0.19 ms
   against 0.05 ms for the plain mm (T=64, one slot).
-* grouped (``grouped.py``): tokens sorted by slot against the whole pool with ``F.grouped_mm``, one
-  shrink/expand pair per distinct active rank, nothing gathered. The default otherwise, where
-  grouped_mm runs (CPU, fp32): decode T=32 on 32 slots ~0.5x (q_proj) and the seven Llama projections
-  together ~0.29x of their base matmuls with B pools stored [S, R, out], vs ~0.42x for the gathered plan.
-* padded: each active slot's tokens padded to the longest segment; A/B gathered once per slot and
+* grouped (``grouped.py``): tokens sorted by cell against strided views of the pages with ``F.grouped_mm``,
+  one shrink/expand pair per cluster of evenly spaced runs of one rank, nothing gathered. The default
+  otherwise, where grouped_mm runs (CPU, fp32): decode T=32 on 32 slots ~0.5x (q_proj) and the seven Llama
+  projections together ~0.29x of their base matmuls, vs ~0.42x for the gathered plan.
+* padded: each active slot's tokens padded to the longest segment; A/B rows gathered once per slot and
   two batched matmuls (64 tokens on 8 or 32 slots: ~0.2x / ~0.65x, vs ~0.25x / ~1.0x for a loop).
 * segments: tokens gathered grouped by slot, one matmul pair per slot, scattered back (many tokens
   per slot, interleaved, uneven).
 * gather: each token's A/B rows gathered into reused buffers, two batched matmuls; with mixed ranks,
   one gather per rank group so a rank-4 token does not pay rank 64 (D3). Decode (T=32, 32 slots)
-  costs ~0.6-0.8x on one projection vs ~1.4x for the loop; with B pools stored [S, R, out] the
-  seven Llama projections together cost ~0.43x of their base matmuls.
-Only up to the largest *active* rank is read, and ranks beyond a slot's own are masked (gathered
-plans) or never read (grouped, runs, segments).
+  costs ~0.6-0.8x on one projection vs ~1.4x for the loop; the seven Llama projections together
+  ~0.43x of their base matmuls.
+Every plan reads a slot's weights only inside its own run of rows (``kernels/pages.py``): the gathered plans
+clamp their row indices to the run and mask the copies past the slot's rank to zero, the others slice it
+(rows outside every run may hold NaN).
 """
 from __future__ import annotations
 

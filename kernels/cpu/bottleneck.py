@@ -6,6 +6,7 @@ import torch
 
 from ..activations import ACT_FNS
 from ..meta import DeltaKernelMeta
+from ..pages import AdapterPages
 from . import gather, grouped
 from .plans import choose_plan
 from .tensors import WS, add_rows, add_slice, apply_act, f32
@@ -13,33 +14,34 @@ from .threads import on_op_threads
 
 
 @on_op_threads
-def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
-                       up: torch.Tensor, up_bias: torch.Tensor, scale: torch.Tensor, width: torch.Tensor,
-                       act: torch.Tensor, meta: DeltaKernelMeta) -> None:
+def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, meta: DeltaKernelMeta) -> None:
     """The CPU backend of ``kernels.add_bottleneck`` (which checks the arguments; semantics and shapes there).
-    ``u`` may be ``y`` itself: every plan reads a row's input before it writes that row. A width beyond the
-    pool's padded size, or an activation code outside ``ACT_CODES``, is a ValueError."""
-    if meta.no_delta:
+    ``u`` may be ``y`` itself: every plan reads a row's input before it writes that row. A run leaving the row
+    tensors, or an activation code outside ``ACT_CODES``, is a ValueError."""
+    if meta.no_delta or pages.max_width == 0:
         return
-    widths = width.tolist()
+    widths = gather.active_values(pages.width, meta)
     work = [s for s in meta.active_slots_host if widths[s] > 0]
     if not work:
         return
-    gather.check_limit("add_bottleneck", "width", widths, work, down.shape[1])
-    acts = act.tolist()
+    starts = gather.active_values(pages.start, meta)
+    gather.check_runs("add_bottleneck", "width", starts, widths, work, pages.down_rows.shape[0])
+    acts = gather.active_values(pages.act, meta)
     for s in work:
         if acts[s] not in ACT_FNS:
             raise ValueError(f"add_bottleneck: act[{s}] = {acts[s]} is not an activation code (0..3)")
-    scales = scale.tolist()
-    plan = choose_plan(meta, grouped_ok=grouped.bottleneck_ok(u, down, up), dtype=y.dtype)
+    plan = choose_plan(meta, grouped_ok=grouped.bottleneck_ok(u, pages.down_rows, pages.up_rows), dtype=y.dtype)
     if plan == "grouped":
-        grouped.grouped_bottleneck(y, u, down, down_bias, up, up_bias, scale, act, widths, acts, work, meta)
-    elif plan == "runs":
+        grouped.grouped_bottleneck(y, u, pages, widths, starts, acts, work, meta)
+        return
+    scales = gather.active_values(pages.scale, meta)
+    if plan in ("runs", "segments"):
+        ub_rows = gather.active_values(pages.up_bias_row, meta)
+    if plan == "runs":
         for a, b, s in meta.runs_host:
             m = widths[s]
             if m:
-                h = torch.addmm(f32(down_bias[s, :m]), f32(u[a:b]), f32(down[s, :m]).t())  # [n, m]
-                d = torch.addmm(f32(up_bias[s]), ACT_FNS[acts[s]](h), f32(up[s, :, :m]).t())  # [n, h]
+                d = _one(u[a:b], pages, starts[s], m, acts[s], ub_rows[s])
                 add_slice(y[a:b], d, scales[s])
     elif plan == "segments":
         ids = meta.sorted_active_ids
@@ -50,27 +52,33 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, dow
             if m == 0:
                 ds[a:b].zero_()
                 continue
-            h = torch.addmm(f32(down_bias[s, :m]), f32(us[a:b]), f32(down[s, :m]).t())
-            torch.addmm(f32(up_bias[s]), ACT_FNS[acts[s]](h), f32(up[s, :, :m]).t(), out=ds[a:b]).mul_(scales[s])
+            ds[a:b] = _one(us[a:b], pages, starts[s], m, acts[s], ub_rows[s]).mul_(scales[s])
         add_rows(y, ids, ds)
     else:
         for size, ids, sl, _ in gather.groups(meta, widths, work):
-            _gathered(y, u, down, down_bias, up, up_bias, scale, width, act, ids, sl, size,
-                      sorted({acts[s] for s in work}))
+            _gathered(y, u, pages, ids, sl, size, sorted({acts[s] for s in work}))
 
 
-def _gathered(y, u, down, down_bias, up, up_bias, scale, width, act, ids, sl, mmax: int, codes: list[int]) -> None:
+def _one(u: torch.Tensor, pages: AdapterPages, st: int, m: int, act: int, ub_row: int) -> torch.Tensor:
+    """fp32 [n, h]: act(u @ D.T + db) @ U + ub for one slot's run of m rows from row ``st`` (views, no gather)."""
+    h = torch.addmm(f32(pages.down_bias[st:st + m]), f32(u), f32(pages.down_rows[st:st + m]).t())  # [n, m]
+    return torch.addmm(f32(pages.up_bias_rows[ub_row]), ACT_FNS[act](h), f32(pages.up_rows[st:st + m]))  # [n, h]
+
+
+def _gathered(y, u, pages: AdapterPages, ids, sl, mmax: int, codes: list[int]) -> None:
     """Gathered plan on tokens ``ids`` (None = all) with slots ``sl`` [n], widths <= mmax; ``u`` may be
     ``y``: groups hold disjoint tokens and each reads its rows before adding to them."""
     n, hid = sl.numel(), y.shape[1]
     us = f32(u if ids is None else u.index_select(0, ids))  # [n, h]
-    h = torch.bmm(us.unsqueeze(1), gather.rows(down[:, :mmax], sl, "bn_down").transpose(1, 2),
+    rows = gather.row_index(pages.start, pages.width, sl, mmax)  # [n, mmax], clamped to each slot's run
+    h = torch.bmm(us.unsqueeze(1), gather.rows(pages.down_rows, rows, "bn_down").transpose(1, 2),
                   out=WS.get("bn_h", (n, 1, mmax), torch.float32, y.device)).view(n, mmax)
-    h.add_(f32(down_bias[:, :mmax].index_select(0, sl)))
-    h = apply_act(h, codes, act.index_select(0, sl) if len(codes) > 1 else None)
-    tok_width = width.index_select(0, sl)  # [n]; width 0 = no adapter here, up_bias included
+    h.add_(f32(pages.down_bias.index_select(0, rows.reshape(-1)).view(n, mmax)))
+    h = apply_act(h, codes, pages.act.index_select(0, sl) if len(codes) > 1 else None)
+    tok_width = pages.width.index_select(0, sl)  # [n]; every slot here has width > 0
     h.mul_(torch.arange(mmax, device=y.device) < tok_width.unsqueeze(1))  # past the slot's width: 0
-    d = torch.bmm(h.unsqueeze(1), gather.up_rows(up, mmax, sl, "bn_up"),
+    d = torch.bmm(h.unsqueeze(1), gather.rows(pages.up_rows, rows, "bn_up"),
                   out=WS.get("bn_d", (n, 1, hid), torch.float32, y.device)).view(n, hid)
-    d.add_(f32(up_bias.index_select(0, sl))).mul_((scale.index_select(0, sl) * (tok_width > 0)).unsqueeze(1))
+    ub = pages.up_bias_rows.index_select(0, pages.up_bias_row.index_select(0, sl).long())  # [n, h]
+    d.add_(f32(ub)).mul_(pages.scale.index_select(0, sl).unsqueeze(1))
     add_rows(y, ids, d)

@@ -1,5 +1,6 @@
-"""Gathers of the CPU backend's gathered and padded plans: per-token (or per-slot) copies of pool rows
-into reused buffers, and the rank groups that keep a rank-4 token from paying rank 64 (D3)."""
+"""Gathers of the CPU backend's gathered and padded plans: copies of each slot's page rows into reused
+buffers, the host values of the pages' per-slot indices, and the rank groups that keep a rank-4 token
+from paying rank 64 (D3)."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,19 @@ import torch
 from .._triton import next_pow2
 from ..meta import DeltaKernelMeta
 from .tensors import WS, f32
+
+SMALL_TABLE = 64
+"""Per-slot tables up to this many slots are read whole (``tolist`` of 64 ints ~1 us); larger ones (thousands
+of resident deltas) are gathered at the step's active slots first."""
+
+
+def active_values(t: torch.Tensor, meta: DeltaKernelMeta) -> dict[int, int | float]:
+    """{slot: t[slot]} for the step's active slots, as Python numbers."""
+    active = meta.active_slots_host
+    if t.numel() <= SMALL_TABLE:
+        vals = t.tolist()
+        return {s: vals[s] for s in active}
+    return dict(zip(active, t.index_select(0, meta.active_slots).tolist()))
 
 
 def token_ids(meta: DeltaKernelMeta) -> torch.Tensor | None:
@@ -19,21 +33,21 @@ def rank_group(size: int) -> int:
     return max(8, next_pow2(size))
 
 
-def groups(meta: DeltaKernelMeta, sizes: list[int], work: list[int]):
+def groups(meta: DeltaKernelMeta, sizes: dict[int, int], work: list[int]):
     """(size, token ids or None, token slots, all sizes equal) per group of slots whose rank (or width) rounds
     up to the same power of two (>= 8). A gathered batch pays its largest member's rank, so without groups
-    the rank-4 tokens of a batch with a rank-64 slot would pay 16x their FLOPs and bytes (D3)."""
+    the rank-4 tokens of a batch with a rank-64 slot would pay 16x their FLOPs and bytes (D3). Only tokens
+    of ``work`` slots are gathered: a slot without the term here may have no valid rows to read."""
     by_group: dict[int, list[int]] = {}
     for s in work:
         by_group.setdefault(rank_group(sizes[s]), []).append(s)
     by_group = dict(sorted(by_group.items()))
     sl = meta.active_token_slots  # [N]
-    if len(by_group) == 1:
-        # tokens of slots without work here (size 0) stay in the batch, masked by their size
+    if len(by_group) == 1 and len(work) == meta.num_active:
         top = max(sizes[s] for s in work)
-        yield top, token_ids(meta), sl, all(sizes[s] == top for s in meta.active_slots_host)
+        yield top, token_ids(meta), sl, all(sizes[s] == top for s in work)
         return
-    group_of = torch.full((len(sizes),), -1, dtype=torch.int64)  # [S]; -1: no work at this layer
+    group_of = torch.full((int(sl.max()) + 1,), -1, dtype=torch.int64)  # [max slot + 1]; -1: no work here
     for g, members in enumerate(by_group.values()):
         group_of[members] = g
     tok_group = group_of.to(sl.device).index_select(0, sl)  # [N]
@@ -44,26 +58,29 @@ def groups(meta: DeltaKernelMeta, sizes: list[int], work: list[int]):
         yield top, ids, sl.index_select(0, sub), all(sizes[s] == top for s in members)
 
 
-def rows(pool: torch.Tensor, slots: torch.Tensor, name: str) -> torch.Tensor:
-    """pool[slots] as fp32, written into a reused buffer (fresh buffers page-fault, see ``tensors.Workspace``)."""
-    shape = (slots.numel(),) + tuple(pool.shape[1:])
-    out = WS.get(name, shape, pool.dtype, pool.device)
-    torch.index_select(pool, 0, slots, out=out)
-    return f32(out)
+def row_index(start: torch.Tensor, size: torch.Tensor, slots: torch.Tensor, rmax: int) -> torch.Tensor:
+    """int64 [n, rmax]: rows start[s] + j of each slot in ``slots``, j clamped to the slot's own last row, so a
+    gather never reads past a slot's run (rows there may be another tenant's, or NaN); the clamped copies
+    are masked to zero by the plans."""
+    first = start.index_select(0, slots).long().unsqueeze(1)  # [n, 1]
+    last = (size.index_select(0, slots).long() - 1).clamp(min=0).unsqueeze(1)  # [n, 1]
+    j = torch.arange(rmax, device=start.device).unsqueeze(0)  # [1, rmax]
+    return first + torch.minimum(j, last)  # [n, rmax]
 
 
-def up_rows(pool: torch.Tensor, size: int, slots: torch.Tensor, name: str) -> torch.Tensor:
-    """pool[slots, :, :size].transpose(1, 2) as fp32 [n, size, out], for ``pool`` [S, out, R] stored either
-    way. Stored [S, out, R] (contiguous), the gather copies out*n runs of ``size`` elements: 0.16x of a
-    1024x1024 base matmul at n=32, size=16, 1 thread; stored [S, R, out] (``pool`` a transpose view), it
-    copies n blocks of size*out contiguous elements: 0.025x."""
-    if pool.stride(1) == 1 and pool.shape[1] > 1:  # transposed storage: rows of the [S, R, out] tensor
-        return rows(pool.transpose(1, 2)[:, :size], slots, name)
-    return rows(pool[:, :, :size], slots, name).transpose(1, 2)
+def rows(table: torch.Tensor, index: torch.Tensor, name: str) -> torch.Tensor:
+    """table[index] as fp32 [*index.shape, K], written into a reused buffer (fresh buffers page-fault, see
+    ``tensors.Workspace``)."""
+    shape = tuple(index.shape) + (table.shape[1],)
+    out = WS.get(name, (index.numel(), table.shape[1]), table.dtype, table.device)
+    torch.index_select(table, 0, index.reshape(-1), out=out)
+    return f32(out.view(shape))
 
 
-def check_limit(op: str, what: str, values: list[int], slots: list[int], limit: int) -> None:
-    """A slot's rank (or width) beyond the pool's padded size: refused before any pool is sliced."""
-    worst = max(slots, key=lambda s: values[s])
-    if values[worst] > limit:
-        raise ValueError(f"{op}: {what}[{worst}] = {values[worst]} exceeds the pool's padded size {limit}")
+def check_runs(op: str, what: str, starts: dict[int, int], sizes: dict[int, int], slots: list[int],
+               num_rows: int) -> None:
+    """A slot's run of rows would leave its row tensor: refused before anything is read."""
+    for s in slots:
+        a, n = starts[s], sizes[s]
+        if a < 0 or a + n > num_rows:
+            raise ValueError(f"{op}: slot {s}: {what} {n} from row {a} leaves the {num_rows} rows of the pages")

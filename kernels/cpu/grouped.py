@@ -1,25 +1,31 @@
-"""The grouped plan of the CPU backend: ``F.grouped_mm`` over the whole slot pool, nothing gathered.
+"""The grouped plan of the CPU backend: ``F.grouped_mm`` over strided views of the pages, nothing gathered.
 
-Tokens sorted by slot are multiplied against the *whole* pool in place, with ``offs`` the cumulative
-per-slot token counts over all ``S`` slots (a slot without tokens is an empty group)::
+Tokens sorted by cell are multiplied against a ``[G, r, in]`` view of the row tensor whose G cells are evenly
+spaced runs of r rows (``stride`` rows apart from row ``first``), ``offs`` the cumulative per-cell token
+counts (a cell without tokens is an empty group)::
 
-    h = F.grouped_mm(x_sorted [n, in], lora_a[:, :r].transpose(1, 2) [S, in, r], offs=offs)   # [n, r]
+    A = a_rows.as_strided((G, r, in), (stride * rs, rs, 1), first * rs)        # rs = row stride
+    h = F.grouped_mm(x_sorted [n, in], A.transpose(1, 2) [G, in, r], offs=offs)   # [n, r]
     h *= scale[slot of each row]
-    y[ids] += F.grouped_mm(h, lora_b_t[:, :r] [S, r, out], offs=offs)                          # [n, out]
+    y[ids] += F.grouped_mm(h, B [G, r, out], offs=offs)                            # [n, out]
 
-so no token's A or B rows are copied: at decode (T=32 tokens of 32 distinct rank-16 slots, S=40) the
-gathered plan's ``index_select`` of A and B was 16 of the 35 ms of LoRA work per step of the CPU
-benchmark Llama. On a 1024 -> 2816 projection, 1 thread: shrink 0.10 ms, expand 0.17 ms with the B pool
-stored [S, R, out] (0.30 ms as a transpose view of [S, out, R]), against 2.96 ms for the base matmul.
+so no token's A or B rows are copied: at decode (T=32 tokens of 32 distinct rank-16 deltas) the gathered
+plan's ``index_select`` of A and B was 16 of the 35 ms of LoRA work per step of the CPU benchmark Llama. On a
+1024 -> 2816 projection, 1 thread: shrink 0.10 ms, expand 0.17 ms, against 2.96 ms for the base matmul.
 
-D3: ``grouped_mm`` needs one inner size for all groups, so the plan runs one shrink/expand pair per
-distinct active rank ``r`` over the rank-sliced pool ``lora_a[:, :r]`` (never past a slot's rank: the
-padding may hold a previous tenant's values, or NaN), fed only that rank's tokens; the other slots are
-empty groups. Bottleneck adapters do the same per distinct width, with the biases, the activation per
-slot code and the scale applied to the small [n, m] / [n, h] results.
+Views need evenly spaced cells. The server's arenas give every rank bucket its own region of equal cells
+(``server/deltas/pages.py``), so the slots of one rank form one lattice; the pages may place runs
+anywhere, so the active slots of one rank are cut into *clusters*: runs sorted by start whose gaps share a
+common stride >= r, with at most ``MAX_EMPTY`` empty cells per cluster member (each empty group costs
+grouped_mm ~1-2.5 us, a new cluster ~25 us). Slots scattered beyond that get one cluster each.
 
-Intermediates: fp32 pools give fp32 ``h``. On the CPU, ``grouped_mm`` on fp16/bf16 accumulates in fp32
-but returns the input dtype (``out_dtype`` must match), so ``h`` is rounded to the pool dtype before the
+D3: ``grouped_mm`` needs one inner size for all groups, so the plan runs one shrink/expand pair per cluster
+of one true rank ``r`` (never past a slot's rank: rows there may hold a previous tenant's values, or NaN),
+fed only that cluster's tokens. Bottleneck adapters do the same per width, with the biases, the activation
+per slot code and the scale applied to the small [n, m] / [n, h] results.
+
+Intermediates: fp32 pages give fp32 ``h``. On the CPU, ``grouped_mm`` on fp16/bf16 accumulates in fp32
+but returns the input dtype (``out_dtype`` must match), so ``h`` is rounded to the pages' dtype before the
 expand, exactly as the CUDA Triton kernel does (``ht.to(wt.dtype)`` before its second ``tl.dot``); the
 scale, biases and activation are applied in fp32. Only CPU tensors use this plan: on CUDA,
 ``grouped_mm`` wants bf16 with 16-byte aligned strides (rank 1 or 4 would be refused), and there the
@@ -27,6 +33,7 @@ Triton kernels serve.
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -108,68 +115,111 @@ for _dt in (torch.float32, torch.float16, torch.bfloat16):  # once at import: ~1
 
 
 # ------------------------------------------------------------------------------ token groups per step
+MAX_EMPTY = 4
+"""Empty cells a cluster may carry per member (see the module docstring)."""
+
+
 class _Group:
-    """One grouped_mm pair's tokens: those of the slots whose rank (or width) is ``size``. The pool is
-    sliced to the slots ``lo:hi`` spanned by the group: each empty group still costs grouped_mm ~1 us."""
+    """One grouped_mm pair's tokens: those of a cluster of slots of one rank (or width) ``size`` whose runs
+    start at ``first + k * stride`` rows, k < ``num_cells`` (cells without a member are empty groups), with
+    ``first`` the start of ``members[0]`` (looked up per layer: layers place the same cells at other rows)."""
 
-    __slots__ = ("size", "ids", "slots", "offs", "num_tokens", "lo", "hi")
+    __slots__ = ("size", "members", "ids", "slots", "offs", "num_tokens", "stride", "num_cells")
 
-    def __init__(self, size: int, ids: torch.Tensor | None, slots: torch.Tensor, offs: torch.Tensor, n: int,
-                 lo: int, hi: int):
+    def __init__(self, size: int, members: list[int], ids: torch.Tensor | None, slots: torch.Tensor,
+                 offs: torch.Tensor, n: int, stride: int, num_cells: int):
         self.size = size
-        self.ids = ids  # int64 [n] token ids grouped by slot; None: all T tokens, already in slot order
+        self.members = members  # slots in cell order
+        self.ids = ids  # int64 [n] token ids grouped by cell; None: all T tokens, already in that order
         self.slots = slots  # int64 [n] slot of each row
-        self.offs = offs  # int32 [hi - lo] cumulative token counts of slots lo..hi-1 (0 outside the group)
+        self.offs = offs  # int32 [num_cells] cumulative token counts per cell
         self.num_tokens = n
-        self.lo, self.hi = lo, hi
+        self.stride, self.num_cells = stride, num_cells
+
+    def view(self, rows: torch.Tensor, first: int) -> torch.Tensor:
+        """[num_cells, size, K] cells of ``rows`` [N, K] (unit last stride) from row ``first``: strided, no copy."""
+        rs = rows.stride(0)
+        return rows.as_strided((self.num_cells, self.size, rows.shape[1]), (self.stride * rs, rs, 1),
+                               rows.storage_offset() + first * rs)
 
 
 _GROUPS: "weakref.WeakKeyDictionary[DeltaKernelMeta, dict]" = weakref.WeakKeyDictionary()
 
 
-def groups(meta: DeltaKernelMeta, sizes: list[int], work: list[int]) -> list[_Group]:
-    """The token groups of ``meta`` for per-slot ``sizes`` (rank or width, a host list over all S slots)
-    restricted to ``work`` (active slots with size > 0). Cached on the step's meta: the 28 wrapped
-    projections of a 4-layer Llama usually share one rank layout, so the index tensors are built once."""
+def groups(meta: DeltaKernelMeta, sizes: dict[int, int], starts: dict[int, int], work: list[int]) -> list[_Group]:
+    """The token groups of ``meta`` for per-slot ``sizes`` (rank or width) and run ``starts`` (host dicts over
+    the active slots) restricted to ``work`` (active slots with size > 0). Cached on the step's meta by the
+    layout *relative to each rank's first run*: the wrapped projections of a model usually hold the same
+    deltas in the same cells of regions that start at different rows, so the index tensors are built once
+    per step, not once per layer."""
     by_size: dict[int, list[int]] = {}
     for s in work:
         by_size.setdefault(sizes[s], []).append(s)
-    key = (len(sizes), tuple((r, tuple(m)) for r, m in sorted(by_size.items())))
+    key = []
+    for r, group in sorted(by_size.items()):
+        base = min(starts[s] for s in group)
+        key.append((r, tuple(sorted((starts[s] - base, s) for s in group))))
+    key = tuple(key)
     cache = _GROUPS.setdefault(meta, {})
     hit = cache.get(key)
     if hit is None:
-        hit = cache[key] = [_build(meta, len(sizes), r, members) for r, members in sorted(by_size.items())]
+        hit = cache[key] = [_build(meta, r, members, first, stride, cells, starts)
+                            for r, group in sorted(by_size.items())
+                            for members, first, stride, cells in _clusters(group, starts, r)]
     return hit
 
 
-def _build(meta: DeltaKernelMeta, num_slots: int, size: int, members: list[int]) -> _Group:
+def _clusters(slots: list[int], starts: dict[int, int], size: int):
+    """(members in start order, first row, stride, cells) for runs of ``size`` rows, cut where the gaps stop
+    sharing a stride >= size or a cluster would carry more than MAX_EMPTY empty cells per member."""
+    order = sorted(slots, key=lambda s: starts[s])
+    members, stride = [order[0]], 0
+    for s in order[1:]:
+        g = math.gcd(stride, starts[s] - starts[members[-1]])
+        cells = (starts[s] - starts[members[0]]) // g + 1 if g else 1
+        if g >= size and cells <= (MAX_EMPTY + 1) * (len(members) + 1):
+            members.append(s)
+            stride = g
+            continue
+        yield members, starts[members[0]], max(stride, size), _cells(members, starts, stride)
+        members, stride = [s], 0
+    yield members, starts[members[0]], max(stride, size), _cells(members, starts, stride)
+
+
+def _cells(members: list[int], starts: dict[int, int], stride: int) -> int:
+    return (starts[members[-1]] - starts[members[0]]) // stride + 1 if stride else 1
+
+
+def _build(meta: DeltaKernelMeta, size: int, members: list[int], first: int, stride: int, cells: int,
+           starts: dict[int, int]) -> _Group:
     dev = meta.token_slots.device
-    chosen = set(members)
-    counts = [0] * num_slots
-    pos: list[int] = []  # positions in the sorted active-token list
-    for k, s in enumerate(meta.active_slots_host):
-        if s in chosen:
-            a, b = meta.seg_start_host[k], meta.seg_start_host[k + 1]
-            counts[s] = b - a
-            pos.extend(range(a, b))
+    seg = {s: k for k, s in enumerate(meta.active_slots_host)}
+    counts = [0] * cells
+    pos: list[int] = []  # positions in the sorted active-token list, member by member
+    member_counts = []
+    for s in members:
+        k = seg[s]
+        a, b = meta.seg_start_host[k], meta.seg_start_host[k + 1]
+        counts[(starts[s] - first) // stride] = b - a
+        member_counts.append(b - a)
+        pos.extend(range(a, b))
     n = len(pos)
-    lo, hi = members[0], members[-1] + 1  # members are sorted (active slots in order)
-    offs = torch.tensor(counts[lo:hi], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)  # [hi - lo]
-    slots = torch.repeat_interleave(torch.tensor(members, dtype=torch.int64),
-                                    torch.tensor([counts[s] for s in members])).to(dev)  # [n]
-    if n == meta.num_tokens and _in_slot_order(meta):
-        ids = None  # prefill with sequences in slot order: no gather, no scatter
-    elif n == meta.num_active_tokens:
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)  # [cells]
+    slots = torch.tensor([s for s, c in zip(members, member_counts) for _ in range(c)],
+                         dtype=torch.int64).to(dev)  # [n]; a list: repeat_interleave costs ms on busy cores
+    if n == meta.num_tokens and _in_member_order(meta, members):
+        ids = None  # prefill with sequences in cell order: no gather, no scatter
+    elif n == meta.num_active_tokens and members == sorted(members):
         ids = meta.sorted_active_ids
     else:
         ids = meta.sorted_active_ids.index_select(0, torch.tensor(pos, dtype=torch.int64, device=dev))
-    return _Group(size, ids, slots, offs, n, lo, hi)
+    return _Group(size, members, ids, slots, offs, n, stride, cells)
 
 
-def _in_slot_order(meta: DeltaKernelMeta) -> bool:
-    """Every token has a slot and tokens are already sorted by slot (one run per slot, ascending)."""
+def _in_member_order(meta: DeltaKernelMeta, members: list[int]) -> bool:
+    """Every token has a slot and the tokens are already grouped in member order (one run per member)."""
     runs = meta.runs_host
-    return meta.all_tokens_active and all(runs[i][2] < runs[i + 1][2] for i in range(len(runs) - 1))
+    return meta.all_tokens_active and len(runs) == len(members) and all(r[2] == s for r, s in zip(runs, members))
 
 
 def _rows(t: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
@@ -180,49 +230,58 @@ def _rows(t: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- the ops
-def lora_ok(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+def lora_ok(x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor) -> bool:
     """Whether grouped_lora below can run on these tensors: grouped_mm works for the device and dtype, and the
-    token rows [n, in] and the A / B pool views pass its layout check (rank slices keep the strides)."""
-    return (supported(x) and x.shape[1] % _align(x.dtype) == 0 and layout_ok(lora_a.transpose(1, 2))
-            and layout_ok(lora_b.transpose(1, 2)))
+    token rows [n, in] and the A / B cell views pass its layout check (row strides and offsets aligned)."""
+    return (supported(x) and x.shape[1] % _align(x.dtype) == 0 and _rows_ok(a_rows) and _rows_ok(b_rows))
 
 
-def bottleneck_ok(u: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> bool:
-    """As :func:`lora_ok` for grouped_bottleneck (rows [n, h], down [S, h, M] and up [S, M, h] views)."""
-    return (supported(u) and u.shape[1] % _align(u.dtype) == 0 and layout_ok(down.transpose(1, 2))
-            and layout_ok(up.transpose(1, 2)))
+def bottleneck_ok(u: torch.Tensor, down_rows: torch.Tensor, up_rows: torch.Tensor) -> bool:
+    """As :func:`lora_ok` for grouped_bottleneck (rows [n, h], down and up cell views)."""
+    return (supported(u) and u.shape[1] % _align(u.dtype) == 0 and _rows_ok(down_rows) and _rows_ok(up_rows))
 
 
-def grouped_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
-                 ranks: list[int], work: list[int], meta: DeltaKernelMeta) -> None:
-    """y[t] += scale[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T for the tokens of ``work`` slots
-    (active, rank > 0; ``ranks`` the host copy of the rank pool). Shapes as ``kernels.add_lora``."""
-    b_rows = lora_b.transpose(1, 2)  # [S, R, out]: contiguous rows when the pool is stored that way
-    for grp in groups(meta, ranks, work):
-        r = grp.size
+def _rows_ok(rows: torch.Tensor) -> bool:
+    """Cell views of ``rows`` pass grouped_mm's layout check: unit last stride, a 16-byte multiple row stride
+    and a 16-byte aligned first element (a column slice of an arena must start on an aligned column)."""
+    a = _align(rows.dtype)
+    return rows.stride(-1) == 1 and rows.stride(0) % a == 0 and rows.storage_offset() % a == 0
+
+
+def grouped_lora(y: torch.Tensor, x: torch.Tensor, pages, ranks: dict[int, int], starts: dict[int, int],
+                 work: list[int], meta: DeltaKernelMeta) -> None:
+    """y[t] += scale[s] * (x[t] @ A_s.T) @ B_s.T for the tokens of ``work`` slots (active, rank > 0; ``ranks``
+    and ``starts`` the host values of the pages' tables). Shapes as ``kernels.add_lora``."""
+    for grp in groups(meta, ranks, starts, work):
         xs = _rows(x, grp.ids)  # [n, in]
-        h = F.grouped_mm(xs, lora_a[grp.lo:grp.hi, :r].transpose(1, 2), offs=grp.offs)  # [n, r]
-        h.mul_(scale.index_select(0, grp.slots).unsqueeze(1))  # [n, 1] fp32 scale; rounded once if fp16
-        d = F.grouped_mm(h, b_rows[grp.lo:grp.hi, :r], offs=grp.offs)  # [n, out]
+        first = starts[grp.members[0]]
+        h = F.grouped_mm(xs, grp.view(pages.a_rows, first).transpose(1, 2), offs=grp.offs)  # [n, r]
+        h.mul_(pages.scale.index_select(0, grp.slots).unsqueeze(1))  # [n, 1] fp32 scale; rounded once if fp16
+        d = F.grouped_mm(h, grp.view(pages.b_rows, first), offs=grp.offs)  # [n, out]
         add_rows(y, grp.ids, d)
 
 
-def grouped_bottleneck(y: torch.Tensor, u: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
-                       up: torch.Tensor, up_bias: torch.Tensor, scale: torch.Tensor, act: torch.Tensor,
-                       widths: list[int], acts: list[int], work: list[int], meta: DeltaKernelMeta) -> None:
-    """y[t] += scale[s] * (act_s(u[t] @ down[s, :m].T + down_bias[s, :m]) @ up[s, :, :m].T + up_bias[s]) for
-    the tokens of ``work`` slots (active, width > 0). ``u`` may be ``y``: every group's rows are read
-    before any group adds to ``y`` (groups hold disjoint tokens)."""
-    grps = groups(meta, widths, work)
+def grouped_bottleneck(y: torch.Tensor, u: torch.Tensor, pages, widths: dict[int, int], starts: dict[int, int],
+                       acts: dict[int, int], work: list[int], meta: DeltaKernelMeta) -> None:
+    """y[t] += scale[s] * (act_s(u[t] @ D_s.T + db_s) @ U_s.T + ub_s) for the tokens of ``work`` slots (active,
+    width > 0). ``u`` may be ``y``: every group's rows are read before any group adds to ``y`` (groups hold
+    disjoint tokens)."""
+    grps = groups(meta, widths, starts, work)
     inputs = [_rows(u, g.ids) for g in grps]  # [n, h] each; copies unless one group covers every token
-    up_rows = up.transpose(1, 2)  # [S, M, h]
     for grp, us in zip(grps, inputs):
-        m = grp.size
-        h = f32(F.grouped_mm(us, down[grp.lo:grp.hi, :m].transpose(1, 2), offs=grp.offs))  # [n, m] fp32
-        h.add_(down_bias[:, :m].index_select(0, grp.slots))
-        codes = sorted({acts[s] for s in work if widths[s] == m})
-        hp = aligned_empty(grp.num_tokens, m, up.dtype, y.device)  # [n, m], row stride 16-byte aligned
-        hp.copy_(apply_act(h, codes, act.index_select(0, grp.slots) if len(codes) > 1 else None))
-        d = f32(F.grouped_mm(hp, up_rows[grp.lo:grp.hi, :m], offs=grp.offs))  # [n, h] fp32
-        d.add_(up_bias.index_select(0, grp.slots)).mul_(scale.index_select(0, grp.slots).unsqueeze(1))
+        m, first = grp.size, starts[grp.members[0]]
+        h = f32(F.grouped_mm(us, grp.view(pages.down_rows, first).transpose(1, 2), offs=grp.offs))  # [n, m] fp32
+        h.add_(f32(pages.down_bias.index_select(0, _bias_index(pages.start, grp.slots, m))).view(-1, m))
+        codes = sorted({acts[s] for s in grp.members})
+        hp = aligned_empty(grp.num_tokens, m, pages.up_rows.dtype, y.device)  # [n, m], row stride 16-byte aligned
+        hp.copy_(apply_act(h, codes, pages.act.index_select(0, grp.slots) if len(codes) > 1 else None))
+        d = f32(F.grouped_mm(hp, grp.view(pages.up_rows, first), offs=grp.offs))  # [n, h] fp32
+        ub = pages.up_bias_rows.index_select(0, pages.up_bias_row.index_select(0, grp.slots).long())  # [n, h]
+        d.add_(f32(ub)).mul_(pages.scale.index_select(0, grp.slots).unsqueeze(1))
         add_rows(y, grp.ids, d)
+
+
+def _bias_index(start: torch.Tensor, slots: torch.Tensor, m: int) -> torch.Tensor:
+    """int64 [n * m]: the down-bias rows start[s] .. start[s] + m - 1 of each row's slot."""
+    first = start.index_select(0, slots).long().unsqueeze(1)  # [n, 1]
+    return (first + torch.arange(m, device=start.device)).reshape(-1)

@@ -38,16 +38,17 @@ def force_plan(plan: str):
         _forced.pop()
 
 
-def choose_plan(meta: DeltaKernelMeta, *, padded_ok: bool = False, grouped_ok: bool | None = None,
+def choose_plan(meta: DeltaKernelMeta, *, padded_ok=False, grouped_ok: bool | None = None,
                 dtype: torch.dtype = torch.float32) -> str:
-    """The plan for this call. ``padded_ok``: the active slots form one rank group (``gather.groups``);
+    """The plan for this call. ``padded_ok``: the active slots form one rank group (``gather.groups``), a bool
+    or a callable asked only when the choice gets that far (it costs a pass over the slots);
     ``grouped_ok``: whether the grouped plan can run on the call's tensors (``grouped.lora_ok``; None:
     whether it runs on CPU fp32); it is picked unforced only for ``grouped.PREFERRED_DTYPES``."""
     if grouped_ok is None:
         grouped_ok = GROUPED_CPU_FP32
     if _forced:
         forced = _forced[-1]
-        if (forced == "padded" and not padded_ok) or (forced == "grouped" and not grouped_ok):
+        if (forced == "padded" and not _ask(padded_ok)) or (forced == "grouped" and not grouped_ok):
             return "gather"
         return forced
     n = meta.num_active_tokens
@@ -55,8 +56,12 @@ def choose_plan(meta: DeltaKernelMeta, *, padded_ok: bool = False, grouped_ok: b
         return "runs"
     if grouped_ok and dtype in grouped.PREFERRED_DTYPES:
         return "grouped"
-    if padded_ok and meta.num_active * meta.max_seg_len <= PAD_MAX_WASTE * n:
+    if meta.num_active * meta.max_seg_len <= PAD_MAX_WASTE * n and _ask(padded_ok):
         return "padded"
     if meta.num_active * RUN_MIN_TOKENS <= n:
         return "segments"
     return "gather"
+
+
+def _ask(flag) -> bool:
+    return bool(flag() if callable(flag) else flag)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..meta import DeltaKernelMeta
-from .gather import token_ids
+from ..pages import RowPages
+from .gather import active_values, token_ids
 from .tensors import add_rows, add_slice, f32
 from .threads import on_op_threads
 
@@ -13,36 +14,44 @@ ROWS_MAX_RUNS = 8
 """Up to this many runs, slice per run; beyond, one gather does it."""
 
 
-@on_op_threads
-def cpu_add_bias(y: torch.Tensor, bias: torch.Tensor, meta: DeltaKernelMeta) -> None:
-    """The CPU backend of ``kernels.add_bias`` (which checks the arguments): y[t] += bias[slot[t]]."""
-    if meta.no_delta:
-        return
-    if len(meta.runs_host) <= ROWS_MAX_RUNS:
-        for a, b, s in meta.runs_host:
-            add_slice(y[a:b], f32(bias[s]), 1.0)
-        return
-    add_rows(y, token_ids(meta), f32(bias.index_select(0, meta.active_token_slots)))
+def _token_rows(pages: RowPages, meta: DeltaKernelMeta) -> torch.Tensor:
+    """The row of every active token, [N, n] in token order (one gather of the slots' row indices)."""
+    return pages.rows.index_select(0, pages.row.index_select(0, meta.active_token_slots).long())
 
 
 @on_op_threads
-def cpu_mul_rows(t: torch.Tensor, vec: torch.Tensor, meta: DeltaKernelMeta) -> None:
-    """The CPU backend of ``kernels.mul_rows`` (which checks the arguments): t[i] *= vec[slot[i]]."""
+def cpu_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> None:
+    """The CPU backend of ``kernels.add_bias`` (which checks the arguments): y[t] += rows[row[slot[t]]]."""
     if meta.no_delta:
         return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:
+        rows = active_values(pages.row, meta)
         for a, b, s in meta.runs_host:
+            add_slice(y[a:b], f32(pages.rows[rows[s]]), 1.0)
+        return
+    add_rows(y, token_ids(meta), f32(_token_rows(pages, meta)))
+
+
+@on_op_threads
+def cpu_mul_rows(t: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> None:
+    """The CPU backend of ``kernels.mul_rows`` (which checks the arguments): t[i] *= rows[row[slot[i]]]."""
+    if meta.no_delta:
+        return
+    if len(meta.runs_host) <= ROWS_MAX_RUNS:
+        rows = active_values(pages.row, meta)
+        for a, b, s in meta.runs_host:
+            v = pages.rows[rows[s]]
             if t.dtype == torch.float32:
-                t[a:b].mul_(vec[s])
+                t[a:b].mul_(v)
             else:
-                t[a:b].copy_(t[a:b].float().mul_(vec[s].float()))
+                t[a:b].copy_(t[a:b].float().mul_(v.float()))
         return
-    rows = f32(vec.index_select(0, meta.active_token_slots))  # [N, n]
+    vals = f32(_token_rows(pages, meta))  # [N, n]
     ids = token_ids(meta)
     if ids is None:
         if t.dtype == torch.float32:
-            t.mul_(rows)
+            t.mul_(vals)
         else:
-            t.copy_(t.float().mul_(rows))
+            t.copy_(t.float().mul_(vals))
     else:
-        t.index_copy_(0, ids, t.index_select(0, ids).float().mul_(rows).to(t.dtype))
+        t.index_copy_(0, ids, t.index_select(0, ids).float().mul_(vals).to(t.dtype))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..meta import DeltaKernelMeta
+from ..pages import ScaleShiftPages
 from .gather import token_ids
 from .plans import RUN_MIN_TOKENS
 from .rows import ROWS_MAX_RUNS
@@ -27,25 +28,26 @@ def _affine(y: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> None:
 
 
 @on_op_threads
-def cpu_scale_shift_rows(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, flag: torch.Tensor,
-                         meta: DeltaKernelMeta) -> None:
+def cpu_scale_shift_rows(y: torch.Tensor, pages: ScaleShiftPages, meta: DeltaKernelMeta) -> None:
     """The CPU backend of ``kernels.scale_shift_rows`` (which checks the arguments; semantics there)."""
     if meta.no_delta:
         return
-    flags = flag.tolist()
+    flags, row = pages.flag.tolist(), pages.row.tolist()
+    scale, shift = pages.scale_rows, pages.shift_rows
     if not any(flags[s] for s in meta.active_slots_host):
         return
     runs = [(a, b, s) for a, b, s in meta.runs_host if flags[s]]
     if len(runs) <= ROWS_MAX_RUNS or sum(b - a for a, b, _ in runs) >= RUN_MIN_TOKENS * len(runs):
         for a, b, s in runs:
-            _affine(y[a:b], scale[s], shift[s])
+            _affine(y[a:b], scale[row[s]], shift[row[s]])
         return
     if len(runs) == len(meta.runs_host):  # every active token is flagged: the shared token-order indices
         ids, slots = token_ids(meta), meta.active_token_slots  # None = every token; [N] int64
     else:  # a few flagged tokens among others (decode): their ids from the host runs, no device mask
         ids = torch.tensor([i for a, b, _ in runs for i in range(a, b)], dtype=torch.int64, device=y.device)
         slots = torch.tensor([s for a, b, s in runs for _ in range(a, b)], dtype=torch.int64, device=y.device)
-    g, c = scale.index_select(0, slots), shift.index_select(0, slots)  # [n, out] fp32
+    rows_of = pages.row.to(torch.int64).index_select(0, slots)  # [n] each token's row
+    g, c = scale.index_select(0, rows_of), shift.index_select(0, rows_of)  # [n, out] fp32
     if ids is None:
         _affine(y, g, c)
     else:

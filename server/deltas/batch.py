@@ -26,9 +26,12 @@ from kernels import DeltaKernelMeta, MetaBuffers
 
 class DeltaBatch:
     def __init__(self, max_slots: int, device: torch.device | str = "cpu", max_tokens: int = 4096):
+        """``max_slots``: the most distinct deltas one step may use (the index buffers' size); slot *numbers*
+        may be anything below ``slot_capacity``, which the DeltaModel raises as slots are handed out."""
         if max_slots < 1 or max_tokens < 1:
             raise InvalidArgument(f"DeltaBatch: max_slots ({max_slots}) and max_tokens ({max_tokens}) must be >= 1")
         self.max_slots = int(max_slots)
+        self.slot_capacity = 0  # slot numbers [0, slot_capacity) have table entries (DeltaModel.ensure_slots)
         self.device = torch.device(device)
         self._slots = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)  # [max_tokens]
         self._index = MetaBuffers(max_tokens, self.max_slots, self.device)
@@ -72,9 +75,9 @@ class DeltaBatch:
         num_tokens = len(token_slots_host)
         if num_tokens:
             lo, hi = min(token_slots_host), max(token_slots_host)
-            if lo < -1 or hi >= self.max_slots:
+            if lo < -1 or hi >= self.slot_capacity:
                 bad = lo if lo < -1 else hi
-                raise InvalidArgument(f"DeltaBatch.prepare: slot id {bad} out of range [-1, {self.max_slots})")
+                raise InvalidArgument(f"DeltaBatch.prepare: slot id {bad} out of range [-1, {self.slot_capacity})")
         if num_tokens > self.capacity:
             self._slots = torch.full((max(num_tokens, 2 * self.capacity),), -1, dtype=torch.int32, device=self.device)
             self._index = MetaBuffers(self.capacity, self.max_slots, self.device)

@@ -1,4 +1,4 @@
-"""DeltaLinear: an ``nn.Linear`` / GPT-2 ``Conv1D`` that adds each token's delta terms after the base (D1, D2).
+"""DeltaLinear: an ``nn.Linear`` / GPT-2 ``Conv1D`` that adds each token's delta terms after the base (D1, D13).
 
 Same call signature as the wrapped layer (vLLM ``vllm/lora/layers/base_linear.py``; gpt-fast
 ``quantize.py``): ``y = base(x)``, then, in the order of ``delta_store/delta.py``::
@@ -6,33 +6,57 @@ Same call signature as the wrapped layer (vLLM ``vllm/lora/layers/base_linear.py
     x_in = x * in_scale[slot]           # (IA)3, PEFT feed-forward modules; on a copy of x
     y    = base(x_in) * out_scale[slot] # (IA)3 output scaling (base bias scaled too)
     y   += lora(x)                      # LoRA, rank read per slot (D3)
-    y    = y * g[slot] + shift[slot]    # DoRA slots only: g = m / ||W + sBA||, shift = (1 - g) b0 (DoraPool)
+    y    = y * g[slot] + shift[slot]    # DoRA slots only: g = m / ||W + sBA||, shift = (1 - g) b0 (dora.py)
     y   += bias[slot]                   # BitFit / BEFT / lora_B bias / bias="all" deltas
-    y   += adapter(src)                 # bottleneck adapter, only on residual-site output modules
+    y   += adapter(src)                 # bottleneck adapter (adapter.py), residual sources on site outputs
 
-Each kind runs only when a slot active in this step has it at this layer, decided from host-side
-flags (no device sync). Neutral pool rows (rank 0, bias 0, scale 1) make every other token exact:
-``y + 0.0 == y`` and ``y * 1.0 == y`` in IEEE arithmetic, so base-only tokens match the bare model bit
-for bit even in a mixed step.
+Storage is paged by real size (D13, ``pages.py``): four row arenas, none allocated until a delta uses it::
 
-Pool memory per wrapped layer, ``S`` slots, ``R`` max rank, element size ``e`` bytes:
-``S * (R * (in + out) + 2 * out + in) * e`` plus 8 bytes per slot (scale, rank); e.g. a 4096x4096
-projection with S=32, R=64, fp16: 32 * (64 * 8192 + 12288) * 2 = 34.3 MB. Adapter pools
-(``AdapterPool``) and DoRA pools (``DoraPool``: ``S * (2 * out * 4 + 4)`` bytes) are added on a module's first
-adapter or DoRA delta.
+    lora      [*, in_pad + out]     a rank-r LoRA = r rows: A row | B column (B transposed)
+    vec_out   [*, out]              one row per bias / out_scale / adapter up bias, + neutral rows 0 and 1
+    vec_in    [*, in]               one row per in_scale, + a neutral row of ones
+    adapter   [*, 2 out_pad + pad]  a width-m adapter = m rows: down row | up column | down bias
+    dora      fp32 [*, 2 out_pad]   a DoRA term = 1 row: g | (1 - g) b0 (``dora.py``; fp32 whatever the model)
+
+and a per-slot table (``slot_fields.py``) with each slot's rank, scale and first rows. A resident rank-16
+LoRA on a 4096 x 4096 fp16 projection holds 16 * 8192 * 2 = 256 KiB here, a rank-4 one 64 KiB: its own size.
+
+Each kind runs only when a slot active in this step has it at this layer, decided from host-side sets (no
+device sync). Neutral rows (rank 0, bias 0, scale 1) make every other token exact: ``y + 0.0 == y`` and
+``y * 1.0 == y`` in IEEE arithmetic, so base-only tokens match the bare model bit for bit even in a mixed step.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from transformers.pytorch_utils import Conv1D
 
 import kernels
-from delta_store.delta import ModuleDelta
+from delta_store.delta import ADAPTER_SOURCES, ModuleDelta
 from delta_store.errors import DeltaError
 
-from .adapter import AdapterPool, ResidualTap
+from . import adapter as adapters
+from .adapter import ResidualTap
 from .batch import DeltaBatch
-from .dora import DoraPool, check_dora
+from . import dora as doras
+from .pages import RowArena
+from .slot_fields import SlotFields
+from .terms import Staged, TermRows, TermSpec, align
+
+TERMS = {
+    "lora": TermSpec("lora", "lora_start"),
+    "bias": TermSpec("vec_out", "bias_row", 0.0),
+    "out_scale": TermSpec("vec_out", "out_scale_row", 1.0),
+    "in_scale": TermSpec("vec_in", "in_scale_row", 1.0),
+    "adapter": TermSpec("adapter", "ad_start"),
+    "up_bias": TermSpec("vec_out", "ad_up_bias_row"),
+    "dora": TermSpec("dora", "dora_row"),
+}
+INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "bias_row": 0, "out_scale_row": 0, "in_scale_row": 0, "ad_start": 0,
+              "ad_up_bias_row": 0, "ad_act": 0,
+              "dora_row": 0, "dora_flag": 0, **{f"ad_width{i}": 0 for i in range(len(ADAPTER_SOURCES))}}
+FLOAT_FIELDS = {"lora_scale": 0.0, **{f"ad_scale{i}": 0.0 for i in range(len(ADAPTER_SOURCES))}}
 
 
 def linear_features(layer: torch.nn.Module) -> tuple[int, int]:
@@ -45,47 +69,37 @@ def linear_features(layer: torch.nn.Module) -> tuple[int, int]:
 
 
 class DeltaLinear(torch.nn.Module):
-    def __init__(self, base: torch.nn.Module, batch: DeltaBatch, *, path: str, max_slots: int, max_rank: int,
+    def __init__(self, base: torch.nn.Module, batch: DeltaBatch, *, path: str, max_rank: int = 64,
                  max_bottleneck: int = 256):
         super().__init__()
         self.base = base
         self.batch = batch
         self.path = path
         self.in_features, self.out_features = linear_features(base)
-        self.max_slots, self.max_rank = max_slots, max_rank
-        S, R, fin, fout = max_slots, max_rank, self.in_features, self.out_features
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        dev = base.weight.device
-        self.register_buffer("lora_a", torch.zeros(S, R, fin, **kw), persistent=False)  # [S, R, in]
-        # B stored [S, R, out] and handed to the ops as its transpose(1, 2) view [S, out, R] (``lora_b``): a slot's
-        # rank-r rows are then one contiguous block, so the CPU grouped plan's expand reads them in place
-        # (1024 -> 2816, T=32 on 32 slots: 0.17 ms against 0.30 ms from [S, out, R] storage).
-        self.register_buffer("lora_b_rows", torch.zeros(S, R, fout, **kw), persistent=False)  # [S, R, out]
-        self.register_buffer("lora_scale", torch.zeros(S, dtype=torch.float32, device=dev), persistent=False)  # [S]
-        self.register_buffer("lora_rank", torch.zeros(S, dtype=torch.int32, device=dev), persistent=False)  # [S]
-        self.register_buffer("bias_delta", torch.zeros(S, fout, **kw), persistent=False)  # [S, out]
-        self.register_buffer("out_scale", torch.ones(S, fout, **kw), persistent=False)  # [S, out]
-        self.register_buffer("in_scale", torch.ones(S, fin, **kw), persistent=False)  # [S, in]
-        # Host copies of "slot s has this kind here": the per-step skip test reads these, never the device.
-        self.has = {k: [False] * S for k in ("lora", "bias", "out_scale", "in_scale", "dora")}
-        self.adapters: AdapterPool | None = None  # allocated on the first adapter delta (load path)
-        self.dora: DoraPool | None = None  # allocated on the first DoRA delta (load path)
+        self.max_rank, self.max_bottleneck = max_rank, max_bottleneck  # validation limits, not storage sizes
+        dev, dt = base.weight.device, base.weight.dtype
+        self.w_in, self.w_out = align(self.in_features, dt), align(self.out_features, dt)
+        arenas = {"lora": RowArena(self.w_in + self.w_out, dt, dev), "vec_out": RowArena(self.w_out, dt, dev),
+                  "vec_in": RowArena(self.w_in, dt, dev), "adapter": RowArena(2 * self.w_out + align(1, dt), dt, dev),
+                  "dora": RowArena(2 * align(self.out_features, torch.float32), torch.float32, dev)}
+        self.rows = TermRows(arenas, TERMS, SlotFields(INT_FIELDS, FLOAT_FIELDS, dev))
+        # Host sets of "slot s has this kind here": the per-step skip test reads these, never the device.
+        self.has = {k: set() for k in ("lora", "bias", "out_scale", "in_scale", "dora")}
+        self.has_adapter: list[set[int]] = [set() for _ in ADAPTER_SOURCES]  # per source
+        self._ranks: Counter = Counter()
+        self._widths: Counter = Counter()
+        self._pages: dict[str, tuple] = {}  # kind -> (key, pages) rebuilt when arenas or fields move
+        self._dora_base_sq: torch.Tensor | None = None  # ||W_o||^2 [out], on the first DoRA delta
         self.tap: ResidualTap | None = None  # set on residual-site output modules
-        self.max_bottleneck = max_bottleneck
-
-    @property
-    def lora_b(self) -> torch.Tensor:
-        """The B pool as the kernels take it: [S, out, R], a transpose view of the [S, R, out] storage."""
-        return self.lora_b_rows.transpose(1, 2)
 
     @classmethod
     def can_replace(cls, layer: torch.nn.Module) -> bool:
         return isinstance(layer, (torch.nn.Linear, Conv1D))
 
     @classmethod
-    def from_layer(cls, layer: torch.nn.Module, batch: DeltaBatch, *, path: str, max_slots: int,
-                   max_rank: int, max_bottleneck: int = 256) -> "DeltaLinear":
-        return cls(layer, batch, path=path, max_slots=max_slots, max_rank=max_rank, max_bottleneck=max_bottleneck)
+    def from_layer(cls, layer: torch.nn.Module, batch: DeltaBatch, *, path: str, max_rank: int = 64,
+                   max_bottleneck: int = 256) -> "DeltaLinear":
+        return cls(layer, batch, path=path, max_rank=max_rank, max_bottleneck=max_bottleneck)
 
     def make_site(self, tap: ResidualTap) -> None:
         """Mark this module as a residual site's output: its adapters may then read ``h`` from ``tap``."""
@@ -101,11 +115,10 @@ class DeltaLinear(torch.nn.Module):
             return getattr(base, name)
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False)) + (
-            self.adapters.nbytes() if self.adapters is not None else 0) + (
-            self.dora.nbytes() if self.dora is not None else 0)
+        """Device bytes of this layer's delta storage (arenas and slot table)."""
+        return self.rows.capacity_bytes
 
-    # ---------------------------------------------------------------- load path
+    # ---- load path (a worker thread: host work only) ----------------------------------------
     def check(self, md: ModuleDelta) -> None:
         """Raise DeltaError naming this module, the expected and the found shape; changes nothing."""
         fin, fout, p = self.in_features, self.out_features, self.path
@@ -122,65 +135,137 @@ class DeltaLinear(torch.nn.Module):
             if t is not None and tuple(t.shape) != (n,):
                 raise DeltaError(f"{p}: {name} expected shape ({n},), found {tuple(t.shape)}")
         if md.dora_magnitude is not None:
-            check_dora(md, fout, p)
+            doras.check(md, fout, p)
         if md.adapter is not None:
             # An adapter on the module output (OpenDelta) fits any wrapped module; one reading the
             # residual stream needs the site's pre-norm tap.
             if self.tap is None and md.adapter.source != "output":
                 raise DeltaError(f"{p}: an adapter reading {md.adapter.source!r} attaches only to residual-site "
                                  f"output modules (o_proj/down_proj, GPT-2 attn.c_proj/mlp.c_proj)")
-            self._adapter_pool().check(p, md.adapter)
+            adapters.check(p, md.adapter, self.out_features, self.max_bottleneck)
 
-    def _adapter_pool(self) -> AdapterPool:
-        # Allocated on the first adapter delta for this site: the load path, never the step loop.
-        if self.adapters is None:
-            w = self.base.weight
-            self.adapters = AdapterPool(self.max_slots, self.max_bottleneck, self.out_features, w.device, w.dtype)
-        return self.adapters
+    @staticmethod
+    def term_rows(md: ModuleDelta) -> dict[str, int]:
+        """Rows of each term of ``md`` (shapes only): what its cells and the budget are sized by."""
+        rows = {name: 1 for name in ("bias", "out_scale", "in_scale") if getattr(md, name) is not None}
+        if md.lora is not None:
+            rows["lora"] = md.lora.rank
+        if md.adapter is not None:
+            rows["adapter"], rows["up_bias"] = md.adapter.width, 1
+        if md.dora_magnitude is not None:
+            rows["dora"] = 1
+        return rows
 
-    @torch.inference_mode()
-    def set_delta(self, slot: int, md: ModuleDelta) -> None:
+    def stage(self, md: ModuleDelta, pin: bool = False) -> Staged:
+        """The module's terms as rows in the served dtype, on the host (pinned when ``pin``)."""
         self.check(md)
-        self.clear(slot)
+        dt = self.base.weight.dtype
+        rows: dict[str, torch.Tensor] = {}
+        values: dict = {}
+        kinds: set[str] = set()
         if md.lora is not None:
             r = md.lora.rank
-            self.lora_a[slot, :r].copy_(md.lora.a)
-            self.lora_b_rows[slot, :r].copy_(md.lora.b.t())  # b [out, r] -> rows [r, out]
-            self.lora_scale[slot] = float(md.lora.scale)
-            self.lora_rank[slot] = r
-            self.has["lora"][slot] = True
-        for name, pool in (("bias", self.bias_delta), ("out_scale", self.out_scale), ("in_scale", self.in_scale)):
+            t = torch.empty(r, self.w_in + self.out_features, dtype=dt)  # [r, in_pad + out]
+            t[:, :self.in_features] = md.lora.a
+            t[:, self.w_in:] = md.lora.b.t()  # b [out, r] -> columns of B as rows
+            rows["lora"] = t
+            values.update(lora_rank=r, lora_scale=float(md.lora.scale))
+            kinds.add("lora")
+        for name in ("bias", "out_scale", "in_scale"):
             t = getattr(md, name)
             if t is not None:
-                pool[slot].copy_(t)
-                self.has[name][slot] = True
+                rows[name] = t.to(dt).reshape(1, -1)
+                kinds.add(name)
         if md.adapter is not None:
-            self._adapter_pool().set(slot, md.adapter)
+            rows.update(adapters.stage(md.adapter, self.w_out, dt))
+            values.update(adapters.values(md.adapter))
+            kinds.add("adapter")
         if md.dora_magnitude is not None:
-            if self.dora is None:  # the load path, never the step loop
-                self.dora = DoraPool(self.max_slots, self.out_features, self.base.weight.device)
             w = self.base.weight
-            self.dora.set(slot, w.t() if isinstance(self.base, Conv1D) else w, getattr(self.base, "bias", None), md,
-                          self.path)
-            self.has["dora"][slot] = True
+            rows["dora"], self._dora_base_sq = doras.stage(w.t() if isinstance(self.base, Conv1D) else w,
+                                                           getattr(self.base, "bias", None), md, self.path,
+                                                           align(self.out_features, torch.float32), self._dora_base_sq)
+            values["dora_flag"] = 1
+            kinds.add("dora")
+        if pin:
+            rows = {k: v.pin_memory() for k, v in rows.items()}
+        return Staged(rows, values, kinds)
 
-    @torch.inference_mode()
-    def clear(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b_rows[slot].zero_()
-        self.lora_scale[slot] = 0.0
-        self.lora_rank[slot] = 0
-        self.bias_delta[slot].zero_()
-        self.out_scale[slot].fill_(1.0)
-        self.in_scale[slot].fill_(1.0)
+    # ---- the step loop's writes (between forwards) -------------------------------------------
+    def place(self, slot: int, staged: Staged, capacity: int) -> None:
+        self.clear(slot, keep_neutrals=True)  # the install's demand counted on this layer's neutral rows
+        values = {k: v for k, v in staged.values.items() if k != "ad_source"}
+        self.rows.place(slot, staged.rows, capacity, **values)
+        for kind in ("lora", "bias", "out_scale", "in_scale", "dora"):
+            if kind in staged.kinds:
+                self.has[kind].add(slot)
+        if "lora" in staged.kinds:
+            self._ranks[staged.values["lora_rank"]] += 1
+        if "adapter" in staged.kinds:
+            i = staged.values["ad_source"]
+            self.has_adapter[i].add(slot)
+            self._widths[staged.values[f"ad_width{i}"]] += 1
+
+    def clear(self, slot: int, *, keep_neutrals: bool = False) -> None:
+        if slot not in self.rows.cells:
+            return
+        host = self.rows.fields.host
+        if slot in self.has["lora"]:
+            self._drop(self._ranks, host["lora_rank"][slot])
+        for i, has in enumerate(self.has_adapter):
+            if slot in has:
+                has.discard(slot)
+                self._drop(self._widths, host[f"ad_width{i}"][slot])
         for has in self.has.values():
-            has[slot] = False
-        if self.adapters is not None:
-            self.adapters.clear(slot)
-        if self.dora is not None:
-            self.dora.clear(slot)
+            has.discard(slot)
+        self.rows.clear(slot, keep_neutrals=keep_neutrals)
 
-    # ---------------------------------------------------------------- step path
+    @staticmethod
+    def _drop(counter: Counter, value: int) -> None:
+        counter[value] -= 1
+        if counter[value] <= 0:
+            del counter[value]
+
+    # ---- step path ---------------------------------------------------------------------------
+    def _cached(self, name: str, arenas: tuple[str, ...], bound: int, build):
+        """The pages object ``name``, rebuilt when one of its ``arenas`` relayouts, the slot table grows or the
+        host bound on its ranks (widths) changes; otherwise the same object every step."""
+        r = self.rows
+        key = (tuple(r.arenas[a].version for a in arenas), r.fields.version, bound)
+        hit = self._pages.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._pages[name] = (key, build())
+        return hit[1]
+
+    def lora_pages(self) -> kernels.LoraPages:
+        def build():
+            rows, f = self.rows.arenas["lora"].rows, self.rows.fields
+            return kernels.LoraPages(rows[:, :self.in_features], rows[:, self.w_in:self.w_in + self.out_features],
+                                     f.view("lora_start"), f.view("lora_rank"), f.view("lora_scale"),
+                                     max(self._ranks, default=0))
+        return self._cached("lora", ("lora",), max(self._ranks, default=0), build)
+
+    def row_pages(self, kind: str) -> kernels.RowPages:
+        def build():
+            spec = TERMS[kind]
+            rows = self.rows.arenas[spec.arena].rows
+            n = self.in_features if spec.arena == "vec_in" else self.out_features
+            return kernels.RowPages(rows[:, :n], self.rows.fields.view(spec.field))
+        return self._cached(kind, (TERMS[kind].arena,), 0, build)
+
+    def adapter_pages(self, source: int) -> kernels.AdapterPages:
+        def build():
+            return adapters.pages(self.rows, self.out_features, self.w_out, source, max(self._widths, default=0))
+        return self._cached(f"adapter{source}", ("adapter", "vec_out"), max(self._widths, default=0), build)
+
+    def dora_pages(self) -> kernels.ScaleShiftPages:
+        def build():
+            rows, w = self.rows.arenas["dora"].rows, align(self.out_features, torch.float32)
+            f = self.rows.fields
+            return kernels.ScaleShiftPages(rows[:, :self.out_features], rows[:, w:w + self.out_features],
+                                           f.view("dora_row"), f.view("dora_flag"))
+        return self._cached("dora", ("dora",), 0, build)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.batch
         meta = batch.meta
@@ -192,27 +277,28 @@ class DeltaLinear(torch.nn.Module):
         batch.check_tokens(x2.shape[0], self.path)
         active = meta.active_slots_host
         has = self.has
-        if any(has["in_scale"][s] for s in active):
+        if has["in_scale"] and any(s in has["in_scale"] for s in active):
             x_in = x2.clone()  # the shared input feeds q/k/v too: never scale it in place
-            kernels.mul_rows(x_in, self.in_scale, meta)
+            kernels.mul_rows(x_in, self.row_pages("in_scale"), meta)
             y = self.base(x_in.view(x.shape))
         else:
             y = self.base(x)
         y2 = y.view(-1, self.out_features)  # [num_tokens, out]; base outputs are fresh, contiguous tensors
-        if any(has["out_scale"][s] for s in active):
-            kernels.mul_rows(y2, self.out_scale, meta)
-        if any(has["lora"][s] for s in active):
-            kernels.add_lora(y2, x2.contiguous(), self.lora_a, self.lora_b, self.lora_scale, self.lora_rank, meta)
-        if any(has["dora"][s] for s in active):  # after the LoRA add, before the bias deltas (not scaled)
-            kernels.scale_shift_rows(y2, self.dora.scale, self.dora.shift, self.dora.flag, meta)
-        if any(has["bias"][s] for s in active):
-            kernels.add_bias(y2, self.bias_delta, meta)
-        if self.adapters is not None:
-            self.adapters.apply(y2, self.tap, meta, self.path)
+        if has["out_scale"] and any(s in has["out_scale"] for s in active):
+            kernels.mul_rows(y2, self.row_pages("out_scale"), meta)
+        if has["lora"] and any(s in has["lora"] for s in active):
+            kernels.add_lora(y2, x2.contiguous(), self.lora_pages(), meta)
+        if has["dora"] and any(s in has["dora"] for s in active):  # after the LoRA add, before the bias deltas
+            kernels.scale_shift_rows(y2, self.dora_pages(), meta)
+        if has["bias"] and any(s in has["bias"] for s in active):
+            kernels.add_bias(y2, self.row_pages("bias"), meta)
+        sources = [i for i, has_i in enumerate(self.has_adapter) if has_i and any(s in has_i for s in active)]
+        if sources:
+            adapters.apply(self, y2, sources, meta)
         if self.tap is not None:  # drop the references: one residual per site alive would cost 2*L*T*h
             self.tap.h = self.tap.normed = None
         return y
 
     def extra_repr(self) -> str:
         site = ", site" if self.tap is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, slots={self.max_slots}, max_rank={self.max_rank}{site}"
+        return f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}{site}"

@@ -1,4 +1,4 @@
-"""wrap_model: turn a Hugging Face causal LM into a delta-aware one, in place, once at start-up (D1, D2).
+"""wrap_model: turn a Hugging Face causal LM into a delta-aware one, in place, once at start-up (D1, D13).
 
 Which modules are wrapped comes from the server's target list (``ServerConfig.target_modules``,
 default every linear of the decoder layers), plus what residual adapters and BitFit need whatever
@@ -6,18 +6,21 @@ the list says: each residual site's output module and pre-norm (``SITES`` in
 ``delta_store/base_spec.py``), every LayerNorm (GPT-2 ``ln_1``/``ln_2``/``ln_f``), and the input embedding
 and output head (trainable tokens: ``token_rows.py``). So any delta that validates against the base
 loads later without re-wrapping. The model's ``forward`` is never edited; the wrappers keep the base
-modules, so GPT-2's tied ``lm_head`` keeps sharing ``wte``.
+modules, so GPT-2's tied ``lm_head`` keeps sharing ``wte``. Wrapping allocates no delta memory: every
+layer's arenas and slot table appear with its first term.
 
-Usage (the model runner's step)::
+Usage (the residency owner, ``residency.py``, does the installs; tests and benchmarks may call set_delta)::
 
-    dm = wrap_model(model, targets=config.target_modules, max_slots=32, max_rank=64, max_bottleneck=256)
-    dm.set_delta(3, delta)                       # load path: validate, copy into every pool
+    dm = wrap_model(model, targets=config.target_modules, max_slots=64, max_rank=64, max_bottleneck=256)
+    staged = dm.stage(delta)                     # a load thread: validate, convert to rows on the host
+    dm.ensure_slots(4); dm.install([(3, staged)], room=budget - dm.capacity_bytes())   # the step loop
     dm.batch.prepare_sequences([3, -1], [5, 1], head_rows=[4, 5])  # once per step; the rows logits_to_keep keeps
     logits = dm.model(input_ids=...).logits       # the unchanged HF forward
 
-A delta's prompt part (prompt / prefix tuning) is not a layer term: ``set_delta`` keeps it per slot, on the
-device in the model's dtype, and the engine reads it (``prompt_of``) to compute the delta's shared KV
-prefix (``server/engine/prefix_cache.py``); the module terms of the same delta apply as usual.
+A delta's prompt part (prompt / prefix tuning) is not a layer term: ``install`` keeps it whole per slot, on the
+device in the model's dtype (its bytes are in the delta's footprint, so the residency budget counts them), and
+the engine reads it (``prompt_of``) to compute the delta's shared KV prefix (``server/engine/prefix_cache.py``);
+the module terms of the same delta apply as usual.
 """
 from __future__ import annotations
 
@@ -37,7 +40,22 @@ from .adapter import ResidualTap
 from .batch import DeltaBatch
 from .linear import DeltaLinear
 from .norm import DeltaNorm
+from .pages import NoRoom
+from .terms import Staged
 from .token_rows import DeltaEmbedding, DeltaHead
+
+SLOT_GROWTH = 1.25
+"""The per-slot tables grow by this factor (at least one slot) when the owner needs a new slot number."""
+
+
+@dataclass(eq=False)
+class StagedDelta:
+    """A delta converted for this model's layers on the host: what an install copies."""
+
+    modules: dict[str, Staged]  # served path -> rows per term
+    footprint: int  # device bytes once placed (``DeltaModel.footprint``)
+    real_bytes: int  # the delta's own bytes in the served dtype
+    prompt: PromptPart | None = None  # on the host in the model's dtype; its tensors are its device bytes
 
 
 @dataclass(eq=False)
@@ -46,17 +64,67 @@ class DeltaModel:
     spec: BaseSpec  # of the unwrapped base
     batch: DeltaBatch  # shared by every wrapper
     layers: dict[str, DeltaLinear | DeltaNorm | DeltaEmbedding | DeltaHead] = field(default_factory=dict)
-    max_slots: int = 32
-    max_rank: int = 64
+    max_slots: int = 32  # most distinct deltas in one step (sizes the step's index buffers)
+    max_rank: int = 64  # validation limits, not storage sizes
     max_bottleneck: int = 256
     max_token_rows: int = 64
+    slot_capacity: int = 0  # slot numbers [0, slot_capacity) have table entries in every layer with terms
     prompts: dict[int, PromptPart] = field(default_factory=dict)  # slot -> prompt part (device, model dtype)
     layered: set[int] = field(default_factory=set)  # slots whose delta has module terms (not a prompt part alone)
 
+    # ---- sizes ---------------------------------------------------------------------------------
+    @property
+    def element_size(self) -> int:
+        return next(self.model.parameters()).element_size()
+
+    def footprint(self, delta: Delta) -> int:
+        """Device bytes ``delta``'s cells hold once resident: its bucketed rows and the neutral rows of the arenas
+        it uses (shapes only; the upload check and the owner's budget use it, with ``slot_bytes``)."""
+        total = 0
+        for path, md in delta.modules.items():
+            layer = self.layers.get(path)
+            if layer is not None:
+                total += layer.rows.footprint(layer.term_rows(md))
+        if delta.prompt is not None:  # kept whole, in the model's dtype: exactly its real bytes
+            total += sum(t.numel() for t in delta.prompt.tensors().values()) * self.element_size
+        return total
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @staticmethod
+    def prompt_bytes(part: PromptPart | None) -> int:
+        """Device bytes of a prompt part held beside the layers (its K/V also occupy KV blocks once computed:
+        the KV pool counts those)."""
+        return 0 if part is None else sum(t.numel() * t.element_size() for t in part.tensors().values())
+
+    def real_bytes(self, delta: Delta) -> int:
+        """The delta's own bytes in the served dtype (what 1.25x is measured against)."""
+        return delta.num_parameters() * self.element_size
+
+    def capacity_bytes(self) -> int:
+        """Device bytes of every arena and slot table (live cells, free cells and neutral rows) and the resident
+        prompt parts."""
+        return (sum(layer.rows.capacity_bytes for layer in self.layers.values())
+                + sum(self.prompt_bytes(pp) for pp in self.prompts.values()))
+
+    def held_bytes(self) -> int:
+        """Device bytes of the live cells, the slot tables and the resident prompt parts."""
+        return (sum(layer.rows.held_bytes for layer in self.layers.values())
+                + sum(self.prompt_bytes(pp) for pp in self.prompts.values()))
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one slot number costs in the per-slot tables if every layer had one (an upper bound: a layer
+        gets its table with its first term): the owner budgets the tables by this."""
+        return sum(layer.rows.fields.bytes_for(1) for layer in self.layers.values())
+
+    # ---- load path (host only) -----------------------------------------------------------------
     def check(self, delta: Delta) -> None:
-        """Raise DeltaError/BaseMismatch for a delta these pools cannot serve; changes nothing."""
+        """Raise DeltaError/BaseMismatch for a delta these layers cannot serve; changes nothing."""
         # validate() checks the delta against the base (paths, shapes, dtypes, fingerprint, finiteness);
-        # the wrappers then check what only the pools know (wrapped or not, sites, widths).
+        # the wrappers then check what only they know (wrapped or not, sites, widths).
         validate(delta, self.spec, Limits(max_rank=self.max_rank, max_bottleneck=self.max_bottleneck,
                                           max_token_rows=self.max_token_rows))
         for path, md in delta.modules.items():
@@ -65,41 +133,84 @@ class DeltaModel:
                 raise DeltaError(self._unwrapped_reason(path))
             layer.check(md)
 
-    def set_delta(self, slot: int, delta: Delta, *, checked: bool = False) -> None:
-        """Validate ``delta`` and copy it into ``slot`` of every pool; modules it does not name get cleared.
-
-        All checks run before the first copy, so a refused delta leaves the slot as it was.
-        ``checked=True`` skips the checks for a delta that already passed :meth:`check` (the slot
-        manager checks on its loader thread so the step loop only copies).
-        """
-        self._check_slot(slot)
+    def stage(self, delta: Delta, *, checked: bool = False, pin: bool = False) -> StagedDelta:
+        """Validate (unless ``checked``) and convert ``delta`` to host rows per layer; touches no device memory,
+        so load threads run it while the step loop serves."""
         if not checked:
             self.check(delta)
-        try:
+        modules = {path: self.layers[path].stage(md, pin=pin) for path, md in delta.modules.items()}
+        prompt = None
+        if delta.prompt is not None:
+            dt, pp = self.model_dtype, delta.prompt
+
+            def host(x):
+                if x is None:
+                    return None
+                x = x.to(dt).contiguous()
+                return x.pin_memory() if pin else x
+
+            prompt = PromptPart(host(pp.embeddings), host(pp.keys), host(pp.values), pp.positions)
+        return StagedDelta(modules, self.footprint(delta), self.real_bytes(delta), prompt)
+
+    # ---- the step loop's writes (between forwards) ---------------------------------------------
+    @torch.inference_mode()
+    def ensure_slots(self, n: int) -> None:
+        """Slot numbers [0, n) usable; the tables grow by SLOT_GROWTH."""
+        if n <= self.slot_capacity:
+            return
+        capacity = max(n, int(self.slot_capacity * SLOT_GROWTH) + 1)
+        for layer in self.layers.values():
+            if layer.rows.fields.allocated:
+                layer.rows.ensure(capacity)
+        self.slot_capacity = capacity
+        self.batch.slot_capacity = capacity
+
+    def next_slot_capacity(self, n: int) -> int:
+        return self.slot_capacity if n <= self.slot_capacity else max(n, int(self.slot_capacity * SLOT_GROWTH) + 1)
+
+    @torch.inference_mode()
+    def install(self, items: list[tuple[int, StagedDelta]], room: int) -> int:
+        """Place staged deltas into their slots (``ensure_slots`` first), growing arenas by at most ``room``
+        bytes in all; NoRoom (nothing changed) if the exact growth does not fit. Returns the bytes added."""
+        demands = self._demands(items)
+        growth = {path: layer.rows.growth_bytes(demand) for path, (layer, demand) in demands.items()}
+        exact = sum(growth.values())
+        if exact > room:
+            raise NoRoom(f"installing {len(items)} delta(s) needs {exact} more bytes of arenas, {room} left")
+        spare, added = room - exact, 0
+        for path, (layer, demand) in demands.items():
+            if growth[path]:
+                share = growth[path] + spare * growth[path] // max(exact, 1)
+                added += layer.rows.grow(demand, share)
+        for slot, staged in items:
+            if not 0 <= slot < self.slot_capacity:
+                raise InvalidArgument(f"delta slot {slot!r} out of range [0, {self.slot_capacity}): ensure_slots first")
             for path, layer in self.layers.items():
-                md = delta.modules.get(path)
-                if md is None:
+                st = staged.modules.get(path)
+                if st is None:
                     layer.clear(slot)
                 else:
-                    layer.set_delta(slot, md)
-        except BaseException:  # e.g. a DoRA norm of 0, found only against the base weight: no half-set slot
-            self.clear(slot)
-            raise
+                    layer.place(slot, st, self.slot_capacity)
+            self._place_prompt(slot, staged)
+        return added
+
+    def _place_prompt(self, slot: int, staged: StagedDelta) -> None:
         self.prompts.pop(slot, None)
         self.layered.discard(slot)
-        if delta.modules:
+        if staged.modules:
             self.layered.add(slot)
-        if delta.prompt is not None:
-            weight = next(self.model.parameters())
-            pp = delta.prompt
+        pp = staged.prompt
+        if pp is not None:
+            dev = next(self.model.parameters()).device
 
-            def dev(t):
-                return None if t is None else t.to(weight.device, weight.dtype).contiguous()
+            def to_dev(t):
+                return None if t is None else t.to(dev, non_blocking=True)
 
-            self.prompts[slot] = PromptPart(dev(pp.embeddings), dev(pp.keys), dev(pp.values), pp.positions)
+            self.prompts[slot] = PromptPart(to_dev(pp.embeddings), to_dev(pp.keys), to_dev(pp.values), pp.positions)
 
+    @torch.inference_mode()
     def clear(self, slot: int) -> None:
-        self._check_slot(slot)
+        """Free ``slot``'s cells in every layer (no zeroing: nothing reads them again)."""
         for layer in self.layers.values():
             layer.clear(slot)
         self.prompts.pop(slot, None)
@@ -114,15 +225,31 @@ class DeltaModel:
         those tokens take the layers' no-delta path (a step of prompt-only deltas runs as fast as the base)."""
         return slot if slot in self.layered else -1
 
-    def pool_bytes(self) -> int:
-        """Device bytes held by every slot pool (LoRA/bias/(IA)3 from wrap time, adapters once allocated) and
-        the resident prompt parts (their K/V also occupy KV blocks while computed: counted by the KV pool)."""
-        prompts = sum(t.numel() * t.element_size() for pp in self.prompts.values() for t in pp.tensors().values())
-        return sum(layer.nbytes() for layer in self.layers.values()) + prompts
+    @torch.inference_mode()
+    def compact(self) -> int:
+        """Give every free cell back (arenas shrink to their live cells); returns the bytes freed."""
+        return sum(layer.rows.compact() for layer in self.layers.values())
 
-    def _check_slot(self, slot: int) -> None:
-        if not isinstance(slot, int) or not 0 <= slot < self.max_slots:
-            raise InvalidArgument(f"delta slot {slot!r} out of range [0, {self.max_slots})")
+    def set_delta(self, slot: int, delta: Delta, *, checked: bool = False) -> None:
+        """Stage and install ``delta`` into ``slot`` at once, without a budget (tests, benchmarks). All checks run
+        before the first copy, so a refused delta leaves the slot as it was."""
+        if not isinstance(slot, int) or slot < 0:
+            raise InvalidArgument(f"delta slot {slot!r} must be an integer >= 0")
+        staged = self.stage(delta, checked=checked)
+        self.ensure_slots(slot + 1)
+        self.install([(slot, staged)], room=1 << 62)
+
+    def _demands(self, items: list[tuple[int, StagedDelta]]) -> dict[str, tuple]:
+        """path -> (layer, rows per arena) of every cell the items need."""
+        out: dict[str, tuple] = {}
+        for _slot, staged in items:
+            for path, st in staged.modules.items():
+                layer = self.layers[path]
+                demand = layer.rows.demand({term: rows.shape[0] for term, rows in st.rows.items()})
+                merged = out.setdefault(path, (layer, {}))[1]
+                for arena, sizes in demand.items():
+                    merged.setdefault(arena, []).extend(sizes)
+        return out
 
     def _unwrapped_reason(self, path: str) -> str:
         info = self.spec.modules.get(path)
@@ -148,8 +275,9 @@ def wrap_model(model: torch.nn.Module, targets: Iterable[str] = DEFAULT_TARGETS,
                max_token_rows: int = 64) -> DeltaModel:
     """Replace the target modules of ``model`` by delta-aware wrappers sharing one DeltaBatch; returns a DeltaModel.
 
-    Pools for LoRA (``[S, R, in]`` + ``[S, out, R]``), bias and (IA)3 are allocated here (see
-    ``DeltaLinear`` for the bytes); bottleneck, DoRA and token-row pools on the first delta that needs them.
+    ``max_slots``: the most distinct deltas one step may use (sizes the step's index buffers; the server passes
+    ``max_running``); ``max_rank`` / ``max_bottleneck`` / ``max_token_rows``: validation limits. No delta memory
+    is allocated here.
     """
     targets = tuple(targets)
     if not targets:
@@ -183,16 +311,16 @@ def wrap_model(model: torch.nn.Module, targets: Iterable[str] = DEFAULT_TARGETS,
         if info.kind in ("linear", "conv1d"):
             if info.layer is None or not (_matches(path, targets) or path in site_outputs):
                 continue
-            dm.layers[path] = DeltaLinear.from_layer(module, batch, path=path, max_slots=max_slots, max_rank=max_rank,
+            dm.layers[path] = DeltaLinear.from_layer(module, batch, path=path, max_rank=max_rank,
                                                      max_bottleneck=max_bottleneck)
         elif path in site_of_norm or info.kind == "layernorm":
             tap = None
             if path in site_of_norm:
                 tap = taps[site_of_norm[path]] = ResidualTap(path)
-            dm.layers[path] = DeltaNorm.from_layer(module, batch, path=path, max_slots=max_slots, tap=tap)
+            dm.layers[path] = DeltaNorm.from_layer(module, batch, path=path, tap=tap)
     for out_path, tap in taps.items():
         dm.layers[out_path].make_site(tap)
-    rows = dict(batch=batch, max_slots=max_slots, max_rows=max_token_rows)
+    rows = dict(batch=batch, max_rows=max_token_rows)
     if isinstance(model.get_submodule(spec.input_embedding) if spec.input_embedding else None, torch.nn.Embedding):
         dm.layers[spec.input_embedding] = DeltaEmbedding.from_layer(model.get_submodule(spec.input_embedding),
                                                                     path=spec.input_embedding, **rows)

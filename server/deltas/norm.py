@@ -21,6 +21,11 @@ from delta_store.errors import DeltaError
 
 from .adapter import ResidualTap
 from .batch import DeltaBatch
+from .pages import RowArena
+from .slot_fields import SlotFields
+from .terms import Staged, TermRows, TermSpec, align
+
+TERMS = {"bias": TermSpec("vec", "bias_row", 0.0)}
 
 
 def norm_features(layer: torch.nn.Module) -> int:
@@ -30,8 +35,7 @@ def norm_features(layer: torch.nn.Module) -> int:
 
 
 class DeltaNorm(torch.nn.Module):
-    def __init__(self, base: torch.nn.Module, batch: DeltaBatch, *, path: str, max_slots: int,
-                 tap: ResidualTap | None = None):
+    def __init__(self, base: torch.nn.Module, batch: DeltaBatch, *, path: str, tap: ResidualTap | None = None):
         super().__init__()
         self.base = base
         self.batch = batch
@@ -39,11 +43,11 @@ class DeltaNorm(torch.nn.Module):
         self.tap = tap
         self.features = norm_features(base)
         self.has_bias_pool = isinstance(base, torch.nn.LayerNorm)
-        self.has_bias = [False] * max_slots
-        if self.has_bias_pool:
-            w = base.weight
-            self.register_buffer("bias_delta", torch.zeros(max_slots, self.features, device=w.device, dtype=w.dtype),
-                                 persistent=False)  # [S, n]
+        w = base.weight
+        self.rows = TermRows({"vec": RowArena(align(self.features, w.dtype), w.dtype, w.device)}, TERMS,
+                             SlotFields({"bias_row": 0}, {}, w.device))
+        self.has_bias: set[int] = set()
+        self._pages = None  # (key, RowPages)
 
     @classmethod
     def can_replace(cls, layer: torch.nn.Module) -> bool:
@@ -51,9 +55,9 @@ class DeltaNorm(torch.nn.Module):
                                                          and isinstance(getattr(layer, "weight", None), torch.Tensor))
 
     @classmethod
-    def from_layer(cls, layer: torch.nn.Module, batch: DeltaBatch, *, path: str, max_slots: int,
+    def from_layer(cls, layer: torch.nn.Module, batch: DeltaBatch, *, path: str,
                    tap: ResidualTap | None = None) -> "DeltaNorm":
-        return cls(layer, batch, path=path, max_slots=max_slots, tap=tap)
+        return cls(layer, batch, path=path, tap=tap)
 
     def __getattr__(self, name: str):
         try:
@@ -65,7 +69,7 @@ class DeltaNorm(torch.nn.Module):
             return getattr(base, name)
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+        return self.rows.capacity_bytes
 
     def check(self, md: ModuleDelta) -> None:
         extra = md.kinds() - {"bitfit"}
@@ -78,19 +82,36 @@ class DeltaNorm(torch.nn.Module):
         if tuple(md.bias.shape) != (self.features,):
             raise DeltaError(f"{self.path}: bias expected shape ({self.features},), found {tuple(md.bias.shape)}")
 
-    @torch.inference_mode()
-    def set_delta(self, slot: int, md: ModuleDelta) -> None:
-        self.check(md)
-        self.clear(slot)
-        if md.bias is not None:
-            self.bias_delta[slot].copy_(md.bias)
-            self.has_bias[slot] = True
+    @staticmethod
+    def term_rows(md: ModuleDelta) -> dict[str, int]:
+        return {"bias": 1} if md.bias is not None else {}
 
-    @torch.inference_mode()
-    def clear(self, slot: int) -> None:
-        if self.has_bias_pool:
-            self.bias_delta[slot].zero_()
-        self.has_bias[slot] = False
+    def stage(self, md: ModuleDelta, pin: bool = False) -> Staged:
+        self.check(md)
+        rows = {}
+        if md.bias is not None:
+            rows["bias"] = md.bias.to(self.base.weight.dtype).reshape(1, -1)
+            if pin:
+                rows["bias"] = rows["bias"].pin_memory()
+        return Staged(rows, {}, set(rows))
+
+    def place(self, slot: int, staged: Staged, capacity: int) -> None:
+        self.clear(slot, keep_neutrals=True)  # the install's demand counted on this layer's neutral rows
+        self.rows.place(slot, staged.rows, capacity)
+        if "bias" in staged.kinds:
+            self.has_bias.add(slot)
+
+    def clear(self, slot: int, *, keep_neutrals: bool = False) -> None:
+        if slot in self.rows.cells:
+            self.has_bias.discard(slot)
+            self.rows.clear(slot, keep_neutrals=keep_neutrals)
+
+    def bias_pages(self) -> kernels.RowPages:
+        arena, f = self.rows.arenas["vec"], self.rows.fields
+        key = (arena.version, f.version)
+        if self._pages is None or self._pages[0] != key:
+            self._pages = (key, kernels.RowPages(arena.rows[:, :self.features], f.view("bias_row")))
+        return self._pages[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -100,10 +121,10 @@ class DeltaNorm(torch.nn.Module):
         if self.tap is not None:
             self.tap.h = x.reshape(-1, self.features)  # [num_tokens, hidden]; a view, no copy
             self.tap.normed = y.view(-1, self.features)  # its output (BitFit below lands in it too)
-        if self.has_bias_pool and any(self.has_bias[s] for s in meta.active_slots_host):
+        if self.has_bias and any(s in self.has_bias for s in meta.active_slots_host):
             y2 = y.view(-1, self.features)  # [num_tokens, n]
             self.batch.check_tokens(y2.shape[0], self.path)
-            kernels.add_bias(y2, self.bias_delta, meta)
+            kernels.add_bias(y2, self.bias_pages(), meta)
         return y
 
     def extra_repr(self) -> str:

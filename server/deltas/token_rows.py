@@ -1,22 +1,22 @@
-"""TokenRowsPool and the two wrappers that serve trainable tokens: DeltaEmbedding and DeltaHead.
+"""DeltaEmbedding and DeltaHead: the two wrappers that serve trainable tokens, paged like every other term (D13).
 
 PEFT's trainable tokens replace rows of the ``[vocab, hidden]`` embedding; with tied embeddings the
-output head uses the same rows (``delta_store/delta.py``, ``RowsTerm``). Each slot holds up to
-``max_rows`` replaced ids and their rows; pools are allocated on the first trainable-token delta, so a
-server that never sees one holds nothing for them::
-
-    index  [S, R] int64 (-1 past count)   values [S, R, hidden]   count [S] int32
-
-bytes: ``S * R * (8 + hidden * e) + 4 S``; e.g. S=32, R=64, hidden 4096, bf16: 16.8 MB per module.
+output head uses the same rows (``delta_store/delta.py``, ``RowsTerm``). A delta replacing n ids holds,
+per wrapped module, n rows of its ``values`` arena (the model's dtype) and n entries of its int64 ``ids``
+arena: ``n * (hidden * e + 8)`` bytes (bucketed, at most 1.25x), nothing until the first such delta.
+``max_token_rows`` is a validation limit, not a storage size. The kernels read both through the slot's
+first rows (``kernels.TokenPages``).
 
 * ``DeltaEmbedding`` (the input embedding): ``y = base(ids)``, then ``kernels.replace_rows`` gives each
   token of a slot with rows the row of its id when its id is one of them.
 * ``DeltaHead`` (the output head): ``logits = base(h)``, then ``kernels.head_rows`` sets the logits of a
   slot's replaced ids to ``h . row``. The head sees only the rows the model runner keeps
   (``logits_to_keep``), so it reads ``DeltaBatch.head_meta``, built for those rows.
-Both are free when no active slot has rows: a host-side flag per slot, no device sync.
+Both are free when no active slot has rows: a host-side set of slots, no device sync.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 
@@ -25,45 +25,29 @@ from delta_store.delta import ModuleDelta
 from delta_store.errors import DeltaError, DeltaServeError
 
 from .batch import DeltaBatch
+from .pages import RowArena
+from .slot_fields import SlotFields
+from .terms import Staged, TermRows, TermSpec, align
 
-
-class TokenRowsPool(torch.nn.Module):
-    def __init__(self, max_slots: int, max_rows: int, hidden: int, device, dtype):
-        super().__init__()
-        S, R = max_slots, max_rows
-        self.max_rows, self.hidden = R, hidden
-        self.register_buffer("index", torch.full((S, R), -1, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("values", torch.zeros(S, R, hidden, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("count", torch.zeros(S, dtype=torch.int32, device=device), persistent=False)
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    @torch.inference_mode()
-    def set(self, slot: int, index: torch.Tensor, values: torch.Tensor) -> None:
-        self.clear(slot)
-        n = int(index.numel())
-        self.index[slot, :n].copy_(index)
-        self.values[slot, :n].copy_(values)
-        self.count[slot] = n
-
-    @torch.inference_mode()
-    def clear(self, slot: int) -> None:
-        self.index[slot].fill_(-1)
-        self.values[slot].zero_()
-        self.count[slot] = 0
+TERMS = {"token_values": TermSpec("values", "tok_start"), "token_ids": TermSpec("ids", "tok_id_start")}
 
 
 class _RowsWrapper(torch.nn.Module):
-    """What DeltaEmbedding and DeltaHead share: the pool, the checks and the load path."""
+    """What DeltaEmbedding and DeltaHead share: the arenas, the checks and the load path."""
 
-    def __init__(self, base: torch.nn.Module, batch: DeltaBatch, *, path: str, max_slots: int, max_rows: int,
-                 vocab: int, hidden: int):
+    def __init__(self, base: torch.nn.Module, batch: DeltaBatch, *, path: str, max_rows: int, vocab: int,
+                 hidden: int):
         super().__init__()
         self.base, self.batch, self.path = base, batch, path
-        self.max_slots, self.max_rows, self.vocab, self.hidden = max_slots, max_rows, vocab, hidden
-        self.rows: TokenRowsPool | None = None  # allocated on the first trainable-token delta (load path)
-        self.has = [False] * max_slots
+        self.max_rows, self.vocab, self.hidden = max_rows, vocab, hidden  # max_rows: a validation limit
+        w = base.weight
+        arenas = {"values": RowArena(align(hidden, w.dtype), w.dtype, w.device),
+                  "ids": RowArena(1, torch.int64, w.device)}
+        self.rows = TermRows(arenas, TERMS, SlotFields({"tok_start": 0, "tok_id_start": 0, "tok_count": 0}, {},
+                                                       w.device))
+        self.has: set[int] = set()
+        self._counts: Counter = Counter()
+        self._pages = None  # (key, TokenPages)
 
     def __getattr__(self, name: str):
         try:
@@ -75,7 +59,7 @@ class _RowsWrapper(torch.nn.Module):
             return getattr(base, name)
 
     def nbytes(self) -> int:
-        return self.rows.nbytes() if self.rows is not None else 0
+        return self.rows.capacity_bytes
 
     def check(self, md: ModuleDelta) -> None:
         if md.kinds() != {"tokens"}:
@@ -90,26 +74,56 @@ class _RowsWrapper(torch.nn.Module):
         if n and (int(md.rows.index.min()) < 0 or int(md.rows.index.max()) >= self.vocab):
             raise DeltaError(f"{self.path}: a token index is outside the vocabulary [0, {self.vocab})")
 
-    def _pool(self) -> TokenRowsPool:
-        if self.rows is None:
-            w = self.base.weight
-            self.rows = TokenRowsPool(self.max_slots, self.max_rows, self.hidden, w.device, w.dtype)
-        return self.rows
+    @staticmethod
+    def term_rows(md: ModuleDelta) -> dict[str, int]:
+        n = md.rows.count if md.rows is not None else 0
+        return {"token_values": n, "token_ids": n} if n else {}
 
-    @torch.inference_mode()
-    def set_delta(self, slot: int, md: ModuleDelta) -> None:
+    def stage(self, md: ModuleDelta, pin: bool = False) -> Staged:
+        """The replaced ids and rows on the host (pinned when ``pin``); a delta of 0 rows stages nothing."""
         self.check(md)
-        self._pool().set(slot, md.rows.index, md.rows.values)
-        self.has[slot] = True
+        n = md.rows.count
+        if not n:
+            return Staged({}, {}, set())
+        rows = {"token_values": md.rows.values.to(self.base.weight.dtype).contiguous(),  # [n, hidden]
+                "token_ids": md.rows.index.to(torch.int64).reshape(n, 1)}  # [n, 1]
+        if pin:
+            rows = {k: v.pin_memory() for k, v in rows.items()}
+        return Staged(rows, {"tok_count": n}, {"tokens"})
 
-    @torch.inference_mode()
-    def clear(self, slot: int) -> None:
-        if self.rows is not None:
-            self.rows.clear(slot)
-        self.has[slot] = False
+    # ---- the step loop's writes (between forwards) -------------------------------------------
+    def place(self, slot: int, staged: Staged, capacity: int) -> None:
+        self.clear(slot, keep_neutrals=True)
+        if not staged.rows:
+            return
+        self.rows.place(slot, staged.rows, capacity, **staged.values)
+        self.has.add(slot)
+        self._counts[staged.values["tok_count"]] += 1
+
+    def clear(self, slot: int, *, keep_neutrals: bool = False) -> None:
+        if slot not in self.rows.cells:
+            return
+        if slot in self.has:
+            self.has.discard(slot)
+            n = self.rows.fields.host["tok_count"][slot]
+            self._counts[n] -= 1
+            if self._counts[n] <= 0:
+                del self._counts[n]
+        self.rows.clear(slot, keep_neutrals=keep_neutrals)
+
+    # ---- step path ---------------------------------------------------------------------------
+    def token_pages(self) -> kernels.TokenPages:
+        r, f = self.rows, self.rows.fields
+        bound = max(self._counts, default=0)
+        key = (r.arenas["values"].version, r.arenas["ids"].version, f.version, bound)
+        if self._pages is None or self._pages[0] != key:
+            pages = kernels.TokenPages(r.arenas["values"].rows[:, :self.hidden], r.arenas["ids"].rows[:, 0],
+                                       f.view("tok_start"), f.view("tok_id_start"), f.view("tok_count"), bound)
+            self._pages = (key, pages)
+        return self._pages[1]
 
     def _active(self, meta) -> bool:
-        return not meta.no_delta and any(self.has[s] for s in meta.active_slots_host)
+        return not meta.no_delta and bool(self.has) and any(s in self.has for s in meta.active_slots_host)
 
     def extra_repr(self) -> str:
         return f"vocab={self.vocab}, hidden={self.hidden}, max_rows={self.max_rows}"
@@ -117,10 +131,9 @@ class _RowsWrapper(torch.nn.Module):
 
 class DeltaEmbedding(_RowsWrapper):
     @classmethod
-    def from_layer(cls, layer: torch.nn.Embedding, batch: DeltaBatch, *, path: str, max_slots: int,
+    def from_layer(cls, layer: torch.nn.Embedding, batch: DeltaBatch, *, path: str,
                    max_rows: int) -> "DeltaEmbedding":
-        return cls(layer, batch, path=path, max_slots=max_slots, max_rows=max_rows, vocab=layer.num_embeddings,
-                   hidden=layer.embedding_dim)
+        return cls(layer, batch, path=path, max_rows=max_rows, vocab=layer.num_embeddings, hidden=layer.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base(ids)  # a fresh [..., hidden] tensor
@@ -129,17 +142,14 @@ class DeltaEmbedding(_RowsWrapper):
             return y
         y2 = y.view(-1, self.hidden)  # [num_tokens, hidden]
         self.batch.check_tokens(y2.shape[0], self.path)
-        pool = self.rows
-        kernels.replace_rows(y2, ids.reshape(-1), pool.index, pool.values, pool.count, meta)
+        kernels.replace_rows(y2, ids.reshape(-1), self.token_pages(), meta)
         return y
 
 
 class DeltaHead(_RowsWrapper):
     @classmethod
-    def from_layer(cls, layer: torch.nn.Linear, batch: DeltaBatch, *, path: str, max_slots: int,
-                   max_rows: int) -> "DeltaHead":
-        return cls(layer, batch, path=path, max_slots=max_slots, max_rows=max_rows, vocab=layer.out_features,
-                   hidden=layer.in_features)
+    def from_layer(cls, layer: torch.nn.Linear, batch: DeltaBatch, *, path: str, max_rows: int) -> "DeltaHead":
+        return cls(layer, batch, path=path, max_rows=max_rows, vocab=layer.out_features, hidden=layer.in_features)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.base(h)  # [..., vocab]
@@ -149,7 +159,6 @@ class DeltaHead(_RowsWrapper):
         l2 = logits.view(-1, self.vocab)  # [kept rows, vocab]
         if l2.shape[0] != meta.num_tokens:
             raise DeltaServeError(f"{self.path}: the head got {l2.shape[0]} rows but the batch was prepared for "
-                             f"{meta.num_tokens} head rows; pass head_rows to prepare_sequences")
-        pool = self.rows
-        kernels.head_rows(l2, h.reshape(-1, self.hidden).contiguous(), pool.index, pool.values, pool.count, meta)
+                                  f"{meta.num_tokens} head rows; pass head_rows to prepare_sequences")
+        kernels.head_rows(l2, h.reshape(-1, self.hidden).contiguous(), self.token_pages(), meta)
         return logits

@@ -105,7 +105,10 @@ def build_step(kv: KVCache, block_tables: list[list[int]], starts: list[int], le
                              dtype=torch.long)  # [B, nb] padded with block 0 (masked out)
         rows = (table[:, :, None] * bs + torch.arange(bs)).reshape(num_decode, nb * bs)[:, :decode_len]  # [B, Lmax]
         write_parts.append(rows.gather(1, pos[:, None]).squeeze(1))
-        read_parts.append(rows.reshape(-1))
+        # Positions past a sequence's length are masked out, but SDPA still multiplies their V by 0: they must
+        # hold numbers, and the cache is never zero-filled. Read the sequence's own last row there instead.
+        within = torch.minimum(torch.arange(decode_len)[None, :], pos[:, None])  # [B, Lmax]
+        read_parts.append(rows.gather(1, within).reshape(-1))
     prefill = []
     k_offset = num_decode * decode_len
     q_offset = num_decode

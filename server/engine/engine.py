@@ -1,6 +1,7 @@
 """The generation engine: continuous batching over a paged KV cache, one packed forward per step (D6).
 
-    step():  schedule -> make deltas resident -> run the model on one packed batch -> sample -> emit
+    step():  residency.step (the one place deltas become resident) -> schedule -> run the model on one packed
+             batch -> sample -> emit
 
 ``step()`` is synchronous (tests drive it directly); ``start()`` runs it in a loop on the asyncio event loop
 with the forward (and sampling) in a one-thread executor, so gRPC handlers keep running while the model
@@ -31,7 +32,7 @@ from .stats import RequestStats, StepStats
 
 log = logging.getLogger("deltaserve.engine")
 
-IDLE_POLL_S = 0.002  # work is waiting only for a delta load: poll install_ready() this often
+IDLE_POLL_S = 0.002  # work is waiting only for a delta load (or a preload is on its way): step this often
 
 
 @dataclass(slots=True, eq=False)
@@ -55,17 +56,18 @@ class _Plan:
 
 
 class Engine:
-    def __init__(self, config: ServerConfig, runner: ModelRunner, slots=None):
+    def __init__(self, config: ServerConfig, runner: ModelRunner, residency=None):
+        """``residency``: the owner of device residency (``server/deltas/residency.py``), None for a base-only
+        engine."""
         if not config.max_model_len:  # 0 = "the model's limit", resolved by server.app.with_max_model_len
             raise ValueError("Engine needs a resolved max_model_len (got 0)")
         self.config = config
         self.runner = runner
-        self.slots = slots
+        self.residency = residency
         base_seed = runner.dm.spec.fingerprint if runner.dm is not None else type(runner.model).__name__
         self.prefix = PrefixCache(runner.kv.allocator, config.kv_block_size, enabled=config.prefix_caching,
                                   base_seed=base_seed)
-        self.scheduler = Scheduler(SchedulerConfig.from_server(config), runner.kv.allocator, slots, self.prefix)
-        self._prefix_pins: list[int] = []  # slots pinned while this step computes their delta's prefix
+        self.scheduler = Scheduler(SchedulerConfig.from_server(config), runner.kv.allocator, residency, self.prefix)
         self._live: dict[str, _Live] = {}
         self._listeners: list[Callable] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -73,6 +75,7 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._accepting = True
         self._running = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self.step_count = 0
         self._step_time_ema = 0.05
         self._eos = runner.eos_token_ids
@@ -91,8 +94,8 @@ class Engine:
             raise Unavailable("engine is shutting down; retry on another replica", retry_after=1.0)
         if req.request_id in self._live:
             raise InvalidArgument(f"request {req.request_id}: a request with this id is already running")
-        if req.delta is not None and self.slots is None:
-            raise FailedPrecondition(f"request {req.request_id}: this engine serves the base model only (no slots)")
+        if req.delta is not None and self.residency is None:
+            raise FailedPrecondition(f"request {req.request_id}: this engine serves the base model only (no deltas)")
         vocab = self.runner.model.config.get_text_config().vocab_size
         if any(not (0 <= t < vocab) for t in req.prompt_token_ids):
             raise InvalidArgument(f"request {req.request_id}: prompt token id out of range [0, {vocab})")
@@ -102,7 +105,7 @@ class Engine:
             req.arrival_time = time.monotonic()
         seq = Sequence(req, arrival_step=self.step_count)
         if req.delta is not None:  # a resident prompt delta's virtual tokens are known now (else: at admission)
-            too_long = self.scheduler.too_long(seq, self.slots.resident_prompt(req.delta)[1])
+            too_long = self.scheduler.too_long(seq, self.residency.resident_prompt(req.delta)[1])
             if too_long is not None:
                 raise too_long
         p = req.sampling
@@ -113,11 +116,19 @@ class Engine:
             detok = IncrementalDetokenizer(self.runner.tokenizer, req.prompt_token_ids, p.stop_strings)
         self._retry_hint()
         self.scheduler.add(seq)  # may raise ResourceExhausted with a retry hint
+        if req.delta is not None:
+            self.residency.request(req.delta)  # prefetch: the load starts now, not when the request is admitted
         live = _Live(seq, row, detok, frozenset(p.stop_token_ids))
         self._live[req.request_id] = live
         if self._wake is not None:
             self._wake.set()
         return live
+
+    def wake(self) -> None:
+        """Wake an idle step loop (any thread): a delta load finished, or a preload wants an install."""
+        loop, wake = self._event_loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenOutput]:
         """Stream TokenOutput chunks; leaving the iteration early (client gone) aborts the request."""
@@ -139,7 +150,8 @@ class Engine:
                 self.abort(req.request_id)
 
     def abort(self, request_id: str) -> bool:
-        """Free the request's KV blocks and slot pin now; its stream ends with finish_reason "aborted".
+        """Free the request's KV blocks now (its delta is unpinned at the next step); its stream ends with
+        finish_reason "aborted".
         Call it on the event loop's thread (gRPC handlers do), like every other engine method."""
         live = self._live.get(request_id)
         if live is None:
@@ -152,6 +164,9 @@ class Engine:
             return
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltaserve-forward")
         self._wake = asyncio.Event()
+        self._event_loop = asyncio.get_running_loop()
+        if self.residency is not None:
+            self.residency.on_ready = self.wake
         self._running = True
         self._task = asyncio.create_task(self._loop(), name="deltaserve-engine")
 
@@ -191,7 +206,7 @@ class Engine:
         while self._running:
             try:
                 plan = self._schedule()
-            except Exception as exc:  # noqa: BLE001 - e.g. a slot install failed: fail what is queued, keep serving
+            except Exception as exc:  # noqa: BLE001 - e.g. an install failed: fail what is queued, keep serving
                 log.exception("engine schedule failed")
                 for request_id in list(self._live):
                     live = self._live[request_id]
@@ -199,8 +214,8 @@ class Engine:
                 continue
             if plan is None:
                 self._wake.clear()
-                if self.scheduler.has_work():  # waiting only for a delta to load
-                    await asyncio.sleep(IDLE_POLL_S)
+                if self.scheduler.has_work() or (self.residency is not None and self.residency.busy()):
+                    await asyncio.sleep(IDLE_POLL_S)  # waiting for a delta to load, or a preload to install
                 else:
                     await self._wake.wait()
                 continue
@@ -216,8 +231,8 @@ class Engine:
 
     def _schedule(self) -> _Plan | None:
         started = time.monotonic()
-        if self.slots is not None:
-            self.slots.install_ready()  # finished background loads -> free device slots
+        if self.residency is not None:  # pins, frees and installs: the only device writes of the delta tier
+            self.residency.step(self.scheduler.running_deltas(), self.scheduler.waiting_deltas())
             self._prepare_prefixes()
         sched = self.scheduler.schedule()
         for seq, exc in sched.failed:  # its delta could not be loaded (or its prompt is too long): it fails alone
@@ -240,25 +255,20 @@ class Engine:
         return _Plan(sched, inp, started)
 
     def _prepare_prefixes(self) -> None:
-        """The load path of a prompt delta (D14): once its version is resident, queue its shared KV prefix for
-        the next step (its slot pinned until then, so no install can swap the delta under the job)."""
-        for key, slot in self.slots.take_installed():
-            part = self.slots.prompt_of(slot)
-            if part is None or self.slots.acquire(key) != slot:
-                continue  # replaced in that slot already; its next request computes the prefix
-            if self.prefix.prepare(delta_seed(key.digest), slot, part):
-                self._prefix_pins.append(slot)
-            else:
-                self.slots.release(slot)
+        """The load path of a prompt delta (D14): once its version is resident, queue its shared KV prefix for the
+        step being planned. No pin is needed: the residency owner writes only in ``step``, which runs once per
+        step before the plan, so a delta installed there stays in its slot until this step's forward is done."""
+        for key, slot in self.residency.take_installed():
+            part = self.residency.prompt_of(slot)
+            if part is None or self.residency.slot_of(key) != slot:
+                continue  # deleted meanwhile; a later version's request computes its own prefix
+            self.prefix.prepare(delta_seed(key.digest), slot, part)
 
     def _step_ended(self, ok: bool, plan: _Plan) -> None:
         if ok:
             self.prefix.commit([c.seq for c in plan.sched.chunks])
         else:
             self.prefix.abort()
-        pins, self._prefix_pins = self._prefix_pins, []
-        for slot in pins:
-            self.slots.release(slot)
 
     def _emit(self, plan: _Plan, result: StepResult) -> list[TokenOutput]:
         self._step_ended(True, plan)  # register the full blocks this step wrote, before any sequence leaves

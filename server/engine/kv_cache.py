@@ -5,7 +5,10 @@ Layout follows vLLM's PagedAttention: the cache of every layer is cut into fixed
 sequence's position p lives at flat row ``block_table[p // block_size] * block_size + p % block_size``.
 Blocks are allocated as a sequence grows and released the moment it finishes, is aborted or preempted,
 so memory is never reserved for ``max_model_len`` tokens per request. A block may be in several tables
-(a delta's prompt prefix, a cached run of prompt tokens): it is freed with its last reference.
+(a delta's prompt prefix, a cached run of prompt tokens): it is freed with its last reference. The pools are
+sized by a byte budget (``server/memory.py``) and allocated uninitialised: nothing reads a row before it is
+written (decode reads past a sequence's length are clamped to its last row, ``attention.build_step``), so on
+the CPU the pages of a 1 GiB cache are mapped only as blocks are first used.
 """
 from __future__ import annotations
 
@@ -14,13 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from .block_pool import BlockPool
-
-CPU_DEFAULT_KV_BYTES = 1 << 30
-"""kv_blocks == 0 on the CPU: size the pool to 1 GiB (the 4-layer benchmark model stores 8 KiB per token,
-so 1 GiB holds 131k tokens, far more than 64 running sequences of 2048 tokens)."""
-CUDA_FREE_FRACTION = 0.7
-"""kv_blocks == 0 on CUDA: 70% of the memory free once weights and delta pools are allocated (vLLM's
-gpu_memory_utilization idea; the rest covers activations of a max_batch_tokens step)."""
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -38,10 +34,14 @@ class KVLayout:
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(dtype).bits // 8
 
+    def bytes_per_block(self, dtype: torch.dtype) -> int:
+        return self.bytes_per_token(dtype) * self.block_size
+
 
 def kv_layout_for(model_config, block_size: int, num_blocks: int, dtype: torch.dtype,
-                  device: torch.device | str = "cpu") -> KVLayout:
-    """Reads the KV geometry from an HF config (Llama family: num_key_value_heads; GPT-2: n_head)."""
+                  budget_bytes: int = 0) -> KVLayout:
+    """Reads the KV geometry from an HF config (Llama family: num_key_value_heads; GPT-2: n_head); ``num_blocks``
+    0 sizes the pool to ``budget_bytes``."""
     cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -49,10 +49,7 @@ def kv_layout_for(model_config, block_size: int, num_blocks: int, dtype: torch.d
     layers = cfg.num_hidden_layers
     layout = KVLayout(layers, kv_heads, head_dim, block_size, num_blocks)
     if num_blocks == 0:
-        budget = CPU_DEFAULT_KV_BYTES
-        if torch.device(device).type == "cuda":
-            budget = int(torch.cuda.mem_get_info(torch.device(device))[0] * CUDA_FREE_FRACTION)
-        layout.num_blocks = max(1, budget // (layout.bytes_per_token(dtype) * block_size))
+        layout.num_blocks = max(1, budget_bytes // layout.bytes_per_block(dtype))
     return layout
 
 
@@ -69,8 +66,9 @@ class KVCache:
         self.allocator = BlockPool(layout.num_blocks)
         rows = layout.num_blocks * layout.block_size
         shape = (layout.num_layers, rows, layout.num_kv_heads, layout.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, rows, kv_heads, head_dim]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [layers, rows, kv_heads, head_dim]
+        # uninitialised: never zero-filled, so untouched blocks cost no resident memory on the CPU
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # [layers, rows, kv_heads, head_dim]
+        self.v = torch.empty(shape, dtype=dtype, device=device)  # [layers, rows, kv_heads, head_dim]
 
     @property
     def num_blocks(self) -> int:

@@ -72,8 +72,10 @@ def _dtype(name: str) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, dm, tokenizer=None, config: ServerConfig | None = None):
-        """dm: a DeltaModel from ``wrap_model`` (``.model``, ``.batch``) or a bare HF model (no deltas)."""
+    def __init__(self, dm, tokenizer=None, config: ServerConfig | None = None, *, kv_bytes: int | None = None):
+        """dm: a DeltaModel from ``wrap_model`` (``.model``, ``.batch``) or a bare HF model (no deltas).
+        ``kv_bytes``: the KV budget (``server/memory.py``; None: resolved here from ``config``); unused when
+        ``config.kv_blocks`` is set."""
         config = config or ServerConfig()
         self.config = config
         self.dm = dm if hasattr(dm, "batch") else None
@@ -83,7 +85,12 @@ class ModelRunner:
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         use_paged_attention(self.model)
-        layout = kv_layout_for(self.model.config, config.kv_block_size, config.kv_blocks, self.dtype, self.device)
+        if kv_bytes is None and not config.kv_blocks:
+            from ..memory import resolve
+
+            kv_bytes = resolve(config, self.device).kv_bytes
+        layout = kv_layout_for(self.model.config, config.kv_block_size, config.kv_blocks, self.dtype,
+                               budget_bytes=kv_bytes or 0)
         self.kv = KVCache(layout, self.dtype, self.device)
         self.cache = PagedCache(self.kv)
 

@@ -10,9 +10,10 @@ builds one packed step (Orca's iteration-level scheduling; vLLM's chunked prefil
 2. Waiting sequences are admitted tenant by tenant, the tenant with the smallest *virtual token counter*
    first (VTC, Sheng et al., "Fairness in Serving Large Language Models", OSDI'24; S-LoRA's
    ``vtc_req_queue.py``): FIFO across tenants lets one tenant's flood delay everyone (vLLM #16876). A
-   request is admitted only if its delta is resident: ``acquire`` returns a pinned slot, or None while the
-   delta loads in the background (the request waits; others pass it) or while every slot is pinned, which
-   bounds the distinct deltas per step by the free slots (S-LoRA, D6).
+   request is admitted only if its delta is resident: ``residency.lookup`` returns its slot, or None while
+   the delta loads in the background (the request waits; others pass it) or while the memory it needs is
+   held by running requests' deltas (S-LoRA, D6). The scheduler only asks: it never loads, installs,
+   pins or frees anything (the residency owner does, once per step, ``server/deltas/residency.py``).
    An admitted sequence first takes its shared blocks (``prefix_cache.py``): the delta's prompt prefix
    (virtual tokens, computed once per delta version) and every cached full block of its tokens; only the
    rest is prefilled. Shared blocks are references: one sequence's end, preemption or cancellation never
@@ -42,8 +43,9 @@ OUTPUT_TOKEN_COST = 2.0
 
 
 class SlotSource(Protocol):
-    def acquire(self, key: DeltaKey) -> int | None: ...
-    def release(self, slot: int) -> None: ...
+    """What the scheduler asks of the residency owner: resident (its slot)? None: not yet (it is asked for)."""
+
+    def lookup(self, key: DeltaKey) -> int | None: ...
     def prompt_of(self, slot: int) -> PromptInfo | None: ...  # the resident delta's prompt part, if any
 
 
@@ -91,11 +93,11 @@ def _blocks(num_tokens: int, block_size: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: "BlockPool", slots: SlotSource | None = None,
+    def __init__(self, config: SchedulerConfig, allocator: "BlockPool", residency: SlotSource | None = None,
                  prefix: PrefixCache | None = None):
         self.config = config
         self.allocator = allocator
-        self.slots = slots
+        self.residency = residency
         self.prefix = prefix if prefix is not None else PrefixCache(allocator, config.block_size, enabled=False)
         self.waiting: dict[str, collections.deque[Sequence]] = {}  # tenant -> FIFO (preempted at the front)
         self.running: list[Sequence] = []
@@ -118,6 +120,15 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.running) or self._num_waiting > 0
+
+    def running_deltas(self) -> list[DeltaKey]:
+        """Deltas of the running sequences: the residency owner pins them for the step."""
+        return [s.delta for s in self.running if s.delta is not None]
+
+    def waiting_deltas(self) -> list[DeltaKey]:
+        """Deltas named by waiting sequences, fairest tenant first, each tenant's queue in order."""
+        order = sorted(self.waiting, key=lambda t: (self.counters.get(t, 0.0), t))
+        return [s.delta for t in order for s in self.waiting[t] if s.delta is not None]
 
     def _active_tenants(self) -> set[str]:
         active = {t for t, q in self.waiting.items() if q}
@@ -159,13 +170,11 @@ class Scheduler:
         if seq.block_table or seq.pinned_blocks:
             self.allocator.free(seq.block_table + seq.pinned_blocks)  # references: shared blocks live on
             seq.block_table, seq.pinned_blocks, seq.block_hashes = [], [], []
-        if seq.slot is not None:
-            if self.slots is not None and seq.slot >= 0:
-                self.slots.release(seq.slot)
-            seq.slot = None
+        seq.slot = None  # no pin to give back: the residency owner pins the running set's deltas each step
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Remove a sequence (finished, aborted, failed) and return its KV blocks and slot pin at once."""
+        """Remove a sequence (finished, aborted, failed) and return its KV blocks at once (its delta is unpinned at
+        the next step)."""
         if seq.status is SeqStatus.FINISHED:
             return
         if seq.status is SeqStatus.RUNNING:
@@ -285,43 +294,38 @@ class Scheduler:
                 return None, True  # out of KV: nobody else can be admitted this step either
             slot = -1
             key = seq.delta
-            if key is not None and self.slots is not None:
+            if key is not None and self.residency is not None:
                 if loading.get(key):
                     seq.waited_on_delta = True
                     skipped.add(id(seq))
                     continue
                 try:
-                    acquired = self.slots.acquire(key)
+                    acquired = self.residency.lookup(key)
                 except Exception as exc:  # noqa: BLE001 - the load failed: this request fails, others go on
                     self.finish(seq, "error")
                     out.failed.append((seq, exc))
                     return None, False
                 if acquired is None:
-                    loading[key] = True  # loading in the background or no free slot: others go first
+                    loading[key] = True  # loading in the background or waiting for memory: others go first
                     seq.waited_on_delta = True
                     skipped.add(id(seq))
                     continue
                 slot = acquired
-            part = self.slots.prompt_of(slot) if slot >= 0 else None
+            part = self.residency.prompt_of(slot) if slot >= 0 else None
             too_long = self.too_long(seq, part)
             if too_long is not None:
-                self.slots.release(slot)
                 self.finish(seq, "error")
                 out.failed.append((seq, too_long))
                 return None, False
             if not self.prefix.attach(seq, slot, part):
-                if slot >= 0:
-                    self.slots.release(slot)
                 return None, True  # its prompt prefix does not fit now; neither does anyone behind it
             room = len(seq.block_table) * bs - seq.num_computed + self.allocator.num_free * bs
             n = min(seq.num_uncomputed, budget, room)
             if n <= 0:
                 self._free(seq)
                 seq.num_computed = 0
-                if slot >= 0:
-                    self.slots.release(slot)
                 return None, True
-            if key is not None and self.slots is not None:  # admitted with its delta: a device hit, or after a load
+            if key is not None and self.residency is not None:  # admitted with its delta: a device hit, or after a load
                 if seq.waited_on_delta:
                     self.delta_admissions_waited += 1
                 else:

@@ -1,0 +1,89 @@
+"""How the ops read paged delta storage: row tensors and one int32 row index per slot (D13).
+
+A delta's term at one layer is a run of consecutive *rows* of a row tensor (LoRA: ``rank`` rows of A and of
+B transposed; a bottleneck adapter: ``width`` rows of down and of up; BitFit and (IA)3: one row). Where a
+slot's run starts is an int32 row index, ``start[slot]`` (a run) or ``row[slot]`` (one row): an index
+into one tensor, never a pointer (the Triton interpreter cannot load pointers), so every op is still one
+launch over all active slots whatever their rank, and the storage can place each run anywhere::
+
+    A of slot s    = a_rows[start[s] : start[s] + rank[s]]          # [rank, in]
+    B of slot s    = b_rows[start[s] : start[s] + rank[s]].T        # [out, rank]
+
+Nothing here allocates or places anything: the server's arenas (``server/deltas/pages.py``) decide where
+runs go; the ops only follow the indices. Rows past a slot's own rank (or width) are never read, so
+they may hold anything, another tenant's values or NaN. A run's rows are consecutive, so the CPU
+backend reads them as plain views (prefill, per-run matmuls) and, where runs of equal rank are evenly
+spaced (the arenas' rank-bucket regions), as one strided ``[G, rank, in]`` view for ``F.grouped_mm``.
+
+Running example, two slots, in = 3, out = 2, a_rows and b_rows the column halves of one [6, 5] tensor::
+
+    slot 0: rank 2, start 4   -> A0 = a_rows[4:6], B0 = b_rows[4:6].T
+    slot 1: rank 1, start 0   -> A1 = a_rows[0:1], B1 = b_rows[0:1].T      rows 1..3 unused (anything)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class LoraPages:
+    """LoRA of every slot at one layer: y[t] += scale[s] * (x[t] @ A_s.T) @ B_s.T, s = slot of t."""
+
+    a_rows: torch.Tensor  # [N, in]; unit stride on the last dim, any row stride
+    b_rows: torch.Tensor  # [N, out]; B transposed, row j of slot s = column j of B_s
+    start: torch.Tensor  # int32 [S] first row of each slot's run (shared by a_rows and b_rows)
+    rank: torch.Tensor  # int32 [S] rows of each run; 0 = no LoRA at this layer
+    scale: torch.Tensor  # fp32 [S]
+    max_rank: int  # host bound on rank[s] (sizes the Triton grid and fp32 buffer; never a storage size)
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterPages:
+    """Bottleneck adapters at one layer, for one source (``scale``/``width`` are that source's):
+    y[t] += scale[s] * (act_s(u[t] @ D_s.T + db_s) @ U_s.T + ub_s), D_s = down_rows[start : start + width],
+    db_s = down_bias[start : start + width], U_s = up_rows[start : start + width].T, ub_s = up_bias_rows[ub_row]."""
+
+    down_rows: torch.Tensor  # [N, h]
+    up_rows: torch.Tensor  # [N, h]; up transposed
+    down_bias: torch.Tensor  # [N] one value per down row (any stride)
+    up_bias_rows: torch.Tensor  # [Nv, h]
+    start: torch.Tensor  # int32 [S] first row of each slot's run in down_rows / up_rows / down_bias
+    up_bias_row: torch.Tensor  # int32 [S] row of up_bias_rows
+    width: torch.Tensor  # int32 [S]; 0 = no adapter of this source here (no up bias either)
+    scale: torch.Tensor  # fp32 [S]
+    act: torch.Tensor  # int32 [S] activation code (kernels.ACT_CODES)
+    max_width: int  # host bound on width[s]
+
+
+@dataclass(frozen=True, eq=False)
+class RowPages:
+    """One row per slot: BitFit biases (add_bias) and (IA)3 vectors (mul_rows)."""
+
+    rows: torch.Tensor  # [N, n]
+    row: torch.Tensor  # int32 [S] row of each slot; slots without the term point at a neutral row
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleShiftPages:
+    """DoRA's column scale at one layer: y[t] = y[t] * scale_rows[row[s]] + shift_rows[row[s]] for the tokens of
+    slots with flag[s] != 0 (the rows of other slots are never read)."""
+
+    scale_rows: torch.Tensor  # fp32 [N, n]
+    shift_rows: torch.Tensor  # fp32 [N, n]
+    row: torch.Tensor  # int32 [S] row of each flagged slot (anything for the others)
+    flag: torch.Tensor  # int32 [S]; 0 = no DoRA term here
+
+
+@dataclass(frozen=True, eq=False)
+class TokenPages:
+    """Trainable tokens at one layer (input embedding or output head): slot s replaces the ids
+    ids[id_start[s] : id_start[s] + count[s]] by the rows values[start[s] : start[s] + count[s]] (same order)."""
+
+    values: torch.Tensor  # [N, h] replacement rows (the model's dtype)
+    ids: torch.Tensor  # int64 [M] replaced ids, distinct within a slot (any stride)
+    start: torch.Tensor  # int32 [S] first row of each slot's run in values
+    id_start: torch.Tensor  # int32 [S] first entry of each slot's run in ids
+    count: torch.Tensor  # int32 [S]; 0 = no trainable tokens here
+    max_count: int  # host bound on count[s]
