@@ -125,12 +125,15 @@ async def create_tenants(address: str, admin_key: str, names: list[str]) -> list
 
 
 async def upload(address: str, keys: list[str], refs: list[DeltaRef], payloads: dict) -> dict:
-    """Upload ``refs`` (payloads[name] = Payload) with bounded concurrency; returns sizes and time."""
+    """Upload ``refs`` (payloads[name] = Payload) with bounded concurrency, one upload per tenant at a time (the
+    server refuses a tenant's third concurrent upload: ``max_uploads_per_tenant`` defaults to 2, and uploads of
+    different sizes finishing out of order put three of one tenant in flight); returns sizes and time."""
     sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+    per_tenant = {t: asyncio.Semaphore(1) for t in {r.tenant for r in refs}}
     t0 = time.perf_counter()
     async with AsyncClient(address, timeout=CALL_TIMEOUT_S) as c:
         async def one(ref: DeltaRef):
-            async with sem:
+            async with per_tenant[ref.tenant], sem:
                 p = payloads[ref.name]
                 v = await c.with_key(keys[ref.tenant]).upload(ref.name, p.data, description=p.recipe,
                                                    labels={"recipe": p.recipe, "source": p.source_format})
