@@ -15,6 +15,11 @@ until its longest output), and PEFT swapping one adapter at a time (``set_adapte
 Throughput = requested output tokens / makespan. ``--quick`` times the first PEFT static batch and a subset of
 the swap requests and extrapolates the rest (each point says so in ``extrapolated``).
 
+Workload 3, "deep": the 30-layer shape of a small real model (random weights: hidden 576, intermediate 1536, 30
+layers, 9 heads, 3 KV heads, vocab 49152, tied embeddings: SmolLM2-135M's shape), one request (16-token prompt, 64
+new tokens), the base model against one LoRA r8 on q/v/o of every layer. At batch 1 the delta's bytes are under
+1 MB, so what ``ratio_1_delta_deep`` loses is per-module overhead (90 wrapped modules with a delta, 210 wrapped).
+
 Clock: on the CPU every duration is this process's CPU time (``time.process_time``, one torch thread), and
 arrivals are replayed on a virtual clock that advances by the CPU time of each step (or jumps to the next arrival
 when idle). The development machines are 2 cores shared by several engineers' jobs: wall time there moved by 2x
@@ -42,7 +47,7 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from benchmarks.bench_model import PROJECTIONS, build_model, random_lora_delta  # noqa: E402
 from benchmarks.common import Results  # noqa: E402
-from delta_store.delta import AdapterTerm, Delta, ModuleDelta  # noqa: E402
+from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta  # noqa: E402
 from delta_store.records import DeltaKey  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.deltas import DeltaLinear, wrap_model  # noqa: E402
@@ -53,6 +58,9 @@ from server.engine.stats import StepStats  # noqa: E402
 from server.types import GenerationRequest, SamplingParams  # noqa: E402
 
 NUM_DELTAS = 32
+DEEP_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+DEEP_TARGETS = ("q_proj", "v_proj", "o_proj")
 MIX_SLOTS = range(NUM_DELTAS, NUM_DELTAS + 8)  # the mixed-kind deltas live after the 32 LoRA ones
 
 
@@ -84,6 +92,35 @@ def key(i: int) -> DeltaKey:
     return DeltaKey("bench", f"d{i}", 1, f"d{i}")
 
 
+def resident_slots(dm, deltas: dict) -> Residency:
+    """The residency owner holding every delta of ``deltas`` before timing (these benchmarks measure serving)."""
+    budget = 2 * sum(dm.footprint(d) for d in deltas.values())  # every delta fits
+    slots = Residency(dm, deltas.__getitem__, budget)
+    futures = [slots.request(k, notify=True) for k in deltas]
+    while not all(f.done() for f in futures):
+        time.sleep(0.001)
+        slots.step()
+    return slots
+
+
+def serve_on(engine, steps: list, clock, requests: list[tuple[float, GenerationRequest]]) -> tuple[float, int]:
+    """Serve (arrival offset s, request) pairs as they arrive on the virtual clock of ``clock`` (CPU time of each
+    step; jumps to the next arrival when idle); returns (makespan s, generated tokens)."""
+    pending = sorted(requests, key=lambda x: x[0])
+    steps.clear()
+    generated, now = 0, 0.0
+    while pending or engine.scheduler.has_work():
+        while pending and pending[0][0] <= now:
+            engine.add_request(pending.pop(0)[1])
+        if not engine.scheduler.has_work():
+            now = pending[0][0]  # idle until the next arrival
+            continue
+        outs = []
+        now += clock(lambda: outs.extend(engine.step()))
+        generated += sum(len(o.token_ids) for o in outs)
+    return now, generated
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -96,12 +133,7 @@ class Bench:
         self.dm = dm
         deltas = {key(i): random_lora_delta(dm, 16, seed=i) for i in range(NUM_DELTAS)}
         deltas.update({key(s): d for s, d in zip(MIX_SLOTS, mixed_deltas(dm))})
-        budget = 2 * sum(dm.footprint(d) for d in deltas.values())  # every delta fits: this measures serving
-        self.slots = Residency(dm, deltas.__getitem__, budget)
-        futures = [self.slots.request(k, notify=True) for k in deltas]
-        while not all(f.done() for f in futures):  # make every delta resident before timing
-            time.sleep(0.001)
-            self.slots.step()
+        self.slots = resident_slots(dm, deltas)
         self.config = ServerConfig(max_batch_tokens=512, max_running=64, max_waiting=1024, kv_block_size=16,
                                    kv_blocks=2048, max_model_len=512)
         self.engine = Engine(self.config, ModelRunner(dm, None, self.config), self.slots)
@@ -127,19 +159,7 @@ class Bench:
     # ---- the engine --------------------------------------------------------------------------
     def serve(self, requests: list[tuple[float, GenerationRequest]]) -> tuple[float, int]:
         """Serve (arrival offset s, request) pairs as they arrive on the virtual clock; (makespan s, tokens)."""
-        engine, pending = self.engine, sorted(requests, key=lambda x: x[0])
-        self.steps.clear()
-        generated, now = 0, 0.0
-        while pending or engine.scheduler.has_work():
-            while pending and pending[0][0] <= now:
-                engine.add_request(pending.pop(0)[1])
-            if not engine.scheduler.has_work():
-                now = pending[0][0]  # idle until the next arrival
-                continue
-            outs = []
-            now += self.timed(lambda: outs.extend(engine.step()))
-            generated += sum(len(o.token_ids) for o in outs)
-        return now, generated
+        return serve_on(self.engine, self.steps, self.timed, requests)
 
     def uniform_requests(self, variant: str, tag: str) -> list[tuple[float, GenerationRequest]]:
         g = torch.Generator().manual_seed(1)
@@ -182,6 +202,58 @@ class Bench:
                   f"(time outside the forward: {100 * statistics.median(overhead[v]):.1f}%)", flush=True)
         return {v: statistics.median([s / b for s, b in zip(samples[v], samples["base"])]) for v in variants} | {
             "base_tps": tps["base"]}
+
+    # ---- workload 3: one request on a deep model --------------------------------------------------
+    def deep(self) -> dict:
+        """One request on the 30-layer shape, base vs one LoRA r8 on q/v/o, round-robin; ratio of medians."""
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        cfg = LlamaConfig(**DEEP_SHAPE, max_position_embeddings=2048)
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype).eval()
+        dm = wrap_model(model, max_slots=2, max_rank=8, max_bottleneck=8, max_tokens=512)
+        g = torch.Generator().manual_seed(11)
+        mods = {}
+        for path, layer in dm.layers.items():
+            if isinstance(layer, DeltaLinear) and path.rsplit(".", 1)[-1] in DEEP_TARGETS:
+                a = torch.randn(8, layer.in_features, generator=g) / layer.in_features ** 0.5
+                b = torch.randn(layer.out_features, 8, generator=g) * 0.01
+                mods[path] = ModuleDelta(lora=LoraTerm(a, b, 2.0))
+        deep_key = DeltaKey("bench", "deep", 1, "deep")
+        slots = resident_slots(dm, {deep_key: Delta(mods)})
+        config = ServerConfig(max_batch_tokens=512, max_running=8, max_waiting=64, kv_block_size=16, kv_blocks=64,
+                              max_model_len=512)
+        engine = Engine(config, ModelRunner(dm, None, config), slots)
+        steps: list = []
+        new_tokens = 64
+        prompt = torch.randint(3, DEEP_SHAPE["vocab_size"], (16,), generator=g).tolist()
+
+        def request(variant: str, tag: str):
+            return [(0.0, GenerationRequest(f"deep-{tag}-{variant}", "tenant0", prompt,
+                                            SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True),
+                                            delta=deep_key if variant == "delta" else None))]
+
+        serve_on(engine, steps, self.timed, request("delta", "warm"))
+        serve_on(engine, steps, self.timed, request("base", "warm"))
+        rounds = 3 if self.args.quick else 7
+        samples = {"base": [], "delta": []}
+        for r in range(rounds):
+            for v in (("base", "delta") if r % 2 == 0 else ("delta", "base")):  # neither always runs first
+                wall, tokens = serve_on(engine, steps, self.timed, request(v, f"r{r}"))
+                assert tokens == new_tokens, tokens
+                samples[v].append(tokens / wall)
+        slots.close()
+        tps = {v: statistics.median(x) for v, x in samples.items()}
+        ratio = tps["delta"] / tps["base"]
+        self.res.write({"workload": "deep", "variant": "lora_r8_qvo_vs_base", "shape": DEEP_SHAPE,
+                        "tokens_per_s": tps, "tokens_per_s_samples": samples, "ratio_to_base": ratio,
+                        "wrapped_modules": sum(isinstance(m, DeltaLinear) for m in dm.layers.values()),
+                        "modules_with_delta": len(mods)})
+        print(f"deep     base {tps['base']:7.1f} tok/s, 1 LoRA r8 q/v/o {tps['delta']:7.1f} tok/s  x{ratio:.3f} "
+              f"of base ({len(mods)} of {sum(isinstance(m, DeltaLinear) for m in dm.layers.values())} wrapped "
+              f"modules carry the delta)", flush=True)
+        return {"ratio_1_delta_deep": ratio}
 
     # ---- HF / PEFT references ----------------------------------------------------------------------
     def peft(self):
@@ -280,6 +352,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 round, PEFT subsets extrapolated: about 3 min on CPU")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--skip-varied", action="store_true")
+    ap.add_argument("--skip-deep", action="store_true", help="skip workload 3 (the 30-layer model, one request)")
+    ap.add_argument("--deep-only", action="store_true", help="run workload 3 alone")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on the shared 2-core machines a second OpenMP thread spins "
                          "whenever another process holds the other core; setup took 23 s with 2 threads vs 3 s with 1)")
@@ -288,9 +362,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     bench = Bench(args)
+    if args.deep_only:
+        deep = bench.deep()
+        bench.slots.close()
+        bench.res.summary(ratio_1_delta_deep=deep["ratio_1_delta_deep"], wall_s=time.perf_counter() - t0,
+                          device=bench.device.type)
+        return
     uni = bench.uniform()
     refs = bench.uniform_references(uni["base_tps"])
     var = {} if args.skip_varied else bench.varied()
+    deep = {} if args.skip_deep else bench.deep()
     bench.slots.close()
     bench.res.summary(ratio_1_delta_vs_base=uni["lora_1"], ratio_8_deltas_vs_base=uni["lora_8"],
                       ratio_mix_vs_base=uni["mix"], engine_base_vs_hf_generate=uni["base_tps"] / refs["hf_base_tps"],
@@ -298,7 +379,8 @@ def main() -> None:
                       speedup_vs_swap=var.get("speedup_vs_swap", float("nan")),
                       wall_s=time.perf_counter() - t0, device=bench.device.type,
                       ratio_32_deltas_vs_base=uni["lora_32"],
-                      speedup_vs_peft_mixed=var.get("speedup_vs_peft_mixed", float("nan")))
+                      speedup_vs_peft_mixed=var.get("speedup_vs_peft_mixed", float("nan")),
+                      ratio_1_delta_deep=deep.get("ratio_1_delta_deep", float("nan")))
 
 
 if __name__ == "__main__":

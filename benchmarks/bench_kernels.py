@@ -25,6 +25,14 @@ DoRA (``time_dora``): its delta work is the LoRA op plus ``scale_shift_rows`` on
 ``dora_mixed_vs_alone`` = the column scale on a batch of 1 DoRA token among 31 plain-LoRA ones / on that
 token alone (1.0 = the other tokens pay nothing; when no DoRA slot is active the layer skips the op).
 
+The byte floor (``copy_gbs``, ``decode_floor_ratio``): in the same run, the machine's copy bandwidth is
+measured on a large tensor copy (256 MB read + 256 MB written, ``dst.copy_(src)``, bytes counted both ways as
+STREAM's "copy" does) on the threads the delta ops run on. For the decode points the delta work cannot take
+less than its bytes (every active slot's A and B rows, the x rows read and the y rows read and written; see
+``bytes_lora``) read once at that bandwidth: ``floor_ms``; ``floor_ratio`` = achieved delta-op time / floor_ms
+(1.0 = on the floor). A point whose bytes fit in the caches can go below 1 (the timing loop reuses its
+tensors); the seven-projection decode (~37 MB of A/B per layer) cannot.
+
     python benchmarks/bench_kernels.py --quick       # < 1 min on 2 CPU cores
 """
 from __future__ import annotations
@@ -145,17 +153,45 @@ def bytes_lora(pt) -> int:
     return elt * (n_tok * n_in + 2 * n_tok * n_out + r_total * (n_in + n_out))
 
 
+COPY_BYTES = 256 << 20  # per side: far above any L2/L3 here (EPYC L3 32 MB per CCX; H200 L2 60 MB)
+
+
+def copy_bandwidth(res, dev) -> float:
+    """GB/s of a large tensor copy on this device (bytes read + bytes written, per STREAM "copy")."""
+    src = torch.empty(COPY_BYTES // 4, dtype=torch.float32, device=dev).fill_(1.0)  # [64M]
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in before timing
+    t = time_many({"copy": lambda: dst.copy_(src)}, device=dev, **{**TIMING, "min_sample_s": 0.05})["copy"]
+    gbs = 2 * COPY_BYTES / (t["ms"] * 1e-3) / 1e9
+    res.write({"point": "copy_bandwidth", "bytes_each_way": COPY_BYTES, "ms": t["ms"], "copy_gbs": gbs})
+    print(f"copy bandwidth: {gbs:.1f} GB/s ({2 * COPY_BYTES >> 20} MB moved in {t['ms']:.2f} ms)", flush=True)
+    return gbs
+
+
+def with_floor(res, row: dict, pt, op_key: str, gbs: float) -> dict:
+    """Add the byte floor of the point's delta work at ``gbs`` and achieved/floor to ``row`` (and a JSON line)."""
+    nbytes = bytes_lora(pt)
+    floor_ms = nbytes / (gbs * 1e9) * 1e3
+    row.update(bytes=nbytes, floor_ms=floor_ms, floor_ratio=row[f"{op_key}_ms"] / floor_ms)
+    res.write({"point": f"{row['point']}_floor", "bytes": nbytes, "copy_gbs": gbs, "floor_ms": floor_ms,
+               f"{op_key}_ms": row[f"{op_key}_ms"], "floor_ratio": row["floor_ratio"]})
+    print(f"  {row['point']}: {nbytes / 1e6:.2f} MB of delta traffic, floor {floor_ms:.4f} ms at {gbs:.1f} GB/s, "
+          f"achieved {row[f'{op_key}_ms']:.4f} ms = x{row['floor_ratio']:.2f} of the floor", flush=True)
+    return row
+
+
 def run_cpu(res, quick: bool) -> dict:
     dt, dev = torch.float32, "cpu"
     ops = {"cpu": cpu.cpu_add_lora}
-    rows = {}
+    rows = {"copy_gbs": copy_bandwidth(res, dev)}
     n = 1024
     for k in (1, 8, 32, 64):  # 64-token batch, token i -> delta i % k
         pt = Point(n, n, [i % k for i in range(64)], [16] * 64, dtype=dt, device=dev)
         assert pt.check(cpu.cpu_add_lora) < 1e-3
         rows[f"t64_k{k}"] = time_point(res, f"t64_k{k}", pt, ops={**ops, **PLAN_OPS}, flops_rank=16)
     pt = Point(n, n, list(range(32)), [16] * 64, dtype=dt, device=dev)
-    rows["decode"] = time_point(res, "decode_t32_k32", pt, ops={**ops, **PLAN_OPS}, flops_rank=16)
+    rows["decode"] = with_floor(res, time_point(res, "decode_t32_k32", pt, ops={**ops, **PLAN_OPS}, flops_rank=16),
+                                pt, "cpu", rows["copy_gbs"])
     if not quick:  # the rest of the grid: decode with fewer deltas, prefill with fewer or more
         for k in (1, 8):
             pt = Point(n, n, [i % k for i in range(32)], [16] * 64, dtype=dt, device=dev)
@@ -181,15 +217,20 @@ def run_cpu(res, quick: bool) -> dict:
     for tag, layout, num_slots, active in (("", "packed", 64, list(range(32))),
                                            ("_regions", "regions", 64, list(range(32))),
                                            ("_scattered2k", "scattered", many, list(range(3, many, many // 32))[:32])):
-        base = delta = 0.0
+        base = delta = floor = 0.0
         for proj, n_in, n_out in PROJ_CPU:
             pt = Point(n_in, n_out, active, [16] * num_slots, dtype=dt, device=dev, seed=n_out, layout=layout,
                        num_slots=num_slots, max_rank=16)
             r = time_point(res, f"decode7{tag}_{proj}", pt, ops=ops, flops_rank=16, loop=False,
                            extra={"layout": layout, "resident": num_slots})
             base, delta = base + r["base_ms"], delta + r["cpu_ms"]
+            floor += bytes_lora(pt) / (rows["copy_gbs"] * 1e9) * 1e3
         rows[f"decode7{tag}_overhead"] = delta / base
-        res.write({"point": f"decode7{tag}_total", "base_ms": base, "cpu_ms": delta, "cpu_overhead": delta / base})
+        rows[f"decode7{tag}_floor_ratio"] = delta / floor
+        res.write({"point": f"decode7{tag}_total", "base_ms": base, "cpu_ms": delta, "cpu_overhead": delta / base,
+                   "floor_ms": floor, "floor_ratio": delta / floor, "copy_gbs": rows["copy_gbs"]})
+        print(f"  decode7{tag}: delta work {delta:.3f} ms, floor {floor:.3f} ms = x{delta / floor:.2f}; base "
+              f"{base:.3f} ms", flush=True)
 
     # other kinds, decode and prefill, on the q_proj shape
     for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
@@ -266,7 +307,7 @@ def run_cuda(res, quick: bool) -> dict:
     dt, dev = torch.bfloat16, "cuda"
     ops = {"triton": triton_add_lora, "cpu": cpu.cpu_add_lora}
     peak = peak_bandwidth_gbs()
-    rows = {}
+    rows = {"copy_gbs": copy_bandwidth(res, dev)}
     n = 4096
     points = [(f"t64_k{k}", [i % k for i in range(64)]) for k in (1, 8, 32, 64)]
     points += [("decode_t32_k32", list(range(32))), ("decode_t256_k64", [i % 64 for i in range(256)]),
@@ -279,6 +320,8 @@ def run_cuda(res, quick: bool) -> dict:
                        extra={"bytes": bytes_lora(pt)})
         gbs = r["bytes"] / (r["triton_ms"] * 1e-3) / 1e9
         r["triton_gbs"], r["triton_peak_frac"] = gbs, (gbs / peak if peak else None)
+        if name.startswith("decode"):
+            with_floor(res, r, pt, "triton", rows["copy_gbs"])
         res.write({"point": f"{name}_bandwidth", "triton_gbs": gbs, "peak_gbs": peak,
                    "triton_peak_frac": r["triton_peak_frac"]})
         print(f"  {name}: triton {gbs:.0f} GB/s = {r['triton_peak_frac'] or 0:.2%} of peak {peak}", flush=True)
@@ -331,6 +374,7 @@ def main() -> None:
                     decode7_overhead=rows["decode7_overhead"],
                     prefill_overhead=rows["prefill_t2048_k32"]["triton_overhead"],
                     decode_peak_bw_frac=rows["decode_t32_k32"]["triton_peak_frac"],
+                    copy_gbs=rows["copy_gbs"], decode_floor_ratio=rows["decode_t32_k32"]["floor_ratio"],
                     prefill_peak_bw_frac=rows["prefill_t2048_k32"]["triton_peak_frac"],
                     rank_mix_vs_64=rows["rank_mix_vs_64"],
                     dora_overhead_vs_lora=rows["dora_decode"]["dora_overhead_vs_lora"],
@@ -346,6 +390,8 @@ def main() -> None:
                     decode_speedup_vs_loop=rows["decode"]["loop_ms"] / rows["decode"]["cpu_ms"],
                     decode7_overhead=rows["decode7_overhead"], decode7_regions_overhead=rows["decode7_regions_overhead"],
                     decode7_scattered2k_overhead=rows["decode7_scattered2k_overhead"],
+                    copy_gbs=rows["copy_gbs"], decode_floor_ratio=rows["decode"]["floor_ratio"],
+                    decode7_floor_ratio=rows["decode7_regions_floor_ratio"],
                     prefill_overhead=rows["prefill"]["cpu_overhead"],
                     prefill_speedup_vs_loop=rows["prefill"]["loop_ms"] / rows["prefill"]["cpu_ms"],
                     rank_mix_vs_64=rows["rank_mix_vs_64"],

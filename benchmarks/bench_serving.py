@@ -37,7 +37,9 @@ import argparse
 import asyncio
 import math
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -123,12 +125,15 @@ async def create_tenants(address: str, admin_key: str, names: list[str]) -> list
 
 
 async def upload(address: str, keys: list[str], refs: list[DeltaRef], payloads: dict) -> dict:
-    """Upload ``refs`` (payloads[name] = Payload) with bounded concurrency; returns sizes and time."""
+    """Upload ``refs`` (payloads[name] = Payload) with bounded concurrency, one upload per tenant at a time (the
+    server refuses a tenant's third concurrent upload: ``max_uploads_per_tenant`` defaults to 2, and uploads of
+    different sizes finishing out of order put three of one tenant in flight); returns sizes and time."""
     sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+    per_tenant = {t: asyncio.Semaphore(1) for t in {r.tenant for r in refs}}
     t0 = time.perf_counter()
     async with AsyncClient(address, timeout=CALL_TIMEOUT_S) as c:
         async def one(ref: DeltaRef):
-            async with sem:
+            async with per_tenant[ref.tenant], sem:
                 p = payloads[ref.name]
                 v = await c.with_key(keys[ref.tenant]).upload(ref.name, p.data, description=p.recipe,
                                                    labels={"recipe": p.recipe, "source": p.source_format})
@@ -236,7 +241,14 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", help="results folder (default benchmarks/results, or BENCH_RESULTS_DIR)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--verbose", "-v", action="store_true", help="print every metrics cross-check")
+    p.add_argument("--py-spy", metavar="FILE", help="record the server process with py-spy (collapsed stacks, "
+                   "every thread) into FILE and print where its CPU samples went (benchmarks/load/profile.py)")
     args = p.parse_args(argv)
+    if args.py_spy and args.server:
+        p.error("--py-spy records the server this benchmark starts; not with --server")
+    if args.py_spy and shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                     os.environ.get("PATH", "")])) is None:
+        p.error("--py-spy needs the py-spy executable (pip install py-spy; it is in the dev extras)")
     if args.server and not args.api_key:
         p.error("--server needs --api-key (an admin key: the benchmark creates its own tenants)")
     try:
@@ -255,6 +267,14 @@ def parse_args(argv=None):
     return args, s
 
 
+def start_py_spy(pid: int, out: str) -> subprocess.Popen:
+    """py-spy sampling ``pid`` at 40 Hz without pausing it (``--nonblocking``: the pauses would be counted as
+    serving time), one stack per thread, collapsed-stack text into ``out``; it stops when the process exits."""
+    exe = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    return subprocess.Popen([exe, "record", "-p", str(pid), "-r", "40", "--nonblocking", "--threads", "-f", "raw",
+                             "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def model_dir(args, data_dir: Path) -> Path:
     if args.model:
         return Path(args.model)
@@ -268,7 +288,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-") as tmp:
         data_dir = Path(tmp)
         mdir = model_dir(args, data_dir)
-        server = None
+        server = spy = None
         if args.server:
             address, admin_key, metrics_url = args.server, args.api_key, args.metrics_url or ""
         else:
@@ -291,6 +311,8 @@ def main(argv=None) -> int:
             if server is not None:
                 server.wait_ready()
                 address, admin_key, metrics_url = server.address, server.admin_key, server.metrics_url
+                if args.py_spy:
+                    spy = start_py_spy(server.pid, args.py_spy)
             label = f"{'quick' if args.quick else 'full'}-{'model' if args.model else args.shape}"
             settings = {**asdict(s), "quick": args.quick, "label": label,
                         "model": args.model or f"random llama, shape {args.shape}, layers {args.layers or 4}",
@@ -329,6 +351,12 @@ def main(argv=None) -> int:
         finally:
             if server is not None and server.stop() != 0:
                 print(f"server exited with status {server.exit_code}; log tail:\n{server.log_tail()}", file=sys.stderr)
+            if spy is not None:
+                spy.wait(timeout=60)  # py-spy writes its file once the process it records has exited
+                from load.profile import read, report
+
+                with open(args.py_spy) as f:
+                    print(f"py-spy profile of the server ({args.py_spy}):\n{report(read(f))}", flush=True)
     results.summary(**summary)
     return 0 if summary["errors"] == 0 and summary["metrics_check"] in ("pass", "skipped") else 1
 

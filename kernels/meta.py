@@ -125,6 +125,24 @@ class DeltaKernelMeta:
     def all_tokens_active(self) -> bool:
         return self.num_active_tokens == self.num_tokens
 
+    def restrict(self, slots: frozenset[int]) -> "DeltaKernelMeta":
+        """This step's meta with only the tokens of ``slots`` active; every other token as slot -1, so an op
+        leaves it alone. ``self`` when ``slots`` covers every active slot; otherwise built on first use and kept
+        here, so every layer of the step asking for the same set shares one (a layer's BitFit rows, say, of 3
+        of the step's 32 deltas: the bias add then touches those tokens, not 29 slots' zero rows)."""
+        if all(s in slots for s in self.active_slots_host):
+            return self
+        cache = self.__dict__.setdefault("_restricted", {})
+        hit = cache.get(slots)
+        if hit is None:
+            host = [-1] * self.num_tokens
+            for a, b, s in self.runs_host:
+                if s in slots:
+                    host[a:b] = [s] * (b - a)
+            hit = cache[slots] = DeltaKernelMeta.build(
+                torch.tensor(host, dtype=torch.int32).to(self.token_slots.device), host)
+        return hit
+
     # Index tensors the CPU backend needs, built on first use and shared by every layer of the step.
     @cached_property
     def active_token_ids(self) -> torch.Tensor:

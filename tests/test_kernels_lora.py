@@ -285,3 +285,34 @@ def test_separate_row_tensors_for_a_and_b(plan):
     with on("triton"):
         kernels.add_lora(out, x, pages, meta)
     assert_close(out, expected, **FP32_TOL, what="triton")
+
+
+@pytest.mark.parametrize("slots", [[4], [2, 2, 2], [0, 3], [1, -1, 0, 0, 2], [-1, 3, -1]])
+def test_few_runs_take_the_runs_plan(slots):
+    # Up to plans.FEW_RUNS same-slot runs the runs plan beats the grouped plan's fixed cost whatever the run
+    # lengths (one request decoding on a delta: one token, one run, at every wrapped layer)
+    pools = lora_pools(5, 40, 24, [16, 1, 64, 4, 8])
+    x, y = torch.randn(len(slots), 40), torch.randn(len(slots), 24)
+    meta = DeltaKernelMeta.build(slots_tensor(slots))
+    assert choose_plan(meta) == "runs"
+    out = y.clone()
+    cpu_add_lora(out, x, _pages(pools), meta)
+    assert_close(out, ref_add_lora(y, x, *_args(pools), slots), **FP32_TOL, what=f"slots={slots}")
+
+
+def test_pages_are_checked_once_and_activations_every_call():
+    pools = lora_pools(3, 24, 40, [8, 4, 16])
+    pages = _pages(pools)
+    meta = DeltaKernelMeta.build(slots_tensor([0, 2]))
+    x, y = torch.randn(2, 24), torch.randn(2, 40)
+    kernels.add_lora(y, x, pages, meta)  # passes: its pages are not checked again for this dtype and width
+    with pytest.raises(ValueError, match="x has shape"):
+        kernels.add_lora(y, torch.randn(2, 23), pages, meta)  # the activations still are, every call
+    with pytest.raises(ValueError, match="meta is for 2 tokens"):
+        kernels.add_lora(torch.randn(3, 40), torch.randn(3, 24), pages, meta)
+    with pytest.raises(ValueError, match="pages.a_rows .* dtype"):
+        kernels.add_lora(y.half(), x.half(), pages, meta)  # another dtype: the pages are checked for that one
+    bad = LoraPages(pages.a_rows, pages.b_rows, pages.start, pages.rank[:2], pages.scale, pages.max_rank)
+    for _ in range(2):  # a failed check is not remembered as passed
+        with pytest.raises(ValueError, match="pages.start"):
+            kernels.add_lora(y, x, bad, meta)

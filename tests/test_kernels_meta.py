@@ -160,3 +160,25 @@ def test_unknown_backend_in_environment_fails_at_import():
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert "DELTASERVE_KERNELS='fast'" in proc.stderr and "auto, triton, cpu" in proc.stderr
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("num_tokens, num_deltas", [(1, 1), (17, 3), (64, 8), (37, 5)])
+def test_restrict_keeps_only_the_given_slots(pattern, num_tokens, num_deltas):
+    slots = slot_ids(num_tokens, num_deltas, pattern, pool_slots=40, seed=num_tokens, none_fraction=0.25)
+    meta = DeltaKernelMeta.build(slots_tensor(slots), slots)
+    active = meta.active_slots_host
+    assert meta.restrict(frozenset(active)) is meta  # every active slot: the step's own meta
+    assert meta.restrict(frozenset(active) | {99}) is meta
+    keep = frozenset(active[::2])
+    sub = meta.restrict(keep)
+    masked = [s if s in keep else -1 for s in slots]
+    want = DeltaKernelMeta.build(slots_tensor(masked), masked)
+    assert sub.token_slots.tolist() == masked
+    for name in ("num_tokens", "no_delta", "active_slots_host", "seg_start_host", "num_active_tokens", "max_seg_len",
+                 "runs_host"):
+        assert getattr(sub, name) == getattr(want, name), name
+    assert sub.sorted_token_ids.tolist() == want.sorted_token_ids.tolist()
+    assert meta.restrict(keep) is sub  # built once per step and set: every layer asking shares it
+    none = meta.restrict(frozenset())
+    assert none.no_delta and none.num_tokens == num_tokens

@@ -183,3 +183,22 @@ def test_mul_rows_triton_large_on_gpu(num_tokens, dtype):
     with on("triton"):
         kernels.mul_rows(t, _pages(vec), meta)
     assert_close(t, expected, **TOLERANCES[dtype], what=f"cuda {dtype} T={num_tokens}")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 17, 64])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_row_ops_on_a_restricted_meta_touch_only_those_slots(num_tokens, pattern):
+    # A layer whose bias (or (IA)3 vector) only some of the step's slots have passes meta.restrict(those): the
+    # other slots' tokens are left exactly as they were (no zero rows added, no ones multiplied).
+    slots, bias, y = _bias_case(num_tokens, 5, pattern, 40, torch.float32, seed=num_tokens, device=DEVICE)
+    meta = DeltaKernelMeta.build(slots_tensor(slots, DEVICE))
+    keep = frozenset(meta.active_slots_host[1::2])
+    masked = [s if s in keep else -1 for s in slots]
+    untouched = [i for i, s in enumerate(masked) if s < 0]
+    for name in BACKENDS:
+        for op, ref in ((kernels.add_bias, ref_add_bias), (kernels.mul_rows, ref_mul_rows)):
+            out = y.clone()
+            with on(name):
+                op(out, _pages(bias), meta.restrict(keep))
+            assert_close(out, ref(y, bias, masked), atol=1e-6, rtol=1e-6, what=f"{name} {op.__name__} {slots}")
+            assert torch.equal(out[untouched], y[untouched]), (name, op.__name__)

@@ -30,7 +30,8 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, me
     for s in work:
         if acts[s] not in ACT_FNS:
             raise ValueError(f"add_bottleneck: act[{s}] = {acts[s]} is not an activation code (0..3)")
-    plan = choose_plan(meta, grouped_ok=grouped.bottleneck_ok(u, pages.down_rows, pages.up_rows), dtype=y.dtype)
+    plan = choose_plan(meta, grouped_ok=lambda: grouped.bottleneck_ok(u, pages.down_rows, pages.up_rows),
+                       dtype=y.dtype)
     if plan == "grouped":
         grouped.grouped_bottleneck(y, u, pages, widths, starts, acts, work, meta)
         return

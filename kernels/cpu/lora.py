@@ -26,8 +26,10 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
     def one_group() -> bool:
         return len(work) == meta.num_active and len({gather.rank_group(ranks[s]) for s in work}) == 1
 
-    plan = choose_plan(meta, padded_ok=one_group, grouped_ok=grouped.lora_ok(x, pages.a_rows, pages.b_rows),
-                       dtype=y.dtype)
+    def grouped_ok() -> bool:
+        return grouped.lora_ok(x, pages.a_rows, pages.b_rows)
+
+    plan = choose_plan(meta, padded_ok=one_group, grouped_ok=grouped_ok, dtype=y.dtype)
     if plan == "grouped":
         grouped.grouped_lora(y, x, pages, ranks, starts, work, meta)
     elif plan == "padded":
@@ -35,11 +37,13 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
         _padded(y, x, pages, meta, rmax, all(ranks[s] == rmax for s in work))
     elif plan == "runs":
         scales = gather.active_values(pages.scale, meta)
+        whole = len(meta.runs_host) == 1 and meta.all_tokens_active  # one run of every token: no row slices
         for a, b, s in meta.runs_host:
             r = ranks[s]
             if r:
                 st = starts[s]
-                _rows(y[a:b], x[a:b], pages.a_rows[st:st + r], pages.b_rows[st:st + r], scales[s])
+                _rows(y if whole else y[a:b], x if whole else x[a:b], pages.a_rows[st:st + r],
+                      pages.b_rows[st:st + r], scales[s])
     elif plan == "segments":
         _segments(y, x, pages, gather.active_values(pages.scale, meta), ranks, starts, meta)
     else:

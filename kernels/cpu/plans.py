@@ -15,6 +15,12 @@ RUN_MIN_TOKENS = 4
 """Average run (or segment) length from which per-run matmuls beat the gathered bmm: one run costs
 ~15 us of launches on 2 cores, one gathered token ~5 us at in=out=1024, r=16."""
 
+FEW_RUNS = 3
+"""Up to this many same-slot runs the runs plan wins whatever their length: the grouped plan's fixed cost
+(token groups, offsets, two grouped_mm) is ~120 us against ~35 us a run (rank 8, 576 -> 576, one thread: 1 run
+69 vs 120 us, 3 runs 127 vs 150, 4 runs 157 vs 170, 8 runs 290 vs 217). Decode of one or a few requests on a
+delta (the 30-layer one-request point of bench_engine) is this case at every wrapped module."""
+
 PAD_MAX_WASTE = 2
 """padded plan: used while padding every slot's segment to the longest at most doubles the rows."""
 
@@ -43,18 +49,19 @@ def choose_plan(meta: DeltaKernelMeta, *, padded_ok=False, grouped_ok: bool | No
     """The plan for this call. ``padded_ok``: the active slots form one rank group (``gather.groups``), a bool
     or a callable asked only when the choice gets that far (it costs a pass over the slots);
     ``grouped_ok``: whether the grouped plan can run on the call's tensors (``grouped.lora_ok``; None:
-    whether it runs on CPU fp32); it is picked unforced only for ``grouped.PREFERRED_DTYPES``."""
+    whether it runs on CPU fp32), a bool or a callable asked only when the choice gets that far; it is picked
+    unforced only for ``grouped.PREFERRED_DTYPES``."""
     if grouped_ok is None:
         grouped_ok = GROUPED_CPU_FP32
     if _forced:
         forced = _forced[-1]
-        if (forced == "padded" and not _ask(padded_ok)) or (forced == "grouped" and not grouped_ok):
+        if (forced == "padded" and not _ask(padded_ok)) or (forced == "grouped" and not _ask(grouped_ok)):
             return "gather"
         return forced
     n = meta.num_active_tokens
-    if len(meta.runs_host) * RUN_MIN_TOKENS <= n:
+    if len(meta.runs_host) <= FEW_RUNS or len(meta.runs_host) * RUN_MIN_TOKENS <= n:
         return "runs"
-    if grouped_ok and dtype in grouped.PREFERRED_DTYPES:
+    if dtype in grouped.PREFERRED_DTYPES and _ask(grouped_ok):
         return "grouped"
     if meta.num_active * meta.max_seg_len <= PAD_MAX_WASTE * n and _ask(padded_ok):
         return "padded"

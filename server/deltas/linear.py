@@ -24,6 +24,9 @@ LoRA on a 4096 x 4096 fp16 projection holds 16 * 8192 * 2 = 256 KiB here, a rank
 Each kind runs only when a slot active in this step has it at this layer, decided from host-side sets (no
 device sync). Neutral rows (rank 0, bias 0, scale 1) make every other token exact: ``y + 0.0 == y`` and
 ``y * 1.0 == y`` in IEEE arithmetic, so base-only tokens match the bare model bit for bit even in a mixed step.
+The one-row terms (bias, (IA)3) run on the step's meta restricted to the slots that have them here
+(``meta.restrict``, shared by every layer with the same set): a bias of 3 of a step's 32 deltas adds 3 slots'
+rows, not 29 zero rows besides.
 """
 from __future__ import annotations
 
@@ -57,6 +60,18 @@ INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "bias_row": 0, "out_scale_row": 0
               "ad_up_bias_row": 0, "ad_act": 0,
               "dora_row": 0, "dora_flag": 0, **{f"ad_width{i}": 0 for i in range(len(ADAPTER_SOURCES))}}
 FLOAT_FIELDS = {"lora_scale": 0.0, **{f"ad_scale{i}": 0.0 for i in range(len(ADAPTER_SOURCES))}}
+
+
+def _meta_for(meta: kernels.DeltaKernelMeta, has: set[int]) -> kernels.DeltaKernelMeta | None:
+    """None when no slot active in this step has the term at this layer; else the step's meta restricted to the
+    tokens of the slots that have it (``meta.restrict``: shared by every layer with the same set this step), so
+    a one-row term (bias, (IA)3) never adds zero rows or multiplies by ones for the other slots' tokens."""
+    if not has:
+        return None
+    mine = [s for s in meta.active_slots_host if s in has]
+    if not mine:
+        return None
+    return meta if len(mine) == meta.num_active else meta.restrict(frozenset(mine))
 
 
 def linear_features(layer: torch.nn.Module) -> tuple[int, int]:
@@ -277,21 +292,24 @@ class DeltaLinear(torch.nn.Module):
         batch.check_tokens(x2.shape[0], self.path)
         active = meta.active_slots_host
         has = self.has
-        if has["in_scale"] and any(s in has["in_scale"] for s in active):
+        in_meta = _meta_for(meta, has["in_scale"])
+        if in_meta is not None:
             x_in = x2.clone()  # the shared input feeds q/k/v too: never scale it in place
-            kernels.mul_rows(x_in, self.row_pages("in_scale"), meta)
+            kernels.mul_rows(x_in, self.row_pages("in_scale"), in_meta)
             y = self.base(x_in.view(x.shape))
         else:
             y = self.base(x)
         y2 = y.view(-1, self.out_features)  # [num_tokens, out]; base outputs are fresh, contiguous tensors
-        if has["out_scale"] and any(s in has["out_scale"] for s in active):
-            kernels.mul_rows(y2, self.row_pages("out_scale"), meta)
+        out_meta = _meta_for(meta, has["out_scale"])
+        if out_meta is not None:
+            kernels.mul_rows(y2, self.row_pages("out_scale"), out_meta)
         if has["lora"] and any(s in has["lora"] for s in active):
             kernels.add_lora(y2, x2.contiguous(), self.lora_pages(), meta)
         if has["dora"] and any(s in has["dora"] for s in active):  # after the LoRA add, before the bias deltas
             kernels.scale_shift_rows(y2, self.dora_pages(), meta)
-        if has["bias"] and any(s in has["bias"] for s in active):
-            kernels.add_bias(y2, self.row_pages("bias"), meta)
+        bias_meta = _meta_for(meta, has["bias"])
+        if bias_meta is not None:
+            kernels.add_bias(y2, self.row_pages("bias"), bias_meta)
         sources = [i for i, has_i in enumerate(self.has_adapter) if has_i and any(s in has_i for s in active)]
         if sources:
             adapters.apply(self, y2, sources, meta)

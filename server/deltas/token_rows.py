@@ -153,6 +153,8 @@ class DeltaHead(_RowsWrapper):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.base(h)  # [..., vocab]
+        if not self.has:  # no resident delta has head rows: skip building the head rows' meta (one per step)
+            return logits
         meta = self.batch.head_meta
         if not self._active(meta):
             return logits

@@ -1,0 +1,136 @@
+"""bench_serving's saturation workload replayed in-process: what the engine alone makes of the served mix.
+
+    python benchmarks/replay_serving.py --shape cpu      # ~3 min on 2 CPU cores
+    python benchmarks/replay_serving.py --shape demo --deltas 4 --requests 8 --rounds 1   # seconds
+
+Same model (a random Llama of ``--shape``, the demo builder), same deltas (the first ``--deltas`` recipes of
+``load/payloads.py``, built with PEFT and imported through a DeltaStore as an upload would be), same requests
+(``load/workload.make_plan`` with bench_serving's settings: log-normal prompts of 8-192 tokens, outputs of 4-64,
+uniform popularity), but no server: every request is queued at once and ``Engine.step`` runs until all finish,
+each step timed on this process's CPU clock (one torch thread), the base model alone on the same requests
+in each round. ``ratio_vs_base`` against bench_serving's ``cpu_ratio_vs_base`` at the same delta count is what
+the served path (gRPC, asyncio, detokenizing, metrics, threads) costs on top of the engine (docs/PROFILE.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
+os.environ.setdefault("DELTASERVE_KERNELS", "cpu")  # the CPU serving path, as bench_serving's server runs
+
+import torch  # noqa: E402
+
+from common import Results  # noqa: E402
+from load.models import SHAPES  # noqa: E402
+from load.workload import OUTPUT_LEN, PROMPT_LEN, DeltaRef, WorkloadConfig, as_base, make_plan  # noqa: E402
+
+
+def build(shape: str, num_deltas: int, tmp: Path):
+    """(engine, {delta name: key}, vocab) for a random Llama of ``shape`` with ``num_deltas`` resident deltas."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from delta_store.store import DeltaStore
+    from load.payloads import DeltaFactory, recipe_mix
+    from server.app import store_config
+    from server.config import ServerConfig
+    from server.deltas import wrap_model
+    from server.deltas.residency import Residency
+    from server.demo import build_demo_model
+    from server.engine import Engine, ModelRunner
+
+    mdir = build_demo_model(tmp / "model", **SHAPES[shape])
+    factory = DeltaFactory(mdir)
+    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(mdir)
+    cfg = ServerConfig(data_dir=str(tmp / "data"), max_bottleneck=64, kv_blocks=4096, max_model_len=2048)
+    dm = wrap_model(model, max_slots=cfg.max_running, max_rank=cfg.max_rank, max_bottleneck=cfg.max_bottleneck,
+                    max_tokens=cfg.max_batch_tokens)
+    limits, settings = store_config(cfg, pin_host_memory=False)
+    store = DeltaStore.open(tmp / "data", dm.spec, limits, settings)
+    tenant, _key = store.tenants.create("replay")
+    refs = [DeltaRef(0, f"w{i:03d}-{r}", r) for i, r in enumerate(recipe_mix(num_deltas))]
+    keys = {}
+    for k, ref in enumerate(refs):
+        path = tmp / f"{ref.name}.bin"
+        path.write_bytes(factory.build(ref.kind, seed=1000 + k).data)  # bench_serving's seeds
+        keys[ref.name] = store.put(tenant, ref.name, path).key
+    deltas = {key: store.load_key(key) for key in keys.values()}
+    residency = Residency(dm, deltas.__getitem__, 2 * sum(dm.footprint(d) for d in deltas.values()))
+    futures = [residency.request(key, notify=True) for key in deltas]
+    while not all(f.done() for f in futures):  # every delta resident before timing, as bench_serving's warm-up
+        time.sleep(0.001)
+        residency.step()
+    engine = Engine(cfg, ModelRunner(dm, tokenizer, cfg), residency)
+    return engine, keys, refs, factory.spec.vocab_size, store
+
+
+def serve(engine, plan, keys: dict, tag: str) -> tuple[float, int]:
+    """All of ``plan`` queued at once, stepped to the end: (CPU seconds, generated tokens)."""
+    from server.types import GenerationRequest, SamplingParams
+
+    for p in plan:
+        engine.add_request(GenerationRequest(f"{tag}-{p.index}", "replay", p.prompt,
+                                             SamplingParams(max_new_tokens=p.max_new_tokens, temperature=0,
+                                                            ignore_eos=True),
+                                             delta=keys[p.delta] if p.delta else None))
+    cpu_s, tokens = 0.0, 0
+    while engine.scheduler.has_work():
+        t0 = time.process_time()
+        outs = engine.step()
+        cpu_s += time.process_time() - t0
+        tokens += sum(len(o.token_ids) for o in outs)
+    return cpu_s, tokens
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    ap.add_argument("--deltas", type=int, default=32, help="distinct deltas (bench_serving's top sweep point)")
+    ap.add_argument("--requests", type=int, default=48, help="requests per phase (bench_serving --quick: 48)")
+    ap.add_argument("--rounds", type=int, default=2, help="base / deltas pairs; the median of each is taken")
+    ap.add_argument("--out-dir", help="results folder (default benchmarks/results, or BENCH_RESULTS_DIR)")
+    args = ap.parse_args(argv)
+    if args.deltas < 1 or args.requests < 1 or args.rounds < 1:
+        ap.error("--deltas, --requests and --rounds must be >= 1")
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    torch.set_num_threads(1)  # CPU time of one thread: what a neighbour's load cannot inflate
+    torch.set_grad_enabled(False)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="deltaserve-replay-") as tmp:
+        engine, keys, refs, vocab, store = build(args.shape, args.deltas, Path(tmp))
+        try:
+            cfg = WorkloadConfig(rate=1000.0, duration_s=60.0, max_requests=args.requests, popularity="uniform",
+                                 num_deltas=args.deltas, prompt_len=PROMPT_LEN, output_len=OUTPUT_LEN,
+                                 vocab_size=vocab, seed=3)  # bench_serving's saturation plan seed
+            plan = make_plan(cfg, refs)
+            res = Results(__file__, {**vars(args), "clock": "process_cpu_time", "threads": 1}, out_dir=args.out_dir)
+            serve(engine, plan[:8], keys, "warm")  # first-call paths, allocator
+            tps = {"base": [], "deltas": []}
+            for r in range(args.rounds):
+                for variant, p in (("base", as_base(plan)), ("deltas", plan)):
+                    cpu_s, tokens = serve(engine, p, keys, f"{variant}{r}")
+                    tps[variant].append(tokens / cpu_s)
+                    res.write({"phase": f"{variant}_{r}", "variant": variant, "tokens": tokens, "cpu_s": cpu_s,
+                               "tok_per_cpu_s": tokens / cpu_s})
+                    print(f"{variant:6s} round {r}: {tokens / cpu_s:8.1f} tok/CPU-s ({tokens} tokens)", flush=True)
+            ratio = statistics.median(tps["deltas"]) / statistics.median(tps["base"])
+            res.write({"phase": "summary", "ratio_vs_base": ratio, "tok_per_cpu_s": tps})
+        finally:
+            engine.residency.close()
+            store.close()
+            torch.set_num_threads(threads)
+            torch.set_grad_enabled(grad)
+    res.summary(ratio_vs_base=ratio, num_deltas=args.deltas, shape=args.shape, wall_s=time.perf_counter() - t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
