@@ -146,11 +146,14 @@ def test_zip_bomb_writes_at_most_a_small_multiple_of_its_size(tmp_path, spec):
         def watch():
             while not stop.is_set():
                 total = 0
-                for p in (store.data_dir / "tmp").rglob("*"):
-                    try:
-                        total += p.stat().st_size if p.is_file() else 0
-                    except FileNotFoundError:
-                        pass
+                # os.walk skips a folder removed under it (rglob raised, which ended this watcher
+                # early and let the peak read low)
+                for root, _dirs, files in os.walk(store.data_dir / "tmp"):
+                    for name in files:
+                        try:
+                            total += os.stat(os.path.join(root, name)).st_size
+                        except FileNotFoundError:
+                            pass
                 peak[0] = max(peak[0], total)
 
         watcher = threading.Thread(target=watch)
