@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from benchmarks.bench_model import PROJECTIONS, build_model, random_lora_delta  # noqa: E402
-from benchmarks.common import Results  # noqa: E402
+from benchmarks.common import Results, step_clock, timed_once  # noqa: E402
 from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta  # noqa: E402
 from delta_store.records import DeltaKey  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
@@ -144,17 +144,11 @@ class Bench:
                                                    kernels=kernels.current_backend(torch.zeros(1, device=self.device)),
                                                    threads=torch.get_num_threads()))
         self._peft = None
-        self.clock = time.perf_counter if self.device.type == "cuda" else time.process_time
+        self.clock = step_clock(self.device)
         self.res.settings["clock"] = "wall" if self.device.type == "cuda" else "process_cpu_time"
 
     def timed(self, fn) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = self.clock()
-        fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return self.clock() - t0
+        return timed_once(fn, self.device, self.clock)
 
     # ---- the engine --------------------------------------------------------------------------
     def serve(self, requests: list[tuple[float, GenerationRequest]]) -> tuple[float, int]:

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from benchmarks.bench_model import build_model, random_lora_delta  # noqa: E402
-from benchmarks.common import Results  # noqa: E402
+from benchmarks.common import Results, step_clock, timed_once  # noqa: E402
 from delta_store.delta import Delta  # noqa: E402
 from delta_store.prompt import PromptPart  # noqa: E402
 from delta_store.records import DeltaKey  # noqa: E402
@@ -98,7 +98,7 @@ class Bench:
             self.slots.step()
         for f in futures:
             f.result()
-        self.clock = time.perf_counter if self.device.type == "cuda" else time.process_time
+        self.clock = step_clock(self.device)
         self.res = Results(__file__, settings=dict(
             quick=args.quick, layers=args.layers, dtype=str(self.dtype), hidden=spec.hidden_size,
             virtual_tokens=VIRTUAL_TOKENS, kernels=kernels.current_backend(torch.zeros(1, device=self.device)),
@@ -113,13 +113,7 @@ class Bench:
         return engine, steps
 
     def timed(self, fn) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = self.clock()
-        fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return self.clock() - t0
+        return timed_once(fn, self.device, self.clock)
 
     def serve(self, engine: Engine, requests: list[tuple[float, GenerationRequest]]) -> dict:
         """Serve (arrival s, request) pairs on the virtual clock: makespan, tokens, TTFT per request."""

@@ -38,6 +38,21 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize()
 
 
+def step_clock(device: torch.device) -> Callable[[], float]:
+    """The clock of the virtual-time engine benchmarks: wall time on CUDA (the device works while the CPU
+    waits), this process's CPU time on the CPU (a shared 2-core box moves wall time by up to 2x)."""
+    return time.perf_counter if torch.device(device).type == "cuda" else time.process_time
+
+
+def timed_once(fn: Callable[[], object], device: torch.device, clock: Callable[[], float]) -> float:
+    """Seconds one call of ``fn`` takes on ``clock``, the device synchronised on both sides."""
+    sync(device)
+    t0 = clock()
+    fn()
+    sync(device)
+    return clock() - t0
+
+
 def _flush_l2(device: torch.device) -> None:
     # 256 MB exceeds every current L2 (H100: 50 MB, H200: 60 MB), so no sample starts cache-warm.
     buf = _L2_FLUSH.get(device)
