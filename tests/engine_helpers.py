@@ -84,9 +84,10 @@ class FakeResidency:
 
 
 def run_engine(engine: Engine, requests: list[GenerationRequest], per_step: int = 2, limit_s: float = 60.0,
-               logprobs: dict[str, list[float]] | None = None):
+               logprobs: dict[str, list[float]] | None = None, added: dict | None = None):
     """Submit ``per_step`` requests before each step; step until all finish. Returns request_id -> tokens;
-    ``logprobs`` (a dict) collects request_id -> the sampled tokens' logprobs of requests that asked for them."""
+    ``logprobs`` (a dict) collects request_id -> the sampled tokens' logprobs of requests that asked for them;
+    ``added`` (a dict) collects request_id -> what ``engine.add_request`` returned for it."""
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     finished: set[str] = set()
     pending = list(requests)
@@ -95,7 +96,10 @@ def run_engine(engine: Engine, requests: list[GenerationRequest], per_step: int 
         assert time.monotonic() < deadline, f"engine stalled: {len(finished)}/{len(requests)} finished"
         for _ in range(per_step):
             if pending:
-                engine.add_request(pending.pop(0))
+                req = pending.pop(0)
+                handle = engine.add_request(req)
+                if added is not None:
+                    added[req.request_id] = handle
         outs = engine.step()
         for o in outs:
             tokens[o.request_id].extend(o.token_ids)
@@ -136,27 +140,10 @@ def run_engine_logits(engine: Engine, requests: list[GenerationRequest], per_ste
     (tokens, [steps, vocab] logits the engine sampled them from)."""
     import torch
 
-    rows: dict[str, object] = {}
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    finished: set[str] = set()
-    pending = list(requests)
-    deadline = time.monotonic() + limit_s
-    while len(finished) < len(requests):
-        assert time.monotonic() < deadline, f"engine stalled: {len(finished)}/{len(requests)} finished"
-        for _ in range(per_step):
-            if pending:
-                req = pending.pop(0)
-                rows[req.request_id] = engine.add_request(req).row
-        outs = engine.step()
-        for o in outs:
-            tokens[o.request_id].extend(o.token_ids)
-            if o.finish_reason is not None:
-                assert o.finish_reason in ("eos", "length"), o
-                finished.add(o.request_id)
-        if not outs:
-            time.sleep(0.002)
+    added: dict[str, object] = {}
+    tokens = run_engine(engine, requests, per_step, limit_s, added=added)
     rec = engine.runner.logits
-    return {rid: (tokens[rid], torch.stack(rec[id(row)])) for rid, row in rows.items()}
+    return {rid: (tokens[rid], torch.stack(rec[id(handle.row)])) for rid, handle in added.items()}
 
 
 def residency_for(dm, deltas: dict, hold: int | None = None):
