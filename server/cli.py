@@ -24,10 +24,10 @@ import os
 import sys
 from pathlib import Path
 
-from .admin_key import key_path
+from .cli_keys import default_data_dir, key_works, local_key_file, local_key_files
+from .terminal import Progress, TextOut
 
 DEFAULT_SERVER = "127.0.0.1:50051"
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
 ENV_VARS = (
     ("DELTASERVE_SERVER", f"gRPC HOST:PORT of the server for client commands (default {DEFAULT_SERVER})"),
     ("DELTASERVE_API_KEY", "tenant API key for client commands"),
@@ -44,58 +44,17 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
-def default_data_dir() -> Path:
-    from .config import ServerConfig
-
-    return Path(os.environ.get("DELTASERVE_DATA_DIR", ServerConfig().data_dir))
-
-
-def _local_key_files(args) -> list[Path]:
-    """Where a server on this machine keeps its admin key, in the order tried: DELTASERVE_DATA_DIR's, the
-    data dir the server on that port noted (server/discovery.py), ./.deltaserve's. Empty for a remote server."""
-    host, _, port = args.server.rpartition(":")
-    if host not in LOCAL_HOSTS:
-        return []
-    from .discovery import data_dir_of
-
-    dirs = []
-    if os.environ.get("DELTASERVE_DATA_DIR"):
-        dirs.append(Path(os.environ["DELTASERVE_DATA_DIR"]))
-    noted = data_dir_of(int(port)) if port.isdigit() else None
-    if noted is not None:
-        dirs.append(noted)
-    dirs.append(default_data_dir())
-    return list(dict.fromkeys(key_path(d) for d in dirs))
-
-
-def _local_key_file(args) -> Path | None:
-    """The key file :func:`_api_key` reads when no key is given: the first of those that exists."""
-    return next((f for f in _local_key_files(args) if f.is_file()), None)
-
-
 def _api_key(args) -> str:
     """--api-key / DELTASERVE_API_KEY; else, for a server on this machine, the admin key of its data dir:
     DELTASERVE_DATA_DIR's, the one the server on that port noted (server/discovery.py), ./.deltaserve's."""
     if args.api_key:
         return args.api_key
-    key_file = _local_key_file(args)
+    key_file = local_key_file(args)
     if key_file is not None:
         return key_file.read_text().strip()
-    tried = [str(f) for f in _local_key_files(args)]
+    tried = [str(f) for f in local_key_files(args)]
     where = f" (looked in {', '.join(tried)})" if tried else ""
     raise CliError(f"no API key: pass --api-key or set DELTASERVE_API_KEY{where}")
-
-
-def _key_works(client, key: str) -> bool:
-    import grpc
-
-    try:
-        client.with_key(key).list_deltas(page_size=1)
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-            return False
-        raise
-    return True
 
 
 def _client(args):
@@ -104,53 +63,7 @@ def _client(args):
     return Client(args.server, _api_key(args), timeout=args.timeout)
 
 
-# ---- model text on a terminal ---------------------------------------------------------------------
-_KEEP = {"\n", "\t"}
-
-
-def visible(text: str) -> str:
-    """Control characters (C0, DEL, C1) but newline and tab as escapes: ``\\x1b[2J`` is shown, not run."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch not in _KEEP and (code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0):
-            out.append(f"\\x{code:02x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-class TextOut:
-    """Writes model text to stdout as it streams; made visible on a terminal, as is otherwise."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-
-    def write(self, text: str) -> None:
-        self.stream.write(visible(text) if self.tty else text)
-        self.stream.flush()
-
-
 # ---- upload ---------------------------------------------------------------------------------------
-class Progress:
-    """``upload name: [#####.....] 52% 1.3/2.5 MB`` on stderr, redrawn in place on a terminal."""
-
-    def __init__(self, label: str, stream=sys.stderr):
-        self.label, self.stream = label, stream
-        self.tty = stream.isatty()
-
-    def update(self, done: int, total: int) -> None:
-        total = max(1, total)
-        if not self.tty and done < total:
-            return
-        frac = min(1.0, done / total)
-        bar = "#" * int(frac * 30) + "." * (30 - int(frac * 30))
-        end = "\n" if done >= total else ""
-        self.stream.write(f"\rupload {self.label}: [{bar}] {frac:4.0%} {done / 1e6:.1f}/{total / 1e6:.1f} MB{end}")
-        self.stream.flush()
-
-
 def cmd_upload(args) -> int:
     labels = {}
     for item in args.label:
@@ -321,12 +234,12 @@ def cmd_tenants(args) -> int:
         elif args.action == "rotate-key":
             # The local key file follows a rotation that revoked the key it holds (an admin rotating their own
             # key, maybe with another admin's): known by asking the server before and after.
-            key_file = _local_key_file(args)
+            key_file = local_key_file(args)
             held = key_file.read_text().strip() if key_file is not None else ""
-            held_worked = bool(held) and _key_works(client, held)
+            held_worked = bool(held) and key_works(client, held)
             key = client.rotate_key(args.name)
             print(f"tenant={args.name} api_key={key}")
-            if held_worked and not _key_works(client, held):
+            if held_worked and not key_works(client, held):
                 from .admin_key import write_key
 
                 print(f"updated the key file {write_key(key_file.parent, key)}")

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from server import cli
+from server.terminal import TextOut, visible
 from server_harness import Served, chat_model_dir, peft_lora, upload
 
 
@@ -47,16 +48,16 @@ def test_help_shows_defaults_version_and_environment(capsys):
 
 
 def test_visible_escapes_control_characters():
-    assert cli.visible("a\x1b[2Jb\x07\n\tc\x7f\x9b") == "a\\x1b[2Jb\\x07\n\tc\\x7f\\x9b"
-    assert cli.visible("héllo ✓") == "héllo ✓"
+    assert visible("a\x1b[2Jb\x07\n\tc\x7f\x9b") == "a\\x1b[2Jb\\x07\n\tc\\x7f\\x9b"
+    assert visible("héllo ✓") == "héllo ✓"
 
     class Tty(io.StringIO):
         def isatty(self):
             return True
 
     tty, pipe = Tty(), io.StringIO()
-    cli.TextOut(tty).write("x\x1b]0;title\x07")
-    cli.TextOut(pipe).write("x\x1b]0;title\x07")
+    TextOut(tty).write("x\x1b]0;title\x07")
+    TextOut(pipe).write("x\x1b]0;title\x07")
     assert tty.getvalue() == "x\\x1b]0;title\\x07" and pipe.getvalue() == "x\x1b]0;title\x07"
 
 
