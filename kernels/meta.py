@@ -121,6 +121,11 @@ class DeltaKernelMeta:
     def num_active(self) -> int:
         return len(self.active_slots_host)
 
+    @cached_property
+    def active_key(self) -> tuple[int, ...]:
+        """The active slots as a tuple: what callers key per-set decisions on (equal across steps with one set)."""
+        return tuple(self.active_slots_host)
+
     @property
     def all_tokens_active(self) -> bool:
         return self.num_active_tokens == self.num_tokens

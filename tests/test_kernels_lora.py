@@ -4,6 +4,9 @@ pages packed, scattered, in fragmented rank-bucket regions or reversed, and NaN 
 CPU plans one by one."""
 from __future__ import annotations
 
+import contextlib
+import re
+
 import pytest
 import torch
 
@@ -316,3 +319,47 @@ def test_pages_are_checked_once_and_activations_every_call():
     for _ in range(2):  # a failed check is not remembered as passed
         with pytest.raises(ValueError, match="pages.start"):
             kernels.add_lora(y, x, bad, meta)
+
+
+def test_checks_after_a_passing_call_still_refuse_bad_activations():
+    """The public op takes a short path once a pages object has passed (kernels/_checks.py); a later call with bad
+    activations or a meta of another step still gets the full checks' ValueError."""
+    pools = lora_pools(2, 24, 24, [4, 4], max_rank=16)
+    p = _pages(pools, "packed")
+    meta = DeltaKernelMeta.build(slots_tensor([0, 1, -1]))
+    with on("cpu"):
+        kernels.add_lora(torch.randn(3, 24), torch.randn(3, 24), p, meta)  # passes: p is remembered
+        for y, x, m, frag in [
+            (torch.randn(3, 24), torch.randn(3, 23), meta, "x has shape [3, 23]"),
+            (torch.randn(3, 24), torch.randn(3, 24).half(), meta, "torch.float16"),
+            (torch.randn(3, 24), torch.randn(24, 3).t(), meta, "unit stride"),
+            (torch.randn(3, 24), torch.randn(3, 24), DeltaKernelMeta.build(slots_tensor([0, 1])), "meta is for 2"),
+            (torch.randn(3, 24).double(), torch.randn(3, 24).double(), meta, "torch.float64"),
+            (torch.randn(3, 24), torch.randn(3, 24), "meta", "meta must be a DeltaKernelMeta"),
+        ]:
+            with pytest.raises(ValueError, match=re.escape(frag)):
+                kernels.add_lora(y, x, p, m)
+
+
+def _with_host(p: LoraPages) -> LoraPages:
+    """``p`` with live host mirrors of its tables (as the server's layers hand them: kernels.pages.HOST_MIRRORS)."""
+    host = {"start": p.start.tolist(), "rank": p.rank.tolist(), "scale": p.scale.tolist()}
+    return LoraPages(p.a_rows, p.b_rows, p.start, p.rank, p.scale, p.max_rank, host=host)
+
+
+@pytest.mark.parametrize("plan", (None,) + plans.PLANS)
+@pytest.mark.parametrize("num_tokens", [1, 5, 33])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_host_mirrors_give_the_same_result_as_the_tables(plan, num_tokens, pattern):
+    """Reading a slot's rank, start and scale from the host mirror (the few-runs fast path and every plan) gives the
+    result the device tables give, bit for bit, and the reference's within fp32 rounding."""
+    slots, pools, x, y = _case(num_tokens, 6, pattern, 40, 24, torch.float32, device="cpu", seed=5)
+    expected = ref_add_lora(y, x, *_args(pools), slots)
+    meta = DeltaKernelMeta.build(slots_tensor(slots))
+    p = _pages(pools, LAYOUTS[num_tokens % len(LAYOUTS)])
+    y_tables, y_host = y.clone(), y.clone()
+    with force_plan(plan) if plan else contextlib.nullcontext():
+        cpu_add_lora(y_tables, x, p, meta)
+        cpu_add_lora(y_host, x, _with_host(p), meta)
+    assert torch.equal(y_host, y_tables)
+    assert_close(y_host, expected, **FP32_TOL, what=f"host mirrors, plan {plan}")

@@ -20,13 +20,13 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, me
     tensors, or an activation code outside ``ACT_CODES``, is a ValueError."""
     if meta.no_delta or pages.max_width == 0:
         return
-    widths = gather.active_values(pages.width, meta)
+    widths = gather.active_values(pages, "width", meta)
     work = [s for s in meta.active_slots_host if widths[s] > 0]
     if not work:
         return
-    starts = gather.active_values(pages.start, meta)
+    starts = gather.active_values(pages, "start", meta)
     gather.check_runs("add_bottleneck", "width", starts, widths, work, pages.down_rows.shape[0])
-    acts = gather.active_values(pages.act, meta)
+    acts = gather.active_values(pages, "act", meta)
     for s in work:
         if acts[s] not in ACT_FNS:
             raise ValueError(f"add_bottleneck: act[{s}] = {acts[s]} is not an activation code (0..3)")
@@ -35,9 +35,9 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, me
     if plan == "grouped":
         grouped.grouped_bottleneck(y, u, pages, widths, starts, acts, work, meta)
         return
-    scales = gather.active_values(pages.scale, meta)
+    scales = gather.active_values(pages, "scale", meta)
     if plan in ("runs", "segments"):
-        ub_rows = gather.active_values(pages.up_bias_row, meta)
+        ub_rows = gather.active_values(pages, "up_bias_row", meta)
     if plan == "runs":
         for a, b, s in meta.runs_host:
             m = widths[s]

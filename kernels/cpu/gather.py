@@ -14,8 +14,15 @@ SMALL_TABLE = 64
 of resident deltas) are gathered at the step's active slots first."""
 
 
-def active_values(t: torch.Tensor, meta: DeltaKernelMeta) -> dict[int, int | float]:
-    """{slot: t[slot]} for the step's active slots, as Python numbers."""
+def active_values(pages, name: str, meta: DeltaKernelMeta):
+    """slot -> ``pages.<name>[slot]`` as Python numbers for the step's active slots: the pages' live host mirror
+    (a list indexed by slot, ``kernels.pages.HOST_MIRRORS``) when it has one, else a dict read from the tensor."""
+    host = pages.host
+    if host is not None:
+        mirror = host.get(name)
+        if mirror is not None:
+            return mirror
+    t = getattr(pages, name)
     active = meta.active_slots_host
     if t.numel() <= SMALL_TABLE:
         vals = t.tolist()

@@ -44,6 +44,11 @@ def force_plan(plan: str):
         _forced.pop()
 
 
+def plan_forced() -> bool:
+    """Whether a ``force_plan`` block is active (the ops' few-runs fast path then defers to ``choose_plan``)."""
+    return bool(_forced)
+
+
 def choose_plan(meta: DeltaKernelMeta, *, padded_ok=False, grouped_ok: bool | None = None,
                 dtype: torch.dtype = torch.float32) -> str:
     """The plan for this call. ``padded_ok``: the active slots form one rank group (``gather.groups``), a bool

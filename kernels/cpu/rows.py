@@ -25,7 +25,7 @@ def cpu_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     if meta.no_delta:
         return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:
-        rows = active_values(pages.row, meta)
+        rows = active_values(pages, "row", meta)
         for a, b, s in meta.runs_host:
             add_slice(y[a:b], f32(pages.rows[rows[s]]), 1.0)
         return
@@ -38,7 +38,7 @@ def cpu_mul_rows(t: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     if meta.no_delta:
         return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:
-        rows = active_values(pages.row, meta)
+        rows = active_values(pages, "row", meta)
         for a, b, s in meta.runs_host:
             v = pages.rows[rows[s]]
             if t.dtype == torch.float32:

@@ -75,7 +75,10 @@ def pages(rows, hidden: int, w_out: int, source: int, max_width: int) -> kernels
     table, f = rows.arenas["adapter"].rows, rows.fields
     return kernels.AdapterPages(table[:, :hidden], table[:, w_out:w_out + hidden], table[:, 2 * w_out],
                                 rows.arenas["vec_out"].rows[:, :hidden], f.view("ad_start"), f.view("ad_up_bias_row"),
-                                f.view(f"ad_width{source}"), f.view(f"ad_scale{source}"), f.view("ad_act"), max_width)
+                                f.view(f"ad_width{source}"), f.view(f"ad_scale{source}"), f.view("ad_act"), max_width,
+                                host={"start": f.host["ad_start"], "up_bias_row": f.host["ad_up_bias_row"],
+                                      "width": f.host[f"ad_width{source}"], "scale": f.host[f"ad_scale{source}"],
+                                      "act": f.host["ad_act"]})
 
 
 def apply(layer, y: torch.Tensor, sources: list[int], meta) -> None:

@@ -62,16 +62,37 @@ INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "bias_row": 0, "out_scale_row": 0
 FLOAT_FIELDS = {"lora_scale": 0.0, **{f"ad_scale{i}": 0.0 for i in range(len(ADAPTER_SOURCES))}}
 
 
-def _meta_for(meta: kernels.DeltaKernelMeta, has: set[int]) -> kernels.DeltaKernelMeta | None:
-    """None when no slot active in this step has the term at this layer; else the step's meta restricted to the
-    tokens of the slots that have it (``meta.restrict``: shared by every layer with the same set this step), so
-    a one-row term (bias, (IA)3) never adds zero rows or multiplies by ones for the other slots' tokens."""
-    if not has:
-        return None
-    mine = [s for s in meta.active_slots_host if s in has]
-    if not mine:
-        return None
-    return meta if len(mine) == meta.num_active else meta.restrict(frozenset(mine))
+ALL = "all"  # a step plan's "every active slot has the term": the step's meta as is, nothing restricted
+
+
+class StepPlan:
+    """What one layer runs for one set of active slots, decided once from the host sets and reused by every step
+    with the same active slots until the layer's terms change (decode steps usually repeat their set). Each
+    one-row term holds ``ALL``, the frozenset of the active slots that have it here (its tokens only: the step's
+    meta restricted, ``meta.restrict``), or None (nothing to run). Per wrapped module at T = 1 this replaced
+    three set scans, two ``any`` over the active slots and a list over the adapter sources per step."""
+
+    __slots__ = ("in_scale", "out_scale", "lora", "dora", "bias", "sources")
+
+    def __init__(self, layer: "DeltaLinear", active: list[int]):
+        def which(has: set[int]):
+            mine = frozenset(s for s in active if s in has) if has else frozenset()
+            return None if not mine else (ALL if len(mine) == len(active) else mine)
+
+        h = layer.has
+        self.in_scale, self.out_scale, self.bias = which(h["in_scale"]), which(h["out_scale"]), which(h["bias"])
+        self.lora = bool(h["lora"]) and any(s in h["lora"] for s in active)
+        self.dora = bool(h["dora"]) and any(s in h["dora"] for s in active)
+        self.sources = tuple(i for i, has_i in enumerate(layer.has_adapter) if has_i and any(s in has_i for s in active))
+
+    @property
+    def empty(self) -> bool:
+        return not (self.lora or self.dora or self.sources) and self.in_scale is None and self.out_scale is None \
+            and self.bias is None
+
+
+def _sub(meta: kernels.DeltaKernelMeta, which) -> kernels.DeltaKernelMeta:
+    return meta if which is ALL else meta.restrict(which)
 
 
 def linear_features(layer: torch.nn.Module) -> tuple[int, int]:
@@ -105,6 +126,8 @@ class DeltaLinear(torch.nn.Module):
         self._widths: Counter = Counter()
         self._pages: dict[str, tuple] = {}  # kind -> (key, pages) rebuilt when arenas or fields move
         self._dora_base_sq: torch.Tensor | None = None  # ||W_o||^2 [out], on the first DoRA delta
+        self._terms_version = 0  # bumped by place/clear: step plans decided before are stale
+        self._plan: tuple | None = None  # (active slots, terms version, StepPlan or None) of the last step
         self.tap: ResidualTap | None = None  # set on residual-site output modules
 
     @classmethod
@@ -208,7 +231,8 @@ class DeltaLinear(torch.nn.Module):
 
     # ---- the step loop's writes (between forwards) -------------------------------------------
     def place(self, slot: int, staged: Staged, capacity: int) -> None:
-        self.clear(slot, keep_neutrals=True)  # the install's demand counted on this layer's neutral rows
+        self.clear(slot, keep_neutrals=True)
+        self._terms_version += 1  # the install's demand counted on this layer's neutral rows
         values = {k: v for k, v in staged.values.items() if k != "ad_source"}
         self.rows.place(slot, staged.rows, capacity, **values)
         for kind in ("lora", "bias", "out_scale", "in_scale", "dora"):
@@ -224,6 +248,7 @@ class DeltaLinear(torch.nn.Module):
     def clear(self, slot: int, *, keep_neutrals: bool = False) -> None:
         if slot not in self.rows.cells:
             return
+        self._terms_version += 1
         host = self.rows.fields.host
         if slot in self.has["lora"]:
             self._drop(self._ranks, host["lora_rank"][slot])
@@ -257,7 +282,9 @@ class DeltaLinear(torch.nn.Module):
             rows, f = self.rows.arenas["lora"].rows, self.rows.fields
             return kernels.LoraPages(rows[:, :self.in_features], rows[:, self.w_in:self.w_in + self.out_features],
                                      f.view("lora_start"), f.view("lora_rank"), f.view("lora_scale"),
-                                     max(self._ranks, default=0))
+                                     max(self._ranks, default=0),
+                                     host={"start": f.host["lora_start"], "rank": f.host["lora_rank"],
+                                           "scale": f.host["lora_scale"]})
         return self._cached("lora", ("lora",), max(self._ranks, default=0), build)
 
     def row_pages(self, kind: str) -> kernels.RowPages:
@@ -265,7 +292,8 @@ class DeltaLinear(torch.nn.Module):
             spec = TERMS[kind]
             rows = self.rows.arenas[spec.arena].rows
             n = self.in_features if spec.arena == "vec_in" else self.out_features
-            return kernels.RowPages(rows[:, :n], self.rows.fields.view(spec.field))
+            return kernels.RowPages(rows[:, :n], self.rows.fields.view(spec.field),
+                                    host={"row": self.rows.fields.host[spec.field]})
         return self._cached(kind, (TERMS[kind].arena,), 0, build)
 
     def adapter_pages(self, source: int) -> kernels.AdapterPages:
@@ -281,38 +309,45 @@ class DeltaLinear(torch.nn.Module):
                                            f.view("dora_row"), f.view("dora_flag"))
         return self._cached("dora", ("dora",), 0, build)
 
+    def step_plan(self, meta: kernels.DeltaKernelMeta) -> StepPlan | None:
+        """This layer's plan for the step's active slots (None: no active slot has a term here), kept while the
+        active slots and the layer's terms stay the same."""
+        key = meta.active_key
+        hit = self._plan
+        if hit is not None and hit[1] == self._terms_version and hit[0] == key:
+            return hit[2]
+        plan = StepPlan(self, meta.active_slots_host)
+        plan = None if plan.empty else plan
+        self._plan = (key, self._terms_version, plan)
+        return plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.batch
         meta = batch.meta
-        if meta.no_delta:
+        plan = None if meta.no_delta else self.step_plan(meta)
+        if plan is None:  # no token of this step has a term here: the bare layer
             if self.tap is not None:
                 self.tap.h = self.tap.normed = None
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)  # [num_tokens, in]
         batch.check_tokens(x2.shape[0], self.path)
-        active = meta.active_slots_host
-        has = self.has
-        in_meta = _meta_for(meta, has["in_scale"])
-        if in_meta is not None:
+        if plan.in_scale is not None:
             x_in = x2.clone()  # the shared input feeds q/k/v too: never scale it in place
-            kernels.mul_rows(x_in, self.row_pages("in_scale"), in_meta)
+            kernels.mul_rows(x_in, self.row_pages("in_scale"), _sub(meta, plan.in_scale))
             y = self.base(x_in.view(x.shape))
         else:
             y = self.base(x)
         y2 = y.view(-1, self.out_features)  # [num_tokens, out]; base outputs are fresh, contiguous tensors
-        out_meta = _meta_for(meta, has["out_scale"])
-        if out_meta is not None:
-            kernels.mul_rows(y2, self.row_pages("out_scale"), out_meta)
-        if has["lora"] and any(s in has["lora"] for s in active):
+        if plan.out_scale is not None:
+            kernels.mul_rows(y2, self.row_pages("out_scale"), _sub(meta, plan.out_scale))
+        if plan.lora:
             kernels.add_lora(y2, x2.contiguous(), self.lora_pages(), meta)
-        if has["dora"] and any(s in has["dora"] for s in active):  # after the LoRA add, before the bias deltas
+        if plan.dora:  # after the LoRA add, before the bias deltas
             kernels.scale_shift_rows(y2, self.dora_pages(), meta)
-        bias_meta = _meta_for(meta, has["bias"])
-        if bias_meta is not None:
-            kernels.add_bias(y2, self.row_pages("bias"), bias_meta)
-        sources = [i for i, has_i in enumerate(self.has_adapter) if has_i and any(s in has_i for s in active)]
-        if sources:
-            adapters.apply(self, y2, sources, meta)
+        if plan.bias is not None:
+            kernels.add_bias(y2, self.row_pages("bias"), _sub(meta, plan.bias))
+        if plan.sources:
+            adapters.apply(self, y2, list(plan.sources), meta)
         if self.tap is not None:  # drop the references: one residual per site alive would cost 2*L*T*h
             self.tap.h = self.tap.normed = None
         return y

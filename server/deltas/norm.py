@@ -110,7 +110,8 @@ class DeltaNorm(torch.nn.Module):
         arena, f = self.rows.arenas["vec"], self.rows.fields
         key = (arena.version, f.version)
         if self._pages is None or self._pages[0] != key:
-            self._pages = (key, kernels.RowPages(arena.rows[:, :self.features], f.view("bias_row")))
+            self._pages = (key, kernels.RowPages(arena.rows[:, :self.features], f.view("bias_row"),
+                                                          host={"row": f.host["bias_row"]}))
         return self._pages[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

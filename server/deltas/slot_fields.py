@@ -8,7 +8,13 @@ the layer from reading the device back.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
+
+
+def _fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 class SlotFields:
@@ -58,7 +64,8 @@ class SlotFields:
     def set(self, slot: int, **values) -> None:
         """Write fields of one slot: the host mirror, then the slot's column of each tensor in one copy."""
         for name, value in values.items():
-            self.host[name][slot] = value
+            # The mirror holds what the device holds: fp32 fields rounded to fp32 (kernels.pages.HOST_MIRRORS).
+            self.host[name][slot] = _fp32(value) if name in self.float_names else value
         if any(n in values for n in self.int_names):
             self._ints[:, slot].copy_(torch.tensor([self.host[n][slot] for n in self.int_names], dtype=torch.int32))
         if any(n in values for n in self.float_names):
