@@ -70,8 +70,8 @@ class Metrics:
         self.in_flight = Gauge("deltaserve_requests_in_flight", "Generate calls being served.", ["tenant"], registry=r)
         self.e2e = Histogram("deltaserve_request_latency_seconds", "End-to-end Generate latency, arrival to last token.",
                              ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("deltaserve_time_to_first_token_seconds", "Arrival to first generated token.",
-                              ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("deltaserve_time_to_first_token_seconds", "Receipt of the request (RPC or HTTP) "
+                              "to its first generated token.", ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("deltaserve_time_per_output_token_seconds", "Mean time per generated token after the "
                               "first.", ["tenant"], buckets=STEP_BUCKETS, registry=r)
         self.queue_wait = Histogram("deltaserve_queue_wait_seconds", "Arrival to first scheduling step.",

@@ -67,7 +67,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     delta: DeltaKey | None = None  # None = the base model alone
-    arrival_time: float = 0.0  # time.monotonic() at submission; filled by the engine if 0
+    arrival_time: float = 0.0  # time.monotonic() when the server received it (the edge sets it); the engine's if 0
 
 
 @dataclass(slots=True)

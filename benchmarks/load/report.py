@@ -74,8 +74,9 @@ def cross_check(records: list[Record], before: Scrape, after: Scrape, *, rel: fl
     """Compare the client's figures with the server's histograms over the same phase.
 
     Counts must match exactly (every finished request observed once). Means compare the same
-    quantity measured at two ends: the client's TTFT also holds the gRPC hop, authentication and
-    delta resolution that precede the engine's arrival stamp, hence a tolerance of ``rel`` of the
+    quantity measured at two ends: the client's TTFT also holds the gRPC hop and the wait for the handler
+    to run (the server stamps arrival at the handler's entry, before authentication and delta resolution,
+    since a loaded box once held those worker threads for ~300 ms), hence a tolerance of ``rel`` of the
     value or ``abs_s`` seconds, whichever is larger (100 ms: a thread hop on a 2-core box shared by
     several jobs has been seen to take tens of ms; a histogram in the wrong unit is off by 1000x).
     The server's per-request timings (sent on the last chunk) must sum to the histogram's sum to 1%:
