@@ -84,10 +84,11 @@ def pages(rows, hidden: int, w_out: int, source: int, max_width: int) -> kernels
 def apply(layer, y: torch.Tensor, sources: list[int], meta) -> None:
     """``y[t] += BN_slot(src_t)`` for every token whose slot has an adapter of one of ``sources`` here;
     ``y`` [num_tokens, h], in place."""
-    # Every source reads y *before* any adapter adds to it; cloning also keeps the kernel's
-    # input and output from aliasing.
+    # Every source reads y *before* any adapter adds to it: with several sources a copy of y is their input; one
+    # source reads y itself (the op's ``u`` may be its ``y``: both backends read a row before writing it), which
+    # saves a [T, h] copy per adapter site per step.
     tap = layer.tap
-    y_before = y.clone()  # [num_tokens, h]
+    y_before = y.clone() if len(sources) > 1 else y  # [num_tokens, h]
     inputs = []
     for i in sources:
         src = ADAPTER_SOURCES[i]

@@ -271,7 +271,8 @@ class DeltaLinear(torch.nn.Module):
         """The pages object ``name``, rebuilt when one of its ``arenas`` relayouts, the slot table grows or the
         host bound on its ranks (widths) changes; otherwise the same object every step."""
         r = self.rows
-        key = (tuple(r.arenas[a].version for a in arenas), r.fields.version, bound)
+        ar = r.arenas
+        key = (ar[arenas[0]].version, ar[arenas[1]].version if len(arenas) > 1 else -1, r.fields.version, bound)
         hit = self._pages.get(name)
         if hit is None or hit[0] != key:
             hit = self._pages[name] = (key, build())
