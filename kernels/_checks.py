@@ -123,6 +123,12 @@ def check_lora(y, x, pages, meta, op: str = "add_lora") -> None:
 
 
 def check_bottleneck(y, u, pages, meta, op: str = "add_bottleneck") -> None:
+    if (type(pages) is AdapterPages and type(meta) is DeltaKernelMeta and isinstance(y, torch.Tensor)
+            and isinstance(u, torch.Tensor) and y.dim() == 2 and u.dim() == 2
+            and _PASSED.get(pages) == (op, y.dtype, y.device, y.shape[1]) and u.shape == y.shape
+            and u.dtype == y.dtype and y.shape[0] == meta.num_tokens and y.stride(1) == 1 and u.stride(1) == 1
+            and u.device == y.device == meta.token_slots.device):
+        return  # the short path, as _passed_lora
     if not isinstance(pages, AdapterPages):
         raise ValueError(f"{op}: pages must be a kernels.AdapterPages, got {type(pages).__name__}")
     t_, h_ = expect(op, "y", y, (None, None), FLOAT_DTYPES, None, contiguous=False)
@@ -146,6 +152,10 @@ def check_bottleneck(y, u, pages, meta, op: str = "add_bottleneck") -> None:
 
 
 def check_rows_op(op: str, tname: str, t, pages, meta) -> None:
+    if (type(pages) is RowPages and type(meta) is DeltaKernelMeta and isinstance(t, torch.Tensor) and t.dim() == 2
+            and _PASSED.get(pages) == (op, t.dtype, t.device, t.shape[1]) and t.shape[0] == meta.num_tokens
+            and t.stride(1) == 1 and t.device == meta.token_slots.device):
+        return  # the short path, as _passed_lora: pages passed for this dtype/device/width, t and meta agree
     if not isinstance(pages, RowPages):
         raise ValueError(f"{op}: pages must be a kernels.RowPages, got {type(pages).__name__}")
     t_, n_ = expect(op, tname, t, (None, None), FLOAT_DTYPES, None, contiguous=False)

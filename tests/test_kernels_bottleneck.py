@@ -3,6 +3,8 @@ exact float64 reference; every activation mixed in one batch, per-slot widths, `
 weights as pages in every layout with NaN in the rows no run owns."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -200,3 +202,17 @@ def test_every_layout_with_nan_in_unowned_rows(layout):
         with on(name):
             kernels.add_bottleneck(out, u, _pages(pools, layout, seed=3), meta)
         assert_close(out, expected, **FP32_TOL, what=f"{name} {layout}")
+
+
+def test_checks_after_a_passing_call_still_refuse_bad_activations():
+    """The short check path once pages have passed (kernels/_checks.py) still refuses bad activations or meta."""
+    slots, pools, y, u = _case(5, 3, "uniform", 24, torch.float32, device="cpu")
+    pages, meta = _pages(pools), DeltaKernelMeta.build(slots_tensor(slots))
+    with on("cpu"):
+        kernels.add_bottleneck(y, u, pages, meta)  # passes: the pages are remembered
+        for yy, uu, m, frag in [(y, torch.randn(5, 23), meta, "u has shape [5, 23]"),
+                                (y, u.half(), meta, "torch.float16"), (y, torch.randn(24, 5).t(), meta, "unit stride"),
+                                (torch.randn(4, 24), torch.randn(4, 24), meta, "meta is for 5"),
+                                (y, u, "meta", "meta must be a DeltaKernelMeta")]:
+            with pytest.raises(ValueError, match=re.escape(frag)):
+                kernels.add_bottleneck(yy, uu, pages, m)

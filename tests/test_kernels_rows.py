@@ -4,6 +4,8 @@ product in fp32 and round once, which is the reference rounded to the dtype, bit
 (``kernels.RowPages``): one row per slot placed anywhere among rows holding NaN."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -202,3 +204,17 @@ def test_row_ops_on_a_restricted_meta_touch_only_those_slots(num_tokens, pattern
                 op(out, _pages(bias), meta.restrict(keep))
             assert_close(out, ref(y, bias, masked), atol=1e-6, rtol=1e-6, what=f"{name} {op.__name__} {slots}")
             assert torch.equal(out[untouched], y[untouched]), (name, op.__name__)
+
+
+@pytest.mark.parametrize("op", ["add_bias", "mul_rows"])
+def test_checks_after_a_passing_call_still_refuse_bad_activations(op):
+    """The short check path once pages have passed (kernels/_checks.py) still refuses a bad tensor or meta."""
+    slots, vec, t = _vec_case(5, 3, "uniform", 24, torch.float32, device="cpu")
+    pages, meta, fn = _pages(vec), DeltaKernelMeta.build(slots_tensor(slots)), getattr(kernels, op)
+    with on("cpu"):
+        fn(t, pages, meta)  # passes: the pages are remembered
+        for bad, m, frag in [(torch.randn(5, 23), meta, "pages.rows"), (torch.randn(4, 24), meta, "meta is for 5"),
+                             (torch.randn(24, 5).t(), meta, "unit stride"), (t.double(), meta, "torch.float64"),
+                             (t, "meta", "meta must be a DeltaKernelMeta")]:
+            with pytest.raises(ValueError, match=re.escape(frag)):
+                fn(bad, pages, m)
