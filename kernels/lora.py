@@ -160,9 +160,9 @@ _expand_tuned = triton.autotune(_EXPAND_CONFIGS, key=["N", "M_HINT", "CAST_FP32"
 def segment_args(meta: DeltaKernelMeta) -> tuple[int, int, int, torch.Tensor]:
     """(segment-axis extent, slot-axis extent, M_HINT, count pointer) of a launch walking ``meta``'s segments:
     this step's counts, or the capacity of a capacity meta (whose count pointer is read on the device; an
-    ordinary meta passes ``active_slots`` there, never read)."""
+    ordinary meta passes ``seg_start`` there, never read)."""
     m_ext = meta.grid_tokens
-    count = meta.num_active_dev if meta.capacity else meta.active_slots
+    count = meta.num_active_dev if meta.capacity else meta.seg_start
     return m_ext, meta.grid_slots, next_pow2(max(m_ext, 1)), count
 
 
@@ -177,7 +177,7 @@ def shrink(x: torch.Tensor, w_rows: torch.Tensor, start: torch.Tensor, rank: tor
     cast = INTERPRET or x.dtype == torch.float32
     m_ext, a_ext, m_hint, count = segment_args(meta)
     args = (x, w_rows, w_bias if w_bias is not None else w_rows, h, start, rank, act if act is not None else rank,
-            meta.sorted_token_ids, meta.active_slots, meta.seg_start, count,
+            *meta.launch_index, count,
             x.shape[1], x.stride(0), w_rows.stride(0), w_bias.stride(0) if w_bias is not None else 0,
             h.stride(0), m_hint)
     flags = dict(HAS_BIAS=w_bias is not None, HAS_ACT=act is not None, CAST_FP32=cast, CAPACITY=meta.capacity)
@@ -202,7 +202,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, w_rows: torch.Tensor, start: torch.
     m_ext, a_ext, m_hint, count = segment_args(meta)
     has_bias = up_bias is not None
     args = (h, w_rows, up_bias if has_bias else w_rows, y, scale, start, rank, up_bias_row if has_bias else start,
-            meta.sorted_token_ids, meta.active_slots, meta.seg_start, count, n_out, h.stride(0), w_rows.stride(0),
+            *meta.launch_index, count, n_out, h.stride(0), w_rows.stride(0),
             up_bias.stride(0) if has_bias else 0, y.stride(0), m_hint)
     flags = dict(HAS_BIAS=has_bias, CAST_FP32=cast, CAPACITY=meta.capacity)
     if y.is_cuda and not INTERPRET:

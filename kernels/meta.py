@@ -54,6 +54,7 @@ class DeltaKernelMeta:
     seg_len: torch.Tensor  # int32 [A]
     capacity_slots: int = 0  # > 0: a capacity meta (module docstring): slot-axis programs of every launch
     num_active_dev: torch.Tensor | None = None  # int32 [1] on the device: A, read by capacity launches
+    capacity_index: tuple | None = None  # a capacity meta: the buffers' whole regions (MetaBuffers.regions)
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, token_slots_host: list[int] | None = None, *,
@@ -133,6 +134,7 @@ class DeltaKernelMeta:
             seg_len=views[3],
             capacity_slots=buffers.max_slots if capacity else 0,
             num_active_dev=count,
+            capacity_index=buffers.regions if capacity else None,
         )
 
     @property
@@ -147,6 +149,15 @@ class DeltaKernelMeta:
     def skippable(self) -> bool:
         """A launcher may return at once: no token has a delta and this is not a capacity meta."""
         return self.no_delta and not self.capacity_slots
+
+    @property
+    def launch_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sorted_token_ids, active_slots, seg_start) as the segment-walking launches read them: for a capacity
+        meta the buffers' whole regions, whose addresses a captured launch keeps even when this step's views
+        are empty (no active slot)."""
+        if self.capacity_index is not None:
+            return self.capacity_index
+        return self.sorted_token_ids, self.active_slots, self.seg_start
 
     @property
     def grid_tokens(self) -> int:
@@ -229,6 +240,8 @@ class MetaBuffers:
         self._offsets = (0, t, t + s, t + 2 * s + 1)  # sorted_token_ids, active_slots, seg_start, seg_len
         self._o_count = t + 3 * s + 1
         self.num_active = self.storage[self._o_count:self._o_count + 1]  # int32 [1] on the device
+        st = self.storage  # whole regions [max_tokens], [max_slots], [max_slots + 1]: what capacity launches read
+        self.regions = (st[:t], st[t:t + s], st[t + s:t + 2 * s + 1])
 
     def fill(self, sorted_ids: torch.Tensor, active: list[int], seg_start: list[int], seg_len: list[int],
              device: torch.device) -> tuple[torch.Tensor, ...]:

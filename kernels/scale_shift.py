@@ -57,8 +57,8 @@ def triton_scale_shift_rows(y: torch.Tensor, pages: ScaleShiftPages, meta: Delta
         return
     n = y.shape[1]
     m_ext, a_ext, m_hint, count = segment_args(meta)
-    args = (y, pages.scale_rows, pages.shift_rows, pages.row, pages.flag, meta.sorted_token_ids, meta.active_slots,
-            meta.seg_start, count, n, y.stride(0), pages.scale_rows.stride(0), pages.shift_rows.stride(0), m_hint)
+    args = (y, pages.scale_rows, pages.shift_rows, pages.row, pages.flag, *meta.launch_index, count, n, y.stride(0),
+            pages.scale_rows.stride(0), pages.shift_rows.stride(0), m_hint)
     if y.is_cuda and not INTERPRET:
         grid = lambda META: (triton.cdiv(m_ext, META["BLOCK_M"]), a_ext,  # noqa: E731
                              triton.cdiv(n, META["BLOCK_N"]))

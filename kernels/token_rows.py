@@ -94,6 +94,6 @@ def triton_head_rows(logits: torch.Tensor, h: torch.Tensor, pages: TokenPages, m
     m_ext, a_ext, _, num_active = segment_args(meta)
     bm = min(64, next_pow2(max(m_ext, 1)))
     grid = (triton.cdiv(m_ext, bm), a_ext, triton.cdiv(pages.max_count, RANK_TILE))
-    _scatter_kernel[grid](logits, dots, pages.ids, pages.id_start, pages.count, meta.sorted_token_ids,
-                          meta.active_slots, meta.seg_start, num_active, logits.stride(0), dots.stride(0),
-                          pages.ids.stride(0), CAPACITY=meta.capacity, BLOCK_M=bm, BLOCK_R=RANK_TILE)
+    _scatter_kernel[grid](logits, dots, pages.ids, pages.id_start, pages.count, *meta.launch_index, num_active,
+                          logits.stride(0), dots.stride(0), pages.ids.stride(0), CAPACITY=meta.capacity, BLOCK_M=bm,
+                          BLOCK_R=RANK_TILE)
