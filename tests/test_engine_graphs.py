@@ -242,7 +242,7 @@ def test_engine_through_the_fixed_buffer_path_equals_eager(arch):
     names = ["d0", None, "d1", "d2", "d3", "d4", "d5", None, "d0", "d3"]
     eager, _ = _run(base, deltas, names, graphs="off", hold=3)
     static, runner = _run(base, deltas, names, graphs="static", hold=3)
-    assert runner.graphs.replays > 0
+    assert runner.graphs.replays > 0 and runner.graphs.plans > 1  # loads and evictions changed the plan mid-run
     for rid, (tokens, logits) in eager.items():
         assert static[rid][0] == tokens, rid
         assert_close(static[rid][1], logits, atol=2e-5, rtol=2e-5, what=rid)

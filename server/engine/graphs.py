@@ -117,7 +117,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self._plan = None
         self.disabled = False
-        self.replays = self.captures = 0  # counters for tests and benchmarks
+        self.replays = self.captures = self.plans = 0  # counters for tests and benchmarks
 
     def fits(self, step) -> bool:
         """A pure decode step (every chunk one token) that fits the largest buckets."""
@@ -139,6 +139,7 @@ class DecodeGraphs:
         if plan != self._plan:  # a layer's op sequence or an address changed: every graph is stale
             self.graphs.clear()
             self._plan = plan
+            self.plans += 1
         g = self.graphs.get((bb, lb))
         fresh = g is None
         if fresh:
