@@ -142,7 +142,7 @@ step bench_serving 130 env ${SERVING_SITE:+PYTHONPATH=$SERVING_SITE:$PYTHONPATH}
 step bench_scale 110 env ${SERVING_SITE:+PYTHONPATH=$SERVING_SITE:$PYTHONPATH} "$PY" benchmarks/bench_scale.py \
     $SCALE_ARGS
 
-# CUDA graphs: last in the full list (the deadline may skip them there); STEPS="graph_tests bench_graphs" runs them alone
+# CUDA graphs: last in the full list (the deadline may skip them); STEPS="graph_tests bench_graphs" runs them alone
 if "$PY" -c "import pytest" 2>/dev/null; then
     step graph_tests 150 "$PY" -m pytest tests/test_engine_graphs.py tests/test_kernels_capacity.py -q \
         -p no:cacheprovider -rs --junitxml="$OUT/graph_tests.xml" -o junit_family=xunit1

@@ -152,7 +152,8 @@ _SHRINK_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_R": RANK_TILE, "BLOCK_K"
                                         (64, 128, 8, 3))]
 _EXPAND_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": RANK_TILE}, num_warps=w, num_stages=2)
                    for bm, bn, w in ((16, 64, 4), (16, 128, 4), (32, 128, 4), (64, 128, 8), (64, 64, 4))]
-_shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["K", "M_HINT", "CAST_FP32", "HAS_ACT", "CAPACITY"])(_shrink_kernel)
+_shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["K", "M_HINT", "CAST_FP32", "HAS_ACT", "CAPACITY"])(
+    _shrink_kernel)
 _expand_tuned = triton.autotune(_EXPAND_CONFIGS, key=["N", "M_HINT", "CAST_FP32", "HAS_BIAS", "CAPACITY"],
                                 restore_value=["y_ptr"])(_expand_kernel)
 

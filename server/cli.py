@@ -297,7 +297,8 @@ def cmd_serve(args) -> int:
                  "catalogue": args.catalogue or env("DELTASERVE_CATALOGUE") or None,
                  "blobs": args.blobs or env("DELTASERVE_BLOBS") or None,
                  "replica_id": args.replica_id or env("DELTASERVE_REPLICA_ID") or None,
-                 "cuda_graphs": args.cuda_graphs if args.cuda_graphs is not None else _env_bool("DELTASERVE_CUDA_GRAPHS")}
+                 "cuda_graphs": (args.cuda_graphs if args.cuda_graphs is not None
+                                 else _env_bool("DELTASERVE_CUDA_GRAPHS"))}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = ServerConfig.from_file(args.config, **overrides) if args.config else ServerConfig.from_dict(overrides)
     return serve(config)

@@ -150,7 +150,7 @@ class ServerConfig:
                               f"got {self.replica_id!r}")
 
     def _check_cuda_graphs(self) -> None:
-        """CUDA graphs capture CUDA work only: a CPU device (named, or ``auto`` on a machine without CUDA) is refused."""
+        """CUDA graphs capture CUDA work only: a CPU device (named, or ``auto`` without CUDA) is refused."""
         device = self.device.strip().lower()
         if device == "auto":
             import torch  # only when the switch is on: the config module stays import-light

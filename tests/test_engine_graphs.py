@@ -124,10 +124,10 @@ def test_prepare_static_refuses_a_step_past_its_bucket():
 
 
 # ---- the layers' fixed op sequence ------------------------------------------------------------------
-def _served(arch: str):
+def _served(arch: str, device: str = "cpu"):
     base = tiny_llama(seed=3) if arch == "llama" else tiny_gpt2(seed=4)
     spec = BaseSpec.from_model(base)
-    dm = wrap_model(copy.deepcopy(base), max_slots=len(KINDS) + 1, max_rank=16, max_bottleneck=16)
+    dm = wrap_model(copy.deepcopy(base).to(device), max_slots=len(KINDS) + 1, max_rank=16, max_bottleneck=16)
     for slot, kinds in enumerate(KINDS):
         dm.set_delta(slot, kinds_delta(spec, 10 + slot, kinds))
     return base, dm
@@ -140,7 +140,7 @@ def _rows_logits(dm, ids: torch.Tensor, slots: list[int], bucket_rows: int | Non
     if bucket_rows is None:
         dm.batch.prepare_sequences(slots, [seq] * rows)
         return dm.model(input_ids=ids).logits
-    padded = torch.cat([ids, torch.zeros(bucket_rows - rows, seq, dtype=ids.dtype)])
+    padded = torch.cat([ids, torch.zeros(bucket_rows - rows, seq, dtype=ids.dtype, device=ids.device)])
     dm.batch.prepare_static([s for s in slots for _ in range(seq)], bucket_rows * seq)
     return dm.model(input_ids=padded).logits[:rows]
 
@@ -164,10 +164,12 @@ def test_static_op_sequence_equals_the_eager_path_with_every_kind(arch):
 
 
 def test_static_op_sequence_through_the_triton_kernels_equals_eager():
-    """The capacity launches inside the model: the Triton kernels (the interpreter here), one decode-like step."""
-    _, dm = _served("llama")
+    """The capacity launches inside the model: the Triton kernels (the interpreter without CUDA), one decode-like
+    step."""
+    device = "cuda" if CUDA else "cpu"
+    _, dm = _served("llama", device)
     slots = [3, 0, -1, 1, 4, 5]
-    ids = torch.randint(12, 200, (len(slots), 1), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(12, 200, (len(slots), 1), generator=torch.Generator().manual_seed(5)).to(device)
     with torch.no_grad(), kernels.backend("triton"):
         eager = _rows_logits(dm, ids, slots, None)
         static = _rows_logits(dm, ids, slots, 8)

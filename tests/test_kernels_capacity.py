@@ -57,6 +57,15 @@ def _metas(num_tokens: int, bucket: int, num_deltas: int, pattern: str, seed: in
     return slots, plain, cap
 
 
+def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Capacity vs today's grid. In the interpreter both run the same tiles in K: bit for bit. On CUDA the
+    autotuner keys on M_HINT (the bucket vs the longest segment) and may pick another K tile: fp32 tolerance."""
+    if DEVICE == "cpu":
+        assert torch.equal(a, b), f"capacity grid differs from today's: {what}"
+    else:
+        assert_close(b, a, **FP32_TOL, what=f"capacity vs today's grid: {what}")
+
+
 def _both(op, out0: torch.Tensor, plain, cap) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = out0.clone(), out0.clone()
     with on("triton"):
@@ -75,7 +84,7 @@ def test_lora_capacity_equals_todays_grid_and_the_reference(num_tokens, bucket, 
     x = torch.randn(bucket, N_IN, generator=g).to(DEVICE)
     y0 = torch.randn(bucket, N_OUT, generator=g).to(DEVICE)
     a, b = _both(lambda y, m: kernels.add_lora(y, x, pages, m), y0, plain, cap)
-    assert torch.equal(a, b), f"capacity grid differs from today's, slots={slots}"
+    _same(a, b, str(slots))
     la, lb = dense_lora(pages)
     assert_close(b, ref_add_lora(y0, x, la, lb, pages.scale, pages.rank, slots), **FP32_TOL, what=str(slots))
     assert torch.equal(b[num_tokens:], y0[num_tokens:])  # the bucket's padding rows stay as they were
@@ -91,7 +100,7 @@ def test_bottleneck_capacity_equals_todays_grid_and_the_reference(num_tokens, bu
     u = torch.randn(bucket, N_OUT, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     y0 = torch.randn(bucket, N_OUT, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     a, b = _both(lambda y, m: kernels.add_bottleneck(y, u, pages, m), y0, plain, cap)
-    assert torch.equal(a, b), f"capacity grid differs from today's, slots={slots}"
+    _same(a, b, str(slots))
     d = dense_bottleneck(pages)
     expected = ref_add_bottleneck(y0, u, d["down"], d["down_bias"], d["up"], d["up_bias"], d["scale"], d["width"],
                                   d["act"], slots)
@@ -145,7 +154,7 @@ def test_token_rows_capacity_equal_todays_and_the_reference(num_tokens, bucket, 
     h = torch.randn(bucket, hidden, generator=g).to(DEVICE)
     logits0 = torch.randn(bucket, vocab, generator=g).to(DEVICE)
     a, b = _both(lambda lg, m: kernels.head_rows(lg, h, pages, m), logits0, plain, cap)
-    assert torch.equal(a, b), f"slots={slots}"
+    _same(a, b, str(slots))
     assert_close(b, ref_head_rows(logits0, h, index, values, count, slots), atol=1e-5, rtol=1e-5, what=str(slots))
 
 
