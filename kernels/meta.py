@@ -112,8 +112,8 @@ class DeltaKernelMeta:
         n_act = len(active)
         count = None
         if buffers is not None:
-            views = buffers.fill(sorted_ids, active, seg_start, seg_len, token_slots.device)
-            count = buffers.num_active
+            views = buffers.fill(sorted_ids, active, seg_start, seg_len, token_slots.device, count=capacity)
+            count = buffers.num_active if capacity else None
         else:  # one host->device copy for all index tensors: [T | A | A+1 | A]
             packed = torch.cat([sorted_ids, torch.tensor(active + seg_start + seg_len, dtype=torch.int32)])
             packed = packed.to(token_slots.device)
@@ -244,8 +244,9 @@ class MetaBuffers:
         self.regions = (st[:t], st[t:t + s], st[t + s:t + 2 * s + 1])
 
     def fill(self, sorted_ids: torch.Tensor, active: list[int], seg_start: list[int], seg_len: list[int],
-             device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Stage the step's indices, copy them to the device once, return the four views."""
+             device: torch.device, *, count: bool = False) -> tuple[torch.Tensor, ...]:
+        """Stage the step's indices, copy them to the device once, return the four views; ``count``: also the
+        number of active slots (a capacity meta's launches read it; ~10 us of host work the eager path skips)."""
         num_tokens, n_act = sorted_ids.numel(), len(active)
         if num_tokens > self.max_tokens:
             raise ValueError(f"MetaBuffers: {num_tokens} tokens exceed max_tokens={self.max_tokens}")
@@ -261,7 +262,8 @@ class MetaBuffers:
         dst[o_act:o_act + n_act].copy_(small[:n_act])
         dst[o_start:o_start + n_act + 1].copy_(small[n_act:2 * n_act + 1])
         dst[o_len:o_len + n_act].copy_(small[2 * n_act + 1:])
-        dst[self._o_count] = n_act
+        if count:
+            dst[self._o_count] = n_act
         if not on_host:
             self.storage.copy_(self._staging)  # blocking: the staging tensor is rewritten next step
         st = self.storage
