@@ -15,6 +15,7 @@ import torch
 import kernels
 from delta_store.base_spec import BaseSpec
 from delta_store.delta import Delta, LoraTerm, ModuleDelta, RowsTerm
+from delta_store.prompt import PromptPart
 from delta_store.records import DeltaKey
 from server.config import ServerConfig
 from server.deltas import wrap_model
@@ -230,18 +231,30 @@ def _run(base, deltas, names, **kw):
         res.close()
 
 
-def _deltas(base, kinds_list):
+def _deltas(base, kinds_list, *, prompts: bool = False):
+    """``d0..``: one delta per kinds set; ``prompts``: also "p0" (5 virtual input embeddings + LoRA) and "p1" (a
+    3-token K/V prefix alone, whose tokens take the layers' no-delta path)."""
     spec = BaseSpec.from_model(base)
-    return {f"d{i}": kinds_delta(spec, 40 + i, kinds, rank=(4, 8, 16)[i % 3]) for i, kinds in enumerate(kinds_list)}
+    out = {f"d{i}": kinds_delta(spec, 40 + i, kinds, rank=(4, 8, 16)[i % 3]) for i, kinds in enumerate(kinds_list)}
+    if prompts:
+        g = torch.Generator().manual_seed(77)
+        p0 = kinds_delta(spec, 78, {"lora"})
+        p0.prompt = PromptPart(embeddings=0.5 * torch.randn(5, spec.hidden_size, generator=g))
+        kv = (spec.num_layers, 3, spec.num_kv_heads, spec.head_dim)
+        p1 = Delta({}, "native", spec.fingerprint, prompt=PromptPart(keys=torch.randn(*kv, generator=g),
+                                                                     values=torch.randn(*kv, generator=g)))
+        out.update(p0=p0, p1=p1)
+    return out
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_engine_through_the_fixed_buffer_path_equals_eager(arch):
-    """Concurrent requests of every kind and none; a budget of 3 of the 6 deltas, so loads and evictions change
-    the layers' plan mid-run (the graphs are rebuilt); every decode step that fits runs the static path."""
+    """Concurrent requests of every kind, prompt deltas and none; a budget of 3 of the 8 deltas, so loads and
+    evictions change the layers' plan mid-run (the graphs are rebuilt); every decode step that fits runs the static
+    path."""
     base = tiny_llama(seed=21) if arch == "llama" else tiny_gpt2(seed=22)
-    deltas = _deltas(base, KINDS)
-    names = ["d0", None, "d1", "d2", "d3", "d4", "d5", None, "d0", "d3"]
+    deltas = _deltas(base, KINDS, prompts=True)
+    names = ["d0", None, "d1", "p0", "d2", "d3", "p1", "d4", "d5", None, "d0", "d3", "p0"]
     eager, _ = _run(base, deltas, names, graphs="off", hold=3)
     static, runner = _run(base, deltas, names, graphs="static", hold=3)
     assert runner.graphs.replays > 0 and runner.graphs.plans > 1  # loads and evictions changed the plan mid-run
@@ -258,8 +271,8 @@ GPU_TOL = {torch.float16: dict(atol=2e-2, rtol=2e-2), torch.bfloat16: dict(atol=
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_graphs_on_equal_graphs_off(dtype):
     base = tiny_llama(seed=31)
-    deltas = _deltas(base, KINDS)
-    names = ["d0", None, "d1", "d2", "d3", "d4", "d5", None, "d0", "d3"]
+    deltas = _deltas(base, KINDS, prompts=True)
+    names = ["d0", None, "d1", "p0", "d2", "d3", "p1", "d4", "d5", None, "d0", "d3", "p0"]
     off, _ = _run(base, deltas, names, graphs="off", device="cuda", dtype=dtype, hold=3)
     on, runner = _run(base, deltas, names, graphs="capture", device="cuda", dtype=dtype, hold=3)
     assert runner.graphs.captures >= 1 and runner.graphs.replays > runner.graphs.captures
