@@ -267,6 +267,21 @@ def test_engine_through_the_fixed_buffer_path_equals_eager(arch):
 GPU_TOL = {torch.float16: dict(atol=2e-2, rtol=2e-2), torch.bfloat16: dict(atol=8e-2, rtol=5e-2)}
 
 
+def _agree(got, want, tol: dict, what: str) -> None:
+    """Graph-on (tokens, logits) against graph-off: logits within ``tol`` step by step and the same tokens, except
+    that a near tie in the graph-off logits (the two tokens within the tolerance) may flip under fp16/bf16
+    rounding; the steps after a flip continue different text and are not compared."""
+    (tokens, logits), (ref_tokens, ref_logits) = got, want
+    assert len(tokens) == len(ref_tokens), what
+    for k, (a, b) in enumerate(zip(tokens, ref_tokens)):
+        assert_close(logits[k], ref_logits[k], **tol, what=f"{what} step {k}")
+        if a != b:
+            gap = float(ref_logits[k][b] - ref_logits[k][a])
+            assert gap <= 2 * tol["atol"] + tol["rtol"] * float(ref_logits[k][b].abs()), \
+                f"{what} step {k}: token {a} vs {b}, not a tie (gap {gap:.3g})"
+            return
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_graphs_on_equal_graphs_off(dtype):
@@ -277,9 +292,8 @@ def test_cuda_graphs_on_equal_graphs_off(dtype):
     on, runner = _run(base, deltas, names, graphs="capture", device="cuda", dtype=dtype, hold=3)
     assert runner.graphs.captures >= 1 and runner.graphs.replays > runner.graphs.captures
     assert not runner.graphs.disabled
-    for rid, (tokens, logits) in off.items():
-        assert on[rid][0] == tokens, rid
-        assert_close(on[rid][1], logits, **GPU_TOL[dtype], what=f"{rid} {dtype}")
+    for rid in off:
+        _agree(on[rid], off[rid], GPU_TOL[dtype], f"{rid} {dtype}")
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
@@ -299,8 +313,7 @@ def test_cuda_graphs_replay_after_a_delta_is_replaced_and_deleted():
                 r.request_id += f"-{round_}"
             got, want = run_engine_logits(eng_on, reqs), run_engine_logits(eng_off, copy.deepcopy(reqs))
             for rid in want:
-                assert got[rid][0] == want[rid][0], (round_, rid)
-                assert_close(got[rid][1], want[rid][1], **GPU_TOL[torch.float16], what=f"round {round_} {rid}")
+                _agree(got[rid], want[rid], GPU_TOL[torch.float16], f"round {round_} {rid}")
             replays.append(runner.graphs.replays)
             for res in (res_on, res_off):  # replace d0 by d2, delete d1
                 res.invalidate(_key("d0"))

@@ -124,10 +124,10 @@ def test_row_ops_capacity_equal_todays_and_the_reference(num_tokens, bucket, num
 def test_scale_shift_capacity_equals_todays_and_the_reference(num_tokens, bucket, num_deltas, pattern):
     slots, plain, cap = _metas(num_tokens, bucket, num_deltas, pattern, seed=num_tokens + 3)
     g = torch.Generator().manual_seed(7)
-    scale = 1 + 0.2 * torch.randn(POOL, N_OUT, generator=g)
-    shift = torch.randn(POOL, N_OUT, generator=g)
-    flag = torch.tensor([s % 3 != 1 for s in range(POOL)], dtype=torch.int32)
-    pages = scale_shift_pages(scale.to(DEVICE), shift.to(DEVICE), flag.to(DEVICE), fill=float("nan"))
+    scale = (1 + 0.2 * torch.randn(POOL, N_OUT, generator=g)).to(DEVICE)
+    shift = torch.randn(POOL, N_OUT, generator=g).to(DEVICE)
+    flag = torch.tensor([s % 3 != 1 for s in range(POOL)], dtype=torch.int32).to(DEVICE)
+    pages = scale_shift_pages(scale, shift, flag, fill=float("nan"))
     y0 = torch.randn(bucket, N_OUT, generator=g).to(DEVICE)
     a, b = _both(lambda y, m: kernels.scale_shift_rows(y, pages, m), y0, plain, cap)
     assert torch.equal(a, b), f"slots={slots}"
@@ -143,14 +143,14 @@ def test_token_rows_capacity_equal_todays_and_the_reference(num_tokens, bucket, 
     index = torch.full((POOL, max_rows), -1, dtype=torch.int64)
     for s, c in enumerate(counts):
         index[s, :c] = torch.randperm(vocab, generator=g)[:c]
-    values = torch.randn(POOL, max_rows, hidden, generator=g)
-    count = torch.tensor(counts, dtype=torch.int32)
-    pages = token_pages(index.to(DEVICE), values.to(DEVICE), count.to(DEVICE))
     ids = torch.tensor([int(index[s, t % counts[s]]) if s >= 0 and counts[s] and t % 2 else t % vocab
                         for t, s in enumerate(slots)], dtype=torch.int64).to(DEVICE)
+    index, values = index.to(DEVICE), torch.randn(POOL, max_rows, hidden, generator=g).to(DEVICE)
+    count = torch.tensor(counts, dtype=torch.int32).to(DEVICE)
+    pages = token_pages(index, values, count)
     y0 = torch.randn(bucket, hidden, generator=g).to(DEVICE)
     a, b = _both(lambda y, m: kernels.replace_rows(y, ids, pages, m), y0, plain, cap)
-    assert torch.equal(a, b) and torch.equal(b.cpu(), ref_replace_rows(y0, ids, index, values, count, slots).float())
+    assert torch.equal(a, b) and torch.equal(b.cpu(), ref_replace_rows(y0, ids, index, values, count, slots).float().cpu())
     h = torch.randn(bucket, hidden, generator=g).to(DEVICE)
     logits0 = torch.randn(bucket, vocab, generator=g).to(DEVICE)
     a, b = _both(lambda lg, m: kernels.head_rows(lg, h, pages, m), logits0, plain, cap)
