@@ -23,7 +23,7 @@ def triton_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages,
     """The Triton backend of ``kernels.add_bottleneck`` (which checks the arguments; semantics and shapes
     there): the shrink with bias and activation into the fp32 ``h``, then the expand with the up bias."""
     require_triton(y, "add_bottleneck")
-    if meta.no_delta or pages.max_width == 0:
+    if meta.skippable or pages.max_width == 0:
         return
     h = shrink(u, pages.down_rows, pages.start, pages.width, pages.max_width, meta, w_bias=pages.down_bias,
                act=pages.act)  # [N, M] fp32, activated

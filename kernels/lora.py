@@ -43,19 +43,36 @@ def _activation(h, code):
 
 
 @triton.jit
+def _segment(active_ptr, seg_start_ptr, per_slot_ptr, count_ptr, pid_a, CAPACITY: tl.constexpr):
+    """(slot, per_slot[slot], seg0, seg_len) of the program's segment ``pid_a``. ``CAPACITY`` (a grid sized by the
+    buffers' capacity, ``kernels/meta.py``): programs past the step's active-slot count, read from the device, get
+    a zero-length segment and a zero per-slot value, and read nothing from the buffers' stale tails; otherwise the
+    grid is this step's and every program is live, as before."""
+    if CAPACITY:
+        live = pid_a < tl.load(count_ptr)
+        slot = tl.load(active_ptr + pid_a, mask=live, other=0)
+        value = tl.load(per_slot_ptr + slot, mask=live, other=0)
+        seg0 = tl.load(seg_start_ptr + pid_a, mask=live, other=0)
+        seg_len = tl.load(seg_start_ptr + pid_a + 1, mask=live, other=0) - seg0
+    else:
+        slot = tl.load(active_ptr + pid_a)
+        value = tl.load(per_slot_ptr + slot)
+        seg0 = tl.load(seg_start_ptr + pid_a)
+        seg_len = tl.load(seg_start_ptr + pid_a + 1) - seg0
+    return slot, value, seg0, seg_len
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, w_ptr, wb_ptr, h_ptr, start_ptr, rank_ptr, act_ptr, sorted_ptr, active_ptr, seg_start_ptr,
-                   K, stride_xt, stride_wr, stride_wb, stride_ht, M_HINT,
-                   HAS_BIAS: tl.constexpr, HAS_ACT: tl.constexpr, CAST_FP32: tl.constexpr,
+                   count_ptr, K, stride_xt, stride_wr, stride_wb, stride_ht, M_HINT,
+                   HAS_BIAS: tl.constexpr, HAS_ACT: tl.constexpr, CAST_FP32: tl.constexpr, CAPACITY: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """h[seg0 + m, r] = act(x[tok] @ w[row0 + r].T + wb[row0 + r]) for r < rank[slot], row0 = start[slot]."""
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
     pid_r = tl.program_id(2)
-    slot = tl.load(active_ptr + pid_a)
-    rank = tl.load(rank_ptr + slot)
+    slot, rank, seg0, seg_len = _segment(active_ptr, seg_start_ptr, rank_ptr, count_ptr, pid_a, CAPACITY)
     r0 = pid_r * BLOCK_R
-    seg0 = tl.load(seg_start_ptr + pid_a)
-    seg_len = tl.load(seg_start_ptr + pid_a + 1) - seg0
     m0 = pid_m * BLOCK_M
     if (r0 < rank) & (m0 < seg_len):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -88,17 +105,14 @@ def _shrink_kernel(x_ptr, w_ptr, wb_ptr, h_ptr, start_ptr, rank_ptr, act_ptr, so
 
 @triton.jit
 def _expand_kernel(h_ptr, w_ptr, ub_ptr, y_ptr, scale_ptr, start_ptr, rank_ptr, ub_row_ptr, sorted_ptr, active_ptr,
-                   seg_start_ptr, N, stride_ht, stride_wr, stride_ub, stride_yt, M_HINT,
-                   HAS_BIAS: tl.constexpr, CAST_FP32: tl.constexpr,
+                   seg_start_ptr, count_ptr, N, stride_ht, stride_wr, stride_ub, stride_yt, M_HINT,
+                   HAS_BIAS: tl.constexpr, CAST_FP32: tl.constexpr, CAPACITY: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[tok, n] += scale[slot] * (h[seg0 + m, :rank] @ w[row0 : row0 + rank, n] + ub[ub_row[slot], n])."""
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
     pid_n = tl.program_id(2)
-    slot = tl.load(active_ptr + pid_a)
-    rank = tl.load(rank_ptr + slot)
-    seg0 = tl.load(seg_start_ptr + pid_a)
-    seg_len = tl.load(seg_start_ptr + pid_a + 1) - seg0
+    slot, rank, seg0, seg_len = _segment(active_ptr, seg_start_ptr, rank_ptr, count_ptr, pid_a, CAPACITY)
     m0 = pid_m * BLOCK_M
     if (rank > 0) & (m0 < seg_len):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -138,9 +152,19 @@ _SHRINK_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_R": RANK_TILE, "BLOCK_K"
                                         (64, 128, 8, 3))]
 _EXPAND_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": RANK_TILE}, num_warps=w, num_stages=2)
                    for bm, bn, w in ((16, 64, 4), (16, 128, 4), (32, 128, 4), (64, 128, 8), (64, 64, 4))]
-_shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["K", "M_HINT", "CAST_FP32", "HAS_ACT"])(_shrink_kernel)
-_expand_tuned = triton.autotune(_EXPAND_CONFIGS, key=["N", "M_HINT", "CAST_FP32", "HAS_BIAS"],
+_shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["K", "M_HINT", "CAST_FP32", "HAS_ACT", "CAPACITY"])(
+    _shrink_kernel)
+_expand_tuned = triton.autotune(_EXPAND_CONFIGS, key=["N", "M_HINT", "CAST_FP32", "HAS_BIAS", "CAPACITY"],
                                 restore_value=["y_ptr"])(_expand_kernel)
+
+
+def segment_args(meta: DeltaKernelMeta) -> tuple[int, int, int, torch.Tensor]:
+    """(segment-axis extent, slot-axis extent, M_HINT, count pointer) of a launch walking ``meta``'s segments:
+    this step's counts, or the capacity of a capacity meta (whose count pointer is read on the device; an
+    ordinary meta passes ``seg_start`` there, never read)."""
+    m_ext = meta.grid_tokens
+    count = meta.num_active_dev if meta.capacity else meta.seg_start
+    return m_ext, meta.grid_slots, next_pow2(max(m_ext, 1)), count
 
 
 def shrink(x: torch.Tensor, w_rows: torch.Tensor, start: torch.Tensor, rank: torch.Tensor, r_bound: int,
@@ -148,22 +172,23 @@ def shrink(x: torch.Tensor, w_rows: torch.Tensor, start: torch.Tensor, rank: tor
     """h [N, r_bound] fp32 in segment order: h[p, r] = act(x[tok_p] @ w_rows[start[s] + r] + w_bias[start[s] + r])
     for r < rank[s] (<= r_bound); rows of slots with rank 0 and columns past a slot's rank left unwritten.
     x [T, K], w_rows [N, K] (any row stride), w_bias [N] (any stride)."""
-    num_rows, r_pad = meta.num_active_tokens, max(1, r_bound)
+    r_pad = max(1, r_bound)
+    num_rows = meta.num_tokens if meta.capacity else meta.num_active_tokens  # a capacity meta: any step's count
     h = torch.empty((num_rows, r_pad), dtype=torch.float32, device=x.device)  # [N, R]
     cast = INTERPRET or x.dtype == torch.float32
-    m_hint = next_pow2(max(meta.max_seg_len, 1))
+    m_ext, a_ext, m_hint, count = segment_args(meta)
     args = (x, w_rows, w_bias if w_bias is not None else w_rows, h, start, rank, act if act is not None else rank,
-            meta.sorted_token_ids, meta.active_slots, meta.seg_start,
+            *meta.launch_index, count,
             x.shape[1], x.stride(0), w_rows.stride(0), w_bias.stride(0) if w_bias is not None else 0,
             h.stride(0), m_hint)
-    flags = dict(HAS_BIAS=w_bias is not None, HAS_ACT=act is not None, CAST_FP32=cast)
+    flags = dict(HAS_BIAS=w_bias is not None, HAS_ACT=act is not None, CAST_FP32=cast, CAPACITY=meta.capacity)
     if x.is_cuda and not INTERPRET:
-        grid = lambda META: (triton.cdiv(meta.max_seg_len, META["BLOCK_M"]), meta.num_active,  # noqa: E731
+        grid = lambda META: (triton.cdiv(m_ext, META["BLOCK_M"]), a_ext,  # noqa: E731
                              triton.cdiv(r_pad, META["BLOCK_R"]))
         _shrink_tuned[grid](*args, **flags)
     else:  # interpreter: few, large programs (each program costs ~ms of numpy)
-        bm, bk = block(meta.max_seg_len, 64), block(x.shape[1], 128)
-        grid = (triton.cdiv(meta.max_seg_len, bm), meta.num_active, triton.cdiv(r_pad, RANK_TILE))
+        bm, bk = block(m_ext, 64), block(x.shape[1], 128)
+        grid = (triton.cdiv(m_ext, bm), a_ext, triton.cdiv(r_pad, RANK_TILE))
         _shrink_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_R=RANK_TILE, BLOCK_K=bk)
     return h
 
@@ -175,19 +200,19 @@ def expand(y: torch.Tensor, h: torch.Tensor, w_rows: torch.Tensor, start: torch.
     in place. w_rows [N, out] (any row stride), up_bias [Nv, out]."""
     n_out = y.shape[1]
     cast = INTERPRET or y.dtype == torch.float32
-    m_hint = next_pow2(max(meta.max_seg_len, 1))
+    m_ext, a_ext, m_hint, count = segment_args(meta)
     has_bias = up_bias is not None
     args = (h, w_rows, up_bias if has_bias else w_rows, y, scale, start, rank, up_bias_row if has_bias else start,
-            meta.sorted_token_ids, meta.active_slots, meta.seg_start, n_out, h.stride(0), w_rows.stride(0),
+            *meta.launch_index, count, n_out, h.stride(0), w_rows.stride(0),
             up_bias.stride(0) if has_bias else 0, y.stride(0), m_hint)
-    flags = dict(HAS_BIAS=has_bias, CAST_FP32=cast)
+    flags = dict(HAS_BIAS=has_bias, CAST_FP32=cast, CAPACITY=meta.capacity)
     if y.is_cuda and not INTERPRET:
-        grid = lambda META: (triton.cdiv(meta.max_seg_len, META["BLOCK_M"]), meta.num_active,  # noqa: E731
+        grid = lambda META: (triton.cdiv(m_ext, META["BLOCK_M"]), a_ext,  # noqa: E731
                              triton.cdiv(n_out, META["BLOCK_N"]))
         _expand_tuned[grid](*args, **flags)
     else:
-        bm, bn = block(meta.max_seg_len, 64), block(n_out, 128)
-        grid = (triton.cdiv(meta.max_seg_len, bm), meta.num_active, triton.cdiv(n_out, bn))
+        bm, bn = block(m_ext, 64), block(n_out, 128)
+        grid = (triton.cdiv(m_ext, bm), a_ext, triton.cdiv(n_out, bn))
         _expand_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=RANK_TILE)
 
 
@@ -195,7 +220,7 @@ def triton_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: De
     """The Triton backend of ``kernels.add_lora`` (which checks the arguments; semantics and shapes there):
     two launches, shrink into the fp32 ``h`` then expand into ``y``, both reading rows through ``pages.start``."""
     require_triton(y, "add_lora")
-    if meta.no_delta or pages.max_rank == 0:
+    if meta.skippable or pages.max_rank == 0:
         return
     h = shrink(x, pages.a_rows, pages.start, pages.rank, pages.max_rank, meta)  # [N, R] fp32
     expand(y, h, pages.b_rows, pages.start, pages.scale, pages.rank, meta)

@@ -16,11 +16,19 @@ sorted segments, grouped matmuls over the pool and a gathered batched matmul (de
 Storage. ``build(..., buffers=MetaBuffers(max_tokens, max_slots, device))`` writes the device index
 tensors into storage allocated once and refilled with one ``copy_`` per step (as vLLM's
 ``LoRAKernelMeta.prepare_tensors``), so they keep their addresses from step to step and serving
-allocates nothing for them; without ``buffers`` (tests, benchmarks) they are fresh tensors. What is
-*not* fixed: the Triton launch grids are sized by this step's ``num_active`` and ``max_seg_len`` (host
-ints), so replaying a captured CUDA graph would need grids sized by the capacity (vLLM: max_loras + 1
-programs that exit on slot -1); nothing captures graphs today. The CPU backend's derived indices
-(the cached properties below, its grouped plan's offsets) are built per step.
+allocates nothing for them; without ``buffers`` (tests, benchmarks) they are fresh tensors. The CPU
+backend's derived indices (the cached properties below, its grouped plan's offsets) are built per step.
+
+Capacity mode (CUDA graphs). By default the Triton launch grids are sized by this step's ``num_active``
+and ``max_seg_len`` (host ints), which a captured graph would freeze. ``build(..., buffers=..., capacity=True)``
+makes a meta whose launches are sized by capacity instead: ``grid_slots`` = the buffers' ``max_slots``
+programs on the slot axis (vLLM: max_loras + 1 programs that exit on slot -1) and ``grid_tokens`` =
+``num_tokens`` (the step's bucketed token count) on the segment axis; each program reads the step's number of
+active slots from the device (``num_active_dev``, refilled with the other indices) and its segment's length
+from ``seg_start``, and exits when it has nothing to do. So one captured launch serves every later step
+that fits the same token count, whatever its slots: stale values in the buffers' unused tails are never
+read. A capacity meta is never skipped on its host flags (``skippable``): a launch captured on a step with
+no delta tokens must still run on a later step that has some.
 """
 from __future__ import annotations
 
@@ -44,14 +52,21 @@ class DeltaKernelMeta:
     active_slots: torch.Tensor  # int32 [A]
     seg_start: torch.Tensor  # int32 [A + 1]
     seg_len: torch.Tensor  # int32 [A]
+    capacity_slots: int = 0  # > 0: a capacity meta (module docstring): slot-axis programs of every launch
+    num_active_dev: torch.Tensor | None = None  # int32 [1] on the device: A, read by capacity launches
+    capacity_index: tuple | None = None  # a capacity meta: the buffers' whole regions (MetaBuffers.regions)
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, token_slots_host: list[int] | None = None, *,
-              buffers: "MetaBuffers | None" = None) -> "DeltaKernelMeta":
+              buffers: "MetaBuffers | None" = None, capacity: bool = False) -> "DeltaKernelMeta":
         """``token_slots``: int32 [T] on the compute device; ``token_slots_host``: the same values as a
         list, which saves a device->host sync when the caller already has them (the engine does);
         ``buffers``: preallocated storage for the index tensors (on ``token_slots``' device). A meta built
-        into ``buffers`` is valid until the next build into the same buffers."""
+        into ``buffers`` is valid until the next build into the same buffers; ``capacity``: launches sized by
+        ``buffers``' capacity, not by this step's counts (needs ``buffers``; module docstring)."""
+        if capacity and buffers is None:
+            raise ValueError("DeltaKernelMeta.build: capacity=True needs buffers (the launches read their counts "
+                             "from the buffers' fixed addresses)")
         if not isinstance(token_slots, torch.Tensor) or token_slots.dim() != 1:
             raise ValueError(f"token_slots: expected a 1-D int32 tensor, got "
                              f"{getattr(token_slots, 'shape', type(token_slots).__name__)}")
@@ -95,8 +110,10 @@ class DeltaKernelMeta:
             sorted_ids = torch.argsort(key, stable=True).to(torch.int32)
         seg_len = [seg_start[k + 1] - seg_start[k] for k in range(len(active))]
         n_act = len(active)
+        count = None
         if buffers is not None:
-            views = buffers.fill(sorted_ids, active, seg_start, seg_len, token_slots.device)
+            views = buffers.fill(sorted_ids, active, seg_start, seg_len, token_slots.device, count=capacity)
+            count = buffers.num_active if capacity else None
         else:  # one host->device copy for all index tensors: [T | A | A+1 | A]
             packed = torch.cat([sorted_ids, torch.tensor(active + seg_start + seg_len, dtype=torch.int32)])
             packed = packed.to(token_slots.device)
@@ -115,6 +132,9 @@ class DeltaKernelMeta:
             active_slots=views[1],
             seg_start=views[2],
             seg_len=views[3],
+            capacity_slots=buffers.max_slots if capacity else 0,
+            num_active_dev=count,
+            capacity_index=buffers.regions if capacity else None,
         )
 
     @property
@@ -125,6 +145,34 @@ class DeltaKernelMeta:
     def active_key(self) -> tuple[int, ...]:
         """The active slots as a tuple: what callers key per-set decisions on (equal across steps with one set)."""
         return tuple(self.active_slots_host)
+
+    @property
+    def capacity(self) -> bool:
+        return self.capacity_slots > 0
+
+    @property
+    def skippable(self) -> bool:
+        """A launcher may return at once: no token has a delta and this is not a capacity meta."""
+        return self.no_delta and not self.capacity_slots
+
+    @property
+    def launch_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sorted_token_ids, active_slots, seg_start) as the segment-walking launches read them: for a capacity
+        meta the buffers' whole regions, whose addresses a captured launch keeps even when this step's views
+        are empty (no active slot)."""
+        if self.capacity_index is not None:
+            return self.capacity_index
+        return self.sorted_token_ids, self.active_slots, self.seg_start
+
+    @property
+    def grid_tokens(self) -> int:
+        """Extent of the launches' segment axis: the longest segment, or every token for a capacity meta."""
+        return self.num_tokens if self.capacity_slots else self.max_seg_len
+
+    @property
+    def grid_slots(self) -> int:
+        """Extent of the launches' slot axis: this step's active slots, or the capacity."""
+        return self.capacity_slots or self.num_active
 
     @property
     def all_tokens_active(self) -> bool:
@@ -178,26 +226,32 @@ class DeltaKernelMeta:
 
 class MetaBuffers:
     """Storage for a step's index tensors, allocated once: ``sorted_token_ids`` [max_tokens],
-    ``active_slots`` [max_slots], ``seg_start`` [max_slots + 1] and ``seg_len`` [max_slots] as fixed
-    regions of one int32 device tensor, staged in one host tensor of the same size (written in place on a
-    CPU device), so a step costs one host->device copy of (max_tokens + 3 * max_slots + 1) * 4 bytes
-    (16.8 KB for 4096 tokens, 32 slots) and no device allocation. The regions' unused tails hold stale
-    values that no view covers."""
+    ``active_slots`` [max_slots], ``seg_start`` [max_slots + 1], ``seg_len`` [max_slots] and ``num_active``
+    [1] (the step's number of active slots, which capacity launches read) as fixed regions of one int32
+    device tensor, staged in one host tensor of the same size (written in place on a CPU device), so a step
+    costs one host->device copy of (max_tokens + 3 * max_slots + 2) * 4 bytes (16.8 KB for 4096 tokens,
+    32 slots) and no device allocation. The regions' unused tails hold stale values that no view covers
+    and no launch reads."""
 
     def __init__(self, max_tokens: int, max_slots: int, device: torch.device | str = "cpu"):
         if int(max_tokens) < 1 or int(max_slots) < 1:
             raise ValueError(f"MetaBuffers: max_tokens ({max_tokens}) and max_slots ({max_slots}) must be >= 1")
         self.max_tokens, self.max_slots = int(max_tokens), int(max_slots)
-        size = self.max_tokens + 3 * self.max_slots + 1
+        size = self.max_tokens + 3 * self.max_slots + 2
         self.storage = torch.zeros(size, dtype=torch.int32, device=device)  # [size] on the device
         self.device = self.storage.device  # "cuda" resolved to "cuda:0", as token_slots' device reads
         self._staging = torch.zeros(size if self.device.type != "cpu" else 0, dtype=torch.int32)  # [size] host
         t, s = self.max_tokens, self.max_slots
         self._offsets = (0, t, t + s, t + 2 * s + 1)  # sorted_token_ids, active_slots, seg_start, seg_len
+        self._o_count = t + 3 * s + 1
+        self.num_active = self.storage[self._o_count:self._o_count + 1]  # int32 [1] on the device
+        st = self.storage  # whole regions [max_tokens], [max_slots], [max_slots + 1]: what capacity launches read
+        self.regions = (st[:t], st[t:t + s], st[t + s:t + 2 * s + 1])
 
     def fill(self, sorted_ids: torch.Tensor, active: list[int], seg_start: list[int], seg_len: list[int],
-             device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Stage the step's indices, copy them to the device once, return the four views."""
+             device: torch.device, *, count: bool = False) -> tuple[torch.Tensor, ...]:
+        """Stage the step's indices, copy them to the device once, return the four views; ``count``: also the
+        number of active slots (a capacity meta's launches read it; ~10 us of host work the eager path skips)."""
         num_tokens, n_act = sorted_ids.numel(), len(active)
         if num_tokens > self.max_tokens:
             raise ValueError(f"MetaBuffers: {num_tokens} tokens exceed max_tokens={self.max_tokens}")
@@ -213,6 +267,8 @@ class MetaBuffers:
         dst[o_act:o_act + n_act].copy_(small[:n_act])
         dst[o_start:o_start + n_act + 1].copy_(small[n_act:2 * n_act + 1])
         dst[o_len:o_len + n_act].copy_(small[2 * n_act + 1:])
+        if count:
+            dst[self._o_count] = n_act
         if not on_host:
             self.storage.copy_(self._staging)  # blocking: the staging tensor is rewritten next step
         st = self.storage

@@ -61,12 +61,12 @@ def _launch_rows(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta, multip
 def triton_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> None:
     """The Triton backend of ``kernels.add_bias`` (which checks the arguments): y[t] += rows[row[slot[t]]]."""
     require_triton(y, "add_bias")
-    if not meta.no_delta:
+    if not meta.skippable:
         _launch_rows(y, pages, meta, multiply=False)
 
 
 def triton_mul_rows(t: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> None:
     """The Triton backend of ``kernels.mul_rows`` (which checks the arguments): t[i] *= rows[row[slot[i]]]."""
     require_triton(t, "mul_rows")
-    if not meta.no_delta:
+    if not meta.skippable:
         _launch_rows(t, pages, meta, multiply=True)

@@ -15,22 +15,22 @@ from __future__ import annotations
 import torch
 
 from ._triton import INTERPRET, next_pow2, require_triton, tl, triton
+from .lora import segment_args, _segment
 from .meta import DeltaKernelMeta
 from .pages import ScaleShiftPages
 
 
 @triton.jit
-def _scale_shift_kernel(y_ptr, scale_ptr, shift_ptr, row_ptr, flag_ptr, sorted_ptr, active_ptr, seg_start_ptr, N,
-                        stride_yt, stride_ss, stride_bs, M_HINT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scale_shift_kernel(y_ptr, scale_ptr, shift_ptr, row_ptr, flag_ptr, sorted_ptr, active_ptr, seg_start_ptr,
+                        count_ptr, N, stride_yt, stride_ss, stride_bs, M_HINT, CAPACITY: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """y[tok, n] = y[tok, n] * scale[r, n] + shift[r, n], r = row[slot], for the tokens of slot = active[pid_a] if
     flagged."""
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
-    slot = tl.load(active_ptr + pid_a)
-    seg0 = tl.load(seg_start_ptr + pid_a)
-    seg_len = tl.load(seg_start_ptr + pid_a + 1) - seg0
+    slot, flag, seg0, seg_len = _segment(active_ptr, seg_start_ptr, flag_ptr, count_ptr, pid_a, CAPACITY)
     m0 = pid_m * BLOCK_M
-    if (tl.load(flag_ptr + slot) != 0) & (m0 < seg_len):
+    if (flag != 0) & (m0 < seg_len):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < seg_len
         offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,23 +47,23 @@ def _scale_shift_kernel(y_ptr, scale_ptr, shift_ptr, row_ptr, flag_ptr, sorted_p
 
 _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
             for bm, bn, w in ((1, 1024, 4), (4, 512, 4), (16, 256, 4), (32, 128, 4))]
-_tuned = triton.autotune(_CONFIGS, key=["N", "M_HINT"], restore_value=["y_ptr"])(_scale_shift_kernel)
+_tuned = triton.autotune(_CONFIGS, key=["N", "M_HINT", "CAPACITY"], restore_value=["y_ptr"])(_scale_shift_kernel)
 
 
 def triton_scale_shift_rows(y: torch.Tensor, pages: ScaleShiftPages, meta: DeltaKernelMeta) -> None:
     """The Triton backend of ``kernels.scale_shift_rows`` (which checks the arguments; semantics there)."""
     require_triton(y, "scale_shift_rows")
-    if meta.no_delta:
+    if meta.skippable:
         return
     n = y.shape[1]
-    m_hint = next_pow2(max(meta.max_seg_len, 1))
-    args = (y, pages.scale_rows, pages.shift_rows, pages.row, pages.flag, meta.sorted_token_ids, meta.active_slots,
-            meta.seg_start, n, y.stride(0), pages.scale_rows.stride(0), pages.shift_rows.stride(0), m_hint)
+    m_ext, a_ext, m_hint, count = segment_args(meta)
+    args = (y, pages.scale_rows, pages.shift_rows, pages.row, pages.flag, *meta.launch_index, count, n, y.stride(0),
+            pages.scale_rows.stride(0), pages.shift_rows.stride(0), m_hint)
     if y.is_cuda and not INTERPRET:
-        grid = lambda META: (triton.cdiv(meta.max_seg_len, META["BLOCK_M"]), meta.num_active,  # noqa: E731
+        grid = lambda META: (triton.cdiv(m_ext, META["BLOCK_M"]), a_ext,  # noqa: E731
                              triton.cdiv(n, META["BLOCK_N"]))
-        _tuned[grid](*args)
+        _tuned[grid](*args, CAPACITY=meta.capacity)
     else:  # interpreter: few, large programs
-        bm, bn = min(64, next_pow2(meta.max_seg_len)), min(256, next_pow2(n))
-        grid = (triton.cdiv(meta.max_seg_len, bm), meta.num_active, triton.cdiv(n, bn))
-        _scale_shift_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn)
+        bm, bn = min(64, next_pow2(m_ext)), min(256, next_pow2(n))
+        grid = (triton.cdiv(m_ext, bm), a_ext, triton.cdiv(n, bn))
+        _scale_shift_kernel[grid](*args, CAPACITY=meta.capacity, BLOCK_M=bm, BLOCK_N=bn)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import next_pow2, require_triton, tl, triton
-from .lora import RANK_TILE, shrink
+from .lora import RANK_TILE, _segment, segment_args, shrink
 from .meta import DeltaKernelMeta
 from .pages import TokenPages
 
@@ -51,16 +51,14 @@ def _replace_kernel(y_ptr, ids_ptr, index_ptr, values_ptr, start_ptr, id_start_p
 
 @triton.jit
 def _scatter_kernel(logits_ptr, h_ptr, index_ptr, id_start_ptr, count_ptr, sorted_ptr, active_ptr, seg_start_ptr,
-                    stride_lt, stride_ht, stride_i, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+                    num_active_ptr, stride_lt, stride_ht, stride_i, CAPACITY: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
     """logits[tok, index[id_start[s] + r]] = h[seg0 + m, r] for r < count[s] (h: the shrink's fp32 output)."""
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
-    slot = tl.load(active_ptr + pid_a)
-    cnt = tl.load(count_ptr + slot)
-    id_first = tl.load(id_start_ptr + slot).to(tl.int64)
+    slot, cnt, seg0, seg_len = _segment(active_ptr, seg_start_ptr, count_ptr, num_active_ptr, pid_a, CAPACITY)
+    id_first = tl.load(id_start_ptr + slot).to(tl.int64)  # slot 0 for a program past the active count
     r0 = tl.program_id(2) * BLOCK_R
-    seg0 = tl.load(seg_start_ptr + pid_a)
-    seg_len = tl.load(seg_start_ptr + pid_a + 1) - seg0
     m0 = pid_m * BLOCK_M
     if (r0 < cnt) & (m0 < seg_len):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -76,7 +74,7 @@ def _scatter_kernel(logits_ptr, h_ptr, index_ptr, id_start_ptr, count_ptr, sorte
 def triton_replace_rows(y: torch.Tensor, ids: torch.Tensor, pages: TokenPages, meta: DeltaKernelMeta) -> None:
     """The Triton backend of ``kernels.replace_rows`` (which checks the arguments; semantics there)."""
     require_triton(y, "replace_rows")
-    if meta.no_delta or pages.max_count == 0:
+    if meta.skippable or pages.max_count == 0:
         return
     num_tokens, n = y.shape
     bt, bn = min(32, next_pow2(num_tokens)), min(256, next_pow2(n))
@@ -90,11 +88,12 @@ def triton_replace_rows(y: torch.Tensor, ids: torch.Tensor, pages: TokenPages, m
 def triton_head_rows(logits: torch.Tensor, h: torch.Tensor, pages: TokenPages, meta: DeltaKernelMeta) -> None:
     """The Triton backend of ``kernels.head_rows``: shrink (``count`` as the rank) then scatter."""
     require_triton(logits, "head_rows")
-    if meta.no_delta or pages.max_count == 0:
+    if meta.skippable or pages.max_count == 0:
         return
     dots = shrink(h, pages.values, pages.start, pages.count, pages.max_count, meta)  # [N, R] fp32, segment order
-    bm = min(64, next_pow2(max(meta.max_seg_len, 1)))
-    grid = (triton.cdiv(meta.max_seg_len, bm), meta.num_active, triton.cdiv(pages.max_count, RANK_TILE))
-    _scatter_kernel[grid](logits, dots, pages.ids, pages.id_start, pages.count, meta.sorted_token_ids,
-                          meta.active_slots, meta.seg_start, logits.stride(0), dots.stride(0), pages.ids.stride(0),
-                          BLOCK_M=bm, BLOCK_R=RANK_TILE)
+    m_ext, a_ext, _, num_active = segment_args(meta)
+    bm = min(64, next_pow2(max(m_ext, 1)))
+    grid = (triton.cdiv(m_ext, bm), a_ext, triton.cdiv(pages.max_count, RANK_TILE))
+    _scatter_kernel[grid](logits, dots, pages.ids, pages.id_start, pages.count, *meta.launch_index, num_active,
+                          logits.stride(0), dots.stride(0), pages.ids.stride(0), CAPACITY=meta.capacity, BLOCK_M=bm,
+                          BLOCK_R=RANK_TILE)

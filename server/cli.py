@@ -36,7 +36,10 @@ ENV_VARS = (
     ("DELTASERVE_CATALOGUE", "catalogue URL of `serve` (postgresql://...; default SQLite in the data dir)"),
     ("DELTASERVE_BLOBS", "blob store of `serve` (s3://bucket/prefix; default files in the data dir)"),
     ("DELTASERVE_REPLICA_ID", "replica name `serve` sends in x-deltaserve-replica (default the host name)"),
+    ("DELTASERVE_CUDA_GRAPHS", "1/0: `serve` replays decode steps from CUDA graphs (CUDA devices only; default 0)"),
 )
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+               "off": False}
 QUOTA_FIELDS = ("max_deltas", "max_delta_bytes", "requests_per_minute", "tokens_per_minute", "max_concurrent")
 
 
@@ -272,6 +275,16 @@ def cmd_recover_admin_key(args) -> int:
     return 0
 
 
+def _env_bool(name: str) -> bool | None:
+    """A boolean environment setting: unset or empty -> None (the config decides); 1/0, true/false, yes/no, on/off."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in _BOOL_WORDS:
+        raise CliError(f"{name}={os.environ[name]!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+    return _BOOL_WORDS[raw]
+
+
 def cmd_serve(args) -> int:
     from .app import serve
     from .config import ServerConfig
@@ -283,7 +296,9 @@ def cmd_serve(args) -> int:
                  "log_level": args.log_level, "max_model_len": args.max_model_len,
                  "catalogue": args.catalogue or env("DELTASERVE_CATALOGUE") or None,
                  "blobs": args.blobs or env("DELTASERVE_BLOBS") or None,
-                 "replica_id": args.replica_id or env("DELTASERVE_REPLICA_ID") or None}
+                 "replica_id": args.replica_id or env("DELTASERVE_REPLICA_ID") or None,
+                 "cuda_graphs": (args.cuda_graphs if args.cuda_graphs is not None
+                                 else _env_bool("DELTASERVE_CUDA_GRAPHS"))}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = ServerConfig.from_file(args.config, **overrides) if args.config else ServerConfig.from_dict(overrides)
     return serve(config)
@@ -365,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "AWS_* environment or ~/.aws (env DELTASERVE_BLOBS; default files in the data dir)")
     p.add_argument("--replica-id", help="this replica's name in x-deltaserve-replica (env DELTASERVE_REPLICA_ID; "
                    "default the host name)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay pure decode steps from CUDA graphs captured per batch-size bucket; CUDA devices "
+                   "only (env DELTASERVE_CUDA_GRAPHS; default off)")
     p.set_defaults(func=cmd_serve)
 
     p = command("generate", "generate text from a prompt, streamed", [common])

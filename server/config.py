@@ -57,6 +57,7 @@ class ServerConfig:
     kv_memory_fraction: float = 0.0  # 0 -> the device default: 0.60 on CUDA; 1 GiB (at most 0.25) on the CPU
     prefix_caching: bool = True  # reuse full KV blocks across requests with the same tokens and delta (D14)
     torch_threads: int = 0  # intra-op CPU threads of the server process; 0 -> torch's default (one per core)
+    cuda_graphs: bool = False  # replay pure decode steps from CUDA graphs captured per batch bucket (CUDA only)
     # storage (D7, D12)
     data_dir: str = "./.deltaserve"
     host_cache_bytes: int = 2 << 30  # host-memory tier budget (LRU by bytes)
@@ -108,8 +109,11 @@ class ServerConfig:
         if self.delta_memory_fraction + self.kv_memory_fraction >= 1.0:
             raise ConfigError(f"delta_memory_fraction ({self.delta_memory_fraction}) + kv_memory_fraction "
                               f"({self.kv_memory_fraction}) must stay below 1: activations need the rest")
-        if not isinstance(self.prefix_caching, bool):
-            raise ConfigError(f"prefix_caching must be true or false, got {self.prefix_caching!r}")
+        for key in ("prefix_caching", "cuda_graphs"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.cuda_graphs:
+            self._check_cuda_graphs()
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_batch_tokens < self.max_running:
@@ -144,6 +148,18 @@ class ServerConfig:
         if not isinstance(self.replica_id, str) or not _REPLICA_ID_RE.fullmatch(self.replica_id or "x"):
             raise ConfigError(f"replica_id must be 1-128 characters of letters, digits, '.', '_' or '-', "
                               f"got {self.replica_id!r}")
+
+    def _check_cuda_graphs(self) -> None:
+        """CUDA graphs capture CUDA work only: a CPU device (named, or ``auto`` without CUDA) is refused."""
+        device = self.device.strip().lower()
+        if device == "auto":
+            import torch  # only when the switch is on: the config module stays import-light
+
+            if not torch.cuda.is_available():
+                raise ConfigError("cuda_graphs needs a CUDA device, but device 'auto' resolves to cpu here "
+                                  "(no CUDA device); turn cuda_graphs off")
+        elif not (device == "cuda" or device.startswith("cuda:")):
+            raise ConfigError(f"cuda_graphs needs a CUDA device, got device {self.device!r}; turn cuda_graphs off")
 
     @property
     def prompt_bytes_limit(self) -> int:

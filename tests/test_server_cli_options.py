@@ -156,3 +156,13 @@ def test_serve_with_a_bad_gguf_is_one_line(tmp_path, capsys, content, needle):
 def test_serve_with_an_unknown_model_name_lists_the_choices(tmp_path, capsys):
     code, _, err = run(capsys, "serve", "--model", "gpt-17", "--data-dir", str(tmp_path / "data"))
     assert code == 1 and "not a built-in model (smollm2-135m-instruct, demo)" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
+@pytest.mark.parametrize("argv, env", [(["--cuda-graphs"], None), ([], "1"), ([], "maybe")])
+def test_serve_cuda_graphs_without_cuda_is_one_line(tmp_path, capsys, monkeypatch, argv, env):
+    if env is not None:
+        monkeypatch.setenv("DELTASERVE_CUDA_GRAPHS", env)
+    code, _, err = run(capsys, "serve", "--data-dir", str(tmp_path / "data"), *argv)
+    needle = "DELTASERVE_CUDA_GRAPHS='maybe'" if env == "maybe" else "cuda_graphs needs a CUDA device"
+    assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, err

@@ -143,3 +143,19 @@ def test_new_config_fields_are_checked():
     for bad in (dict(openai_listen="nowhere"), dict(generation_config="vllm"), dict(max_model_len=4)):
         with pytest.raises(ConfigError):
             ServerConfig(**bad)
+
+
+def test_cuda_graphs_is_off_by_default_and_refused_on_a_non_cuda_device():
+    assert ServerConfig().cuda_graphs is False
+    for device in ("cpu", "mps", "CPU"):
+        with pytest.raises(ConfigError, match=r"^cuda_graphs needs a CUDA device, got device") as exc:
+            ServerConfig(cuda_graphs=True, device=device)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="cuda_graphs must be true or false"):
+        ServerConfig(cuda_graphs="yes")
+    if not torch.cuda.is_available():  # "auto" resolves to the CPU here
+        with pytest.raises(ConfigError, match="device 'auto' resolves to cpu"):
+            ServerConfig.from_dict({"cuda_graphs": True})
+    else:
+        assert ServerConfig(cuda_graphs=True).cuda_graphs is True
+        assert ServerConfig(cuda_graphs=True, device="cuda:0").device == "cuda:0"

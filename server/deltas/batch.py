@@ -4,8 +4,13 @@ Built once by ``wrap_model`` and handed to every ``DeltaLinear``/``DeltaNorm`` b
 ``adapter_data`` argument is threaded through the Hugging Face forward and no module global exists
 (vLLM ``lora_kernel_metadata.py``, nano-vllm ``utils/context.py``). The per-token slot ids and the
 kernels' index tensors (``kernels.MetaBuffers``) live in device buffers allocated once and refilled with
-``copy_`` each step, so they keep their addresses from step to step; the kernels' launch grids still
-follow each step's counts, so this alone does not make a step CUDA-graph capturable (kernels/meta.py).
+``copy_`` each step, so they keep their addresses from step to step.
+
+Graph mode (``prepare_static``, CUDA graphs: ``server/engine/graphs.py``): the step is padded with -1 tokens to
+its bucket, its meta is a *capacity* meta (launch grids sized by the buffers, counts read on the device,
+``kernels/meta.py``) and ``static`` is set, which makes every wrapped layer run its fixed op sequence (each term
+kind the layer holds, over all of the step's tokens; neutral rows keep the others exact) instead of deciding
+per step from host sets which ops to launch. ``prepare`` turns it off again.
 
 Running example: three sequences of lengths [3, 1, 2] using slots [5, -1, 0] give the per-token ids
 [5, 5, 5, -1, 0, 0]; ``meta.active_slots_host`` is then [0, 5] and token 3 runs the base model only.
@@ -41,10 +46,17 @@ class DeltaBatch:
         self.meta = DeltaKernelMeta.build(self._slots[:0], [], buffers=self._index)
         self._head_rows: list[int] | None = None  # packed indices of the rows the head computes; None = all
         self._head_meta: DeltaKernelMeta | None = None
+        self.static = False  # graph mode: the layers run their fixed op sequence (prepare_static)
 
     @property
     def capacity(self) -> int:
         return int(self._slots.shape[0])
+
+    @property
+    def addresses(self) -> tuple[int, int]:
+        """Where the slot ids and the index buffers live: a captured graph reads these addresses (they change only
+        if a step ever outgrows ``max_tokens``)."""
+        return self._slots.data_ptr(), self._index.storage.data_ptr()
 
     @property
     def num_tokens(self) -> int:
@@ -71,7 +83,9 @@ class DeltaBatch:
         than any before it (the engine sizes ``max_tokens`` from its token budget, so that never happens
         while serving).
         """
-        token_slots_host = list(token_slots_host)
+        self._prepare(list(token_slots_host), head_rows, capacity=False)
+
+    def _prepare(self, token_slots_host: list[int], head_rows: list[int] | None, capacity: bool) -> None:
         num_tokens = len(token_slots_host)
         if num_tokens:
             lo, hi = min(token_slots_host), max(token_slots_host)
@@ -86,8 +100,22 @@ class DeltaBatch:
         view = self._slots[:num_tokens]  # [num_tokens]
         view.copy_(torch.tensor(token_slots_host, dtype=torch.int32))
         self.token_slots_host = token_slots_host
-        self.meta = DeltaKernelMeta.build(view, token_slots_host, buffers=self._index)
+        self.meta = DeltaKernelMeta.build(view, token_slots_host, buffers=self._index, capacity=capacity)
         self._head_rows, self._head_meta = (None if head_rows is None else list(head_rows)), None
+        self.static = capacity
+
+    def prepare_static(self, token_slots_host: list[int], bucket: int) -> None:
+        """Graph mode: the step's per-token slot ids padded with -1 up to ``bucket`` tokens, refilled in place
+        (the slot ids and every index tensor keep their addresses), a capacity meta, and ``static`` set. The
+        head computes every row of the bucket (a decode step samples each of its tokens)."""
+        token_slots_host = list(token_slots_host)
+        if len(token_slots_host) > bucket:
+            raise InvalidArgument(f"DeltaBatch.prepare_static: {len(token_slots_host)} tokens exceed the bucket "
+                                  f"{bucket}")
+        if bucket > self.capacity:
+            raise InvalidArgument(f"DeltaBatch.prepare_static: bucket {bucket} exceeds the {self.capacity} "
+                                  "preallocated token slots")
+        self._prepare(token_slots_host + [-1] * (bucket - len(token_slots_host)), None, capacity=True)
 
     def prepare_sequences(self, slots: list[int], lengths: list[int], head_rows: list[int] | None = None) -> None:
         """Per-sequence slots of a packed batch -> per-token ids (sequence i contributes ``lengths[i]`` tokens);

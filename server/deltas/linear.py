@@ -324,6 +324,8 @@ class DeltaLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.batch
+        if batch.static:  # graph mode: a fixed op sequence (forward_static)
+            return self.forward_static(x)
         meta = batch.meta
         plan = None if meta.no_delta else self.step_plan(meta)
         if plan is None:  # no token of this step has a term here: the bare layer
@@ -350,6 +352,48 @@ class DeltaLinear(torch.nn.Module):
         if plan.sources:
             adapters.apply(self, y2, list(plan.sources), meta)
         if self.tap is not None:  # drop the references: one residual per site alive would cost 2*L*T*h
+            self.tap.h = self.tap.normed = None
+        return y
+
+    # ---- graph mode (DeltaBatch.prepare_static; server/engine/graphs.py) --------------------------
+    def static_plan(self) -> tuple:
+        """What fixes this layer's op sequence and the addresses it reads in graph mode: the kinds it holds, their
+        host bounds and the storage versions. A captured graph is valid while every layer's plan is unchanged."""
+        kinds = tuple(k for k in ("in_scale", "out_scale", "lora", "dora", "bias") if self.has[k])
+        sources = tuple(i for i, h in enumerate(self.has_adapter) if h)
+        r = self.rows
+        return (kinds, sources, max(self._ranks, default=0), max(self._widths, default=0),
+                tuple(a.version for a in r.arenas.values()), r.fields.version)
+
+    def forward_static(self, x: torch.Tensor) -> torch.Tensor:
+        """The graph-mode step: every kind this layer holds runs over all of the step's tokens through the
+        batch's capacity meta, whichever slots are active (no host-set skips, no ``meta.restrict``). Exact for
+        every token: a slot without a kind here points at its neutral row (scale 1, bias 0) or has rank, width
+        or flag 0, and -1 tokens (the bucket's padding included) are never touched."""
+        batch = self.batch
+        meta = batch.meta
+        x2 = x.reshape(-1, self.in_features)  # [bucket, in]
+        batch.check_tokens(x2.shape[0], self.path)
+        has = self.has
+        if has["in_scale"]:
+            x_in = x2.clone()  # the shared input feeds q/k/v too: never scale it in place
+            kernels.mul_rows(x_in, self.row_pages("in_scale"), meta)
+            y = self.base(x_in.view(x.shape))
+        else:
+            y = self.base(x)
+        y2 = y.view(-1, self.out_features)  # [bucket, out]
+        if has["out_scale"]:
+            kernels.mul_rows(y2, self.row_pages("out_scale"), meta)
+        if has["lora"]:
+            kernels.add_lora(y2, x2.contiguous(), self.lora_pages(), meta)
+        if has["dora"]:
+            kernels.scale_shift_rows(y2, self.dora_pages(), meta)
+        if has["bias"]:
+            kernels.add_bias(y2, self.row_pages("bias"), meta)
+        sources = [i for i, has_i in enumerate(self.has_adapter) if has_i]
+        if sources:
+            adapters.apply(self, y2, sources, meta)
+        if self.tap is not None:
             self.tap.h = self.tap.normed = None
         return y
 

@@ -71,6 +71,7 @@ class DeltaModel:
     slot_capacity: int = 0  # slot numbers [0, slot_capacity) have table entries in every layer with terms
     prompts: dict[int, PromptPart] = field(default_factory=dict)  # slot -> prompt part (device, model dtype)
     layered: set[int] = field(default_factory=set)  # slots whose delta has module terms (not a prompt part alone)
+    _plan: tuple | None = field(default=None, repr=False)  # static_plan's cache; None after any write
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -164,6 +165,7 @@ class DeltaModel:
                 layer.rows.ensure(capacity)
         self.slot_capacity = capacity
         self.batch.slot_capacity = capacity
+        self._plan = None
 
     def next_slot_capacity(self, n: int) -> int:
         return self.slot_capacity if n <= self.slot_capacity else max(n, int(self.slot_capacity * SLOT_GROWTH) + 1)
@@ -172,6 +174,7 @@ class DeltaModel:
     def install(self, items: list[tuple[int, StagedDelta]], room: int) -> int:
         """Place staged deltas into their slots (``ensure_slots`` first), growing arenas by at most ``room``
         bytes in all; NoRoom (nothing changed) if the exact growth does not fit. Returns the bytes added."""
+        self._plan = None
         demands = self._demands(items)
         growth = {path: layer.rows.growth_bytes(demand) for path, (layer, demand) in demands.items()}
         exact = sum(growth.values())
@@ -211,6 +214,7 @@ class DeltaModel:
     @torch.inference_mode()
     def clear(self, slot: int) -> None:
         """Free ``slot``'s cells in every layer (no zeroing: nothing reads them again)."""
+        self._plan = None
         for layer in self.layers.values():
             layer.clear(slot)
         self.prompts.pop(slot, None)
@@ -228,7 +232,16 @@ class DeltaModel:
     @torch.inference_mode()
     def compact(self) -> int:
         """Give every free cell back (arenas shrink to their live cells); returns the bytes freed."""
+        self._plan = None
         return sum(layer.rows.compact() for layer in self.layers.values())
+
+    def static_plan(self) -> tuple:
+        """Every wrapped layer's graph-mode plan (``DeltaLinear.static_plan``): the term kinds each holds, their
+        bounds and storage versions. A CUDA graph captured under one plan replays correctly while it holds; it
+        changes only with installs, evictions, compaction and slot-table growth (recomputed after those, once)."""
+        if self._plan is None:
+            self._plan = tuple(layer.static_plan() for layer in self.layers.values())
+        return self._plan
 
     def set_delta(self, slot: int, delta: Delta, *, checked: bool = False) -> None:
         """Stage and install ``delta`` into ``slot`` at once, without a budget (tests, benchmarks). All checks run

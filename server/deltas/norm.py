@@ -114,9 +114,15 @@ class DeltaNorm(torch.nn.Module):
                                                           host={"row": f.host["bias_row"]}))
         return self._pages[1]
 
+    def static_plan(self) -> tuple:
+        """Graph mode (``DeltaLinear.static_plan``): whether the bias op runs, and the storage versions."""
+        return (bool(self.has_bias), self.rows.arenas["vec"].version, self.rows.fields.version)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         meta = self.batch.meta
+        if self.batch.static:  # graph mode: the tap always, the bias op whenever a slot has one here
+            return self._forward_static(x, y, meta)
         if meta.no_delta:
             return y
         if self.tap is not None:
@@ -126,6 +132,16 @@ class DeltaNorm(torch.nn.Module):
             y2 = y.view(-1, self.features)  # [num_tokens, n]
             self.batch.check_tokens(y2.shape[0], self.path)
             kernels.add_bias(y2, self.bias_pages(), meta)
+        return y
+
+    def _forward_static(self, x: torch.Tensor, y: torch.Tensor, meta) -> torch.Tensor:
+        if self.tap is not None:
+            self.tap.h = x.reshape(-1, self.features)  # [bucket, hidden]
+            self.tap.normed = y.view(-1, self.features)
+        if self.has_bias:
+            y2 = y.view(-1, self.features)
+            self.batch.check_tokens(y2.shape[0], self.path)
+            kernels.add_bias(y2, self.bias_pages(), meta)  # slots without a bias here: the neutral zero row
         return y
 
     def extra_repr(self) -> str:

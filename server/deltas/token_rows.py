@@ -123,7 +123,15 @@ class _RowsWrapper(torch.nn.Module):
         return self._pages[1]
 
     def _active(self, meta) -> bool:
+        if self.batch.static:  # graph mode: the op runs whenever a slot has rows here (count 0 for the others)
+            return bool(self.has)
         return not meta.no_delta and bool(self.has) and any(s in self.has for s in meta.active_slots_host)
+
+    def static_plan(self) -> tuple:
+        """Graph mode (``DeltaLinear.static_plan``): whether the op runs, its count bound, the storage versions."""
+        r = self.rows
+        return (bool(self.has), max(self._counts, default=0), tuple(a.version for a in r.arenas.values()),
+                r.fields.version)
 
     def extra_repr(self) -> str:
         return f"vocab={self.vocab}, hidden={self.hidden}, max_rows={self.max_rows}"

@@ -12,6 +12,9 @@ Before the step's forward it does the step's KV-prefix work (``prefix_cache.py``
 as they are; a prompt-tuning delta's virtual embeddings run through the model once, positions 0..N-1,
 with the delta's slot active so its weight terms apply too), then each :class:`BlockCopy` copies a prefix
 tail's few rows into a sequence's own last block.
+
+With ``config.cuda_graphs`` a pure decode step that fits a bucket replays a captured CUDA graph instead
+(``graphs.py``); every other step, and every step on the CPU, runs the eager path below unchanged.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 
 from ..config import ServerConfig
 from .attention import PagedCache, build_step, use_paged_attention
+from .graphs import DecodeGraphs
 from .kv_cache import KVCache, kv_layout_for
 from .prefix_cache import BlockCopy, PromptJob
 from .sampling import SampleRow, sample
@@ -93,6 +97,8 @@ class ModelRunner:
                                budget_bytes=kv_bytes or 0)
         self.kv = KVCache(layout, self.dtype, self.device)
         self.cache = PagedCache(self.kv)
+        # config.cuda_graphs (validated: CUDA only): pure decode steps replay graphs captured per bucket
+        self.graphs = DecodeGraphs(self) if config.cuda_graphs else None
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -113,6 +119,11 @@ class ModelRunner:
             self._copy_rows(copy)
         if not step.token_ids:  # a step that only computed prefixes (a delta made resident while idle)
             return StepResult([], None)
+        if self.graphs is not None and self.graphs.fits(step):
+            logits = self.graphs.run(step)  # [B, vocab]; None: capture failed, graphs are off, run eagerly
+            if logits is not None:
+                tokens, logprobs = sample(logits, step.sample_rows, step.want_logprobs)
+                return StepResult(tokens, logprobs, logits.float() if step.want_logits else None)
         meta = build_step(self.kv, step.block_tables, step.starts, step.lengths, device)
         self.cache.set_step(meta)
         # a step of prefill chunks that all stop short of their prompt's end still computes one row
