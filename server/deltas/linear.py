@@ -56,7 +56,7 @@ TERMS = {
     "up_bias": TermSpec("vec_out", "ad_up_bias_row"),
     "dora": TermSpec("dora", "dora_row"),
 }
-INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "bias_row": 0, "out_scale_row": 0, "in_scale_row": 0, "ad_start": 0,
+INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "lora_stack": 0, "lora_offset": 0, "bias_row": 0, "out_scale_row": 0, "in_scale_row": 0, "ad_start": 0,
               "ad_up_bias_row": 0, "ad_act": 0,
               "dora_row": 0, "dora_flag": 0, **{f"ad_width{i}": 0 for i in range(len(ADAPTER_SOURCES))}}
 FLOAT_FIELDS = {"lora_scale": 0.0, **{f"ad_scale{i}": 0.0 for i in range(len(ADAPTER_SOURCES))}}
@@ -106,6 +106,7 @@ class DeltaLinear(torch.nn.Module):
         self._pages: dict[str, tuple] = {}  # kind -> (key, pages) rebuilt when arenas or fields move
         self._dora_base_sq: torch.Tensor | None = None  # ||W_o||^2 [out], on the first DoRA delta
         self.tap: ResidualTap | None = None  # set on residual-site output modules
+        self.shared = None  # a shared_input.SharedInput when siblings on the same input share the LoRA shrink
 
     @classmethod
     def can_replace(cls, layer: torch.nn.Module) -> bool:
@@ -253,12 +254,15 @@ class DeltaLinear(torch.nn.Module):
         return hit[1]
 
     def lora_pages(self) -> kernels.LoraPages:
+        # A member of a SharedInput group reads its rows in the leader's arena (its run of each slot's stack).
+        arena = self.rows.arenas["lora"] if self.shared is None else self.shared.arena
+
         def build():
-            rows, f = self.rows.arenas["lora"].rows, self.rows.fields
+            rows, f = arena.rows, self.rows.fields
             return kernels.LoraPages(rows[:, :self.in_features], rows[:, self.w_in:self.w_in + self.out_features],
                                      f.view("lora_start"), f.view("lora_rank"), f.view("lora_scale"),
                                      max(self._ranks, default=0))
-        return self._cached("lora", ("lora",), max(self._ranks, default=0), build)
+        return self._cached("lora", ("lora",), (max(self._ranks, default=0), arena.version), build)
 
     def row_pages(self, kind: str) -> kernels.RowPages:
         def build():
@@ -304,7 +308,10 @@ class DeltaLinear(torch.nn.Module):
         if out_meta is not None:
             kernels.mul_rows(y2, self.row_pages("out_scale"), out_meta)
         if has["lora"] and any(s in has["lora"] for s in active):
-            kernels.add_lora(y2, x2.contiguous(), self.lora_pages(), meta)
+            if self.shared is not None:  # siblings on this same x share one shrink (shared_input.py)
+                self.shared.add_lora(self, y2, x, x2, meta)
+            else:
+                kernels.add_lora(y2, x2.contiguous(), self.lora_pages(), meta)
         if has["dora"] and any(s in has["dora"] for s in active):  # after the LoRA add, before the bias deltas
             kernels.scale_shift_rows(y2, self.dora_pages(), meta)
         bias_meta = _meta_for(meta, has["bias"])
