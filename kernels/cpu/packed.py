@@ -32,15 +32,12 @@ class CpuLoraShrink:
     """The shrink of one call: fp32 pieces of ``h`` per run / cluster / segment and the host values the expands
     need. Valid for the ``x``, ``pages`` and ``meta`` it was computed on."""
 
-    __slots__ = ("pages", "meta", "plan", "parts", "starts", "member_starts", "member_ranks", "member_scales",
-                 "num_tokens")
+    __slots__ = ("pages", "meta", "plan", "parts", "starts", "member_starts", "member_ranks")
 
     def __init__(self, pages: PackedLoraPages, meta: DeltaKernelMeta, plan: str, parts: list, starts: dict,
-                 member_starts: list[dict], member_ranks: list[dict], member_scales: list[dict]):
+                 member_starts: list[dict], member_ranks: list[dict]):
         self.pages, self.meta, self.plan, self.parts = pages, meta, plan, parts
-        self.starts = starts
-        self.member_starts, self.member_ranks, self.member_scales = member_starts, member_ranks, member_scales
-        self.num_tokens = meta.num_tokens
+        self.starts, self.member_starts, self.member_ranks = starts, member_starts, member_ranks
 
     def add_to(self, y: torch.Tensor, member: int) -> None:
         cpu_expand_lora(y, self, member)
@@ -50,35 +47,35 @@ class CpuLoraShrink:
 def cpu_shrink_lora(x: torch.Tensor, pages: PackedLoraPages, meta: DeltaKernelMeta) -> CpuLoraShrink:
     """The CPU backend of ``kernels.shrink_lora`` (which checks the arguments; semantics in
     ``kernels.PackedLoraPages``). A stack or a member's run leaving its rows is a ValueError."""
-    members = pages.members
-    m_starts = [gather.active_values(mp.start, meta) for mp in members]
-    m_ranks = [gather.active_values(mp.rank, meta) for mp in members]
-    m_scales = [gather.active_values(mp.scale, meta) for mp in members]
     if meta.no_delta or pages.max_rank == 0:
-        return CpuLoraShrink(pages, meta, "none", [], {}, m_starts, m_ranks, m_scales)
+        return CpuLoraShrink(pages, meta, "none", [], {}, [], [])
     ranks = gather.active_values(pages.rank, meta)
     starts = gather.active_values(pages.start, meta)
     work = [s for s in meta.active_slots_host if ranks[s] > 0]
     gather.check_runs("shrink_lora", "stack rank", starts, ranks, work, pages.a_rows.shape[0])
+    m_starts = [gather.active_values(mp.start, meta) for mp in pages.members]
+    m_ranks = [gather.active_values(mp.rank, meta) for mp in pages.members]
     for m, (ms, mr) in enumerate(zip(m_starts, m_ranks)):
-        for s in work:
-            o, r = ms[s] - starts[s], mr[s]
-            if r and (o < 0 or o + r > ranks[s]):
+        for s in meta.active_slots_host:
+            r = mr[s]
+            if r and (ms[s] < starts[s] or ms[s] + r > starts[s] + ranks[s]):
                 raise ValueError(f"shrink_lora: slot {s}: member {m}'s rank {r} from row {ms[s]} leaves its stack "
                                  f"of {ranks[s]} rows from row {starts[s]}")
-    for m, s in ((m, s) for m in range(len(members)) for s in meta.active_slots_host):
-        if ranks.get(s, 0) == 0 and m_ranks[m][s]:
-            raise ValueError(f"shrink_lora: slot {s}: member {m} has rank {m_ranks[m][s]} but its stack is empty")
     if not work:
-        return CpuLoraShrink(pages, meta, "none", [], starts, m_starts, m_ranks, m_scales)
+        return CpuLoraShrink(pages, meta, "none", [], starts, m_starts, m_ranks)
 
     def grouped_ok() -> bool:
-        return all(grouped.lora_ok(x, pages.a_rows, mp.b_rows) for mp in members)
+        return all(grouped.lora_ok(x, pages.a_rows, mp.b_rows) for mp in pages.members)
 
     plan = choose_plan(meta, padded_ok=False, grouped_ok=grouped_ok, dtype=x.dtype)
     if plan == "runs":
-        parts = [(a, b, s, _mm(x[a:b], pages.a_rows[starts[s]:starts[s] + ranks[s]]))
-                 for a, b, s in meta.runs_host if ranks.get(s, 0)]
+        a_rows = pages.a_rows
+        if len(meta.runs_host) == 1 and meta.all_tokens_active:  # one run of every token: no row slices
+            s = meta.runs_host[0][2]
+            parts = [(0, meta.num_tokens, s, _mm(x, a_rows[starts[s]:starts[s] + ranks[s]]))]
+        else:
+            parts = [(a, b, s, _mm(x[a:b], a_rows[starts[s]:starts[s] + ranks[s]]))
+                     for a, b, s in meta.runs_host if ranks[s]]
     elif plan == "grouped":
         parts = _grouped_shrink(x, pages, meta, starts, ranks, work, m_starts, m_ranks)
     else:
@@ -89,7 +86,7 @@ def cpu_shrink_lora(x: torch.Tensor, pages: PackedLoraPages, meta: DeltaKernelMe
             if ranks[s]:
                 a, b = meta.seg_start_host[k], meta.seg_start_host[k + 1]
                 parts.append((a, b, s, _mm(xs[a:b], pages.a_rows[starts[s]:starts[s] + ranks[s]])))
-    return CpuLoraShrink(pages, meta, plan, parts, starts, m_starts, m_ranks, m_scales)
+    return CpuLoraShrink(pages, meta, plan, parts, starts, m_starts, m_ranks)
 
 
 def _mm(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -119,14 +116,15 @@ def cpu_expand_lora(y: torch.Tensor, sh: CpuLoraShrink, member: int) -> None:
     if not sh.parts:
         return
     mp = sh.pages.members[member]
-    ms, mr, msc = sh.member_starts[member], sh.member_ranks[member], sh.member_scales[member]
+    ms, mr = sh.member_starts[member], sh.member_ranks[member]
     if sh.plan == "runs":
-        whole = len(sh.parts) == 1 and sh.parts[0][0] == 0 and sh.parts[0][1] == sh.num_tokens
+        scales = gather.active_values(mp.scale, sh.meta)
+        whole = sh.parts[0][1] - sh.parts[0][0] == sh.meta.num_tokens  # one run of every token
         for a, b, s, h in sh.parts:
             r = mr[s]
             if r:
                 o, st = ms[s] - sh.starts[s], ms[s]
-                _add(y if whole else y[a:b], h[:, o:o + r], mp.b_rows[st:st + r], msc[s])
+                _add(y if whole else y[a:b], h[:, o:o + r], mp.b_rows[st:st + r], scales[s])
     elif sh.plan == "grouped":
         for grp, comp, first, h in sh.parts:
             o, r = comp[member]
@@ -139,6 +137,7 @@ def cpu_expand_lora(y: torch.Tensor, sh: CpuLoraShrink, member: int) -> None:
                                      mp.b_rows.storage_offset() + (first + o) * rs)  # [G, r, out] cell views
             add_rows(y, grp.ids, F.grouped_mm(hp, b, offs=grp.offs))
     else:
+        scales = gather.active_values(mp.scale, sh.meta)
         ids = sh.meta.sorted_active_ids  # [N]
         ds = WS.get("packed_d", (ids.numel(), y.shape[1]), torch.float32, y.device)  # [N, out]
         ds.zero_()
@@ -146,7 +145,7 @@ def cpu_expand_lora(y: torch.Tensor, sh: CpuLoraShrink, member: int) -> None:
             r = mr[s]
             if r:
                 o, st = ms[s] - sh.starts[s], ms[s]
-                torch.mm(h[:, o:o + r], f32(mp.b_rows[st:st + r]), out=ds[a:b]).mul_(msc[s])
+                torch.mm(h[:, o:o + r], f32(mp.b_rows[st:st + r]), out=ds[a:b]).mul_(scales[s])
         add_rows(y, ids, ds)
 
 

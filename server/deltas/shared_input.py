@@ -137,6 +137,9 @@ class SharedInput:
             active = meta.active_slots_host
             todo = {i for i, m in enumerate(self.members)
                     if m.has["lora"] and any(s in m.has["lora"] for s in active)}
+            if len(todo) < 2:  # nothing to share this step (GQA q/v deltas: v alone in k/v): the plain op
+                kernels.add_lora(y2, x2.contiguous(), member.lora_pages(), meta)
+                return
             packed, pos = self.pages()
             live = self._live = [x, meta, kernels.shrink_lora(x2.contiguous(), packed, meta), todo, pos]
         i = self.index[id(member)]
