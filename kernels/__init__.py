@@ -187,5 +187,6 @@ def head_rows(logits, h, pages: TokenPages, meta) -> None:
 
 
 __all__ = ["ACT_CODES", "BACKENDS", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "LoraShrink",
-           "MetaBuffers", "PackedLoraPages", "RowPages", "ScaleShiftPages", "TokenPages", "add_bias", "add_bottleneck", "add_lora", "backend", "cpu",
+           "MetaBuffers", "PackedLoraPages", "RowPages", "ScaleShiftPages", "TokenPages", "add_bias", "add_bottleneck",
+           "add_lora", "backend", "cpu",
            "current_backend", "head_rows", "mul_rows", "replace_rows", "scale_shift_rows", "shrink_lora", "use_triton"]

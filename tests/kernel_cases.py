@@ -181,8 +181,9 @@ def packed_lora_pages(member_pools: list[dict], *, layout: str = "scattered", se
             m_start.append(row)
             m_off.append(offsets[s])
             offsets[s] += r
-        members.append(LoraPages(a_tab[:, :n_in], b_tab[:, :n_out], torch.tensor(m_start, dtype=torch.int32, device=dev),
-                                 mp["rank"], mp["scale"], max(ranks[m], default=0)))
+        members.append(LoraPages(a_tab[:, :n_in], b_tab[:, :n_out],
+                                 torch.tensor(m_start, dtype=torch.int32, device=dev), mp["rank"], mp["scale"],
+                                 max(ranks[m], default=0)))
         dense.append((stack_a, m_off, mp["lora_b"], mp["scale"], mp["rank"]))
     pages = PackedLoraPages(a_tab[:, :n_in], torch.tensor(starts, dtype=torch.int32, device=dev),
                             torch.tensor(totals, dtype=torch.int32, device=dev), max(totals, default=0), tuple(members))

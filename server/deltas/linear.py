@@ -18,7 +18,9 @@ Storage is paged by real size (D13, ``pages.py``): four row arenas, none allocat
     adapter   [*, 2 out_pad + pad]  a width-m adapter = m rows: down row | up column | down bias
     dora      fp32 [*, 2 out_pad]   a DoRA term = 1 row: g | (1 - g) b0 (``dora.py``; fp32 whatever the model)
 
-and a per-slot table (``slot_fields.py``) with each slot's rank, scale and first rows. A resident rank-16
+and a per-slot table (``slot_fields.py``) with each slot's rank, scale and first rows. Siblings on one input of
+equal widths (q/k/v, gate/up: ``shared_input.py``) keep their LoRA rows as one stack per slot in the first
+member's ``lora`` arena and share one shrink. A resident rank-16
 LoRA on a 4096 x 4096 fp16 projection holds 16 * 8192 * 2 = 256 KiB here, a rank-4 one 64 KiB: its own size.
 
 Each kind runs only when a slot active in this step has it at this layer, decided from host-side sets (no
@@ -56,8 +58,9 @@ TERMS = {
     "up_bias": TermSpec("vec_out", "ad_up_bias_row"),
     "dora": TermSpec("dora", "dora_row"),
 }
-INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "lora_stack": 0, "lora_offset": 0, "bias_row": 0, "out_scale_row": 0, "in_scale_row": 0, "ad_start": 0,
-              "ad_up_bias_row": 0, "ad_act": 0,
+# lora_stack / lora_offset: a SharedInput group's stack rows (its leader) and a member's row in it (shared_input.py)
+INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "lora_stack": 0, "lora_offset": 0, "bias_row": 0, "out_scale_row": 0,
+              "in_scale_row": 0, "ad_start": 0, "ad_up_bias_row": 0, "ad_act": 0,
               "dora_row": 0, "dora_flag": 0, **{f"ad_width{i}": 0 for i in range(len(ADAPTER_SOURCES))}}
 FLOAT_FIELDS = {"lora_scale": 0.0, **{f"ad_scale{i}": 0.0 for i in range(len(ADAPTER_SOURCES))}}
 

@@ -185,18 +185,21 @@ class DeltaModel:
             if growth[path]:
                 share = growth[path] + spare * growth[path] // max(exact, 1)
                 added += layer.rows.grow(demand, share)
-        for slot, staged in items:
-            if not 0 <= slot < self.slot_capacity:
-                raise InvalidArgument(f"delta slot {slot!r} out of range [0, {self.slot_capacity}): ensure_slots first")
-            for path, layer in self.layers.items():
-                st = staged.modules.get(path)
-                if st is None:
-                    layer.clear(slot)
-                else:
-                    layer.place(slot, st, self.slot_capacity)
-            self._place_prompt(slot, staged)
-        for group in self.groups:
-            group.sync()
+        try:
+            for slot, staged in items:
+                if not 0 <= slot < self.slot_capacity:
+                    raise InvalidArgument(f"delta slot {slot!r} out of range [0, {self.slot_capacity}): "
+                                          "ensure_slots first")
+                for path, layer in self.layers.items():
+                    st = staged.modules.get(path)
+                    if st is None:
+                        layer.clear(slot)
+                    else:
+                        layer.place(slot, st, self.slot_capacity)
+                self._place_prompt(slot, staged)
+        finally:  # the arenas may have moved even if a placement failed: members follow their stacks
+            for group in self.groups:
+                group.sync()
         return added
 
     def _place_prompt(self, slot: int, staged: StagedDelta) -> None:
