@@ -32,6 +32,12 @@ FAMILIES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 order. The step path checks the input object at run time, so a model that calls them on different tensors is
 still exact, only unfused."""
 
+CPU_PAIR_MIN_TOKENS = 4
+"""On the CPU backend a pair (k/v, gate/up) shares its shrink from this many active tokens: below it the packed
+op's host prelude costs more than the matmul it saves (bench_kernels --quick, one token of one rank-16 delta,
+1024 -> 256 / 2816: packed 1.13x / 1.24x of two add_lora; q/k/v 0.97x; 32 tokens of 32 deltas 0.86-0.96x,
+prefill 0.85-0.95x). On Triton every step shares: it saves a launch."""
+
 
 class SharedInput:
     def __init__(self, members: list):
@@ -137,8 +143,9 @@ class SharedInput:
             active = meta.active_slots_host
             todo = {i for i, m in enumerate(self.members)
                     if m.has["lora"] and any(s in m.has["lora"] for s in active)}
-            if len(todo) < 2:  # nothing to share this step (GQA q/v deltas: v alone in k/v): the plain op
-                kernels.add_lora(y2, x2.contiguous(), member.lora_pages(), meta)
+            if len(todo) < 2 or (len(todo) == 2 and meta.num_active_tokens < CPU_PAIR_MIN_TOKENS
+                                 and kernels.current_backend(x2) == "cpu"):
+                kernels.add_lora(y2, x2.contiguous(), member.lora_pages(), meta)  # nothing (worth) sharing
                 return
             packed, pos = self.pages()
             live = self._live = [x, meta, kernels.shrink_lora(x2.contiguous(), packed, meta), todo, pos]
