@@ -129,7 +129,8 @@ class Bench:
         torch.set_grad_enabled(False)
         self.bare = build_model(self.device, self.dtype, args.layers)
         self.peft_base = copy.deepcopy(self.bare)
-        dm = wrap_model(self.bare, max_slots=64, max_rank=32, max_bottleneck=64, max_tokens=1024)
+        dm = wrap_model(self.bare, max_slots=64, max_rank=32, max_bottleneck=64, max_tokens=1024,
+                        fuse_siblings=args.fuse == "on")
         self.dm = dm
         deltas = {key(i): random_lora_delta(dm, 16, seed=i) for i in range(NUM_DELTAS)}
         deltas.update({key(s): d for s, d in zip(MIX_SLOTS, mixed_deltas(dm))})
@@ -142,7 +143,7 @@ class Bench:
         self.res = Results(__file__, settings=dict(quick=args.quick, layers=args.layers, dtype=str(self.dtype),
                                                    hidden=self.bare.config.hidden_size, rank=16,
                                                    kernels=kernels.current_backend(torch.zeros(1, device=self.device)),
-                                                   threads=torch.get_num_threads()))
+                                                   threads=torch.get_num_threads(), fuse_siblings=args.fuse))
         self._peft = None
         self.clock = step_clock(self.device)
         self.res.settings["clock"] = "wall" if self.device.type == "cuda" else "process_cpu_time"
@@ -206,7 +207,8 @@ class Bench:
         torch.manual_seed(0)
         with torch.device(self.device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype).eval()
-        dm = wrap_model(model, max_slots=2, max_rank=8, max_bottleneck=8, max_tokens=512)
+        dm = wrap_model(model, max_slots=2, max_rank=8, max_bottleneck=8, max_tokens=512,
+                        fuse_siblings=self.args.fuse == "on")
         g = torch.Generator().manual_seed(11)
         mods = {}
         for path, layer in dm.layers.items():
@@ -348,6 +350,8 @@ def main() -> None:
     ap.add_argument("--skip-varied", action="store_true")
     ap.add_argument("--skip-deep", action="store_true", help="skip workload 3 (the 30-layer model, one request)")
     ap.add_argument("--deep-only", action="store_true", help="run workload 3 alone")
+    ap.add_argument("--fuse", choices=("on", "off"), default="on",
+                    help="siblings on one input (k/v, gate/up) share one LoRA shrink (wrap_model fuse_siblings)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on the shared 2-core machines a second OpenMP thread spins "
                          "whenever another process holds the other core; setup took 23 s with 2 threads vs 3 s with 1)")

@@ -25,6 +25,10 @@ DoRA (``time_dora``): its delta work is the LoRA op plus ``scale_shift_rows`` on
 ``dora_mixed_vs_alone`` = the column scale on a batch of 1 DoRA token among 31 plain-LoRA ones / on that
 token alone (1.0 = the other tokens pay nothing; when no DoRA slot is active the layer skips the op).
 
+Siblings on one input (``run_packed``): q/k/v (MHA), k/v (GQA) and gate/up through ``kernels.shrink_lora`` (one
+shrink over each slot's stack of the members' A rows, then each member's expand) against one ``add_lora`` per
+member, at decode (32 tokens of 32 deltas; 1 of 1) and prefill; ``packed_*`` = packed time / per-member time.
+
 The byte floor (``copy_gbs``, ``decode_floor_ratio``): in the same run, the machine's copy bandwidth is
 measured on a large tensor copy (256 MB read + 256 MB written, ``dst.copy_(src)``, bytes counted both ways as
 STREAM's "copy" does) on the threads the delta ops run on. For the decode points the delta work cannot take
@@ -52,8 +56,8 @@ import kernels  # noqa: E402
 from benchmarks.common import Results, time_many  # noqa: E402
 from kernels import DeltaKernelMeta, MetaBuffers, cpu  # noqa: E402
 from kernels.reference import ref_add_lora  # noqa: E402
-from tests.kernel_cases import (adapter_pages, bottleneck_pools, lora_pages, lora_pools, row_pages,  # noqa: E402
-                                scale_shift_pages)
+from tests.kernel_cases import (adapter_pages, bottleneck_pools, lora_pages, lora_pools,  # noqa: E402
+                                packed_lora_pages, row_pages, scale_shift_pages)
 
 # (name, in, out): the seven projections of the CPU benchmark Llama (DESIGN.md: hidden 1024,
 # intermediate 2816, 16 heads, 4 KV heads -> k/v out 256); on a GPU the 4096/11008 model.
@@ -232,11 +236,52 @@ def run_cpu(res, quick: bool) -> dict:
         print(f"  decode7{tag}: delta work {delta:.3f} ms, floor {floor:.3f} ms = x{delta / floor:.2f}; base "
               f"{base:.3f} ms", flush=True)
 
+    rows["packed"] = run_packed(res, n, 2816, 256, dt, dev)
+
     # other kinds, decode and prefill, on the q_proj shape
     for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
         rows[f"kinds_{label}"] = time_kinds(res, label, slots, n, dt, dev)
         rows[f"dora_{label}"] = time_dora(res, label, slots, n, dt, dev,
                                           lora=cpu.cpu_add_lora, scale_shift=cpu.cpu_scale_shift_rows)
+    return rows
+
+
+def time_packed(res, label: str, slots: list[int], n_in: int, outs: tuple[int, ...], dt, dev) -> dict:
+    """Siblings on one input (``kernels.shrink_lora``: one shrink over each slot's stack, then each member's
+    expand) against one ``add_lora`` per member, rank 16 each, stacks in rank-bucket regions; public ops, so
+    the backend is the device's."""
+    pools = [lora_pools(64, n_in, n_out, [16] * 64, max_rank=16, dtype=dt, device=dev, seed=m)
+             for m, n_out in enumerate(outs)]
+    pages, _ = packed_lora_pages(pools, layout="regions")
+    meta = DeltaKernelMeta.build(torch.tensor(slots, dtype=torch.int32, device=dev), slots)
+    x = torch.randn(len(slots), n_in, device=dev).to(dt)
+    ys = [torch.zeros(len(slots), n_out, device=dev, dtype=dt) for n_out in outs]
+
+    def packed():
+        sh = kernels.shrink_lora(x, pages, meta)
+        for m, y in enumerate(ys):
+            sh.add_to(y, m)
+
+    def per_member():
+        for y, mp in zip(ys, pages.members):
+            kernels.add_lora(y, x, mp, meta)
+
+    t = time_many({"packed": packed, "per_member": per_member}, device=dev, **TIMING)
+    row = {"point": f"packed_{label}", "tokens": len(slots), "distinct": meta.num_active, "in": n_in,
+           "outs": list(outs), "rank": 16, "packed_ms": t["packed"]["ms"], "per_member_ms": t["per_member"]["ms"],
+           "packed_vs_per_member": t["packed"]["ms"] / t["per_member"]["ms"]}
+    res.write(row)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return row
+
+
+def run_packed(res, hidden: int, inter: int, kv: int, dt, dev) -> dict:
+    """time_packed on q/k/v of MHA, k/v of GQA and gate/up, at decode (32 on 32, 1 on 1) and prefill."""
+    rows = {}
+    for label, slots in (("decode_t32_k32", list(range(32))), ("decode_t1_k1", [0]),
+                         ("prefill_t2048_k32", [j for j in range(32) for _ in range(64)])):
+        for fam, outs in (("qkv", (hidden,) * 3), ("kv", (kv, kv)), ("gateup", (inter, inter))):
+            rows[f"{fam}_{label}"] = time_packed(res, f"{fam}_{label}", slots, hidden, outs, dt, dev)
     return rows
 
 
@@ -337,6 +382,7 @@ def run_cuda(res, quick: bool) -> dict:
         r = time_point(res, f"decode7_{proj}", pt, ops=ops, flops_rank=16, loop=False)
         base, delta = base + r["base_ms"], delta + r["triton_ms"]
     rows["decode7_overhead"] = delta / base
+    rows["packed"] = run_packed(res, n, 11008, 1024, dt, dev)
     from kernels.scale_shift import triton_scale_shift_rows
     for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
         rows[f"dora_{label}"] = time_dora(res, label, slots, n, dt, dev, lora=triton_add_lora,
@@ -377,6 +423,10 @@ def main() -> None:
                     copy_gbs=rows["copy_gbs"], decode_floor_ratio=rows["decode_t32_k32"]["floor_ratio"],
                     prefill_peak_bw_frac=rows["prefill_t2048_k32"]["triton_peak_frac"],
                     rank_mix_vs_64=rows["rank_mix_vs_64"],
+                    packed_qkv_decode=rows["packed"]["qkv_decode_t32_k32"]["packed_vs_per_member"],
+                    packed_gateup_decode=rows["packed"]["gateup_decode_t32_k32"]["packed_vs_per_member"],
+                    packed_qkv_decode_t1=rows["packed"]["qkv_decode_t1_k1"]["packed_vs_per_member"],
+                    packed_qkv_prefill=rows["packed"]["qkv_prefill_t2048_k32"]["packed_vs_per_member"],
                     dora_overhead_vs_lora=rows["dora_decode"]["dora_overhead_vs_lora"],
                     dora_overhead_vs_lora_prefill=rows["dora_prefill"]["dora_overhead_vs_lora"],
                     dora_mixed_vs_alone=rows["dora_decode"]["dora_mixed_vs_alone"])
@@ -395,6 +445,10 @@ def main() -> None:
                     prefill_overhead=rows["prefill"]["cpu_overhead"],
                     prefill_speedup_vs_loop=rows["prefill"]["loop_ms"] / rows["prefill"]["cpu_ms"],
                     rank_mix_vs_64=rows["rank_mix_vs_64"],
+                    packed_qkv_decode=rows["packed"]["qkv_decode_t32_k32"]["packed_vs_per_member"],
+                    packed_gateup_decode=rows["packed"]["gateup_decode_t32_k32"]["packed_vs_per_member"],
+                    packed_qkv_decode_t1=rows["packed"]["qkv_decode_t1_k1"]["packed_vs_per_member"],
+                    packed_qkv_prefill=rows["packed"]["qkv_prefill_t2048_k32"]["packed_vs_per_member"],
                     bottleneck_decode=rows["kinds_decode"]["bottleneck"],
                     bitfit_decode=rows["kinds_decode"]["bitfit"], ia3_decode=rows["kinds_decode"]["ia3"],
                     dora_overhead_vs_lora=rows["dora_decode"]["dora_overhead_vs_lora"],

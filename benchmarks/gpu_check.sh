@@ -3,7 +3,8 @@
 #   1. kernel_tests   every tests/test_kernels_*.py on CUDA (the Triton kernels against the exact float64
 #                     reference, kernels/reference.py, fp32/fp16/bf16, the @pytest.mark.gpu large grids
 #                     included; the weights laid out as pages - packed, scattered, fragmented bucket
-#                     regions - with NaN in unowned rows; LoRA, adapters, BitFit/(IA)3, DoRA's column scale
+#                     regions - with NaN in unowned rows; LoRA, packed LoRA of siblings on one input
+#                     (tests/test_kernels_packed.py: kernels/packed.py), adapters, BitFit/(IA)3, DoRA's column scale
 #                     and trainable tokens; the CPU backend's tests too), log + JUnit XML;
 #   2. bench_kernels  Triton vs the CPU backend's torch code vs a loop over deltas, bandwidth vs peak (DoRA's
 #                     column scale on paged fp32 rows included);

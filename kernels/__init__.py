@@ -5,6 +5,7 @@ Public surface (docs/INTERFACES.md, section kernels/)::
 
     meta = DeltaKernelMeta.build(token_slots, token_slots_host=None, buffers=None)   # once per step
     add_lora(y, x, LoraPages(...), meta)
+    shrink_lora(x, PackedLoraPages(...), meta).add_to(y_m, m)    # siblings on one input: one shared shrink
     add_bottleneck(y, u, AdapterPages(...), meta)
     add_bias(y, RowPages(...), meta)
     mul_rows(t, RowPages(...), meta)
@@ -15,11 +16,12 @@ Public surface (docs/INTERFACES.md, section kernels/)::
 The pages (``pages.py``) say where each slot's weights are: row tensors and one int32 row index per slot
 (D13), never pointers; the ops do not care where the rows live.
 
-These seven functions are the only entry points of the ops. Each checks its arguments once (ValueError
+These eight functions are the only entry points of the ops. Each checks its arguments once (ValueError
 naming the argument and its shape; ``_checks.py``), then runs one backend, mutates its first argument
 and returns None. Each op comes in three parts:
 
-    Triton kernel + launcher   lora.py, bottleneck.py, rows.py,  triton_add_lora, triton_add_bottleneck,
+    Triton kernel + launcher   lora.py, packed.py, bottleneck.py, triton_add_lora, triton_shrink_lora,
+                               rows.py,                          triton_add_bottleneck,
                                scale_shift.py, token_rows.py     triton_add_bias, triton_mul_rows,
                                                                  triton_scale_shift_rows, triton_replace_rows,
                                                                  triton_head_rows
@@ -39,12 +41,12 @@ from contextlib import contextmanager
 import torch
 
 from . import cpu
-from ._checks import (check_bottleneck, check_head_rows, check_lora, check_replace_rows, check_rows_op,
-                      check_scale_shift)
+from ._checks import (check_bottleneck, check_head_rows, check_lora, check_lora_expand, check_lora_packed,
+                      check_replace_rows, check_rows_op, check_scale_shift)
 from ._triton import HAS_TRITON, INTERPRET, use_triton
 from .activations import ACT_CODES
 from .meta import DeltaKernelMeta, MetaBuffers
-from .pages import AdapterPages, LoraPages, RowPages, ScaleShiftPages, TokenPages
+from .pages import AdapterPages, LoraPages, PackedLoraPages, RowPages, ScaleShiftPages, TokenPages
 
 BACKENDS = ("auto", "triton", "cpu")
 
@@ -94,6 +96,33 @@ def add_lora(y, x, pages: LoraPages, meta) -> None:
         _triton()[0].triton_add_lora(y, x, pages, meta)
     else:
         cpu.cpu_add_lora(y, x, pages, meta)
+
+
+class LoraShrink:
+    """The shared shrink of one ``shrink_lora`` call; ``add_to(y, m)`` adds member m's LoRA into its output ``y``
+    [T, out_m] (in place), on the backend that ran the shrink. Valid for the x, pages and meta of that call."""
+
+    __slots__ = ("_impl", "_pages", "_meta")
+
+    def __init__(self, impl, pages: PackedLoraPages, meta):
+        self._impl, self._pages, self._meta = impl, pages, meta
+
+    def add_to(self, y, member: int) -> None:
+        """y[t] += scale_m[s] * (x[t] @ A_m,s.T) @ B_m,s.T: ``add_lora(y, x, pages.members[member], meta)``."""
+        check_lora_expand(y, self._pages, self._meta, member)
+        self._impl.add_to(y, member)
+
+
+def shrink_lora(x, pages: PackedLoraPages, meta) -> LoraShrink:
+    """The LoRA shrink of sibling projections reading the same input ``x`` [T, in], as one operation over each
+    slot's stack of A rows (``kernels.PackedLoraPages``): fp32 ``h_s = x[t] @ stack_s.T``; each member then adds
+    its expand with ``.add_to(y_m, m)``. Equal to ``add_lora(y_m, x, pages.members[m], meta)`` for every member."""
+    check_lora_packed(x, pages, meta)
+    if current_backend(x) == "triton":
+        from . import packed
+
+        return LoraShrink(packed.triton_shrink_lora(x, pages, meta), pages, meta)
+    return LoraShrink(cpu.cpu_shrink_lora(x, pages, meta), pages, meta)
 
 
 def add_bottleneck(y, u, pages: AdapterPages, meta) -> None:
@@ -157,6 +186,7 @@ def head_rows(logits, h, pages: TokenPages, meta) -> None:
         cpu.cpu_head_rows(logits, h, pages, meta)
 
 
-__all__ = ["ACT_CODES", "BACKENDS", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "MetaBuffers",
-           "RowPages", "ScaleShiftPages", "TokenPages", "add_bias", "add_bottleneck", "add_lora", "backend", "cpu",
-           "current_backend", "head_rows", "mul_rows", "replace_rows", "scale_shift_rows", "use_triton"]
+__all__ = ["ACT_CODES", "BACKENDS", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "LoraShrink",
+           "MetaBuffers", "PackedLoraPages", "RowPages", "ScaleShiftPages", "TokenPages", "add_bias", "add_bottleneck",
+           "add_lora", "backend", "cpu",
+           "current_backend", "head_rows", "mul_rows", "replace_rows", "scale_shift_rows", "shrink_lora", "use_triton"]

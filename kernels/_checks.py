@@ -16,7 +16,7 @@ import weakref
 import torch
 
 from .meta import DeltaKernelMeta
-from .pages import AdapterPages, LoraPages, RowPages, ScaleShiftPages, TokenPages
+from .pages import AdapterPages, LoraPages, PackedLoraPages, RowPages, ScaleShiftPages, TokenPages
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -120,6 +120,50 @@ def check_lora(y, x, pages, meta, op: str = "add_lora") -> None:
     _pages_once(pages, (op, dt, dev, n_out), own)
     expect(op, "x", x, (t_, pages.a_rows.shape[1]), dt, dev, contiguous=False)
     expect_meta(op, meta, t_, dev)
+
+
+def check_lora_packed(x, pages, meta, op: str = "shrink_lora") -> None:
+    """``kernels.shrink_lora``: the packed pages' own checks once per object (every member a LoraPages on the same
+    A rows, its tables as long as the stacks'), then the activations and the meta."""
+    if not isinstance(pages, PackedLoraPages):
+        raise ValueError(f"{op}: pages must be a kernels.PackedLoraPages, got {type(pages).__name__}")
+    t_, _ = expect(op, "x", x, (None, None), FLOAT_DTYPES, None, contiguous=False)
+    dev, dt = x.device, x.dtype
+
+    def own():
+        _rows(op, "pages.a_rows", pages.a_rows, None, dt, dev)
+        s_, = expect(op, "pages.rank", pages.rank, (None,), torch.int32, dev)
+        expect(op, "pages.start", pages.start, (s_,), torch.int32, dev)
+        _bound(op, "pages.max_rank", pages.max_rank)
+        if not isinstance(pages.members, tuple) or not pages.members:
+            raise ValueError(f"{op}: pages.members must be a non-empty tuple of kernels.LoraPages")
+        for m, mp in enumerate(pages.members):
+            name = f"pages.members[{m}]"
+            if not isinstance(mp, LoraPages):
+                raise ValueError(f"{op}: {name} must be a kernels.LoraPages, got {type(mp).__name__}")
+            a = mp.a_rows
+            if (tuple(a.shape) != tuple(pages.a_rows.shape) or a.data_ptr() != pages.a_rows.data_ptr()
+                    or a.stride() != pages.a_rows.stride()):
+                raise ValueError(f"{op}: {name}.a_rows (shape {list(a.shape)}) must be pages.a_rows "
+                                 f"(shape {list(pages.a_rows.shape)}): a member's rows live in the stacks")
+            n_rows = a.shape[0]
+            expect(op, f"{name}.b_rows", mp.b_rows, (n_rows, None), dt, dev, contiguous=False)
+            _rows(op, f"{name}.b_rows", mp.b_rows, mp.b_rows.shape[1], dt, dev)
+            for field, dtype in (("rank", torch.int32), ("start", torch.int32), ("scale", torch.float32)):
+                expect(op, f"{name}.{field}", getattr(mp, field), (s_,), dtype, dev)
+            _bound(op, f"{name}.max_rank", mp.max_rank)
+
+    _pages_once(pages, (op, dt, dev), own)
+    expect(op, "x", x, (t_, pages.a_rows.shape[1]), dt, dev, contiguous=False)
+    expect_meta(op, meta, t_, dev)
+
+
+def check_lora_expand(y, pages, meta, member, op: str = "shrink_lora(...).add_to") -> None:
+    """``LoraShrink.add_to``: the member exists and ``y`` is its output for the shrink's tokens."""
+    if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < len(pages.members):
+        raise ValueError(f"{op}: member must be an int in [0, {len(pages.members)}), got {member!r}")
+    mp = pages.members[member]
+    expect(op, "y", y, (meta.num_tokens, mp.b_rows.shape[1]), mp.b_rows.dtype, mp.b_rows.device, contiguous=False)
 
 
 def check_bottleneck(y, u, pages, meta, op: str = "add_bottleneck") -> None:

@@ -97,3 +97,26 @@ class TokenPages:
     id_start: torch.Tensor  # int32 [S] first entry of each slot's run in ids
     count: torch.Tensor  # int32 [S]; 0 = no trainable tokens here
     max_count: int  # host bound on count[s]
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLoraPages:
+    """LoRA of sibling projections that read the same input (q/k/v of one attention, gate/up of one MLP): one
+    shrink over each slot's *stack* of A rows, then each member's own expand (vLLM's packed modules, Punica's
+    fused shrink).  The stack of slot s is ``a_rows[start[s] : start[s] + rank[s]]``; member m's rows are the
+    ``members[m].rank[s]`` rows of it from ``members[m].start[s]`` (its B rows sit at the same row indices of
+    ``members[m].b_rows``), so its columns of the shrink ``h = x @ stack.T`` start at
+    ``members[m].start[s] - start[s]``::
+
+        h_s   = x[t] @ a_rows[start[s] : start[s] + rank[s]].T                     # [rank[s]], fp32
+        y_m[t] += scale_m[s] * h_s[o : o + r_m] @ b_rows_m[start_m[s] : start_m[s] + r_m]   o = start_m[s] - start[s]
+
+    which is ``add_lora(y_m, x, members[m], meta)`` with the shrink shared. Each member's ``a_rows`` is this
+    ``a_rows`` (its own run of the stack); a member with rank 0 at a slot reads nothing there."""
+
+    a_rows: torch.Tensor  # [N, in] every member's A rows, each slot's stack consecutive
+    start: torch.Tensor  # int32 [S] first row of each slot's stack
+    rank: torch.Tensor  # int32 [S] rows of the stack (the sum of the members' ranks); 0 = no LoRA here
+    max_rank: int  # host bound on rank[s]
+    members: tuple[LoraPages, ...]  # one per sibling, its rows inside the stacks
+    host: dict | None = None  # optional live host mirrors of start / rank (HOST_MIRRORS)

@@ -44,6 +44,19 @@ def ref_add_lora(y, x, lora_a, lora_b, scale, rank, slots) -> torch.Tensor:
     return out
 
 
+def ref_add_lora_packed(y, x, stack_a, offset, lora_b, scale, rank, slots) -> torch.Tensor:
+    """One member of a packed LoRA (``kernels.shrink_lora``): y[t] + scale[s] * (x[t] @ A.T) @ lora_b[s, :, :r].T
+    with A = stack_a[s, o : o + r] the member's rows of slot s's stack, o = offset[s], r = rank[s] (rank 0: y[t]).
+    y [T, out], x [T, in], stack_a [S, R, in], offset / rank [S], lora_b [S, out, Rm]; float64 [T, out]."""
+    out, x64 = _f64(y).clone(), _f64(x)
+    for s, ids in _tokens_by_slot(slots, out.device):
+        r, o = int(rank[s]), int(offset[s])
+        if r:
+            h = x64.index_select(0, ids) @ _f64(stack_a[s, o:o + r]).T  # [n_s, r]
+            out[ids] += float(scale[s]) * (h @ _f64(lora_b[s, :, :r]).T)
+    return out
+
+
 def ref_add_bottleneck(y, u, down, down_bias, up, up_bias, scale, width, act, slots) -> torch.Tensor:
     """y[t] + scale[s] * (act_s(u[t] @ down[s, :m].T + down_bias[s, :m]) @ up[s, :, :m].T + up_bias[s]) for
     s = slots[t] >= 0, m = width[s] (width 0: y[t], no up_bias either). ``u`` may be ``y``: both are read

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 
 import kernels
-from kernels import AdapterPages, LoraPages, RowPages, ScaleShiftPages, TokenPages
+from kernels import AdapterPages, LoraPages, PackedLoraPages, RowPages, ScaleShiftPages, TokenPages
 from tests.helpers import popularity
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,7 +87,7 @@ LAYOUTS = ("packed", "scattered", "regions", "reversed")
 """packed: runs back to back in slot order (the old pools' order); scattered: a random order with gaps of 0-3
 rows; regions: runs of one rank bucket as equal cells of a region, cells taken at random with free cells left
 between (a fragmented arena); reversed: runs in descending slot order."""
-BUCKET_LADDER = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 40, 51, 64)
+BUCKET_LADDER = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 40, 51, 64, 81, 102, 128, 152, 181, 215, 256)
 
 
 def _bucket(n: int) -> int:
@@ -151,6 +151,43 @@ def lora_pages(pools: dict, *, layout: str = "scattered", seed: int = 0, fill: f
     dev = a.device
     return LoraPages(table[:, :n_in], table[:, w_in:w_in + n_out], torch.tensor(starts, dtype=torch.int32, device=dev),
                      pools["rank"], pools["scale"], max(ranks, default=0))
+
+
+def packed_lora_pages(member_pools: list[dict], *, layout: str = "scattered", seed: int = 0,
+                      fill: float = GARBAGE) -> tuple[PackedLoraPages, list[tuple]]:
+    """Sibling LoRAs (one ``lora_pools`` dict per member, same slots and ``in``, any ``out`` and ranks) as packed
+    pages: each slot's stack holds its members' A rows in member order (rank-0 members take none), placed by
+    ``layout`` in one A table; each member's B rows at the same row indices of its own table. Returns the pages
+    and, per member, the dense reference arguments (stack_a [S, R, in], offset [S], lora_b, scale, rank)."""
+    a0 = member_pools[0]["lora_a"]
+    num_slots, n_in, dt, dev = a0.shape[0], a0.shape[2], a0.dtype, a0.device
+    ranks = [[int(r) for r in mp["rank"].tolist()] for mp in member_pools]
+    totals = [sum(r[s] for r in ranks) for s in range(num_slots)]
+    starts, num_rows = place(totals, layout, seed)
+    a_tab = _table(num_rows, _aligned(n_in, dt), fill, dt, dev)
+    top = max(totals + [1])
+    stack_a = torch.full((num_slots, top, n_in), GARBAGE, dtype=dt, device=dev)
+    members, dense = [], []
+    offsets = [0] * num_slots
+    for m, mp in enumerate(member_pools):
+        n_out = mp["lora_b"].shape[1]
+        b_tab = _table(num_rows, _aligned(n_out, dt), fill, dt, dev)
+        m_start, m_off = [], []
+        for s in range(num_slots):
+            r, row = ranks[m][s], starts[s] + offsets[s]
+            a_tab[row:row + r, :n_in] = mp["lora_a"][s, :r]
+            b_tab[row:row + r, :n_out] = mp["lora_b"][s, :, :r].t()
+            stack_a[s, offsets[s]:offsets[s] + r] = mp["lora_a"][s, :r]
+            m_start.append(row)
+            m_off.append(offsets[s])
+            offsets[s] += r
+        members.append(LoraPages(a_tab[:, :n_in], b_tab[:, :n_out],
+                                 torch.tensor(m_start, dtype=torch.int32, device=dev), mp["rank"], mp["scale"],
+                                 max(ranks[m], default=0)))
+        dense.append((stack_a, m_off, mp["lora_b"], mp["scale"], mp["rank"]))
+    pages = PackedLoraPages(a_tab[:, :n_in], torch.tensor(starts, dtype=torch.int32, device=dev),
+                            torch.tensor(totals, dtype=torch.int32, device=dev), max(totals, default=0), tuple(members))
+    return pages, dense
 
 
 def adapter_pages(pools: dict, *, layout: str = "scattered", seed: int = 0, fill: float = GARBAGE) -> AdapterPages:

@@ -18,7 +18,9 @@ Storage is paged by real size (D13, ``pages.py``): four row arenas, none allocat
     adapter   [*, 2 out_pad + pad]  a width-m adapter = m rows: down row | up column | down bias
     dora      fp32 [*, 2 out_pad]   a DoRA term = 1 row: g | (1 - g) b0 (``dora.py``; fp32 whatever the model)
 
-and a per-slot table (``slot_fields.py``) with each slot's rank, scale and first rows. A resident rank-16
+and a per-slot table (``slot_fields.py``) with each slot's rank, scale and first rows. Siblings on one input of
+equal widths (q/k/v, gate/up: ``shared_input.py``) keep their LoRA rows as one stack per slot in the first
+member's ``lora`` arena and share one shrink. A resident rank-16
 LoRA on a 4096 x 4096 fp16 projection holds 16 * 8192 * 2 = 256 KiB here, a rank-4 one 64 KiB: its own size.
 
 Each kind runs only when a slot active in this step has it at this layer, decided from host-side sets (no
@@ -56,8 +58,9 @@ TERMS = {
     "up_bias": TermSpec("vec_out", "ad_up_bias_row"),
     "dora": TermSpec("dora", "dora_row"),
 }
-INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "bias_row": 0, "out_scale_row": 0, "in_scale_row": 0, "ad_start": 0,
-              "ad_up_bias_row": 0, "ad_act": 0,
+# lora_stack / lora_offset: a SharedInput group's stack rows (its leader) and a member's row in it (shared_input.py)
+INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "lora_stack": 0, "lora_offset": 0, "bias_row": 0, "out_scale_row": 0,
+              "in_scale_row": 0, "ad_start": 0, "ad_up_bias_row": 0, "ad_act": 0,
               "dora_row": 0, "dora_flag": 0, **{f"ad_width{i}": 0 for i in range(len(ADAPTER_SOURCES))}}
 FLOAT_FIELDS = {"lora_scale": 0.0, **{f"ad_scale{i}": 0.0 for i in range(len(ADAPTER_SOURCES))}}
 
@@ -129,6 +132,7 @@ class DeltaLinear(torch.nn.Module):
         self._terms_version = 0  # bumped by place/clear: step plans decided before are stale
         self._plan: tuple | None = None  # (active slots, terms version, StepPlan or None) of the last step
         self.tap: ResidualTap | None = None  # set on residual-site output modules
+        self.shared = None  # a shared_input.SharedInput when siblings on the same input share the LoRA shrink
 
     @classmethod
     def can_replace(cls, layer: torch.nn.Module) -> bool:
@@ -279,14 +283,17 @@ class DeltaLinear(torch.nn.Module):
         return hit[1]
 
     def lora_pages(self) -> kernels.LoraPages:
+        # A member of a SharedInput group reads its rows in the leader's arena (its run of each slot's stack).
+        arena = self.rows.arenas["lora"] if self.shared is None else self.shared.arena
+
         def build():
-            rows, f = self.rows.arenas["lora"].rows, self.rows.fields
+            rows, f = arena.rows, self.rows.fields
             return kernels.LoraPages(rows[:, :self.in_features], rows[:, self.w_in:self.w_in + self.out_features],
                                      f.view("lora_start"), f.view("lora_rank"), f.view("lora_scale"),
                                      max(self._ranks, default=0),
                                      host={"start": f.host["lora_start"], "rank": f.host["lora_rank"],
                                            "scale": f.host["lora_scale"]})
-        return self._cached("lora", ("lora",), max(self._ranks, default=0), build)
+        return self._cached("lora", ("lora",), (max(self._ranks, default=0), arena.version), build)
 
     def row_pages(self, kind: str) -> kernels.RowPages:
         def build():
@@ -344,7 +351,10 @@ class DeltaLinear(torch.nn.Module):
         if plan.out_scale is not None:
             kernels.mul_rows(y2, self.row_pages("out_scale"), _sub(meta, plan.out_scale))
         if plan.lora:
-            kernels.add_lora(y2, x2.contiguous(), self.lora_pages(), meta)
+            if self.shared is not None:  # siblings on this same x share one shrink (shared_input.py)
+                self.shared.add_lora(self, y2, x, x2, meta)
+            else:
+                kernels.add_lora(y2, x2.contiguous(), self.lora_pages(), meta)
         if plan.dora:  # after the LoRA add, before the bias deltas
             kernels.scale_shift_rows(y2, self.dora_pages(), meta)
         if plan.bias is not None:

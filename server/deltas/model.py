@@ -41,6 +41,7 @@ from .batch import DeltaBatch
 from .linear import DeltaLinear
 from .norm import DeltaNorm
 from .pages import NoRoom
+from .shared_input import SharedInput, find_groups
 from .terms import Staged
 from .token_rows import DeltaEmbedding, DeltaHead
 
@@ -72,6 +73,7 @@ class DeltaModel:
     prompts: dict[int, PromptPart] = field(default_factory=dict)  # slot -> prompt part (device, model dtype)
     layered: set[int] = field(default_factory=set)  # slots whose delta has module terms (not a prompt part alone)
     _plan: tuple | None = field(default=None, repr=False)  # static_plan's cache; None after any write
+    groups: list[SharedInput] = field(default_factory=list)  # siblings sharing one LoRA shrink (shared_input.py)
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -81,11 +83,10 @@ class DeltaModel:
     def footprint(self, delta: Delta) -> int:
         """Device bytes ``delta``'s cells hold once resident: its bucketed rows and the neutral rows of the arenas
         it uses (shapes only; the upload check and the owner's budget use it, with ``slot_bytes``)."""
-        total = 0
-        for path, md in delta.modules.items():
-            layer = self.layers.get(path)
-            if layer is not None:
-                total += layer.rows.footprint(layer.term_rows(md))
+        rows = {path: self.layers[path].term_rows(md) for path, md in delta.modules.items() if path in self.layers}
+        for group in self.groups:  # members' LoRA rows as one stack on the leader
+            group.term_rows(rows)
+        total = sum(self.layers[path].rows.footprint(tr) for path, tr in rows.items())
         if delta.prompt is not None:  # kept whole, in the model's dtype: exactly its real bytes
             total += sum(t.numel() for t in delta.prompt.tensors().values()) * self.element_size
         return total
@@ -140,6 +141,8 @@ class DeltaModel:
         if not checked:
             self.check(delta)
         modules = {path: self.layers[path].stage(md, pin=pin) for path, md in delta.modules.items()}
+        for group in self.groups:
+            group.restage(modules)
         prompt = None
         if delta.prompt is not None:
             dt, pp = self.model_dtype, delta.prompt
@@ -185,16 +188,21 @@ class DeltaModel:
             if growth[path]:
                 share = growth[path] + spare * growth[path] // max(exact, 1)
                 added += layer.rows.grow(demand, share)
-        for slot, staged in items:
-            if not 0 <= slot < self.slot_capacity:
-                raise InvalidArgument(f"delta slot {slot!r} out of range [0, {self.slot_capacity}): ensure_slots first")
-            for path, layer in self.layers.items():
-                st = staged.modules.get(path)
-                if st is None:
-                    layer.clear(slot)
-                else:
-                    layer.place(slot, st, self.slot_capacity)
-            self._place_prompt(slot, staged)
+        try:
+            for slot, staged in items:
+                if not 0 <= slot < self.slot_capacity:
+                    raise InvalidArgument(f"delta slot {slot!r} out of range [0, {self.slot_capacity}): "
+                                          "ensure_slots first")
+                for path, layer in self.layers.items():
+                    st = staged.modules.get(path)
+                    if st is None:
+                        layer.clear(slot)
+                    else:
+                        layer.place(slot, st, self.slot_capacity)
+                self._place_prompt(slot, staged)
+        finally:  # the arenas may have moved even if a placement failed: members follow their stacks
+            for group in self.groups:
+                group.sync()
         return added
 
     def _place_prompt(self, slot: int, staged: StagedDelta) -> None:
@@ -217,6 +225,8 @@ class DeltaModel:
         self._plan = None
         for layer in self.layers.values():
             layer.clear(slot)
+        for group in self.groups:
+            group.sync()
         self.prompts.pop(slot, None)
         self.layered.discard(slot)
 
@@ -233,7 +243,10 @@ class DeltaModel:
     def compact(self) -> int:
         """Give every free cell back (arenas shrink to their live cells); returns the bytes freed."""
         self._plan = None
-        return sum(layer.rows.compact() for layer in self.layers.values())
+        freed = sum(layer.rows.compact() for layer in self.layers.values())
+        for group in self.groups:
+            group.sync()
+        return freed
 
     def static_plan(self) -> tuple:
         """Every wrapped layer's graph-mode plan (``DeltaLinear.static_plan``): the term kinds each holds, their
@@ -285,12 +298,13 @@ def _replace_submodule(model: torch.nn.Module, path: str, new: torch.nn.Module) 
 
 def wrap_model(model: torch.nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, max_slots: int = 32,
                max_rank: int = 64, max_bottleneck: int = 256, *, max_tokens: int = 4096,
-               max_token_rows: int = 64) -> DeltaModel:
+               max_token_rows: int = 64, fuse_siblings: bool = True) -> DeltaModel:
     """Replace the target modules of ``model`` by delta-aware wrappers sharing one DeltaBatch; returns a DeltaModel.
 
     ``max_slots``: the most distinct deltas one step may use (sizes the step's index buffers; the server passes
     ``max_running``); ``max_rank`` / ``max_bottleneck`` / ``max_token_rows``: validation limits. No delta memory
-    is allocated here.
+    is allocated here. ``fuse_siblings``: wrapped q/k/v (gate/up) of equal widths share one LoRA shrink
+    (``shared_input.py``); off, every projection runs its own ``add_lora``.
     """
     targets = tuple(targets)
     if not targets:
@@ -342,4 +356,6 @@ def wrap_model(model: torch.nn.Module, targets: Iterable[str] = DEFAULT_TARGETS,
         dm.layers[spec.output_head] = DeltaHead.from_layer(head, path=spec.output_head, **rows)
     for path, wrapper in dm.layers.items():
         _replace_submodule(model, path, wrapper)
+    if fuse_siblings:
+        dm.groups = find_groups(dm.layers)
     return dm

@@ -76,6 +76,7 @@ class SlotFields:
         self.set(slot, **self.defaults)
 
     def refresh(self, name: str) -> None:
-        """Copy the host mirror of ``name`` to the device in one write (after a relayout moved many rows)."""
+        """Copy the host mirror of ``name`` to the device in one write (after a relayout moved many rows). Callers
+        change the mirror in place (``host[name][:] = ...``): pages hand its list object to the kernels."""
         dtype = torch.int32 if name in self.int_names else torch.float32
         self.view(name).copy_(torch.tensor(self.host[name], dtype=dtype))

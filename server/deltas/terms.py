@@ -194,5 +194,5 @@ class TermRows:
                 cell = cells.get(term)
                 if cell is not None:
                     host[s] = arena.start(cell)
-            self.fields.host[spec.field] = host
+            self.fields.host[spec.field][:] = host  # in place: pages hold this list as their host mirror
             self.fields.refresh(spec.field)
