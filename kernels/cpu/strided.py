@@ -86,7 +86,7 @@ class _Rank:
 class _Plan:
     """A step's blocks for one layout: padded rows in rank, block, cell, token order."""
 
-    __slots__ = ("ranks", "rows", "hrows", "src", "slots", "real", "tok", "pads", "num_blocks")
+    __slots__ = ("ranks", "rows", "hrows", "src", "slots", "real", "tok", "pads", "blocks", "views")
 
     def __init__(self, ranks: list[_Rank], rows: int, hrows: int, src: torch.Tensor | None, slots: torch.Tensor,
                  real: torch.Tensor | None, tok: torch.Tensor | None, pads: torch.Tensor | None):
@@ -98,7 +98,8 @@ class _Plan:
         self.real = real  # int64 [n] padded rows that hold a real token; None: all of them
         self.tok = tok  # int64 [n] token of each real row; None: token i is row i (every token, in order)
         self.pads = pads  # int64 [P - n] padded rows that hold no token; None: none
-        self.num_blocks = sum(len(r.blocks) for r in ranks)
+        self.blocks = [(rk.size, blk) for rk in ranks for blk in rk.blocks]  # (rank, block) in row order
+        self.views: dict = {}  # views of this thread's scratch buffers, by buffer (``_scratch``)
 
 
 _PLANS: "weakref.WeakKeyDictionary[DeltaKernelMeta, dict]" = weakref.WeakKeyDictionary()
@@ -228,18 +229,39 @@ def _cells(pages, name: str, rows: torch.Tensor, first: int, blk: _Block, size: 
     return v
 
 
+def _bias_cells(pages, first: int, blk: _Block, size: int) -> torch.Tensor:
+    """[cells, 1, size] view of the per-row ``pages.down_bias`` [N] (any stride) over the block's cells."""
+    views = _VIEWS.get(pages)
+    if views is None:
+        views = _VIEWS[pages] = {}
+    key = ("down_bias", first, blk.stride, blk.cells, size)
+    v = views.get(key)
+    if v is None:
+        if len(views) >= MAX_VIEWS:
+            views.clear()
+        t = pages.down_bias
+        bs = t.stride(0)
+        v = views[key] = t.as_strided((blk.cells, 1, size), (blk.stride * bs, 0, bs), t.storage_offset() + first * bs)
+    return v
+
+
 def _rows3(buf: torch.Tensor, lo: int, blk: _Block, width: int) -> torch.Tensor:
     """[cells, tokens, width] view of the contiguous ``buf`` from element ``lo``."""
     return buf.as_strided((blk.cells, blk.tokens, width), (blk.tokens * width, width, 1), buf.storage_offset() + lo)
 
 
-def _shrink(xb: torch.Tensor, a: torch.Tensor, hb: torch.Tensor, tokens: int) -> None:
-    """hb [cells, L, r] = xb [cells, L, k] @ a [cells, k, r], in slices of SHRINK_ROWS token rows (see there)."""
+def _shrink(xb: torch.Tensor, a: torch.Tensor, hb: torch.Tensor, tokens: int, bias: torch.Tensor | None = None) -> None:
+    """hb [cells, L, r] = xb [cells, L, k] @ a [cells, k, r] (+ ``bias`` [cells, 1, r]), in slices of SHRINK_ROWS
+    token rows (see there)."""
     if tokens <= SHRINK_ROWS or tokens > SHRINK_SLICED_MAX:
-        torch.bmm(xb, a, out=hb)
-        return
-    for j in range(0, tokens, SHRINK_ROWS):
-        torch.bmm(xb[:, j:j + SHRINK_ROWS], a, out=hb[:, j:j + SHRINK_ROWS])
+        steps = ((slice(None), xb, hb),)
+    else:
+        steps = ((j, xb[:, j:j + SHRINK_ROWS], hb[:, j:j + SHRINK_ROWS]) for j in range(0, tokens, SHRINK_ROWS))
+    for _, xj, hj in steps:
+        if bias is None:
+            torch.bmm(xj, a, out=hj)
+        else:
+            torch.baddbmm(bias, xj, a, out=hj)
 
 
 def _token_rows(x: torch.Tensor, p: _Plan, name: str) -> torch.Tensor:
@@ -263,38 +285,69 @@ def _add_back(y: torch.Tensor, d: torch.Tensor, p: _Plan) -> None:
         add_rows(y, p.tok, d.index_select(0, p.real))
 
 
+def _scratch(p: _Plan, name: str, width: int, dtype: torch.dtype, device: torch.device):
+    """(the [rows, width] matrix, its per-block [cells, L, width] views) of a reused buffer (``tensors.WS``) for
+    the plan's padded rows; ``width`` 0: the h buffer, each rank's rows ``size`` wide. The views are kept on the
+    plan by the buffer's address, so the layers of a step build them once: each view costs ~1 us to make, ~5 us
+    on a loaded machine, against a bmm of ~5 us (``BLOCK_ROWS``). A kept view holds its buffer, so a regrown
+    buffer never shares an address with one still viewed."""
+    numel = p.hrows if width == 0 else p.rows * width
+    base = WS.buffers.get((name, device, dtype))
+    if base is None or base.numel() < max(numel, 1):
+        WS.get(name, (numel,), dtype, device)
+        base = WS.buffers[(name, device, dtype)]
+    key = (name, base.data_ptr(), width)
+    hit = p.views.get(key)
+    if hit is None:
+        blocks = []
+        for rk in p.ranks:
+            for blk in rk.blocks:
+                if width == 0:
+                    blocks.append(_rows3(base, rk.hpos + blk.hoff, blk, rk.size))
+                else:
+                    blocks.append(_rows3(base, blk.pos * width, blk, width))
+        mat = [base[rk.hpos:rk.hpos + rk.rows * rk.size].view(rk.rows, rk.size) for rk in p.ranks] if width == 0 \
+            else base[:numel].view(p.rows, width)
+        hit = p.views[key] = (mat, blocks)
+    return hit
+
+
+def _block_views(p: _Plan, t: torch.Tensor) -> list[torch.Tensor]:
+    """Per-block [cells, L, width] views of the contiguous [P, width] ``t`` (x or y itself: not kept)."""
+    return [_rows3(t, blk.pos * t.shape[1], blk, t.shape[1]) for rk in p.ranks for blk in rk.blocks]
+
+
 # ------------------------------------------------------------------------------------------- the ops
 def strided_lora(y: torch.Tensor, x: torch.Tensor, pages, ranks: dict[int, int], starts: dict[int, int],
                  work: list[int], meta: DeltaKernelMeta) -> None:
     """y[t] += scale[s] * (x[t] @ A_s.T) @ B_s.T for the tokens of ``work`` slots (active, rank > 0; ``ranks`` and
     ``starts`` the host values of the pages' tables). Shapes as ``kernels.add_lora``."""
     p = plan(meta, ranks, starts, work)
-    n_in, n_out, dt = x.shape[1], y.shape[1], pages.a_rows.dtype
-    xs = _token_rows(x, p, "st_x")  # [P, in]
-    h = WS.get("st_h", (p.hrows,), dt, y.device)  # each rank's [rows, r] in turn
-    for rk in p.ranks:
-        r = rk.size
-        for blk in rk.blocks:
-            _shrink(_rows3(xs, blk.pos * n_in, blk, n_in), _cells(pages, "a", pages.a_rows, starts[blk.head], blk, r, True),
-                    _rows3(h, rk.hpos + blk.hoff, blk, r), blk.tokens)
-    scale = pages.scale.index_select(0, p.slots).unsqueeze(1)  # [P, 1] fp32
-    if len(p.ranks) == 1:
-        h.view(p.rows, -1).mul_(scale)
+    dt, dev = pages.a_rows.dtype, y.device
+    if p.src is None:
+        xv = _block_views(p, x.contiguous())
     else:
-        for rk in p.ranks:
-            h[rk.hpos:rk.hpos + rk.rows * rk.size].view(rk.rows, rk.size).mul_(scale[rk.pos:rk.pos + rk.rows])
+        xs, xv = _scratch(p, "st_x", x.shape[1], x.dtype, dev)  # [P, in]
+        torch.index_select(x, 0, p.src, out=xs)
+    hs, hv = _scratch(p, "st_h", 0, dt, dev)  # per rank [rows, r]
+    blocks = p.blocks
+    for (r, blk), xb, hb in zip(blocks, xv, hv):
+        _shrink(xb, _cells(pages, "a", pages.a_rows, starts[blk.head], blk, r, True), hb, blk.tokens)
+    sc, _ = _scratch(p, "st_s", 1, torch.float32, dev)  # [P, 1] fp32: each row's slot scale
+    torch.index_select(pages.scale, 0, p.slots, out=sc.view(-1))
+    for rk, h in zip(p.ranks, hs):
+        h.mul_(sc[rk.pos:rk.pos + rk.rows] if len(p.ranks) > 1 else sc)
     direct = p.tok is None and y.dtype == torch.float32 and y.is_contiguous()  # rows are the tokens: add into y
-    d = y if direct else WS.get("st_d", (p.rows, n_out), dt, y.device)  # [P, out]
-    for rk in p.ranks:
-        r = rk.size
-        for blk in rk.blocks:
-            hb = _rows3(h, rk.hpos + blk.hoff, blk, r)
-            b = _cells(pages, "b", pages.b_rows, starts[blk.head], blk, r, False)
-            db = _rows3(d, blk.pos * n_out, blk, n_out)
-            if direct:
-                db.baddbmm_(hb, b)
-            else:
-                torch.bmm(hb, b, out=db)
+    if direct:
+        dv = _block_views(p, y)
+    else:
+        d, dv = _scratch(p, "st_d", y.shape[1], dt, dev)  # [P, out]
+    for (r, blk), hb, db in zip(blocks, hv, dv):
+        b = _cells(pages, "b", pages.b_rows, starts[blk.head], blk, r, False)
+        if direct:
+            db.baddbmm_(hb, b)
+        else:
+            torch.bmm(hb, b, out=db)
     if not direct:
         _add_back(y, d, p)
 
@@ -303,31 +356,32 @@ def strided_bottleneck(y: torch.Tensor, u: torch.Tensor, pages, widths: dict[int
                        acts: dict[int, int], work: list[int], meta: DeltaKernelMeta) -> None:
     """y[t] += scale[s] * (act_s(u[t] @ D_s.T + db_s) @ U_s.T + ub_s) for the tokens of ``work`` slots (active,
     width > 0). ``u`` may be ``y``: the token rows are gathered (or, all in order, copied) before anything is
-    added."""
+    added. The down bias is read as strided cell views too (added by the shrink's baddbmm), the up bias rows are
+    gathered as the expand's input."""
     p = plan(meta, widths, starts, work)
     hid, dt, dev = u.shape[1], pages.up_rows.dtype, y.device
-    us = _token_rows(u, p, "st_u")  # [P, h]
-    if p.src is None and us.data_ptr() == y.data_ptr():
-        us = WS.get("st_u", us.shape, us.dtype, dev).copy_(us)  # y is written below
-    d = WS.get("st_d", (p.rows, hid), dt, dev)  # [P, h]
-    for rk in p.ranks:
-        m = rk.size
-        hd = WS.get("st_h", (rk.rows, m), dt, dev)  # [rows, m] this width's down projections
-        for blk in rk.blocks:
-            _shrink(_rows3(us, blk.pos * hid, blk, hid),
-                    _cells(pages, "down", pages.down_rows, starts[blk.head], blk, m, True),
-                    _rows3(hd, blk.hoff, blk, m), blk.tokens)
-        slots = p.slots[rk.pos:rk.pos + rk.rows]  # [rows]
-        first = pages.start.index_select(0, slots).long().unsqueeze(1)  # [rows, 1]
-        bias = pages.down_bias.index_select(0, (first + torch.arange(m, device=dev)).reshape(-1)).view(-1, m)
-        h = f32(hd).add_(f32(bias))  # [rows, m] fp32 (hd itself when fp32: scratch)
+    if p.src is None:
+        us = u.contiguous()
+        if us.data_ptr() == y.data_ptr():
+            us = WS.get("st_u", us.shape, us.dtype, dev).copy_(us)  # y is written below
+        uv = _block_views(p, us)
+    else:
+        us, uv = _scratch(p, "st_u", hid, u.dtype, dev)  # [P, h]
+        torch.index_select(u, 0, p.src, out=us)
+    hs, hv = _scratch(p, "st_h", 0, dt, dev)  # per width [rows, m]
+    for (m, blk), ub, hb in zip(p.blocks, uv, hv):
+        first = starts[blk.head]
+        _shrink(ub, _cells(pages, "down", pages.down_rows, first, blk, m, True), hb, blk.tokens,
+                _bias_cells(pages, first, blk, m))
+    hps, hpv = _scratch(p, "st_hp", 0, dt, dev)  # per width [rows, m]: act(h) for the up bmm
+    for rk, h, hp in zip(p.ranks, hs, hps):
         codes = sorted({acts[s] for s in rk.members})
-        hp = WS.get("st_hp", (rk.rows, m), dt, dev)  # [rows, m] in the pages' dtype for the up bmm
-        hp.copy_(apply_act(h, codes, pages.act.index_select(0, slots) if len(codes) > 1 else None))
-        for blk in rk.blocks:
-            torch.bmm(_rows3(hp, blk.hoff, blk, m), _cells(pages, "up", pages.up_rows, starts[blk.head], blk, m, False),
-                      out=_rows3(d, blk.pos * hid, blk, hid))
-    dr = f32(d)  # [P, h] fp32 (d itself when fp32: scratch)
-    ub = pages.up_bias_rows.index_select(0, pages.up_bias_row.index_select(0, p.slots).long())  # [P, h]
-    dr.add_(f32(ub)).mul_(pages.scale.index_select(0, p.slots).unsqueeze(1))
-    _add_back(y, dr, p)
+        tok_act = pages.act.index_select(0, p.slots[rk.pos:rk.pos + rk.rows]) if len(codes) > 1 else None
+        hp.copy_(apply_act(f32(h), codes, tok_act))  # activations in fp32
+    d, dv = _scratch(p, "st_d", hid, dt, dev)  # [P, h]: starts as each row's up bias
+    torch.index_select(pages.up_bias_rows, 0, pages.up_bias_row.index_select(0, p.slots), out=d)
+    for (m, blk), hb, db in zip(p.blocks, hpv, dv):
+        db.baddbmm_(hb, _cells(pages, "up", pages.up_rows, starts[blk.head], blk, m, False))
+    sc, _ = _scratch(p, "st_s", 1, torch.float32, dev)  # [P, 1] fp32
+    torch.index_select(pages.scale, 0, p.slots, out=sc.view(-1))
+    _add_back(y, f32(d).mul_(sc), p)  # fp32 d: scaled in place (scratch)
