@@ -1,4 +1,4 @@
-"""Which of the CPU backend's five execution plans a call takes, chosen per call from the step metadata
+"""Which of the CPU backend's six execution plans a call takes, chosen per call from the step metadata
 (``kernels/cpu/__init__.py`` describes the plans and what each costs)."""
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ FEW_RUNS = 3
 """Up to this many same-slot runs the runs plan wins whatever their length: the grouped plan's fixed cost
 (token groups, offsets, two grouped_mm) is ~120 us against ~35 us a run (rank 8, 576 -> 576, one thread: 1 run
 69 vs 120 us, 3 runs 127 vs 150, 4 runs 157 vs 170, 8 runs 290 vs 217). Decode of one or a few requests on a
-delta (the 30-layer one-request point of bench_engine) is this case at every wrapped module."""
+delta (the 30-layer one-request point of bench_engine) is this case at every wrapped module. Against the strided
+plan the crossover is the same (1024 -> 1024, rank 16, loaded machine: 2 runs 91-105 vs 107-119 us, 3 runs 74-142
+vs 67-128, 4 runs 156-184 vs 146-154)."""
 
 PAD_MAX_WASTE = 2
 """padded plan: used while padding every slot's segment to the longest at most doubles the rows."""
@@ -41,7 +43,8 @@ _forced: list[str] = []
 def force_plan(plan: str):
     """Use ``plan`` for every call inside the block (tests cover each plan on the same inputs; the
     benchmark times them against each other to set RUN_MIN_TOKENS). "padded" and "grouped" fall back to
-    "gather" where they cannot run (several rank groups; no grouped_mm for the device or dtype)."""
+    "gather" where they cannot run (several rank groups; no grouped_mm for the device or dtype); "strided" runs
+    everywhere (torch.bmm on any layout, dtype and device)."""
     if plan not in PLANS:
         raise ValueError(f"force_plan: {plan!r} is not one of {', '.join(PLANS)}")
     _forced.append(plan)
@@ -62,7 +65,7 @@ def choose_plan(meta: DeltaKernelMeta, *, padded_ok=False, grouped_ok: bool | No
     or a callable asked only when the choice gets that far (it costs a pass over the slots);
     ``grouped_ok``: whether the grouped plan can run on the call's tensors (``grouped.lora_ok``; None:
     whether it runs on CPU fp32), a bool or a callable asked only when the choice gets that far; it is picked
-    unforced only for ``grouped.PREFERRED_DTYPES``."""
+    unforced only for ``grouped.PREFERRED_DTYPES``, as is the strided plan (``STRIDED_MAX_SEG``)."""
     if grouped_ok is None:
         grouped_ok = GROUPED_CPU_FP32
     if _forced:

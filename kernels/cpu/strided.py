@@ -13,24 +13,30 @@ into *blocks*: ``cells`` cells evenly spaced ``stride`` rows apart from the star
 every cell padded to the block's ``L`` tokens. One block is one bmm pair::
 
     A = a_rows.as_strided((cells, in, r), (stride * rs, 1, rs), start * rs)   # A cells transposed: no copy
-    h = bmm(xs [cells, L, in], A)                                               # [cells, L, r]
-    h *= scale of each row's slot
-    d = bmm(h, B view [cells, r, out])                                          # [cells, L, out]
-    y[token of each real row] += d[real rows]
+    h = bmm(xs [cells, L, in], A)                 # [cells, L, r]; xs rows already times their slot's scale
+    d = bmm(h, B view [cells, r, out])            # [cells, L, out]
+    y[token of each real row] += d                # pad rows zeroed; straight into y (baddbmm_) when the
+                                                  # tokens are the rows in order
 
-``xs`` is the step's active token rows in block order (one ``index_select``; none when the tokens already are in
-that order). A cell inside a block that holds no token of this step (a free cell, or a resident delta without
-tokens now), and a padded row of a cell with fewer than L tokens, are computed and dropped: they never reach
-``y``. Such a cell's rows are *read* (unlike the other plans, which read only active runs), so they may hold
-anything, NaN included, with no effect on the result; dropping them is cheaper than a new block while the cost
-model below says so.
+``xs`` is the step's active token rows in block order (one ``index_select``), multiplied by each row's slot scale
+before the shrink (fp32: the small ops all run before the bmm stream, see below; half types scale ``h`` in fp32
+and round it once, as the Triton kernel does). A cell inside a block that holds no token of this step (a free
+cell, or a resident delta without tokens now), and a padded row of a cell with fewer than L tokens, are computed
+and dropped: they never reach ``y``. Such a cell's rows are *read* (unlike the other plans, which read only
+active runs), so they may hold anything, NaN included, with no effect on the result.
 
 Cost model, in weight rows read: a block costs ``BLOCK_ROWS + cells * (r + TOKEN_ROWS * L)``; a member joins the
 current block (its start on the block's lattice, the gcd of the gaps) when the merged block costs no more than
 the two apart. So a hot slot with many tokens gets a block of its own instead of padding every cell to its
 count, and a fragmented region is cut where the holes cost more than a block. The blocks depend only on the
 layout relative to each rank's first start and on the per-slot token counts, so they are built once per step
-and shared by every layer with that layout (as the grouped plan's groups are).
+and shared by every layer with that layout (as the grouped plan's groups are), and so are the views of the
+scratch buffers (``_scratch``); the cell views are kept per pages object (``_cells``).
+
+Why so few small ops: on this 2-core machine a small torch op costs ~20 us, and ~55 us right after a bmm that
+streamed 2 MB of cells (the dispatcher's code and data left the 1.25 MB L2; ~130 us after a 16 MB read). A
+LoRA call is therefore: the scale and x rows gathered (and scaled), the shrink bmm of every block, the expand
+bmm of every block, one add back; two bmm and two dict lookups a block.
 """
 from __future__ import annotations
 
@@ -43,13 +49,18 @@ from ..meta import DeltaKernelMeta
 from .tensors import WS, add_rows, apply_act, f32
 
 BLOCK_ROWS = 24
-"""A block's fixed cost in weight rows: its two bmm calls and four views cost ~9 us of dispatch, the time to read
+"""A block's fixed cost in weight rows: its two bmm calls cost ~9 us of dispatch on an idle core, the time to read
 ~24 rows of 2048 fp32 (q_proj's A and B rows) at ~20 GB/s. With rank 16 one free cell between two members costs
-16 rows + its padding, less than a new block, so it is computed and dropped; two free cells are not."""
+16 rows + its padding, less than a new block, so it is computed and dropped; two free cells are not. Measured on
+the seven projections of the CPU benchmark model, 32 of 97 cells active (bench_kernels' regions layout), loaded
+machine: 12 -> 15 blocks 5.1-6.0 ms, 24 -> 10 blocks 5.6-6.1, 48 -> 8 blocks 6.6-7.5, 96 -> 5 blocks 8.3-8.5:
+a free cell read costs about what a block does, so larger values only add bytes."""
 
 TOKEN_ROWS = 4
 """A padded token row's cost in weight rows: measured, rank 16, 1024 -> 1024, 32 cells, bmm pair 198 us at one
-token a cell, 270 at 4 and 359 at 8, i.e. ~0.7 us a token row against ~0.2 us a weight row."""
+token a cell, 270 at 4 and 359 at 8, i.e. ~0.7 us a token row against ~0.2 us a weight row (its x row gathered,
+its d row written and added back cost more than the bmm's share). Zipf popularity, 32 tokens on 8 slots: 2 ->
+0.49 ms (50 padded rows), 4 -> 0.43 (36 rows), 8 -> 0.42, 16 -> 0.46 (33 rows, 4 blocks)."""
 
 
 SHRINK_ROWS = 12
@@ -324,19 +335,26 @@ def strided_lora(y: torch.Tensor, x: torch.Tensor, pages, ranks: dict[int, int],
     ``starts`` the host values of the pages' tables). Shapes as ``kernels.add_lora``."""
     p = plan(meta, ranks, starts, work)
     dt, dev = pages.a_rows.dtype, y.device
-    if p.src is None:
+    sc, _ = _scratch(p, "st_s", 1, torch.float32, dev)  # [P, 1] fp32: each row's slot scale
+    torch.index_select(pages.scale, 0, p.slots, out=sc.view(-1))
+    prescale = dt == torch.float32  # scale x's rows before the shrink (below)
+    if p.src is None and not prescale:
         xv = _block_views(p, x.contiguous())
     else:
         xs, xv = _scratch(p, "st_x", x.shape[1], x.dtype, dev)  # [P, in]
-        torch.index_select(x, 0, p.src, out=xs)
+        if p.src is None:
+            torch.mul(x, sc, out=xs)
+        else:
+            torch.index_select(x, 0, p.src, out=xs)
+            if prescale:
+                xs.mul_(sc)
     hs, hv = _scratch(p, "st_h", 0, dt, dev)  # per rank [rows, r]
     blocks = p.blocks
     for (r, blk), xb, hb in zip(blocks, xv, hv):
         _shrink(xb, _cells(pages, "a", pages.a_rows, starts[blk.head], blk, r, True), hb, blk.tokens)
-    sc, _ = _scratch(p, "st_s", 1, torch.float32, dev)  # [P, 1] fp32: each row's slot scale
-    torch.index_select(pages.scale, 0, p.slots, out=sc.view(-1))
-    for rk, h in zip(p.ranks, hs):
-        h.mul_(sc[rk.pos:rk.pos + rk.rows] if len(p.ranks) > 1 else sc)
+    if not prescale:  # half types: h scaled in fp32 and rounded once, as the Triton kernel does
+        for rk, h in zip(p.ranks, hs):
+            h.mul_(sc[rk.pos:rk.pos + rk.rows])
     direct = p.tok is None and y.dtype == torch.float32 and y.is_contiguous()  # rows are the tokens: add into y
     if direct:
         dv = _block_views(p, y)
