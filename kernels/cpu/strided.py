@@ -124,7 +124,7 @@ def plan(meta: DeltaKernelMeta, sizes: dict[int, int], starts: dict[int, int], w
     cache = _PLANS.get(meta)
     if cache is None:
         cache = _PLANS[meta] = {}
-    fast = (tuple([sizes[s] for s in work]), tuple([starts[s] for s in work]))
+    fast = ("at", tuple(work), tuple([sizes[s] for s in work]), tuple([starts[s] for s in work]))
     hit = cache.get(fast)
     if hit is None:
         by_size: dict[int, list[int]] = {}
