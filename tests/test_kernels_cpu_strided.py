@@ -224,3 +224,35 @@ def test_strided_is_chosen_for_decode_in_fp32():
     assert choose_plan(few) == "strided"
     hot = _meta([0, 1] * 2 + [0] * plans.STRIDED_MAX_SEG)
     assert choose_plan(hot) == ("grouped" if plans.GROUPED_CPU_FP32 else "segments")
+
+
+def test_inference_mode_then_normal_mode(monkeypatch):
+    # the server runs its forwards in inference mode; buffers (and their views) first made there are inference
+    # tensors, which torch refuses to write outside it: a later call outside (a test, a benchmark) remakes them
+    from kernels.cpu.tensors import WS
+    monkeypatch.setattr(WS, "buffers", {})
+    pools = lora_pools(6, 24, 40, [16, 4, 16, 8, 16, 1])
+    pages = lora_pages(pools, layout="regions", fill=NAN)
+    for slots in ([3, 1, 0, 2, -1, 4, 5], [0, 1, 2, 3, 4, 5]):  # gathered rows, then every token in cell order
+        meta = _meta(slots)
+        x, y = torch.randn(len(slots), 24), torch.randn(len(slots), 40)
+        expected = ref_add_lora(y, x, *[pools[k] for k in LORA_KEYS], slots)
+        with torch.inference_mode(), force_plan("strided"):
+            inside = y.clone()
+            cpu_add_lora(inside, x, pages, meta)
+        assert_close(inside, expected, **FP32_TOL, what="inside inference mode")
+        outside = y.clone()
+        with force_plan("strided"):
+            cpu_add_lora(outside, x, pages, meta)  # the same meta, so the same plan and its kept views
+        assert_close(outside, expected, **FP32_TOL, what="outside, after")
+    bn = bottleneck_pools(3, 24, [8, 4, 8], [1, 0, 3], max_width=8)
+    bpages = adapter_pages(bn, layout="regions", fill=NAN)
+    slots = [2, 0, 1, 0]
+    y = torch.randn(4, 24)
+    expected = ref_add_bottleneck(y, y, *[bn[k] for k in BN_KEYS], slots)
+    with torch.inference_mode(), force_plan("strided"):
+        cpu_add_bottleneck(y.clone(), y.clone(), bpages, _meta(slots))
+    out = y.clone()
+    with force_plan("strided"):
+        cpu_add_bottleneck(out, out, bpages, _meta(slots))
+    assert_close(out, expected, **BN_TOL, what="bottleneck outside, after")

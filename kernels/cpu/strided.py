@@ -303,11 +303,12 @@ def _scratch(p: _Plan, name: str, width: int, dtype: torch.dtype, device: torch.
     on a loaded machine, against a bmm of ~5 us (``BLOCK_ROWS``). A kept view holds its buffer, so a regrown
     buffer never shares an address with one still viewed."""
     numel = p.hrows if width == 0 else p.rows * width
+    inference = torch.is_inference_mode_enabled()
     base = WS.buffers.get((name, device, dtype))
-    if base is None or base.numel() < max(numel, 1):
+    if base is None or base.numel() < max(numel, 1) or (base.is_inference() and not inference):
         WS.get(name, (numel,), dtype, device)
         base = WS.buffers[(name, device, dtype)]
-    key = (name, base.data_ptr(), width)
+    key = (name, base.data_ptr(), width, inference)  # views made in inference mode are not written outside it
     hit = p.views.get(key)
     if hit is None:
         blocks = []
