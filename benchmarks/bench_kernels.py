@@ -18,7 +18,9 @@ The weights are pages (``kernels.LoraPages``, D13): by default 64 resident delta
 slot order (the layout of the fixed pools before D13, so figures compare across that change); the seven-
 projection decode step runs again with the runs in the server's rank-bucket regions with holes (``regions``)
 and with 2,000 resident deltas of which the step's 32 are scattered (``scattered2k``): the cost of paging at
-scale, where the CPU's grouped plan cuts the step's runs into clusters.
+scale, where the CPU's strided plan cuts the step's runs into blocks of evenly spaced cells
+(``kernels/cpu/strided.py``). Every point of the 64-token batch and the decode step also times each CPU plan
+forced (``plan_<name>_ms``).
 
 DoRA (``time_dora``): its delta work is the LoRA op plus ``scale_shift_rows`` on its tokens;
 ``dora_overhead_vs_lora`` = (LoRA + column scale) / LoRA at the same rank (target <= 1.10), and

@@ -10,10 +10,12 @@ launch over all active slots whatever their rank, and the storage can place each
     B of slot s    = b_rows[start[s] : start[s] + rank[s]].T        # [out, rank]
 
 Nothing here allocates or places anything: the server's arenas (``server/deltas/pages.py``) decide where
-runs go; the ops only follow the indices. Rows past a slot's own rank (or width) are never read, so
-they may hold anything, another tenant's values or NaN. A run's rows are consecutive, so the CPU
+runs go; the ops only follow the indices. Rows past a slot's own rank (or width) never reach a result (the CPU
+strided plan reads the cells between a block's members and drops them; nothing else reads them), so they may
+hold anything, another tenant's values or NaN. A run's rows are consecutive, so the CPU
 backend reads them as plain views (prefill, per-run matmuls) and, where runs of equal rank are evenly
-spaced (the arenas' rank-bucket regions), as one strided ``[G, rank, in]`` view for ``F.grouped_mm``.
+spaced (the arenas' rank-bucket regions), as one strided ``[G, rank, in]`` view for ``torch.bmm`` (decode) or
+``F.grouped_mm``.
 
 Running example, two slots, in = 3, out = 2, a_rows and b_rows the column halves of one [6, 5] tensor::
 

@@ -136,13 +136,15 @@ def _table(num_rows: int, width: int, fill: float, dtype, device) -> torch.Tenso
     return torch.full((num_rows, width), fill, dtype=dtype, device=device)
 
 
-def lora_pages(pools: dict, *, layout: str = "scattered", seed: int = 0, fill: float = GARBAGE) -> LoraPages:
+def lora_pages(pools: dict, *, layout: str = "scattered", seed: int = 0, fill: float = GARBAGE,
+               at: tuple[list[int], int] | None = None) -> LoraPages:
     """The LoRA of dense ``pools`` (``lora_pools``) as pages: A and B rows of each slot's rank side by side in
-    one row tensor (a_rows and b_rows its two column ranges), runs placed by ``layout``."""
+    one row tensor (a_rows and b_rows its two column ranges), runs placed by ``layout`` (or ``at``: the start row
+    of each slot and the rows of the tensor)."""
     a, b = pools["lora_a"], pools["lora_b"]  # [S, R, in], [S, out, R]
     ranks = pools["rank"].tolist()
     n_in, n_out = a.shape[2], b.shape[1]
-    starts, num_rows = place(ranks, layout, seed)
+    starts, num_rows = place(ranks, layout, seed) if at is None else at
     w_in = _aligned(n_in, a.dtype)
     table = _table(num_rows, w_in + _aligned(n_out, a.dtype), fill, a.dtype, a.device)
     for s, r in enumerate(ranks):
@@ -190,13 +192,14 @@ def packed_lora_pages(member_pools: list[dict], *, layout: str = "scattered", se
     return pages, dense
 
 
-def adapter_pages(pools: dict, *, layout: str = "scattered", seed: int = 0, fill: float = GARBAGE) -> AdapterPages:
+def adapter_pages(pools: dict, *, layout: str = "scattered", seed: int = 0, fill: float = GARBAGE,
+                  at: tuple[list[int], int] | None = None) -> AdapterPages:
     """The adapters of dense ``pools`` (``bottleneck_pools``) as pages: down, up and the down bias of each slot's
-    width in one row tensor; the up biases one row each in another, scattered."""
+    width in one row tensor; the up biases one row each in another, scattered. ``at`` as for ``lora_pages``."""
     down, up = pools["down"], pools["up"]  # [S, M, h], [S, h, M]
     widths = pools["width"].tolist()
     num_slots, hidden = down.shape[0], down.shape[2]
-    starts, num_rows = place(widths, layout, seed)
+    starts, num_rows = place(widths, layout, seed) if at is None else at
     w = _aligned(hidden, down.dtype)
     table = _table(num_rows, 2 * w + _aligned(1, down.dtype), fill, down.dtype, down.device)
     for s, m in enumerate(widths):

@@ -6,7 +6,7 @@ fp32 shrink buffer for the same reason). It runs on any device, but on CUDA only
 machine without triton. Each op runs on ``threads.op_threads()`` intra-op threads (default 1; the
 reason and the numbers are in ``threads.py``).
 
-Five execution plans, chosen per call from the step metadata (``plans.choose_plan``). Numbers: ratio
+Six execution plans, chosen per call from the step metadata (``plans.choose_plan``). Numbers: ratio
 of the delta to the base matmul, q_proj 1024x1024, r=16, fp32, 1 thread, CPU time
 (``benchmarks/bench_kernels.py``; a PEFT-style loop over the distinct deltas costs 1.4-1.5x at decode,
 T=32 on 32 deltas, and 0.43x at prefill, T=2048 on 32 deltas, on an idle 2-core machine):
@@ -15,10 +15,16 @@ T=32 on 32 deltas, and 0.43x at prefill, T=2048 on 32 deltas, on an idle 2-core 
   views add into ``y`` with no gather or scatter (prefill, one run per sequence: ~0.1x at T=2048).
   Chosen first whenever runs average RUN_MIN_TOKENS tokens: one big group costs grouped_mm 0.19 ms
   against 0.05 ms for the plain mm (T=64, one slot).
+* strided (``strided.py``): ``torch.bmm`` straight on strided ``[cells, r, in]`` views of evenly spaced cells
+  of one rank, each cell's tokens padded to the block's most (free cells inside a block are read and dropped),
+  blocks cut by a cost model, x rows gathered once and scaled, nothing of A or B gathered. The default in fp32
+  while no slot has more than ``STRIDED_MAX_SEG`` (8) tokens, i.e. decode: T=32 on 32 slots the seven Llama
+  projections together ~0.25-0.3x of their base matmuls with the runs back to back, ~0.45x in fragmented
+  rank-bucket regions, against ~0.45x / ~0.8x for the grouped plan (loaded 2-core machine).
 * grouped (``grouped.py``): tokens sorted by cell against strided views of the pages with ``F.grouped_mm``,
   one shrink/expand pair per cluster of evenly spaced runs of one rank, nothing gathered. The default
-  otherwise, where grouped_mm runs (CPU, fp32): decode T=32 on 32 slots ~0.5x (q_proj) and the seven Llama
-  projections together ~0.29x of their base matmuls, vs ~0.42x for the gathered plan.
+  otherwise, where grouped_mm runs (CPU, fp32): many tokens per slot, unevenly (zipf popularity, 256 tokens on
+  32 slots: 1.9 ms against 2.2 for the strided plan, whose cells would pad to the hot slots' counts).
 * padded: each active slot's tokens padded to the longest segment; A/B rows gathered once per slot and
   two batched matmuls (64 tokens on 8 or 32 slots: ~0.2x / ~0.65x, vs ~0.25x / ~1.0x for a loop).
 * segments: tokens gathered grouped by slot, one matmul pair per slot, scattered back (many tokens
@@ -29,7 +35,8 @@ T=32 on 32 deltas, and 0.43x at prefill, T=2048 on 32 deltas, on an idle 2-core 
   ~0.43x of their base matmuls.
 Every plan reads a slot's weights only inside its own run of rows (``kernels/pages.py``): the gathered plans
 clamp their row indices to the run and mask the copies past the slot's rank to zero, the others slice it
-(rows outside every run may hold NaN).
+(rows outside every run may hold NaN). The strided plan also reads the rows of cells between a block's
+members (free cells, idle slots' cells) and drops what it computed from them: they never reach ``y``.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import torch
 
 from ..meta import DeltaKernelMeta
 from ..pages import LoraPages
-from . import gather, grouped
+from . import gather, grouped, strided
 from .plans import FEW_RUNS, choose_plan, plan_forced
 from .tensors import WS, add_rows, f32
 from .threads import on_op_threads
@@ -46,7 +46,9 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
         return grouped.lora_ok(x, pages.a_rows, pages.b_rows)
 
     plan = choose_plan(meta, padded_ok=one_group, grouped_ok=grouped_ok, dtype=y.dtype)
-    if plan == "grouped":
+    if plan == "strided":
+        strided.strided_lora(y, x, pages, ranks, starts, work, meta)
+    elif plan == "grouped":
         grouped.grouped_lora(y, x, pages, ranks, starts, work, meta)
     elif plan == "padded":
         rmax = max(ranks[s] for s in work)

@@ -1,4 +1,4 @@
-"""Which of the CPU backend's five execution plans a call takes, chosen per call from the step metadata
+"""Which of the CPU backend's six execution plans a call takes, chosen per call from the step metadata
 (``kernels/cpu/__init__.py`` describes the plans and what each costs)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from ..meta import DeltaKernelMeta
 from . import grouped
 
-PLANS = ("runs", "segments", "padded", "gather", "grouped")
+PLANS = ("runs", "segments", "padded", "gather", "grouped", "strided")
 
 RUN_MIN_TOKENS = 4
 """Average run (or segment) length from which per-run matmuls beat the gathered bmm: one run costs
@@ -19,13 +19,22 @@ FEW_RUNS = 3
 """Up to this many same-slot runs the runs plan wins whatever their length: the grouped plan's fixed cost
 (token groups, offsets, two grouped_mm) is ~120 us against ~35 us a run (rank 8, 576 -> 576, one thread: 1 run
 69 vs 120 us, 3 runs 127 vs 150, 4 runs 157 vs 170, 8 runs 290 vs 217). Decode of one or a few requests on a
-delta (the 30-layer one-request point of bench_engine) is this case at every wrapped module."""
+delta (the 30-layer one-request point of bench_engine) is this case at every wrapped module. Against the strided
+plan the crossover is the same (1024 -> 1024, rank 16, loaded machine: 2 runs 91-105 vs 107-119 us, 3 runs 74-142
+vs 67-128, 4 runs 156-184 vs 146-154)."""
 
 PAD_MAX_WASTE = 2
 """padded plan: used while padding every slot's segment to the longest at most doubles the rows."""
 
 GROUPED_CPU_FP32 = grouped.supported(torch.empty(0))
 """Whether ``F.grouped_mm`` runs here on CPU fp32 (probed once at import): the default of ``choose_plan``."""
+
+STRIDED_MAX_SEG = 8
+"""The strided plan (``strided.py``) while no active slot has more than this many tokens (decode: one or a few
+requests per delta); past it the grouped plan. Measured, q_proj 1024 -> 1024, rank 16, one thread, loaded
+2-core machine, strided / grouped: 32 slots x 1 token 0.38 / 0.64 ms; 32 x 8 tokens interleaved 1.49 / 1.91;
+8 x 8 0.35 / 0.41; zipf popularity, 32 tokens on 8 slots (14 on the hottest) 0.42 / 0.37, 256 tokens on 32 slots
+(82) 2.21 / 1.90: uneven counts pad the cells' token rows, grouped_mm takes each group's own count."""
 
 _forced: list[str] = []
 
@@ -34,7 +43,8 @@ _forced: list[str] = []
 def force_plan(plan: str):
     """Use ``plan`` for every call inside the block (tests cover each plan on the same inputs; the
     benchmark times them against each other to set RUN_MIN_TOKENS). "padded" and "grouped" fall back to
-    "gather" where they cannot run (several rank groups; no grouped_mm for the device or dtype)."""
+    "gather" where they cannot run (several rank groups; no grouped_mm for the device or dtype); "strided" runs
+    everywhere (torch.bmm on any layout, dtype and device)."""
     if plan not in PLANS:
         raise ValueError(f"force_plan: {plan!r} is not one of {', '.join(PLANS)}")
     _forced.append(plan)
@@ -55,7 +65,7 @@ def choose_plan(meta: DeltaKernelMeta, *, padded_ok=False, grouped_ok: bool | No
     or a callable asked only when the choice gets that far (it costs a pass over the slots);
     ``grouped_ok``: whether the grouped plan can run on the call's tensors (``grouped.lora_ok``; None:
     whether it runs on CPU fp32), a bool or a callable asked only when the choice gets that far; it is picked
-    unforced only for ``grouped.PREFERRED_DTYPES``."""
+    unforced only for ``grouped.PREFERRED_DTYPES``, as is the strided plan (``STRIDED_MAX_SEG``)."""
     if grouped_ok is None:
         grouped_ok = GROUPED_CPU_FP32
     if _forced:
@@ -66,6 +76,8 @@ def choose_plan(meta: DeltaKernelMeta, *, padded_ok=False, grouped_ok: bool | No
     n = meta.num_active_tokens
     if len(meta.runs_host) <= FEW_RUNS or len(meta.runs_host) * RUN_MIN_TOKENS <= n:
         return "runs"
+    if dtype in grouped.PREFERRED_DTYPES and meta.max_seg_len <= STRIDED_MAX_SEG:
+        return "strided"
     if dtype in grouped.PREFERRED_DTYPES and _ask(grouped_ok):
         return "grouped"
     if meta.num_active * meta.max_seg_len <= PAD_MAX_WASTE * n and _ask(padded_ok):

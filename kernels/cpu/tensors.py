@@ -13,7 +13,9 @@ class Workspace(threading.local):
     """Grow-only scratch buffers per (name, device, dtype). Fresh multi-MB tensors per call cost page
     faults: measured on the q_proj shape (1024 -> 1024, r=16, 32 tokens of 32 distinct deltas, fp32), a
     per-token gathered bmm takes 0.65x of the base matmul with fresh gather tensors and 0.25x gathering
-    into reused ones (``index_select(..., out=)``). Thread-local, so concurrent forwards never share."""
+    into reused ones (``index_select(..., out=)``). Thread-local, so concurrent forwards never share. A buffer
+    first made inside ``torch.inference_mode()`` (the server's forwards) is an inference tensor, which torch
+    refuses to write outside that mode: such a buffer is made again when asked for outside it."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}
@@ -24,7 +26,7 @@ class Workspace(threading.local):
             need *= d
         key = (name, device, dtype)
         buf = self.buffers.get(key)
-        if buf is None or buf.numel() < need:
+        if buf is None or buf.numel() < need or (buf.is_inference() and not torch.is_inference_mode_enabled()):
             buf = torch.empty(max(need, 1), dtype=dtype, device=device)
             self.buffers[key] = buf
         return buf[:need].view(shape)
