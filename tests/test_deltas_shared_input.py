@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 import kernels
 from delta_store.base_spec import BaseSpec
 from delta_store.delta import Delta, LoraTerm, ModuleDelta
+from kernels.cpu import force_plan
 from server.deltas import wrap_model
 from server.deltas.linear import DeltaLinear
 from tests.helpers import TOLERANCES, assert_close, import_delta, tiny_llama
@@ -83,8 +84,9 @@ def test_fused_logits_equal_unfused_and_base_rows_bit_equal(model_type, kv_heads
                                ([-1, 2, 2, 0, 0, -1], [SEQ, 1, 1, 2, 1, SEQ])):
         calls.clear()
         kernels.shrink_lora = counted
-        try:
-            got = _forward(fused, ids, seq_slots, lengths)
+        try:  # grouped forced: unforced, the decode-like steps take the strided plan, which never shares (below)
+            with force_plan("grouped"):
+                got = _forward(fused, ids, seq_slots, lengths)
         finally:
             kernels.shrink_lora = real
         expected = _forward(plain, ids, seq_slots, lengths)
@@ -231,3 +233,26 @@ def test_a_freed_stack_cell_reused_by_another_slot_serves_its_rows():
     assert q.rows.capacity_bytes == held
     assert_close(_forward(fused, ids, [2, 0], [SEQ] * 2), _forward(plain, ids, [2, 0], [SEQ] * 2), **FUSED_TOL,
                  what="slot 2 in slot 1's freed cells")
+
+
+def test_a_strided_decode_step_runs_each_member_alone_on_cpu():
+    """Where each member's own op takes the CPU's strided decode plan (fp32, few tokens a slot), the group does not
+    share its shrink (the packed op has no strided plan: 2x slower there), and the logits are the unfused ones."""
+    base, fused, plain = _pair("llama", 4)
+    spec = BaseSpec.from_model(base)
+    for dm in (fused, plain):
+        for slot in range(6):
+            dm.set_delta(slot, _delta(spec, 50 + slot, {leaf: 4 for leaf in ALL}))
+    ids = torch.randint(0, 256, (6, SEQ), generator=torch.Generator().manual_seed(8))
+    slots, lengths = [3, 0, 5, 1, 4, 2], [1] * 6  # decode: one token on each of 6 distinct slots
+    fused.batch.prepare_sequences(slots, lengths)
+    assert kernels.cpu.choose_plan(fused.batch.meta) == "strided"
+    calls = []
+    real = kernels.shrink_lora
+    kernels.shrink_lora = lambda *a: (calls.append(1), real(*a))[1]
+    try:
+        got = _forward(fused, ids, slots, lengths)
+    finally:
+        kernels.shrink_lora = real
+    assert not calls
+    assert_close(got, _forward(plain, ids, slots, lengths), **FUSED_TOL, what="strided decode, members alone")

@@ -36,7 +36,10 @@ CPU_PAIR_MIN_TOKENS = 4
 """On the CPU backend a pair (k/v, gate/up) shares its shrink from this many active tokens: below it the packed
 op's host prelude costs more than the matmul it saves (bench_kernels --quick, one token of one rank-16 delta,
 1024 -> 256 / 2816: packed 1.13x / 1.24x of two add_lora; q/k/v 0.97x; 32 tokens of 32 deltas 0.86-0.96x,
-prefill 0.85-0.95x). On Triton every step shares: it saves a launch."""
+prefill 0.85-0.95x). Nor does it share where each member's own op takes the strided decode plan (fp32, at most
+``STRIDED_MAX_SEG`` tokens a slot): the packed op has no such plan, and at 32 tokens of 32 rank-16 deltas it took
+2.07x the time of three strided add_lora (q/k/v), 1.87x for gate/up (bench_kernels --quick after both landed).
+On Triton every step shares: it saves a launch."""
 
 
 class SharedInput:
@@ -144,8 +147,9 @@ class SharedInput:
             active = meta.active_slots_host
             todo = {i for i, m in enumerate(self.members)
                     if m.has["lora"] and any(s in m.has["lora"] for s in active)}
-            if len(todo) < 2 or (len(todo) == 2 and meta.num_active_tokens < CPU_PAIR_MIN_TOKENS
-                                 and kernels.current_backend(x2) == "cpu"):
+            on_cpu = kernels.current_backend(x2) == "cpu"
+            if len(todo) < 2 or (on_cpu and ((len(todo) == 2 and meta.num_active_tokens < CPU_PAIR_MIN_TOKENS)
+                                             or kernels.cpu.choose_plan(meta, dtype=x2.dtype) == "strided")):
                 kernels.add_lora(y2, x2.contiguous(), member.lora_pages(), meta)  # nothing (worth) sharing
                 return
             packed, pos = self.pages()
