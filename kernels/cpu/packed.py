@@ -68,6 +68,8 @@ def cpu_shrink_lora(x: torch.Tensor, pages: PackedLoraPages, meta: DeltaKernelMe
         return all(grouped.lora_ok(x, pages.a_rows, mp.b_rows) for mp in pages.members)
 
     plan = choose_plan(meta, padded_ok=False, grouped_ok=grouped_ok, dtype=x.dtype)
+    if plan == "strided":  # no packed strided shrink yet: the plan add_lora's chooser took before it
+        plan = "grouped" if grouped_ok() else "segments"
     if plan == "runs":
         a_rows = pages.a_rows
         if len(meta.runs_host) == 1 and meta.all_tokens_active:  # one run of every token: no row slices
