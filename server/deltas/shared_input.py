@@ -32,14 +32,14 @@ FAMILIES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 order. The step path checks the input object at run time, so a model that calls them on different tensors is
 still exact, only unfused."""
 
-CPU_PAIR_MIN_TOKENS = 4
-"""On the CPU backend a pair (k/v, gate/up) shares its shrink from this many active tokens: below it the packed
-op's host prelude costs more than the matmul it saves (bench_kernels --quick, one token of one rank-16 delta,
-1024 -> 256 / 2816: packed 1.13x / 1.24x of two add_lora; q/k/v 0.97x; 32 tokens of 32 deltas 0.86-0.96x,
-prefill 0.85-0.95x). Nor does it share where each member's own op takes the strided decode plan (fp32, at most
-``STRIDED_MAX_SEG`` tokens a slot): the packed op has no such plan, and at 32 tokens of 32 rank-16 deltas it took
-2.07x the time of three strided add_lora (q/k/v), 1.87x for gate/up (bench_kernels --quick after both landed).
-On Triton every step shares: it saves a launch."""
+CPU_MIN_TOKENS = 4
+"""On the CPU backend siblings share their shrink from this many active tokens: below it the packed op's host
+prelude costs more than the matmul it saves (bench_kernels --quick on the merged tree, one token of one rank-16
+delta: packed q/k/v 1.45x of three add_lora, which now take their few-runs path; pairs 1.13-1.24x before it).
+Nor do they share where each member's own op takes the strided decode plan (fp32, at most ``STRIDED_MAX_SEG``
+tokens a slot): the packed op has none and runs the grouped plan there, 1.40x (q/k/v) / 1.35x (gate/up) of the
+members' strided add_lora at 32 tokens of 32 deltas. Where it does share on the CPU (prefill, uneven decode) it
+took 0.89x. On Triton every step shares: it saves a launch."""
 
 
 class SharedInput:
@@ -148,7 +148,7 @@ class SharedInput:
             todo = {i for i, m in enumerate(self.members)
                     if m.has["lora"] and any(s in m.has["lora"] for s in active)}
             on_cpu = kernels.current_backend(x2) == "cpu"
-            if len(todo) < 2 or (on_cpu and ((len(todo) == 2 and meta.num_active_tokens < CPU_PAIR_MIN_TOKENS)
+            if len(todo) < 2 or (on_cpu and (meta.num_active_tokens < CPU_MIN_TOKENS
                                              or kernels.cpu.choose_plan(meta, dtype=x2.dtype) == "strided")):
                 kernels.add_lora(y2, x2.contiguous(), member.lora_pages(), meta)  # nothing (worth) sharing
                 return
