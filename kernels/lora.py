@@ -104,11 +104,12 @@ def _shrink_kernel(x_ptr, w_ptr, wb_ptr, h_ptr, start_ptr, rank_ptr, act_ptr, so
 
 
 @triton.jit
-def _expand_kernel(h_ptr, w_ptr, ub_ptr, y_ptr, scale_ptr, start_ptr, rank_ptr, ub_row_ptr, sorted_ptr, active_ptr,
-                   seg_start_ptr, count_ptr, N, stride_ht, stride_wr, stride_ub, stride_yt, M_HINT,
-                   HAS_BIAS: tl.constexpr, CAST_FP32: tl.constexpr, CAPACITY: tl.constexpr,
+def _expand_kernel(h_ptr, w_ptr, ub_ptr, y_ptr, scale_ptr, start_ptr, rank_ptr, ub_row_ptr, col_ptr, sorted_ptr,
+                   active_ptr, seg_start_ptr, count_ptr, N, stride_ht, stride_wr, stride_ub, stride_yt, M_HINT,
+                   HAS_BIAS: tl.constexpr, HAS_COL: tl.constexpr, CAST_FP32: tl.constexpr, CAPACITY: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[tok, n] += scale[slot] * (h[seg0 + m, :rank] @ w[row0 : row0 + rank, n] + ub[ub_row[slot], n])."""
+    """y[tok, n] += scale[slot] * (h[seg0 + m, o : o + rank] @ w[row0 : row0 + rank, n] + ub[ub_row[slot], n]),
+    o = row0 - col[slot] with HAS_COL (a packed member's columns of its stack's shrink), else 0."""
     pid_m = tl.program_id(0)
     pid_a = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -122,6 +123,8 @@ def _expand_kernel(h_ptr, w_ptr, ub_ptr, y_ptr, scale_ptr, start_ptr, rank_ptr, 
         offs_k = tl.arange(0, BLOCK_K)
         row0 = tl.load(start_ptr + slot).to(tl.int64)
         h_rows = h_ptr + (seg0 + offs_m).to(tl.int64)[:, None] * stride_ht
+        if HAS_COL:
+            h_rows += row0 - tl.load(col_ptr + slot).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, rank, BLOCK_K):  # the slot's own rank, not a pool's (D3)
             kk = k0 + offs_k
@@ -154,7 +157,7 @@ _EXPAND_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": RANK_
                    for bm, bn, w in ((16, 64, 4), (16, 128, 4), (32, 128, 4), (64, 128, 8), (64, 64, 4))]
 _shrink_tuned = triton.autotune(_SHRINK_CONFIGS, key=["K", "M_HINT", "CAST_FP32", "HAS_ACT", "CAPACITY"])(
     _shrink_kernel)
-_expand_tuned = triton.autotune(_EXPAND_CONFIGS, key=["N", "M_HINT", "CAST_FP32", "HAS_BIAS", "CAPACITY"],
+_expand_tuned = triton.autotune(_EXPAND_CONFIGS, key=["N", "M_HINT", "CAST_FP32", "HAS_BIAS", "HAS_COL", "CAPACITY"],
                                 restore_value=["y_ptr"])(_expand_kernel)
 
 
@@ -195,17 +198,18 @@ def shrink(x: torch.Tensor, w_rows: torch.Tensor, start: torch.Tensor, rank: tor
 
 def expand(y: torch.Tensor, h: torch.Tensor, w_rows: torch.Tensor, start: torch.Tensor, scale: torch.Tensor,
            rank: torch.Tensor, meta: DeltaKernelMeta, up_bias: torch.Tensor | None = None,
-           up_bias_row: torch.Tensor | None = None) -> None:
-    """y[tok_p] += scale[s] * (h[p, :rank[s]] @ w_rows[start[s] : start[s] + rank[s]] + up_bias[up_bias_row[s]]),
-    in place. w_rows [N, out] (any row stride), up_bias [Nv, out]."""
+           up_bias_row: torch.Tensor | None = None, h_col: torch.Tensor | None = None) -> None:
+    """y[tok_p] += scale[s] * (h[p, o : o + rank[s]] @ w_rows[start[s] : start[s] + rank[s]] + up_bias[up_bias_row[s]]),
+    in place, o = start[s] - h_col[s] (``h_col`` int32 [S]: where slot s's columns of ``h`` begin in rows, a packed
+    member's offset in its stack; None: o = 0). w_rows [N, out] (any row stride), up_bias [Nv, out]."""
     n_out = y.shape[1]
     cast = INTERPRET or y.dtype == torch.float32
     m_ext, a_ext, m_hint, count = segment_args(meta)
     has_bias = up_bias is not None
     args = (h, w_rows, up_bias if has_bias else w_rows, y, scale, start, rank, up_bias_row if has_bias else start,
-            *meta.launch_index, count, n_out, h.stride(0), w_rows.stride(0),
+            h_col if h_col is not None else start, *meta.launch_index, count, n_out, h.stride(0), w_rows.stride(0),
             up_bias.stride(0) if has_bias else 0, y.stride(0), m_hint)
-    flags = dict(HAS_BIAS=has_bias, CAST_FP32=cast, CAPACITY=meta.capacity)
+    flags = dict(HAS_BIAS=has_bias, HAS_COL=h_col is not None, CAST_FP32=cast, CAPACITY=meta.capacity)
     if y.is_cuda and not INTERPRET:
         grid = lambda META: (triton.cdiv(m_ext, META["BLOCK_M"]), a_ext,  # noqa: E731
                              triton.cdiv(n_out, META["BLOCK_N"]))
