@@ -92,6 +92,26 @@ def key(i: int) -> DeltaKey:
     return DeltaKey("bench", f"d{i}", 1, f"d{i}")
 
 
+def uniform_requests(variant: str, tag: str) -> list[tuple[float, GenerationRequest]]:
+    """Workload 1's 32 requests for ``variant`` (base, lora_<k>, mix), all arriving at once (also bench_graphs')."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(32):
+        if variant == "base":
+            delta = None
+        elif variant == "mix":
+            delta = None if i % 8 == 7 else key(MIX_SLOTS[i % 8] if i % 8 < 7 else 0)
+            if i % 8 < 3:  # and some rank-16 LoRA rows
+                delta = key(i % NUM_DELTAS) if i % 16 < 3 else delta
+        else:
+            delta = key(i % int(variant.split("_")[1]))
+        prompt = torch.randint(3, 32000, (16,), generator=g).tolist()
+        out.append((0.0, GenerationRequest(f"{tag}-{variant}-{i}", f"tenant{i % 4}", prompt,
+                                           SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True),
+                                           delta=delta)))
+    return out
+
+
 def resident_slots(dm, deltas: dict) -> Residency:
     """The residency owner holding every delta of ``deltas`` before timing (these benchmarks measure serving)."""
     budget = 2 * sum(dm.footprint(d) for d in deltas.values())  # every delta fits
@@ -156,33 +176,15 @@ class Bench:
         """Serve (arrival offset s, request) pairs as they arrive on the virtual clock; (makespan s, tokens)."""
         return serve_on(self.engine, self.steps, self.timed, requests)
 
-    def uniform_requests(self, variant: str, tag: str) -> list[tuple[float, GenerationRequest]]:
-        g = torch.Generator().manual_seed(1)
-        out = []
-        for i in range(32):
-            if variant == "base":
-                delta = None
-            elif variant == "mix":
-                delta = None if i % 8 == 7 else key(MIX_SLOTS[i % 8] if i % 8 < 7 else 0)
-                if i % 8 < 3:  # and some rank-16 LoRA rows
-                    delta = key(i % NUM_DELTAS) if i % 16 < 3 else delta
-            else:
-                delta = key(i % int(variant.split("_")[1]))
-            prompt = torch.randint(3, 32000, (16,), generator=g).tolist()
-            out.append((0.0, GenerationRequest(f"{tag}-{variant}-{i}", f"tenant{i % 4}", prompt,
-                                               SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True),
-                                               delta=delta)))
-        return out
-
     def uniform(self) -> dict:
         variants = ["base", "lora_1", "lora_8", "lora_32", "mix"]
         rounds = 1 if self.args.quick else 5
-        self.serve(self.uniform_requests("lora_32", "warm"))  # first-call paths, allocator
+        self.serve(uniform_requests("lora_32", "warm"))  # first-call paths, allocator
         samples = {v: [] for v in variants}
         overhead = {v: [] for v in variants}
         for r in range(rounds):
             for v in variants:
-                wall, tokens = self.serve(self.uniform_requests(v, f"r{r}"))
+                wall, tokens = self.serve(uniform_requests(v, f"r{r}"))
                 assert tokens == 32 * 32, tokens
                 samples[v].append(tokens / wall)
                 fwd, step = sum(s.forward_time for s in self.steps), sum(s.step_time for s in self.steps)
@@ -280,7 +282,7 @@ class Bench:
                                                  pad_token_id=0, **kw))
 
     def uniform_references(self, base_tps: float) -> dict:
-        prompts = [r.prompt_token_ids for _, r in self.uniform_requests("base", "ref")]
+        prompts = [r.prompt_token_ids for _, r in uniform_requests("base", "ref")]
         with self.peft().disable_adapter():
             hf = 32 * 32 / self.hf_generate(self.peft(), prompts, 32)
         mixed = 32 * 32 / self.hf_generate(self.peft(), prompts, 32, [f"a{i}" for i in range(32)])

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.bench_engine import DEEP_SHAPE, DEEP_TARGETS, MIX_SLOTS, NUM_DELTAS, key, mixed_deltas  # noqa: E402
-from benchmarks.bench_engine import resident_slots, serve_on  # noqa: E402
+from benchmarks.bench_engine import resident_slots, serve_on, uniform_requests  # noqa: E402
 from benchmarks.bench_model import build_model, random_lora_delta  # noqa: E402
 from benchmarks.common import Results, step_clock, timed_once  # noqa: E402
 from delta_store.delta import Delta, LoraTerm, ModuleDelta  # noqa: E402
@@ -90,24 +90,9 @@ def compare(res: Results, workload: str, eng: dict[str, Engine], variants: dict,
 
 
 def uniform_variants() -> dict:
-    def make(variant: str):
-        def build(tag: str) -> list[GenerationRequest]:
-            g = torch.Generator().manual_seed(1)
-            out = []
-            for i in range(32):
-                if variant == "base":
-                    delta = None
-                elif variant == "mix":
-                    delta = None if i % 8 == 7 else key(MIX_SLOTS[i % 8])
-                else:
-                    delta = key(i % int(variant.split("_")[1]))
-                prompt = torch.randint(3, 32000, (16,), generator=g).tolist()
-                out.append(GenerationRequest(f"{tag}-{variant}-{i}", f"tenant{i % 4}", prompt,
-                                             SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True),
-                                             delta=delta))
-            return out
-        return build
-    return {v: make(v) for v in ("base", "lora_1", "lora_32", "mix")}
+    """bench_engine's workload 1 (its ``uniform_requests``), as request lists per variant."""
+    return {v: (lambda tag, v=v: [r for _, r in uniform_requests(v, tag)])
+            for v in ("base", "lora_1", "lora_32", "mix")}
 
 
 def main() -> None:
