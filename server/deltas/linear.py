@@ -47,6 +47,7 @@ from .batch import DeltaBatch
 from . import dora as doras
 from .pages import RowArena
 from .slot_fields import SlotFields
+from .step_plan import StepPlan
 from .terms import Staged, TermRows, TermSpec, align
 
 TERMS = {
@@ -63,39 +64,6 @@ INT_FIELDS = {"lora_start": 0, "lora_rank": 0, "lora_stack": 0, "lora_offset": 0
               "in_scale_row": 0, "ad_start": 0, "ad_up_bias_row": 0, "ad_act": 0,
               "dora_row": 0, "dora_flag": 0, **{f"ad_width{i}": 0 for i in range(len(ADAPTER_SOURCES))}}
 FLOAT_FIELDS = {"lora_scale": 0.0, **{f"ad_scale{i}": 0.0 for i in range(len(ADAPTER_SOURCES))}}
-
-
-ALL = "all"  # a step plan's "every active slot has the term": the step's meta as is, nothing restricted
-
-
-class StepPlan:
-    """What one layer runs for one set of active slots, decided once from the host sets and reused by every step
-    with the same active slots until the layer's terms change (decode steps usually repeat their set). Each
-    one-row term holds ``ALL``, the frozenset of the active slots that have it here (its tokens only: the step's
-    meta restricted, ``meta.restrict``), or None (nothing to run). Per wrapped module at T = 1 this replaced
-    three set scans, two ``any`` over the active slots and a list over the adapter sources per step."""
-
-    __slots__ = ("in_scale", "out_scale", "lora", "dora", "bias", "sources")
-
-    def __init__(self, layer: "DeltaLinear", active: list[int]):
-        def which(has: set[int]):
-            mine = frozenset(s for s in active if s in has) if has else frozenset()
-            return None if not mine else (ALL if len(mine) == len(active) else mine)
-
-        h = layer.has
-        self.in_scale, self.out_scale, self.bias = which(h["in_scale"]), which(h["out_scale"]), which(h["bias"])
-        self.lora = bool(h["lora"]) and any(s in h["lora"] for s in active)
-        self.dora = bool(h["dora"]) and any(s in h["dora"] for s in active)
-        self.sources = tuple(i for i, has_i in enumerate(layer.has_adapter) if has_i and any(s in has_i for s in active))
-
-    @property
-    def empty(self) -> bool:
-        return not (self.lora or self.dora or self.sources) and self.in_scale is None and self.out_scale is None \
-            and self.bias is None
-
-
-def _sub(meta: kernels.DeltaKernelMeta, which) -> kernels.DeltaKernelMeta:
-    return meta if which is ALL else meta.restrict(which)
 
 
 def linear_features(layer: torch.nn.Module) -> tuple[int, int]:
@@ -343,13 +311,13 @@ class DeltaLinear(torch.nn.Module):
         batch.check_tokens(x2.shape[0], self.path)
         if plan.in_scale is not None:
             x_in = x2.clone()  # the shared input feeds q/k/v too: never scale it in place
-            kernels.mul_rows(x_in, self.row_pages("in_scale"), _sub(meta, plan.in_scale))
+            kernels.mul_rows(x_in, self.row_pages("in_scale"), plan.meta_for(meta, plan.in_scale))
             y = self.base(x_in.view(x.shape))
         else:
             y = self.base(x)
         y2 = y.view(-1, self.out_features)  # [num_tokens, out]; base outputs are fresh, contiguous tensors
         if plan.out_scale is not None:
-            kernels.mul_rows(y2, self.row_pages("out_scale"), _sub(meta, plan.out_scale))
+            kernels.mul_rows(y2, self.row_pages("out_scale"), plan.meta_for(meta, plan.out_scale))
         if plan.lora:
             if self.shared is not None:  # siblings on this same x share one shrink (shared_input.py)
                 self.shared.add_lora(self, y2, x, x2, meta)
@@ -358,7 +326,7 @@ class DeltaLinear(torch.nn.Module):
         if plan.dora:  # after the LoRA add, before the bias deltas
             kernels.scale_shift_rows(y2, self.dora_pages(), meta)
         if plan.bias is not None:
-            kernels.add_bias(y2, self.row_pages("bias"), _sub(meta, plan.bias))
+            kernels.add_bias(y2, self.row_pages("bias"), plan.meta_for(meta, plan.bias))
         if plan.sources:
             adapters.apply(self, y2, list(plan.sources), meta)
         if self.tap is not None:  # drop the references: one residual per site alive would cost 2*L*T*h
