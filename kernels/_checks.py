@@ -88,20 +88,27 @@ def _bound(op, name, value) -> None:
         raise ValueError(f"{op}: {name} must be a non-negative int (a host bound), got {value!r}")
 
 
-def _passed_lora(y, x, pages, meta, op: str) -> bool:
-    """The common case, asked first: ``pages`` already passed its own checks for y's dtype, device and width,
-    and y, x and meta agree in the few attribute reads below (the full checks, 10 us a call at T = 1 on this
-    machine, run otherwise and say what is wrong)."""
-    if type(meta) is not DeltaKernelMeta or type(pages) is not LoraPages or y.dim() != 2 or x.dim() != 2:
+def _passed(op: str, pages, cls, y, meta, other=None, width_of: str | None = None) -> bool:
+    """The common case, asked before the full checks: ``pages`` (a ``cls``) already passed its own checks for y's
+    dtype, device and width, and y, meta and the op's other activation (x of add_lora, as wide as the pages'
+    ``width_of`` rows; u of add_bottleneck, as wide as y) agree in a few attribute reads. The full checks (10 us a call at T = 1 on this
+    machine) run otherwise and say what is wrong."""
+    if type(pages) is not cls or type(meta) is not DeltaKernelMeta or not isinstance(y, torch.Tensor) or y.dim() != 2:
         return False
     if _PASSED.get(pages) != (op, y.dtype, y.device, y.shape[1]):
         return False
-    return (x.dtype == y.dtype and x.shape[0] == y.shape[0] == meta.num_tokens and x.shape[1] == pages.a_rows.shape[1]
-            and y.stride(1) == 1 and x.stride(1) == 1 and x.device == y.device == meta.token_slots.device)
+    if not (y.shape[0] == meta.num_tokens and y.stride(1) == 1 and y.device == meta.token_slots.device):
+        return False
+    if other is None:
+        return True
+    width = y.shape[1] if width_of is None else getattr(pages, width_of).shape[1]
+    return (isinstance(other, torch.Tensor) and other.dim() == 2 and other.dtype == y.dtype
+            and other.shape[0] == y.shape[0] and other.shape[1] == width and other.stride(1) == 1
+            and other.device == y.device)
 
 
 def check_lora(y, x, pages, meta, op: str = "add_lora") -> None:
-    if isinstance(y, torch.Tensor) and isinstance(x, torch.Tensor) and _passed_lora(y, x, pages, meta, op):
+    if _passed(op, pages, LoraPages, y, meta, x, "a_rows"):
         return
     if not isinstance(pages, LoraPages):
         raise ValueError(f"{op}: pages must be a kernels.LoraPages, got {type(pages).__name__}")
@@ -167,12 +174,8 @@ def check_lora_expand(y, pages, meta, member, op: str = "shrink_lora(...).add_to
 
 
 def check_bottleneck(y, u, pages, meta, op: str = "add_bottleneck") -> None:
-    if (type(pages) is AdapterPages and type(meta) is DeltaKernelMeta and isinstance(y, torch.Tensor)
-            and isinstance(u, torch.Tensor) and y.dim() == 2 and u.dim() == 2
-            and _PASSED.get(pages) == (op, y.dtype, y.device, y.shape[1]) and u.shape == y.shape
-            and u.dtype == y.dtype and y.shape[0] == meta.num_tokens and y.stride(1) == 1 and u.stride(1) == 1
-            and u.device == y.device == meta.token_slots.device):
-        return  # the short path, as _passed_lora
+    if _passed(op, pages, AdapterPages, y, meta, u):
+        return
     if not isinstance(pages, AdapterPages):
         raise ValueError(f"{op}: pages must be a kernels.AdapterPages, got {type(pages).__name__}")
     t_, h_ = expect(op, "y", y, (None, None), FLOAT_DTYPES, None, contiguous=False)
@@ -196,10 +199,8 @@ def check_bottleneck(y, u, pages, meta, op: str = "add_bottleneck") -> None:
 
 
 def check_rows_op(op: str, tname: str, t, pages, meta) -> None:
-    if (type(pages) is RowPages and type(meta) is DeltaKernelMeta and isinstance(t, torch.Tensor) and t.dim() == 2
-            and _PASSED.get(pages) == (op, t.dtype, t.device, t.shape[1]) and t.shape[0] == meta.num_tokens
-            and t.stride(1) == 1 and t.device == meta.token_slots.device):
-        return  # the short path, as _passed_lora: pages passed for this dtype/device/width, t and meta agree
+    if _passed(op, pages, RowPages, t, meta):
+        return
     if not isinstance(pages, RowPages):
         raise ValueError(f"{op}: pages must be a kernels.RowPages, got {type(pages).__name__}")
     t_, n_ = expect(op, tname, t, (None, None), FLOAT_DTYPES, None, contiguous=False)

@@ -17,7 +17,7 @@ of resident deltas) are gathered at the step's active slots first."""
 def active_values(pages, name: str, meta: DeltaKernelMeta):
     """slot -> ``pages.<name>[slot]`` as Python numbers for the step's active slots: the pages' live host mirror
     (a list indexed by slot, ``kernels.pages.HOST_MIRRORS``) when it has one, else a dict read from the tensor."""
-    host = getattr(pages, "host", None)
+    host = pages.host
     if host is not None:
         mirror = host.get(name)
         if mirror is not None:

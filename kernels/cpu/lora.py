@@ -19,12 +19,8 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
     Reads only each active slot's own rows; a run leaving the row tensors is a ValueError."""
     if meta.no_delta or pages.max_rank == 0:
         return
-    host = pages.host
-    if host is not None and "rank" in host and "start" in host and "scale" in host:
-        ranks, starts, scales = host["rank"], host["start"], host["scale"]  # live mirrors: no table read back
-    else:
-        ranks, starts = gather.active_values(pages, "rank", meta), gather.active_values(pages, "start", meta)
-        scales = gather.active_values(pages, "scale", meta)
+    ranks, starts = gather.active_values(pages, "rank", meta), gather.active_values(pages, "start", meta)
+    scales = gather.active_values(pages, "scale", meta)  # the host mirrors when the pages have them
     runs = meta.runs_host
     if len(runs) <= FEW_RUNS and not plan_forced():  # decode or prefill of a few sequences: no plan to choose
         whole = len(runs) == 1 and meta.all_tokens_active  # one run of every token: no row slices
