@@ -53,7 +53,7 @@ from load.models import build_model  # noqa: E402
 from load.phases import PhaseRunner  # noqa: E402
 from load.prom import scrape  # noqa: E402
 from load.record import CALL_TIMEOUT_S, GENEROUS_QUOTAS  # noqa: E402
-from load.workload import DeltaRef, PlannedRequest, WorkloadConfig, as_base, make_plan  # noqa: E402
+from load.workload import DeltaRef, PlannedRequest, WorkloadConfig, as_base, fresh_prompts, make_plan  # noqa: E402
 from server.client import AsyncClient  # noqa: E402
 
 UPLOAD_CONCURRENCY = 4
@@ -250,21 +250,26 @@ def main(argv=None) -> int:
                     plans[f"{pop}_{s.few}"] = with_deltas(arrivals, refs[:s.few], pop, s.zipf_s, seed=10 + j)
                     plans[f"{pop}_many"] = with_deltas(arrivals, refs, pop, s.zipf_s, seed=20 + j)
                 rows: dict[str, list[dict]] = {name: [] for name in plans}
+                salts = iter(range(1, 1 << 20))  # each phase its own prompt tokens: no prefix-cache hit across phases
+
+                def plan_of(name: str) -> list[PlannedRequest]:
+                    return fresh_prompts(plans[name], next(salts), vocab)
+
                 hits = misses = 0.0
                 for rnd in range(s.rounds):
-                    rows["base"].append(run.run(f"base_{rnd}a", "throughput", plans["base"], num_deltas=0, rate=rate))
+                    rows["base"].append(run.run(f"base_{rnd}a", "throughput", plan_of("base"), num_deltas=0, rate=rate))
                     for pop in POPULARITIES:
                         for which in (str(s.few), "many"):
                             name = f"{pop}_{which}"
                             before = memory_gauges(server.metrics_url)
-                            rows[name].append(run.run(f"{name}_{rnd}", "throughput", plans[name], popularity=pop,
+                            rows[name].append(run.run(f"{name}_{rnd}", "throughput", plan_of(name), popularity=pop,
                                                       num_deltas=s.few if which != "many" else s.num_deltas,
                                                       rate=rate))
                             if which == "many":
                                 after = memory_gauges(server.metrics_url)
                                 hits += after["hits"] - before["hits"]
                                 misses += after["misses"] - before["misses"]
-                    rows["base"].append(run.run(f"base_{rnd}b", "throughput", plans["base"], num_deltas=0, rate=rate))
+                    rows["base"].append(run.run(f"base_{rnd}b", "throughput", plan_of("base"), num_deltas=0, rate=rate))
             mem_end = memory_gauges(server.metrics_url)
             tracebacks = server.tracebacks
         finally:

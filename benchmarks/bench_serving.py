@@ -14,8 +14,10 @@ What it does, in order:
   3. from a separate process (``load/driver.py``), replays open-loop Poisson plans over grpc.aio:
      - saturation phases, arrivals at ``sat_factor`` x the base capacity (measured by a burst):
        rounds of 1..32 distinct deltas under uniform popularity, every round bracketed by phases
-       of the base model alone with the same arrivals, prompts and lengths; each ratio is taken
-       against the mean of its two brackets, and the median over rounds is reported;
+       of the base model alone with the same arrivals and lengths; each ratio is taken against the
+       mean of its two brackets, and the median over rounds is reported. Every phase draws its own
+       prompt tokens (``fresh_prompts``): with the same tokens the server's prefix cache would hand a
+       repeated phase the KV of an earlier one and skip its prefill;
      - latency phases, arrivals at ``lat_factor`` x the throughput sustained with the most deltas,
        so that every configuration keeps up: base alone, then uniform, zipf and one-hot-tenant
        popularity, each with ``cold_fraction`` of requests on never-seen deltas uploaded just
@@ -61,7 +63,8 @@ from load.models import build_model  # noqa: E402
 from load.phases import PhaseRunner  # noqa: E402
 from load.record import CALL_TIMEOUT_S, GENEROUS_QUOTAS  # noqa: E402
 from load.report import percentile  # noqa: E402
-from load.workload import OUTPUT_LEN, PROMPT_LEN, DeltaRef, LengthDist, WorkloadConfig, as_base, make_plan  # noqa: E402
+from load.workload import (OUTPUT_LEN, PROMPT_LEN, DeltaRef, LengthDist, WorkloadConfig, as_base,  # noqa: E402
+                           fresh_prompts, make_plan)
 
 POPULARITIES = ("uniform", "zipf", "hot")
 UPLOAD_CONCURRENCY = 4  # parallel UploadDelta streams: enough to overlap client and server work on 2 cores
@@ -76,7 +79,7 @@ class BenchSettings:
     lat_factor: float = 0.6  # latency arrivals = this x the throughput sustained with max(sweep) deltas
     sat_duration_s: float = 8.0
     sat_max_requests: int = 48
-    sat_repeats: int = 2  # rounds of the sweep, each bracketed by base phases
+    sat_repeats: int = 3  # rounds of the sweep, each bracketed by base phases: the median of 3 drops one noisy bracket
     lat_duration_s: float = 8.0
     lat_max_requests: int = 60
     cold_fraction: float = 0.15
@@ -154,13 +157,18 @@ def saturation(run: PhaseRunner, s: BenchSettings, warm: list[DeltaRef], vocab: 
     print(f"base capacity ~{calib['req_per_s']:.2f} req/s: saturation arrivals at {rate:.2f} req/s", flush=True)
     plans = {n: make_plan(s.workload(rate=rate, popularity="uniform", num_deltas=n, seed=3, vocab=vocab,
                                      latency=False), warm) for n in s.sweep}
-    base_plan = as_base(plans[s.sweep[0]])  # same arrivals, prompts and lengths, no delta
-    bases = [run.run("sat_base_0", "throughput", base_plan, num_deltas=0, rate=rate, rep=0)]
+    base_plan = as_base(plans[s.sweep[0]])  # same arrivals and lengths, no delta
+    salts = iter(range(1, 1 << 20))  # every phase its own prompt tokens: none reuses another's KV (fresh_prompts)
+
+    def phase(name: str, plan: list, **meta) -> dict:
+        return run.run(name, "throughput", fresh_prompts(plan, next(salts), vocab), rate=rate, **meta)
+
+    bases = [phase("sat_base_0", base_plan, num_deltas=0, rep=0)]
     rows: dict[int, list[dict]] = {n: [] for n in s.sweep}
     for rep in range(s.sat_repeats):
         for n in s.sweep:
-            rows[n].append(run.run(f"sat_deltas_{n}_{rep}", "throughput", plans[n], num_deltas=n, rate=rate, rep=rep))
-        bases.append(run.run(f"sat_base_{rep + 1}", "throughput", base_plan, num_deltas=0, rate=rate, rep=rep + 1))
+            rows[n].append(phase(f"sat_deltas_{n}_{rep}", plans[n], num_deltas=n, rep=rep))
+        bases.append(phase(f"sat_base_{rep + 1}", base_plan, num_deltas=0, rep=rep + 1))
     points = {}
     for n in s.sweep:
         ratios, cpu = [], []

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 from common import Results  # noqa: E402
 from load.models import SHAPES  # noqa: E402
-from load.workload import OUTPUT_LEN, PROMPT_LEN, DeltaRef, WorkloadConfig, as_base, make_plan  # noqa: E402
+from load.workload import (OUTPUT_LEN, PROMPT_LEN, DeltaRef, WorkloadConfig, as_base, fresh_prompts,  # noqa: E402
+                           make_plan)
 
 
 def build(shape: str, num_deltas: int, tmp: Path):
@@ -114,9 +115,11 @@ def main(argv=None) -> int:
             res = Results(__file__, {**vars(args), "clock": "process_cpu_time", "threads": 1}, out_dir=args.out_dir)
             serve(engine, plan[:8], keys, "warm")  # first-call paths, allocator
             tps = {"base": [], "deltas": []}
+            salt = 0
             for r in range(args.rounds):
                 for variant, p in (("base", as_base(plan)), ("deltas", plan)):
-                    cpu_s, tokens = serve(engine, p, keys, f"{variant}{r}")
+                    salt += 1  # each replay its own prompt tokens: no prefix-cache hit on an earlier round's KV
+                    cpu_s, tokens = serve(engine, fresh_prompts(p, salt, vocab), keys, f"{variant}{r}")
                     tps[variant].append(tokens / cpu_s)
                     res.write({"phase": f"{variant}_{r}", "variant": variant, "tokens": tokens, "cpu_s": cpu_s,
                                "tok_per_cpu_s": tokens / cpu_s})

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from load.record import Record  # noqa: E402
 from load.prom import Scrape, ScrapeError  # noqa: E402
 from load.report import cross_check, percentile, summarize  # noqa: E402
-from load.workload import DeltaRef, LengthDist, WorkloadConfig, as_base, make_plan  # noqa: E402
+from load.workload import DeltaRef, LengthDist, WorkloadConfig, as_base, fresh_prompts, make_plan  # noqa: E402
 
 WARM = [DeltaRef(i % 4, f"w{i}", "lora") for i in range(32)]
 COLD = [DeltaRef(i % 4, f"c{i}", "lora") for i in range(100)]
@@ -42,6 +42,19 @@ def test_plan_is_reproducible_and_the_base_twin_differs_only_in_delta():
     assert all(q.delta == "" and q.kind == "base" for q in base)
     assert [(p.at, p.prompt, p.max_new_tokens, p.seed) for p in a] == [(q.at, q.prompt, q.max_new_tokens, q.seed)
                                                                        for q in base]
+
+
+def test_fresh_prompts_keep_the_work_and_share_no_prefix_block():
+    plan = make_plan(_cfg(seed=3, vocab_size=259), WARM)
+    a, b, again = fresh_prompts(plan, 1, 259), fresh_prompts(plan, 2, 259), fresh_prompts(plan, 1, 259)
+    assert [p.prompt for p in a] == [p.prompt for p in again]  # reproducible from the salt
+    for q in (a, b):  # arrivals, deltas, lengths and seeds unchanged: the same work
+        assert [(p.at, p.delta, len(p.prompt), p.max_new_tokens, p.seed) for p in q] == \
+            [(p.at, p.delta, len(p.prompt), p.max_new_tokens, p.seed) for p in plan]
+        assert all(3 <= t < 259 for p in q for t in p.prompt)
+    # no two phases (nor two requests of one) share a first KV block of 16 tokens: nothing for the prefix cache
+    firsts = [tuple(p.prompt[:16]) for q in (plan, a, b) for p in q if len(p.prompt) >= 16]
+    assert len(set(firsts)) == len(firsts)
 
 
 @pytest.mark.parametrize("popularity", ["uniform", "zipf", "hot"])

@@ -33,11 +33,12 @@ class PhaseRunner:
         self.records: dict[str, list[Record]] = {}
         self.check_failures: list[str] = []
 
-    def _cpu(self) -> float | None:
+    def _cpu(self) -> tuple[float, float] | None:
+        """(user, system) CPU seconds of the server so far."""
         if self.server is None:
             return None
         t = self.server.cpu_times()
-        return t.user + t.system
+        return t.user, t.system
 
     def add(self, row: dict) -> dict:
         """A derived point (not a replay), written and kept like the others."""
@@ -51,9 +52,10 @@ class PhaseRunner:
         t0 = time.perf_counter()
         records = [Record(**d) for d in self.driver.run(self.address, self.keys, plan, self.hard_timeout_s)]
         wall = time.perf_counter() - t0
-        cpu = self._cpu() - cpu0 if cpu0 is not None else math.nan
+        user, system = (a - b for a, b in zip(self._cpu(), cpu0)) if cpu0 is not None else (math.nan, math.nan)
+        cpu = user + system
         stats = summarize(records)
-        stats["server_cpu_s"] = cpu
+        stats["server_cpu_s"], stats["server_sys_s"] = cpu, system  # system time: page faults, futex waits
         stats["tok_per_cpu_s"] = stats["output_tokens"] / cpu if cpu > 0 else math.nan
         check = None
         if before is not None:

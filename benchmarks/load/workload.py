@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 POPULARITY = ("none", "uniform", "zipf", "hot")
 
@@ -159,6 +159,18 @@ def make_plan(cfg: WorkloadConfig, warm: list[DeltaRef], cold: list[DeltaRef] = 
             cold=is_cold, prompt=[rng.randrange(3, cfg.vocab_size) for _ in range(n_prompt)],
             max_new_tokens=cfg.output_len.sample(rng), seed=rng.randrange(1 << 31)))
     return plan
+
+
+def fresh_prompts(plan: list[PlannedRequest], salt: int, vocab_size: int) -> list[PlannedRequest]:
+    """The same arrivals, lengths and deltas with new prompt tokens, drawn from ``salt``: phases that replay one
+    plan must not reuse each other's KV through prefix caching (D14), or the second of two identical phases
+    skips most of its prefill and a ratio bracketed by the two compares unequal work (bench_serving measured
+    base phases 1.5x apart in tokens per CPU-second that way)."""
+    out = []
+    for p in plan:
+        rng = random.Random(f"{salt}:{p.index}")
+        out.append(replace(p, prompt=[rng.randrange(3, vocab_size) for _ in p.prompt]))
+    return out
 
 
 def as_base(plan: list[PlannedRequest]) -> list[PlannedRequest]:
