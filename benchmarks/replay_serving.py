@@ -10,6 +10,13 @@ uniform popularity), but no server: every request is queued at once and ``Engine
 each step timed on this process's CPU clock (one torch thread), the base model alone on the same requests
 in each round. ``ratio_vs_base`` against bench_serving's ``cpu_ratio_vs_base`` at the same delta count is what
 the served path (gRPC, asyncio, detokenizing, metrics, threads) costs on top of the engine (docs/PROFILE.md).
+
+The byte floor of the served mix (``--floor-steps``, 0 to skip): one sequence on each resident delta, all of them in
+every step, the median decode step with the deltas against the same step on the base model alone, and the time the
+deltas' bytes (every term of every one, in the served dtype) take to read once at this machine's copy bandwidth
+(``bench_kernels.copy_bandwidth``, one thread): ``floor_ratio_vs_base`` = base / (base + floor) is the best a
+decode step of that mix can do here, ``achieved_vs_floor`` = (deltas - base) / floor how far the delta work is
+from it.
 """
 from __future__ import annotations
 
@@ -91,16 +98,71 @@ def serve(engine, plan, keys: dict, tag: str) -> tuple[float, int]:
     return cpu_s, tokens
 
 
+def delta_bytes(store, keys: dict, element_size: int) -> int:
+    """Bytes of every term of every delta of ``keys`` at ``element_size`` bytes an element: what a decode step with
+    one token on each of them reads at least once."""
+    return sum(t.numel() * element_size for key in keys.values()
+               for md in store.load_key(key).modules.values() for t in md.tensors().values())
+
+
+def decode_steps(engine, keys: dict, vocab: int, steps: int, tag: str, with_deltas: bool) -> float:
+    """Median CPU seconds of ``steps`` decode steps of one sequence per delta of ``keys`` (on the base model alone
+    unless ``with_deltas``), after their prefill; the sequences then run to their end."""
+    import random
+
+    from server.types import GenerationRequest, SamplingParams
+
+    rng = random.Random(tag)  # fresh tokens: no prefix-cache hit on another phase's KV
+    for i, key in enumerate(keys.values()):
+        prompt = [rng.randrange(3, vocab) for _ in range(20 + i)]
+        engine.add_request(GenerationRequest(f"{tag}-{i}", "replay", prompt,
+                                             SamplingParams(max_new_tokens=steps + 2, temperature=0, ignore_eos=True),
+                                             delta=key if with_deltas else None))
+    sched = engine.scheduler
+    while sched.num_waiting or any(not s.output_ids for s in sched.running):
+        engine.step()  # prefill (and the first token) of every sequence
+    times = []
+    for _ in range(steps):
+        t0 = time.process_time()
+        engine.step()
+        times.append(time.process_time() - t0)
+    while engine.scheduler.has_work():
+        engine.step()
+    return statistics.median(times)
+
+
+def floor_point(engine, keys: dict, vocab: int, store, res, steps: int) -> dict:
+    from bench_kernels import copy_bandwidth
+
+    gbs = copy_bandwidth(res, "cpu")
+    nbytes = delta_bytes(store, keys, next(engine.runner.model.parameters()).element_size())
+    base = statistics.median(decode_steps(engine, keys, vocab, steps, f"floor-base{r}", False) for r in range(2))
+    deltas = statistics.median(decode_steps(engine, keys, vocab, steps, f"floor-deltas{r}", True) for r in range(2))
+    floor = nbytes / (gbs * 1e9)
+    row = {"phase": "decode_floor", "sequences": len(keys), "delta_bytes": nbytes, "copy_gbs": gbs,
+           "base_step_ms": 1e3 * base, "delta_step_ms": 1e3 * deltas, "floor_ms": 1e3 * floor,
+           "step_ratio_vs_base": base / deltas, "floor_ratio_vs_base": base / (base + floor),
+           "achieved_vs_floor": (deltas - base) / floor}
+    res.write(row)
+    print(f"decode step of {len(keys)} sequences, one per delta: base {1e3 * base:.1f} ms, deltas "
+          f"{1e3 * deltas:.1f} ms (x{base / deltas:.3f}); {nbytes / 1e6:.1f} MB of deltas read once at {gbs:.1f} GB/s "
+          f"= {1e3 * floor:.1f} ms: "
+          f"floor x{row['floor_ratio_vs_base']:.3f} of base, delta work x{row['achieved_vs_floor']:.2f} of its floor",
+          flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
     ap.add_argument("--deltas", type=int, default=32, help="distinct deltas (bench_serving's top sweep point)")
     ap.add_argument("--requests", type=int, default=48, help="requests per phase (bench_serving --quick: 48)")
     ap.add_argument("--rounds", type=int, default=2, help="base / deltas pairs; the median of each is taken")
+    ap.add_argument("--floor-steps", type=int, default=20, help="decode steps timed for the byte-floor point (0: skip)")
     ap.add_argument("--out-dir", help="results folder (default benchmarks/results, or BENCH_RESULTS_DIR)")
     args = ap.parse_args(argv)
-    if args.deltas < 1 or args.requests < 1 or args.rounds < 1:
-        ap.error("--deltas, --requests and --rounds must be >= 1")
+    if args.deltas < 1 or args.requests < 1 or args.rounds < 1 or args.floor_steps < 0:
+        ap.error("--deltas, --requests and --rounds must be >= 1, --floor-steps >= 0")
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     torch.set_num_threads(1)  # CPU time of one thread: what a neighbour's load cannot inflate
     torch.set_grad_enabled(False)
@@ -125,13 +187,17 @@ def main(argv=None) -> int:
                                "tok_per_cpu_s": tokens / cpu_s})
                     print(f"{variant:6s} round {r}: {tokens / cpu_s:8.1f} tok/CPU-s ({tokens} tokens)", flush=True)
             ratio = statistics.median(tps["deltas"]) / statistics.median(tps["base"])
+            floor = floor_point(engine, keys, vocab, store, res, args.floor_steps) if args.floor_steps else {}
             res.write({"phase": "summary", "ratio_vs_base": ratio, "tok_per_cpu_s": tps})
         finally:
             engine.residency.close()
             store.close()
             torch.set_num_threads(threads)
             torch.set_grad_enabled(grad)
-    res.summary(ratio_vs_base=ratio, num_deltas=args.deltas, shape=args.shape, wall_s=time.perf_counter() - t_start)
+    extra = {k: floor[k] for k in ("floor_ratio_vs_base", "step_ratio_vs_base", "achieved_vs_floor", "copy_gbs")
+             if k in floor}
+    res.summary(ratio_vs_base=ratio, num_deltas=args.deltas, shape=args.shape, **extra,
+                wall_s=time.perf_counter() - t_start)
     return 0
 
 
