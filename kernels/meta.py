@@ -37,6 +37,8 @@ from functools import cached_property
 
 import torch
 
+_WHOLE = object()  # DeltaKernelMeta.restrict's cache entry for "the set covers every active slot"
+
 
 @dataclass(eq=False)
 class DeltaKernelMeta:
@@ -183,11 +185,14 @@ class DeltaKernelMeta:
         leaves it alone. ``self`` when ``slots`` covers every active slot; otherwise built on first use and kept
         here, so every layer of the step asking for the same set shares one (a layer's BitFit rows, say, of 3
         of the step's 32 deltas: the bias add then touches those tokens, not 29 slots' zero rows)."""
-        if all(s in slots for s in self.active_slots_host):
-            return self
         cache = self.__dict__.setdefault("_restricted", {})
-        hit = cache.get(slots)
+        hit = cache.get(slots)  # before the scan below: every layer after the first asks for a set it already has
+        if hit is _WHOLE:
+            return self
         if hit is None:
+            if all(s in slots for s in self.active_slots_host):
+                cache[slots] = _WHOLE  # not self: no reference cycle keeping the step's meta alive
+                return self
             host = [-1] * self.num_tokens
             for a, b, s in self.runs_host:
                 if s in slots:

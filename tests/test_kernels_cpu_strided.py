@@ -80,11 +80,20 @@ def test_plans_are_built_once_per_step_and_shared_by_layers():
     p = strided.plan(meta, ranks, starts, [0, 1, 2])
     assert strided.plan(meta, ranks, dict(starts), [0, 1, 2]) is p
     assert strided.plan(meta, ranks, {s: a + 800 for s, a in starts.items()}, [0, 1, 2]) is p  # a region further on
-    assert strided.plan(_meta([2, 0, 1]), ranks, starts, [0, 1, 2]) is not p  # another step
+    assert strided.plan(_meta([2, 0, 1]), ranks, starts, [0, 1, 2]) is p  # a later step with the same token layout
+    other = strided.plan(_meta([2, 0, 0, 1]), ranks, starts, [0, 1, 2])  # another layout: slot 0 has 2 tokens now
+    assert other is not p and sorted(set(other.src.tolist())) == [0, 1, 2, 3]
     # a layer where slot 2 has no LoRA and slot 1 sits where 2 was: same ranks and starts in work order, other slots
     q = strided.plan(meta, {0: 8, 1: 8}, {0: 8, 1: 16}, [0, 1])
     r = strided.plan(meta, {1: 8, 2: 8}, {1: 8, 2: 16}, [1, 2])
     assert q is not r and q.src.tolist() == [1, 2] and r.src.tolist() == [2, 0]
+
+
+def test_layouts_kept_across_steps_are_bounded():
+    for n in range(strided.MAX_LAYOUTS + 5):
+        strided.plan(_meta(list(range(n % 7 + 1)) + [-1] * (n // 7)), {s: 8 for s in range(7)},
+                     {s: 8 * s for s in range(7)}, list(range(n % 7 + 1)))
+    assert len(strided._LAYOUTS) <= strided.MAX_LAYOUTS
 
 
 def test_tokens_in_cell_order_need_no_gather_and_add_into_y():
