@@ -8,8 +8,10 @@ Same model (a random Llama of ``--shape``, the demo builder), same deltas (the f
 (``load/workload.make_plan`` with bench_serving's settings: log-normal prompts of 8-192 tokens, outputs of 4-64,
 uniform popularity), but no server: every request is queued at once and ``Engine.step`` runs until all finish,
 each step timed on this process's CPU clock (one torch thread), the base model alone on the same requests
-in each round. ``ratio_vs_base`` against bench_serving's ``cpu_ratio_vs_base`` at the same delta count is what
-the served path (gRPC, asyncio, detokenizing, metrics, threads) costs on top of the engine (docs/PROFILE.md).
+in each round (``--threads`` other than 1: the server's split, base matmuls on that many threads and the delta ops
+on one, with the wall-clock ratio beside). ``ratio_vs_base`` against bench_serving's ``cpu_ratio_vs_base`` at the
+same delta count is what the served path (gRPC, asyncio, detokenizing, metrics, threads) costs on top of the engine
+(docs/PROFILE.md).
 
 The byte floor of the served mix (``--floor-steps``, 0 to skip): one sequence on each resident delta, all of them in
 every step, the median decode step with the deltas against the same step on the base model alone, and the time the
@@ -80,8 +82,8 @@ def build(shape: str, num_deltas: int, tmp: Path):
     return engine, keys, refs, factory.spec.vocab_size, store
 
 
-def serve(engine, plan, keys: dict, tag: str) -> tuple[float, int]:
-    """All of ``plan`` queued at once, stepped to the end: (CPU seconds, generated tokens)."""
+def serve(engine, plan, keys: dict, tag: str) -> tuple[float, float, int]:
+    """All of ``plan`` queued at once, stepped to the end: (CPU seconds, wall seconds, generated tokens)."""
     from server.types import GenerationRequest, SamplingParams
 
     for p in plan:
@@ -89,13 +91,13 @@ def serve(engine, plan, keys: dict, tag: str) -> tuple[float, int]:
                                              SamplingParams(max_new_tokens=p.max_new_tokens, temperature=0,
                                                             ignore_eos=True),
                                              delta=keys[p.delta] if p.delta else None))
-    cpu_s, tokens = 0.0, 0
+    cpu_s, tokens, w0 = 0.0, 0, time.perf_counter()
     while engine.scheduler.has_work():
         t0 = time.process_time()
         outs = engine.step()
         cpu_s += time.process_time() - t0
         tokens += sum(len(o.token_ids) for o in outs)
-    return cpu_s, tokens
+    return cpu_s, time.perf_counter() - w0, tokens
 
 
 def delta_bytes(store, keys: dict, element_size: int) -> int:
@@ -158,13 +160,15 @@ def main(argv=None) -> int:
     ap.add_argument("--deltas", type=int, default=32, help="distinct deltas (bench_serving's top sweep point)")
     ap.add_argument("--requests", type=int, default=48, help="requests per phase (bench_serving --quick: 48)")
     ap.add_argument("--rounds", type=int, default=2, help="base / deltas pairs; the median of each is taken")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the server runs torch's default, "
+                    "the delta ops on one: kernels/cpu/threads.py); the summary adds the wall-clock ratio")
     ap.add_argument("--floor-steps", type=int, default=20, help="decode steps timed for the byte-floor point (0: skip)")
     ap.add_argument("--out-dir", help="results folder (default benchmarks/results, or BENCH_RESULTS_DIR)")
     args = ap.parse_args(argv)
-    if args.deltas < 1 or args.requests < 1 or args.rounds < 1 or args.floor_steps < 0:
-        ap.error("--deltas, --requests and --rounds must be >= 1, --floor-steps >= 0")
+    if args.deltas < 1 or args.requests < 1 or args.rounds < 1 or args.threads < 1 or args.floor_steps < 0:
+        ap.error("--deltas, --requests, --rounds and --threads must be >= 1, --floor-steps >= 0")
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
-    torch.set_num_threads(1)  # CPU time of one thread: what a neighbour's load cannot inflate
+    torch.set_num_threads(args.threads)  # default 1: CPU time of one thread, what a neighbour's load cannot inflate
     torch.set_grad_enabled(False)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="deltaserve-replay-") as tmp:
@@ -174,21 +178,25 @@ def main(argv=None) -> int:
                                  num_deltas=args.deltas, prompt_len=PROMPT_LEN, output_len=OUTPUT_LEN,
                                  vocab_size=vocab, seed=3)  # bench_serving's saturation plan seed
             plan = make_plan(cfg, refs)
-            res = Results(__file__, {**vars(args), "clock": "process_cpu_time", "threads": 1}, out_dir=args.out_dir)
+            res = Results(__file__, {**vars(args), "clock": "process_cpu_time"}, out_dir=args.out_dir)
             serve(engine, plan[:8], keys, "warm")  # first-call paths, allocator
-            tps = {"base": [], "deltas": []}
+            tps, wall = {"base": [], "deltas": []}, {"base": [], "deltas": []}
             salt = 0
             for r in range(args.rounds):
                 for variant, p in (("base", as_base(plan)), ("deltas", plan)):
                     salt += 1  # each replay its own prompt tokens: no prefix-cache hit on an earlier round's KV
-                    cpu_s, tokens = serve(engine, fresh_prompts(p, salt, vocab), keys, f"{variant}{r}")
+                    cpu_s, wall_s, tokens = serve(engine, fresh_prompts(p, salt, vocab), keys, f"{variant}{r}")
                     tps[variant].append(tokens / cpu_s)
+                    wall[variant].append(tokens / wall_s)
                     res.write({"phase": f"{variant}_{r}", "variant": variant, "tokens": tokens, "cpu_s": cpu_s,
-                               "tok_per_cpu_s": tokens / cpu_s})
-                    print(f"{variant:6s} round {r}: {tokens / cpu_s:8.1f} tok/CPU-s ({tokens} tokens)", flush=True)
+                               "wall_s": wall_s, "tok_per_cpu_s": tokens / cpu_s, "tok_per_s": tokens / wall_s})
+                    print(f"{variant:6s} round {r}: {tokens / cpu_s:8.1f} tok/CPU-s, {tokens / wall_s:8.1f} tok/s "
+                          f"({tokens} tokens)", flush=True)
             ratio = statistics.median(tps["deltas"]) / statistics.median(tps["base"])
+            wall_ratio = statistics.median(wall["deltas"]) / statistics.median(wall["base"])
             floor = floor_point(engine, keys, vocab, store, res, args.floor_steps) if args.floor_steps else {}
-            res.write({"phase": "summary", "ratio_vs_base": ratio, "tok_per_cpu_s": tps})
+            res.write({"phase": "summary", "ratio_vs_base": ratio, "wall_ratio_vs_base": wall_ratio,
+                       "tok_per_cpu_s": tps, "tok_per_s": wall})
         finally:
             engine.residency.close()
             store.close()
@@ -196,7 +204,8 @@ def main(argv=None) -> int:
             torch.set_grad_enabled(grad)
     extra = {k: floor[k] for k in ("floor_ratio_vs_base", "step_ratio_vs_base", "achieved_vs_floor", "copy_gbs")
              if k in floor}
-    res.summary(ratio_vs_base=ratio, num_deltas=args.deltas, shape=args.shape, **extra,
+    res.summary(ratio_vs_base=ratio, wall_ratio_vs_base=wall_ratio, threads=args.threads, num_deltas=args.deltas,
+                shape=args.shape, **extra,
                 wall_s=time.perf_counter() - t_start)
     return 0
 

@@ -29,9 +29,10 @@ Cost model, in weight rows read: a block costs ``BLOCK_ROWS + cells * (r + TOKEN
 current block (its start on the block's lattice, the gcd of the gaps) when the merged block costs no more than
 the two apart. So a hot slot with many tokens gets a block of its own instead of padding every cell to its
 count, and a fragmented region is cut where the holes cost more than a block. The blocks depend only on the
-layout relative to each rank's first start and on the per-slot token counts, so they are built once per step
-and shared by every layer with that layout (as the grouped plan's groups are), and so are the views of the
-scratch buffers (``_scratch``); the cell views are kept per pages object (``_cells``).
+layout relative to each rank's first start and on the per-slot token counts, so they are built once per token
+layout, shared by every layer with that layout and kept for the next steps with the same tokens (decode steps
+repeat their batch: ``_layout_cache``), and so are the views of the scratch buffers (``_scratch``); the cell views
+are kept per pages object (``_cells``).
 
 Why so few small ops: on this 2-core machine a small torch op costs ~20 us, and ~55 us right after a bmm that
 streamed 2 MB of cells (the dispatcher's code and data left the 1.25 MB L2; ~130 us after a 16 MB read). A
