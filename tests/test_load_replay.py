@@ -37,3 +37,5 @@ def test_bad_arguments_are_refused():
         replay_serving.main(["--deltas", "0"])
     with pytest.raises(SystemExit):
         replay_serving.main(["--floor-steps", "-1"])
+    with pytest.raises(SystemExit):
+        replay_serving.main(["--threads", "0"])
