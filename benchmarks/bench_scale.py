@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import os
 import random
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
                     plans[f"{pop}_{s.few}"] = with_deltas(arrivals, refs[:s.few], pop, s.zipf_s, seed=10 + j)
                     plans[f"{pop}_many"] = with_deltas(arrivals, refs, pop, s.zipf_s, seed=20 + j)
                 rows: dict[str, list[dict]] = {name: [] for name in plans}
-                salts = iter(range(1, 1 << 20))  # each phase its own prompt tokens: no prefix-cache hit across phases
+                salts = itertools.count(1)  # each phase its own prompt tokens: no prefix-cache hit across phases
 
                 def plan_of(name: str) -> list[PlannedRequest]:
                     return fresh_prompts(plans[name], next(salts), vocab)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import os
 import shutil
@@ -158,7 +159,7 @@ def saturation(run: PhaseRunner, s: BenchSettings, warm: list[DeltaRef], vocab: 
     plans = {n: make_plan(s.workload(rate=rate, popularity="uniform", num_deltas=n, seed=3, vocab=vocab,
                                      latency=False), warm) for n in s.sweep}
     base_plan = as_base(plans[s.sweep[0]])  # same arrivals and lengths, no delta
-    salts = iter(range(1, 1 << 20))  # every phase its own prompt tokens: none reuses another's KV (fresh_prompts)
+    salts = itertools.count(1)  # every phase its own prompt tokens: none reuses another's KV (fresh_prompts)
 
     def phase(name: str, plan: list, **meta) -> dict:
         return run.run(name, "throughput", fresh_prompts(plan, next(salts), vocab), rate=rate, **meta)

@@ -39,12 +39,13 @@ import torch  # noqa: E402
 
 from common import Results  # noqa: E402
 from load.models import SHAPES  # noqa: E402
-from load.workload import (OUTPUT_LEN, PROMPT_LEN, DeltaRef, WorkloadConfig, as_base, fresh_prompts,  # noqa: E402
-                           make_plan)
+from load.workload import (OUTPUT_LEN, PROMPT_LEN, DeltaRef, PlannedRequest, WorkloadConfig, as_base,  # noqa: E402
+                           fresh_prompts, make_plan)
 
 
 def build(shape: str, num_deltas: int, tmp: Path):
-    """(engine, {delta name: key}, vocab) for a random Llama of ``shape`` with ``num_deltas`` resident deltas."""
+    """(engine, {delta name: key}, refs, vocab, store, {key: Delta}) for a random Llama of ``shape`` with
+    ``num_deltas`` resident deltas."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from delta_store.store import DeltaStore
@@ -79,11 +80,11 @@ def build(shape: str, num_deltas: int, tmp: Path):
         time.sleep(0.001)
         residency.step()
     engine = Engine(cfg, ModelRunner(dm, tokenizer, cfg), residency)
-    return engine, keys, refs, factory.spec.vocab_size, store
+    return engine, keys, refs, factory.spec.vocab_size, store, deltas
 
 
-def serve(engine, plan, keys: dict, tag: str) -> tuple[float, float, int]:
-    """All of ``plan`` queued at once, stepped to the end: (CPU seconds, wall seconds, generated tokens)."""
+def queue(engine, plan, keys: dict, tag: str) -> None:
+    """Every request of ``plan`` added to ``engine`` at once (greedy, every requested token)."""
     from server.types import GenerationRequest, SamplingParams
 
     for p in plan:
@@ -91,6 +92,11 @@ def serve(engine, plan, keys: dict, tag: str) -> tuple[float, float, int]:
                                              SamplingParams(max_new_tokens=p.max_new_tokens, temperature=0,
                                                             ignore_eos=True),
                                              delta=keys[p.delta] if p.delta else None))
+
+
+def serve(engine, plan, keys: dict, tag: str) -> tuple[float, float, int]:
+    """All of ``plan`` queued at once, stepped to the end: (CPU seconds, wall seconds, generated tokens)."""
+    queue(engine, plan, keys, tag)
     cpu_s, tokens, w0 = 0.0, 0, time.perf_counter()
     while engine.scheduler.has_work():
         t0 = time.process_time()
@@ -100,26 +106,19 @@ def serve(engine, plan, keys: dict, tag: str) -> tuple[float, float, int]:
     return cpu_s, time.perf_counter() - w0, tokens
 
 
-def delta_bytes(store, keys: dict, element_size: int) -> int:
-    """Bytes of every term of every delta of ``keys`` at ``element_size`` bytes an element: what a decode step with
+def delta_bytes(deltas, element_size: int) -> int:
+    """Bytes of every term of every one of ``deltas`` at ``element_size`` bytes an element: what a decode step with
     one token on each of them reads at least once."""
-    return sum(t.numel() * element_size for key in keys.values()
-               for md in store.load_key(key).modules.values() for t in md.tensors().values())
+    return sum(t.numel() * element_size for d in deltas for md in d.modules.values() for t in md.tensors().values())
 
 
-def decode_steps(engine, keys: dict, vocab: int, steps: int, tag: str, with_deltas: bool) -> float:
-    """Median CPU seconds of ``steps`` decode steps of one sequence per delta of ``keys`` (on the base model alone
+def decode_steps(engine, refs: list[DeltaRef], keys: dict, vocab: int, steps: int, salt: int,
+                 with_deltas: bool) -> float:
+    """Median CPU seconds of ``steps`` decode steps of one sequence per delta of ``refs`` (on the base model alone
     unless ``with_deltas``), after their prefill; the sequences then run to their end."""
-    import random
-
-    from server.types import GenerationRequest, SamplingParams
-
-    rng = random.Random(tag)  # fresh tokens: no prefix-cache hit on another phase's KV
-    for i, key in enumerate(keys.values()):
-        prompt = [rng.randrange(3, vocab) for _ in range(20 + i)]
-        engine.add_request(GenerationRequest(f"{tag}-{i}", "replay", prompt,
-                                             SamplingParams(max_new_tokens=steps + 2, temperature=0, ignore_eos=True),
-                                             delta=key if with_deltas else None))
+    plan = [PlannedRequest(i, 0.0, 0, ref.name if with_deltas else "", ref.kind, False, [0] * (20 + i), steps + 2, 0)
+            for i, ref in enumerate(refs)]
+    queue(engine, fresh_prompts(plan, salt, vocab), keys, f"floor{salt}")  # fresh tokens: no prefix-cache hit
     sched = engine.scheduler
     while sched.num_waiting or any(not s.output_ids for s in sched.running):
         engine.step()  # prefill (and the first token) of every sequence
@@ -133,13 +132,13 @@ def decode_steps(engine, keys: dict, vocab: int, steps: int, tag: str, with_delt
     return statistics.median(times)
 
 
-def floor_point(engine, keys: dict, vocab: int, store, res, steps: int) -> dict:
+def floor_point(engine, refs: list[DeltaRef], keys: dict, vocab: int, loaded: dict, res, steps: int) -> dict:
     from bench_kernels import copy_bandwidth
 
     gbs = copy_bandwidth(res, "cpu")
-    nbytes = delta_bytes(store, keys, next(engine.runner.model.parameters()).element_size())
-    base = statistics.median(decode_steps(engine, keys, vocab, steps, f"floor-base{r}", False) for r in range(2))
-    deltas = statistics.median(decode_steps(engine, keys, vocab, steps, f"floor-deltas{r}", True) for r in range(2))
+    nbytes = delta_bytes(loaded.values(), next(engine.runner.model.parameters()).element_size())
+    base = statistics.median(decode_steps(engine, refs, keys, vocab, steps, 1000 + r, False) for r in range(2))
+    deltas = statistics.median(decode_steps(engine, refs, keys, vocab, steps, 2000 + r, True) for r in range(2))
     floor = nbytes / (gbs * 1e9)
     row = {"phase": "decode_floor", "sequences": len(keys), "delta_bytes": nbytes, "copy_gbs": gbs,
            "base_step_ms": 1e3 * base, "delta_step_ms": 1e3 * deltas, "floor_ms": 1e3 * floor,
@@ -172,7 +171,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="deltaserve-replay-") as tmp:
-        engine, keys, refs, vocab, store = build(args.shape, args.deltas, Path(tmp))
+        engine, keys, refs, vocab, store, deltas = build(args.shape, args.deltas, Path(tmp))
         try:
             cfg = WorkloadConfig(rate=1000.0, duration_s=60.0, max_requests=args.requests, popularity="uniform",
                                  num_deltas=args.deltas, prompt_len=PROMPT_LEN, output_len=OUTPUT_LEN,
@@ -194,7 +193,7 @@ def main(argv=None) -> int:
                           f"({tokens} tokens)", flush=True)
             ratio = statistics.median(tps["deltas"]) / statistics.median(tps["base"])
             wall_ratio = statistics.median(wall["deltas"]) / statistics.median(wall["base"])
-            floor = floor_point(engine, keys, vocab, store, res, args.floor_steps) if args.floor_steps else {}
+            floor = floor_point(engine, refs, keys, vocab, deltas, res, args.floor_steps) if args.floor_steps else {}
             res.write({"phase": "summary", "ratio_vs_base": ratio, "wall_ratio_vs_base": wall_ratio,
                        "tok_per_cpu_s": tps, "tok_per_s": wall})
         finally:
