@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels import DeltaKernelMeta
-from kernels.cpu import choose_plan, cpu_add_bottleneck, cpu_add_lora, force_plan, plans, strided
+from kernels.cpu import blocks, choose_plan, cpu_add_bottleneck, cpu_add_lora, force_plan, plans, strided
 from kernels.reference import ref_add_bottleneck, ref_add_lora
 from tests.helpers import TOLERANCES, assert_close
 from tests.kernel_cases import (FP32_TOL, LAYOUTS, PATTERNS, adapter_pages, bottleneck_pools, lora_pages, lora_pools,
@@ -43,14 +43,14 @@ def test_free_cells_cost_against_a_new_block():
     ranks = {s: 16 for s in range(5)}
     starts = {0: 0, 1: 16, 2: 32, 3: 64, 4: 112}
     meta = _meta([4, 3, 2, 1, 0])
-    p = strided.plan(meta, ranks, starts, meta.active_slots_host)
+    p = blocks.plan(meta, ranks, starts, meta.active_slots_host)
     assert _blocks(p) == [[(0, 16, 5, 1), (4, 16, 1, 1)]]
     assert p.rows == 6 and p.real.tolist() == [0, 1, 2, 4, 5] and p.pads.tolist() == [3]
     assert p.tok.tolist() == [4, 3, 2, 1, 0]  # token of each real row: slot 0's token is token 4
     # rank 4: a free cell costs 4 rows, so two of them are still cheaper than a block
-    small = strided.plan(_meta([0, 1, 2]), {s: 4 for s in range(3)}, {0: 0, 1: 4, 2: 16}, [0, 1, 2])
+    small = blocks.plan(_meta([0, 1, 2]), {s: 4 for s in range(3)}, {0: 0, 1: 4, 2: 16}, [0, 1, 2])
     assert _blocks(small) == [[(0, 4, 5, 1)]]
-    far = strided.plan(_meta([0, 1, 2]), {s: 16 for s in range(3)}, {0: 0, 1: 16, 2: 64}, [0, 1, 2])
+    far = blocks.plan(_meta([0, 1, 2]), {s: 16 for s in range(3)}, {0: 0, 1: 16, 2: 64}, [0, 1, 2])
     assert _blocks(far) == [[(0, 16, 2, 1), (2, 16, 1, 1)]]  # the same at rank 16: a block of its own
 
 
@@ -58,7 +58,7 @@ def test_a_hot_slot_gets_a_block_of_its_own():
     ranks = {s: 16 for s in range(4)}
     starts = {0: 0, 1: 16, 2: 32, 3: 48}
     meta = _meta([0] * 20 + [1, 2, 3])
-    p = strided.plan(meta, ranks, starts, meta.active_slots_host)
+    p = blocks.plan(meta, ranks, starts, meta.active_slots_host)
     assert _blocks(p) == [[(0, 16, 1, 20), (1, 16, 3, 1)]]  # not 4 cells padded to 20 rows each
     assert p.rows == 23 and p.pads is None
 
@@ -68,7 +68,7 @@ def test_one_block_per_rank_and_runs_off_the_lattice():
     ranks = {1: 4, 2: 16, 4: 4, 5: 4}
     starts = {1: 40, 2: 0, 4: 48, 5: 51}
     meta = _meta([4, 2, 1, 5, -1])
-    p = strided.plan(meta, ranks, starts, meta.active_slots_host)
+    p = blocks.plan(meta, ranks, starts, meta.active_slots_host)
     assert [rk.size for rk in p.ranks] == [4, 16]
     assert _blocks(p) == [[(1, 8, 2, 1), (5, 4, 1, 1)], [(2, 16, 1, 1)]]
 
@@ -77,28 +77,28 @@ def test_plans_are_built_once_per_step_and_shared_by_layers():
     ranks = {s: 8 for s in range(3)}
     starts = {0: 0, 1: 8, 2: 16}
     meta = _meta([2, 0, 1])
-    p = strided.plan(meta, ranks, starts, [0, 1, 2])
-    assert strided.plan(meta, ranks, dict(starts), [0, 1, 2]) is p
-    assert strided.plan(meta, ranks, {s: a + 800 for s, a in starts.items()}, [0, 1, 2]) is p  # a region further on
-    assert strided.plan(_meta([2, 0, 1]), ranks, starts, [0, 1, 2]) is p  # a later step with the same token layout
-    other = strided.plan(_meta([2, 0, 0, 1]), ranks, starts, [0, 1, 2])  # another layout: slot 0 has 2 tokens now
+    p = blocks.plan(meta, ranks, starts, [0, 1, 2])
+    assert blocks.plan(meta, ranks, dict(starts), [0, 1, 2]) is p
+    assert blocks.plan(meta, ranks, {s: a + 800 for s, a in starts.items()}, [0, 1, 2]) is p  # a region further on
+    assert blocks.plan(_meta([2, 0, 1]), ranks, starts, [0, 1, 2]) is p  # a later step with the same token layout
+    other = blocks.plan(_meta([2, 0, 0, 1]), ranks, starts, [0, 1, 2])  # another layout: slot 0 has 2 tokens now
     assert other is not p and sorted(set(other.src.tolist())) == [0, 1, 2, 3]
     # a layer where slot 2 has no LoRA and slot 1 sits where 2 was: same ranks and starts in work order, other slots
-    q = strided.plan(meta, {0: 8, 1: 8}, {0: 8, 1: 16}, [0, 1])
-    r = strided.plan(meta, {1: 8, 2: 8}, {1: 8, 2: 16}, [1, 2])
+    q = blocks.plan(meta, {0: 8, 1: 8}, {0: 8, 1: 16}, [0, 1])
+    r = blocks.plan(meta, {1: 8, 2: 8}, {1: 8, 2: 16}, [1, 2])
     assert q is not r and q.src.tolist() == [1, 2] and r.src.tolist() == [2, 0]
 
 
 def test_layouts_kept_across_steps_are_bounded():
-    for n in range(strided.MAX_LAYOUTS + 5):
-        strided.plan(_meta(list(range(n % 7 + 1)) + [-1] * (n // 7)), {s: 8 for s in range(7)},
+    for n in range(blocks.MAX_LAYOUTS + 5):
+        blocks.plan(_meta(list(range(n % 7 + 1)) + [-1] * (n // 7)), {s: 8 for s in range(7)},
                      {s: 8 * s for s in range(7)}, list(range(n % 7 + 1)))
-    assert len(strided._LAYOUTS) <= strided.MAX_LAYOUTS
+    assert len(blocks._LAYOUTS) <= blocks.MAX_LAYOUTS
 
 
 def test_tokens_in_cell_order_need_no_gather_and_add_into_y():
     meta = _meta([0, 1, 2, 3])
-    p = strided.plan(meta, {s: 8 for s in range(4)}, {s: 8 * s for s in range(4)}, [0, 1, 2, 3])
+    p = blocks.plan(meta, {s: 8 for s in range(4)}, {s: 8 * s for s in range(4)}, [0, 1, 2, 3])
     assert p.src is None and p.tok is None and p.pads is None
     pools = lora_pools(4, 37, 23, [8] * 4)
     pages = lora_pages(pools, at=([0, 8, 16, 24], 32), fill=NAN)
@@ -147,7 +147,7 @@ def test_free_cells_inside_a_block_are_read_and_dropped(fill):
     slots = [3, -1, 0, 2, 1]
     meta = _meta(slots)
     starts = dict(zip(range(5), at[0]))
-    p = strided.plan(meta, {s: 16 for s in range(5)}, starts, meta.active_slots_host)
+    p = blocks.plan(meta, {s: 16 for s in range(5)}, starts, meta.active_slots_host)
     assert _blocks(p) == [[(0, 16, 6, 1)]] and p.pads.numel() == 2
     x, y = torch.randn(5, 24), torch.randn(5, 40)
     out = _lora(slots, pools, pages, x, y)
@@ -210,7 +210,7 @@ def test_bottleneck_in_cell_order_with_u_aliasing_y():
     pools = bottleneck_pools(3, 24, widths, acts, max_width=8)
     pages = adapter_pages(pools, at=([0, 8, 16], 24), fill=NAN)
     meta = _meta([0, 1, 2])
-    assert strided.plan(meta, dict(enumerate(widths)), {0: 0, 1: 8, 2: 16}, [0, 1, 2]).src is None
+    assert blocks.plan(meta, dict(enumerate(widths)), {0: 0, 1: 8, 2: 16}, [0, 1, 2]).src is None
     y = torch.randn(3, 24)
     expected = ref_add_bottleneck(y, y, *[pools[k] for k in BN_KEYS], [0, 1, 2])
     out = y.clone()

@@ -15,12 +15,12 @@ T=32 on 32 deltas, and 0.43x at prefill, T=2048 on 32 deltas, on an idle 2-core 
   views add into ``y`` with no gather or scatter (prefill, one run per sequence: ~0.1x at T=2048).
   Chosen first whenever runs average RUN_MIN_TOKENS tokens: one big group costs grouped_mm 0.19 ms
   against 0.05 ms for the plain mm (T=64, one slot).
-* strided (``strided.py``): ``torch.bmm`` straight on strided ``[cells, r, in]`` views of evenly spaced cells
-  of one rank, each cell's tokens padded to the block's most (free cells inside a block are read and dropped),
-  blocks cut by a cost model, x rows gathered once and scaled, nothing of A or B gathered. The default in fp32
-  while no slot has more than ``STRIDED_MAX_SEG`` (8) tokens, i.e. decode: T=32 on 32 slots the seven Llama
-  projections together ~0.25-0.3x of their base matmuls with the runs back to back, ~0.45x in fragmented
-  rank-bucket regions, against ~0.45x / ~0.8x for the grouped plan (loaded 2-core machine).
+* strided (``strided.py``; its blocks ``blocks.py``): ``torch.bmm`` straight on strided ``[cells, r, in]`` views
+  of evenly spaced cells of one rank, each cell's tokens padded to the block's most (free cells inside a block are
+  read and dropped), blocks cut by a cost model, x rows gathered once and scaled, nothing of A or B gathered. The
+  default in fp32 while no slot has more than ``STRIDED_MAX_SEG`` (8) tokens, i.e. decode: T=32 on 32 slots the
+  seven Llama projections together ~0.25-0.3x of their base matmuls with the runs back to back, ~0.45x in
+  fragmented rank-bucket regions, against ~0.45x / ~0.8x for the grouped plan (loaded 2-core machine).
 * grouped (``grouped.py``): tokens sorted by cell against strided views of the pages with ``F.grouped_mm``,
   one shrink/expand pair per cluster of evenly spaced runs of one rank, nothing gathered. The default
   otherwise, where grouped_mm runs (CPU, fp32): many tokens per slot, unevenly (zipf popularity, 256 tokens on
