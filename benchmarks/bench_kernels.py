@@ -20,7 +20,8 @@ projection decode step runs again with the runs in the server's rank-bucket regi
 and with 2,000 resident deltas of which the step's 32 are scattered (``scattered2k``): the cost of paging at
 scale, where the CPU's strided plan cuts the step's runs into blocks of evenly spaced cells
 (``kernels/cpu/strided.py``). Every point of the 64-token batch and the decode step also times each CPU plan
-forced (``plan_<name>_ms``).
+forced (``plan_<name>_ms``); ``decode_native_vs_strided`` = the native plan's time / the strided plan's at
+the decode step (the native plan serves decode in fp32 where a C compiler built it, ``kernels/cpu/native.py``).
 
 DoRA (``time_dora``): its delta work is the LoRA op plus ``scale_shift_rows`` on its tokens;
 ``dora_overhead_vs_lora`` = (LoRA + column scale) / LoRA at the same rank (target <= 1.10), and
@@ -57,6 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 import kernels  # noqa: E402
 from benchmarks.common import Results, time_many  # noqa: E402
 from kernels import DeltaKernelMeta, MetaBuffers, cpu  # noqa: E402
+from kernels.cpu import looped  # noqa: E402
 from kernels.reference import ref_add_lora  # noqa: E402
 from tests.kernel_cases import (adapter_pages, bottleneck_pools, lora_pages, lora_pools,  # noqa: E402
                                 packed_lora_pages, row_pages, scale_shift_pages)
@@ -135,7 +137,9 @@ def time_point(res, name, pt, *, ops, flops_rank, extra=None, loop=True) -> dict
     rank_groups = {max(8, 1 << (pt.ranks_host[s] - 1).bit_length()) for s in pt.meta.active_slots_host}
     row = {"point": name, "tokens": len(pt.slots), "distinct": pt.meta.num_active,
            "in": pt.x.shape[1], "out": pt.y.shape[1], "dtype": str(pt.x.dtype).replace("torch.", ""),
-           "rank": flops_rank, "plan": cpu.choose_plan(pt.meta, padded_ok=len(rank_groups) == 1), **(extra or {})}
+           "rank": flops_rank, "plan": cpu.choose_plan(pt.meta, padded_ok=len(rank_groups) == 1,
+                                                       native_ok=lambda: looped.usable(pt.x, pt.y)),
+           **(extra or {})}
     fns = {"base": pt.base, **{op_name: pt.delta(op) for op_name, op in ops.items()}}
     if loop:
         fns["loop"] = pt.loop
@@ -440,6 +444,8 @@ def main() -> None:
                     **{f"overhead_t64_k{k}": rows[f"t64_k{k}"]["cpu_overhead"] for k in (1, 8, 64)},
                     decode_overhead=rows["decode"]["cpu_overhead"],
                     decode_speedup_vs_loop=rows["decode"]["loop_ms"] / rows["decode"]["cpu_ms"],
+                    decode_plan=rows["decode"]["plan"],
+                    decode_native_vs_strided=rows["decode"]["plan_native_ms"] / rows["decode"]["plan_strided_ms"],
                     decode7_overhead=rows["decode7_overhead"], decode7_regions_overhead=rows["decode7_regions_overhead"],
                     decode7_scattered2k_overhead=rows["decode7_scattered2k_overhead"],
                     copy_gbs=rows["copy_gbs"], decode_floor_ratio=rows["decode"]["floor_ratio"],

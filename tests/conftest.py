@@ -5,6 +5,7 @@ indirectly, and the interpreter switch is read when ``@triton.jit`` decorates a 
 this runs at collection start, before any test module is imported.
 """
 import os
+import tempfile
 
 
 def _cuda_present() -> bool:
@@ -20,6 +21,11 @@ if not _cuda_present():
     # thousands, so they serve through the CPU backend (the CPU serving path). Kernel tests pick the
     # backend per test, and model tests opt in with `kernels.backend("triton")`.
     os.environ.setdefault("DELTASERVE_KERNELS", "cpu")
+# The CPU backend's C loops (kernels/cpu/native.py) are built for this run, and the servers it starts, in a temp
+# dir, not in the user's cache.
+_NATIVE_CACHE = None if "DELTASERVE_NATIVE_CACHE" in os.environ else tempfile.mkdtemp(prefix="deltaserve-native-")
+if _NATIVE_CACHE:
+    os.environ["DELTASERVE_NATIVE_CACHE"] = _NATIVE_CACHE
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -27,6 +33,13 @@ import torch  # noqa: E402
 # Tiny test models: a decode step of the 2-layer test Llama takes ~3 ms on one thread and ~70 ms with
 # two threads on a loaded 2-core machine (thread hand-off dominates such small matmuls).
 torch.set_num_threads(1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _NATIVE_CACHE:
+        import shutil
+
+        shutil.rmtree(_NATIVE_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,7 +7,7 @@ import torch
 from ..activations import ACT_FNS
 from ..meta import DeltaKernelMeta
 from ..pages import AdapterPages
-from . import gather, grouped, strided
+from . import gather, grouped, looped, strided
 from .plans import choose_plan
 from .tensors import WS, add_rows, add_slice, apply_act, f32
 from .threads import on_op_threads
@@ -31,7 +31,11 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, me
         if acts[s] not in ACT_FNS:
             raise ValueError(f"add_bottleneck: act[{s}] = {acts[s]} is not an activation code (0..3)")
     plan = choose_plan(meta, grouped_ok=lambda: grouped.bottleneck_ok(u, pages.down_rows, pages.up_rows),
-                       dtype=y.dtype)
+                       dtype=y.dtype, native_ok=lambda: looped.usable(y, u, pages.down_rows, pages.up_rows,
+                                                                      pages.down_bias, pages.up_bias_rows, pages.scale))
+    if plan == "native":
+        looped.native_bottleneck(y, u, pages, widths, starts, acts, work, meta)
+        return
     if plan == "strided":
         strided.strided_bottleneck(y, u, pages, widths, starts, acts, work, meta)
         return

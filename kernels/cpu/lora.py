@@ -7,7 +7,7 @@ import torch
 
 from ..meta import DeltaKernelMeta
 from ..pages import LoraPages
-from . import gather, grouped, strided
+from . import gather, grouped, looped, strided
 from .plans import FEW_RUNS, choose_plan, plan_forced
 from .tensors import WS, add_rows, f32
 from .threads import on_op_threads
@@ -41,8 +41,11 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
     def grouped_ok() -> bool:
         return grouped.lora_ok(x, pages.a_rows, pages.b_rows)
 
-    plan = choose_plan(meta, padded_ok=one_group, grouped_ok=grouped_ok, dtype=y.dtype)
-    if plan == "strided":
+    plan = choose_plan(meta, padded_ok=one_group, grouped_ok=grouped_ok, dtype=y.dtype,
+                       native_ok=lambda: looped.usable(y, x, pages.a_rows, pages.b_rows, pages.scale))
+    if plan == "native":
+        looped.native_lora(y, x, pages, ranks, starts, work, meta)
+    elif plan == "strided":
         strided.strided_lora(y, x, pages, ranks, starts, work, meta)
     elif plan == "grouped":
         grouped.grouped_lora(y, x, pages, ranks, starts, work, meta)

@@ -9,7 +9,7 @@ import torch
 from ..meta import DeltaKernelMeta
 from . import grouped
 
-PLANS = ("runs", "segments", "padded", "gather", "grouped", "strided")
+PLANS = ("runs", "segments", "padded", "gather", "grouped", "strided", "native")
 
 RUN_MIN_TOKENS = 4
 """Average run (or segment) length from which per-run matmuls beat the gathered bmm: one run costs
@@ -43,8 +43,9 @@ _forced: list[str] = []
 def force_plan(plan: str):
     """Use ``plan`` for every call inside the block (tests cover each plan on the same inputs; the
     benchmark times them against each other to set RUN_MIN_TOKENS). "padded" and "grouped" fall back to
-    "gather" where they cannot run (several rank groups; no grouped_mm for the device or dtype); "strided" runs
-    everywhere (torch.bmm on any layout, dtype and device)."""
+    "gather" where they cannot run (several rank groups; no grouped_mm for the device or dtype), "native" to
+    "strided" (not fp32 on the CPU, or no C compiler here: ``looped.usable``); "strided" runs everywhere (torch.bmm
+    on any layout, dtype and device)."""
     if plan not in PLANS:
         raise ValueError(f"force_plan: {plan!r} is not one of {', '.join(PLANS)}")
     _forced.append(plan)
@@ -60,24 +61,28 @@ def plan_forced() -> bool:
 
 
 def choose_plan(meta: DeltaKernelMeta, *, padded_ok=False, grouped_ok: bool | None = None,
-                dtype: torch.dtype = torch.float32) -> str:
+                dtype: torch.dtype = torch.float32, native_ok=False) -> str:
     """The plan for this call. ``padded_ok``: the active slots form one rank group (``gather.groups``), a bool
     or a callable asked only when the choice gets that far (it costs a pass over the slots);
     ``grouped_ok``: whether the grouped plan can run on the call's tensors (``grouped.lora_ok``; None:
     whether it runs on CPU fp32), a bool or a callable asked only when the choice gets that far; it is picked
-    unforced only for ``grouped.PREFERRED_DTYPES``, as is the strided plan (``STRIDED_MAX_SEG``)."""
+    unforced only for ``grouped.PREFERRED_DTYPES``, as is the strided plan (``STRIDED_MAX_SEG``); ``native_ok``:
+    whether the native loops can run on the call's tensors (``looped.usable``), a bool or a callable, asked only
+    where the strided plan would be chosen, which it then replaces."""
     if grouped_ok is None:
         grouped_ok = GROUPED_CPU_FP32
     if _forced:
         forced = _forced[-1]
         if (forced == "padded" and not _ask(padded_ok)) or (forced == "grouped" and not _ask(grouped_ok)):
             return "gather"
+        if forced == "native" and not _ask(native_ok):
+            return "strided"
         return forced
     n = meta.num_active_tokens
     if len(meta.runs_host) <= FEW_RUNS or len(meta.runs_host) * RUN_MIN_TOKENS <= n:
         return "runs"
     if dtype in grouped.PREFERRED_DTYPES and meta.max_seg_len <= STRIDED_MAX_SEG:
-        return "strided"
+        return "native" if _ask(native_ok) else "strided"
     if dtype in grouped.PREFERRED_DTYPES and _ask(grouped_ok):
         return "grouped"
     if meta.num_active * meta.max_seg_len <= PAD_MAX_WASTE * n and _ask(padded_ok):

@@ -1,11 +1,13 @@
 """BitFit and (IA)3 on the CPU backend: a slice per run of same-slot tokens when runs are few (prefill),
-one gather otherwise (decode)."""
+otherwise (decode) one C loop over the tokens (``looped.native_rows``: fp32 with the native loops built; a
+bias add of 32 tokens of 32 slots was three torch ops, ~40-60 us a wrapped module) or one gather."""
 from __future__ import annotations
 
 import torch
 
 from ..meta import DeltaKernelMeta
 from ..pages import RowPages
+from . import looped
 from .gather import active_values, token_ids
 from .tensors import add_rows, add_slice, f32
 from .threads import on_op_threads
@@ -29,6 +31,9 @@ def cpu_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
         for a, b, s in meta.runs_host:
             add_slice(y[a:b], f32(pages.rows[rows[s]]), 1.0)
         return
+    if looped.usable(y, pages.rows):
+        looped.native_rows(y, pages, meta, 0)
+        return
     add_rows(y, token_ids(meta), f32(_token_rows(pages, meta)))
 
 
@@ -45,6 +50,9 @@ def cpu_mul_rows(t: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
                 t[a:b].mul_(v)
             else:
                 t[a:b].copy_(t[a:b].float().mul_(v.float()))
+        return
+    if looped.usable(t, pages.rows):
+        looped.native_rows(t, pages, meta, 1)
         return
     vals = f32(_token_rows(pages, meta))  # [N, n]
     ids = token_ids(meta)

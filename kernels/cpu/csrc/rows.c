@@ -1,0 +1,141 @@
+/* The CPU backend's native loops (kernels/cpu/native.py builds this file with the system C compiler and calls it
+ * through ctypes). Decode-shaped LoRA and bottleneck adapters in fp32: each slot's rows are read once for all of
+ * its tokens, straight from the pages, one call per wrapped module. Why: at decode a module's delta work is reading
+ * its rows once, and the torch plans pay ~15-20 us of dispatch per small op (a strided LoRA call is ~10 of them);
+ * a loop the compiler vectorises reads the rows at 10-20 GB/s with one call (kernels/cpu/__init__.py, numbers).
+ *
+ * Layout of a group (one active slot): int64 [slot, start, size, off, n (, ub_row, act)]: the slot's run of
+ * ``size`` rows from ``start``, its tokens toks[off .. off + n). Every row pointer is a row of a [N, K] matrix with
+ * unit last stride and row stride ``*_rs`` (elements). h is fp32 scratch of at least max(n * size) elements.
+ * Sums run in fp32 in a different order from torch's GEMMs: equal to the float64 reference within fp32 rounding.
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* y[t] += scale[slot] * (x[t] @ A.T) @ B.T, A = a[start : start + r], B.T = b[start : start + r] */
+void ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, int64_t x_rs,
+                 const float *restrict a, int64_t a_rs, const float *restrict b, int64_t b_rs,
+                 int64_t in, int64_t out, const float *restrict scale, int64_t scale_s,
+                 const int64_t *restrict groups, int64_t n_groups, const int64_t *restrict toks, float *restrict h)
+{
+    for (int64_t g = 0; g < n_groups; g++) {
+        const int64_t *gr = groups + 5 * g;
+        const int64_t start = gr[1], r = gr[2], off = gr[3], n = gr[4];
+        const float sc = scale[gr[0] * scale_s];
+        for (int64_t j = 0; j < r; j++) {  /* shrink: each A row once, against every token of the slot */
+            const float *arow = a + (start + j) * a_rs;
+            for (int64_t t = 0; t < n; t++) {
+                const float *xr = x + toks[off + t] * x_rs;
+                float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t k = 0; k < in; k++)
+                    acc += arow[k] * xr[k];
+                h[t * r + j] = acc * sc;
+            }
+        }
+        for (int64_t t = 0; t < n; t++) {  /* expand: four B rows a pass over the y row */
+            float *yr = y + toks[off + t] * y_rs;
+            const float *ht = h + t * r;
+            const float *b0 = b + start * b_rs;
+            int64_t j = 0;
+            for (; j + 4 <= r; j += 4) {
+                const float h0 = ht[j], h1 = ht[j + 1], h2 = ht[j + 2], h3 = ht[j + 3];
+                const float *r0 = b0 + j * b_rs, *r1 = r0 + b_rs, *r2 = r1 + b_rs, *r3 = r2 + b_rs;
+#pragma omp simd
+                for (int64_t k = 0; k < out; k++)
+                    yr[k] += h0 * r0[k] + h1 * r1[k] + h2 * r2[k] + h3 * r3[k];
+            }
+            for (; j < r; j++) {
+                const float hv = ht[j];
+                const float *rj = b0 + j * b_rs;
+#pragma omp simd
+                for (int64_t k = 0; k < out; k++)
+                    yr[k] += hv * rj[k];
+            }
+        }
+    }
+}
+
+static float act(float v, int64_t code)
+{  /* kernels/activations.py ACT_CODES */
+    switch (code) {
+    case 0: return v > 0.f ? v : 0.f;
+    case 1: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case 2: return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v / (1.f + expf(-v));
+    }
+}
+
+/* y[t] += scale[slot] * (act(u[t] @ D.T + db) @ U.T + ub): D = down[start : start + m], db = dbias[start ..],
+ * U.T = up[start : start + m], ub = ubias[ub_row]. u may be y: a group reads its tokens' u rows (shrink) before
+ * it writes their y rows, and no other group touches them. groups are [slot, start, m, off, n, ub_row, act]. */
+void ds_bottleneck_f32(float *y, int64_t y_rs, const float *u, int64_t u_rs,
+                       const float *restrict down, int64_t d_rs, const float *restrict up, int64_t up_rs,
+                       const float *restrict dbias, int64_t db_s, const float *restrict ubias, int64_t ub_rs,
+                       int64_t hid, const float *restrict scale, int64_t scale_s,
+                       const int64_t *restrict groups, int64_t n_groups, const int64_t *restrict toks,
+                       float *restrict h)
+{
+    for (int64_t g = 0; g < n_groups; g++) {
+        const int64_t *gr = groups + 7 * g;
+        const int64_t start = gr[1], m = gr[2], off = gr[3], n = gr[4], code = gr[6];
+        const float sc = scale[gr[0] * scale_s];
+        const float *ub = ubias + gr[5] * ub_rs;
+        for (int64_t j = 0; j < m; j++) {
+            const float *drow = down + (start + j) * d_rs;
+            const float bj = dbias[(start + j) * db_s];
+            for (int64_t t = 0; t < n; t++) {
+                const float *ur = u + toks[off + t] * u_rs;
+                float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t k = 0; k < hid; k++)
+                    acc += drow[k] * ur[k];
+                h[t * m + j] = act(acc + bj, code);
+            }
+        }
+        for (int64_t t = 0; t < n; t++) {
+            float *yr = y + toks[off + t] * y_rs;
+            const float *ht = h + t * m;
+            const float *u0 = up + start * up_rs;
+            /* d = act(h) @ U.T + ub, then y += scale * d: the up bias joins before the scale, as in the reference */
+            int64_t j = 0;
+            for (; j + 4 <= m; j += 4) {
+                const float h0 = sc * ht[j], h1 = sc * ht[j + 1], h2 = sc * ht[j + 2], h3 = sc * ht[j + 3];
+                const float *r0 = u0 + j * up_rs, *r1 = r0 + up_rs, *r2 = r1 + up_rs, *r3 = r2 + up_rs;
+#pragma omp simd
+                for (int64_t k = 0; k < hid; k++)
+                    yr[k] += h0 * r0[k] + h1 * r1[k] + h2 * r2[k] + h3 * r3[k];
+            }
+            for (; j < m; j++) {
+                const float hv = sc * ht[j];
+                const float *rj = u0 + j * up_rs;
+#pragma omp simd
+                for (int64_t k = 0; k < hid; k++)
+                    yr[k] += hv * rj[k];
+            }
+#pragma omp simd
+            for (int64_t k = 0; k < hid; k++)
+                yr[k] += sc * ub[k];
+        }
+    }
+}
+
+/* One-row terms: for each pair [token, row], y[token] += rows[row] (op 0: BitFit, biases) or y[token] *= rows[row]
+ * (op 1: (IA)3 scales). Pairs of tokens without the term are absent. */
+void ds_rows_f32(float *restrict y, int64_t y_rs, const float *restrict rows, int64_t r_rs, int64_t n_cols,
+                 const int64_t *restrict pairs, int64_t n_pairs, int64_t op)
+{
+    for (int64_t p = 0; p < n_pairs; p++) {
+        float *yr = y + pairs[2 * p] * y_rs;
+        const float *v = rows + pairs[2 * p + 1] * r_rs;
+        if (op == 0) {
+#pragma omp simd
+            for (int64_t k = 0; k < n_cols; k++)
+                yr[k] += v[k];
+        } else {
+#pragma omp simd
+            for (int64_t k = 0; k < n_cols; k++)
+                yr[k] *= v[k];
+        }
+    }
+}

@@ -1,0 +1,115 @@
+"""The native plan of the CPU backend: LoRA and bottleneck adapters as one call of a C loop per wrapped module
+(``native.py`` builds it, ``csrc/rows.c`` holds it), on fp32 CPU tensors, chosen where the strided plan would be
+(decode: at most ``plans.STRIDED_MAX_SEG`` tokens a slot).
+
+A call hands the loop its groups, one per working slot: int64 [slot, start, size, first token, tokens] (and for
+adapters the up-bias row and activation code), and the step's active tokens sorted by slot. Both depend only on
+the token layout and the pages' host tables, so they are built once per layout and kept with its strided plans
+(``blocks._layout_cache``): a decode step repeats its batch's layout, and the layers of a model usually place a
+step's deltas at the same rows. Nothing is gathered or padded, and only the working slots' own rows are read.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..meta import DeltaKernelMeta
+from . import native
+from .blocks import _layout_cache
+from .gather import active_values
+from .tensors import WS
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the native loops can serve a call on ``tensors`` (the pages' row tensors and the op's inputs and
+    outputs): fp32 on the CPU with unit last stride, no autograd to record (the loop writes behind its back), and
+    the library built here."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or (t.dim() > 1 and t.stride(-1) != 1):
+            return False
+        if t.requires_grad and torch.is_grad_enabled():
+            return False
+    return native.available()
+
+
+def _groups(meta: DeltaKernelMeta, work: list[int], columns: list[tuple], slots: int = 1 << 62,
+            extra_rows: int = 1 << 62) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(int64 [G, 5 + extra] groups, int64 [N] tokens sorted by slot, the most rows x tokens of one group), kept per
+    token layout and per ``work`` and ``columns`` (host values per working slot: start, size, extra fields; the
+    runs are checked by the caller, ``gather.check_runs``). A slot past ``slots`` (the per-slot tables) or a first
+    extra field past ``extra_rows`` (the up-bias rows) is a ValueError: the loop would read outside the tensors."""
+    cache = _layout_cache(meta)
+    key = ("native", tuple(work), tuple(columns))
+    hit = cache.get(key)
+    if hit is None:
+        if work and max(work) >= slots:
+            raise ValueError(f"native plan: slot {max(work)} past the {slots} slots of the pages' tables")
+        bad = [c[2] for c in columns if len(c) > 2 and not 0 <= c[2] < extra_rows]
+        if bad:
+            raise ValueError(f"native plan: up-bias row {bad[0]} outside the {extra_rows} rows of the pages")
+        toks = cache.get("native_toks")
+        if toks is None:
+            toks = cache["native_toks"] = meta.sorted_active_ids.contiguous()
+        seg = {s: k for k, s in enumerate(meta.active_slots_host)}
+        sh = meta.seg_start_host
+        rows, most = [], 1
+        for s, col in zip(work, columns):
+            k = seg[s]
+            n = sh[k + 1] - sh[k]
+            rows.append([s, col[0], col[1], sh[k], n, *col[2:]])
+            most = max(most, n * col[1])
+        hit = cache[key] = (torch.tensor(rows, dtype=torch.int64), toks, most)
+    return hit
+
+
+def native_lora(y: torch.Tensor, x: torch.Tensor, pages, ranks, starts, work: list[int],
+                meta: DeltaKernelMeta) -> None:
+    """y[t] += scale[s] * (x[t] @ A_s.T) @ B_s.T for the tokens of ``work`` slots (active, rank > 0; ``ranks``,
+    ``starts`` the host values of the pages' tables). Shapes as ``kernels.add_lora``; every tensor ``usable``."""
+    groups, toks, most = _groups(meta, work, [(starts[s], ranks[s]) for s in work], pages.scale.shape[0])
+    h = WS.get("nat_h", (most,), torch.float32, y.device)
+    a, b, sc = pages.a_rows, pages.b_rows, pages.scale
+    native.library().ds_lora_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0),
+                                 b.data_ptr(), b.stride(0), x.shape[1], y.shape[1], sc.data_ptr(), sc.stride(0),
+                                 groups.data_ptr(), groups.shape[0], toks.data_ptr(), h.data_ptr())
+
+
+def native_bottleneck(y: torch.Tensor, u: torch.Tensor, pages, widths, starts, acts, work: list[int],
+                      meta: DeltaKernelMeta) -> None:
+    """y[t] += scale[s] * (act_s(u[t] @ D_s.T + db_s) @ U_s.T + ub_s) for the tokens of ``work`` slots (active,
+    width > 0); ``u`` may be ``y``. Shapes as ``kernels.add_bottleneck``; every tensor ``usable``."""
+    ub_row = active_values(pages, "up_bias_row", meta)
+    groups, toks, most = _groups(meta, work, [(starts[s], widths[s], ub_row[s], acts[s]) for s in work],
+                                 pages.scale.shape[0], pages.up_bias_rows.shape[0])
+    h = WS.get("nat_h", (most,), torch.float32, y.device)
+    d, up, db, ub, sc = pages.down_rows, pages.up_rows, pages.down_bias, pages.up_bias_rows, pages.scale
+    native.library().ds_bottleneck_f32(y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0), d.data_ptr(),
+                                       d.stride(0), up.data_ptr(), up.stride(0), db.data_ptr(), db.stride(0),
+                                       ub.data_ptr(), ub.stride(0), y.shape[1], sc.data_ptr(), sc.stride(0),
+                                       groups.data_ptr(), groups.shape[0], toks.data_ptr(), h.data_ptr())
+
+
+def _pairs(meta: DeltaKernelMeta, pages) -> torch.Tensor:
+    """int64 [N, 2]: (token, its slot's row) for every active token, kept per token layout and row values."""
+    rows = active_values(pages, "row", meta)
+    active = meta.active_slots_host
+    cache = _layout_cache(meta)
+    key = ("pairs", tuple([rows[s] for s in active]))
+    hit = cache.get(key)
+    if hit is None:
+        n = pages.rows.shape[0]
+        bad = [rows[s] for s in active if not 0 <= rows[s] < n]
+        if bad:
+            raise ValueError(f"native plan: row {bad[0]} outside the {n} rows of the pages")
+        ids, sh = meta.sorted_active_ids.tolist(), meta.seg_start_host
+        pairs = [(t, rows[s]) for k, s in enumerate(active) for t in ids[sh[k]:sh[k + 1]]]
+        hit = cache[key] = torch.tensor(pairs, dtype=torch.int64).view(-1, 2)
+    return hit
+
+
+def native_rows(t: torch.Tensor, pages, meta: DeltaKernelMeta, op: int) -> None:
+    """t[i] += rows[row[slot[i]]] (op 0, ``kernels.add_bias``) or t[i] *= ... (op 1, ``kernels.mul_rows``) for the
+    active tokens; every tensor ``usable``."""
+    pairs = _pairs(meta, pages)
+    rows = pages.rows
+    native.library().ds_rows_f32(t.data_ptr(), t.stride(0), rows.data_ptr(), rows.stride(0), t.shape[1],
+                                 pairs.data_ptr(), pairs.shape[0], op)

@@ -1,0 +1,221 @@
+"""The native plan of the CPU backend (``kernels/cpu/looped.py`` over ``csrc/rows.c``, built by ``native.py``): LoRA
+and bottleneck adapters against the exact reference and the strided plan over odd sizes, ranks 1-64 mixed, every
+popularity pattern with base tokens mixed in, every page layout (NaN in every row no run owns), u aliasing y; the
+choice (decode in fp32 takes it, the rest does not) and the build: cached per machine, refused values, no
+compiler."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from kernels import DeltaKernelMeta
+from kernels.cpu import choose_plan, cpu_add_bottleneck, cpu_add_lora, force_plan, looped, native
+from kernels.reference import ref_add_bottleneck, ref_add_lora
+from tests.helpers import assert_close
+from tests.kernel_cases import (FP32_TOL, LAYOUTS, PATTERNS, adapter_pages, bottleneck_pools, lora_pages, lora_pools,
+                                slot_ids, slots_tensor)
+
+NAN = float("nan")
+LORA_KEYS = ("lora_a", "lora_b", "scale", "rank")
+BN_KEYS = ("down", "down_bias", "up", "up_bias", "scale", "width", "act")
+BN_TOL = dict(atol=5e-5, rtol=2e-5)
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler on this machine")
+
+
+def _meta(slots):
+    return DeltaKernelMeta.build(slots_tensor(slots))
+
+
+def _lora(slots, pages, x, y, plan):
+    out = y.clone()
+    with force_plan(plan):
+        cpu_add_lora(out, x, pages, _meta(slots))
+    return out
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_lora_matches_reference_and_the_strided_plan(pattern, layout):
+    # 40 resident slots of ranks 1-64, 14 active, a quarter of the tokens on the base model; in = 37, out = 23
+    ranks = [1 + (11 * s) % 64 for s in range(40)]
+    pools = lora_pools(40, 37, 23, ranks, seed=3)
+    slots = slot_ids(29, 14, pattern, pool_slots=40, seed=4, none_fraction=0.25)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(29, 37, generator=g), torch.randn(29, 23, generator=g)
+    pages = lora_pages(pools, layout=layout, seed=6, fill=NAN)
+    expected = ref_add_lora(y, x, *[pools[k] for k in LORA_KEYS], slots)
+    out = _lora(slots, pages, x, y, "native")
+    assert_close(out, expected, **FP32_TOL, what=f"native {pattern} {layout}")
+    untouched = [i for i, s in enumerate(slots) if s < 0]
+    assert torch.equal(out[untouched], y[untouched])  # base tokens: bit for bit
+    assert_close(out, _lora(slots, pages, x, y, "strided"), **FP32_TOL, what="native vs strided")
+
+
+def test_lora_rank_zero_slots_and_a_row_strided_y():
+    # slot 5 has no LoRA at this layer (rank 0, not in the work list), y a column slice of a wider tensor (row
+    # stride 40): the columns past y's are not touched
+    ranks = [1, 4, 8, 16, 64, 0, 5, 3]
+    pools = lora_pools(8, 33, 23, ranks)
+    slots = [6, 0, -1, 4, 3, 5, 1, 2, 7, 6, -1, 4, 0, 2]
+    x = torch.randn(len(slots), 33)
+    wide = torch.randn(len(slots), 40)
+    y = wide[:, :23].clone()
+    tail = wide[:, 23:].clone()
+    expected = ref_add_lora(y, x, *[pools[k] for k in LORA_KEYS], slots)
+    with force_plan("native"):
+        cpu_add_lora(wide[:, :23], x, lora_pages(pools, layout="regions", fill=NAN), _meta(slots))
+    assert_close(wide[:, :23], expected, **FP32_TOL, what="row-strided y")
+    assert torch.equal(wide[:, 23:], tail)
+    assert torch.equal(wide[[2, 5, 10], :23], y[[2, 5, 10]])  # slot -1 twice, and slot 5 (rank 0 here)
+
+
+@pytest.mark.parametrize("pattern", ["distinct", "zipf", "skewed"])
+@pytest.mark.parametrize("alias", [False, True], ids=["u", "u_is_y"])
+def test_bottleneck_matches_reference(pattern, alias):
+    widths = [8, 3, 0, 16, 8, 5, 16, 1, 8, 3]
+    acts = [1, 3, 0, 2, 0, 3, 1, 1, 2, 0]  # every activation code
+    pools = bottleneck_pools(10, 40, widths, acts, max_width=16, seed=2)
+    slots = slot_ids(23, 8, pattern, pool_slots=10, seed=3, none_fraction=0.2)
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(23, 40, generator=g)
+    u = y if alias else torch.randn(23, 40, generator=g)
+    expected = ref_add_bottleneck(y, u, *[pools[k] for k in BN_KEYS], slots)
+    pages = adapter_pages(pools, layout="regions", fill=NAN)
+    out = y.clone()
+    with force_plan("native"):
+        cpu_add_bottleneck(out, out if alias else u, pages, _meta(slots))
+    assert_close(out, expected, **BN_TOL, what=f"native bottleneck {pattern} alias={alias}")
+    strided = y.clone()
+    with force_plan("strided"):
+        cpu_add_bottleneck(strided, strided if alias else u, pages, _meta(slots))
+    assert_close(out, strided, **BN_TOL, what="native vs strided")
+
+
+def test_groups_are_kept_per_layout():
+    ranks = {s: 8 for s in range(3)}
+    starts = {0: 0, 1: 8, 2: 16}
+    cols = [(starts[s], ranks[s]) for s in range(3)]
+    first = looped._groups(_meta([2, 0, 1]), [0, 1, 2], cols)
+    assert looped._groups(_meta([2, 0, 1]), [0, 1, 2], list(cols)) is first  # a later step, same layout
+    groups, toks, most = first
+    assert groups.tolist() == [[0, 0, 8, 0, 1], [1, 8, 8, 1, 1], [2, 16, 8, 2, 1]] and toks.tolist() == [1, 2, 0]
+    other = looped._groups(_meta([2, 0, 0, 1]), [0, 1, 2], cols)  # slot 0 has two tokens now
+    assert other is not first and other[0][0].tolist() == [0, 0, 8, 0, 2] and other[2] == 16
+
+
+# ------------------------------------------------------------------------------------------- the choice
+def test_decode_in_fp32_takes_the_native_plan():
+    meta = _meta(list(range(8)) + [-1, 3])
+    x = torch.randn(10, 16)
+    assert choose_plan(meta, native_ok=lambda: looped.usable(x)) == "native"
+    assert choose_plan(meta, native_ok=False) == "strided"
+    assert choose_plan(meta, dtype=torch.float16, native_ok=True) != "native"  # half types: the torch plans
+    assert choose_plan(_meta([0] * 40 + [1] * 40 + [2] * 3 + [3, 4]), native_ok=True) != "native"  # > 8 a slot
+    with force_plan("native"):
+        assert choose_plan(meta, native_ok=False) == "strided"  # forced where it cannot run: the strided plan
+
+
+def test_usable_only_on_plain_fp32_cpu_tensors():
+    x = torch.randn(4, 8)
+    assert looped.usable(x, torch.randn(3))
+    assert not looped.usable(x.half())
+    assert not looped.usable(torch.randn(8, 4).t())  # no unit last stride
+    w = torch.randn(4, 8, requires_grad=True)
+    assert not looped.usable(w)  # autograd would not see the loop's writes
+    with torch.no_grad():
+        assert looped.usable(w)
+
+
+def test_native_gives_the_same_result_as_the_torch_plans_in_a_model_step():
+    # fp16 takes the torch plans: the same call in fp32 takes the native one and matches the reference
+    pools = lora_pools(6, 64, 48, [16, 4, 64, 8, 16, 4])
+    slots = [5, 0, 1, 2, 3, 4, -1, 0]
+    x, y = torch.randn(8, 64), torch.randn(8, 48)
+    out = y.clone()
+    cpu_add_lora(out, x, lora_pages(pools, layout="scattered", fill=NAN), _meta(slots))  # unforced: native
+    assert_close(out, ref_add_lora(y, x, *[pools[k] for k in LORA_KEYS], slots), **FP32_TOL, what="unforced")
+
+
+# ------------------------------------------------------------------------------------------- the build
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    monkeypatch.setenv("DELTASERVE_NATIVE_CACHE", str(tmp_path / "cache"))
+    native.reset()
+    yield tmp_path / "cache"
+    monkeypatch.undo()
+    native.reset()
+
+
+def test_the_library_is_built_once_and_reused(fresh_native):
+    assert native.available()
+    built = list(fresh_native.glob("rows-*.so"))
+    assert len(built) == 1 and not list(fresh_native.glob(".rows-*"))  # no temp file left
+    mtime = built[0].stat().st_mtime_ns
+    native.reset()
+    assert native.available() and built[0].stat().st_mtime_ns == mtime  # loaded, not compiled again
+
+
+def test_no_compiler_falls_back_to_the_torch_plans(fresh_native, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level(logging.WARNING, logger="deltaserve.kernels"):
+        assert native.library() is None
+    assert "native_unavailable" in caplog.text
+    x = torch.randn(4, 8)
+    assert not looped.usable(x)
+    pools = lora_pools(4, 8, 8, [4, 4, 8, 2])
+    out, y = torch.randn(4, 8), None
+    y = out.clone()
+    with force_plan("native"):  # asked for, cannot run: the strided plan serves
+        cpu_add_lora(out, x, lora_pages(pools), _meta([0, 1, 2, 3]))
+    assert_close(out, ref_add_lora(y, x, *[pools[k] for k in LORA_KEYS], [0, 1, 2, 3]), **FP32_TOL, what="fallback")
+
+
+def test_on_without_a_compiler_is_an_error_and_off_is_off(fresh_native, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("DELTASERVE_CPU_NATIVE", "on")
+    with pytest.raises(native.NativeUnavailable, match="DELTASERVE_CPU_NATIVE=on"):
+        native.library()
+    native.reset()
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("DELTASERVE_CPU_NATIVE", "off")
+    assert native.library() is None and not list(fresh_native.glob("*.so"))  # nothing built
+
+
+def test_a_bad_mode_is_refused_in_one_line(fresh_native, monkeypatch):
+    monkeypatch.setenv("DELTASERVE_CPU_NATIVE", "sometimes")
+    with pytest.raises(ValueError, match=r"^DELTASERVE_CPU_NATIVE='sometimes': expected one of auto, on, off$"):
+        native.library()
+
+
+# ------------------------------------------------------------------------------------------- one-row terms
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_bias_and_scale_rows_match_reference(pattern):
+    from kernels.cpu import cpu_add_bias, cpu_mul_rows
+    from kernels.reference import ref_add_bias, ref_mul_rows
+    from tests.kernel_cases import row_pages
+
+    slots = slot_ids(33, 12, pattern, pool_slots=14, seed=7, none_fraction=0.2)
+    g = torch.Generator().manual_seed(8)
+    vec = 1.0 + 0.5 * torch.randn(14, 29, generator=g)
+    y = torch.randn(33, 29, generator=g)
+    meta = _meta(slots)
+    assert len(meta.runs_host) > 8 or pattern in ("identical", "skewed")  # past ROWS_MAX_RUNS: the loop
+    pages = row_pages(vec, layout="scattered", seed=1, fill=NAN)
+    added, scaled = y.clone(), y.clone()
+    cpu_add_bias(added, pages, meta)
+    cpu_mul_rows(scaled, pages, meta)
+    assert torch.equal(added, ref_add_bias(y, vec, slots).float())  # one fp32 rounding: the reference, bit for bit
+    assert torch.equal(scaled, ref_mul_rows(y, vec, slots).float())
+
+
+def test_a_row_outside_the_pages_is_refused():
+    from kernels import RowPages
+
+    meta = _meta(list(range(10)))
+    rows = torch.randn(10, 8)
+    pages = RowPages(rows, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="row 10 outside the 10 rows"):
+        looped.native_rows(torch.randn(10, 8), pages, meta, 0)
