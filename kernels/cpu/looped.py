@@ -23,10 +23,11 @@ def usable(*tensors: torch.Tensor) -> bool:
     """Whether the native loops can serve a call on ``tensors`` (the pages' row tensors and the op's inputs and
     outputs): fp32 on the CPU with unit last stride, no autograd to record (the loop writes behind its back), and
     the library built here."""
+    grad = torch.is_grad_enabled()  # off in the server's inference mode: no requires_grad to read
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32 or (t.dim() > 1 and t.stride(-1) != 1):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or (t.dim() > 1 and t.stride(-1) != 1):
             return False
-        if t.requires_grad and torch.is_grad_enabled():
+        if grad and t.requires_grad:
             return False
     return native.available()
 

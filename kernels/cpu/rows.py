@@ -1,6 +1,7 @@
-"""BitFit and (IA)3 on the CPU backend: a slice per run of same-slot tokens when runs are few (prefill),
-otherwise (decode) one C loop over the tokens (``looped.native_rows``: fp32 with the native loops built; a
-bias add of 32 tokens of 32 slots was three torch ops, ~40-60 us a wrapped module) or one gather."""
+"""BitFit and (IA)3 on the CPU backend: at decode (``_native``) one C loop over the tokens where the native loops
+are built and the tensors fp32 (``looped.native_rows``: a bias add of 32 tokens of 32 slots was three torch ops,
+~40-60 us a wrapped module); otherwise a slice per run of same-slot tokens when runs are few (prefill), one gather
+beyond."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,7 @@ from ..meta import DeltaKernelMeta
 from ..pages import RowPages
 from . import looped
 from .gather import active_values, token_ids
+from .plans import STRIDED_MAX_SEG
 from .tensors import add_rows, add_slice, f32
 from .threads import on_op_threads
 
@@ -21,18 +23,26 @@ def _token_rows(pages: RowPages, meta: DeltaKernelMeta) -> torch.Tensor:
     return pages.rows.index_select(0, pages.row.index_select(0, meta.active_token_slots).long())
 
 
+def _native(meta: DeltaKernelMeta) -> bool:
+    """Decode-shaped: several runs, none longer than ``STRIDED_MAX_SEG`` tokens a slot. One C call then replaces a
+    slice add per run (a BitFit of 6 of a step's 32 deltas: 6 adds of ~2-5 us) or the gather's three ops; a prefill's
+    long runs keep their slices (one add a sequence), and its per-token pairs are not built for a layout that never
+    repeats."""
+    return len(meta.runs_host) > 1 and meta.max_seg_len <= STRIDED_MAX_SEG
+
+
 @on_op_threads
 def cpu_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> None:
     """The CPU backend of ``kernels.add_bias`` (which checks the arguments): y[t] += rows[row[slot[t]]]."""
     if meta.no_delta:
         return
+    if _native(meta) and looped.usable(y, pages.rows):
+        looped.native_rows(y, pages, meta, 0)
+        return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:
         rows = active_values(pages, "row", meta)
         for a, b, s in meta.runs_host:
             add_slice(y[a:b], f32(pages.rows[rows[s]]), 1.0)
-        return
-    if looped.usable(y, pages.rows):
-        looped.native_rows(y, pages, meta, 0)
         return
     add_rows(y, token_ids(meta), f32(_token_rows(pages, meta)))
 
@@ -42,6 +52,9 @@ def cpu_mul_rows(t: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     """The CPU backend of ``kernels.mul_rows`` (which checks the arguments): t[i] *= rows[row[slot[i]]]."""
     if meta.no_delta:
         return
+    if _native(meta) and looped.usable(t, pages.rows):
+        looped.native_rows(t, pages, meta, 1)
+        return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:
         rows = active_values(pages, "row", meta)
         for a, b, s in meta.runs_host:
@@ -50,9 +63,6 @@ def cpu_mul_rows(t: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
                 t[a:b].mul_(v)
             else:
                 t[a:b].copy_(t[a:b].float().mul_(v.float()))
-        return
-    if looped.usable(t, pages.rows):
-        looped.native_rows(t, pages, meta, 1)
         return
     vals = f32(_token_rows(pages, meta))  # [N, n]
     ids = token_ids(meta)

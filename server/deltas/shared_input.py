@@ -51,6 +51,9 @@ class SharedInput:
         self._pages: tuple | None = None  # (key, kernels.PackedLoraPages)
         self._seen = -1  # the leader arena version the members' lora_start were last written for
         self._live: list | None = None  # [x, meta, shrink, members still to expand, member -> pages position]
+        # The step meta for which sharing was found not worth it (it depends on the meta and the members' terms only,
+        # and installs happen between steps): its other members skip the test (~15 us each at 32 active slots).
+        self._direct = None
         for m in self.members:
             m.shared = self
 
@@ -107,7 +110,7 @@ class SharedInput:
         """Point every member's ``lora_start`` at its run of its slot's stack (after installs, clears and
         relayouts of the leader's arena); drop the kept shrink and the packed pages."""
         self.epoch += 1
-        self._live = None
+        self._live = self._direct = None
         lead = self.leader.rows.fields
         if not lead.allocated:
             return
@@ -142,6 +145,9 @@ class SharedInput:
     def add_lora(self, member, y2: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, meta) -> None:
         """y2 += member's LoRA of ``x`` (``x2`` its [T, in] view): from the shrink kept for ``x`` this step, or a
         new one shared with the siblings still to come."""
+        if self._direct is meta:  # decided for this step's meta already: nothing (worth) sharing
+            kernels.add_lora(y2, x2.contiguous(), member.lora_pages(), meta)
+            return
         live = self._live
         if live is None or live[0] is not x or live[1] is not meta:
             active = meta.active_slots_host
@@ -150,6 +156,7 @@ class SharedInput:
             on_cpu = kernels.current_backend(x2) == "cpu"
             if len(todo) < 2 or (on_cpu and (meta.num_active_tokens < CPU_MIN_TOKENS
                                              or kernels.cpu.choose_plan(meta, dtype=x2.dtype) == "strided")):
+                self._direct = meta  # the other members of this step take the same way without asking again
                 kernels.add_lora(y2, x2.contiguous(), member.lora_pages(), meta)  # nothing (worth) sharing
                 return
             packed, pos = self.pages()
