@@ -220,3 +220,21 @@ def test_a_row_outside_the_pages_is_refused():
     pages = RowPages(rows, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 10], dtype=torch.int32))
     with pytest.raises(ValueError, match="row 10 outside the 10 rows"):
         looped.native_rows(torch.randn(10, 8), pages, meta, 0)
+
+
+@pytest.mark.parametrize("pattern", ["distinct", "uniform", "zipf"])
+def test_column_scale_matches_reference_and_leaves_unflagged_tokens(pattern):
+    from kernels.cpu import cpu_scale_shift_rows
+    from kernels.reference import ref_scale_shift_rows
+    from tests.kernel_cases import scale_shift_pages
+
+    slots = slot_ids(30, 12, pattern, pool_slots=14, seed=9, none_fraction=0.2)
+    g = torch.Generator().manual_seed(10)
+    scale, shift = 1 + 0.1 * torch.randn(14, 27, generator=g), 0.01 * torch.randn(14, 27, generator=g)
+    flag = torch.tensor([s % 3 != 0 for s in range(14)], dtype=torch.int32)
+    y = torch.randn(30, 27, generator=g)
+    out = y.clone()
+    cpu_scale_shift_rows(out, scale_shift_pages(scale, shift, flag, layout="regions", seed=2), _meta(slots))
+    assert_close(out, ref_scale_shift_rows(y, scale, shift, flag, slots), atol=1e-6, rtol=1e-6, what=pattern)
+    keep = [i for i, s in enumerate(slots) if s < 0 or not flag[s]]
+    assert torch.equal(out[keep], y[keep])  # base and unflagged tokens: never touched

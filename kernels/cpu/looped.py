@@ -89,20 +89,19 @@ def native_bottleneck(y: torch.Tensor, u: torch.Tensor, pages, widths, starts, a
                                        groups.data_ptr(), groups.shape[0], toks.data_ptr(), h.data_ptr())
 
 
-def _pairs(meta: DeltaKernelMeta, pages) -> torch.Tensor:
-    """int64 [N, 2]: (token, its slot's row) for every active token, kept per token layout and row values."""
-    rows = active_values(pages, "row", meta)
-    active = meta.active_slots_host
+def _pairs(meta: DeltaKernelMeta, rows: dict | list, n_rows: int, slots: list[int]) -> torch.Tensor:
+    """int64 [N, 2]: (token, its slot's row) for every token of the active ``slots``, kept per token layout and row
+    values (``rows``: slot -> row, host values)."""
     cache = _layout_cache(meta)
-    key = ("pairs", tuple([rows[s] for s in active]))
+    key = ("pairs", tuple(slots), tuple([rows[s] for s in slots]))
     hit = cache.get(key)
     if hit is None:
-        n = pages.rows.shape[0]
-        bad = [rows[s] for s in active if not 0 <= rows[s] < n]
+        bad = [rows[s] for s in slots if not 0 <= rows[s] < n_rows]
         if bad:
-            raise ValueError(f"native plan: row {bad[0]} outside the {n} rows of the pages")
+            raise ValueError(f"native plan: row {bad[0]} outside the {n_rows} rows of the pages")
+        seg = {s: k for k, s in enumerate(meta.active_slots_host)}
         ids, sh = meta.sorted_active_ids.tolist(), meta.seg_start_host
-        pairs = [(t, rows[s]) for k, s in enumerate(active) for t in ids[sh[k]:sh[k + 1]]]
+        pairs = [(t, rows[s]) for s in slots for t in ids[sh[seg[s]]:sh[seg[s] + 1]]]
         hit = cache[key] = torch.tensor(pairs, dtype=torch.int64).view(-1, 2)
     return hit
 
@@ -110,7 +109,16 @@ def _pairs(meta: DeltaKernelMeta, pages) -> torch.Tensor:
 def native_rows(t: torch.Tensor, pages, meta: DeltaKernelMeta, op: int) -> None:
     """t[i] += rows[row[slot[i]]] (op 0, ``kernels.add_bias``) or t[i] *= ... (op 1, ``kernels.mul_rows``) for the
     active tokens; every tensor ``usable``."""
-    pairs = _pairs(meta, pages)
     rows = pages.rows
+    pairs = _pairs(meta, active_values(pages, "row", meta), rows.shape[0], meta.active_slots_host)
     native.library().ds_rows_f32(t.data_ptr(), t.stride(0), rows.data_ptr(), rows.stride(0), t.shape[1],
                                  pairs.data_ptr(), pairs.shape[0], op)
+
+
+def native_affine(y: torch.Tensor, pages, meta: DeltaKernelMeta, rows: list[int], flagged: list[int]) -> None:
+    """y[t] = y[t] * scale_rows[row] + shift_rows[row] for the tokens of the ``flagged`` active slots (``rows`` their
+    host row values; ``kernels.scale_shift_rows``, DoRA); every tensor ``usable``."""
+    g, c = pages.scale_rows, pages.shift_rows
+    pairs = _pairs(meta, rows, min(g.shape[0], c.shape[0]), flagged)
+    native.library().ds_affine_f32(y.data_ptr(), y.stride(0), g.data_ptr(), g.stride(0), c.data_ptr(), c.stride(0),
+                                   y.shape[1], pairs.data_ptr(), pairs.shape[0])

@@ -40,6 +40,8 @@ _SIGNATURES = {
     "ds_bottleneck_f32": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _P, _P],
     # y, y_rs, rows, rows_rs, n_cols, pairs, n_pairs, op (0 add, 1 mul)
     "ds_rows_f32": [_P, _I, _P, _I, _I, _P, _I, _I],
+    # y, y_rs, scale, s_rs, shift, sh_rs, n_cols, pairs, n_pairs
+    "ds_affine_f32": [_P, _I, _P, _I, _P, _I, _I, _P, _I],
 }
 
 

@@ -1,4 +1,4 @@
-"""BitFit and (IA)3 on the CPU backend: at decode (``_native``) one C loop over the tokens where the native loops
+"""BitFit and (IA)3 on the CPU backend: at decode (``decode_shaped``) one C loop over the tokens where the native loops
 are built and the tensors fp32 (``looped.native_rows``: a bias add of 32 tokens of 32 slots was three torch ops,
 ~40-60 us a wrapped module); otherwise a slice per run of same-slot tokens when runs are few (prefill), one gather
 beyond."""
@@ -23,7 +23,7 @@ def _token_rows(pages: RowPages, meta: DeltaKernelMeta) -> torch.Tensor:
     return pages.rows.index_select(0, pages.row.index_select(0, meta.active_token_slots).long())
 
 
-def _native(meta: DeltaKernelMeta) -> bool:
+def decode_shaped(meta: DeltaKernelMeta) -> bool:
     """Decode-shaped: several runs, none longer than ``STRIDED_MAX_SEG`` tokens a slot. One C call then replaces a
     slice add per run (a BitFit of 6 of a step's 32 deltas: 6 adds of ~2-5 us) or the gather's three ops; a prefill's
     long runs keep their slices (one add a sequence), and its per-token pairs are not built for a layout that never
@@ -36,7 +36,7 @@ def cpu_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     """The CPU backend of ``kernels.add_bias`` (which checks the arguments): y[t] += rows[row[slot[t]]]."""
     if meta.no_delta:
         return
-    if _native(meta) and looped.usable(y, pages.rows):
+    if decode_shaped(meta) and looped.usable(y, pages.rows):
         looped.native_rows(y, pages, meta, 0)
         return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:
@@ -52,7 +52,7 @@ def cpu_mul_rows(t: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     """The CPU backend of ``kernels.mul_rows`` (which checks the arguments): t[i] *= rows[row[slot[i]]]."""
     if meta.no_delta:
         return
-    if _native(meta) and looped.usable(t, pages.rows):
+    if decode_shaped(meta) and looped.usable(t, pages.rows):
         looped.native_rows(t, pages, meta, 1)
         return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:

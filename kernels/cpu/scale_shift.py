@@ -1,6 +1,8 @@
 """DoRA's column scale on the CPU backend: ``y[t] = y[t] * scale[s] + shift[s]`` for flagged slots only.
 
-Only the flagged slots' tokens are read or written, in one fused pass (``addcmul``): a slice per run
+Only the flagged slots' tokens are read or written, in one fused pass: at decode one C loop over them
+(``looped.native_affine``, fp32 with the native loops built: the gather below is five torch ops, 1.5x a rank-16
+LoRA op's time once that runs natively too), else ``addcmul``: a slice per run
 while the flagged runs are few (ROWS_MAX_RUNS) or average RUN_MIN_TOKENS tokens (prefill: one run per
 sequence, no gather), else one gather of exactly those tokens (decode with many DoRA requests). Tokens of
 other slots are not touched at all, so they pay nothing and keep their values bit for bit. The pass is
@@ -13,9 +15,10 @@ import torch
 
 from ..meta import DeltaKernelMeta
 from ..pages import ScaleShiftPages
+from . import looped
 from .gather import token_ids
 from .plans import RUN_MIN_TOKENS
-from .rows import ROWS_MAX_RUNS
+from .rows import ROWS_MAX_RUNS, decode_shaped
 from .threads import on_op_threads
 
 
@@ -35,6 +38,9 @@ def cpu_scale_shift_rows(y: torch.Tensor, pages: ScaleShiftPages, meta: DeltaKer
     flags, row = pages.flag.tolist(), pages.row.tolist()
     scale, shift = pages.scale_rows, pages.shift_rows
     if not any(flags[s] for s in meta.active_slots_host):
+        return
+    if decode_shaped(meta) and looped.usable(y, scale, shift):
+        looped.native_affine(y, pages, meta, row, [s for s in meta.active_slots_host if flags[s]])
         return
     runs = [(a, b, s) for a, b, s in meta.runs_host if flags[s]]
     if len(runs) <= ROWS_MAX_RUNS or sum(b - a for a, b, _ in runs) >= RUN_MIN_TOKENS * len(runs):

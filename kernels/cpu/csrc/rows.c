@@ -139,3 +139,18 @@ void ds_rows_f32(float *restrict y, int64_t y_rs, const float *restrict rows, in
         }
     }
 }
+
+/* DoRA's column scale: for each pair [token, row], y[token] = y[token] * scale[row] + shift[row]. Pairs of
+ * unflagged slots' tokens are absent: those rows are not touched. */
+void ds_affine_f32(float *restrict y, int64_t y_rs, const float *restrict scale, int64_t s_rs,
+                   const float *restrict shift, int64_t sh_rs, int64_t n_cols, const int64_t *restrict pairs,
+                   int64_t n_pairs)
+{
+    for (int64_t p = 0; p < n_pairs; p++) {
+        float *yr = y + pairs[2 * p] * y_rs;
+        const float *g = scale + pairs[2 * p + 1] * s_rs, *c = shift + pairs[2 * p + 1] * sh_rs;
+#pragma omp simd
+        for (int64_t k = 0; k < n_cols; k++)
+            yr[k] = yr[k] * g[k] + c[k];
+    }
+}
