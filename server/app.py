@@ -261,7 +261,8 @@ def build_app(config: ServerConfig) -> App:
              model_type=spec.model_type, layers=spec.num_layers, fingerprint=spec.fingerprint,
              chat_template=chat is not None, sampling_defaults=",".join(
                  f"{k}={v}" for k, v in (defaults.sampling_fields() if defaults else {}).items()) or "-",
-             torch_threads=threads, native_loops=loops, delta_memory_bytes=budgets.delta_bytes, kv_blocks=runner.kv.num_blocks,
+             torch_threads=threads, native_loops=loops, delta_memory_bytes=budgets.delta_bytes,
+             kv_blocks=runner.kv.num_blocks,
              free_bytes=budgets.free_bytes, seconds=time.monotonic() - t0)
     log.info("storage", catalogue=catalogue.where, revision=catalogue.revision, blobs=describe_blobs(blobs),
              replica=replica_id(config))
