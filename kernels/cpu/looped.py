@@ -66,12 +66,11 @@ def native_lora(y: torch.Tensor, x: torch.Tensor, pages, ranks, starts, work: li
                 meta: DeltaKernelMeta) -> None:
     """y[t] += scale[s] * (x[t] @ A_s.T) @ B_s.T for the tokens of ``work`` slots (active, rank > 0; ``ranks``,
     ``starts`` the host values of the pages' tables). Shapes as ``kernels.add_lora``; every tensor ``usable``."""
-    groups, toks, most = _groups(meta, work, [(starts[s], ranks[s]) for s in work], pages.scale.shape[0])
-    h = WS.get("nat_h", (most,), torch.float32, y.device)
+    groups, toks, _ = _groups(meta, work, [(starts[s], ranks[s]) for s in work], pages.scale.shape[0])
     a, b, sc = pages.a_rows, pages.b_rows, pages.scale
     native.library().ds_lora_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0),
                                  b.data_ptr(), b.stride(0), x.shape[1], y.shape[1], sc.data_ptr(), sc.stride(0),
-                                 groups.data_ptr(), groups.shape[0], toks.data_ptr(), h.data_ptr())
+                                 groups.data_ptr(), groups.shape[0], toks.data_ptr())
 
 
 def native_bottleneck(y: torch.Tensor, u: torch.Tensor, pages, widths, starts, acts, work: list[int],

@@ -34,8 +34,8 @@ BUILD_TIMEOUT_S = 120
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    # y, y_rs, x, x_rs, a, a_rs, b, b_rs, in, out, scale, scale_s, groups, n_groups, toks, h
-    "ds_lora_f32": [_P, _I, _P, _I, _P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P, _P],
+    # y, y_rs, x, x_rs, a, a_rs, b, b_rs, in, out, scale, scale_s, groups, n_groups, toks
+    "ds_lora_f32": [_P, _I, _P, _I, _P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P],
     # y, y_rs, u, u_rs, down, d_rs, up, up_rs, dbias, db_s, ubias, ub_rs, hid, scale, scale_s, groups, n, toks, h
     "ds_bottleneck_f32": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _P, _P],
     # y, y_rs, rows, rows_rs, n_cols, pairs, n_pairs, op (0 add, 1 mul)

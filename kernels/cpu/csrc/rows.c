@@ -6,51 +6,65 @@
  *
  * Layout of a group (one active slot): int64 [slot, start, size, off, n (, ub_row, act)]: the slot's run of
  * ``size`` rows from ``start``, its tokens toks[off .. off + n). Every row pointer is a row of a [N, K] matrix with
- * unit last stride and row stride ``*_rs`` (elements). h is fp32 scratch of at least max(n * size) elements.
+ * unit last stride and row stride ``*_rs`` (elements). h (adapters) is fp32 scratch of at least max(n * size)
+ * elements.
  * Sums run in fp32 in a different order from torch's GEMMs: equal to the float64 reference within fp32 rounding.
  */
 #include <math.h>
 #include <stdint.h>
 
-/* y[t] += scale[slot] * (x[t] @ A.T) @ B.T, A = a[start : start + r], B.T = b[start : start + r] */
+/* y[t] += scale[slot] * (x[t] @ A.T) @ B.T, A = a[start : start + r], B.T = b[start : start + r]. One pass over the
+ * slot's rows, four at a time: their dots with x[t], then those four B rows into y[t] (a LoRA term is a sum over
+ * its ranks, so nothing waits for the whole h). Rows j of A and B are one arena row (A row | B column), so the pass
+ * streams each cell once, front to back: 1.2-1.4x faster than a shrink pass then an expand pass (32 slots of
+ * ranks 4-64, one token each, rows cold: 1024 -> 1024 310 against 430 us, 19.4 GB/s). */
 void ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, int64_t x_rs,
                  const float *restrict a, int64_t a_rs, const float *restrict b, int64_t b_rs,
                  int64_t in, int64_t out, const float *restrict scale, int64_t scale_s,
-                 const int64_t *restrict groups, int64_t n_groups, const int64_t *restrict toks, float *restrict h)
+                 const int64_t *restrict groups, int64_t n_groups, const int64_t *restrict toks)
 {
     for (int64_t g = 0; g < n_groups; g++) {
         const int64_t *gr = groups + 5 * g;
         const int64_t start = gr[1], r = gr[2], off = gr[3], n = gr[4];
         const float sc = scale[gr[0] * scale_s];
-        for (int64_t j = 0; j < r; j++) {  /* shrink: each A row once, against every token of the slot */
-            const float *arow = a + (start + j) * a_rs;
+        int64_t j = 0;
+        for (; j + 4 <= r; j += 4) {
+            const float *a0 = a + (start + j) * a_rs, *a1 = a0 + a_rs, *a2 = a1 + a_rs, *a3 = a2 + a_rs;
+            const float *b0 = b + (start + j) * b_rs, *b1 = b0 + b_rs, *b2 = b1 + b_rs, *b3 = b2 + b_rs;
             for (int64_t t = 0; t < n; t++) {
                 const float *xr = x + toks[off + t] * x_rs;
-                float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t k = 0; k < in; k++)
-                    acc += arow[k] * xr[k];
-                h[t * r + j] = acc * sc;
+                float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+                for (int64_t k = 0; k < in; k++) {
+                    const float xv = xr[k];
+                    s0 += a0[k] * xv;
+                    s1 += a1[k] * xv;
+                    s2 += a2[k] * xv;
+                    s3 += a3[k] * xv;
+                }
+                s0 *= sc;
+                s1 *= sc;
+                s2 *= sc;
+                s3 *= sc;
+                float *yr = y + toks[off + t] * y_rs;
+#pragma omp simd
+                for (int64_t k = 0; k < out; k++)
+                    yr[k] += s0 * b0[k] + s1 * b1[k] + s2 * b2[k] + s3 * b3[k];
             }
         }
-        for (int64_t t = 0; t < n; t++) {  /* expand: four B rows a pass over the y row */
-            float *yr = y + toks[off + t] * y_rs;
-            const float *ht = h + t * r;
-            const float *b0 = b + start * b_rs;
-            int64_t j = 0;
-            for (; j + 4 <= r; j += 4) {
-                const float h0 = ht[j], h1 = ht[j + 1], h2 = ht[j + 2], h3 = ht[j + 3];
-                const float *r0 = b0 + j * b_rs, *r1 = r0 + b_rs, *r2 = r1 + b_rs, *r3 = r2 + b_rs;
+        for (; j < r; j++) {
+            const float *a0 = a + (start + j) * a_rs, *b0 = b + (start + j) * b_rs;
+            for (int64_t t = 0; t < n; t++) {
+                const float *xr = x + toks[off + t] * x_rs;
+                float s0 = 0.f;
+#pragma omp simd reduction(+ : s0)
+                for (int64_t k = 0; k < in; k++)
+                    s0 += a0[k] * xr[k];
+                s0 *= sc;
+                float *yr = y + toks[off + t] * y_rs;
 #pragma omp simd
                 for (int64_t k = 0; k < out; k++)
-                    yr[k] += h0 * r0[k] + h1 * r1[k] + h2 * r2[k] + h3 * r3[k];
-            }
-            for (; j < r; j++) {
-                const float hv = ht[j];
-                const float *rj = b0 + j * b_rs;
-#pragma omp simd
-                for (int64_t k = 0; k < out; k++)
-                    yr[k] += hv * rj[k];
+                    yr[k] += s0 * b0[k];
             }
         }
     }
