@@ -203,6 +203,12 @@ class DeltaKernelMeta:
 
     # Index tensors the CPU backend needs, built on first use and shared by every layer of the step.
     @cached_property
+    def shortest_run(self) -> int:
+        """Tokens of the shortest same-slot run (0 with no run): the CPU backend's native plan takes a step with
+        any run shorter than ``kernels.cpu.looped.LONG_RUN``."""
+        return min((b - a for a, b, _ in self.runs_host), default=0)
+
+    @cached_property
     def active_token_ids(self) -> torch.Tensor:
         """int64 [N]: tokens that have a slot, in token order (N = num_active_tokens)."""
         return torch.nonzero(self.token_slots >= 0).flatten()

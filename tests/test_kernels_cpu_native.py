@@ -94,6 +94,29 @@ def test_bottleneck_matches_reference(pattern, alias):
     assert_close(out, strided, **BN_TOL, what="native vs strided")
 
 
+@pytest.mark.parametrize("alias", [False, True], ids=["u", "u_is_y"])
+def test_prefill_chunks_beside_decode_tokens(alias):
+    # two prefill chunks (40 and 33 tokens: matmuls on their slices) beside decode tokens of other slots and of
+    # the first chunk's own slot, a short run of 5 and base tokens: one call, against the reference
+    assert looped.LONG_RUN <= 33
+    slots = [3, 1, -1] + [0] * 40 + [4, 0, 2] + [5] * 33 + [2] * 5 + [1, -1, 6]
+    ranks = [16, 4, 64, 8, 1, 32, 3]
+    pools = lora_pools(7, 40, 24, ranks)
+    x, y = torch.randn(len(slots), 40), torch.randn(len(slots), 24)
+    meta = _meta(slots)
+    assert choose_plan(meta, native_ok=True) == "native" and len(looped.split(meta).long) == 2
+    out = y.clone()
+    cpu_add_lora(out, x, lora_pages(pools, layout="regions", fill=NAN), meta)
+    assert_close(out, ref_add_lora(y, x, *[pools[k] for k in LORA_KEYS], slots), **FP32_TOL, what="lora, mixed")
+    widths, acts = [8, 3, 16, 5, 1, 16, 0], [1, 3, 0, 2, 0, 1, 3]
+    bn = bottleneck_pools(7, 24, widths, acts, max_width=16, seed=2)
+    u = y if not alias else None
+    out = y.clone()
+    cpu_add_bottleneck(out, out if alias else u, adapter_pages(bn, layout="regions", fill=NAN), meta)
+    expected = ref_add_bottleneck(y, y if alias else u, *[bn[k] for k in BN_KEYS], slots)
+    assert_close(out, expected, **BN_TOL, what=f"bottleneck, mixed, alias={alias}")
+
+
 def test_groups_are_kept_per_layout():
     ranks = {s: 8 for s in range(3)}
     starts = {0: 0, 1: 8, 2: 16}
@@ -113,7 +136,8 @@ def test_decode_in_fp32_takes_the_native_plan():
     assert choose_plan(meta, native_ok=lambda: looped.usable(x)) == "native"
     assert choose_plan(meta, native_ok=False) == "strided"
     assert choose_plan(meta, dtype=torch.float16, native_ok=True) != "native"  # half types: the torch plans
-    assert choose_plan(_meta([0] * 40 + [1] * 40 + [2] * 3 + [3, 4]), native_ok=True) != "native"  # > 8 a slot
+    assert choose_plan(_meta([0] * 40 + [1] * 40 + [2] * 33), native_ok=True) != "native"  # prefill: every run long
+    assert choose_plan(_meta([0] * 40 + [1] * 40 + [2] * 3 + [3, 4]), native_ok=True) == "native"  # decode beside
     with force_plan("native"):
         assert choose_plan(meta, native_ok=False) == "strided"  # forced where it cannot run: the strided plan
 

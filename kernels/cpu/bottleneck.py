@@ -34,6 +34,14 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, me
                        dtype=y.dtype, native_ok=lambda: looped.usable(y, u, pages.down_rows, pages.up_rows,
                                                                       pages.down_bias, pages.up_bias_rows, pages.scale))
     if plan == "native":
+        long = looped.split(meta).long  # prefill chunks beside the decode tokens: their own matmuls, first (u may
+        if long:  # be y: each reads its rows before it adds to them; the loop's tokens are disjoint)
+            scales = gather.active_values(pages, "scale", meta)
+            ub_rows = gather.active_values(pages, "up_bias_row", meta)
+            for a, b, s in long:
+                m = widths[s]
+                if m:
+                    add_slice(y[a:b], _one(u[a:b], pages, starts[s], m, acts[s], ub_rows[s]), scales[s])
         looped.native_bottleneck(y, u, pages, widths, starts, acts, work, meta)
         return
     if plan == "strided":

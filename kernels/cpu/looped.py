@@ -1,6 +1,7 @@
 """The native plan of the CPU backend: LoRA and bottleneck adapters as one call of a C loop per wrapped module
-(``native.py`` builds it, ``csrc/rows.c`` holds it), on fp32 CPU tensors, chosen where the strided plan would be
-(decode: at most ``plans.STRIDED_MAX_SEG`` tokens a slot).
+(``native.py`` builds it, ``csrc/rows.c`` holds it), on fp32 CPU tensors, for every step with a run shorter than
+``LONG_RUN`` tokens (decode, and decode tokens beside prefill chunks); the long runs of such a step take two matmuls
+each on their row slices (``lora.py``, ``bottleneck.py``).
 
 A call hands the loop its groups, one per working slot: int64 [slot, start, size, first token, tokens] (and for
 adapters the up-bias row and activation code), and the step's active tokens sorted by slot. Both depend only on
@@ -32,12 +33,56 @@ def usable(*tensors: torch.Tensor) -> bool:
     return native.available()
 
 
+LONG_RUN = 32
+"""A run of this many tokens of one slot (a prefill chunk) takes two matmuls on its row slices instead of the loop,
+whose dots run at ~55 GFLOP/s against MKL's ~150 once a cell's rows are reused by many tokens (16 runs of ranks
+4-64, 256 -> 704, one thread: loop 381 us against 619 for the runs plan at 16 tokens a run, 1248 against 1525 at
+60, 4573 against 3835 at 190). The step's other tokens (decode tokens beside a prefill chunk) still take the loop:
+one call, where the runs plan paid two matmul dispatches per one-token run."""
+
+
+class Split:
+    """A token layout for the native plan: ``long`` runs (a, b, slot) of at least LONG_RUN tokens, and every other
+    active token grouped by slot: ``seg[slot] = (first, count)`` in ``toks`` (int64)."""
+
+    __slots__ = ("long", "seg", "toks")
+
+    def __init__(self, long: list, seg: dict, toks: torch.Tensor):
+        self.long, self.seg, self.toks = long, seg, toks
+
+
+def split(meta: DeltaKernelMeta) -> Split:
+    """``meta``'s layout cut for the native plan, kept per token layout (``blocks._layout_cache``)."""
+    cache = _layout_cache(meta)
+    hit = cache.get("split")
+    if hit is None:
+        sh = meta.seg_start_host
+        long = [r for r in meta.runs_host if r[1] - r[0] >= LONG_RUN]
+        if not long:  # decode: every token, in the step's slot order
+            seg = {s: (sh[k], sh[k + 1] - sh[k]) for k, s in enumerate(meta.active_slots_host)}
+            toks = meta.sorted_active_ids.contiguous()
+        else:
+            by_slot: dict[int, list[int]] = {}
+            for a, b, s in meta.runs_host:
+                if b - a < LONG_RUN:
+                    by_slot.setdefault(s, []).extend(range(a, b))
+            seg, flat = {}, []
+            for s in meta.active_slots_host:
+                ids = by_slot.get(s, ())
+                seg[s] = (len(flat), len(ids))
+                flat.extend(ids)
+            toks = torch.tensor(flat, dtype=torch.int64)
+        hit = cache["split"] = Split(long, seg, toks)
+    return hit
+
+
 def _groups(meta: DeltaKernelMeta, work: list[int], columns: list[tuple], slots: int = 1 << 62,
             extra_rows: int = 1 << 62) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(int64 [G, 5 + extra] groups, int64 [N] tokens sorted by slot, the most rows x tokens of one group), kept per
-    token layout and per ``work`` and ``columns`` (host values per working slot: start, size, extra fields; the
-    runs are checked by the caller, ``gather.check_runs``). A slot past ``slots`` (the per-slot tables) or a first
-    extra field past ``extra_rows`` (the up-bias rows) is a ValueError: the loop would read outside the tensors."""
+    """(int64 [G, 5 + extra] groups, int64 [N] tokens by slot, the most rows x tokens of one group) over the tokens of
+    ``work`` slots outside the layout's long runs (``split``), kept per token layout and per ``work`` and
+    ``columns`` (host values per working slot: start, size, extra fields; the runs are checked by the caller,
+    ``gather.check_runs``). A slot past ``slots`` (the per-slot tables) or a first extra field past ``extra_rows``
+    (the up-bias rows) is a ValueError: the loop would read outside the tensors."""
     cache = _layout_cache(meta)
     key = ("native", tuple(work), tuple(columns))
     hit = cache.get(key)
@@ -47,25 +92,23 @@ def _groups(meta: DeltaKernelMeta, work: list[int], columns: list[tuple], slots:
         bad = [c[2] for c in columns if len(c) > 2 and not 0 <= c[2] < extra_rows]
         if bad:
             raise ValueError(f"native plan: up-bias row {bad[0]} outside the {extra_rows} rows of the pages")
-        toks = cache.get("native_toks")
-        if toks is None:
-            toks = cache["native_toks"] = meta.sorted_active_ids.contiguous()
-        seg = {s: k for k, s in enumerate(meta.active_slots_host)}
-        sh = meta.seg_start_host
+        sp = split(meta)
         rows, most = [], 1
         for s, col in zip(work, columns):
-            k = seg[s]
-            n = sh[k + 1] - sh[k]
-            rows.append([s, col[0], col[1], sh[k], n, *col[2:]])
-            most = max(most, n * col[1])
-        hit = cache[key] = (torch.tensor(rows, dtype=torch.int64), toks, most)
+            first, n = sp.seg[s]
+            if n:
+                rows.append([s, col[0], col[1], first, n, *col[2:]])
+                most = max(most, n * col[1])
+        width = 5 + max((len(c) - 2 for c in columns), default=0)
+        hit = cache[key] = (torch.tensor(rows, dtype=torch.int64).view(-1, width), sp.toks, most)
     return hit
 
 
 def native_lora(y: torch.Tensor, x: torch.Tensor, pages, ranks, starts, work: list[int],
                 meta: DeltaKernelMeta) -> None:
     """y[t] += scale[s] * (x[t] @ A_s.T) @ B_s.T for the tokens of ``work`` slots (active, rank > 0; ``ranks``,
-    ``starts`` the host values of the pages' tables). Shapes as ``kernels.add_lora``; every tensor ``usable``."""
+    ``starts`` the host values of the pages' tables) outside the layout's long runs (``split``). Shapes as
+    ``kernels.add_lora``; every tensor ``usable``."""
     groups, toks, _ = _groups(meta, work, [(starts[s], ranks[s]) for s in work], pages.scale.shape[0])
     a, b, sc = pages.a_rows, pages.b_rows, pages.scale
     native.library().ds_lora_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0),
@@ -76,7 +119,8 @@ def native_lora(y: torch.Tensor, x: torch.Tensor, pages, ranks, starts, work: li
 def native_bottleneck(y: torch.Tensor, u: torch.Tensor, pages, widths, starts, acts, work: list[int],
                       meta: DeltaKernelMeta) -> None:
     """y[t] += scale[s] * (act_s(u[t] @ D_s.T + db_s) @ U_s.T + ub_s) for the tokens of ``work`` slots (active,
-    width > 0); ``u`` may be ``y``. Shapes as ``kernels.add_bottleneck``; every tensor ``usable``."""
+    width > 0) outside the layout's long runs (``split``); ``u`` may be ``y``. Shapes as ``kernels.add_bottleneck``;
+    every tensor ``usable``."""
     ub_row = active_values(pages, "up_bias_row", meta)
     groups, toks, most = _groups(meta, work, [(starts[s], widths[s], ub_row[s], acts[s]) for s in work],
                                  pages.scale.shape[0], pages.up_bias_rows.shape[0])

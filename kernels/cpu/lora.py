@@ -44,6 +44,11 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
     plan = choose_plan(meta, padded_ok=one_group, grouped_ok=grouped_ok, dtype=y.dtype,
                        native_ok=lambda: looped.usable(y, x, pages.a_rows, pages.b_rows, pages.scale))
     if plan == "native":
+        for a, b, s in looped.split(meta).long:  # prefill chunks beside the decode tokens: their own matmuls
+            r = ranks[s]
+            if r:
+                a_t, b_r = _views(pages, starts[s], r, s)
+                _rows(y[a:b], x[a:b], a_t, b_r, scales[s])
         looped.native_lora(y, x, pages, ranks, starts, work, meta)
     elif plan == "strided":
         strided.strided_lora(y, x, pages, ranks, starts, work, meta)

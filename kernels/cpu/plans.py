@@ -8,6 +8,7 @@ import torch
 
 from ..meta import DeltaKernelMeta
 from . import grouped
+from .looped import LONG_RUN
 
 PLANS = ("runs", "segments", "padded", "gather", "grouped", "strided", "native")
 
@@ -67,8 +68,8 @@ def choose_plan(meta: DeltaKernelMeta, *, padded_ok=False, grouped_ok: bool | No
     ``grouped_ok``: whether the grouped plan can run on the call's tensors (``grouped.lora_ok``; None:
     whether it runs on CPU fp32), a bool or a callable asked only when the choice gets that far; it is picked
     unforced only for ``grouped.PREFERRED_DTYPES``, as is the strided plan (``STRIDED_MAX_SEG``); ``native_ok``:
-    whether the native loops can run on the call's tensors (``looped.usable``), a bool or a callable, asked only
-    where the strided plan would be chosen, which it then replaces."""
+    whether the native loops can run on the call's tensors (``looped.usable``), a bool or a callable, asked first
+    for fp32 steps with a run shorter than ``looped.LONG_RUN`` (decode, or decode beside prefill chunks)."""
     if grouped_ok is None:
         grouped_ok = GROUPED_CPU_FP32
     if _forced:
@@ -79,10 +80,12 @@ def choose_plan(meta: DeltaKernelMeta, *, padded_ok=False, grouped_ok: bool | No
             return "strided"
         return forced
     n = meta.num_active_tokens
+    if dtype in grouped.PREFERRED_DTYPES and meta.shortest_run < LONG_RUN and _ask(native_ok):
+        return "native"  # decode tokens, alone or beside prefill chunks (those take matmuls within the plan)
     if len(meta.runs_host) <= FEW_RUNS or len(meta.runs_host) * RUN_MIN_TOKENS <= n:
         return "runs"
     if dtype in grouped.PREFERRED_DTYPES and meta.max_seg_len <= STRIDED_MAX_SEG:
-        return "native" if _ask(native_ok) else "strided"
+        return "strided"
     if dtype in grouped.PREFERRED_DTYPES and _ask(grouped_ok):
         return "grouped"
     if meta.num_active * meta.max_seg_len <= PAD_MAX_WASTE * n and _ask(padded_ok):
