@@ -226,14 +226,39 @@ def test_bias_and_scale_rows_match_reference(pattern):
     vec = 1.0 + 0.5 * torch.randn(14, 29, generator=g)
     y = torch.randn(33, 29, generator=g)
     meta = _meta(slots)
-    native = len(meta.runs_host) > 1 and meta.max_seg_len <= 8  # decode-shaped: the loop (else slices or a gather)
-    assert native or pattern not in ("distinct", "uniform")
+    from kernels.cpu.rows import decode_shaped
+
+    assert decode_shaped(meta) or pattern == "identical"  # the loop (one run: a slice)
     pages = row_pages(vec, layout="scattered", seed=1, fill=NAN)
     added, scaled = y.clone(), y.clone()
     cpu_add_bias(added, pages, meta)
     cpu_mul_rows(scaled, pages, meta)
     assert torch.equal(added, ref_add_bias(y, vec, slots).float())  # one fp32 rounding: the reference, bit for bit
     assert torch.equal(scaled, ref_mul_rows(y, vec, slots).float())
+
+
+def test_one_row_terms_beside_prefill_chunks():
+    from kernels.cpu import cpu_add_bias, cpu_mul_rows, cpu_scale_shift_rows
+    from kernels.reference import ref_add_bias, ref_mul_rows, ref_scale_shift_rows
+    from tests.kernel_cases import row_pages, scale_shift_pages
+
+    slots = [3, 1, -1] + [0] * 40 + [4, 0, 2] + [5] * 33 + [2] * 5 + [1, -1, 6]
+    meta = _meta(slots)
+    assert len(looped.split(meta).long) == 2
+    g = torch.Generator().manual_seed(11)
+    vec = 1.0 + 0.5 * torch.randn(8, 19, generator=g)
+    y = torch.randn(len(slots), 19, generator=g)
+    pages = row_pages(vec, layout="scattered", seed=3, fill=NAN)
+    added, scaled = y.clone(), y.clone()
+    cpu_add_bias(added, pages, meta)
+    cpu_mul_rows(scaled, pages, meta)
+    assert torch.equal(added, ref_add_bias(y, vec, slots).float())
+    assert torch.equal(scaled, ref_mul_rows(y, vec, slots).float())
+    flag = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0], dtype=torch.int32)
+    shift = 0.01 * torch.randn(8, 19, generator=g)
+    out = y.clone()
+    cpu_scale_shift_rows(out, scale_shift_pages(vec, shift, flag, layout="regions", seed=2), meta)
+    assert_close(out, ref_scale_shift_rows(y, vec, shift, flag, slots), atol=1e-6, rtol=1e-6, what="mixed")
 
 
 def test_a_row_outside_the_pages_is_refused():

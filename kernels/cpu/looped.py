@@ -45,10 +45,10 @@ class Split:
     """A token layout for the native plan: ``long`` runs (a, b, slot) of at least LONG_RUN tokens, and every other
     active token grouped by slot: ``seg[slot] = (first, count)`` in ``toks`` (int64)."""
 
-    __slots__ = ("long", "seg", "toks")
+    __slots__ = ("long", "seg", "toks", "toks_host")
 
-    def __init__(self, long: list, seg: dict, toks: torch.Tensor):
-        self.long, self.seg, self.toks = long, seg, toks
+    def __init__(self, long: list, seg: dict, toks: torch.Tensor, toks_host: list[int]):
+        self.long, self.seg, self.toks, self.toks_host = long, seg, toks, toks_host
 
 
 def split(meta: DeltaKernelMeta) -> Split:
@@ -61,6 +61,7 @@ def split(meta: DeltaKernelMeta) -> Split:
         if not long:  # decode: every token, in the step's slot order
             seg = {s: (sh[k], sh[k + 1] - sh[k]) for k, s in enumerate(meta.active_slots_host)}
             toks = meta.sorted_active_ids.contiguous()
+            flat = toks.tolist()
         else:
             by_slot: dict[int, list[int]] = {}
             for a, b, s in meta.runs_host:
@@ -72,7 +73,7 @@ def split(meta: DeltaKernelMeta) -> Split:
                 seg[s] = (len(flat), len(ids))
                 flat.extend(ids)
             toks = torch.tensor(flat, dtype=torch.int64)
-        hit = cache["split"] = Split(long, seg, toks)
+        hit = cache["split"] = Split(long, seg, toks, flat)
     return hit
 
 
@@ -133,8 +134,8 @@ def native_bottleneck(y: torch.Tensor, u: torch.Tensor, pages, widths, starts, a
 
 
 def _pairs(meta: DeltaKernelMeta, rows: dict | list, n_rows: int, slots: list[int]) -> torch.Tensor:
-    """int64 [N, 2]: (token, its slot's row) for every token of the active ``slots``, kept per token layout and row
-    values (``rows``: slot -> row, host values)."""
+    """int64 [N, 2]: (token, its slot's row) for the tokens of the active ``slots`` outside the layout's long runs
+    (``split``), kept per token layout and row values (``rows``: slot -> row, host values)."""
     cache = _layout_cache(meta)
     key = ("pairs", tuple(slots), tuple([rows[s] for s in slots]))
     hit = cache.get(key)
@@ -142,16 +143,16 @@ def _pairs(meta: DeltaKernelMeta, rows: dict | list, n_rows: int, slots: list[in
         bad = [rows[s] for s in slots if not 0 <= rows[s] < n_rows]
         if bad:
             raise ValueError(f"native plan: row {bad[0]} outside the {n_rows} rows of the pages")
-        seg = {s: k for k, s in enumerate(meta.active_slots_host)}
-        ids, sh = meta.sorted_active_ids.tolist(), meta.seg_start_host
-        pairs = [(t, rows[s]) for s in slots for t in ids[sh[seg[s]]:sh[seg[s] + 1]]]
+        sp = split(meta)
+        flat, seg = sp.toks_host, sp.seg
+        pairs = [(t, rows[s]) for s in slots for t in flat[seg[s][0]:seg[s][0] + seg[s][1]]]
         hit = cache[key] = torch.tensor(pairs, dtype=torch.int64).view(-1, 2)
     return hit
 
 
 def native_rows(t: torch.Tensor, pages, meta: DeltaKernelMeta, op: int) -> None:
     """t[i] += rows[row[slot[i]]] (op 0, ``kernels.add_bias``) or t[i] *= ... (op 1, ``kernels.mul_rows``) for the
-    active tokens; every tensor ``usable``."""
+    active tokens outside the layout's long runs (``split``: the caller does those); every tensor ``usable``."""
     rows = pages.rows
     pairs = _pairs(meta, active_values(pages, "row", meta), rows.shape[0], meta.active_slots_host)
     native.library().ds_rows_f32(t.data_ptr(), t.stride(0), rows.data_ptr(), rows.stride(0), t.shape[1],
@@ -160,7 +161,8 @@ def native_rows(t: torch.Tensor, pages, meta: DeltaKernelMeta, op: int) -> None:
 
 def native_affine(y: torch.Tensor, pages, meta: DeltaKernelMeta, rows: list[int], flagged: list[int]) -> None:
     """y[t] = y[t] * scale_rows[row] + shift_rows[row] for the tokens of the ``flagged`` active slots (``rows`` their
-    host row values; ``kernels.scale_shift_rows``, DoRA); every tensor ``usable``."""
+    host row values; ``kernels.scale_shift_rows``, DoRA) outside the layout's long runs (``split``: the caller does
+    those); every tensor ``usable``."""
     g, c = pages.scale_rows, pages.shift_rows
     pairs = _pairs(meta, rows, min(g.shape[0], c.shape[0]), flagged)
     native.library().ds_affine_f32(y.data_ptr(), y.stride(0), g.data_ptr(), g.stride(0), c.data_ptr(), c.stride(0),

@@ -10,7 +10,6 @@ from ..meta import DeltaKernelMeta
 from ..pages import RowPages
 from . import looped
 from .gather import active_values, token_ids
-from .plans import STRIDED_MAX_SEG
 from .tensors import add_rows, add_slice, f32
 from .threads import on_op_threads
 
@@ -24,11 +23,15 @@ def _token_rows(pages: RowPages, meta: DeltaKernelMeta) -> torch.Tensor:
 
 
 def decode_shaped(meta: DeltaKernelMeta) -> bool:
-    """Decode-shaped: several runs, none longer than ``STRIDED_MAX_SEG`` tokens a slot. One C call then replaces a
-    slice add per run (a BitFit of 6 of a step's 32 deltas: 6 adds of ~2-5 us) or the gather's three ops; a prefill's
-    long runs keep their slices (one add a sequence), and its per-token pairs are not built for a layout that never
-    repeats."""
-    return len(meta.runs_host) > 1 and meta.max_seg_len <= STRIDED_MAX_SEG
+    """Decode-shaped: several runs, one shorter than ``looped.LONG_RUN`` tokens. One C call then replaces a slice add
+    per run (a BitFit of 6 of a step's 32 deltas: 6 adds of ~2-5 us) or the gather's three ops; the long runs of such
+    a step (prefill chunks) keep their slice each (``long_runs``), and a prefill alone keeps its slices."""
+    return len(meta.runs_host) > 1 and meta.shortest_run < looped.LONG_RUN
+
+
+def long_runs(meta: DeltaKernelMeta):
+    """The runs of at least ``looped.LONG_RUN`` tokens, which the native row ops leave to a slice each."""
+    return looped.split(meta).long
 
 
 @on_op_threads
@@ -37,6 +40,11 @@ def cpu_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     if meta.no_delta:
         return
     if decode_shaped(meta) and looped.usable(y, pages.rows):
+        long = long_runs(meta)
+        if long:
+            rows = active_values(pages, "row", meta)
+            for a, b, s in long:
+                y[a:b].add_(pages.rows[rows[s]])
         looped.native_rows(y, pages, meta, 0)
         return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:
@@ -53,6 +61,11 @@ def cpu_mul_rows(t: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     if meta.no_delta:
         return
     if decode_shaped(meta) and looped.usable(t, pages.rows):
+        long = long_runs(meta)
+        if long:
+            rows = active_values(pages, "row", meta)
+            for a, b, s in long:
+                t[a:b].mul_(pages.rows[rows[s]])
         looped.native_rows(t, pages, meta, 1)
         return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:
