@@ -13,6 +13,9 @@ from .tensors import WS, add_rows, add_slice, apply_act, f32
 from .threads import on_op_threads
 
 
+ADAPTER_TENSORS = ("down_rows", "up_rows", "down_bias", "up_bias_rows", "scale")
+
+
 @on_op_threads
 def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, meta: DeltaKernelMeta) -> None:
     """The CPU backend of ``kernels.add_bottleneck`` (which checks the arguments; semantics and shapes there).
@@ -31,8 +34,7 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, me
         if acts[s] not in ACT_FNS:
             raise ValueError(f"add_bottleneck: act[{s}] = {acts[s]} is not an activation code (0..3)")
     plan = choose_plan(meta, grouped_ok=lambda: grouped.bottleneck_ok(u, pages.down_rows, pages.up_rows),
-                       dtype=y.dtype, native_ok=lambda: looped.usable(y, u, pages.down_rows, pages.up_rows,
-                                                                      pages.down_bias, pages.up_bias_rows, pages.scale))
+                       dtype=y.dtype, native_ok=lambda: looped.usable_with(pages, ADAPTER_TENSORS, y, u))
     if plan == "native":
         long = looped.split(meta).long  # prefill chunks beside the decode tokens: their own matmuls, first (u may
         if long:  # be y: each reads its rows before it adds to them; the loop's tokens are disjoint)

@@ -11,6 +11,8 @@ step's deltas at the same rows. Nothing is gathered or padded, and only the work
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..meta import DeltaKernelMeta
@@ -75,6 +77,21 @@ def split(meta: DeltaKernelMeta) -> Split:
             toks = torch.tensor(flat, dtype=torch.int64)
         hit = cache["split"] = Split(long, seg, toks, flat)
     return hit
+
+
+_PAGES_OK: "weakref.WeakKeyDictionary[object, bool]" = weakref.WeakKeyDictionary()
+
+
+def usable_with(pages, names: tuple[str, ...], *tensors: torch.Tensor) -> bool:
+    """``usable`` of the pages' tensors ``names`` and ``tensors``, the pages' verdict kept per pages object (their
+    tensors never change; a layer hands the same object to every step until its storage moves): ~75 checks of 3-5
+    tensors a decode step of the served mix were ~0.6 ms (CPU benchmark model)."""
+    if torch.is_grad_enabled():  # requires_grad of the pages matters then: no verdict kept
+        return usable(*(getattr(pages, n) for n in names), *tensors)
+    ok = _PAGES_OK.get(pages)
+    if ok is None:
+        ok = _PAGES_OK[pages] = usable(*(getattr(pages, n) for n in names))
+    return ok and usable(*tensors)
 
 
 def _groups(meta: DeltaKernelMeta, work: list[int], columns: list[tuple], slots: int = 1 << 62,

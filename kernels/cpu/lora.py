@@ -42,7 +42,7 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
         return grouped.lora_ok(x, pages.a_rows, pages.b_rows)
 
     plan = choose_plan(meta, padded_ok=one_group, grouped_ok=grouped_ok, dtype=y.dtype,
-                       native_ok=lambda: looped.usable(y, x, pages.a_rows, pages.b_rows, pages.scale))
+                       native_ok=lambda: looped.usable_with(pages, LORA_TENSORS, y, x))
     if plan == "native":
         for a, b, s in looped.split(meta).long:  # prefill chunks beside the decode tokens: their own matmuls
             r = ranks[s]
@@ -70,6 +70,8 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
         for size, ids, sl, uniform in gather.groups(meta, ranks, work):
             _gathered(y, x, pages, ids, sl, size, uniform)
 
+
+LORA_TENSORS = ("a_rows", "b_rows", "scale")
 
 _VIEWS: "weakref.WeakKeyDictionary[LoraPages, dict]" = weakref.WeakKeyDictionary()
 

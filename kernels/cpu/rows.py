@@ -39,7 +39,7 @@ def cpu_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     """The CPU backend of ``kernels.add_bias`` (which checks the arguments): y[t] += rows[row[slot[t]]]."""
     if meta.no_delta:
         return
-    if decode_shaped(meta) and looped.usable(y, pages.rows):
+    if decode_shaped(meta) and looped.usable_with(pages, ("rows",), y):
         long = long_runs(meta)
         if long:
             rows = active_values(pages, "row", meta)
@@ -60,7 +60,7 @@ def cpu_mul_rows(t: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     """The CPU backend of ``kernels.mul_rows`` (which checks the arguments): t[i] *= rows[row[slot[i]]]."""
     if meta.no_delta:
         return
-    if decode_shaped(meta) and looped.usable(t, pages.rows):
+    if decode_shaped(meta) and looped.usable_with(pages, ("rows",), t):
         long = long_runs(meta)
         if long:
             rows = active_values(pages, "row", meta)

@@ -39,7 +39,7 @@ def cpu_scale_shift_rows(y: torch.Tensor, pages: ScaleShiftPages, meta: DeltaKer
     scale, shift = pages.scale_rows, pages.shift_rows
     if not any(flags[s] for s in meta.active_slots_host):
         return
-    if decode_shaped(meta) and looped.usable(y, scale, shift):
+    if decode_shaped(meta) and looped.usable_with(pages, ("scale_rows", "shift_rows"), y):
         for a, b, s in long_runs(meta):
             if flags[s]:
                 _affine(y[a:b], scale[row[s]], shift[row[s]])
