@@ -287,3 +287,19 @@ def test_column_scale_matches_reference_and_leaves_unflagged_tokens(pattern):
     assert_close(out, ref_scale_shift_rows(y, scale, shift, flag, slots), atol=1e-6, rtol=1e-6, what=pattern)
     keep = [i for i, s in enumerate(slots) if s < 0 or not flag[s]]
     assert torch.equal(out[keep], y[keep])  # base and unflagged tokens: never touched
+
+
+def test_serve_builds_the_loops_at_start_and_refuses_on_without_a_compiler(fresh_native, monkeypatch):
+    from server.app import native_loops
+    from server.config import ConfigError
+
+    cpu = torch.device("cpu")
+    assert native_loops(cpu) == "on"
+    native.reset()
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("DELTASERVE_CPU_NATIVE", "on")
+    with pytest.raises(ConfigError, match="^DELTASERVE_CPU_NATIVE=on: "):
+        native_loops(cpu)
+    native.reset()
+    monkeypatch.setenv("DELTASERVE_CPU_NATIVE", "off")
+    assert native_loops(cpu) == "off"
