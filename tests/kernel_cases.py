@@ -292,3 +292,19 @@ def token_pages(index: torch.Tensor, values: torch.Tensor, count: torch.Tensor, 
     dev = index.device
     return TokenPages(table[:, :hidden], ids[:, 0], torch.tensor(starts, dtype=torch.int32, device=dev),
                       torch.tensor(id_starts, dtype=torch.int32, device=dev), count, max(counts, default=0))
+
+
+def mixed_rank_lora_case(pattern: str, layout: str) -> tuple:
+    """(slots, x, y, pages, expected) of the CPU plans' shared LoRA case: 40 resident slots of ranks 1-64, 14
+    active, a quarter of the tokens on the base model; in = 37, out = 23 (grouped_mm would refuse these widths);
+    NaN in every row no run owns; ``expected`` the exact reference."""
+    from kernels.reference import ref_add_lora
+
+    ranks = [1 + (11 * s) % 64 for s in range(40)]
+    pools = lora_pools(40, 37, 23, ranks, seed=3)
+    slots = slot_ids(29, 14, pattern, pool_slots=40, seed=4, none_fraction=0.25)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(29, 37, generator=g), torch.randn(29, 23, generator=g)
+    pages = lora_pages(pools, layout=layout, seed=6, fill=float("nan"))
+    expected = ref_add_lora(y, x, *[pools[k] for k in ("lora_a", "lora_b", "scale", "rank")], slots)
+    return slots, x, y, pages, expected

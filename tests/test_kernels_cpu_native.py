@@ -15,7 +15,7 @@ from kernels.cpu import choose_plan, cpu_add_bottleneck, cpu_add_lora, force_pla
 from kernels.reference import ref_add_bottleneck, ref_add_lora
 from tests.helpers import assert_close
 from tests.kernel_cases import (FP32_TOL, LAYOUTS, PATTERNS, adapter_pages, bottleneck_pools, lora_pages, lora_pools,
-                                slot_ids, slots_tensor)
+                                mixed_rank_lora_case, slot_ids, slots_tensor)
 
 NAN = float("nan")
 LORA_KEYS = ("lora_a", "lora_b", "scale", "rank")
@@ -39,14 +39,7 @@ def _lora(slots, pages, x, y, plan):
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_lora_matches_reference_and_the_strided_plan(pattern, layout):
-    # 40 resident slots of ranks 1-64, 14 active, a quarter of the tokens on the base model; in = 37, out = 23
-    ranks = [1 + (11 * s) % 64 for s in range(40)]
-    pools = lora_pools(40, 37, 23, ranks, seed=3)
-    slots = slot_ids(29, 14, pattern, pool_slots=40, seed=4, none_fraction=0.25)
-    g = torch.Generator().manual_seed(5)
-    x, y = torch.randn(29, 37, generator=g), torch.randn(29, 23, generator=g)
-    pages = lora_pages(pools, layout=layout, seed=6, fill=NAN)
-    expected = ref_add_lora(y, x, *[pools[k] for k in LORA_KEYS], slots)
+    slots, x, y, pages, expected = mixed_rank_lora_case(pattern, layout)
     out = _lora(slots, pages, x, y, "native")
     assert_close(out, expected, **FP32_TOL, what=f"native {pattern} {layout}")
     untouched = [i for i, s in enumerate(slots) if s < 0]

@@ -13,7 +13,7 @@ from kernels.cpu import blocks, choose_plan, cpu_add_bottleneck, cpu_add_lora, f
 from kernels.reference import ref_add_bottleneck, ref_add_lora
 from tests.helpers import TOLERANCES, assert_close
 from tests.kernel_cases import (FP32_TOL, LAYOUTS, PATTERNS, adapter_pages, bottleneck_pools, lora_pages, lora_pools,
-                                slot_ids, slots_tensor)
+                                mixed_rank_lora_case, slot_ids, slots_tensor)
 
 NAN = float("nan")
 LORA_KEYS = ("lora_a", "lora_b", "scale", "rank")
@@ -120,21 +120,13 @@ def test_tokens_in_cell_order_need_no_gather_and_add_into_y():
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_lora_matches_reference_and_the_other_plans(pattern, layout):
-    # 40 resident slots of ranks 1-64, 14 active, a quarter of the tokens on the base model; in = 37, out = 23
-    # (grouped_mm would refuse these widths, bmm does not care); NaN in every row no run owns
-    ranks = [1 + (11 * s) % 64 for s in range(40)]
-    pools = lora_pools(40, 37, 23, ranks, seed=3)
-    slots = slot_ids(29, 14, pattern, pool_slots=40, seed=4, none_fraction=0.25)
-    g = torch.Generator().manual_seed(5)
-    x, y = torch.randn(29, 37, generator=g), torch.randn(29, 23, generator=g)
-    pages = lora_pages(pools, layout=layout, seed=6, fill=NAN)
-    expected = ref_add_lora(y, x, *[pools[k] for k in LORA_KEYS], slots)
-    out = _lora(slots, pools, pages, x, y)
+    slots, x, y, pages, expected = mixed_rank_lora_case(pattern, layout)  # bmm does not care about odd widths
+    out = _lora(slots, None, pages, x, y)
     assert_close(out, expected, **FP32_TOL, what=f"strided {pattern} {layout}")
     untouched = [i for i, s in enumerate(slots) if s < 0]
     assert torch.equal(out[untouched], y[untouched])  # base tokens: bit for bit
     for other in ("gather", "segments"):
-        assert_close(out, _lora(slots, pools, pages, x, y, other), **FP32_TOL, what=f"strided vs {other}")
+        assert_close(out, _lora(slots, None, pages, x, y, other), **FP32_TOL, what=f"strided vs {other}")
 
 
 @pytest.mark.parametrize("fill", [NAN, float("inf")])

@@ -169,9 +169,12 @@ def _pairs(meta: DeltaKernelMeta, rows: dict | list, n_rows: int, slots: list[in
 
 def native_rows(t: torch.Tensor, pages, meta: DeltaKernelMeta, op: int) -> None:
     """t[i] += rows[row[slot[i]]] (op 0, ``kernels.add_bias``) or t[i] *= ... (op 1, ``kernels.mul_rows``) for the
-    active tokens outside the layout's long runs (``split``: the caller does those); every tensor ``usable``."""
-    rows = pages.rows
-    pairs = _pairs(meta, active_values(pages, "row", meta), rows.shape[0], meta.active_slots_host)
+    active tokens: the layout's long runs (``split``) a slice op each, the others in the loop; every tensor
+    ``usable``."""
+    rows, row = pages.rows, active_values(pages, "row", meta)
+    for a, b, s in split(meta).long:  # prefill chunks beside the decode tokens: one slice op each
+        (t[a:b].add_ if op == 0 else t[a:b].mul_)(rows[row[s]])
+    pairs = _pairs(meta, row, rows.shape[0], meta.active_slots_host)
     native.library().ds_rows_f32(t.data_ptr(), t.stride(0), rows.data_ptr(), rows.stride(0), t.shape[1],
                                  pairs.data_ptr(), pairs.shape[0], op)
 

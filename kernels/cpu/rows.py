@@ -25,7 +25,7 @@ def _token_rows(pages: RowPages, meta: DeltaKernelMeta) -> torch.Tensor:
 def decode_shaped(meta: DeltaKernelMeta) -> bool:
     """Decode-shaped: several runs, one shorter than ``looped.LONG_RUN`` tokens. One C call then replaces a slice add
     per run (a BitFit of 6 of a step's 32 deltas: 6 adds of ~2-5 us) or the gather's three ops; the long runs of such
-    a step (prefill chunks) keep their slice each (``long_runs``), and a prefill alone keeps its slices."""
+    a step (prefill chunks) keep their slice each (``looped.native_rows``), and a prefill alone keeps its slices."""
     return len(meta.runs_host) > 1 and meta.shortest_run < looped.LONG_RUN
 
 
@@ -40,11 +40,6 @@ def cpu_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     if meta.no_delta:
         return
     if decode_shaped(meta) and looped.usable_with(pages, ("rows",), y):
-        long = long_runs(meta)
-        if long:
-            rows = active_values(pages, "row", meta)
-            for a, b, s in long:
-                y[a:b].add_(pages.rows[rows[s]])
         looped.native_rows(y, pages, meta, 0)
         return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:
@@ -61,11 +56,6 @@ def cpu_mul_rows(t: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> Non
     if meta.no_delta:
         return
     if decode_shaped(meta) and looped.usable_with(pages, ("rows",), t):
-        long = long_runs(meta)
-        if long:
-            rows = active_values(pages, "row", meta)
-            for a, b, s in long:
-                t[a:b].mul_(pages.rows[rows[s]])
         looped.native_rows(t, pages, meta, 1)
         return
     if len(meta.runs_host) <= ROWS_MAX_RUNS:
