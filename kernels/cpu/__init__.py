@@ -24,9 +24,9 @@ T=32 on 32 deltas, and 0.43x at prefill, T=2048 on 32 deltas, on an idle 2-core 
   seven Llama projections together ~0.25-0.3x of their base matmuls with the runs back to back, ~0.45x in
   fragmented rank-bucket regions, against ~0.45x / ~0.8x for the grouped plan (loaded 2-core machine).
 * native (``looped.py``, the C loops ``csrc/rows.c`` built by ``native.py``): fp32 on the CPU, any step with a run
-  shorter than ``looped.LONG_RUN`` (32) tokens: one C call per module streams each working slot's cell once (four
+  shorter than ``looped.LONG_RUN`` (8) tokens: one C call per module streams each working slot's cell once (four
   rows' dots with the token, then those four B rows into y), straight from the pages (no gather, no padding, no
-  free cell read); runs of 32 tokens or more in such a step (prefill chunks beside decode tokens) take two matmuls
+  free cell read); runs of 8 tokens or more in such a step (prefill chunks beside decode tokens) take two matmuls
   on their slices. 32 tokens on 32 slots of ranks 4-64, rows cold, one thread: 1024 -> 1024 0.31 ms against 0.79
   for the strided plan, 256 -> 256 0.14 against 0.67. Without a C compiler (or ``DELTASERVE_CPU_NATIVE=off``) the
   other plans serve.

@@ -1,7 +1,7 @@
 """The native plan of the CPU backend: LoRA and bottleneck adapters as one call of a C loop per wrapped module
 (``native.py`` builds it, ``csrc/rows.c`` holds it), on fp32 CPU tensors, for every step with a run shorter than
-``LONG_RUN`` tokens (decode, and decode tokens beside prefill chunks); the long runs of such a step take two matmuls
-each on their row slices (``lora.py``, ``bottleneck.py``).
+``LONG_RUN`` (8) tokens (decode, and decode tokens beside prefill chunks); the long runs of such a step take two
+matmuls each on their row slices (``lora.py``, ``bottleneck.py``).
 
 A call hands the loop its groups, one per working slot: int64 [slot, start, size, first token, tokens] (and for
 adapters the up-bias row and activation code), and the step's active tokens sorted by slot. Both depend only on
@@ -35,12 +35,15 @@ def usable(*tensors: torch.Tensor) -> bool:
     return native.available()
 
 
-LONG_RUN = 32
-"""A run of this many tokens of one slot (a prefill chunk) takes two matmuls on its row slices instead of the loop,
-whose dots run at ~55 GFLOP/s against MKL's ~150 once a cell's rows are reused by many tokens (16 runs of ranks
-4-64, 256 -> 704, one thread: loop 381 us against 619 for the runs plan at 16 tokens a run, 1248 against 1525 at
-60, 4573 against 3835 at 190). The step's other tokens (decode tokens beside a prefill chunk) still take the loop:
-one call, where the runs plan paid two matmul dispatches per one-token run."""
+LONG_RUN = 8
+"""A run of this many tokens of one slot (a prefill chunk, or a hot delta's decode tokens side by side) takes two
+matmuls on its row slices instead of the loop. The loop's dots are one (row, token) pair at a time, ~55 GFLOP/s
+against MKL's ~150 once a cell is reused by many tokens; alone, it still beats the runs plan's two dispatches a run
+up to 16-60 tokens a run (16 runs of ranks 4-64, 256 -> 704, one thread: 381 against 619 us at 16 tokens a run,
+1248 against 1525 at 60, 4573 against 3835 at 190). Served, where a chunk sits beside decode tokens: bench_serving
+--quick demo read 0.64-0.76 (six runs, median 0.68) with 32 here and 0.71-0.75 with 8, beside 0.71-0.78 for the
+plans before the split, all within this host's noise; 8 keeps the loop to the few-token groups it is made for.
+The step's other tokens still take the loop: one call, where the runs plan paid two matmul dispatches per run."""
 
 
 class Split:
