@@ -13,6 +13,35 @@
 #include <math.h>
 #include <stdint.h>
 
+/* yr[k] += h0 * r[k] + h1 * r[rs + k] + h2 * r[2 rs + k] + h3 * r[3 rs + k]: four rows of a cell into one output row
+ * in a pass (the expand of LoRA and of adapters). */
+static inline void axpy4(float *restrict yr, const float *restrict r, int64_t rs, float h0, float h1, float h2,
+                         float h3, int64_t n)
+{
+    const float *r1 = r + rs, *r2 = r1 + rs, *r3 = r2 + rs;
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++)
+        yr[k] += h0 * r[k] + h1 * r1[k] + h2 * r2[k] + h3 * r3[k];
+}
+
+/* sum of a[k] * b[k] */
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n)
+{
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < n; k++)
+        acc += a[k] * b[k];
+    return acc;
+}
+
+/* yr[k] += h * r[k] */
+static inline void axpy1(float *restrict yr, const float *restrict r, float h, int64_t n)
+{
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++)
+        yr[k] += h * r[k];
+}
+
 /* y[t] += scale[slot] * (x[t] @ A.T) @ B.T, A = a[start : start + r], B.T = b[start : start + r]. One pass over the
  * slot's rows, four at a time: their dots with x[t], then those four B rows into y[t] (a LoRA term is a sum over
  * its ranks, so nothing waits for the whole h). Rows j of A and B are one arena row (A row | B column), so the pass
@@ -30,7 +59,7 @@ void ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, int64
         int64_t j = 0;
         for (; j + 4 <= r; j += 4) {
             const float *a0 = a + (start + j) * a_rs, *a1 = a0 + a_rs, *a2 = a1 + a_rs, *a3 = a2 + a_rs;
-            const float *b0 = b + (start + j) * b_rs, *b1 = b0 + b_rs, *b2 = b1 + b_rs, *b3 = b2 + b_rs;
+            const float *b0 = b + (start + j) * b_rs;
             for (int64_t t = 0; t < n; t++) {
                 const float *xr = x + toks[off + t] * x_rs;
                 float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
@@ -42,29 +71,14 @@ void ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, int64
                     s2 += a2[k] * xv;
                     s3 += a3[k] * xv;
                 }
-                s0 *= sc;
-                s1 *= sc;
-                s2 *= sc;
-                s3 *= sc;
-                float *yr = y + toks[off + t] * y_rs;
-#pragma omp simd
-                for (int64_t k = 0; k < out; k++)
-                    yr[k] += s0 * b0[k] + s1 * b1[k] + s2 * b2[k] + s3 * b3[k];
+                axpy4(y + toks[off + t] * y_rs, b0, b_rs, s0 * sc, s1 * sc, s2 * sc, s3 * sc, out);
             }
         }
         for (; j < r; j++) {
             const float *a0 = a + (start + j) * a_rs, *b0 = b + (start + j) * b_rs;
             for (int64_t t = 0; t < n; t++) {
-                const float *xr = x + toks[off + t] * x_rs;
-                float s0 = 0.f;
-#pragma omp simd reduction(+ : s0)
-                for (int64_t k = 0; k < in; k++)
-                    s0 += a0[k] * xr[k];
-                s0 *= sc;
-                float *yr = y + toks[off + t] * y_rs;
-#pragma omp simd
-                for (int64_t k = 0; k < out; k++)
-                    yr[k] += s0 * b0[k];
+                const float s0 = dot(a0, x + toks[off + t] * x_rs, in);
+                axpy1(y + toks[off + t] * y_rs, b0, s0 * sc, out);
             }
         }
     }
@@ -99,12 +113,7 @@ void ds_bottleneck_f32(float *y, int64_t y_rs, const float *u, int64_t u_rs,
             const float *drow = down + (start + j) * d_rs;
             const float bj = dbias[(start + j) * db_s];
             for (int64_t t = 0; t < n; t++) {
-                const float *ur = u + toks[off + t] * u_rs;
-                float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t k = 0; k < hid; k++)
-                    acc += drow[k] * ur[k];
-                h[t * m + j] = act(acc + bj, code);
+                h[t * m + j] = act(dot(drow, u + toks[off + t] * u_rs, hid) + bj, code);
             }
         }
         for (int64_t t = 0; t < n; t++) {
@@ -113,23 +122,11 @@ void ds_bottleneck_f32(float *y, int64_t y_rs, const float *u, int64_t u_rs,
             const float *u0 = up + start * up_rs;
             /* d = act(h) @ U.T + ub, then y += scale * d: the up bias joins before the scale, as in the reference */
             int64_t j = 0;
-            for (; j + 4 <= m; j += 4) {
-                const float h0 = sc * ht[j], h1 = sc * ht[j + 1], h2 = sc * ht[j + 2], h3 = sc * ht[j + 3];
-                const float *r0 = u0 + j * up_rs, *r1 = r0 + up_rs, *r2 = r1 + up_rs, *r3 = r2 + up_rs;
-#pragma omp simd
-                for (int64_t k = 0; k < hid; k++)
-                    yr[k] += h0 * r0[k] + h1 * r1[k] + h2 * r2[k] + h3 * r3[k];
-            }
-            for (; j < m; j++) {
-                const float hv = sc * ht[j];
-                const float *rj = u0 + j * up_rs;
-#pragma omp simd
-                for (int64_t k = 0; k < hid; k++)
-                    yr[k] += hv * rj[k];
-            }
-#pragma omp simd
-            for (int64_t k = 0; k < hid; k++)
-                yr[k] += sc * ub[k];
+            for (; j + 4 <= m; j += 4)
+                axpy4(yr, u0 + j * up_rs, up_rs, sc * ht[j], sc * ht[j + 1], sc * ht[j + 2], sc * ht[j + 3], hid);
+            for (; j < m; j++)
+                axpy1(yr, u0 + j * up_rs, sc * ht[j], hid);
+            axpy1(yr, ub, sc, hid);
         }
     }
 }
