@@ -184,9 +184,13 @@ def native_rows(t: torch.Tensor, pages, meta: DeltaKernelMeta, op: int) -> None:
 
 def native_affine(y: torch.Tensor, pages, meta: DeltaKernelMeta, rows: list[int], flagged: list[int]) -> None:
     """y[t] = y[t] * scale_rows[row] + shift_rows[row] for the tokens of the ``flagged`` active slots (``rows`` their
-    host row values; ``kernels.scale_shift_rows``, DoRA) outside the layout's long runs (``split``: the caller does
-    those); every tensor ``usable``."""
+    host row values; ``kernels.scale_shift_rows``, DoRA): the layout's long runs (``split``) an ``addcmul`` each, the
+    others in the loop; every tensor ``usable``."""
     g, c = pages.scale_rows, pages.shift_rows
+    on = set(flagged)
+    for a, b, s in split(meta).long:  # prefill chunks beside the decode tokens: one fused op each
+        if s in on:
+            torch.addcmul(c[rows[s]], y[a:b], g[rows[s]], out=y[a:b])
     pairs = _pairs(meta, rows, min(g.shape[0], c.shape[0]), flagged)
     native.library().ds_affine_f32(y.data_ptr(), y.stride(0), g.data_ptr(), g.stride(0), c.data_ptr(), c.stride(0),
                                    y.shape[1], pairs.data_ptr(), pairs.shape[0])

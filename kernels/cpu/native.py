@@ -1,10 +1,11 @@
 """The CPU backend's native loops (``csrc/rows.c``): built once per machine with the system C compiler, called
-through ``ctypes``, used by the "native" plan (``plans.py``) of LoRA and bottleneck adapters in fp32.
+through ``ctypes`` by the "native" plan (``looped.py``): LoRA, bottleneck adapters, BitFit / (IA)3 rows and DoRA's
+column scale, in fp32, at decode.
 
 Why C and not more torch ops: at decode a wrapped module's delta work is reading its slots' rows once, and the
 torch plans pay ~15-20 us of dispatch per small op. Measured, one thread, 32 tokens on 32 slots of ranks 4-64
-(the served mix's LoRA), rows cold: 1024 -> 1024 strided plan 794 us (7.6 GB/s) against 382 us (15.8 GB/s) here;
-256 -> 256 672 against 153 us. One C call per module, no scratch views, no add back.
+(the served mix's LoRA), rows cold: 1024 -> 1024 strided plan 794 us (7.6 GB/s) against 310 us (19.4 GB/s) here;
+256 -> 256 672 against 137 us. One C call per module, no scratch views, no add back.
 
 Built with ``$CC`` (else ``cc``/``gcc`` on PATH) ``-O3 -march=native`` into ``$DELTASERVE_NATIVE_CACHE`` (default
 ``~/.cache/deltaserve/native``), one file per source, flags, compiler and CPU (``-march=native`` code runs only

@@ -29,11 +29,6 @@ def decode_shaped(meta: DeltaKernelMeta) -> bool:
     return len(meta.runs_host) > 1 and meta.shortest_run < looped.LONG_RUN
 
 
-def long_runs(meta: DeltaKernelMeta):
-    """The runs of at least ``looped.LONG_RUN`` tokens, which the native row ops leave to a slice each."""
-    return looped.split(meta).long
-
-
 @on_op_threads
 def cpu_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> None:
     """The CPU backend of ``kernels.add_bias`` (which checks the arguments): y[t] += rows[row[slot[t]]]."""

@@ -18,7 +18,7 @@ from ..pages import ScaleShiftPages
 from . import looped
 from .gather import token_ids
 from .plans import RUN_MIN_TOKENS
-from .rows import ROWS_MAX_RUNS, decode_shaped, long_runs
+from .rows import ROWS_MAX_RUNS, decode_shaped
 from .threads import on_op_threads
 
 
@@ -40,9 +40,6 @@ def cpu_scale_shift_rows(y: torch.Tensor, pages: ScaleShiftPages, meta: DeltaKer
     if not any(flags[s] for s in meta.active_slots_host):
         return
     if decode_shaped(meta) and looped.usable_with(pages, ("scale_rows", "shift_rows"), y):
-        for a, b, s in long_runs(meta):
-            if flags[s]:
-                _affine(y[a:b], scale[row[s]], shift[row[s]])
         looped.native_affine(y, pages, meta, row, [s for s in meta.active_slots_host if flags[s]])
         return
     runs = [(a, b, s) for a, b, s in meta.runs_host if flags[s]]
