@@ -136,6 +136,24 @@ def add_bottleneck(y, u, pages: AdapterPages, meta) -> None:
         cpu.cpu_add_bottleneck(y, u, pages, meta)
 
 
+def skips_neutral(t, meta) -> bool:
+    """Whether ``add_bias`` / ``mul_rows`` on ``t`` with ``meta`` leave the tokens whose row is the pages' ``neutral``
+    row untouched by themselves (the CPU native plan at decode): a caller whose other slots all point at that row may
+    pass the step's meta as is instead of one restricted to the slots with the term. Either way the result is exact
+    (adding the zero row or scaling by the ones row changes no value); this only saves the restricted meta."""
+    return current_backend(t) == "cpu" and cpu.rows.skips_neutral(t, meta)
+
+
+def step_ops(meta, t):
+    """The ops of ``meta``'s step bound to it (``kernels.cpu.native_step.NativeStep``: ``add_lora(y, x, pages)``,
+    ``add_bottleneck``, ``add_bias``, ``mul_rows``, ``scale_shift_rows``), for activations like ``t``: where the CPU
+    backend's native plan serves the whole step (fp32 decode, no autograd), each call checks only its activations and
+    runs one C loop; equal to the ops above. None elsewhere: call those."""
+    if t.dtype != torch.float32 or current_backend(t) != "cpu":
+        return None
+    return cpu.native_step.native_step(meta)
+
+
 def add_bias(y, pages: RowPages, meta) -> None:
     """y[t] += pages.rows[pages.row[slot[t]]] for slot[t] >= 0.  y [T, out], rows [N, out]."""
     check_rows_op("add_bias", "y", y, pages, meta)
@@ -186,7 +204,7 @@ def head_rows(logits, h, pages: TokenPages, meta) -> None:
         cpu.cpu_head_rows(logits, h, pages, meta)
 
 
-__all__ = ["ACT_CODES", "BACKENDS", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "LoraShrink",
+__all__ = ["ACT_CODES", "BACKENDS", "skips_neutral", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "LoraShrink",
            "MetaBuffers", "PackedLoraPages", "RowPages", "ScaleShiftPages", "TokenPages", "add_bias", "add_bottleneck",
            "add_lora", "backend", "cpu",
-           "current_backend", "head_rows", "mul_rows", "replace_rows", "scale_shift_rows", "shrink_lora", "use_triton"]
+           "current_backend", "head_rows", "mul_rows", "replace_rows", "scale_shift_rows", "shrink_lora", "step_ops", "use_triton"]

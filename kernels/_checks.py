@@ -208,6 +208,10 @@ def check_rows_op(op: str, tname: str, t, pages, meta) -> None:
     def own():
         _rows(op, "pages.rows", pages.rows, n_, t.dtype, t.device)
         expect(op, "pages.row", pages.row, (None,), torch.int32, t.device)
+        nv = pages.neutral
+        if isinstance(nv, bool) or not isinstance(nv, int) or not -1 <= nv < pages.rows.shape[0]:
+            raise ValueError(f"{op}: pages.neutral must be -1 or a row of pages.rows (0..{pages.rows.shape[0] - 1}), "
+                             f"got {nv!r}")
 
     _pages_once(pages, (op, t.dtype, t.device, n_), own)
     expect_meta(op, meta, t_, t.device)

@@ -75,6 +75,9 @@ class RowPages:
     rows: torch.Tensor  # [N, n]
     row: torch.Tensor  # int32 [S] row of each slot; slots without the term point at a neutral row
     host: dict | None = None  # optional live host mirror {"row": list} (HOST_MIRRORS)
+    # The neutral row (zeros for add_bias, ones for mul_rows) or -1: an op may skip the tokens whose row it is (the
+    # CPU native plan does: the caller then need not restrict the step meta to the slots that have the term).
+    neutral: int = -1
 
 
 @dataclass(frozen=True, eq=False)

@@ -110,16 +110,12 @@ def test_prefill_chunks_beside_decode_tokens(alias):
     assert_close(out, expected, **BN_TOL, what=f"bottleneck, mixed, alias={alias}")
 
 
-def test_groups_are_kept_per_layout():
-    ranks = {s: 8 for s in range(3)}
-    starts = {0: 0, 1: 8, 2: 16}
-    cols = [(starts[s], ranks[s]) for s in range(3)]
-    first = looped._groups(_meta([2, 0, 1]), [0, 1, 2], cols)
-    assert looped._groups(_meta([2, 0, 1]), [0, 1, 2], list(cols)) is first  # a later step, same layout
-    groups, toks, most = first
-    assert groups.tolist() == [[0, 0, 8, 0, 1], [1, 8, 8, 1, 1], [2, 16, 8, 2, 1]] and toks.tolist() == [1, 2, 0]
-    other = looped._groups(_meta([2, 0, 0, 1]), [0, 1, 2], cols)  # slot 0 has two tokens now
-    assert other is not first and other[0][0].tolist() == [0, 0, 8, 0, 2] and other[2] == 16
+def test_segments_are_kept_per_layout():
+    first = looped.split(_meta([2, 0, 1]))
+    assert looped.split(_meta([2, 0, 1])) is first  # a later step, same layout: the same segments
+    assert first.segs.tolist() == [[0, 0, 1], [1, 1, 1], [2, 2, 1]] and first.toks.tolist() == [1, 2, 0]
+    other = looped.split(_meta([2, 0, 0, 1]))  # slot 0 has two tokens now
+    assert other is not first and other.segs.tolist()[0] == [0, 0, 2] and other.most == 2
 
 
 # ------------------------------------------------------------------------------------------- the choice
@@ -260,8 +256,57 @@ def test_a_row_outside_the_pages_is_refused():
     meta = _meta(list(range(10)))
     rows = torch.randn(10, 8)
     pages = RowPages(rows, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 10], dtype=torch.int32))
-    with pytest.raises(ValueError, match="row 10 outside the 10 rows"):
-        looped.native_rows(torch.randn(10, 8), pages, meta, 0)
+    y = torch.randn(10, 8)
+    before = y.clone()
+    with pytest.raises(ValueError, match="slot 9: row outside the 10 rows"):
+        looped.native_rows(y, pages, meta, 0)
+    assert torch.equal(y, before)  # checked before anything is written
+
+
+def test_a_run_or_code_outside_the_pages_is_refused_before_any_write():
+    from kernels import AdapterPages, LoraPages
+
+    meta = _meta([0, 1, 2, 1])
+    rows = torch.randn(20, 8)
+    rank = torch.tensor([4, 4, 4], dtype=torch.int32)
+    scale = torch.ones(3)
+    y, x = torch.randn(4, 8), torch.randn(4, 8)
+    before = y.clone()
+    bad = LoraPages(rows, rows, torch.tensor([0, 4, 17], dtype=torch.int32), rank, scale, 4)
+    with pytest.raises(ValueError, match="add_lora: slot 2: rank 4 from row 17 outside the 20 rows"):
+        looped.native_lora(y, x, bad, meta)
+    assert torch.equal(y, before)
+    start = torch.tensor([0, 4, 8], dtype=torch.int32)
+    ub_row = torch.zeros(3, dtype=torch.int32)
+    for act in ([0, 9, 1], [0, 1, -1]):
+        pages = AdapterPages(rows, rows, rows[:, 0], rows[:1], start, ub_row, rank, scale,
+                             torch.tensor(act, dtype=torch.int32), 4)
+        with pytest.raises(ValueError, match=r"add_bottleneck: slot [12]: act\[[12]\] = (9|-1) is not an activation"):
+            looped.native_bottleneck(y, y, pages, meta)
+        assert torch.equal(y, before)
+
+
+def test_tokens_on_the_neutral_row_are_left_as_they_are():
+    from kernels import RowPages, add_bias, mul_rows, skips_neutral
+
+    meta = _meta([0, 1, -1, 2, 1, 0])
+    rows = torch.randn(4, 5)
+    rows[3] = 0.0  # the neutral row of a bias
+    pages = RowPages(rows, torch.tensor([3, 1, 0], dtype=torch.int32), neutral=3)
+    y = torch.randn(6, 5)
+    y[0] = -0.0  # -0.0 + 0.0 would be +0.0: a skipped token keeps its bits
+    assert skips_neutral(y, meta)
+    out = y.clone()
+    add_bias(out, pages, meta)
+    assert torch.equal(out[[0, 5, 2]], y[[0, 5, 2]]) and str(out[0, 0].item()) == "-0.0"
+    assert torch.equal(out[[1, 4]], y[[1, 4]] + rows[1]) and torch.equal(out[3], y[3] + rows[0])
+    ones = torch.ones(4, 5)
+    ones[0] = 2.0
+    scaled = y.clone()
+    mul_rows(scaled, RowPages(ones, torch.tensor([1, 0, 1], dtype=torch.int32), neutral=1), meta)
+    assert torch.equal(scaled[[0, 2, 3, 5]], y[[0, 2, 3, 5]]) and torch.equal(scaled[[1, 4]], 2 * y[[1, 4]])
+    with pytest.raises(ValueError, match="pages.neutral must be -1 or a row of pages.rows"):
+        add_bias(y.clone(), RowPages(rows, torch.tensor([3, 1, 0], dtype=torch.int32), neutral=4), meta)
 
 
 @pytest.mark.parametrize("pattern", ["distinct", "uniform", "zipf"])

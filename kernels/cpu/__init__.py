@@ -55,10 +55,11 @@ from .packed import cpu_shrink_lora
 from .plans import PLANS, choose_plan, force_plan
 from .rows import cpu_add_bias, cpu_mul_rows
 from .scale_shift import cpu_scale_shift_rows
+from . import native_step  # kernels.step_ops: a decode step's ops bound to its meta
 from .threads import OP_THREADS_DEFAULT, op_threads, set_op_threads
 from .token_rows import cpu_head_rows, cpu_replace_rows
 
 __all__ = ["OP_THREADS_DEFAULT", "PLANS", "choose_plan", "cpu_add_bias", "cpu_add_bottleneck", "cpu_add_lora",
            "cpu_head_rows", "cpu_mul_rows", "cpu_replace_rows", "cpu_scale_shift_rows", "cpu_shrink_lora", "force_plan",
-           "op_threads",
+           "native_step", "op_threads",
            "set_op_threads"]

@@ -24,28 +24,25 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, me
     if meta.no_delta or pages.max_width == 0:
         return
     widths = gather.active_values(pages, "width", meta)
-    work = [s for s in meta.active_slots_host if widths[s] > 0]
-    if not work:
-        return
     starts = gather.active_values(pages, "start", meta)
-    gather.check_runs("add_bottleneck", "width", starts, widths, work, pages.down_rows.shape[0])
     acts = gather.active_values(pages, "act", meta)
-    for s in work:
-        if acts[s] not in ACT_FNS:
-            raise ValueError(f"add_bottleneck: act[{s}] = {acts[s]} is not an activation code (0..3)")
     plan = choose_plan(meta, grouped_ok=lambda: grouped.bottleneck_ok(u, pages.down_rows, pages.up_rows),
                        dtype=y.dtype, native_ok=lambda: looped.usable_with(pages, ADAPTER_TENSORS, y, u))
-    if plan == "native":
+    if plan == "native":  # the loop reads the tables and checks the runs and codes itself
         long = looped.split(meta).long  # prefill chunks beside the decode tokens: their own matmuls, first (u may
         if long:  # be y: each reads its rows before it adds to them; the loop's tokens are disjoint)
             scales = gather.active_values(pages, "scale", meta)
             ub_rows = gather.active_values(pages, "up_bias_row", meta)
-            for a, b, s in long:
-                m = widths[s]
-                if m:
-                    add_slice(y[a:b], _one(u[a:b], pages, starts[s], m, acts[s], ub_rows[s]), scales[s])
-        looped.native_bottleneck(y, u, pages, widths, starts, acts, work, meta)
+            runs = [(a, b, s) for a, b, s in long if widths[s]]
+            _check(starts, widths, acts, [s for _, _, s in runs], pages)
+            for a, b, s in runs:
+                add_slice(y[a:b], _one(u[a:b], pages, starts[s], widths[s], acts[s], ub_rows[s]), scales[s])
+        looped.native_bottleneck(y, u, pages, meta)
         return
+    work = [s for s in meta.active_slots_host if widths[s] > 0]
+    if not work:
+        return
+    _check(starts, widths, acts, work, pages)
     if plan == "strided":
         strided.strided_bottleneck(y, u, pages, widths, starts, acts, work, meta)
         return
@@ -75,6 +72,13 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, me
     else:
         for size, ids, sl, _ in gather.groups(meta, widths, work):
             _gathered(y, u, pages, ids, sl, size, sorted({acts[s] for s in work}))
+
+
+def _check(starts: dict, widths: dict, acts: dict, work: list[int], pages: AdapterPages) -> None:
+    gather.check_runs("add_bottleneck", "width", starts, widths, work, pages.down_rows.shape[0])
+    for s in work:
+        if acts[s] not in ACT_FNS:
+            raise ValueError(f"add_bottleneck: act[{s}] = {acts[s]} is not an activation code (0..3)")
 
 
 def _one(u: torch.Tensor, pages: AdapterPages, st: int, m: int, act: int, ub_row: int) -> torch.Tensor:

@@ -1,13 +1,16 @@
-"""The native plan of the CPU backend: LoRA and bottleneck adapters as one call of a C loop per wrapped module
-(``native.py`` builds it, ``csrc/rows.c`` holds it), on fp32 CPU tensors, for every step with a run shorter than
-``LONG_RUN`` (8) tokens (decode, and decode tokens beside prefill chunks); the long runs of such a step take two
-matmuls each on their row slices (``lora.py``, ``bottleneck.py``).
+"""The native plan of the CPU backend: LoRA, bottleneck adapters, BitFit / (IA)3 rows and DoRA's column scale as one
+call of a C loop per wrapped module (``native.py`` builds it, ``csrc/rows.c`` holds it), on fp32 CPU tensors, for
+every step with a run shorter than ``LONG_RUN`` (8) tokens (decode, and decode tokens beside prefill chunks); the
+long runs of such a step take two matmuls each on their row slices (``lora.py``, ``bottleneck.py``).
 
-A call hands the loop its groups, one per working slot: int64 [slot, start, size, first token, tokens] (and for
-adapters the up-bias row and activation code), and the step's active tokens sorted by slot. Both depend only on
-the token layout and the pages' host tables, so they are built once per layout and kept with its strided plans
-(``blocks._layout_cache``): a decode step repeats its batch's layout, and the layers of a model usually place a
-step's deltas at the same rows. Nothing is gathered or padded, and only the working slots' own rows are read.
+A call hands the loop the pages' tensors and per-slot tables (the loop reads each slot's rank, first row and scale
+itself, as the Triton kernels do, and checks them before it writes) and the step's *segments*: int64 [slot, first,
+tokens] per active slot, over the active tokens sorted by slot. Those depend only on the token layout, so they are
+built once per layout (``split``, kept with the strided plans in ``blocks._layout_cache``) and serve every wrapped
+module and every term of the step. What is left per call is a few attribute reads: the pages' pointers and sizes
+are kept per pages object (``_args``; a layer hands the same object to every step until its storage moves).
+Measured before, when each call built its groups from the host tables: 40-60 us of Python a wrapped module per
+decode step of 32 deltas, ~5 ms of the demo model's ~8 ms of delta work.
 """
 from __future__ import annotations
 
@@ -48,12 +51,17 @@ The step's other tokens still take the loop: one call, where the runs plan paid 
 
 class Split:
     """A token layout for the native plan: ``long`` runs (a, b, slot) of at least LONG_RUN tokens, and every other
-    active token grouped by slot: ``seg[slot] = (first, count)`` in ``toks`` (int64)."""
+    active token grouped by slot: ``seg[slot] = (first, count)`` in ``toks`` (int64), and the same as ``segs`` int64
+    [A, 3] (slot, first, count) over the slots with a count, what the loops walk (``args``: its pointers)."""
 
-    __slots__ = ("long", "seg", "toks", "toks_host")
+    __slots__ = ("long", "seg", "toks", "toks_host", "segs", "most", "args")
 
     def __init__(self, long: list, seg: dict, toks: torch.Tensor, toks_host: list[int]):
         self.long, self.seg, self.toks, self.toks_host = long, seg, toks, toks_host
+        rows = [(s, first, n) for s, (first, n) in seg.items() if n]
+        self.segs = torch.tensor(rows, dtype=torch.int64).view(-1, 3)  # [A, 3]
+        self.most = max((n for _, _, n in rows), default=0)  # the most tokens of one segment
+        self.args = (self.segs.data_ptr(), len(rows), toks.data_ptr())
 
 
 def split(meta: DeltaKernelMeta) -> Split:
@@ -97,100 +105,137 @@ def usable_with(pages, names: tuple[str, ...], *tensors: torch.Tensor) -> bool:
     return ok and usable(*tensors)
 
 
-def _groups(meta: DeltaKernelMeta, work: list[int], columns: list[tuple], slots: int = 1 << 62,
-            extra_rows: int = 1 << 62) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(int64 [G, 5 + extra] groups, int64 [N] tokens by slot, the most rows x tokens of one group) over the tokens of
-    ``work`` slots outside the layout's long runs (``split``), kept per token layout and per ``work`` and
-    ``columns`` (host values per working slot: start, size, extra fields; the runs are checked by the caller,
-    ``gather.check_runs``). A slot past ``slots`` (the per-slot tables) or a first extra field past ``extra_rows``
-    (the up-bias rows) is a ValueError: the loop would read outside the tensors."""
-    cache = _layout_cache(meta)
-    key = ("native", tuple(work), tuple(columns))
-    hit = cache.get(key)
+_ARGS: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _args(pages, build) -> tuple:
+    """``build(pages)``: the loop's arguments that come from the pages (pointers, row strides, sizes), kept per pages
+    object: its tensors never change, and the tables it points at are read by the loop at each call."""
+    hit = _ARGS.get(pages)
     if hit is None:
-        if work and max(work) >= slots:
-            raise ValueError(f"native plan: slot {max(work)} past the {slots} slots of the pages' tables")
-        bad = [c[2] for c in columns if len(c) > 2 and not 0 <= c[2] < extra_rows]
-        if bad:
-            raise ValueError(f"native plan: up-bias row {bad[0]} outside the {extra_rows} rows of the pages")
-        sp = split(meta)
-        rows, most = [], 1
-        for s, col in zip(work, columns):
-            first, n = sp.seg[s]
-            if n:
-                rows.append([s, col[0], col[1], first, n, *col[2:]])
-                most = max(most, n * col[1])
-        width = 5 + max((len(c) - 2 for c in columns), default=0)
-        hit = cache[key] = (torch.tensor(rows, dtype=torch.int64).view(-1, width), sp.toks, most)
+        hit = _ARGS[pages] = build(pages)
     return hit
 
 
-def native_lora(y: torch.Tensor, x: torch.Tensor, pages, ranks, starts, work: list[int],
-                meta: DeltaKernelMeta) -> None:
-    """y[t] += scale[s] * (x[t] @ A_s.T) @ B_s.T for the tokens of ``work`` slots (active, rank > 0; ``ranks``,
-    ``starts`` the host values of the pages' tables) outside the layout's long runs (``split``). Shapes as
-    ``kernels.add_lora``; every tensor ``usable``."""
-    groups, toks, _ = _groups(meta, work, [(starts[s], ranks[s]) for s in work], pages.scale.shape[0])
-    a, b, sc = pages.a_rows, pages.b_rows, pages.scale
-    native.library().ds_lora_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0),
-                                 b.data_ptr(), b.stride(0), x.shape[1], y.shape[1], sc.data_ptr(), sc.stride(0),
-                                 groups.data_ptr(), groups.shape[0], toks.data_ptr())
+def _ptrs(*tensors: torch.Tensor) -> list[int]:
+    return [t.data_ptr() for t in tensors]
 
 
-def native_bottleneck(y: torch.Tensor, u: torch.Tensor, pages, widths, starts, acts, work: list[int],
-                      meta: DeltaKernelMeta) -> None:
-    """y[t] += scale[s] * (act_s(u[t] @ D_s.T + db_s) @ U_s.T + ub_s) for the tokens of ``work`` slots (active,
-    width > 0) outside the layout's long runs (``split``); ``u`` may be ``y``. Shapes as ``kernels.add_bottleneck``;
-    every tensor ``usable``."""
-    ub_row = active_values(pages, "up_bias_row", meta)
-    groups, toks, most = _groups(meta, work, [(starts[s], widths[s], ub_row[s], acts[s]) for s in work],
-                                 pages.scale.shape[0], pages.up_bias_rows.shape[0])
-    h = WS.get("nat_h", (most,), torch.float32, y.device)
-    d, up, db, ub, sc = pages.down_rows, pages.up_rows, pages.down_bias, pages.up_bias_rows, pages.scale
-    native.library().ds_bottleneck_f32(y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0), d.data_ptr(),
-                                       d.stride(0), up.data_ptr(), up.stride(0), db.data_ptr(), db.stride(0),
-                                       ub.data_ptr(), ub.stride(0), y.shape[1], sc.data_ptr(), sc.stride(0),
-                                       groups.data_ptr(), groups.shape[0], toks.data_ptr(), h.data_ptr())
+def _why(op: str, pages, slot: int) -> str:
+    """What the loop found wrong with ``slot`` in ``pages`` (only asked once it refused)."""
+    if op == "add_lora":
+        n, slots = pages.a_rows.shape[0], pages.rank.shape[0]
+        if slot >= slots:
+            return f"past the {slots} slots of the pages"
+        return f"rank {int(pages.rank[slot])} from row {int(pages.start[slot])} outside the {n} rows of the pages"
+    if op == "add_bottleneck":
+        if slot >= pages.width.shape[0]:
+            return f"past the {pages.width.shape[0]} slots of the pages"
+        w, st = int(pages.width[slot]), int(pages.start[slot])
+        ub, act = int(pages.up_bias_row[slot]), int(pages.act[slot])
+        if not 0 <= act <= 3:
+            return f"act[{slot}] = {act} is not an activation code (0..3)"
+        if not 0 <= ub < pages.up_bias_rows.shape[0]:
+            return f"up-bias row {ub} outside the {pages.up_bias_rows.shape[0]} up-bias rows of the pages"
+        if st < 0 or st + w > pages.down_rows.shape[0]:
+            return f"width {w} from row {st} leaves the {pages.down_rows.shape[0]} rows of the pages"
+        return f"width {w} past the pages' max_width {pages.max_width}"
+    if op == "scale_shift_rows":
+        return f"row outside the {pages.scale_rows.shape[0]} rows or the {pages.flag.shape[0]} slots of the pages"
+    return f"row outside the {pages.rows.shape[0]} rows or the {pages.row.shape[0]} slots of the pages"
 
 
-def _pairs(meta: DeltaKernelMeta, rows: dict | list, n_rows: int, slots: list[int]) -> torch.Tensor:
-    """int64 [N, 2]: (token, its slot's row) for the tokens of the active ``slots`` outside the layout's long runs
-    (``split``), kept per token layout and row values (``rows``: slot -> row, host values)."""
-    cache = _layout_cache(meta)
-    key = ("pairs", tuple(slots), tuple([rows[s] for s in slots]))
-    hit = cache.get(key)
-    if hit is None:
-        bad = [rows[s] for s in slots if not 0 <= rows[s] < n_rows]
-        if bad:
-            raise ValueError(f"native plan: row {bad[0]} outside the {n_rows} rows of the pages")
-        sp = split(meta)
-        flat, seg = sp.toks_host, sp.seg
-        pairs = [(t, rows[s]) for s in slots for t in flat[seg[s][0]:seg[s][0] + seg[s][1]]]
-        hit = cache[key] = torch.tensor(pairs, dtype=torch.int64).view(-1, 2)
-    return hit
+def raise_failed(bad: int, op: str, pages, meta: DeltaKernelMeta) -> None:
+    """A loop's return value: 0 is success; ``k + 1`` says it refused segment k of ``meta``'s layout before it wrote
+    anything (a ValueError naming the slot)."""
+    if bad:
+        slot = int(split(meta).segs[bad - 1, 0])
+        raise ValueError(f"{op}: slot {slot}: {_why(op, pages, slot)} (native plan; nothing was written)")
+
+
+def _lora_args(p) -> tuple:
+    a, b = p.a_rows, p.b_rows
+    return (a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), a.shape[1], b.shape[1],
+            *_ptrs(p.start, p.rank, p.scale), p.rank.shape[0], a.shape[0])
+
+
+def native_lora(y: torch.Tensor, x: torch.Tensor, pages, meta: DeltaKernelMeta) -> None:
+    """y[t] += scale[s] * (x[t] @ A_s.T) @ B_s.T for the active tokens outside the layout's long runs (``split``);
+    slots with rank 0 are skipped by the loop. Shapes as ``kernels.add_lora``; every tensor ``usable``."""
+    raise_failed(native.library().ds_lora_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
+                                              *lora_args(pages), *split(meta).args), "add_lora", pages, meta)
+
+
+def lora_args(pages) -> tuple:
+    """``ds_lora_f32``'s arguments from ``pages`` (kept per pages object)."""
+    return _args(pages, _lora_args)
+
+
+def _bottleneck_args(p) -> tuple:
+    d, up, db, ub = p.down_rows, p.up_rows, p.down_bias, p.up_bias_rows
+    return (d.data_ptr(), d.stride(0), up.data_ptr(), up.stride(0), db.data_ptr(), db.stride(0) if db.dim() else 0,
+            ub.data_ptr(), ub.stride(0), d.shape[1], *_ptrs(p.start, p.width, p.scale, p.up_bias_row, p.act),
+            p.width.shape[0], d.shape[0], ub.shape[0])
+
+
+def native_bottleneck(y: torch.Tensor, u: torch.Tensor, pages, meta: DeltaKernelMeta) -> None:
+    """y[t] += scale[s] * (act_s(u[t] @ D_s.T + db_s) @ U_s.T + ub_s) for the active tokens outside the layout's long
+    runs (``split``); slots with width 0 are skipped by the loop; ``u`` may be ``y``. Shapes as
+    ``kernels.add_bottleneck``; every tensor ``usable``."""
+    sp = split(meta)
+    cap = max(1, sp.most * pages.max_width)
+    h = WS.get("nat_h", (cap,), torch.float32, y.device)
+    bad = native.library().ds_bottleneck_f32(y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0),
+                                             *_args(pages, _bottleneck_args), *sp.args, h.data_ptr(), cap)
+    raise_failed(bad, "add_bottleneck", pages, meta)
+
+
+def _rows_args(p) -> tuple:
+    return (p.rows.data_ptr(), p.rows.stride(0), p.rows.shape[1], p.row.data_ptr(), p.row.shape[0], p.rows.shape[0],
+            p.neutral)
 
 
 def native_rows(t: torch.Tensor, pages, meta: DeltaKernelMeta, op: int) -> None:
     """t[i] += rows[row[slot[i]]] (op 0, ``kernels.add_bias``) or t[i] *= ... (op 1, ``kernels.mul_rows``) for the
-    active tokens: the layout's long runs (``split``) a slice op each, the others in the loop; every tensor
-    ``usable``."""
-    rows, row = pages.rows, active_values(pages, "row", meta)
-    for a, b, s in split(meta).long:  # prefill chunks beside the decode tokens: one slice op each
-        (t[a:b].add_ if op == 0 else t[a:b].mul_)(rows[row[s]])
-    pairs = _pairs(meta, row, rows.shape[0], meta.active_slots_host)
-    native.library().ds_rows_f32(t.data_ptr(), t.stride(0), rows.data_ptr(), rows.stride(0), t.shape[1],
-                                 pairs.data_ptr(), pairs.shape[0], op)
-
-
-def native_affine(y: torch.Tensor, pages, meta: DeltaKernelMeta, rows: list[int], flagged: list[int]) -> None:
-    """y[t] = y[t] * scale_rows[row] + shift_rows[row] for the tokens of the ``flagged`` active slots (``rows`` their
-    host row values; ``kernels.scale_shift_rows``, DoRA): the layout's long runs (``split``) an ``addcmul`` each, the
+    active tokens whose row is not the pages' ``neutral`` one: the layout's long runs (``split``) a slice op each, the
     others in the loop; every tensor ``usable``."""
-    g, c = pages.scale_rows, pages.shift_rows
-    on = set(flagged)
-    for a, b, s in split(meta).long:  # prefill chunks beside the decode tokens: one fused op each
-        if s in on:
-            torch.addcmul(c[rows[s]], y[a:b], g[rows[s]], out=y[a:b])
-    pairs = _pairs(meta, rows, min(g.shape[0], c.shape[0]), flagged)
-    native.library().ds_affine_f32(y.data_ptr(), y.stride(0), g.data_ptr(), g.stride(0), c.data_ptr(), c.stride(0),
-                                   y.shape[1], pairs.data_ptr(), pairs.shape[0])
+    sp = split(meta)
+    if sp.long:  # prefill chunks beside the decode tokens: one slice op each
+        rows, row = pages.rows, active_values(pages, "row", meta)
+        for a, b, s in sp.long:
+            r = row[s]
+            if r != pages.neutral:
+                if not 0 <= r < rows.shape[0]:
+                    raise ValueError(f"{'add_bias' if op == 0 else 'mul_rows'}: slot {s}: row {r} outside the "
+                                     f"{rows.shape[0]} rows of the pages")
+                (t[a:b].add_ if op == 0 else t[a:b].mul_)(rows[r])
+    raise_failed(native.library().ds_rows_f32(t.data_ptr(), t.stride(0), *rows_args(pages), *sp.args, op),
+                 "add_bias" if op == 0 else "mul_rows", pages, meta)
+
+
+def rows_args(pages) -> tuple:
+    """``ds_rows_f32``'s arguments from ``pages`` (kept per pages object)."""
+    return _args(pages, _rows_args)
+
+
+def _affine_args(p) -> tuple:
+    g, c = p.scale_rows, p.shift_rows
+    return (g.data_ptr(), g.stride(0), c.data_ptr(), c.stride(0), g.shape[1], *_ptrs(p.row, p.flag), p.flag.shape[0],
+            min(g.shape[0], c.shape[0]))
+
+
+def native_affine(y: torch.Tensor, pages, meta: DeltaKernelMeta) -> None:
+    """y[t] = y[t] * scale_rows[row] + shift_rows[row] for the tokens of the flagged active slots (``kernels.scale_shift_rows``,
+    DoRA): the layout's long runs (``split``) an ``addcmul`` each, the others in the loop; every tensor ``usable``."""
+    sp = split(meta)
+    if sp.long:  # prefill chunks beside the decode tokens: one fused op each
+        g, c = pages.scale_rows, pages.shift_rows
+        flags, rows = pages.flag.tolist(), pages.row.tolist()
+        for a, b, s in sp.long:
+            if flags[s]:
+                if not 0 <= rows[s] < min(g.shape[0], c.shape[0]):
+                    raise ValueError(f"scale_shift_rows: slot {s}: row {rows[s]} outside the {g.shape[0]} rows of "
+                                     "the pages")
+                torch.addcmul(c[rows[s]], y[a:b], g[rows[s]], out=y[a:b])
+    raise_failed(native.library().ds_affine_f32(y.data_ptr(), y.stride(0), *_args(pages, _affine_args), *sp.args),
+                 "scale_shift_rows", pages, meta)

@@ -30,12 +30,11 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
                 a_t, b_r = _views(pages, starts[s], r, s)
                 _rows(y if whole else y[a:b], x if whole else x[a:b], a_t, b_r, scales[s])
         return
-    work = [s for s in meta.active_slots_host if ranks[s] > 0]
-    if not work:
-        return  # no active slot has LoRA at this layer
-    gather.check_runs("add_lora", "rank", starts, ranks, work, pages.a_rows.shape[0])
+    def working() -> list[int]:
+        return [s for s in meta.active_slots_host if ranks[s] > 0]
 
     def one_group() -> bool:
+        work = working()
         return len(work) == meta.num_active and len({gather.rank_group(ranks[s]) for s in work}) == 1
 
     def grouped_ok() -> bool:
@@ -43,14 +42,19 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
 
     plan = choose_plan(meta, padded_ok=one_group, grouped_ok=grouped_ok, dtype=y.dtype,
                        native_ok=lambda: looped.usable_with(pages, LORA_TENSORS, y, x))
-    if plan == "native":
+    if plan == "native":  # the loop reads the tables and checks the runs itself
         for a, b, s in looped.split(meta).long:  # prefill chunks beside the decode tokens: their own matmuls
             r = ranks[s]
             if r:
                 a_t, b_r = _views(pages, starts[s], r, s)
                 _rows(y[a:b], x[a:b], a_t, b_r, scales[s])
-        looped.native_lora(y, x, pages, ranks, starts, work, meta)
-    elif plan == "strided":
+        looped.native_lora(y, x, pages, meta)
+        return
+    work = working()
+    if not work:
+        return  # no active slot has LoRA at this layer
+    gather.check_runs("add_lora", "rank", starts, ranks, work, pages.a_rows.shape[0])
+    if plan == "strided":
         strided.strided_lora(y, x, pages, ranks, starts, work, meta)
     elif plan == "grouped":
         grouped.grouped_lora(y, x, pages, ranks, starts, work, meta)

@@ -35,15 +35,19 @@ BUILD_TIMEOUT_S = 120
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    # y, y_rs, x, x_rs, a, a_rs, b, b_rs, in, out, scale, scale_s, groups, n_groups, toks
-    "ds_lora_f32": [_P, _I, _P, _I, _P, _I, _P, _I, _I, _I, _P, _I, _P, _I, _P],
-    # y, y_rs, u, u_rs, down, d_rs, up, up_rs, dbias, db_s, ubias, ub_rs, hid, scale, scale_s, groups, n, toks, h
-    "ds_bottleneck_f32": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, _P, _I, _P, _I, _P, _P],
-    # y, y_rs, rows, rows_rs, n_cols, pairs, n_pairs, op (0 add, 1 mul)
-    "ds_rows_f32": [_P, _I, _P, _I, _I, _P, _I, _I],
-    # y, y_rs, scale, s_rs, shift, sh_rs, n_cols, pairs, n_pairs
-    "ds_affine_f32": [_P, _I, _P, _I, _P, _I, _I, _P, _I],
+    # y, y_rs, x, x_rs, a, a_rs, b, b_rs, in, out, start, rank, scale, n_slots, n_rows, segs, n_segs, toks
+    "ds_lora_f32": [_P, _I, _P, _I, _P, _I, _P, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _P],
+    # y, y_rs, u, u_rs, down, d_rs, up, up_rs, dbias, db_s, ubias, ub_rs, hid, start, width, scale, ub_row, act,
+    # n_slots, n_rows, n_ub_rows, segs, n_segs, toks, h, h_cap
+    "ds_bottleneck_f32": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I,
+                          _P, _I, _P, _P, _I],
+    # y, y_rs, rows, rows_rs, n_cols, row, n_slots, n_rows, skip, segs, n_segs, toks, op (0 add, 1 mul)
+    "ds_rows_f32": [_P, _I, _P, _I, _I, _P, _I, _I, _I, _P, _I, _P, _I],
+    # y, y_rs, scale, s_rs, shift, sh_rs, n_cols, row, flag, n_slots, n_rows, segs, n_segs, toks
+    "ds_affine_f32": [_P, _I, _P, _I, _P, _I, _I, _P, _P, _I, _I, _P, _I, _P],
 }
+"""Every loop returns int64: 0, or the index + 1 of the first segment whose slot or run leaves the tables or rows
+(checked before anything is written)."""
 
 
 class NativeUnavailable(RuntimeError):
@@ -107,7 +111,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, ctypes.c_int64
     return lib
 
 

@@ -29,6 +29,12 @@ def decode_shaped(meta: DeltaKernelMeta) -> bool:
     return len(meta.runs_host) > 1 and meta.shortest_run < looped.LONG_RUN
 
 
+def skips_neutral(t: torch.Tensor, meta: DeltaKernelMeta) -> bool:
+    """Whether the row ops on ``t`` with ``meta`` take the native loop, which skips tokens on the pages' neutral row
+    (``kernels.skips_neutral``); the pages' own tensors are fp32 CPU rows like ``t`` wherever a layer made them."""
+    return decode_shaped(meta) and looped.usable(t)
+
+
 @on_op_threads
 def cpu_add_bias(y: torch.Tensor, pages: RowPages, meta: DeltaKernelMeta) -> None:
     """The CPU backend of ``kernels.add_bias`` (which checks the arguments): y[t] += rows[row[slot[t]]]."""

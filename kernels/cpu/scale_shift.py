@@ -35,12 +35,12 @@ def cpu_scale_shift_rows(y: torch.Tensor, pages: ScaleShiftPages, meta: DeltaKer
     """The CPU backend of ``kernels.scale_shift_rows`` (which checks the arguments; semantics there)."""
     if meta.no_delta:
         return
+    if decode_shaped(meta) and looped.usable_with(pages, ("scale_rows", "shift_rows"), y):
+        looped.native_affine(y, pages, meta)  # the loop reads the flags and rows itself
+        return
     flags, row = pages.flag.tolist(), pages.row.tolist()
     scale, shift = pages.scale_rows, pages.shift_rows
     if not any(flags[s] for s in meta.active_slots_host):
-        return
-    if decode_shaped(meta) and looped.usable_with(pages, ("scale_rows", "shift_rows"), y):
-        looped.native_affine(y, pages, meta, row, [s for s in meta.active_slots_host if flags[s]])
         return
     runs = [(a, b, s) for a, b, s in meta.runs_host if flags[s]]
     if len(runs) <= ROWS_MAX_RUNS or sum(b - a for a, b, _ in runs) >= RUN_MIN_TOKENS * len(runs):

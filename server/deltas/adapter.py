@@ -81,9 +81,9 @@ def pages(rows, hidden: int, w_out: int, source: int, max_width: int) -> kernels
                                       "act": f.host["ad_act"]})
 
 
-def apply(layer, y: torch.Tensor, sources: list[int], meta) -> None:
+def apply(layer, y: torch.Tensor, sources: list[int], meta, ops=None) -> None:
     """``y[t] += BN_slot(src_t)`` for every token whose slot has an adapter of one of ``sources`` here;
-    ``y`` [num_tokens, h], in place."""
+    ``y`` [num_tokens, h], in place; ``ops``: the step's bound ops (``kernels.step_ops``) or None."""
     # Every source reads y *before* any adapter adds to it: with several sources a copy of y is their input; one
     # source reads y itself (the op's ``u`` may be its ``y``: both backends read a row before writing it), which
     # saves a [T, h] copy per adapter site per step.
@@ -101,4 +101,7 @@ def apply(layer, y: torch.Tensor, sources: list[int], meta) -> None:
                                   f"{tap.norm_path if tap else 'no pre-norm'} did not record it this step")
         inputs.append(h + y_before if src == "output+residual" else h)
     for i, u in zip(sources, inputs):
-        kernels.add_bottleneck(y, u, layer.adapter_pages(i), meta)
+        if ops is not None:
+            ops.add_bottleneck(y, u, layer.adapter_pages(i))
+        else:
+            kernels.add_bottleneck(y, u, layer.adapter_pages(i), meta)

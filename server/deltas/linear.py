@@ -47,7 +47,7 @@ from .batch import DeltaBatch
 from . import dora as doras
 from .pages import RowArena
 from .slot_fields import SlotFields
-from .step_plan import StepPlan
+from .step_plan import ALL, StepPlan
 from .terms import Staged, TermRows, TermSpec, align
 
 TERMS = {
@@ -264,13 +264,17 @@ class DeltaLinear(torch.nn.Module):
         return self._cached("lora", ("lora",), (max(self._ranks, default=0), arena.version), build)
 
     def row_pages(self, kind: str) -> kernels.RowPages:
+        spec = TERMS[kind]
+        cell = self.rows.neutral.get((spec.arena, spec.neutral))
+        neutral = -1 if cell is None else self.rows.arenas[spec.arena].start(cell)  # the row slots without it read
+
         def build():
-            spec = TERMS[kind]
             rows = self.rows.arenas[spec.arena].rows
             n = self.in_features if spec.arena == "vec_in" else self.out_features
             return kernels.RowPages(rows[:, :n], self.rows.fields.view(spec.field),
-                                    host={"row": self.rows.fields.host[spec.field]})
-        return self._cached(kind, (TERMS[kind].arena,), 0, build)
+                                    host={"row": self.rows.fields.host[spec.field]}, neutral=neutral)
+        # keyed by the neutral row too: it is taken with the arena's first term and may go back with its last
+        return self._cached(kind, (spec.arena,), neutral, build)
 
     def adapter_pages(self, source: int) -> kernels.AdapterPages:
         def build():
@@ -309,29 +313,48 @@ class DeltaLinear(torch.nn.Module):
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)  # [num_tokens, in]
         batch.check_tokens(x2.shape[0], self.path)
+        # The step's ops bound to its meta where the CPU native plan serves it whole (fp32 decode): each call then
+        # checks only its activations (kernels/cpu/native_step.py); None: the public ops, which decide per call.
+        ops = kernels.step_ops(meta, x2)
         if plan.in_scale is not None:
             x_in = x2.clone()  # the shared input feeds q/k/v too: never scale it in place
-            kernels.mul_rows(x_in, self.row_pages("in_scale"), plan.meta_for(meta, plan.in_scale))
+            self._row_term("in_scale", x_in, plan.in_scale, meta, ops)
             y = self.base(x_in.view(x.shape))
         else:
             y = self.base(x)
         y2 = y.view(-1, self.out_features)  # [num_tokens, out]; base outputs are fresh, contiguous tensors
         if plan.out_scale is not None:
-            kernels.mul_rows(y2, self.row_pages("out_scale"), plan.meta_for(meta, plan.out_scale))
+            self._row_term("out_scale", y2, plan.out_scale, meta, ops)
         if plan.lora:
-            if self.shared is not None:  # siblings on this same x share one shrink (shared_input.py)
+            if ops is not None:  # one loop per member: no shared shrink to build at decode (shared_input.py)
+                ops.add_lora(y2, x2, self.lora_pages())
+            elif self.shared is not None:  # siblings on this same x share one shrink (shared_input.py)
                 self.shared.add_lora(self, y2, x, x2, meta)
             else:
                 kernels.add_lora(y2, x2.contiguous(), self.lora_pages(), meta)
         if plan.dora:  # after the LoRA add, before the bias deltas
-            kernels.scale_shift_rows(y2, self.dora_pages(), meta)
+            if ops is not None:
+                ops.scale_shift_rows(y2, self.dora_pages())
+            else:
+                kernels.scale_shift_rows(y2, self.dora_pages(), meta)
         if plan.bias is not None:
-            kernels.add_bias(y2, self.row_pages("bias"), plan.meta_for(meta, plan.bias))
+            self._row_term("bias", y2, plan.bias, meta, ops)
         if plan.sources:
-            adapters.apply(self, y2, list(plan.sources), meta)
+            adapters.apply(self, y2, list(plan.sources), meta, ops)
         if self.tap is not None:  # drop the references: one residual per site alive would cost 2*L*T*h
             self.tap.h = self.tap.normed = None
         return y
+
+    def _row_term(self, kind: str, t: torch.Tensor, which, meta, ops) -> None:
+        """A one-row term on ``t`` in place (``bias`` adds, the (IA)3 scales multiply) for the ``which`` slots of the
+        step (``StepPlan``): through the step's bound ops when it has them (they skip the tokens on the neutral
+        row, so the whole step's meta serves), else the public op on the step's meta or one restricted to ``which``."""
+        pages = self.row_pages(kind)
+        if ops is not None and (which is ALL or pages.neutral >= 0):
+            (ops.add_bias if kind == "bias" else ops.mul_rows)(t, pages)
+            return
+        op = kernels.add_bias if kind == "bias" else kernels.mul_rows
+        op(t, pages, StepPlan.meta_for(meta, which, pages, t))
 
     # ---- graph mode (DeltaBatch.prepare_static; server/engine/graphs.py) --------------------------
     def static_plan(self) -> tuple:

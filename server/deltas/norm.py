@@ -108,10 +108,12 @@ class DeltaNorm(torch.nn.Module):
 
     def bias_pages(self) -> kernels.RowPages:
         arena, f = self.rows.arenas["vec"], self.rows.fields
-        key = (arena.version, f.version)
+        cell = self.rows.neutral.get(("vec", 0.0))
+        neutral = -1 if cell is None else arena.start(cell)  # the zero row of the slots without a bias
+        key = (arena.version, f.version, neutral)
         if self._pages is None or self._pages[0] != key:
             self._pages = (key, kernels.RowPages(arena.rows[:, :self.features], f.view("bias_row"),
-                                                          host={"row": f.host["bias_row"]}))
+                                                 host={"row": f.host["bias_row"]}, neutral=neutral))
         return self._pages[1]
 
     def static_plan(self) -> tuple:
@@ -131,7 +133,11 @@ class DeltaNorm(torch.nn.Module):
         if self.has_bias and any(s in self.has_bias for s in meta.active_slots_host):
             y2 = y.view(-1, self.features)  # [num_tokens, n]
             self.batch.check_tokens(y2.shape[0], self.path)
-            kernels.add_bias(y2, self.bias_pages(), meta)
+            ops = kernels.step_ops(meta, y2)  # the step's bound ops at decode (kernels/cpu/native_step.py)
+            if ops is not None:
+                ops.add_bias(y2, self.bias_pages())
+            else:
+                kernels.add_bias(y2, self.bias_pages(), meta)
         return y
 
     def _forward_static(self, x: torch.Tensor, y: torch.Tensor, meta) -> torch.Tensor:

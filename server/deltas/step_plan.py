@@ -27,9 +27,13 @@ class StepPlan:
         self.sources = tuple(i for i, has_i in enumerate(layer.has_adapter) if has_i and any(s in has_i for s in active))
 
     @staticmethod
-    def meta_for(meta: kernels.DeltaKernelMeta, which) -> kernels.DeltaKernelMeta:
-        """The meta a one-row term runs on: the step's (``ALL``) or restricted to ``which`` slots' tokens."""
-        return meta if which is ALL else meta.restrict(which)
+    def meta_for(meta: kernels.DeltaKernelMeta, which, pages: kernels.RowPages, t) -> kernels.DeltaKernelMeta:
+        """The meta a one-row term on ``t`` runs on: the step's (``ALL``, or when the op skips the tokens on the
+        pages' neutral row itself, ``kernels.skips_neutral``: the CPU native plan at decode) or restricted to ``which``
+        slots' tokens (a restricted meta is built once per step and set of slots, ~25 us a call of the demo step)."""
+        if which is ALL or (pages.neutral >= 0 and kernels.skips_neutral(t, meta)):
+            return meta
+        return meta.restrict(which)
 
     @property
     def empty(self) -> bool:

@@ -4,10 +4,13 @@
  * its rows once, and the torch plans pay ~15-20 us of dispatch per small op (a strided LoRA call is ~10 of them);
  * a loop the compiler vectorises reads the rows at 10-20 GB/s with one call (kernels/cpu/__init__.py, numbers).
  *
- * Layout of a group (one active slot): int64 [slot, start, size, off, n (, ub_row, act)]: the slot's run of
- * ``size`` rows from ``start``, its tokens toks[off .. off + n). Every row pointer is a row of a [N, K] matrix with
- * unit last stride and row stride ``*_rs`` (elements). h (adapters) is fp32 scratch of at least max(n * size)
- * elements.
+ * Each call reads the pages' per-slot tables itself (int32 / fp32, unit stride: start, rank, scale, row ...), as
+ * the Triton kernels do, and walks the step's segments: int64 [n_segs, 3] = (slot, off, n), that slot's tokens
+ * toks[off .. off + n). The segments depend on the step's token layout only, so one tensor serves every wrapped
+ * module of a step; no per-module host work is left (that was ~40-60 us a module: host values, groups, checks).
+ * Before anything is written a first pass checks every segment's slot and run against the tables' and rows'
+ * sizes; a bad one returns its index + 1 and nothing is touched (the caller raises). 0 is success.
+ * Every row pointer is a row of a [N, K] matrix with unit last stride and row stride ``*_rs`` (elements).
  * Sums run in fp32 in a different order from torch's GEMMs: equal to the float64 reference within fp32 rounding.
  */
 #include <math.h>
@@ -42,24 +45,35 @@ static inline void axpy1(float *restrict yr, const float *restrict r, float h, i
         yr[k] += h * r[k];
 }
 
-/* y[t] += scale[slot] * (x[t] @ A.T) @ B.T, A = a[start : start + r], B.T = b[start : start + r]. One pass over the
- * slot's rows, four at a time: their dots with x[t], then those four B rows into y[t] (a LoRA term is a sum over
- * its ranks, so nothing waits for the whole h). Rows j of A and B are one arena row (A row | B column), so the pass
- * streams each cell once, front to back: 1.2-1.4x faster than a shrink pass then an expand pass (32 slots of
- * ranks 4-64, one token each, rows cold: 1024 -> 1024 310 against 430 us, 19.4 GB/s). */
-void ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, int64_t x_rs,
-                 const float *restrict a, int64_t a_rs, const float *restrict b, int64_t b_rs,
-                 int64_t in, int64_t out, const float *restrict scale, int64_t scale_s,
-                 const int64_t *restrict groups, int64_t n_groups, const int64_t *restrict toks)
+/* y[t] += scale[slot] * (x[t] @ A.T) @ B.T, A = a[start : start + r], B.T = b[start : start + r], r = rank[slot]
+ * (0: nothing). One pass over the slot's rows, four at a time: their dots with x[t], then those four B rows into
+ * y[t] (a LoRA term is a sum over its ranks, so nothing waits for the whole h). Rows j of A and B are one arena row
+ * (A row | B column), so the pass streams each cell once, front to back: 1.2-1.4x faster than a shrink pass then an
+ * expand pass (32 slots of ranks 4-64, one token each, rows cold: 1024 -> 1024 310 against 430 us, 19.4 GB/s). */
+int64_t ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, int64_t x_rs,
+                    const float *restrict a, int64_t a_rs, const float *restrict b, int64_t b_rs,
+                    int64_t in, int64_t out, const int32_t *restrict start, const int32_t *restrict rank,
+                    const float *restrict scale, int64_t n_slots, int64_t n_rows,
+                    const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks)
 {
-    for (int64_t g = 0; g < n_groups; g++) {
-        const int64_t *gr = groups + 5 * g;
-        const int64_t start = gr[1], r = gr[2], off = gr[3], n = gr[4];
-        const float sc = scale[gr[0] * scale_s];
+    for (int64_t g = 0; g < n_segs; g++) {
+        const int64_t s = segs[3 * g];
+        if (s < 0 || s >= n_slots)
+            return g + 1;
+        const int64_t st = start[s], r = rank[s];
+        if (r < 0 || (r > 0 && (st < 0 || st + r > n_rows)))
+            return g + 1;
+    }
+    for (int64_t g = 0; g < n_segs; g++) {
+        const int64_t *sg = segs + 3 * g;
+        const int64_t r = rank[sg[0]], st = start[sg[0]], off = sg[1], n = sg[2];
+        if (r == 0)
+            continue;
+        const float sc = scale[sg[0]];
         int64_t j = 0;
         for (; j + 4 <= r; j += 4) {
-            const float *a0 = a + (start + j) * a_rs, *a1 = a0 + a_rs, *a2 = a1 + a_rs, *a3 = a2 + a_rs;
-            const float *b0 = b + (start + j) * b_rs;
+            const float *a0 = a + (st + j) * a_rs, *a1 = a0 + a_rs, *a2 = a1 + a_rs, *a3 = a2 + a_rs;
+            const float *b0 = b + (st + j) * b_rs;
             for (int64_t t = 0; t < n; t++) {
                 const float *xr = x + toks[off + t] * x_rs;
                 float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
@@ -75,13 +89,14 @@ void ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, int64
             }
         }
         for (; j < r; j++) {
-            const float *a0 = a + (start + j) * a_rs, *b0 = b + (start + j) * b_rs;
+            const float *a0 = a + (st + j) * a_rs, *b0 = b + (st + j) * b_rs;
             for (int64_t t = 0; t < n; t++) {
                 const float s0 = dot(a0, x + toks[off + t] * x_rs, in);
                 axpy1(y + toks[off + t] * y_rs, b0, s0 * sc, out);
             }
         }
     }
+    return 0;
 }
 
 static float act(float v, int64_t code)
@@ -94,24 +109,38 @@ static float act(float v, int64_t code)
     }
 }
 
-/* y[t] += scale[slot] * (act(u[t] @ D.T + db) @ U.T + ub): D = down[start : start + m], db = dbias[start ..],
- * U.T = up[start : start + m], ub = ubias[ub_row]. u may be y: a group reads its tokens' u rows (shrink) before
- * it writes their y rows, and no other group touches them. groups are [slot, start, m, off, n, ub_row, act]. */
-void ds_bottleneck_f32(float *y, int64_t y_rs, const float *u, int64_t u_rs,
-                       const float *restrict down, int64_t d_rs, const float *restrict up, int64_t up_rs,
-                       const float *restrict dbias, int64_t db_s, const float *restrict ubias, int64_t ub_rs,
-                       int64_t hid, const float *restrict scale, int64_t scale_s,
-                       const int64_t *restrict groups, int64_t n_groups, const int64_t *restrict toks,
-                       float *restrict h)
+/* y[t] += scale[slot] * (act(u[t] @ D.T + db) @ U.T + ub): m = width[slot] (0: nothing), D = down[start : start + m],
+ * db = dbias[start ..], U.T = up[start : start + m], ub = ubias[ub_row[slot]], act = act_code[slot]. u may be y: a
+ * segment reads its tokens' u rows (shrink) before it writes their y rows, and no other segment touches them. h is
+ * fp32 scratch of h_cap elements; a segment needs n * m of them. */
+int64_t ds_bottleneck_f32(float *y, int64_t y_rs, const float *u, int64_t u_rs,
+                          const float *restrict down, int64_t d_rs, const float *restrict up, int64_t up_rs,
+                          const float *restrict dbias, int64_t db_s, const float *restrict ubias, int64_t ub_rs,
+                          int64_t hid, const int32_t *restrict start, const int32_t *restrict width,
+                          const float *restrict scale, const int32_t *restrict ub_row, const int32_t *restrict act_code,
+                          int64_t n_slots, int64_t n_rows, int64_t n_ub_rows,
+                          const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks,
+                          float *restrict h, int64_t h_cap)
 {
-    for (int64_t g = 0; g < n_groups; g++) {
-        const int64_t *gr = groups + 7 * g;
-        const int64_t start = gr[1], m = gr[2], off = gr[3], n = gr[4], code = gr[6];
-        const float sc = scale[gr[0] * scale_s];
-        const float *ub = ubias + gr[5] * ub_rs;
+    for (int64_t g = 0; g < n_segs; g++) {
+        const int64_t s = segs[3 * g];
+        if (s < 0 || s >= n_slots)
+            return g + 1;
+        const int64_t st = start[s], m = width[s];
+        if (m < 0 || (m > 0 && (st < 0 || st + m > n_rows || ub_row[s] < 0 || ub_row[s] >= n_ub_rows ||
+                                act_code[s] < 0 || act_code[s] > 3 || segs[3 * g + 2] * m > h_cap)))
+            return g + 1;
+    }
+    for (int64_t g = 0; g < n_segs; g++) {
+        const int64_t *sg = segs + 3 * g;
+        const int64_t m = width[sg[0]], st = start[sg[0]], off = sg[1], n = sg[2], code = act_code[sg[0]];
+        if (m == 0)
+            continue;
+        const float sc = scale[sg[0]];
+        const float *ub = ubias + ub_row[sg[0]] * ub_rs;
         for (int64_t j = 0; j < m; j++) {
-            const float *drow = down + (start + j) * d_rs;
-            const float bj = dbias[(start + j) * db_s];
+            const float *drow = down + (st + j) * d_rs;
+            const float bj = dbias[(st + j) * db_s];
             for (int64_t t = 0; t < n; t++) {
                 h[t * m + j] = act(dot(drow, u + toks[off + t] * u_rs, hid) + bj, code);
             }
@@ -119,7 +148,7 @@ void ds_bottleneck_f32(float *y, int64_t y_rs, const float *u, int64_t u_rs,
         for (int64_t t = 0; t < n; t++) {
             float *yr = y + toks[off + t] * y_rs;
             const float *ht = h + t * m;
-            const float *u0 = up + start * up_rs;
+            const float *u0 = up + st * up_rs;
             /* d = act(h) @ U.T + ub, then y += scale * d: the up bias joins before the scale, as in the reference */
             int64_t j = 0;
             for (; j + 4 <= m; j += 4)
@@ -129,39 +158,66 @@ void ds_bottleneck_f32(float *y, int64_t y_rs, const float *u, int64_t u_rs,
             axpy1(yr, ub, sc, hid);
         }
     }
+    return 0;
 }
 
-/* One-row terms: for each pair [token, row], y[token] += rows[row] (op 0: BitFit, biases) or y[token] *= rows[row]
- * (op 1: (IA)3 scales). Pairs of tokens without the term are absent. */
-void ds_rows_f32(float *restrict y, int64_t y_rs, const float *restrict rows, int64_t r_rs, int64_t n_cols,
-                 const int64_t *restrict pairs, int64_t n_pairs, int64_t op)
+/* One-row terms: y[t] += rows[row[slot]] (op 0: BitFit, biases) or y[t] *= rows[row[slot]] (op 1: (IA)3 scales).
+ * Tokens of slots whose row is ``skip`` (the layer's neutral row, zeros or ones; -1: none) are not touched: the
+ * caller need not restrict the step to the slots that have the term (a restricted step meta cost ~25 us a call). */
+int64_t ds_rows_f32(float *restrict y, int64_t y_rs, const float *restrict rows, int64_t r_rs, int64_t n_cols,
+                    const int32_t *restrict row, int64_t n_slots, int64_t n_rows, int64_t skip,
+                    const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks, int64_t op)
 {
-    for (int64_t p = 0; p < n_pairs; p++) {
-        float *yr = y + pairs[2 * p] * y_rs;
-        const float *v = rows + pairs[2 * p + 1] * r_rs;
-        if (op == 0) {
+    for (int64_t g = 0; g < n_segs; g++) {
+        const int64_t s = segs[3 * g];
+        if (s < 0 || s >= n_slots || ((int64_t)row[s] != skip && (row[s] < 0 || row[s] >= n_rows)))
+            return g + 1;
+    }
+    for (int64_t g = 0; g < n_segs; g++) {
+        const int64_t *sg = segs + 3 * g;
+        const int64_t rw = row[sg[0]];
+        if (rw == skip)
+            continue;
+        const float *v = rows + rw * r_rs;
+        for (int64_t t = 0; t < sg[2]; t++) {
+            float *yr = y + toks[sg[1] + t] * y_rs;
+            if (op == 0) {
 #pragma omp simd
-            for (int64_t k = 0; k < n_cols; k++)
-                yr[k] += v[k];
-        } else {
+                for (int64_t k = 0; k < n_cols; k++)
+                    yr[k] += v[k];
+            } else {
 #pragma omp simd
-            for (int64_t k = 0; k < n_cols; k++)
-                yr[k] *= v[k];
+                for (int64_t k = 0; k < n_cols; k++)
+                    yr[k] *= v[k];
+            }
         }
     }
+    return 0;
 }
 
-/* DoRA's column scale: for each pair [token, row], y[token] = y[token] * scale[row] + shift[row]. Pairs of
- * unflagged slots' tokens are absent: those rows are not touched. */
-void ds_affine_f32(float *restrict y, int64_t y_rs, const float *restrict scale, int64_t s_rs,
-                   const float *restrict shift, int64_t sh_rs, int64_t n_cols, const int64_t *restrict pairs,
-                   int64_t n_pairs)
+/* DoRA's column scale: y[t] = y[t] * scale[row[slot]] + shift[row[slot]] for the tokens of slots with flag != 0;
+ * the rows of the others are not touched. */
+int64_t ds_affine_f32(float *restrict y, int64_t y_rs, const float *restrict scale, int64_t s_rs,
+                      const float *restrict shift, int64_t sh_rs, int64_t n_cols, const int32_t *restrict row,
+                      const int32_t *restrict flag, int64_t n_slots, int64_t n_rows,
+                      const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks)
 {
-    for (int64_t p = 0; p < n_pairs; p++) {
-        float *yr = y + pairs[2 * p] * y_rs;
-        const float *g = scale + pairs[2 * p + 1] * s_rs, *c = shift + pairs[2 * p + 1] * sh_rs;
-#pragma omp simd
-        for (int64_t k = 0; k < n_cols; k++)
-            yr[k] = yr[k] * g[k] + c[k];
+    for (int64_t g = 0; g < n_segs; g++) {
+        const int64_t s = segs[3 * g];
+        if (s < 0 || s >= n_slots || (flag[s] && (row[s] < 0 || row[s] >= n_rows)))
+            return g + 1;
     }
+    for (int64_t g = 0; g < n_segs; g++) {
+        const int64_t *sg = segs + 3 * g;
+        if (!flag[sg[0]])
+            continue;
+        const float *gr = scale + row[sg[0]] * s_rs, *c = shift + row[sg[0]] * sh_rs;
+        for (int64_t t = 0; t < sg[2]; t++) {
+            float *yr = y + toks[sg[1] + t] * y_rs;
+#pragma omp simd
+            for (int64_t k = 0; k < n_cols; k++)
+                yr[k] = yr[k] * gr[k] + c[k];
+        }
+    }
+    return 0;
 }

@@ -1,0 +1,129 @@
+"""NativeStep: the ops of one decode step bound to its meta, for the CPU backend's native plan (``looped.py``).
+
+Why: a decode step of the demo model with 32 deltas ran ~76 op calls, and each paid its way through the public op
+(argument checks, the op-threads section, host values, the plan choice, the layout lookup) before one C call: 20-25
+us a call with the caches warm and ~70 us inside a step (cold), ~4 ms of the step's ~8 ms of delta work. The step
+decides once what every call would decide again: the plan (native: fp32 on the CPU, every run shorter than
+``looped.LONG_RUN``, no forced plan, no autograd), the segments (``looped.split``) and the library. Each call then
+checks only its activations (shape, dtype, device, last stride: attribute reads) and, the first time it sees a pages
+object, that object in full through the public op's own checks (``kernels._checks``; the verdict is kept per pages
+object, whose tensors never change). The loop reads the per-slot tables and checks every run before it writes.
+Anything that does not fit (another width, dtype or layout; pages the loops cannot read) goes through the public op,
+which checks it, says what is wrong or runs it on another plan: same results either way.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .. import _checks
+from ..meta import DeltaKernelMeta
+from ..pages import AdapterPages, LoraPages, RowPages, ScaleShiftPages
+from . import looped, native
+from .bottleneck import ADAPTER_TENSORS, cpu_add_bottleneck
+from .lora import LORA_TENSORS, cpu_add_lora
+from .plans import plan_forced
+from .rows import cpu_add_bias, cpu_mul_rows
+from .scale_shift import cpu_scale_shift_rows
+
+_STEPS: "weakref.WeakKeyDictionary[DeltaKernelMeta, NativeStep | None]" = weakref.WeakKeyDictionary()
+_CHECKED: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()  # pages -> (op, width, ok)
+
+
+def native_step(meta: DeltaKernelMeta) -> "NativeStep | None":
+    """The bound ops of ``meta``'s step, or None where the native plan does not serve it whole (a run of
+    ``LONG_RUN`` tokens or more, a forced plan, autograd on, no library): call the public ops then."""
+    if plan_forced() or torch.is_grad_enabled() or meta.no_delta or meta.capacity:
+        return None
+    if meta in _STEPS:
+        return _STEPS[meta]
+    step = None
+    if native.available() and meta.token_slots.device.type == "cpu" and not looped.split(meta).long:
+        step = NativeStep(meta)
+    _STEPS[meta] = step
+    return step
+
+
+def _fits(t, rows: int, width: int) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == rows and t.shape[1] == width
+            and t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(1) == 1)
+
+
+class NativeStep:
+    __slots__ = ("meta", "tokens", "segs", "lib", "__weakref__")
+
+    def __init__(self, meta: DeltaKernelMeta):
+        self.meta = meta
+        self.tokens = meta.num_tokens
+        sp = looped.split(meta)
+        self.segs = sp.args  # (segments, their count, tokens): what every loop of the step walks
+        self.lib = native.library()
+
+    def _ready(self, op: str, pages, width: int, check, tensors: tuple[str, ...]) -> bool:
+        """Whether ``pages`` passed the public op's checks for ``op`` at ``width`` and the loops can read it (run
+        once per pages object and op; ``check`` raises on bad pages)."""
+        hit = _CHECKED.get(pages)
+        if hit is not None and hit[0] == op and hit[1] == width:
+            return hit[2]
+        check()
+        ok = looped.usable(*(getattr(pages, n) for n in tensors))
+        _CHECKED[pages] = (op, width, ok)
+        return ok
+
+    def add_lora(self, y, x, pages: LoraPages) -> None:
+        """``kernels.add_lora(y, x, pages, meta)``."""
+        T = self.tokens
+        if (type(pages) is not LoraPages or not _fits(y, T, pages.b_rows.shape[1])
+                or not _fits(x, T, pages.a_rows.shape[1])
+                or not self._ready("add_lora", pages, y.shape[1], lambda: _checks.check_lora(y, x, pages, self.meta),
+                                   LORA_TENSORS)):
+            _checks.check_lora(y, x, pages, self.meta)
+            return cpu_add_lora(y, x, pages, self.meta)
+        if pages.max_rank == 0:
+            return
+        looped.raise_failed(self.lib.ds_lora_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
+                                                 *looped.lora_args(pages), *self.segs), "add_lora", pages, self.meta)
+
+    def add_bottleneck(self, y, u, pages: AdapterPages) -> None:
+        """``kernels.add_bottleneck(y, u, pages, meta)``; ``u`` may be ``y``."""
+        T = self.tokens
+        h = y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 2 else -1
+        if (type(pages) is not AdapterPages or not _fits(y, T, h) or not _fits(u, T, h)
+                or not self._ready("add_bottleneck", pages, h,
+                                   lambda: _checks.check_bottleneck(y, u, pages, self.meta), ADAPTER_TENSORS)):
+            _checks.check_bottleneck(y, u, pages, self.meta)
+            return cpu_add_bottleneck(y, u, pages, self.meta)
+        if pages.max_width == 0:
+            return
+        looped.native_bottleneck(y, u, pages, self.meta)
+
+    def _rows(self, op: str, t, pages: RowPages, code: int) -> None:
+        T = self.tokens
+        if (type(pages) is not RowPages or not _fits(t, T, pages.rows.shape[1])
+                or not self._ready(op, pages, t.shape[1],
+                                   lambda: _checks.check_rows_op(op, "y" if code == 0 else "t", t, pages, self.meta),
+                                   ("rows",))):
+            _checks.check_rows_op(op, "y" if code == 0 else "t", t, pages, self.meta)
+            return (cpu_add_bias if code == 0 else cpu_mul_rows)(t, pages, self.meta)
+        looped.raise_failed(self.lib.ds_rows_f32(t.data_ptr(), t.stride(0), *looped.rows_args(pages), *self.segs,
+                                                 code), op, pages, self.meta)
+
+    def add_bias(self, y, pages: RowPages) -> None:
+        """``kernels.add_bias(y, pages, meta)``; tokens on ``pages.neutral`` are not touched."""
+        self._rows("add_bias", y, pages, 0)
+
+    def mul_rows(self, t, pages: RowPages) -> None:
+        """``kernels.mul_rows(t, pages, meta)``; tokens on ``pages.neutral`` are not touched."""
+        self._rows("mul_rows", t, pages, 1)
+
+    def scale_shift_rows(self, y, pages: ScaleShiftPages) -> None:
+        """``kernels.scale_shift_rows(y, pages, meta)``."""
+        T = self.tokens
+        if (type(pages) is not ScaleShiftPages or not _fits(y, T, pages.scale_rows.shape[1])
+                or not self._ready("scale_shift_rows", pages, y.shape[1],
+                                   lambda: _checks.check_scale_shift(y, pages, self.meta),
+                                   ("scale_rows", "shift_rows"))):
+            _checks.check_scale_shift(y, pages, self.meta)
+            return cpu_scale_shift_rows(y, pages, self.meta)
+        looped.native_affine(y, pages, self.meta)
