@@ -6,7 +6,8 @@
 #                     regions - with NaN in unowned rows; LoRA, packed LoRA of siblings on one input
 #                     (tests/test_kernels_packed.py: kernels/packed.py), adapters, BitFit/(IA)3, DoRA's column scale
 #                     and trainable tokens; the CPU backend's tests too, its native C loops included,
-#                     tests/test_kernels_cpu_native.py, on the host CPU; skipped there without a C compiler),
+#                     tests/test_kernels_cpu_native*.py (the loops and the bound decode ops), on the host CPU; skipped there
+#                     without a C compiler),
 #                     log + JUnit XML;
 #   2. bench_kernels  Triton vs the CPU backend's torch code vs a loop over deltas, bandwidth vs peak (DoRA's
 #                     column scale on paged fp32 rows included);

@@ -32,7 +32,7 @@ no delta tokens must still run on a later step that has some.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -57,6 +57,9 @@ class DeltaKernelMeta:
     capacity_slots: int = 0  # > 0: a capacity meta (module docstring): slot-axis programs of every launch
     num_active_dev: torch.Tensor | None = None  # int32 [1] on the device: A, read by capacity launches
     capacity_index: tuple | None = None  # a capacity meta: the buffers' whole regions (MetaBuffers.regions)
+    # What a backend decided for this step, kept with it (the CPU backend's bound ops: kernels.step_ops); a plain
+    # dict read per wrapped module, where a weak-keyed table cost a weakref per lookup.
+    memo: dict = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, token_slots_host: list[int] | None = None, *,

@@ -24,9 +24,14 @@ Running example, two slots, in = 3, out = 2, a_rows and b_rows the column halves
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+MEMO = """``memo``: what a backend derived from a pages object's tensors (the CPU native loops' pointers and sizes, its
+verdict on them), kept with the object: its tensors never change (a layer builds a new object when its storage
+moves), and a plain dict is read per call where a weak-keyed table cost a weakref per lookup. Not an argument:
+``dataclasses.replace`` starts a new one."""
 
 HOST_MIRRORS = """``host``: the caller's own host copies of a pages object's per-slot tables, ``{field name: list indexed by
 slot}`` (``"start"``, ``"rank"``, ``"scale"``, ...), kept equal to the device tensors whenever an op runs (the
@@ -47,6 +52,7 @@ class LoraPages:
     scale: torch.Tensor  # fp32 [S]
     max_rank: int  # host bound on rank[s] (sizes the Triton grid and fp32 buffer; never a storage size)
     host: dict | None = None  # optional live host mirrors of the tables above, by field name (HOST_MIRRORS)
+    memo: dict = field(default_factory=dict, init=False, repr=False)  # a backend's memo of this object (MEMO)
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +72,7 @@ class AdapterPages:
     act: torch.Tensor  # int32 [S] activation code (kernels.ACT_CODES)
     max_width: int  # host bound on width[s]
     host: dict | None = None  # optional live host mirrors of the tables above, by field name (HOST_MIRRORS)
+    memo: dict = field(default_factory=dict, init=False, repr=False)  # a backend's memo of this object (MEMO)
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +85,7 @@ class RowPages:
     # The neutral row (zeros for add_bias, ones for mul_rows) or -1: an op may skip the tokens whose row it is (the
     # CPU native plan does: the caller then need not restrict the step meta to the slots that have the term).
     neutral: int = -1
+    memo: dict = field(default_factory=dict, init=False, repr=False)  # a backend's memo of this object (MEMO)
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +97,7 @@ class ScaleShiftPages:
     shift_rows: torch.Tensor  # fp32 [N, n]
     row: torch.Tensor  # int32 [S] row of each flagged slot (anything for the others)
     flag: torch.Tensor  # int32 [S]; 0 = no DoRA term here
+    memo: dict = field(default_factory=dict, init=False, repr=False)  # a backend's memo of this object (MEMO)
 
 
 @dataclass(frozen=True, eq=False)

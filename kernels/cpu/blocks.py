@@ -17,7 +17,6 @@ views are kept per pages object (``strided._cells``).
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
@@ -77,7 +76,6 @@ class Plan:
         self.views: dict = {}  # views of this thread's scratch buffers, by buffer (``_scratch``)
 
 
-_PLANS: "weakref.WeakKeyDictionary[DeltaKernelMeta, dict]" = weakref.WeakKeyDictionary()
 _LAYOUTS: dict[tuple, dict] = {}  # (device, inference mode, T, runs) -> that token layout's plans, across steps
 MAX_LAYOUTS = 32
 """Token layouts whose plans are kept across steps (oldest dropped first). Decode steps repeat their batch's layout
@@ -86,16 +84,18 @@ step it cost 7 builds (~1.5 ms) of each 108 ms decode step of the served mix (32
 
 
 def _layout_cache(meta: DeltaKernelMeta) -> dict:
-    """The plans of ``meta``'s token layout: this step's meta first, then an earlier step's with the same runs."""
-    cache = _PLANS.get(meta)
+    """The plans of ``meta``'s token layout: this step's meta first (its memo), then an earlier step's with the same
+    runs."""
+    mode = torch.is_inference_mode_enabled()
+    cache = meta.memo.get(("layout", mode))
     if cache is None:
-        key = (meta.token_slots.device, torch.is_inference_mode_enabled(), meta.num_tokens, tuple(meta.runs_host))
+        key = (meta.token_slots.device, mode, meta.num_tokens, tuple(meta.runs_host))
         cache = _LAYOUTS.get(key)
         if cache is None:
             if len(_LAYOUTS) >= MAX_LAYOUTS:
                 del _LAYOUTS[next(iter(_LAYOUTS))]
             cache = _LAYOUTS[key] = {}
-        _PLANS[meta] = cache
+        meta.memo[("layout", mode)] = cache
     return cache
 
 

@@ -14,8 +14,6 @@ decode step of 32 deltas, ~5 ms of the demo model's ~8 ms of delta work.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ..meta import DeltaKernelMeta
@@ -90,30 +88,25 @@ def split(meta: DeltaKernelMeta) -> Split:
     return hit
 
 
-_PAGES_OK: "weakref.WeakKeyDictionary[object, bool]" = weakref.WeakKeyDictionary()
-
-
 def usable_with(pages, names: tuple[str, ...], *tensors: torch.Tensor) -> bool:
-    """``usable`` of the pages' tensors ``names`` and ``tensors``, the pages' verdict kept per pages object (their
-    tensors never change; a layer hands the same object to every step until its storage moves): ~75 checks of 3-5
+    """``usable`` of the pages' tensors ``names`` and ``tensors``, the pages' verdict kept in their memo
+    (``kernels.pages.MEMO``; a layer hands the same object to every step until its storage moves): ~75 checks of 3-5
     tensors a decode step of the served mix were ~0.6 ms (CPU benchmark model)."""
     if torch.is_grad_enabled():  # requires_grad of the pages matters then: no verdict kept
         return usable(*(getattr(pages, n) for n in names), *tensors)
-    ok = _PAGES_OK.get(pages)
+    ok = pages.memo.get(usable_with)
     if ok is None:
-        ok = _PAGES_OK[pages] = usable(*(getattr(pages, n) for n in names))
+        ok = pages.memo[usable_with] = usable(*(getattr(pages, n) for n in names))
     return ok and usable(*tensors)
 
 
-_ARGS: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
-
-
 def _args(pages, build) -> tuple:
-    """``build(pages)``: the loop's arguments that come from the pages (pointers, row strides, sizes), kept per pages
-    object: its tensors never change, and the tables it points at are read by the loop at each call."""
-    hit = _ARGS.get(pages)
+    """``build(pages)``: the loop's arguments that come from the pages (pointers, row strides, sizes), kept in the
+    pages' memo (``kernels.pages.MEMO``): its tensors never change, and the tables it points at are read by the loop
+    at each call."""
+    hit = pages.memo.get(build)
     if hit is None:
-        hit = _ARGS[pages] = build(pages)
+        hit = pages.memo[build] = build(pages)
     return hit
 
 

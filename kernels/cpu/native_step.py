@@ -27,8 +27,6 @@ from .plans import plan_forced
 from .rows import cpu_add_bias, cpu_mul_rows
 from .scale_shift import cpu_scale_shift_rows
 
-_STEPS: "weakref.WeakKeyDictionary[DeltaKernelMeta, NativeStep | None]" = weakref.WeakKeyDictionary()
-_CHECKED: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()  # pages -> (op, width, ok)
 
 
 def native_step(meta: DeltaKernelMeta) -> "NativeStep | None":
@@ -36,12 +34,13 @@ def native_step(meta: DeltaKernelMeta) -> "NativeStep | None":
     ``LONG_RUN`` tokens or more, a forced plan, autograd on, no library): call the public ops then."""
     if plan_forced() or torch.is_grad_enabled() or meta.no_delta or meta.capacity:
         return None
-    if meta in _STEPS:
-        return _STEPS[meta]
+    memo = meta.memo
+    if "native_step" in memo:
+        return memo["native_step"]
     step = None
     if native.available() and meta.token_slots.device.type == "cpu" and not looped.split(meta).long:
         step = NativeStep(meta)
-    _STEPS[meta] = step
+    memo["native_step"] = step
     return step
 
 
@@ -51,24 +50,29 @@ def _fits(t, rows: int, width: int) -> bool:
 
 
 class NativeStep:
-    __slots__ = ("meta", "tokens", "segs", "lib", "__weakref__")
+    __slots__ = ("_meta", "tokens", "segs", "lib")
 
     def __init__(self, meta: DeltaKernelMeta):
-        self.meta = meta
+        self._meta = weakref.ref(meta)  # the meta keeps this in its memo: no cycle
         self.tokens = meta.num_tokens
         sp = looped.split(meta)
         self.segs = sp.args  # (segments, their count, tokens): what every loop of the step walks
         self.lib = native.library()
 
+    @property
+    def meta(self) -> DeltaKernelMeta:
+        """The step's meta (alive while its layers call these ops)."""
+        return self._meta()
+
     def _ready(self, op: str, pages, width: int, check, tensors: tuple[str, ...]) -> bool:
         """Whether ``pages`` passed the public op's checks for ``op`` at ``width`` and the loops can read it (run
         once per pages object and op; ``check`` raises on bad pages)."""
-        hit = _CHECKED.get(pages)
+        hit = pages.memo.get("native_step")
         if hit is not None and hit[0] == op and hit[1] == width:
             return hit[2]
         check()
         ok = looped.usable(*(getattr(pages, n) for n in tensors))
-        _CHECKED[pages] = (op, width, ok)
+        pages.memo["native_step"] = (op, width, ok)
         return ok
 
     def add_lora(self, y, x, pages: LoraPages) -> None:
