@@ -28,7 +28,8 @@ device sync). Neutral rows (rank 0, bias 0, scale 1) make every other token exac
 ``y * 1.0 == y`` in IEEE arithmetic, so base-only tokens match the bare model bit for bit even in a mixed step.
 The one-row terms (bias, (IA)3) run on the step's meta restricted to the slots that have them here
 (``meta.restrict``, shared by every layer with the same set): a bias of 3 of a step's 32 deltas adds 3 slots'
-rows, not 29 zero rows besides.
+rows, not 29 zero rows besides. At decode on the CPU the step's ops are bound once (``kernels.step_ops``) and skip
+the tokens on the pages' neutral row themselves, so the step's meta serves as is there.
 """
 from __future__ import annotations
 
