@@ -204,7 +204,7 @@ def head_rows(logits, h, pages: TokenPages, meta) -> None:
         cpu.cpu_head_rows(logits, h, pages, meta)
 
 
-__all__ = ["ACT_CODES", "BACKENDS", "skips_neutral", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "LoraShrink",
+__all__ = ["ACT_CODES", "BACKENDS", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "LoraShrink",
            "MetaBuffers", "PackedLoraPages", "RowPages", "ScaleShiftPages", "TokenPages", "add_bias", "add_bottleneck",
-           "add_lora", "backend", "cpu",
-           "current_backend", "head_rows", "mul_rows", "replace_rows", "scale_shift_rows", "shrink_lora", "step_ops", "use_triton"]
+           "add_lora", "backend", "cpu", "current_backend", "head_rows", "mul_rows", "replace_rows",
+           "scale_shift_rows", "shrink_lora", "skips_neutral", "step_ops", "use_triton"]

@@ -266,15 +266,13 @@ class DeltaLinear(torch.nn.Module):
 
     def row_pages(self, kind: str) -> kernels.RowPages:
         spec = TERMS[kind]
-        cell = self.rows.neutral.get((spec.arena, spec.neutral))
-        neutral = -1 if cell is None else self.rows.arenas[spec.arena].start(cell)  # the row slots without it read
+        neutral = self.rows.neutral_row(spec)  # a key of the pages too: it may come and go with the arena's terms
 
         def build():
             rows = self.rows.arenas[spec.arena].rows
             n = self.in_features if spec.arena == "vec_in" else self.out_features
             return kernels.RowPages(rows[:, :n], self.rows.fields.view(spec.field),
                                     host={"row": self.rows.fields.host[spec.field]}, neutral=neutral)
-        # keyed by the neutral row too: it is taken with the arena's first term and may go back with its last
         return self._cached(kind, (spec.arena,), neutral, build)
 
     def adapter_pages(self, source: int) -> kernels.AdapterPages:

@@ -108,8 +108,7 @@ class DeltaNorm(torch.nn.Module):
 
     def bias_pages(self) -> kernels.RowPages:
         arena, f = self.rows.arenas["vec"], self.rows.fields
-        cell = self.rows.neutral.get(("vec", 0.0))
-        neutral = -1 if cell is None else arena.start(cell)  # the zero row of the slots without a bias
+        neutral = self.rows.neutral_row(TERMS["bias"])  # the zero row of the slots without a bias
         key = (arena.version, f.version, neutral)
         if self._pages is None or self._pages[0] != key:
             self._pages = (key, kernels.RowPages(arena.rows[:, :self.features], f.view("bias_row"),

@@ -167,11 +167,17 @@ class TermRows:
         for key in [k for k in self.neutral if k not in used]:
             self.arenas[key[0]].free(self.neutral.pop(key))
 
+    def neutral_row(self, spec: TermSpec) -> int:
+        """The first row of the neutral cell that slots without ``spec``'s term point at, or -1 (none now: it comes
+        with the arena's first such term and goes back with its last)."""
+        cell = self.neutral.get((spec.arena, spec.neutral)) if spec.neutral is not None else None
+        return -1 if cell is None else self.arenas[spec.arena].start(cell)
+
     def _defaults(self) -> dict:
         values = {}
         for spec in self.terms.values():
-            cell = self.neutral.get((spec.arena, spec.neutral)) if spec.neutral is not None else None
-            values[spec.field] = self.arenas[spec.arena].start(cell) if cell is not None else 0
+            row = self.neutral_row(spec)
+            values[spec.field] = row if row >= 0 else 0
         return values
 
     def _after_relayout(self) -> None:
