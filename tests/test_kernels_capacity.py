@@ -58,12 +58,11 @@ def _metas(num_tokens: int, bucket: int, num_deltas: int, pattern: str, seed: in
 
 
 def _same(a: torch.Tensor, b: torch.Tensor, what: str, tol: dict = FP32_TOL) -> None:
-    """Capacity vs today's grid. In the interpreter both run the same tiles in K: bit for bit. On CUDA the
-    autotuner keys on M_HINT (the bucket vs the longest segment) and may pick another K tile: fp32 tolerance."""
-    if DEVICE == "cpu":
-        assert torch.equal(a, b), f"capacity grid differs from today's: {what}"
-    else:
-        assert_close(b, a, **tol, what=f"capacity vs today's grid: {what}")
+    """Capacity vs today's grid, within fp32 rounding. In the interpreter both run the same tiles in K, but numpy's
+    BLAS may sum a tile product in another order for another M (OpenBLAS' Haswell kernels on an AMD EPYC host: 3 of
+    768 elements 4.5e-8 apart for a 32-token bucket against 20 tokens); on CUDA the autotuner keys on M_HINT (the
+    bucket vs the longest segment) and may pick another K tile."""
+    assert_close(b, a, **tol, what=f"capacity vs today's grid: {what}")
 
 
 def _both(op, out0: torch.Tensor, plain, cap) -> tuple[torch.Tensor, torch.Tensor]:
