@@ -46,7 +46,7 @@ from ._checks import (check_bottleneck, check_head_rows, check_lora, check_lora_
 from ._triton import HAS_TRITON, INTERPRET, use_triton
 from .activations import ACT_CODES
 from .meta import DeltaKernelMeta, MetaBuffers
-from .pages import AdapterPages, LoraPages, PackedLoraPages, RowPages, ScaleShiftPages, TokenPages
+from .pages import AdapterPages, LoraPages, ModuleTerms, PackedLoraPages, RowPages, ScaleShiftPages, TokenPages
 
 BACKENDS = ("auto", "triton", "cpu")
 
@@ -146,7 +146,8 @@ def skips_neutral(t, meta) -> bool:
 
 def step_ops(meta, t):
     """The ops of ``meta``'s step bound to it (``kernels.cpu.native_step.NativeStep``: ``add_lora(y, x, pages)``,
-    ``add_bottleneck``, ``add_bias``, ``mul_rows``, ``scale_shift_rows``), for activations like ``t``: where the CPU
+    ``add_bottleneck``, ``add_bias``, ``mul_rows``, ``scale_shift_rows``, and ``apply_terms(y, x, ModuleTerms)``: a
+    module's terms in one call), for activations like ``t``: where the CPU
     backend's native plan serves the whole step (fp32 decode, no autograd), each call checks only its activations and
     runs one C loop; equal to the ops above. None elsewhere: call those."""
     if t.dtype != torch.float32 or current_backend(t) != "cpu":
@@ -204,7 +205,8 @@ def head_rows(logits, h, pages: TokenPages, meta) -> None:
         cpu.cpu_head_rows(logits, h, pages, meta)
 
 
-__all__ = ["ACT_CODES", "BACKENDS", "AdapterPages", "DeltaKernelMeta", "HAS_TRITON", "LoraPages", "LoraShrink",
-           "MetaBuffers", "PackedLoraPages", "RowPages", "ScaleShiftPages", "TokenPages", "add_bias", "add_bottleneck",
-           "add_lora", "backend", "cpu", "current_backend", "head_rows", "mul_rows", "replace_rows",
-           "scale_shift_rows", "shrink_lora", "skips_neutral", "step_ops", "use_triton"]
+__all__ = ["ACT_CODES", "AdapterPages", "BACKENDS", "DeltaKernelMeta", "HAS_TRITON", "LoraPages",
+           "LoraShrink", "MetaBuffers", "ModuleTerms", "PackedLoraPages", "RowPages", "ScaleShiftPages",
+           "TokenPages", "add_bias", "add_bottleneck", "add_lora", "backend", "cpu", "current_backend",
+           "head_rows", "mul_rows", "replace_rows", "scale_shift_rows", "shrink_lora", "skips_neutral",
+           "step_ops", "use_triton"]

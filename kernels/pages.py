@@ -134,3 +134,27 @@ class PackedLoraPages:
     max_rank: int  # host bound on rank[s]
     members: tuple[LoraPages, ...]  # one per sibling, its rows inside the stacks
     host: dict | None = None  # optional live host mirrors of start / rank (HOST_MIRRORS)
+
+
+TERM_OPS = ("mul_rows", "add_lora", "scale_shift_rows", "add_bias")
+"""The ops a ``ModuleTerms`` may hold, with the pages each takes: RowPages, LoraPages, ScaleShiftPages, RowPages."""
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleTerms:
+    """One wrapped module's terms of a step in the order they apply to its output ``y``: ``((op, pages), ...)``
+    with ``op`` one of TERM_OPS, ``add_lora`` reading the module input ``x``. What a step's bound ops
+    (``kernels.step_ops``: ``apply_terms(y, x, terms)``) run as one call where the backend can, and term by term
+    otherwise; the same as calling each op in turn. A layer keeps one per set of terms until its storage moves."""
+
+    ops: tuple
+    memo: dict = field(default_factory=dict, init=False, repr=False)  # a backend's memo of this object (MEMO)
+
+    def __post_init__(self):
+        kinds = {"mul_rows": RowPages, "add_lora": LoraPages, "scale_shift_rows": ScaleShiftPages,
+                 "add_bias": RowPages}
+        for item in self.ops:
+            if not (isinstance(item, tuple) and len(item) == 2 and item[0] in kinds
+                    and type(item[1]) is kinds[item[0]]):
+                raise ValueError(f"ModuleTerms: expected (op, pages) pairs with op one of {', '.join(TERM_OPS)} and "
+                                 f"its pages type, got {item!r:.80}")

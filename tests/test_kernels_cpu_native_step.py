@@ -1,7 +1,8 @@
 """The ops of a decode step bound to its meta (``kernels.step_ops``, ``kernels/cpu/native_step.py``): equal to the
-public ops for every kind over popularity patterns and page layouts; None wherever the native plan would not serve the
-whole step; activations that do not fit and bad pages go through the public op's checks (same message); and a wrapped
-model's logits with every kind of term are the same with and without them."""
+public ops for every kind over popularity patterns and page layouts; a module's terms in one call (``apply_terms``)
+equal to them one by one; None wherever the native plan would not serve the whole step; activations that do not fit
+and bad pages go through the public op's checks (same message); and a wrapped model's logits with every kind of term
+are the same with and without them, and with and without the one-call terms."""
 from __future__ import annotations
 
 import copy
@@ -12,13 +13,15 @@ import torch
 import kernels
 from delta_store.base_spec import BaseSpec
 from delta_store.delta import AdapterTerm, Delta, LoraTerm, ModuleDelta
-from kernels import DeltaKernelMeta, RowPages, step_ops
+from kernels import DeltaKernelMeta, ModuleTerms, RowPages, step_ops
 from kernels.cpu import force_plan, native
-from kernels.reference import ref_add_bias, ref_add_bottleneck, ref_mul_rows, ref_scale_shift_rows
+from kernels.cpu.native_step import NativeStep
+from kernels.reference import ref_add_bias, ref_add_bottleneck, ref_add_lora, ref_mul_rows, ref_scale_shift_rows
 from server.deltas import wrap_model
+from server.deltas.linear import DeltaLinear
 from tests.helpers import assert_close, tiny_llama
-from tests.kernel_cases import (FP32_TOL, LAYOUTS, PATTERNS, adapter_pages, bottleneck_pools, mixed_rank_lora_case,
-                                on, row_pages, scale_shift_pages, slot_ids, slots_tensor)
+from tests.kernel_cases import (FP32_TOL, LAYOUTS, PATTERNS, adapter_pages, bottleneck_pools, lora_pages, lora_pools,
+                                mixed_rank_lora_case, on, row_pages, scale_shift_pages, slot_ids, slots_tensor)
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler on this machine")
 NAN = float("nan")
@@ -74,6 +77,100 @@ def test_bound_rows_adapters_and_column_scale_equal_the_reference(pattern):
     assert_close(adapted, ref_add_bottleneck(y, y, *[bn[k] for k in BN_KEYS], slots), atol=5e-5, rtol=2e-5,
                  what=f"bottleneck {pattern}")
     assert_close(affine, ref_scale_shift_rows(y, vec, shift, flag, slots), atol=1e-6, rtol=1e-6, what=pattern)
+
+
+def _terms_case(pattern: str, layout: str, seed: int = 0):
+    """(slots, x, y, terms, expected): 40 resident slots of ranks 0-63 (in 37, out 23), an (IA)3 output scale, LoRA,
+    DoRA's column scale on a third of the slots and a bias, each on its own pages laid out by ``layout``; expected
+    the exact reference of the four in turn."""
+    ranks = [(11 * s + seed) % 64 for s in range(40)]
+    pools = lora_pools(40, 37, 23, ranks, seed=3 + seed)
+    slots = slot_ids(29, 14, pattern, pool_slots=40, seed=4 + seed, none_fraction=0.25)
+    g = torch.Generator().manual_seed(5 + seed)
+    x, y = torch.randn(29, 37, generator=g), torch.randn(29, 23, generator=g)
+    scale, bias = 1.0 + 0.3 * torch.randn(40, 23, generator=g), 0.1 * torch.randn(40, 23, generator=g)
+    g_rows, shift = 1.0 + 0.1 * torch.randn(40, 23, generator=g), 0.01 * torch.randn(40, 23, generator=g)
+    flag = torch.tensor([s % 3 == 0 for s in range(40)], dtype=torch.int32)
+    terms = ModuleTerms((("mul_rows", row_pages(scale, layout=layout, seed=1, fill=NAN)),
+                         ("add_lora", lora_pages(pools, layout=layout, seed=6, fill=NAN)),
+                         ("scale_shift_rows", scale_shift_pages(g_rows, shift, flag, layout=layout, seed=2)),
+                         ("add_bias", row_pages(bias, layout=layout, seed=7, fill=NAN))))
+    want = ref_mul_rows(y, scale, slots)
+    want = ref_add_lora(want, x, *[pools[k] for k in ("lora_a", "lora_b", "scale", "rank")], slots)
+    want = ref_add_bias(ref_scale_shift_rows(want, g_rows, shift, flag, slots), bias, slots)
+    return slots, x, y, terms, want
+
+
+def _one_by_one(ops, y, x, terms):
+    for op, pages in terms.ops:
+        if op == "add_lora":
+            ops.add_lora(y, x, pages)
+        else:
+            getattr(ops, op)(y, pages)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_modules_terms_in_one_call_equal_the_bound_ops_one_by_one(pattern, layout):
+    slots, x, y, terms, expected = _terms_case(pattern, layout)
+    meta = _meta(slots)
+    with torch.no_grad():
+        ops = step_ops(meta, x)
+        if ops is None:
+            assert any(b - a >= 8 for a, b, _ in meta.runs_host)
+            return
+        fused, each = y.clone(), y.clone()
+        ops.apply_terms(fused, x, terms)
+        assert isinstance(terms.memo["native_step"], tuple)  # packed: the one native call served it
+        _one_by_one(ops, each, x, terms)
+        again = y.clone()
+        ops.apply_terms(again, x, terms)  # the packed records again
+    assert torch.equal(fused, each) and torch.equal(again, fused)
+    assert_close(fused, expected, **FP32_TOL, what=f"{pattern} {layout}")
+
+
+def test_module_terms_hold_only_known_ops_on_their_pages():
+    rows = RowPages(torch.randn(4, 8), torch.tensor([0, 1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="ModuleTerms: expected \\(op, pages\\) pairs"):
+        ModuleTerms((("add_lora", rows),))
+    with pytest.raises(ValueError, match="ModuleTerms: expected"):
+        ModuleTerms((("replace_rows", rows),))
+    assert ModuleTerms((("add_bias", rows), ("mul_rows", rows))).ops[1][0] == "mul_rows"
+
+
+def test_one_call_terms_refused_by_the_loop_write_nothing_and_name_the_slot():
+    slots, x, y, terms, _ = _terms_case("distinct", "scattered")
+    meta = _meta(slots)
+    bad_rows = RowPages(torch.randn(41, 23), torch.arange(40, dtype=torch.int32))
+    bad = ModuleTerms((("add_bias", bad_rows),) + terms.ops)
+    with torch.no_grad():
+        ops = step_ops(meta, x)
+        out = y.clone()
+        ops.apply_terms(out, x, bad)  # checked and packed while every row is in range
+        active = next(s for s in slots if s >= 0)
+        bad_rows.row[active] = 41  # now past the rows: the loop refuses the whole call, then the op names it
+        before = y.clone()
+        with pytest.raises(ValueError, match=f"add_bias: slot {active}: row outside the 41 rows"):
+            ops.apply_terms(before, x, bad)
+    assert torch.equal(before, y)
+
+
+def test_one_call_terms_with_activations_that_do_not_fit_get_the_public_checks():
+    slots, x, y, terms, expected = _terms_case("uniform", "regions")
+    meta = _meta(slots)
+    with torch.no_grad():
+        ops = step_ops(meta, x)
+        half = r"mul_rows: pages.rows .* has dtype torch.float32, expected torch.float16"
+        with pytest.raises(ValueError, match=half):
+            ops.apply_terms(y.half(), x, terms)
+        assert "native_step" not in terms.memo  # a misfit is this call's, not kept
+        with pytest.raises(ValueError, match=r"add_lora: x has shape \[29, 36\], expected \[29, 37\]"):
+            ops.apply_terms(y.clone(), x[:, :36], terms)
+        wide = torch.randn(len(slots), 30)
+        out = wide[:, 2:25]  # a row-strided y: the loops take it
+        out.copy_(y)
+        ops.apply_terms(out, x, terms)
+    assert_close(out, expected, **FP32_TOL, what="row-strided y")
 
 
 def test_no_bound_ops_where_the_native_plan_would_not_serve_the_whole_step():
@@ -164,13 +261,47 @@ def test_a_wrapped_model_serves_the_same_logits_with_and_without_bound_ops(monke
         with torch.no_grad(), on("cpu"):
             return dm.model(input_ids=ids).logits[0]
 
-    calls = []
-    real = kernels.step_ops
+    calls, fused = [], []
+    real, real_apply = kernels.step_ops, NativeStep.apply_terms
     monkeypatch.setattr(kernels, "step_ops", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(NativeStep, "apply_terms", lambda self, *a: fused.append(a[2]) or real_apply(self, *a))
     bound = logits()
     assert calls and all(c is not None for c in calls)  # the bound ops served every wrapped module
-    monkeypatch.setattr(kernels, "step_ops", lambda *a: None)
+    assert fused and all("native_step" in t.memo and t.memo["native_step"] for t in fused)  # in one call each
+    monkeypatch.setattr(DeltaLinear, "step_terms", lambda self, plan: None)  # the bound ops one by one
+    assert torch.equal(bound, logits())
+    monkeypatch.setattr(kernels, "step_ops", lambda *a: None)  # the public ops
     assert torch.equal(bound, logits())
     with torch.no_grad():
         bare = base(input_ids=ids).logits[0]
     assert torch.equal(bound[0], bare[0])  # the base token before any delta's: bit for bit
+
+
+def test_one_call_terms_follow_installs_and_clears_between_steps(monkeypatch):
+    base = tiny_llama(seed=4, heads=4, kv_heads=2)
+    spec = BaseSpec.from_model(base)
+    dm = wrap_model(copy.deepcopy(base), max_slots=8, max_rank=16)
+    dm.ensure_slots(3)
+    dm.set_delta(0, _every_kind(spec, 20, "lora"))
+    ids = torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(2))
+    slots = [0, -1, 1, 2, 0, 1]
+
+    def logits(bound: bool):
+        if not bound:
+            monkeypatch.setattr(kernels, "step_ops", lambda *a: None)
+        dm.batch.prepare(slots)
+        with torch.no_grad(), on("cpu"):
+            out = dm.model(input_ids=ids).logits[0]
+        monkeypatch.undo()
+        return out
+
+    # the only delta cleared and another installed (its neutral rows freed and taken again), swaps, then clears
+    steps = [(None, 0), ("lora", 2), ("ia3", 1), ("dora", 2), ("lora", 1), (None, 2), ("lora", 0), (None, 1)]
+    for kind, slot in steps:
+        assert torch.equal(logits(True), logits(False)), (kind, slot)
+        if kind is None:
+            dm.clear(slot)
+        else:
+            dm.set_delta(slot, _every_kind(spec, 30 + slot, kind))
+    assert dm.compact() >= 0  # cells moved: the kept terms' storage key changes
+    assert torch.equal(logits(True), logits(False))

@@ -217,6 +217,11 @@ def _affine_args(p) -> tuple:
             min(g.shape[0], c.shape[0]))
 
 
+def affine_args(pages) -> tuple:
+    """``ds_affine_f32``'s arguments from ``pages`` (kept per pages object)."""
+    return _args(pages, _affine_args)
+
+
 def native_affine(y: torch.Tensor, pages, meta: DeltaKernelMeta) -> None:
     """y[t] = y[t] * scale_rows[row] + shift_rows[row] for the tokens of the flagged active slots (``kernels.scale_shift_rows``,
     DoRA): the layout's long runs (``split``) an ``addcmul`` each, the others in the loop; every tensor ``usable``."""
@@ -230,5 +235,5 @@ def native_affine(y: torch.Tensor, pages, meta: DeltaKernelMeta) -> None:
                     raise ValueError(f"scale_shift_rows: slot {s}: row {rows[s]} outside the {g.shape[0]} rows of "
                                      "the pages")
                 torch.addcmul(c[rows[s]], y[a:b], g[rows[s]], out=y[a:b])
-    raise_failed(native.library().ds_affine_f32(y.data_ptr(), y.stride(0), *_args(pages, _affine_args), *sp.args),
+    raise_failed(native.library().ds_affine_f32(y.data_ptr(), y.stride(0), *affine_args(pages), *sp.args),
                  "scale_shift_rows", pages, meta)

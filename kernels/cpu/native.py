@@ -45,9 +45,11 @@ _SIGNATURES = {
     "ds_rows_f32": [_P, _I, _P, _I, _I, _P, _I, _I, _I, _P, _I, _P, _I],
     # y, y_rs, scale, s_rs, shift, sh_rs, n_cols, row, flag, n_slots, n_rows, segs, n_segs, toks
     "ds_affine_f32": [_P, _I, _P, _I, _P, _I, _I, _P, _P, _I, _I, _P, _I, _P],
+    # y, y_rs, x, x_rs, prog, n_prog, segs, n_segs, toks (prog: records of the three above, native_step.py)
+    "ds_terms_f32": [_P, _I, _P, _I, _P, _I, _P, _I, _P],
 }
 """Every loop returns int64: 0, or the index + 1 of the first segment whose slot or run leaves the tables or rows
-(checked before anything is written)."""
+(checked before anything is written; ``ds_terms_f32``: of the first record refused)."""
 
 
 class NativeUnavailable(RuntimeError):

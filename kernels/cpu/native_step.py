@@ -19,7 +19,7 @@ import torch
 
 from .. import _checks
 from ..meta import DeltaKernelMeta
-from ..pages import AdapterPages, LoraPages, RowPages, ScaleShiftPages
+from ..pages import AdapterPages, LoraPages, ModuleTerms, RowPages, ScaleShiftPages
 from . import looped, native
 from .bottleneck import ADAPTER_TENSORS, cpu_add_bottleneck
 from .lora import LORA_TENSORS, cpu_add_lora
@@ -27,7 +27,7 @@ from .plans import plan_forced
 from .rows import cpu_add_bias, cpu_mul_rows
 from .scale_shift import cpu_scale_shift_rows
 
-
+TERM_CODES = {"add_bias": 0, "mul_rows": 1, "add_lora": 2, "scale_shift_rows": 3}  # csrc/rows.c TERM_*
 
 def native_step(meta: DeltaKernelMeta) -> "NativeStep | None":
     """The bound ops of ``meta``'s step, or None where the native plan does not serve it whole (a run of
@@ -50,7 +50,7 @@ def _fits(t, rows: int, width: int) -> bool:
 
 
 class NativeStep:
-    __slots__ = ("_meta", "tokens", "segs", "lib")
+    __slots__ = ("_meta", "tokens", "segs", "lib", "_each")
 
     def __init__(self, meta: DeltaKernelMeta):
         self._meta = weakref.ref(meta)  # the meta keeps this in its memo: no cycle
@@ -58,6 +58,8 @@ class NativeStep:
         sp = looped.split(meta)
         self.segs = sp.args  # (segments, their count, tokens): what every loop of the step walks
         self.lib = native.library()
+        self._each = {"add_lora": self.add_lora, "scale_shift_rows": self.scale_shift_rows,
+                      "add_bias": self.add_bias, "mul_rows": self.mul_rows}
 
     @property
     def meta(self) -> DeltaKernelMeta:
@@ -131,3 +133,58 @@ class NativeStep:
             _checks.check_scale_shift(y, pages, self.meta)
             return cpu_scale_shift_rows(y, pages, self.meta)
         looped.native_affine(y, pages, self.meta)
+
+    def apply_terms(self, y, x, terms: ModuleTerms) -> None:
+        """Each of ``terms.ops`` on ``y`` in turn (``add_lora`` reading ``x``): one native call (``ds_terms_f32``)
+        where every term's pages passed their op's checks and the loops read them, else the bound ops above one by
+        one, which check and say what is wrong. The same results either way."""
+        packed = terms.memo.get("native_step")
+        if packed is None:
+            packed = self._pack(y, x, terms)
+            if packed is not None:  # None: these activations do not suit the loops (this call only)
+                terms.memo["native_step"] = packed
+        T = self.tokens
+        if packed and _fits(y, T, packed[2]) and (packed[3] < 0 or _fits(x, T, packed[3])):
+            if not self.lib.ds_terms_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), packed[1],
+                                         packed[0].numel(), *self.segs):
+                return
+            # a record refused before anything was written: the ops one by one name it
+        each = self._each
+        for op, pages in terms.ops:
+            if op == "add_lora":
+                each[op](y, x, pages)
+            else:
+                each[op](y, pages)
+
+    def _pack(self, y, x, terms: ModuleTerms):
+        """(int64 records, their pointer, y's width, x's width or -1) for ``ds_terms_f32``; False where a term's
+        pages do not suit the loops (kept), None where these activations do not; each pages object's checks run
+        once (``_ready``)."""
+        T, meta = self.tokens, self.meta
+        if not (_fits(y, T, y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 2 else -1)
+                and isinstance(x, torch.Tensor) and x.dim() == 2):
+            return None
+        out, width_in, recs = y.shape[1], -1, []
+        for op, p in terms.ops:
+            if op == "add_lora":
+                if not _fits(x, T, p.a_rows.shape[1]):
+                    return None
+                if not (p.b_rows.shape[1] == out and self._ready(
+                        op, p, out, lambda: _checks.check_lora(y, x, p, meta), LORA_TENSORS)):
+                    return False
+                width_in = x.shape[1]
+                if p.max_rank:
+                    recs += [TERM_CODES[op], *looped.lora_args(p)]
+            elif op == "scale_shift_rows":
+                if not (p.scale_rows.shape[1] == out and self._ready(
+                        op, p, out, lambda: _checks.check_scale_shift(y, p, meta), ("scale_rows", "shift_rows"))):
+                    return False
+                recs += [TERM_CODES[op], *looped.affine_args(p)]
+            else:
+                name = "y" if op == "add_bias" else "t"
+                if not (p.rows.shape[1] == out and self._ready(
+                        op, p, out, lambda: _checks.check_rows_op(op, name, y, p, meta), ("rows",))):
+                    return False
+                recs += [TERM_CODES[op], *looped.rows_args(p)]
+        t = torch.tensor(recs, dtype=torch.int64)
+        return t, t.data_ptr(), out, width_in

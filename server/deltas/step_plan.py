@@ -13,7 +13,7 @@ class StepPlan:
     meta restricted, ``meta.restrict``), or None (nothing to run). Per wrapped module at T = 1 this replaced
     three set scans, two ``any`` over the active slots and a list over the adapter sources per step."""
 
-    __slots__ = ("in_scale", "out_scale", "lora", "dora", "bias", "sources")
+    __slots__ = ("in_scale", "out_scale", "lora", "dora", "bias", "sources", "terms")
 
     def __init__(self, layer, active: list[int]):
         def which(has: set[int]):
@@ -25,6 +25,7 @@ class StepPlan:
         self.lora = bool(h["lora"]) and any(s in h["lora"] for s in active)
         self.dora = bool(h["dora"]) and any(s in h["dora"] for s in active)
         self.sources = tuple(i for i, has_i in enumerate(layer.has_adapter) if has_i and any(s in has_i for s in active))
+        self.terms = None  # (storage key, kernels.ModuleTerms or None): the layer's bound-ops terms (linear.py)
 
     @staticmethod
     def meta_for(meta: kernels.DeltaKernelMeta, which, pages: kernels.RowPages, t) -> kernels.DeltaKernelMeta:

@@ -50,11 +50,8 @@ static inline void axpy1(float *restrict yr, const float *restrict r, float h, i
  * y[t] (a LoRA term is a sum over its ranks, so nothing waits for the whole h). Rows j of A and B are one arena row
  * (A row | B column), so the pass streams each cell once, front to back: 1.2-1.4x faster than a shrink pass then an
  * expand pass (32 slots of ranks 4-64, one token each, rows cold: 1024 -> 1024 310 against 430 us, 19.4 GB/s). */
-int64_t ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, int64_t x_rs,
-                    const float *restrict a, int64_t a_rs, const float *restrict b, int64_t b_rs,
-                    int64_t in, int64_t out, const int32_t *restrict start, const int32_t *restrict rank,
-                    const float *restrict scale, int64_t n_slots, int64_t n_rows,
-                    const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks)
+static int64_t lora_check(int64_t n_slots, int64_t n_rows, const int32_t *restrict start,
+                          const int32_t *restrict rank, const int64_t *restrict segs, int64_t n_segs)
 {
     for (int64_t g = 0; g < n_segs; g++) {
         const int64_t s = segs[3 * g];
@@ -64,6 +61,15 @@ int64_t ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, in
         if (r < 0 || (r > 0 && (st < 0 || st + r > n_rows)))
             return g + 1;
     }
+    return 0;
+}
+
+static void lora_run(float *restrict y, int64_t y_rs, const float *restrict x, int64_t x_rs,
+                     const float *restrict a, int64_t a_rs, const float *restrict b, int64_t b_rs,
+                     int64_t in, int64_t out, const int32_t *restrict start, const int32_t *restrict rank,
+                     const float *restrict scale, const int64_t *restrict segs, int64_t n_segs,
+                     const int64_t *restrict toks)
+{
     for (int64_t g = 0; g < n_segs; g++) {
         const int64_t *sg = segs + 3 * g;
         const int64_t r = rank[sg[0]], st = start[sg[0]], off = sg[1], n = sg[2];
@@ -96,6 +102,18 @@ int64_t ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, in
             }
         }
     }
+}
+
+int64_t ds_lora_f32(float *restrict y, int64_t y_rs, const float *restrict x, int64_t x_rs,
+                    const float *restrict a, int64_t a_rs, const float *restrict b, int64_t b_rs,
+                    int64_t in, int64_t out, const int32_t *restrict start, const int32_t *restrict rank,
+                    const float *restrict scale, int64_t n_slots, int64_t n_rows,
+                    const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks)
+{
+    const int64_t bad = lora_check(n_slots, n_rows, start, rank, segs, n_segs);
+    if (bad)
+        return bad;
+    lora_run(y, y_rs, x, x_rs, a, a_rs, b, b_rs, in, out, start, rank, scale, segs, n_segs, toks);
     return 0;
 }
 
@@ -164,15 +182,21 @@ int64_t ds_bottleneck_f32(float *y, int64_t y_rs, const float *u, int64_t u_rs,
 /* One-row terms: y[t] += rows[row[slot]] (op 0: BitFit, biases) or y[t] *= rows[row[slot]] (op 1: (IA)3 scales).
  * Tokens of slots whose row is ``skip`` (the layer's neutral row, zeros or ones; -1: none) are not touched: the
  * caller need not restrict the step to the slots that have the term (a restricted step meta cost ~25 us a call). */
-int64_t ds_rows_f32(float *restrict y, int64_t y_rs, const float *restrict rows, int64_t r_rs, int64_t n_cols,
-                    const int32_t *restrict row, int64_t n_slots, int64_t n_rows, int64_t skip,
-                    const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks, int64_t op)
+static int64_t rows_check(const int32_t *restrict row, int64_t n_slots, int64_t n_rows, int64_t skip,
+                          const int64_t *restrict segs, int64_t n_segs)
 {
     for (int64_t g = 0; g < n_segs; g++) {
         const int64_t s = segs[3 * g];
         if (s < 0 || s >= n_slots || ((int64_t)row[s] != skip && (row[s] < 0 || row[s] >= n_rows)))
             return g + 1;
     }
+    return 0;
+}
+
+static void rows_run(float *restrict y, int64_t y_rs, const float *restrict rows, int64_t r_rs, int64_t n_cols,
+                     const int32_t *restrict row, int64_t skip, const int64_t *restrict segs, int64_t n_segs,
+                     const int64_t *restrict toks, int64_t op)
+{
     for (int64_t g = 0; g < n_segs; g++) {
         const int64_t *sg = segs + 3 * g;
         const int64_t rw = row[sg[0]];
@@ -192,21 +216,37 @@ int64_t ds_rows_f32(float *restrict y, int64_t y_rs, const float *restrict rows,
             }
         }
     }
+}
+
+int64_t ds_rows_f32(float *restrict y, int64_t y_rs, const float *restrict rows, int64_t r_rs, int64_t n_cols,
+                    const int32_t *restrict row, int64_t n_slots, int64_t n_rows, int64_t skip,
+                    const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks, int64_t op)
+{
+    const int64_t bad = rows_check(row, n_slots, n_rows, skip, segs, n_segs);
+    if (bad)
+        return bad;
+    rows_run(y, y_rs, rows, r_rs, n_cols, row, skip, segs, n_segs, toks, op);
     return 0;
 }
 
 /* DoRA's column scale: y[t] = y[t] * scale[row[slot]] + shift[row[slot]] for the tokens of slots with flag != 0;
  * the rows of the others are not touched. */
-int64_t ds_affine_f32(float *restrict y, int64_t y_rs, const float *restrict scale, int64_t s_rs,
-                      const float *restrict shift, int64_t sh_rs, int64_t n_cols, const int32_t *restrict row,
-                      const int32_t *restrict flag, int64_t n_slots, int64_t n_rows,
-                      const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks)
+static int64_t affine_check(const int32_t *restrict row, const int32_t *restrict flag, int64_t n_slots,
+                            int64_t n_rows, const int64_t *restrict segs, int64_t n_segs)
 {
     for (int64_t g = 0; g < n_segs; g++) {
         const int64_t s = segs[3 * g];
         if (s < 0 || s >= n_slots || (flag[s] && (row[s] < 0 || row[s] >= n_rows)))
             return g + 1;
     }
+    return 0;
+}
+
+static void affine_run(float *restrict y, int64_t y_rs, const float *restrict scale, int64_t s_rs,
+                       const float *restrict shift, int64_t sh_rs, int64_t n_cols, const int32_t *restrict row,
+                       const int32_t *restrict flag, const int64_t *restrict segs, int64_t n_segs,
+                       const int64_t *restrict toks)
+{
     for (int64_t g = 0; g < n_segs; g++) {
         const int64_t *sg = segs + 3 * g;
         if (!flag[sg[0]])
@@ -218,6 +258,75 @@ int64_t ds_affine_f32(float *restrict y, int64_t y_rs, const float *restrict sca
             for (int64_t k = 0; k < n_cols; k++)
                 yr[k] = yr[k] * gr[k] + c[k];
         }
+    }
+}
+
+int64_t ds_affine_f32(float *restrict y, int64_t y_rs, const float *restrict scale, int64_t s_rs,
+                      const float *restrict shift, int64_t sh_rs, int64_t n_cols, const int32_t *restrict row,
+                      const int32_t *restrict flag, int64_t n_slots, int64_t n_rows,
+                      const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks)
+{
+    const int64_t bad = affine_check(row, flag, n_slots, n_rows, segs, n_segs);
+    if (bad)
+        return bad;
+    affine_run(y, y_rs, scale, s_rs, shift, sh_rs, n_cols, row, flag, segs, n_segs, toks);
+    return 0;
+}
+
+/* One wrapped module's LoRA, DoRA and one-row terms of a step in one call, in the order of ``prog``: records of
+ * int64, each an op code and that op's pages arguments, in the order of its ds_*_f32 function (pointers as
+ * integers; kernels/cpu/native_step.py packs them once per module and terms):
+ *     TERM_ADD_ROWS / TERM_MUL_ROWS   rows, r_rs, n_cols, row, n_slots, n_rows, skip
+ *     TERM_LORA                       a, a_rs, b, b_rs, in, out, start, rank, scale, n_slots, n_rows
+ *     TERM_AFFINE                     scale, s_rs, shift, sh_rs, n_cols, row, flag, n_slots, n_rows
+ * Why: one ctypes call a module instead of one per term (a call and its Python were ~15-25 us inside a decode
+ * step, ~2.4 terms a module on the demo model's served mix). Every record's segments are checked before any is
+ * run: a refusal (or an unknown record) returns its record's index + 1 and writes nothing, and the caller then
+ * runs the terms one by one, whose own checks name what is wrong. */
+enum { TERM_ADD_ROWS = 0, TERM_MUL_ROWS = 1, TERM_LORA = 2, TERM_AFFINE = 3 };
+
+static int64_t term_len(int64_t code)
+{
+    switch (code) {
+    case TERM_ADD_ROWS: case TERM_MUL_ROWS: return 8;
+    case TERM_LORA: return 12;
+    case TERM_AFFINE: return 10;
+    default: return 0;
+    }
+}
+
+#define P_F(v) ((const float *)(intptr_t)(v))
+#define P_I(v) ((const int32_t *)(intptr_t)(v))
+
+int64_t ds_terms_f32(float *restrict y, int64_t y_rs, const float *restrict x, int64_t x_rs,
+                     const int64_t *restrict prog, int64_t n_prog,
+                     const int64_t *restrict segs, int64_t n_segs, const int64_t *restrict toks)
+{
+    int64_t k = 0;
+    for (int64_t i = 0, n; i < n_prog; i += n, k++) {
+        const int64_t *p = prog + i;
+        n = term_len(p[0]);
+        if (n == 0 || i + n > n_prog)
+            return k + 1;
+        int64_t bad = 0;
+        if (p[0] == TERM_LORA)
+            bad = lora_check(p[10], p[11], P_I(p[7]), P_I(p[8]), segs, n_segs);
+        else if (p[0] == TERM_AFFINE)
+            bad = affine_check(P_I(p[6]), P_I(p[7]), p[8], p[9], segs, n_segs);
+        else
+            bad = rows_check(P_I(p[4]), p[5], p[6], p[7], segs, n_segs);
+        if (bad)
+            return k + 1;
+    }
+    for (int64_t i = 0; i < n_prog; i += term_len(prog[i])) {
+        const int64_t *p = prog + i;
+        if (p[0] == TERM_LORA)
+            lora_run(y, y_rs, x, x_rs, P_F(p[1]), p[2], P_F(p[3]), p[4], p[5], p[6], P_I(p[7]), P_I(p[8]),
+                     P_F(p[9]), segs, n_segs, toks);
+        else if (p[0] == TERM_AFFINE)
+            affine_run(y, y_rs, P_F(p[1]), p[2], P_F(p[3]), p[4], p[5], P_I(p[6]), P_I(p[7]), segs, n_segs, toks);
+        else
+            rows_run(y, y_rs, P_F(p[1]), p[2], p[3], P_I(p[4]), p[7], segs, n_segs, toks, p[0]);
     }
     return 0;
 }
