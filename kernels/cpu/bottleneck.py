@@ -29,14 +29,7 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, me
     plan = choose_plan(meta, grouped_ok=lambda: grouped.bottleneck_ok(u, pages.down_rows, pages.up_rows),
                        dtype=y.dtype, native_ok=lambda: looped.usable_with(pages, ADAPTER_TENSORS, y, u))
     if plan == "native":  # the loop reads the tables and checks the runs and codes itself
-        long = looped.split(meta).long  # prefill chunks beside the decode tokens: their own matmuls, first (u may
-        if long:  # be y: each reads its rows before it adds to them; the loop's tokens are disjoint)
-            scales = gather.active_values(pages, "scale", meta)
-            ub_rows = gather.active_values(pages, "up_bias_row", meta)
-            runs = [(a, b, s) for a, b, s in long if widths[s]]
-            _check(starts, widths, acts, [s for _, _, s in runs], pages)
-            for a, b, s in runs:
-                add_slice(y[a:b], _one(u[a:b], pages, starts[s], widths[s], acts[s], ub_rows[s]), scales[s])
+        add_long_runs(y, u, pages, meta)
         looped.native_bottleneck(y, u, pages, meta)
         return
     work = [s for s in meta.active_slots_host if widths[s] > 0]
@@ -72,6 +65,23 @@ def cpu_add_bottleneck(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, me
     else:
         for size, ids, sl, _ in gather.groups(meta, widths, work):
             _gathered(y, u, pages, ids, sl, size, sorted({acts[s] for s in work}))
+
+
+def add_long_runs(y: torch.Tensor, u: torch.Tensor, pages: AdapterPages, meta: DeltaKernelMeta) -> None:
+    """The native plan's long runs (``looped.split``: prefill chunks beside decode tokens): their own matmuls, as
+    the runs plan (``u`` may be ``y``: each reads its rows before it adds to them; the loop's tokens are disjoint)."""
+    long = looped.split(meta).long
+    if not long:
+        return
+    widths = gather.active_values(pages, "width", meta)
+    runs = [(a, b, s) for a, b, s in long if widths[s]]
+    if not runs:
+        return
+    starts, acts = gather.active_values(pages, "start", meta), gather.active_values(pages, "act", meta)
+    scales, ub_rows = gather.active_values(pages, "scale", meta), gather.active_values(pages, "up_bias_row", meta)
+    _check(starts, widths, acts, [s for _, _, s in runs], pages)
+    for a, b, s in runs:
+        add_slice(y[a:b], _one(u[a:b], pages, starts[s], widths[s], acts[s], ub_rows[s]), scales[s])
 
 
 def _check(starts: dict, widths: dict, acts: dict, work: list[int], pages: AdapterPages) -> None:

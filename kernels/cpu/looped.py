@@ -192,18 +192,25 @@ def native_rows(t: torch.Tensor, pages, meta: DeltaKernelMeta, op: int) -> None:
     """t[i] += rows[row[slot[i]]] (op 0, ``kernels.add_bias``) or t[i] *= ... (op 1, ``kernels.mul_rows``) for the
     active tokens whose row is not the pages' ``neutral`` one: the layout's long runs (``split``) a slice op each, the
     others in the loop; every tensor ``usable``."""
-    sp = split(meta)
-    if sp.long:  # prefill chunks beside the decode tokens: one slice op each
-        rows, row = pages.rows, active_values(pages, "row", meta)
-        for a, b, s in sp.long:
-            r = row[s]
-            if r != pages.neutral:
-                if not 0 <= r < rows.shape[0]:
-                    raise ValueError(f"{'add_bias' if op == 0 else 'mul_rows'}: slot {s}: row {r} outside the "
-                                     f"{rows.shape[0]} rows of the pages")
-                (t[a:b].add_ if op == 0 else t[a:b].mul_)(rows[r])
-    raise_failed(native.library().ds_rows_f32(t.data_ptr(), t.stride(0), *rows_args(pages), *sp.args, op),
+    rows_long(t, pages, meta, op)
+    raise_failed(native.library().ds_rows_f32(t.data_ptr(), t.stride(0), *rows_args(pages), *split(meta).args, op),
                  "add_bias" if op == 0 else "mul_rows", pages, meta)
+
+
+def rows_long(t: torch.Tensor, pages, meta: DeltaKernelMeta, op: int) -> None:
+    """``native_rows``' long runs (prefill chunks beside the decode tokens): one slice op each, the neutral row's
+    skipped."""
+    long = split(meta).long
+    if not long:
+        return
+    rows, row = pages.rows, active_values(pages, "row", meta)
+    for a, b, s in long:
+        r = row[s]
+        if r != pages.neutral:
+            if not 0 <= r < rows.shape[0]:
+                raise ValueError(f"{'add_bias' if op == 0 else 'mul_rows'}: slot {s}: row {r} outside the "
+                                 f"{rows.shape[0]} rows of the pages")
+            (t[a:b].add_ if op == 0 else t[a:b].mul_)(rows[r])
 
 
 def rows_args(pages) -> tuple:
@@ -225,15 +232,21 @@ def affine_args(pages) -> tuple:
 def native_affine(y: torch.Tensor, pages, meta: DeltaKernelMeta) -> None:
     """y[t] = y[t] * scale_rows[row] + shift_rows[row] for the tokens of the flagged active slots (``kernels.scale_shift_rows``,
     DoRA): the layout's long runs (``split``) an ``addcmul`` each, the others in the loop; every tensor ``usable``."""
-    sp = split(meta)
-    if sp.long:  # prefill chunks beside the decode tokens: one fused op each
-        g, c = pages.scale_rows, pages.shift_rows
-        flags, rows = pages.flag.tolist(), pages.row.tolist()
-        for a, b, s in sp.long:
-            if flags[s]:
-                if not 0 <= rows[s] < min(g.shape[0], c.shape[0]):
-                    raise ValueError(f"scale_shift_rows: slot {s}: row {rows[s]} outside the {g.shape[0]} rows of "
-                                     "the pages")
-                torch.addcmul(c[rows[s]], y[a:b], g[rows[s]], out=y[a:b])
-    raise_failed(native.library().ds_affine_f32(y.data_ptr(), y.stride(0), *affine_args(pages), *sp.args),
+    affine_long(y, pages, meta)
+    raise_failed(native.library().ds_affine_f32(y.data_ptr(), y.stride(0), *affine_args(pages), *split(meta).args),
                  "scale_shift_rows", pages, meta)
+
+
+def affine_long(y: torch.Tensor, pages, meta: DeltaKernelMeta) -> None:
+    """``native_affine``'s long runs (prefill chunks beside the decode tokens): one fused op each."""
+    long = split(meta).long
+    if not long:
+        return
+    g, c = pages.scale_rows, pages.shift_rows
+    flags, rows = pages.flag.tolist(), pages.row.tolist()
+    for a, b, s in long:
+        if flags[s]:
+            if not 0 <= rows[s] < min(g.shape[0], c.shape[0]):
+                raise ValueError(f"scale_shift_rows: slot {s}: row {rows[s]} outside the {g.shape[0]} rows of "
+                                 "the pages")
+            torch.addcmul(c[rows[s]], y[a:b], g[rows[s]], out=y[a:b])

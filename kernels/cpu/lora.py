@@ -43,11 +43,7 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
     plan = choose_plan(meta, padded_ok=one_group, grouped_ok=grouped_ok, dtype=y.dtype,
                        native_ok=lambda: looped.usable_with(pages, LORA_TENSORS, y, x))
     if plan == "native":  # the loop reads the tables and checks the runs itself
-        for a, b, s in looped.split(meta).long:  # prefill chunks beside the decode tokens: their own matmuls
-            r = ranks[s]
-            if r:
-                a_t, b_r = _views(pages, starts[s], r, s)
-                _rows(y[a:b], x[a:b], a_t, b_r, scales[s])
+        add_long_runs(y, x, pages, meta)
         looped.native_lora(y, x, pages, meta)
         return
     work = working()
@@ -76,6 +72,21 @@ def cpu_add_lora(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: Delta
 
 
 LORA_TENSORS = ("a_rows", "b_rows", "scale")
+
+
+def add_long_runs(y: torch.Tensor, x: torch.Tensor, pages: LoraPages, meta: DeltaKernelMeta) -> None:
+    """The native plan's long runs (``looped.split``: prefill chunks beside decode tokens): two matmuls each on their
+    row slices, as the runs plan; the loop takes the other tokens."""
+    long = looped.split(meta).long
+    if not long:
+        return
+    ranks, starts = gather.active_values(pages, "rank", meta), gather.active_values(pages, "start", meta)
+    scales = gather.active_values(pages, "scale", meta)
+    for a, b, s in long:
+        r = ranks[s]
+        if r:
+            a_t, b_r = _views(pages, starts[s], r, s)
+            _rows(y[a:b], x[a:b], a_t, b_r, scales[s])
 
 _VIEWS: "weakref.WeakKeyDictionary[LoraPages, dict]" = weakref.WeakKeyDictionary()
 

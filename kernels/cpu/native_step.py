@@ -3,8 +3,9 @@
 Why: a decode step of the demo model with 32 deltas ran ~76 op calls, and each paid its way through the public op
 (argument checks, the op-threads section, host values, the plan choice, the layout lookup) before one C call: 20-25
 us a call with the caches warm and ~70 us inside a step (cold), ~4 ms of the step's ~8 ms of delta work. The step
-decides once what every call would decide again: the plan (native: fp32 on the CPU, every run shorter than
-``looped.LONG_RUN``, no forced plan, no autograd), the segments (``looped.split``) and the library. Each call then
+decides once what every call would decide again: the plan (native: fp32 on the CPU, a run shorter than
+``looped.LONG_RUN``, no forced plan, no autograd), the segments (``looped.split``) and the library; a step's prefill
+chunks beside its decode tokens take the plan's matmuls on their row slices, the loop the rest. Each call then
 checks only its activations (shape, dtype, device, last stride: attribute reads) and, the first time it sees a pages
 object, that object in full through the public op's own checks (``kernels._checks``; the verdict is kept per pages
 object, whose tensors never change). The loop reads the per-slot tables and checks every run before it writes.
@@ -22,7 +23,9 @@ from ..meta import DeltaKernelMeta
 from ..pages import AdapterPages, LoraPages, ModuleTerms, RowPages, ScaleShiftPages
 from . import looped, native
 from .bottleneck import ADAPTER_TENSORS, cpu_add_bottleneck
+from .bottleneck import add_long_runs as add_long_bottleneck
 from .lora import LORA_TENSORS, cpu_add_lora
+from .lora import add_long_runs as add_long_lora
 from .plans import plan_forced
 from .rows import cpu_add_bias, cpu_mul_rows
 from .scale_shift import cpu_scale_shift_rows
@@ -30,15 +33,17 @@ from .scale_shift import cpu_scale_shift_rows
 TERM_CODES = {"add_bias": 0, "mul_rows": 1, "add_lora": 2, "scale_shift_rows": 3}  # csrc/rows.c TERM_*
 
 def native_step(meta: DeltaKernelMeta) -> "NativeStep | None":
-    """The bound ops of ``meta``'s step, or None where the native plan does not serve it whole (a run of
-    ``LONG_RUN`` tokens or more, a forced plan, autograd on, no library): call the public ops then."""
+    """The bound ops of ``meta``'s step, or None where the native plan does not serve it (no run shorter than
+    ``LONG_RUN`` tokens: a prefill alone, whose siblings share their shrink; a forced plan, autograd on, no
+    library): call the public ops then. A step with prefill chunks beside its decode tokens is bound too: the
+    chunks take the native plan's matmuls on their row slices, as the public ops do there."""
     if plan_forced() or torch.is_grad_enabled() or meta.no_delta or meta.capacity:
         return None
     memo = meta.memo
     if "native_step" in memo:
         return memo["native_step"]
     step = None
-    if native.available() and meta.token_slots.device.type == "cpu" and not looped.split(meta).long:
+    if native.available() and meta.token_slots.device.type == "cpu" and meta.shortest_run < looped.LONG_RUN:
         step = NativeStep(meta)
     memo["native_step"] = step
     return step
@@ -50,13 +55,14 @@ def _fits(t, rows: int, width: int) -> bool:
 
 
 class NativeStep:
-    __slots__ = ("_meta", "tokens", "segs", "lib", "_each")
+    __slots__ = ("_meta", "tokens", "segs", "long", "lib", "_each")
 
     def __init__(self, meta: DeltaKernelMeta):
         self._meta = weakref.ref(meta)  # the meta keeps this in its memo: no cycle
         self.tokens = meta.num_tokens
         sp = looped.split(meta)
         self.segs = sp.args  # (segments, their count, tokens): what every loop of the step walks
+        self.long = bool(sp.long)  # prefill chunks beside the decode tokens: their matmuls, per op
         self.lib = native.library()
         self._each = {"add_lora": self.add_lora, "scale_shift_rows": self.scale_shift_rows,
                       "add_bias": self.add_bias, "mul_rows": self.mul_rows}
@@ -88,6 +94,8 @@ class NativeStep:
             return cpu_add_lora(y, x, pages, self.meta)
         if pages.max_rank == 0:
             return
+        if self.long:
+            add_long_lora(y, x, pages, self.meta)
         looped.raise_failed(self.lib.ds_lora_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0),
                                                  *looped.lora_args(pages), *self.segs), "add_lora", pages, self.meta)
 
@@ -102,6 +110,8 @@ class NativeStep:
             return cpu_add_bottleneck(y, u, pages, self.meta)
         if pages.max_width == 0:
             return
+        if self.long:  # before the loop: u may be y, and each part reads its own tokens' rows only
+            add_long_bottleneck(y, u, pages, self.meta)
         looped.native_bottleneck(y, u, pages, self.meta)
 
     def _rows(self, op: str, t, pages: RowPages, code: int) -> None:
@@ -112,6 +122,8 @@ class NativeStep:
                                    ("rows",))):
             _checks.check_rows_op(op, "y" if code == 0 else "t", t, pages, self.meta)
             return (cpu_add_bias if code == 0 else cpu_mul_rows)(t, pages, self.meta)
+        if self.long:
+            looped.rows_long(t, pages, self.meta, code)
         looped.raise_failed(self.lib.ds_rows_f32(t.data_ptr(), t.stride(0), *looped.rows_args(pages), *self.segs,
                                                  code), op, pages, self.meta)
 
@@ -147,6 +159,8 @@ class NativeStep:
         if packed and _fits(y, T, packed[2]) and (packed[3] < 0 or _fits(x, T, packed[3])):
             if not self.lib.ds_terms_f32(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), packed[1],
                                          packed[0].numel(), *self.segs):
+                if self.long:  # the prefill chunks' tokens (disjoint from the loop's), each term in turn
+                    self._long_terms(y, x, terms)
                 return
             # a record refused before anything was written: the ops one by one name it
         each = self._each
@@ -155,6 +169,16 @@ class NativeStep:
                 each[op](y, x, pages)
             else:
                 each[op](y, pages)
+
+    def _long_terms(self, y, x, terms: ModuleTerms) -> None:
+        meta = self.meta
+        for op, pages in terms.ops:
+            if op == "add_lora":
+                add_long_lora(y, x, pages, meta)
+            elif op == "scale_shift_rows":
+                looped.affine_long(y, pages, meta)
+            else:
+                looped.rows_long(y, pages, meta, TERM_CODES[op])
 
     def _pack(self, y, x, terms: ModuleTerms):
         """(int64 records, their pointer, y's width, x's width or -1) for ``ds_terms_f32``; False where a term's
