@@ -39,9 +39,10 @@ delta: packed q/k/v 1.45x of three add_lora, which now take their few-runs path;
 Nor do they share where each member's own op takes the strided decode plan (fp32, at most ``STRIDED_MAX_SEG``
 tokens a slot): the packed op has none and runs the grouped plan there, 1.40x (q/k/v) / 1.35x (gate/up) of the
 members' strided add_lora at 32 tokens of 32 deltas. Where it does share on the CPU (prefill, uneven decode) it
-took 0.89x. Nor where the step's ops are bound (``kernels.step_ops``: fp32 CPU steps whose runs are all shorter
-than 8 tokens, decode): each member then runs one C loop over its own rows, which reads each stack row once either
-way and needs no packed pages, shrink buffer or kept result (``linear.py``). On Triton every step shares: it saves
+took 0.89x. Nor where the step's ops are bound (``kernels.step_ops``: fp32 CPU steps with a run shorter than 8
+tokens, decode and prefill chunks beside it): each member then runs one C loop over its own rows, which reads each
+stack row once either way and needs no packed pages, shrink buffer or kept result (``linear.py``), and its own
+matmuls on the chunks (a prefill alone still shares). On Triton every step shares: it saves
 a launch."""
 
 
