@@ -136,8 +136,8 @@ class PackedLoraPages:
     host: dict | None = None  # optional live host mirrors of start / rank (HOST_MIRRORS)
 
 
-TERM_OPS = ("mul_rows", "add_lora", "scale_shift_rows", "add_bias")
-"""The ops a ``ModuleTerms`` may hold, with the pages each takes: RowPages, LoraPages, ScaleShiftPages, RowPages."""
+TERM_OPS = {"mul_rows": RowPages, "add_lora": LoraPages, "scale_shift_rows": ScaleShiftPages, "add_bias": RowPages}
+"""The ops a ``ModuleTerms`` may hold and the pages type each takes."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,10 +151,8 @@ class ModuleTerms:
     memo: dict = field(default_factory=dict, init=False, repr=False)  # a backend's memo of this object (MEMO)
 
     def __post_init__(self):
-        kinds = {"mul_rows": RowPages, "add_lora": LoraPages, "scale_shift_rows": ScaleShiftPages,
-                 "add_bias": RowPages}
         for item in self.ops:
-            if not (isinstance(item, tuple) and len(item) == 2 and item[0] in kinds
-                    and type(item[1]) is kinds[item[0]]):
+            if not (isinstance(item, tuple) and len(item) == 2 and item[0] in TERM_OPS
+                    and type(item[1]) is TERM_OPS[item[0]]):
                 raise ValueError(f"ModuleTerms: expected (op, pages) pairs with op one of {', '.join(TERM_OPS)} and "
                                  f"its pages type, got {item!r:.80}")

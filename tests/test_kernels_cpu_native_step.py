@@ -32,15 +32,21 @@ def _meta(slots):
     return DeltaKernelMeta.build(slots_tensor(slots))
 
 
+def _bound(meta, t):
+    """The step's bound ops: None exactly for a step of prefill runs alone (every run 8 tokens or more)."""
+    ops = step_ops(meta, t)
+    assert (ops is None) == all(b - a >= 8 for a, b, _ in meta.runs_host)
+    return ops
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bound_lora_equals_the_public_op(pattern, layout):
     slots, x, y, pages, expected = mixed_rank_lora_case(pattern, layout)
     meta = _meta(slots)
     with torch.no_grad():
-        ops = step_ops(meta, x)
-        if all(b - a >= 8 for a, b, _ in meta.runs_host):  # a hot delta's tokens side by side only: a prefill
-            assert ops is None
+        ops = _bound(meta, x)
+        if ops is None:  # a hot delta's tokens side by side only: a prefill
             return
         out = y.clone()
         ops.add_lora(out, x, pages)  # any run of 8 tokens or more: its matmuls, as the public op's native plan
@@ -63,9 +69,8 @@ def test_bound_rows_adapters_and_column_scale_equal_the_reference(pattern):
     flag = torch.tensor([s % 3 != 1 for s in range(12)], dtype=torch.int32)
     shift = 0.01 * torch.randn(12, 19, generator=g)
     with torch.no_grad():
-        ops = step_ops(meta, y)
+        ops = _bound(meta, y)
         if ops is None:
-            assert all(b - a >= 8 for a, b, _ in meta.runs_host)
             return
         added, scaled, adapted, affine = y.clone(), y.clone(), y.clone(), y.clone()
         ops.add_bias(added, row_pages(vec, layout="scattered", seed=3, fill=NAN))
@@ -115,9 +120,8 @@ def test_a_modules_terms_in_one_call_equal_the_bound_ops_one_by_one(pattern, lay
     slots, x, y, terms, expected = _terms_case(pattern, layout)
     meta = _meta(slots)
     with torch.no_grad():
-        ops = step_ops(meta, x)
+        ops = _bound(meta, x)
         if ops is None:
-            assert all(b - a >= 8 for a, b, _ in meta.runs_host)
             return
         fused, each = y.clone(), y.clone()
         ops.apply_terms(fused, x, terms)

@@ -31,7 +31,8 @@ T=32 on 32 deltas, and 0.43x at prefill, T=2048 on 32 deltas, on an idle 2-core 
   for the strided plan, 256 -> 256 0.14 against 0.67. The loop reads the slot tables itself and walks the step's
   segments (one list per token layout), so a call costs no host work per slot; a step it serves whole (every run
   shorter than 8 tokens) gets its ops bound once (``native_step.py``, ``kernels.step_ops``): each call then checks
-  only its activations, and a module's (IA)3 / LoRA / DoRA / bias terms run as one call (``apply_terms``). Without a C compiler (or ``DELTASERVE_CPU_NATIVE=off``) the other plans serve.
+  only its activations, and a module's (IA)3 / LoRA / DoRA / bias terms run as one call (``apply_terms``).
+  Without a C compiler (or ``DELTASERVE_CPU_NATIVE=off``) the other plans serve.
 * grouped (``grouped.py``): tokens sorted by cell against strided views of the pages with ``F.grouped_mm``,
   one shrink/expand pair per cluster of evenly spaced runs of one rank, nothing gathered. The default
   otherwise, where grouped_mm runs (CPU, fp32): many tokens per slot, unevenly (zipf popularity, 256 tokens on

@@ -32,6 +32,7 @@ from .scale_shift import cpu_scale_shift_rows
 
 TERM_CODES = {"add_bias": 0, "mul_rows": 1, "add_lora": 2, "scale_shift_rows": 3}  # csrc/rows.c TERM_*
 
+
 def native_step(meta: DeltaKernelMeta) -> "NativeStep | None":
     """The bound ops of ``meta``'s step, or None where the native plan does not serve it (no run shorter than
     ``LONG_RUN`` tokens: a prefill alone, whose siblings share their shrink; a forced plan, autograd on, no

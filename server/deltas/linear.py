@@ -30,7 +30,7 @@ The one-row terms (bias, (IA)3) run on the step's meta restricted to the slots t
 (``meta.restrict``, shared by every layer with the same set): a bias of 3 of a step's 32 deltas adds 3 slots'
 rows, not 29 zero rows besides. At decode on the CPU the step's ops are bound once (``kernels.step_ops``) and skip
 the tokens on the pages' neutral row themselves, so the step's meta serves as is there, and the output scale, LoRA,
-DoRA and bias terms go in one call (``step_terms``: a ``kernels.ModuleTerms`` kept per set of kinds).
+DoRA and bias terms go in one call (``step_terms``, ``bound_terms.py``).
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from delta_store.errors import DeltaError
 from . import adapter as adapters
 from .adapter import ResidualTap
 from .batch import DeltaBatch
+from .bound_terms import BoundTerms
 from . import dora as doras
 from .pages import RowArena
 from .slot_fields import SlotFields
@@ -101,7 +102,7 @@ class DeltaLinear(torch.nn.Module):
         self._dora_base_sq: torch.Tensor | None = None  # ||W_o||^2 [out], on the first DoRA delta
         self._terms_version = 0  # bumped by place/clear: step plans decided before are stale
         self._plan: tuple | None = None  # (active slots, terms version, StepPlan or None) of the last step
-        self._terms: tuple = (None, {})  # (storage key, {plan's kinds: ModuleTerms or None}): step_terms
+        self._bound = BoundTerms()  # the terms the step's bound ops run in one call (step_terms)
         self.tap: ResidualTap | None = None  # set on residual-site output modules
         self.shared = None  # a shared_input.SharedInput when siblings on the same input share the LoRA shrink
 
@@ -336,43 +337,9 @@ class DeltaLinear(torch.nn.Module):
         return y
 
     def step_terms(self, plan: StepPlan) -> kernels.ModuleTerms | None:
-        """The plan's out_scale, LoRA, DoRA and bias terms here as one ``kernels.ModuleTerms``, for the step's bound
-        ops, kept on the plan while this layer's storage stays put; None where a one-row term must run on a
-        restricted meta (its arena has no neutral row) or there is none. Why: one call a module instead of one per
-        term, and none of the per-term getters (the demo model's served mix: ~2.4 terms a wrapped module)."""
-        r = self.rows
-        key = (self._terms_version, r.fields.version, *[a.version for a in r.arenas.values()],
-               -1 if self.shared is None else self.shared.arena.version)
-        hit = plan.terms
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        # A new plan (the active slots changed) with the same kinds here: the terms of an earlier one serve it.
-        kinds = tuple(0 if w is None or w is False else 1 if w is ALL or w is True else 2
-                      for w in (plan.out_scale, plan.lora, plan.dora, plan.bias))
-        if self._terms[0] != key:
-            self._terms = (key, {})
-        known = self._terms[1]
-        if kinds in known:
-            plan.terms = (key, known[kinds])
-            return known[kinds]
-        ops, restricted = [], False
-        for kind, which, op in (("out_scale", plan.out_scale, "mul_rows"), ("lora", plan.lora, "add_lora"),
-                                ("dora", plan.dora, "scale_shift_rows"), ("bias", plan.bias, "add_bias")):
-            if which is None or which is False:
-                continue
-            if kind == "lora":
-                pages = self.lora_pages()
-            elif kind == "dora":
-                pages = self.dora_pages()
-            else:
-                pages = self.row_pages(kind)
-                # a subset of the step's slots with no neutral row to skip the others by: a restricted meta
-                restricted |= which is not ALL and pages.neutral < 0
-            ops.append((op, pages))
-        terms = kernels.ModuleTerms(tuple(ops)) if ops and not restricted else None
-        plan.terms = (key, terms)
-        known[kinds] = terms
-        return terms
+        """The plan's out_scale, LoRA, DoRA and bias terms here as one ``kernels.ModuleTerms`` for the step's bound
+        ops, or None: one by one (``bound_terms.py``)."""
+        return self._bound.get(self, plan)
 
     def _terms_one_by_one(self, plan: StepPlan, y2, x, x2, meta, ops) -> None:
         """out_scale, LoRA, DoRA and bias on ``y2`` one op each (no bound ops for this step, or a restricted term)."""

@@ -13,7 +13,7 @@ class StepPlan:
     meta restricted, ``meta.restrict``), or None (nothing to run). Per wrapped module at T = 1 this replaced
     three set scans, two ``any`` over the active slots and a list over the adapter sources per step."""
 
-    __slots__ = ("in_scale", "out_scale", "lora", "dora", "bias", "sources", "terms")
+    __slots__ = ("in_scale", "out_scale", "lora", "dora", "bias", "sources", "kinds")
 
     def __init__(self, layer, active: list[int]):
         def which(has: set[int]):
@@ -25,7 +25,9 @@ class StepPlan:
         self.lora = bool(h["lora"]) and any(s in h["lora"] for s in active)
         self.dora = bool(h["dora"]) and any(s in h["dora"] for s in active)
         self.sources = tuple(i for i, has_i in enumerate(layer.has_adapter) if has_i and any(s in has_i for s in active))
-        self.terms = None  # (storage key, kernels.ModuleTerms or None): the layer's bound-ops terms (linear.py)
+        # out_scale, LoRA, DoRA, bias: 0 not run, 1 every active slot (LoRA / DoRA: run), 2 a subset (bound_terms.py)
+        self.kinds = tuple(0 if w is None or w is False else 1 if w is ALL or w is True else 2
+                           for w in (self.out_scale, self.lora, self.dora, self.bias))
 
     @staticmethod
     def meta_for(meta: kernels.DeltaKernelMeta, which, pages: kernels.RowPages, t) -> kernels.DeltaKernelMeta:
