@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import os
 import signal
 import sys
 import time
@@ -154,13 +155,29 @@ def _device(name: str):
 
 
 def apply_torch_threads(config: ServerConfig) -> int:
-    """Set the process's intra-op CPU threads from ``config.torch_threads`` (0 keeps torch's default) and
+    """Set the process's intra-op CPU threads from ``config.torch_threads`` (0: ``auto_torch_threads``) and
     return the count in effect. Before anything runs on the CPU: ops already running keep their pool."""
     import torch
 
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    torch.set_num_threads(config.torch_threads or auto_torch_threads(torch.get_num_threads()))
     return torch.get_num_threads()
+
+
+def auto_torch_threads(default: int) -> int:
+    """torch's ``default`` intra-op count less one CPU for the server's event loop (gRPC, HTTP, detokenizing,
+    metrics) beside the step thread's pool; at least 1. Why: each op torch splits ends in a barrier, and a pool
+    as wide as the machine waits at its barriers for the pool thread the event loop descheduled, while the delta
+    ops run on one thread anyway (``kernels/cpu/threads.py``), leaving the second core idle meanwhile.
+    bench_serving --quick on 2 shared cores, runs interleaved, one thread against torch's 2: demo model 32 deltas
+    19-25 against 17-22 req/s and base 24-35 against 20-28 (ratio 0.76-0.85, median 0.80, against 0.77-0.79);
+    CPU shape 32 deltas 157-174 against 157-158 tok/s on a third less server CPU (0.926 against 0.873), base
+    168-178 against 157-221, median TPOT lower in three of four latency phases
+    (benchmarks/results/bench_serving-ab-threads-2026-12-02.jsonl)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may run on (a container's cpuset)
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(default, cpus - 1))
 
 
 def native_loops(device) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.app import apply_torch_threads, store_config
+import server.app as app_module
+from server.app import apply_torch_threads, auto_torch_threads, store_config
 from server.config import ConfigError, ServerConfig
 
 
@@ -32,10 +33,19 @@ def test_apply_sets_the_process_thread_count(keep_threads):
     assert torch.get_num_threads() == target
 
 
-def test_zero_keeps_the_current_thread_count(keep_threads):
-    torch.set_num_threads(2)
-    assert apply_torch_threads(ServerConfig(torch_threads=0)) == 2
-    assert torch.get_num_threads() == 2
+@pytest.mark.parametrize("cpus, default, want", [(2, 2, 1), (1, 1, 1), (8, 8, 7), (16, 8, 8), (4, 1, 1)])
+def test_zero_leaves_one_cpu_to_the_event_loop(keep_threads, monkeypatch, cpus, default, want):
+    monkeypatch.setattr(app_module.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert auto_torch_threads(default) == want
+    torch.set_num_threads(default)
+    assert apply_torch_threads(ServerConfig(torch_threads=0)) == want
+    assert torch.get_num_threads() == want
+
+
+def test_auto_threads_without_affinity_reads_the_cpu_count(monkeypatch):
+    monkeypatch.delattr(app_module.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(app_module.os, "cpu_count", lambda: 4)
+    assert auto_torch_threads(4) == 3
 
 
 def test_store_config_takes_every_store_value_from_the_server_config():
