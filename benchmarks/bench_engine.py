@@ -18,7 +18,8 @@ the swap requests and extrapolates the rest (each point says so in ``extrapolate
 Workload 3, "deep": the 30-layer shape of a small real model (random weights: hidden 576, intermediate 1536, 30
 layers, 9 heads, 3 KV heads, vocab 49152, tied embeddings: SmolLM2-135M's shape), one request (16-token prompt, 64
 new tokens), the base model against one LoRA r8 on q/v/o of every layer. At batch 1 the delta's bytes are under
-1 MB, so what ``ratio_1_delta_deep`` loses is per-module overhead (90 wrapped modules with a delta, 210 wrapped).
+1 MB, so what ``ratio_1_delta_deep`` loses is per-module overhead (90 wrapped modules with a delta, 210 wrapped);
+it is the median over paired rounds (5 with ``--quick``, 9 without) of the delta run against the base run beside it.
 
 Clock: on the CPU every duration is this process's CPU time (``time.process_time``, one torch thread), and
 arrivals are replayed on a virtual clock that advances by the CPU time of each step (or jumps to the next arrival
@@ -202,7 +203,8 @@ class Bench:
 
     # ---- workload 3: one request on a deep model --------------------------------------------------
     def deep(self) -> dict:
-        """One request on the 30-layer shape, base vs one LoRA r8 on q/v/o, round-robin; ratio of medians."""
+        """One request on the 30-layer shape, base vs one LoRA r8 on q/v/o, round-robin; the median of the rounds'
+        paired ratios (the ratio of the medians beside it in the JSON line)."""
         from transformers import AutoModelForCausalLM, LlamaConfig
 
         cfg = LlamaConfig(**DEEP_SHAPE, max_position_embeddings=2048)
@@ -234,7 +236,10 @@ class Bench:
 
         serve_on(engine, steps, self.timed, request("delta", "warm"))
         serve_on(engine, steps, self.timed, request("base", "warm"))
-        rounds = 3 if self.args.quick else 7
+        # Paired rounds, as workload 1: each round's delta run against the base run beside it, median over the
+        # rounds. On 2 shared cores the base step alone moved +-4 ms of ~70 between interleaved runs (6%), the size
+        # of what this point measures; five pairs of the 64-token request keep one slow run from deciding it.
+        rounds = 5 if self.args.quick else 9
         samples = {"base": [], "delta": []}
         for r in range(rounds):
             for v in (("base", "delta") if r % 2 == 0 else ("delta", "base")):  # neither always runs first
@@ -243,9 +248,11 @@ class Bench:
                 samples[v].append(tokens / wall)
         slots.close()
         tps = {v: statistics.median(x) for v, x in samples.items()}
-        ratio = tps["delta"] / tps["base"]
+        pairs = [d / b for d, b in zip(samples["delta"], samples["base"])]
+        ratio = statistics.median(pairs)
         self.res.write({"workload": "deep", "variant": "lora_r8_qvo_vs_base", "shape": DEEP_SHAPE,
                         "tokens_per_s": tps, "tokens_per_s_samples": samples, "ratio_to_base": ratio,
+                        "ratio_pairs": pairs, "ratio_of_medians": tps["delta"] / tps["base"],
                         "wrapped_modules": sum(isinstance(m, DeltaLinear) for m in dm.layers.values()),
                         "modules_with_delta": len(mods)})
         print(f"deep     base {tps['base']:7.1f} tok/s, 1 LoRA r8 q/v/o {tps['delta']:7.1f} tok/s  x{ratio:.3f} "
