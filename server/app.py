@@ -164,8 +164,8 @@ def apply_torch_threads(config: ServerConfig) -> int:
 
 
 def auto_torch_threads(default: int) -> int:
-    """torch's ``default`` intra-op count less one CPU for the server's event loop (gRPC, HTTP, detokenizing,
-    metrics) beside the step thread's pool; at least 1. Why: each op torch splits ends in a barrier, and a pool
+    """torch's ``default`` intra-op count, capped at the process's CPUs less one: that one is the server's event
+    loop's (gRPC, HTTP, detokenizing, metrics) beside the step thread's pool; at least 1. Why: each op torch splits ends in a barrier, and a pool
     as wide as the machine waits at its barriers for the pool thread the event loop descheduled, while the delta
     ops run on one thread anyway (``kernels/cpu/threads.py``), leaving the second core idle meanwhile.
     bench_serving --quick on 2 shared cores, runs interleaved, one thread against torch's 2: demo model 32 deltas
