@@ -165,9 +165,9 @@ def apply_torch_threads(config: ServerConfig) -> int:
 
 def auto_torch_threads(default: int) -> int:
     """torch's ``default`` intra-op count, capped at the process's CPUs less one: that one is the server's event
-    loop's (gRPC, HTTP, detokenizing, metrics) beside the step thread's pool; at least 1. Why: each op torch splits ends in a barrier, and a pool
-    as wide as the machine waits at its barriers for the pool thread the event loop descheduled, while the delta
-    ops run on one thread anyway (``kernels/cpu/threads.py``), leaving the second core idle meanwhile.
+    loop's (gRPC, HTTP, detokenizing, metrics) beside the step thread's pool; at least 1. Why: each op torch
+    splits ends in a barrier, and a pool as wide as the machine waits at its barriers for the pool thread the
+    event loop descheduled, while the delta ops run on one thread anyway (``kernels/cpu/threads.py``).
     bench_serving --quick on 2 shared cores, runs interleaved, one thread against torch's 2: demo model 32 deltas
     19-25 against 17-22 req/s and base 24-35 against 20-28 (ratio 0.76-0.85, median 0.80, against 0.77-0.79);
     CPU shape 32 deltas 157-174 against 157-158 tok/s on a third less server CPU (0.926 against 0.873), base

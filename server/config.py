@@ -56,7 +56,7 @@ class ServerConfig:
     kv_memory_bytes: int = 0  # 0 -> kv_memory_fraction of the memory free after the weights
     kv_memory_fraction: float = 0.0  # 0 -> the device default: 0.60 on CUDA; 1 GiB (at most 0.25) on the CPU
     prefix_caching: bool = True  # reuse full KV blocks across requests with the same tokens and delta (D14)
-    torch_threads: int = 0  # intra-op CPU threads of the server process; 0 -> torch's default, at most its CPUs less one (app.py)
+    torch_threads: int = 0  # intra-op CPU threads of the process; 0 -> torch's default, at most its CPUs less one
     cuda_graphs: bool = False  # replay pure decode steps from CUDA graphs captured per batch bucket (CUDA only)
     # storage (D7, D12)
     data_dir: str = "./.deltaserve"
