@@ -10,7 +10,7 @@
 
 Client commands take ``--server HOST:PORT`` (env DELTASERVE_SERVER, default 127.0.0.1:50051) and
 ``--api-key KEY`` (env DELTASERVE_API_KEY; else, for a local server, its admin key file: see
-:func:`_api_key`). ``tenants rotate-key`` rewrites that key file when the rotation revoked the key it
+``cli_client.api_key``). ``tenants rotate-key`` rewrites that key file when the rotation revoked the key it
 held (an admin rotating their own key is not locked out). Errors print one line on stderr and exit 1
 (2 for bad usage); no tracebacks. Text from the model written to a terminal shows control characters as
 escapes (``\\x1b``), so a model can never move the cursor or retitle the window; piped output is the text
@@ -24,8 +24,10 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_keys import default_data_dir, key_works, local_key_file, local_key_files
-from .terminal import Progress, TextOut
+from .cli_client import CliError, client_for
+from .cli_generate import cmd_chat, cmd_generate, sampling_flags
+from .cli_keys import default_data_dir, key_works, local_key_file
+from .terminal import Progress
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 ENV_VARS = (
@@ -45,29 +47,6 @@ _BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fa
 QUOTA_FIELDS = ("max_deltas", "max_delta_bytes", "requests_per_minute", "tokens_per_minute", "max_concurrent")
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
-
-
-def _api_key(args) -> str:
-    """--api-key / DELTASERVE_API_KEY; else, for a server on this machine, the admin key of its data dir:
-    DELTASERVE_DATA_DIR's, the one the server on that port noted (server/discovery.py), ./.deltaserve's."""
-    if args.api_key:
-        return args.api_key
-    key_file = local_key_file(args)
-    if key_file is not None:
-        return key_file.read_text().strip()
-    tried = [str(f) for f in local_key_files(args)]
-    where = f" (looked in {', '.join(tried)})" if tried else ""
-    raise CliError(f"no API key: pass --api-key or set DELTASERVE_API_KEY{where}")
-
-
-def _client(args):
-    from .client import Client
-
-    return Client(args.server, _api_key(args), timeout=args.timeout)
-
-
 # ---- upload ---------------------------------------------------------------------------------------
 def cmd_upload(args) -> int:
     labels = {}
@@ -79,108 +58,11 @@ def cmd_upload(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise CliError(f"{path}: no such file or folder")
-    with _client(args) as client:
+    with client_for(args) as client:
         v = client.upload(args.name, path, format=args.format, description=args.description, labels=labels,
                           on_progress=Progress(args.name).update)
     print(f"name={v.name} version={v.version} digest={v.digest}")
     return 0
-
-
-# ---- generate / chat ------------------------------------------------------------------------------
-def _sampling(args) -> dict:
-    """SamplingParams fields from the flags; None = unset (the served model's default applies)."""
-    if args.greedy and args.temperature not in (None, 0.0):
-        raise CliError("--greedy and --temperature contradict each other")
-    return {"max_new_tokens": args.max_new_tokens, "temperature": 0.0 if args.greedy else args.temperature,
-            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "stop_strings": args.stop or None,
-            "stop_token_ids": args.stop_token or None, "ignore_eos": args.ignore_eos or None}
-
-
-def _merge_parts(specs: list[str] | None) -> list[tuple[str, float]]:
-    """``--merge NAME=WEIGHT`` (repeatable) -> [(name, weight)]; a one-line error for a malformed one."""
-    parts = []
-    for spec in specs or ():
-        name, sep, weight = spec.rpartition("=")
-        try:
-            parts.append((name, float(weight)))
-        except ValueError:
-            name = ""
-        if not sep or not name:
-            raise CliError(f"--merge {spec!r}: expected NAME=WEIGHT, e.g. --merge style=0.7")
-    return parts
-
-
-def _stream(client, prompt, args, out: TextOut | None):
-    """Stream one generation; returns (text, token ids, logprobs, last chunk)."""
-    text, ids, logprobs, last = [], [], [], None
-    for chunk in client.generate(prompt, delta=args.delta or "", merge=_merge_parts(getattr(args, "merge", None)),
-                                 logprobs=getattr(args, "json", False) or None, **_sampling(args)):
-        last = chunk
-        text.append(chunk.text)
-        ids.extend(chunk.token_ids)
-        logprobs.extend(chunk.logprobs)
-        if out is not None:
-            out.write(chunk.text)
-    if last is None:
-        raise CliError("the server closed the stream without output")
-    return "".join(text), ids, logprobs, last
-
-
-def cmd_generate(args) -> int:
-    from .client import FINISH_NAMES
-
-    out = None if args.json else TextOut()
-    with _client(args) as client:
-        text, ids, logprobs, last = _stream(client, args.prompt, args, out)
-    if args.json:
-        print(json.dumps({"request_id": last.request_id, "text": text, "token_ids": ids,
-                          "logprobs": logprobs, "finish_reason": FINISH_NAMES[last.finish_reason],
-                          "delta_version": last.delta_version,
-                          "usage": {"prompt_tokens": last.usage.prompt_tokens,
-                                    "completion_tokens": last.usage.completion_tokens,
-                                    "total_tokens": last.usage.total_tokens},
-                          "timings": {"queue_seconds": last.timings.queue_seconds,
-                                      "ttft_seconds": last.timings.ttft_seconds,
-                                      "total_seconds": last.timings.total_seconds}}))
-    else:
-        sys.stdout.write("\n")
-    return 0
-
-
-def cmd_chat(args) -> int:
-    """One answer to MESSAGE, or an interactive session: each line is a user turn, the whole conversation
-    goes with every turn, the answer streams; an empty line or end of input (Ctrl-D) ends it."""
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    out = TextOut()
-    interactive = args.message is None and sys.stdin.isatty()
-    with _client(args) as client:
-        if args.message is not None:
-            turns = iter([args.message])
-        else:
-            if interactive:
-                print(f"chat with {args.delta or 'the base model'} on {args.server}; an empty line or Ctrl-D ends it",
-                      file=sys.stderr)
-            turns = _lines(interactive)
-        for line in turns:
-            if not line.strip():
-                break
-            messages.append({"role": "user", "content": line})
-            answer, *_ = _stream(client, messages, args, out)
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            messages.append({"role": "assistant", "content": answer})
-    return 0
-
-
-def _lines(interactive: bool):
-    while True:
-        try:
-            line = input("> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            return
-        if not interactive and not line:
-            return
-        yield line.rstrip("\n")
 
 
 # ---- deltas / tenants -----------------------------------------------------------------------------
@@ -193,7 +75,7 @@ def _kinds(v) -> str:
 def cmd_deltas(args) -> int:
     if args.action != "list" and not args.name:
         raise CliError(f"deltas {args.action} needs a NAME")
-    with _client(args) as client:
+    with client_for(args) as client:
         if args.action == "list":
             rows = client.list_deltas()
             print(f"{'NAME':32} {'LATEST':>6} {'KINDS':20} {'BYTES':>12} {'REQUESTS':>9}")
@@ -226,7 +108,7 @@ def _quota_line(t) -> str:
 def cmd_tenants(args) -> int:
     if args.action != "list" and not args.name:
         raise CliError(f"tenants {args.action} needs a NAME")
-    with _client(args) as client:
+    with client_for(args) as client:
         if args.action == "list":
             print(f"{'NAME':32} {'ADMIN':5} {'MAX_DELTAS':>10} {'REQ/MIN':>8} {'TOKENS/MIN':>10} {'CONCURRENT':>10}")
             for t in client.list_tenants():
@@ -325,21 +207,6 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _sampling_flags(p) -> None:
-    p.add_argument("--delta", help="NAME or NAME@VERSION (default: the base model alone)")
-    p.add_argument("--merge", action="append", metavar="NAME=WEIGHT",
-                   help="serve a linear merge of your LoRA deltas instead of --delta (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, help="default: the model's, else 64 (512 for chat)")
-    p.add_argument("--temperature", type=float, help="0 = greedy; default: the model's, else 1.0")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")
-    p.add_argument("--top-p", type=float, help="default: the model's, else 1.0 (off)")
-    p.add_argument("--top-k", type=int, help="default: the model's, else 0 (off)")
-    p.add_argument("--seed", type=int, help="sampler seed: the same seed gives the same text")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text ends with TEXT (repeatable)")
-    p.add_argument("--stop-token", action="append", type=int, metavar="ID", help="stop after token ID (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .config import ServerConfig
     from .models import DEFAULT_MODEL, DEMO_MODEL
@@ -389,14 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", "generate text from a prompt, streamed", [common])
     p.add_argument("prompt")
-    _sampling_flags(p)
+    sampling_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=cmd_generate)
 
     p = command("chat", "chat with the model (its chat template), streamed", [common])
     p.add_argument("message", nargs="?", help="one user message; without it, an interactive session")
     p.add_argument("--system", help="a system message opening the conversation")
-    _sampling_flags(p)
+    sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
     p = command("upload", "upload a delta (folder, archive or file)", [common])
