@@ -56,12 +56,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
+from benchmarks.byte_floor import bytes_lora, copy_bandwidth, with_floor  # noqa: E402
 from benchmarks.common import Results, time_many  # noqa: E402
+from benchmarks.packed_points import run_packed  # noqa: E402
 from kernels import DeltaKernelMeta, MetaBuffers, cpu  # noqa: E402
 from kernels.cpu import looped  # noqa: E402
 from kernels.reference import ref_add_lora  # noqa: E402
 from tests.kernel_cases import (adapter_pages, bottleneck_pools, lora_pages, lora_pools,  # noqa: E402
-                                packed_lora_pages, row_pages, scale_shift_pages)
+                                row_pages, scale_shift_pages)
 
 # (name, in, out): the seven projections of the CPU benchmark Llama (DESIGN.md: hidden 1024,
 # intermediate 2816, 16 heads, 4 KV heads -> k/v out 256); on a GPU the 4096/11008 model.
@@ -154,46 +156,10 @@ def time_point(res, name, pt, *, ops, flops_rank, extra=None, loop=True) -> dict
     return row
 
 
-def bytes_lora(pt) -> int:
-    """HBM traffic of the Triton LoRA op: x rows and y rows (read+write) once, each active slot's A/B rows."""
-    elt = pt.x.element_size()
-    n_tok = pt.meta.num_active_tokens
-    r_total = sum(pt.ranks_host[s] for s in pt.meta.active_slots_host)
-    n_in, n_out = pt.x.shape[1], pt.y.shape[1]
-    return elt * (n_tok * n_in + 2 * n_tok * n_out + r_total * (n_in + n_out))
-
-
-COPY_BYTES = 256 << 20  # per side: far above any L2/L3 here (EPYC L3 32 MB per CCX; H200 L2 60 MB)
-
-
-def copy_bandwidth(res, dev) -> float:
-    """GB/s of a large tensor copy on this device (bytes read + bytes written, per STREAM "copy")."""
-    src = torch.empty(COPY_BYTES // 4, dtype=torch.float32, device=dev).fill_(1.0)  # [64M]
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in before timing
-    t = time_many({"copy": lambda: dst.copy_(src)}, device=dev, **{**TIMING, "min_sample_s": 0.05})["copy"]
-    gbs = 2 * COPY_BYTES / (t["ms"] * 1e-3) / 1e9
-    res.write({"point": "copy_bandwidth", "bytes_each_way": COPY_BYTES, "ms": t["ms"], "copy_gbs": gbs})
-    print(f"copy bandwidth: {gbs:.1f} GB/s ({2 * COPY_BYTES >> 20} MB moved in {t['ms']:.2f} ms)", flush=True)
-    return gbs
-
-
-def with_floor(res, row: dict, pt, op_key: str, gbs: float) -> dict:
-    """Add the byte floor of the point's delta work at ``gbs`` and achieved/floor to ``row`` (and a JSON line)."""
-    nbytes = bytes_lora(pt)
-    floor_ms = nbytes / (gbs * 1e9) * 1e3
-    row.update(bytes=nbytes, floor_ms=floor_ms, floor_ratio=row[f"{op_key}_ms"] / floor_ms)
-    res.write({"point": f"{row['point']}_floor", "bytes": nbytes, "copy_gbs": gbs, "floor_ms": floor_ms,
-               f"{op_key}_ms": row[f"{op_key}_ms"], "floor_ratio": row["floor_ratio"]})
-    print(f"  {row['point']}: {nbytes / 1e6:.2f} MB of delta traffic, floor {floor_ms:.4f} ms at {gbs:.1f} GB/s, "
-          f"achieved {row[f'{op_key}_ms']:.4f} ms = x{row['floor_ratio']:.2f} of the floor", flush=True)
-    return row
-
-
 def run_cpu(res, quick: bool) -> dict:
     dt, dev = torch.float32, "cpu"
     ops = {"cpu": cpu.cpu_add_lora}
-    rows = {"copy_gbs": copy_bandwidth(res, dev)}
+    rows = {"copy_gbs": copy_bandwidth(res, dev, TIMING)}
     n = 1024
     for k in (1, 8, 32, 64):  # 64-token batch, token i -> delta i % k
         pt = Point(n, n, [i % k for i in range(64)], [16] * 64, dtype=dt, device=dev)
@@ -242,52 +208,13 @@ def run_cpu(res, quick: bool) -> dict:
         print(f"  decode7{tag}: delta work {delta:.3f} ms, floor {floor:.3f} ms = x{delta / floor:.2f}; base "
               f"{base:.3f} ms", flush=True)
 
-    rows["packed"] = run_packed(res, n, 2816, 256, dt, dev)
+    rows["packed"] = run_packed(res, n, 2816, 256, dt, dev, TIMING)
 
     # other kinds, decode and prefill, on the q_proj shape
     for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
         rows[f"kinds_{label}"] = time_kinds(res, label, slots, n, dt, dev)
         rows[f"dora_{label}"] = time_dora(res, label, slots, n, dt, dev,
                                           lora=cpu.cpu_add_lora, scale_shift=cpu.cpu_scale_shift_rows)
-    return rows
-
-
-def time_packed(res, label: str, slots: list[int], n_in: int, outs: tuple[int, ...], dt, dev) -> dict:
-    """Siblings on one input (``kernels.shrink_lora``: one shrink over each slot's stack, then each member's
-    expand) against one ``add_lora`` per member, rank 16 each, stacks in rank-bucket regions; public ops, so
-    the backend is the device's."""
-    pools = [lora_pools(64, n_in, n_out, [16] * 64, max_rank=16, dtype=dt, device=dev, seed=m)
-             for m, n_out in enumerate(outs)]
-    pages, _ = packed_lora_pages(pools, layout="regions")
-    meta = DeltaKernelMeta.build(torch.tensor(slots, dtype=torch.int32, device=dev), slots)
-    x = torch.randn(len(slots), n_in, device=dev).to(dt)
-    ys = [torch.zeros(len(slots), n_out, device=dev, dtype=dt) for n_out in outs]
-
-    def packed():
-        sh = kernels.shrink_lora(x, pages, meta)
-        for m, y in enumerate(ys):
-            sh.add_to(y, m)
-
-    def per_member():
-        for y, mp in zip(ys, pages.members):
-            kernels.add_lora(y, x, mp, meta)
-
-    t = time_many({"packed": packed, "per_member": per_member}, device=dev, **TIMING)
-    row = {"point": f"packed_{label}", "tokens": len(slots), "distinct": meta.num_active, "in": n_in,
-           "outs": list(outs), "rank": 16, "packed_ms": t["packed"]["ms"], "per_member_ms": t["per_member"]["ms"],
-           "packed_vs_per_member": t["packed"]["ms"] / t["per_member"]["ms"]}
-    res.write(row)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    return row
-
-
-def run_packed(res, hidden: int, inter: int, kv: int, dt, dev) -> dict:
-    """time_packed on q/k/v of MHA, k/v of GQA and gate/up, at decode (32 on 32, 1 on 1) and prefill."""
-    rows = {}
-    for label, slots in (("decode_t32_k32", list(range(32))), ("decode_t1_k1", [0]),
-                         ("prefill_t2048_k32", [j for j in range(32) for _ in range(64)])):
-        for fam, outs in (("qkv", (hidden,) * 3), ("kv", (kv, kv)), ("gateup", (inter, inter))):
-            rows[f"{fam}_{label}"] = time_packed(res, f"{fam}_{label}", slots, hidden, outs, dt, dev)
     return rows
 
 
@@ -358,7 +285,7 @@ def run_cuda(res, quick: bool) -> dict:
     dt, dev = torch.bfloat16, "cuda"
     ops = {"triton": triton_add_lora, "cpu": cpu.cpu_add_lora}
     peak = peak_bandwidth_gbs()
-    rows = {"copy_gbs": copy_bandwidth(res, dev)}
+    rows = {"copy_gbs": copy_bandwidth(res, dev, TIMING)}
     n = 4096
     points = [(f"t64_k{k}", [i % k for i in range(64)]) for k in (1, 8, 32, 64)]
     points += [("decode_t32_k32", list(range(32))), ("decode_t256_k64", [i % 64 for i in range(256)]),
@@ -388,7 +315,7 @@ def run_cuda(res, quick: bool) -> dict:
         r = time_point(res, f"decode7_{proj}", pt, ops=ops, flops_rank=16, loop=False)
         base, delta = base + r["base_ms"], delta + r["triton_ms"]
     rows["decode7_overhead"] = delta / base
-    rows["packed"] = run_packed(res, n, 11008, 1024, dt, dev)
+    rows["packed"] = run_packed(res, n, 11008, 1024, dt, dev, TIMING)
     from kernels.scale_shift import triton_scale_shift_rows
     for label, slots in (("decode", list(range(32))), ("prefill", [j for j in range(32) for _ in range(64)])):
         rows[f"dora_{label}"] = time_dora(res, label, slots, n, dt, dev, lora=triton_add_lora,

@@ -16,7 +16,7 @@ same delta count is what the served path (gRPC, asyncio, detokenizing, metrics, 
 The byte floor of the served mix (``--floor-steps``, 0 to skip): one sequence on each resident delta, all of them in
 every step, the median decode step with the deltas against the same step on the base model alone, and the time the
 deltas' bytes (every term of every one, in the served dtype) take to read once at this machine's copy bandwidth
-(``bench_kernels.copy_bandwidth``, one thread): ``floor_ratio_vs_base`` = base / (base + floor) is the best a
+(``byte_floor.copy_bandwidth``, one thread): ``floor_ratio_vs_base`` = base / (base + floor) is the best a
 decode step of that mix can do here, ``achieved_vs_floor`` = (deltas - base) / floor how far the delta work is
 from it.
 """
@@ -133,7 +133,7 @@ def decode_steps(engine, refs: list[DeltaRef], keys: dict, vocab: int, steps: in
 
 
 def floor_point(engine, refs: list[DeltaRef], keys: dict, vocab: int, loaded: dict, res, steps: int) -> dict:
-    from bench_kernels import copy_bandwidth
+    from byte_floor import copy_bandwidth
 
     gbs = copy_bandwidth(res, "cpu")
     nbytes = delta_bytes(loaded.values(), next(engine.runner.model.parameters()).element_size())
